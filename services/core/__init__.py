@@ -1,0 +1,1 @@
+"""The shared core: imports none of builder, runtime or router."""

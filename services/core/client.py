@@ -1,0 +1,78 @@
+"""A small synchronous client for `edgedistill.v1.Inference` (runtime or router alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from services.core.api import pb, pb_grpc
+
+
+class InferenceClient:
+    def __init__(self, target: str, *, timeout_s: float | None = 60.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self.stub = pb_grpc.InferenceStub(self._channel)
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def predict(
+        self,
+        inputs: Mapping[str, str],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        include_raw_text: bool = False,
+    ) -> pb.PredictResponse:
+        request = pb.PredictRequest(
+            inputs=dict(inputs),
+            options=sampling(max_tokens=max_tokens, temperature=temperature),
+            include_raw_text=include_raw_text,
+        )
+        response: pb.PredictResponse = self.stub.Predict(request, timeout=self.timeout_s)
+        return response
+
+    def generate(
+        self,
+        messages: Sequence[tuple[str, str]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        json_schema: str = "",
+    ) -> Iterator[pb.GenerateChunk]:
+        request = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+            options=sampling(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+            ),
+            stop=list(stop),
+            json_schema=json_schema,
+        )
+        chunks: Iterator[pb.GenerateChunk] = self.stub.Generate(request, timeout=self.timeout_s)
+        return chunks
+
+    def info(self) -> pb.ModelInfo:
+        reply: pb.ModelInfo = self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout_s
+        )
+        return reply
+
+
+def sampling(**values: Any) -> pb.SamplingOptions:
+    """SamplingOptions with only the given (non-None) fields set."""
+    return pb.SamplingOptions(**{k: v for k, v in values.items() if v is not None})

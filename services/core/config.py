@@ -1,0 +1,117 @@
+"""Every knob of the serving side, typed, in one place (cf. Ollama's envconfig).
+
+Each setting reads `EDGEDISTILL_<NAME>` from the environment and has a CLI flag
+`--<name-with-dashes>`; flags win over the environment. A wrong value fails at start with a
+message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "EDGEDISTILL_"
+S = TypeVar("S", bound=BaseSettings)
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message names it and says how to fix it."""
+
+
+class RuntimeSettings(BaseSettings):
+    """Settings of the runtime container (`edgedistill serve`)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model: Path | None = Field(None, description="GGUF file to serve (or use --bundle)")
+    program: Path | None = Field(
+        None, description="program.json of the DSPy program to serve with --model"
+    )
+    bundle: Path | None = Field(None, description="bundle directory (GGUF + program + manifest)")
+    variant: str | None = Field(
+        None, description="which of the bundle's GGUFs to serve, e.g. Q4_K_M (default: manifest)"
+    )
+    backend: Literal["llama.cpp", "ollama"] = Field(
+        "llama.cpp", description="llama.cpp in-process, or an existing Ollama server"
+    )
+    ollama_host: str = Field(
+        "http://127.0.0.1:11434", description="Ollama server for --backend ollama"
+    )
+    ollama_model: str | None = Field(None, description="model name in Ollama (--backend ollama)")
+
+    host: str = Field("127.0.0.1", description="address the gRPC server binds")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus metrics port (0 disables metrics)"
+    )
+
+    n_ctx: int = Field(4096, ge=256, le=131072, description="context length in tokens")
+    n_threads: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        le=512,
+        description="CPU threads for llama.cpp",
+    )
+    n_batch: int = Field(512, ge=1, le=8192, description="prompt-evaluation batch size")
+    n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
+
+    max_queue: int = Field(
+        16,
+        ge=0,
+        le=10000,
+        description="requests that may wait for the model; beyond, RESOURCE_EXHAUSTED",
+    )
+    max_tokens_default: int = Field(256, ge=1, description="max_tokens when a call sets none")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a call may ask for")
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="largest request a call may send, in bytes"
+    )
+    grace_period_s: float = Field(
+        15.0, ge=0, le=600, description="on SIGTERM, how long in-flight calls may finish"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_requests: bool = Field(False, description="log request and response contents")
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> RuntimeSettings:
+        if self.backend == "ollama":
+            if not self.ollama_model and not self.bundle:
+                raise ValueError("ollama_model: --backend ollama needs --ollama-model NAME")
+        elif (self.model is None) == (self.bundle is None):
+            raise ValueError("model: give exactly one of --model PATH.gguf or --bundle DIR")
+        if self.bundle is not None and self.program is not None:
+            raise ValueError("program: --program goes with --model; a bundle carries its own")
+        for name in ("model", "program", "bundle"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise ValueError(f"{name}: {path} does not exist")
+        if self.max_tokens_default > self.max_tokens_limit:
+            raise ValueError("max_tokens_default: larger than max_tokens_limit")
+        return self
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings from the environment plus explicit overrides (CLI flags).
+
+    Raises SettingsError with one line per wrong setting, each naming the flag and variable.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**clean)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            loc = ".".join(str(p) for p in problem["loc"])
+            message = problem["msg"].removeprefix("Value error, ")
+            if not loc and ":" in message:
+                loc, message = (s.strip() for s in message.split(":", 1))
+            if loc:
+                flag = "--" + loc.replace("_", "-")
+                lines.append(f"{loc} ({flag} / {ENV_PREFIX}{loc.upper()}): {message}")
+            else:
+                lines.append(message)
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

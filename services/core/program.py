@@ -1,0 +1,224 @@
+"""The served program's format: a DSPy signature (+ demos) as LM-free JSON, and the prompt codec.
+
+The builder writes `program.json` from the teacher's DSPy module; the runtime rebuilds the
+signature from it and formats every call with the same `ChatAdapter` the student was trained
+on, so serving prompts are byte-identical to training prompts.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+PROGRAM_FORMAT_VERSION = 1
+_FIELD_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
+# The marker DSPy's ChatAdapter ends every answer with: a natural stop string.
+COMPLETED_MARKER = "[[ ## completed ## ]]"
+
+
+class ProgramFormatError(ValueError):
+    """program.json is unreadable or describes a signature we cannot rebuild."""
+
+
+class FieldSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    description: str = ""
+    # The annotation as text: str, int, float, bool, list[str], Literal['a', 'b'], ...
+    type: str = "str"
+
+
+class ProgramSpec(BaseModel):
+    """A single-predictor DSPy program without its LM: what the runtime needs to serve it."""
+
+    format_version: int = PROGRAM_FORMAT_VERSION
+    name: str = "program"
+    instructions: str
+    inputs: list[FieldSpec] = Field(min_length=1)
+    outputs: list[FieldSpec] = Field(min_length=1)
+    demos: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> ProgramSpec:
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise ProgramFormatError(f"{path}: not a valid program.json: {err}") from err
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def from_signature(
+        cls, signature: Any, *, name: str = "program", demos: list[dict[str, Any]] | None = None
+    ) -> ProgramSpec:
+        """Describe a dspy.Signature class (types kept as text)."""
+
+        def fields(items: dict[str, Any]) -> list[FieldSpec]:
+            return [
+                FieldSpec(
+                    name=field_name,
+                    description=str((info.json_schema_extra or {}).get("desc", "")),
+                    type=_annotation_to_text(info.annotation),
+                )
+                for field_name, info in items.items()
+            ]
+
+        return cls(
+            name=name,
+            instructions=signature.instructions,
+            inputs=fields(signature.input_fields),
+            outputs=fields(signature.output_fields),
+            demos=demos or [],
+        )
+
+    def to_signature(self) -> Any:
+        """Rebuild the dspy.Signature class."""
+        import dspy
+
+        spec: dict[str, Any] = {}
+        for field in self.inputs:
+            spec[field.name] = (
+                _annotation_from_text(field.type),
+                dspy.InputField(desc=field.description),
+            )
+        for field in self.outputs:
+            spec[field.name] = (
+                _annotation_from_text(field.type),
+                dspy.OutputField(desc=field.description),
+            )
+        return dspy.make_signature(spec, self.instructions, signature_name=_class_name(self.name))
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    outputs: dict[str, str]
+    # Character span [start, end) of each output field's value inside the completion text.
+    spans: dict[str, tuple[int, int]]
+
+
+class PromptCodec:
+    """Formats program inputs into chat messages and parses completions, as ChatAdapter does."""
+
+    def __init__(self, spec: ProgramSpec) -> None:
+        import dspy
+
+        self.spec = spec
+        self.signature = spec.to_signature()
+        # No JSON fallback: the student was trained on ChatAdapter's format only.
+        self._adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        self.input_names = [f.name for f in spec.inputs]
+        self.output_names = [f.name for f in spec.outputs]
+
+    def format_messages(self, inputs: dict[str, str]) -> list[dict[str, str]]:
+        messages = self._adapter.format(self.signature, self.spec.demos, inputs)
+        return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+
+    def format_assistant(self, outputs: dict[str, Any]) -> str:
+        return str(self._adapter.format_assistant_message_content(self.signature, outputs))
+
+    def parse(self, completion: str) -> ParsedAnswer | None:
+        """The output fields as text with their spans, or None when the completion does not parse.
+
+        Values are checked against their annotations with DSPy's own parser (a Literal field
+        accepts only its labels) but returned as text: the wire carries strings.
+        """
+        import dspy
+
+        try:
+            self._adapter.parse(self.signature, completion)
+        except dspy.utils.exceptions.AdapterParseError:
+            return None
+        outputs: dict[str, str] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        headers = list(_FIELD_HEADER.finditer(completion))
+        for index, header in enumerate(headers):
+            name = header.group(1)
+            if name not in self.output_names or name in outputs:
+                continue
+            end = headers[index + 1].start() if index + 1 < len(headers) else len(completion)
+            raw = completion[header.end() : end]
+            value = raw.strip()
+            start = header.end() + (len(raw) - len(raw.lstrip()))
+            outputs[name] = value
+            spans[name] = (start, start + len(value))
+        if set(outputs) != set(self.output_names):
+            return None
+        return ParsedAnswer(outputs=outputs, spans=spans)
+
+
+def program_from_file(path: Path) -> ProgramSpec:
+    if not path.is_file():
+        raise ProgramFormatError(f"{path}: no such program file")
+    spec = ProgramSpec.load(path)
+    if spec.format_version != PROGRAM_FORMAT_VERSION:
+        raise ProgramFormatError(
+            f"{path}: program format {spec.format_version}, this edgedistill reads "
+            f"{PROGRAM_FORMAT_VERSION}"
+        )
+    try:
+        spec.to_signature()
+    except ProgramFormatError:
+        raise
+    except Exception as err:
+        raise ProgramFormatError(f"{path}: cannot rebuild the signature: {err}") from err
+    return spec
+
+
+def _class_name(name: str) -> str:
+    cleaned = re.sub(r"[^0-9A-Za-z]+", " ", name).title().replace(" ", "")
+    return cleaned if cleaned and cleaned[0].isalpha() else "Program"
+
+
+_SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _annotation_to_text(annotation: Any) -> str:
+    from dspy.adapters.utils import get_annotation_name
+
+    return str(get_annotation_name(annotation))
+
+
+def _annotation_from_text(text: str) -> Any:
+    """Parse an annotation written as text, allowing only plain, safe types."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError as err:
+        raise ProgramFormatError(f"field type {text!r} is not a type expression") from err
+    return _annotation_from_node(tree, text)
+
+
+def _annotation_from_node(node: ast.expr, text: str) -> Any:
+    if isinstance(node, ast.Name) and node.id in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[node.id]
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if node.value.id == "Literal":
+            values = []
+            for arg in args:
+                if not isinstance(arg, ast.Constant):
+                    raise ProgramFormatError(f"field type {text!r}: Literal takes constants only")
+                values.append(arg.value)
+            return Literal[tuple(values)]
+        if node.value.id == "list" and len(args) == 1:
+            return list[_annotation_from_node(args[0], text)]  # type: ignore[misc]
+    raise ProgramFormatError(
+        f"field type {text!r} is not supported (str, int, float, bool, list[...], Literal[...])"
+    )
+
+
+def dump_signature_json(spec: ProgramSpec) -> str:
+    """The signature alone, for humans and GetModelInfo."""
+    return json.dumps(
+        {
+            "instructions": spec.instructions,
+            "inputs": [f.model_dump() for f in spec.inputs],
+            "outputs": [f.model_dump() for f in spec.outputs],
+        },
+        indent=2,
+    )

@@ -1,0 +1,154 @@
+"""Checks on what clients send. Each failure names the field and how to fix it."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import grpc
+
+from services.core.api import pb
+from services.runtime.backends import GenerationParams
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256
+
+
+class RpcFailure(Exception):
+    """Ends a call with a gRPC status; raised by handlers, turned into abort() at the edge."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(field: str, message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens_default: int
+    max_tokens_limit: int
+    max_request_bytes: int
+    context_length: int
+
+
+def check_size(request: pb.PredictRequest | pb.GenerateRequest, limit: int) -> None:
+    size = request.ByteSize()
+    if size <= limit:
+        return
+    # Name the field that makes it big, so the client knows what to shorten.
+    largest, largest_size = "request", 0
+    if isinstance(request, pb.PredictRequest):
+        for key, value in request.inputs.items():
+            if len(value.encode()) > largest_size:
+                largest, largest_size = f"inputs[{key[:40]!r}]", len(value.encode())
+    else:
+        for index, message in enumerate(request.messages):
+            if len(message.content.encode()) > largest_size:
+                largest, largest_size = f"messages[{index}].content", len(message.content.encode())
+        if len(request.json_schema) > largest_size:
+            largest = "json_schema"
+    raise invalid(
+        largest,
+        f"the request is {size} bytes, over the server's max_request_bytes={limit}; send less text",
+    )
+
+
+def sampling_params(
+    options: pb.SamplingOptions,
+    limits: Limits,
+    *,
+    default_temperature: float,
+    stop: tuple[str, ...] = (),
+    json_schema: str | None = None,
+) -> GenerationParams:
+    max_tokens = limits.max_tokens_default
+    if options.HasField("max_tokens"):
+        max_tokens = options.max_tokens
+        if not 1 <= max_tokens <= limits.max_tokens_limit:
+            raise invalid(
+                "options.max_tokens",
+                f"{max_tokens} is out of range; use 1..{limits.max_tokens_limit}",
+            )
+    temperature = default_temperature
+    if options.HasField("temperature"):
+        temperature = options.temperature
+        if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
+            raise invalid("options.temperature", f"{temperature} is out of range; use 0..2")
+    top_p = 0.95
+    if options.HasField("top_p"):
+        top_p = options.top_p
+        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+            raise invalid("options.top_p", f"{top_p} is out of range; use (0, 1]")
+    seed = options.seed if options.HasField("seed") else secrets.randbelow(2**31)
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        json_schema=json_schema,
+    )
+
+
+def predict_inputs(request: pb.PredictRequest, expected: list[str]) -> dict[str, str]:
+    given = dict(request.inputs)
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise invalid(
+            f"inputs[{unknown[0][:40]!r}]",
+            f"unknown input field; the program takes {', '.join(expected)}",
+        )
+    missing = [name for name in expected if name not in given]
+    if missing:
+        raise invalid(
+            f"inputs[{missing[0]!r}]", f"missing; the program takes {', '.join(expected)}"
+        )
+    for name, value in given.items():
+        if "\x00" in value:
+            raise invalid(f"inputs[{name!r}]", "contains a NUL character")
+    return given
+
+
+def chat_messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+    if not request.messages:
+        raise invalid("messages", "at least one message is required")
+    messages = []
+    for index, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise invalid(
+                f"messages[{index}].role",
+                f"unknown role {message.role[:40]!r}; use one of {', '.join(ROLES)}",
+            )
+        if "\x00" in message.content:
+            raise invalid(f"messages[{index}].content", "contains a NUL character")
+        messages.append({"role": message.role, "content": message.content})
+    return messages
+
+
+def stop_strings(request: pb.GenerateRequest) -> tuple[str, ...]:
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise invalid("stop", f"{len(request.stop)} stop strings; at most {MAX_STOP_STRINGS}")
+    for index, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise invalid(f"stop[{index}]", f"must be 1..{MAX_STOP_LENGTH} characters")
+    return tuple(request.stop)
+
+
+def fits_context(
+    prompt_tokens: int | None, max_tokens: int, context_length: int, field: str
+) -> None:
+    if prompt_tokens is None:
+        return
+    if prompt_tokens + max_tokens > context_length:
+        raise invalid(
+            field,
+            f"the prompt is {prompt_tokens} tokens; with max_tokens={max_tokens} it needs "
+            f"{prompt_tokens + max_tokens}, over the context of {context_length}; "
+            "shorten the input or lower max_tokens",
+        )

@@ -1,0 +1,25 @@
+"""Model backends: the pluggable transport under the runtime (cf. httpx's transports).
+
+A backend turns a chat (messages + sampling) into a stream of tokens with log-probabilities.
+The scheduler calls it from one thread at a time.
+"""
+
+from services.runtime.backends._base import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    Finished,
+    GenerationParams,
+    PreparedPrompt,
+    TokenPiece,
+)
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "Finished",
+    "GenerationParams",
+    "PreparedPrompt",
+    "TokenPiece",
+]

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
+
+
+class BackendError(RuntimeError):
+    """The model backend failed (not the client's fault)."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    backend: str
+    model_name: str
+    quantization: str
+    context_length: int
+    trained_context_length: int
+    gguf_sha256: str
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A chat rendered for the model. `tokens` is None when the backend cannot count them."""
+
+    messages: tuple[tuple[str, str], ...]
+    text: str
+    tokens: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One generated token.
+
+    `text` is what may be shown now (stop strings are held back until ruled out);
+    [start, end) is the token's span in the whole generated text, `logprob` the model's
+    log-probability of the token (None when the backend does not report it).
+    """
+
+    text: str
+    start: int
+    end: int
+    logprob: float | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+    text: str = ""  # any held-back text released at the end
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    @property
+    def info(self) -> BackendInfo: ...
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        """Apply the chat template; count tokens when possible. Thread-safe."""
+        ...
+
+    def generate(
+        self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[TokenPiece | Finished]:
+        """Stream tokens, ending with exactly one Finished. Checks should_stop each step."""
+        ...
+
+    def validate_json_schema(self, schema: str) -> None:
+        """Raise ValueError when the schema cannot constrain generation."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,253 @@
+"""In-process llama.cpp through llama-cpp-python: the default backend."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.core.bundle import sha256_file
+from services.runtime.backends._base import (
+    BackendError,
+    BackendInfo,
+    Finished,
+    FinishReason,
+    GenerationParams,
+    PreparedPrompt,
+    TokenPiece,
+)
+from services.runtime.backends._text import StopStringBuffer
+
+
+class ModelFileError(ValueError):
+    """The GGUF file cannot be served; the message says why."""
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar and string metadata of a GGUF file, checked for what serving needs.
+
+    Reading with gguf-py first turns a truncated or corrupt file into a clear refusal instead
+    of a crash inside llama.cpp later.
+    """
+    import gguf
+
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # gguf-py raises ValueError, struct errors, IndexError...
+        raise ModelFileError(f"{path}: not a readable GGUF file ({err})") from err
+    meta: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
+            continue
+        try:
+            meta[name] = field.contents()
+        except Exception:
+            continue
+    if meta.get("general.type", "model") != "model":
+        raise ModelFileError(f"{path}: a GGUF {meta.get('general.type')}, not a model")
+    arch = meta.get("general.architecture")
+    if not arch:
+        raise ModelFileError(f"{path}: GGUF without general.architecture")
+    if not reader.tensors:
+        raise ModelFileError(f"{path}: GGUF without tensors")
+    end_of_data = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    if end_of_data > path.stat().st_size:
+        raise ModelFileError(
+            f"{path}: truncated ({path.stat().st_size} bytes, tensors need {end_of_data})"
+        )
+    return meta
+
+
+def quantization_name(meta: dict[str, Any]) -> str:
+    import gguf
+
+    file_type = meta.get("general.file_type")
+    if file_type is None:
+        return "unknown"
+    try:
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"type{file_type}"
+
+
+class LlamaCppBackend:
+    """One llama.cpp model and context; generate() is called from one thread at a time."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        model_name: str | None = None,
+        gguf_sha256: str | None = None,
+    ) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        meta = read_gguf_metadata(model_path)
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise ModelFileError(f"{model_path}: GGUF has no tokenizer.chat_template")
+        arch = meta["general.architecture"]
+        trained_ctx = int(meta.get(f"{arch}.context_length", n_ctx))
+        try:
+            self._llm = Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_batch=n_batch,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=False,
+                verbose=False,
+            )
+        except Exception as err:
+            raise ModelFileError(f"{model_path}: llama.cpp could not load it ({err})") from err
+        vocab = self._llm._model.vocab
+        self._vocab = vocab
+        self._n_vocab = self._llm.n_vocab()
+        eos = self._token_text(self._llm.token_eos())
+        bos = self._token_text(self._llm.token_bos())
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._info = BackendInfo(
+            backend="llama.cpp",
+            model_name=model_name or str(meta.get("general.name") or model_path.stem),
+            quantization=quantization_name(meta),
+            context_length=n_ctx,
+            trained_context_length=trained_ctx,
+            gguf_sha256=gguf_sha256 or sha256_file(model_path),
+        )
+        self._tokenize_lock = threading.Lock()
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def llama(self) -> Any:
+        """The underlying llama_cpp.Llama (benchmarks compare against it directly)."""
+        return self._llm
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return str(self._llm._model.token_get_text(token))
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
+        text = rendered.prompt
+        with self._tokenize_lock:
+            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return PreparedPrompt(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            text=text,
+            tokens=tuple(tokens),
+        )
+
+    def validate_json_schema(self, schema: str) -> None:
+        _grammar_for(schema)
+
+    def generate(
+        self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[TokenPiece | Finished]:
+        import llama_cpp
+
+        llm = self._llm
+        assert prompt.tokens is not None
+        tokens = list(prompt.tokens)
+        cached = _common_prefix(list(llm._input_ids[: llm.n_tokens]), tokens)
+        cached = min(cached, len(tokens) - 1)  # the last prompt token is always re-evaluated
+        grammar = _grammar_for(params.json_schema) if params.json_schema else None
+        greedy = params.temperature <= 0.0
+        llm.set_seed(params.seed)
+        buffer = StopStringBuffer(params.stop)
+        n_ctx = llm.n_ctx()
+        produced = 0
+        reason: FinishReason = "length"
+        try:
+            stream = llm.generate(
+                tokens,
+                temp=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                top_k=0 if greedy else 40,
+                min_p=0.0 if greedy else 0.05,
+                repeat_penalty=1.0,
+                grammar=grammar,
+            )
+        except Exception as err:
+            raise BackendError(f"llama.cpp generation failed to start: {err}") from err
+        try:
+            for token in stream:
+                if should_stop():
+                    reason = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    reason = "stop"
+                    break
+                produced += 1
+                text, start, end = buffer.feed(llm.detokenize([token]))
+                yield TokenPiece(text=text, start=start, end=end, logprob=self._logprob(token))
+                if buffer.stopped:
+                    reason = "stop_sequence"
+                    break
+                if produced >= params.max_tokens or len(tokens) + produced >= n_ctx:
+                    reason = "length"
+                    break
+        finally:
+            stream.close()
+        yield Finished(
+            reason=reason,
+            prompt_tokens=len(tokens),
+            completion_tokens=produced,
+            cached_prompt_tokens=max(0, cached),
+            text=buffer.flush() if reason != "cancelled" else "",
+        )
+
+    def _logprob(self, token: int) -> float:
+        """log p(token) under the model, from the logits the token was sampled from."""
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        return float(logits[token]) - log_total
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@lru_cache(maxsize=64)
+def _grammar_for(schema: str) -> Any:
+    """A llama.cpp grammar from a JSON Schema; ValueError when the schema is unusable."""
+    from llama_cpp import LlamaGrammar
+
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
+    if not isinstance(parsed, dict):
+        raise ValueError("a JSON Schema must be a JSON object")
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(parsed), verbose=False)
+    except Exception as err:
+        raise ValueError(f"cannot turn this JSON Schema into a grammar ({err})") from err

@@ -1,0 +1,131 @@
+"""Serve through an existing Ollama server with the `ollama` client.
+
+For hosts that already run Ollama (e.g. with the bundle's GGUF imported by
+scripts/ollama-import.sh). Ollama applies the chat template and stop strings itself, and does
+not expose a tokenizer, so prompt length is checked by Ollama rather than before queueing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from services.runtime.backends._base import (
+    BackendError,
+    BackendInfo,
+    Finished,
+    FinishReason,
+    GenerationParams,
+    PreparedPrompt,
+    TokenPiece,
+)
+
+_BLOB_DIGEST = re.compile(r"sha256[-:]([0-9a-f]{64})")
+
+
+class OllamaBackend:
+    def __init__(self, host: str, model: str, *, n_ctx: int, timeout_s: float = 300.0) -> None:
+        import httpx
+        import ollama
+
+        self._model = model
+        self._n_ctx = n_ctx
+        self._client = ollama.Client(host=host, timeout=timeout_s)
+        try:
+            shown = self._client.show(model)
+        except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as err:
+            raise BackendError(f"Ollama at {host} cannot show model {model!r}: {err}") from err
+        details = shown.details
+        modelinfo: dict[str, Any] = dict(shown.modelinfo or {})
+        arch = modelinfo.get("general.architecture", "")
+        digest = _BLOB_DIGEST.search(shown.modelfile or "")
+        self._info = BackendInfo(
+            backend="ollama",
+            model_name=model,
+            quantization=(details.quantization_level if details else None) or "unknown",
+            context_length=n_ctx,
+            trained_context_length=int(modelinfo.get(f"{arch}.context_length", n_ctx)),
+            gguf_sha256=digest.group(1) if digest else "",
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        return PreparedPrompt(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            text=json.dumps(messages),
+            tokens=None,
+        )
+
+    def validate_json_schema(self, schema: str) -> None:
+        try:
+            parsed = json.loads(schema)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
+        if not isinstance(parsed, dict):
+            raise ValueError("a JSON Schema must be a JSON object")
+
+    def generate(
+        self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[TokenPiece | Finished]:
+        import httpx
+        import ollama
+
+        options: dict[str, Any] = {
+            "num_predict": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "num_ctx": self._n_ctx,
+        }
+        if params.stop:
+            options["stop"] = list(params.stop)
+        messages = [{"role": role, "content": content} for role, content in prompt.messages]
+        fmt = json.loads(params.json_schema) if params.json_schema else None
+        text = ""
+        produced = 0
+        reason: FinishReason = "stop"
+        prompt_tokens = 0
+        try:
+            stream = self._client.chat(
+                self._model, messages, stream=True, logprobs=True, options=options, format=fmt
+            )
+            try:
+                for chunk in stream:
+                    if should_stop():
+                        reason = "cancelled"
+                        break
+                    for piece in _pieces(chunk, len(text)):
+                        text += piece.text
+                        produced += 1
+                        yield piece
+                    if chunk.done:
+                        prompt_tokens = chunk.prompt_eval_count or 0
+                        produced = chunk.eval_count or produced
+                        reason = "length" if chunk.done_reason == "length" else "stop"
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()  # drops the HTTP stream: Ollama stops generating
+        except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as err:
+            raise BackendError(f"Ollama generation failed: {err}") from err
+        yield Finished(reason=reason, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+    def close(self) -> None:
+        pass
+
+
+def _pieces(chunk: Any, offset: int) -> Iterator[TokenPiece]:
+    """One TokenPiece per reported token (with its logprob), or one for the whole chunk."""
+    content = chunk.message.content or ""
+    logprobs = chunk.logprobs or []
+    if logprobs and "".join(lp.token for lp in logprobs) == content:
+        for lp in logprobs:
+            yield TokenPiece(lp.token, offset, offset + len(lp.token), lp.logprob)
+            offset += len(lp.token)
+    elif content:
+        yield TokenPiece(content, offset, offset + len(content), None)

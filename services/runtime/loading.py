@@ -1,0 +1,81 @@
+"""From settings to a loaded model: a GGUF (+ program.json) or a verified bundle."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from services.core.bundle import Bundle, BundleError
+from services.core.config import RuntimeSettings
+from services.core.program import ProgramFormatError, ProgramSpec, PromptCodec, program_from_file
+from services.runtime.backends import Backend, BackendError
+
+log = logging.getLogger(__name__)
+
+
+class LoadError(RuntimeError):
+    """The model or program cannot be served; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    backend: Backend
+    program: ProgramSpec | None
+    codec: PromptCodec | None
+    bundle_version: str = ""
+
+
+def load_model(settings: RuntimeSettings) -> LoadedModel:
+    try:
+        return _load(settings)
+    except (BundleError, ProgramFormatError, BackendError, ValueError) as err:
+        raise LoadError(str(err)) from err
+
+
+def _load(settings: RuntimeSettings) -> LoadedModel:
+    bundle = Bundle.open(settings.bundle) if settings.bundle else None
+    program_path = bundle.program_path if bundle else settings.program
+    program = program_from_file(program_path) if program_path else None
+    codec = PromptCodec(program) if program else None
+
+    backend: Backend
+    if settings.backend == "ollama":
+        from services.runtime.backends._ollama import OllamaBackend
+
+        model_name = settings.ollama_model or (bundle.manifest.name if bundle else "")
+        backend = OllamaBackend(settings.ollama_host, model_name, n_ctx=settings.n_ctx)
+    else:
+        from services.runtime.backends._llamacpp import LlamaCppBackend
+
+        if bundle:
+            model_path = bundle.model_path(settings.variant)
+            sha = bundle.model_sha256(settings.variant)
+            name = bundle.manifest.name
+        else:
+            assert settings.model is not None
+            model_path, sha, name = settings.model, None, None
+        backend = LlamaCppBackend(
+            model_path,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_batch=settings.n_batch,
+            n_gpu_layers=settings.n_gpu_layers,
+            model_name=name,
+            gguf_sha256=sha,
+        )
+    info = backend.info
+    log.info(
+        "model loaded",
+        extra={
+            "model": info.model_name,
+            "quantization": info.quantization,
+            "backend": info.backend,
+            "program": program.name if program else None,
+        },
+    )
+    return LoadedModel(
+        backend=backend,
+        program=program,
+        codec=codec,
+        bundle_version=bundle.manifest.version if bundle else "",
+    )

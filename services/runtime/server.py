@@ -1,0 +1,400 @@
+"""The runtime's gRPC server: `edgedistill.v1.Inference` + health + reflection + metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.core.api import SERVICE_NAME, pb, pb_grpc
+from services.core.config import RuntimeSettings
+from services.core.program import COMPLETED_MARKER
+from services.runtime import _validation as check
+from services.runtime._validation import Limits, RpcFailure
+from services.runtime.backends import BackendError, Finished, TokenPiece
+from services.runtime.loading import LoadedModel, load_model
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+
+log = logging.getLogger(__name__)
+
+# Generate samples by default; Predict is greedy by default (a classifier should be stable).
+GENERATE_DEFAULT_TEMPERATURE = 0.7
+PREDICT_DEFAULT_TEMPERATURE = 0.0
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+}
+R = TypeVar("R")
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, settings: RuntimeSettings, metrics: RuntimeMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._model: LoadedModel | None = None
+        self._scheduler: Scheduler | None = None
+        self._limits: Limits | None = None
+
+    def attach(self, model: LoadedModel) -> None:
+        self._model = model
+        self._scheduler = Scheduler(model.backend, self._settings.max_queue)
+        self._limits = Limits(
+            max_tokens_default=self._settings.max_tokens_default,
+            max_tokens_limit=self._settings.max_tokens_limit,
+            max_request_bytes=self._settings.max_request_bytes,
+            context_length=model.backend.info.context_length,
+        )
+
+    def close(self) -> None:
+        if self._scheduler:
+            self._scheduler.close(timeout=5)
+        if self._model:
+            self._model.backend.close()
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        return await self._unary("Predict", self._predict, request, context)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        return await self._unary("GetModelInfo", self._model_info, request, context)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for chunk in self._generate(request, context, started):
+                yield chunk
+        except RpcFailure as failure:
+            code = failure.code
+            await context.abort(failure.code, failure.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._observe("Generate", code, started)
+
+    # -- implementations ----------------------------------------------------------------------
+
+    async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        started = time.perf_counter()
+        model, scheduler, limits = self._ready()
+        check.check_size(request, limits.max_request_bytes)
+        if model.codec is None:
+            raise RpcFailure(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no program is loaded; serve with --bundle DIR or --model X --program program.json",
+            )
+        inputs = check.predict_inputs(request, model.codec.input_names)
+        params = check.sampling_params(
+            request.options,
+            limits,
+            default_temperature=PREDICT_DEFAULT_TEMPERATURE,
+            stop=(COMPLETED_MARKER,),
+        )
+        prompt = model.backend.prepare(model.codec.format_messages(inputs))
+        n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
+        if self._settings.log_requests:
+            log.info("predict request", extra={"inputs": inputs})
+
+        job = self._submit(scheduler, prompt, params, context)
+        text, pieces, finished, first_token_at = await self._drain(job, context)
+        raw = text + finished.text
+        answer = model.codec.parse(raw)
+        response = pb.PredictResponse(
+            served_by=pb.SERVED_BY_LOCAL,
+            model_id=model.backend.info.model_name,
+            usage=_usage(finished),
+            queue_ms=_queue_ms(job),
+        )
+        if answer is not None:
+            response.outputs.update(answer.outputs)
+            response.confidence = _confidence(answer.spans, pieces)
+            response.outcome = pb.PREDICT_OUTCOME_PARSED
+            if request.include_raw_text:
+                response.raw_text = raw
+        else:
+            response.outcome = (
+                pb.PREDICT_OUTCOME_TRUNCATED
+                if finished.reason == "length"
+                else pb.PREDICT_OUTCOME_UNPARSED
+            )
+            response.raw_text = raw
+            response.confidence = 0.0
+        self._metrics.predict_outcomes.labels(pb.PredictOutcome.Name(response.outcome)).inc()
+        if first_token_at is not None:
+            self._metrics.time_to_first_token.labels("Predict").observe(first_token_at - started)
+        response.latency_ms = (time.perf_counter() - started) * 1000
+        if self._settings.log_requests:
+            log.info("predict response", extra={"outputs": dict(response.outputs), "raw": raw})
+        return response
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: Any, started: float
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        model, scheduler, limits = self._ready()
+        check.check_size(request, limits.max_request_bytes)
+        messages = check.chat_messages(request)
+        stop = check.stop_strings(request)
+        schema = request.json_schema or None
+        if schema is not None:
+            try:
+                model.backend.validate_json_schema(schema)
+            except ValueError as err:
+                raise check.invalid("json_schema", str(err)) from None
+        params = check.sampling_params(
+            request.options,
+            limits,
+            default_temperature=GENERATE_DEFAULT_TEMPERATURE,
+            stop=stop,
+            json_schema=schema,
+        )
+        prompt = model.backend.prepare(messages)
+        n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "messages")
+        if self._settings.log_requests:
+            log.info("generate request", extra={"messages": messages})
+
+        job = self._submit(scheduler, prompt, params, context)
+        first_token_at: float | None = None
+        try:
+            async for event in job.events():
+                if isinstance(event, TokenPiece):
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    if event.text:
+                        yield pb.GenerateChunk(text=event.text)
+                    continue
+                self._finish_or_fail(event, job, context)
+                self._count_tokens(event)
+                now = time.perf_counter()
+                ttft = (first_token_at or now) - started
+                self._metrics.time_to_first_token.labels("Generate").observe(ttft)
+                yield pb.GenerateChunk(
+                    text=event.text,
+                    finish_reason=_FINISH[event.reason],
+                    usage=_usage(event),
+                    latency_ms=(now - started) * 1000,
+                    time_to_first_token_ms=ttft * 1000,
+                )
+        except BackendError as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
+        finally:
+            job.cancel()  # no-op when finished; stops generation when the client went away
+
+    async def _model_info(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        model, _, limits = self._ready()
+        info = model.backend.info
+        reply = pb.ModelInfo(
+            model_name=info.model_name,
+            gguf_sha256=info.gguf_sha256,
+            quantization=info.quantization,
+            context_length=info.context_length,
+            trained_context_length=info.trained_context_length,
+            bundle_version=model.bundle_version,
+            backend=info.backend,
+            max_tokens_limit=limits.max_tokens_limit,
+        )
+        if model.program is not None:
+            program = model.program
+            reply.signature.instructions = program.instructions
+            for field in program.inputs:
+                reply.signature.input_fields.add(
+                    name=field.name, description=field.description, type=field.type
+                )
+            for field in program.outputs:
+                reply.signature.output_fields.add(
+                    name=field.name, description=field.description, type=field.type
+                )
+        return reply
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _ready(self) -> tuple[LoadedModel, Scheduler, Limits]:
+        if self._model is None or self._scheduler is None or self._limits is None:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry")
+        return self._model, self._scheduler, self._limits
+
+    def _submit(self, scheduler: Scheduler, prompt: Any, params: Any, context: Any) -> Job:
+        remaining = context.time_remaining()
+        deadline = (
+            time.monotonic() + remaining
+            if remaining is not None and math.isfinite(remaining)
+            else None
+        )
+        try:
+            job = scheduler.submit(prompt, params, deadline=deadline)
+        except QueueFull as err:
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {err}") from err
+        except SchedulerClosed as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(err)) from err
+        self._metrics.queue_depth.set(scheduler.waiting)
+        return job
+
+    async def _drain(
+        self, job: Job, context: Any
+    ) -> tuple[str, list[TokenPiece], Finished, float | None]:
+        """Collect a job's whole output (Predict)."""
+        text: list[str] = []
+        pieces: list[TokenPiece] = []
+        first_token_at: float | None = None
+        try:
+            async for event in job.events():
+                if isinstance(event, TokenPiece):
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    pieces.append(event)
+                    text.append(event.text)
+                else:
+                    self._finish_or_fail(event, job, context)
+                    self._count_tokens(event)
+                    return "".join(text), pieces, event, first_token_at
+        except BackendError as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
+        finally:
+            job.cancel()
+        raise RpcFailure(grpc.StatusCode.INTERNAL, "generation ended without a result")
+
+    def _finish_or_fail(self, event: Finished, job: Job, context: Any) -> None:
+        if event.reason == "cancelled":
+            if job.deadline is not None and time.monotonic() >= job.deadline:
+                raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
+
+    def _count_tokens(self, event: Finished) -> None:
+        self._metrics.tokens.labels("prompt").inc(event.prompt_tokens)
+        self._metrics.tokens.labels("completion").inc(event.completion_tokens)
+        if self._scheduler is not None:
+            self._metrics.queue_depth.set(self._scheduler.waiting)
+
+    async def _unary(
+        self,
+        method: str,
+        handler: Callable[[Any, Any], Awaitable[R]],
+        request: Any,
+        context: Any,
+    ) -> R:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await handler(request, context)
+        except RpcFailure as failure:
+            code = failure.code
+            await context.abort(failure.code, failure.message)
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._observe(method, code, started)
+
+    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self._metrics.calls.labels(method, code.name).inc()
+        self._metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _usage(finished: Finished) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        cached_prompt_tokens=finished.cached_prompt_tokens,
+    )
+
+
+def _queue_ms(job: Job) -> float:
+    if job.started_at is None:
+        return 0.0
+    return (job.started_at - job.submitted_at) * 1000
+
+
+def _confidence(spans: dict[str, tuple[int, int]], pieces: list[TokenPiece]) -> float:
+    """Lowest over fields of the geometric-mean probability of the field value's tokens."""
+    worst = 1.0
+    for start, end in spans.values():
+        logprobs = [
+            p.logprob for p in pieces if p.logprob is not None and p.start < end and p.end > start
+        ]
+        if not logprobs:
+            if end > start:
+                return 0.0  # no probabilities reported: claim nothing
+            continue
+        worst = min(worst, math.exp(sum(logprobs) / len(logprobs)))
+    return max(0.0, min(1.0, worst))
+
+
+async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+    metrics = RuntimeMetrics()
+    service = InferenceService(settings, metrics)
+    # gRPC's own cap sits above ours, so a moderately oversize request gets our
+    # INVALID_ARGUMENT naming the field rather than a bare RESOURCE_EXHAUSTED.
+    hard_cap = settings.max_request_bytes * 4 + (64 << 10)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", hard_cap),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=max(64, (settings.max_queue + 1) * 4),
+    )
+    pb_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"port: cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    if ready is not None:
+        ready(port)  # health says NOT_SERVING until the model is loaded
+    if settings.metrics_port:
+        metrics.serve(settings.host, settings.metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info("loading model", extra={"port": port})
+    loader = asyncio.ensure_future(asyncio.to_thread(load_model, settings))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not loader.done():  # stopped while loading
+        await server.stop(0)
+        return 0
+    stopper.cancel()
+    try:
+        model = loader.result()
+    except Exception:
+        await server.stop(0)
+        raise
+    service.attach(model)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"host": settings.host, "port": port, "service": SERVICE_NAME})
+
+    await stop.wait()
+    log.info("draining", extra={"grace_period_s": settings.grace_period_s})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace_period_s)
+    service.close()
+    log.info("stopped")
+    return 0

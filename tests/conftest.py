@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ServerProcess, smollm2_gguf, start_runtime
+
+# A tiny program the untuned SmolLM2 answers in DSPy's format thanks to two demos.
+CAPITALS_PROGRAM = {
+    "name": "capitals",
+    "instructions": "Answer with the capital city of the given country.",
+    "inputs": [{"name": "country", "description": "a country name", "type": "str"}],
+    "outputs": [{"name": "capital", "description": "its capital city", "type": "str"}],
+    "demos": [
+        {"country": "France", "capital": "Paris"},
+        {"country": "Japan", "capital": "Tokyo"},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    path = smollm2_gguf()
+    assert path.is_file(), f"{path} missing: run `make setup`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def program_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("program") / "program.json"
+    path.write_text(json.dumps(CAPITALS_PROGRAM))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runtime(gguf_path: Path, program_path: Path) -> Iterator[ServerProcess]:
+    server = start_runtime(
+        "--model",
+        str(gguf_path),
+        "--program",
+        str(program_path),
+        "--n-ctx",
+        "2048",
+        "--max-queue",
+        "4",
+        "--max-tokens-limit",
+        "512",
+    )
+    yield server
+    server.terminate()

@@ -1,0 +1,331 @@
+"""The runtime over a real loopback gRPC server with the real SmolLM2-135M-Instruct GGUF."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.core.api import SERVICE_NAME, pb, pb_grpc
+from services.core.client import InferenceClient, sampling
+from tests.helpers import ServerProcess, free_port, start_runtime
+
+
+def stub(server: ServerProcess) -> pb_grpc.InferenceStub:
+    return pb_grpc.InferenceStub(grpc.insecure_channel(server.target))
+
+
+def test_generate_streams_pieces_then_usage(runtime: ServerProcess) -> None:
+    with InferenceClient(runtime.target) as client:
+        chunks = list(
+            client.generate([("user", "Name three colours.")], max_tokens=24, temperature=0)
+        )
+    assert len(chunks) >= 3, "expected several streamed pieces"
+    body, last = chunks[:-1], chunks[-1]
+    assert all(c.text for c in body) and all(not c.HasField("usage") for c in body)
+    assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert last.usage.prompt_tokens > 5
+    assert 1 <= last.usage.completion_tokens <= 24
+    assert last.time_to_first_token_ms <= last.latency_ms
+    assert "".join(c.text for c in chunks).strip()
+
+
+def test_generate_is_repeatable_greedy_and_with_a_seed(runtime: ServerProcess) -> None:
+    def run(**kw: float | int) -> str:
+        with InferenceClient(runtime.target) as client:
+            return "".join(
+                c.text for c in client.generate([("user", "Tell me a fact.")], max_tokens=16, **kw)
+            )
+
+    assert run(temperature=0) == run(temperature=0)
+    assert run(temperature=1.0, seed=7) == run(temperature=1.0, seed=7)
+
+
+def test_generate_stop_string_is_honoured(runtime: ServerProcess) -> None:
+    with InferenceClient(runtime.target) as client:
+        chunks = list(
+            client.generate(
+                [("user", "Count from 1 to 10, separated by commas.")],
+                max_tokens=40,
+                temperature=0,
+                stop=["5"],
+            )
+        )
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE, text
+    assert "5" not in text and "4" in text
+
+
+def test_generate_json_schema_constrains_output(runtime: ServerProcess) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    with InferenceClient(runtime.target) as client:
+        chunks = list(
+            client.generate(
+                [("user", "Give the largest city of Italy as JSON.")],
+                max_tokens=60,
+                temperature=0,
+                json_schema=json.dumps(schema),
+            )
+        )
+    value = json.loads("".join(c.text for c in chunks))
+    assert isinstance(value["city"], str) and isinstance(value["population"], int)
+
+
+def test_predict_parses_outputs_with_confidence(runtime: ServerProcess) -> None:
+    with InferenceClient(runtime.target) as client:
+        reply = client.predict({"country": "Germany"}, include_raw_text=True)
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply.raw_text
+    assert set(reply.outputs) == {"capital"}
+    assert reply.outputs["capital"].strip()  # a 135M untuned model: the format, not the facts
+    assert 0.0 < reply.confidence <= 1.0
+    assert reply.served_by == pb.SERVED_BY_LOCAL
+    assert reply.model_id and reply.usage.completion_tokens > 0 and reply.latency_ms > 0
+    assert "[[ ## capital ## ]]" in reply.raw_text
+
+
+def test_predict_truncated_output_is_a_distinct_outcome(runtime: ServerProcess) -> None:
+    with InferenceClient(runtime.target) as client:
+        reply = client.predict({"country": "Spain"}, max_tokens=2)
+    assert reply.outcome == pb.PREDICT_OUTCOME_TRUNCATED
+    assert reply.confidence == 0.0 and not reply.outputs
+    assert reply.raw_text  # what the model wrote is kept
+
+
+def test_get_model_info(runtime: ServerProcess, gguf_path: Path) -> None:
+    from services.core.bundle import sha256_file
+
+    with InferenceClient(runtime.target) as client:
+        info = client.info()
+    assert info.gguf_sha256 == sha256_file(gguf_path)
+    assert info.quantization == "Q4_1"
+    assert info.context_length == 2048 and info.trained_context_length == 8192
+    assert info.backend == "llama.cpp"
+    assert [f.name for f in info.signature.input_fields] == ["country"]
+    assert [f.name for f in info.signature.output_fields] == ["capital"]
+    assert info.signature.output_fields[0].description == "its capital city"
+    assert info.bundle_version == ""
+
+
+def test_health_is_serving_and_reflection_lists_the_service(runtime: ServerProcess) -> None:
+    channel = grpc.insecure_channel(runtime.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "edgedistill.v1.Inference" in names and "grpc.health.v1.Health" in names
+
+
+BAD_REQUESTS = [
+    ("missing input", "Predict", pb.PredictRequest(inputs={}), "inputs['country']"),
+    (
+        "unknown input",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "Peru", "colour": "red"}),
+        "inputs['colour']",
+    ),
+    (
+        "input too long for the context",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "land " * 1800}, options=sampling(max_tokens=400)),
+        "inputs",
+    ),
+    (
+        "max_tokens zero",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "Peru"}, options=sampling(max_tokens=0)),
+        "options.max_tokens",
+    ),
+    (
+        "max_tokens over the limit",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], options=sampling(max_tokens=4096)
+        ),
+        "options.max_tokens",
+    ),
+    (
+        "temperature out of range",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], options=sampling(temperature=7)
+        ),
+        "options.temperature",
+    ),
+    (
+        "temperature NaN",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "Peru"}, options=sampling(temperature=float("nan"))),
+        "options.temperature",
+    ),
+    (
+        "invalid JSON schema",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], json_schema="{not json"
+        ),
+        "json_schema",
+    ),
+    (
+        "unknown role",
+        "Generate",
+        pb.GenerateRequest(messages=[pb.ChatMessage(role="wizard", content="hi")]),
+        "messages[0].role",
+    ),
+    ("no messages", "Generate", pb.GenerateRequest(), "messages"),
+    (
+        "oversize request",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "x" * (1 << 20)}),
+        "inputs['country']",
+    ),
+    (
+        "too many stop strings",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], stop=[str(i) for i in range(9)]
+        ),
+        "stop",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message", "field"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(
+    runtime: ServerProcess, method: str, request_message: object, field: str
+) -> None:
+    client = stub(runtime)
+    with pytest.raises(grpc.RpcError) as caught:
+        if method == "Predict":
+            client.Predict(request_message, timeout=30)
+        else:
+            list(client.Generate(request_message, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith(field + ":"), caught.value.details()
+    # ...and the server is fine afterwards.
+    assert stub(runtime).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_name
+
+
+def test_expired_deadline_then_next_call_is_served(runtime: ServerProcess) -> None:
+    client = stub(runtime)
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Write a long story about a robot.")],
+        options=sampling(max_tokens=400, temperature=0),
+    )
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.Generate(request, timeout=0.5))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The abandoned generation stops at once: the next call is not stuck behind 400 tokens.
+    reply = client.Predict(pb.PredictRequest(inputs={"country": "Italy"}), timeout=20)
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+    assert time.monotonic() - started < 15
+
+
+def test_metrics_count_calls_and_tokens(gguf_path: Path, program_path: Path) -> None:
+    metrics_port = free_port()
+    server = start_runtime(
+        "--model",
+        str(gguf_path),
+        "--program",
+        str(program_path),
+        "--n-ctx",
+        "1024",
+        "--metrics-port",
+        str(metrics_port),
+    )
+    try:
+        with InferenceClient(server.target) as client:
+            client.predict({"country": "Chile"})
+            with pytest.raises(grpc.RpcError):
+                client.predict({})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    finally:
+        server.terminate()
+    assert 'edgedistill_calls_total{code="OK",method="Predict"} 1.0' in text
+    assert 'edgedistill_calls_total{code="INVALID_ARGUMENT",method="Predict"} 1.0' in text
+    assert 'edgedistill_tokens_total{direction="completion"}' in text
+    assert "edgedistill_queue_depth" in text
+    # Request contents are not logged by default.
+    assert "Chile" not in server.stderr
+
+
+def test_full_queue_is_resource_exhausted(gguf_path: Path) -> None:
+    server = start_runtime("--model", str(gguf_path), "--n-ctx", "1024", "--max-queue", "1")
+    try:
+        long_request = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="Write a long story about a cat.")],
+            options=sampling(max_tokens=300, temperature=0),
+        )
+        first_started = threading.Event()
+        results: list[str] = []
+
+        def consume() -> None:
+            for _ in stub(server).Generate(long_request, timeout=60):
+                first_started.set()
+            results.append("done")
+
+        running = threading.Thread(target=consume)
+        running.start()
+        assert first_started.wait(30)
+        queued = stub(server).Generate(long_request, timeout=60)  # waits in the queue
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub(server).Generate(long_request, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 2, "rejected at once, not after waiting"
+        queued.cancel()
+        running.join(60)
+        assert results == ["done"]
+    finally:
+        server.terminate()
+
+
+def test_sigterm_drains_an_in_flight_call(gguf_path: Path) -> None:
+    server = start_runtime("--model", str(gguf_path), "--n-ctx", "1024")
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Write a long story about a dog.")],
+        options=sampling(max_tokens=120, temperature=0),
+    )
+    chunks: list[pb.GenerateChunk] = []
+    got_first = threading.Event()
+
+    def consume() -> None:
+        for chunk in stub(server).Generate(request, timeout=60):
+            chunks.append(chunk)
+            got_first.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert got_first.wait(30)
+    server.proc.send_signal(15)
+    time.sleep(0.5)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError):  # no new calls once draining
+        stub(server).Predict(pb.PredictRequest(inputs={}), timeout=5)
+    with pytest.raises(grpc.RpcError):
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    reader.join(60)
+    assert server.proc.wait(60) == 0
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.completion_tokens == 120
