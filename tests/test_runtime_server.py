@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.client import InferenceClient, sampling
-from tests.helpers import ServerProcess, free_port, start_runtime
+from tests.helpers import REPO, ServerProcess, free_port, start_runtime
 
 
 def stub(server: ServerProcess) -> pb_grpc.InferenceStub:
@@ -303,6 +307,7 @@ def test_full_queue_is_resource_exhausted(gguf_path: Path) -> None:
 
 def test_sigterm_drains_an_in_flight_call(gguf_path: Path) -> None:
     server = start_runtime("--model", str(gguf_path), "--n-ctx", "1024")
+    channel = grpc.insecure_channel(server.target)
     request = pb.GenerateRequest(
         messages=[pb.ChatMessage(role="user", content="Write a long story about a dog.")],
         options=sampling(max_tokens=120, temperature=0),
@@ -311,21 +316,82 @@ def test_sigterm_drains_an_in_flight_call(gguf_path: Path) -> None:
     got_first = threading.Event()
 
     def consume() -> None:
-        for chunk in stub(server).Generate(request, timeout=60):
+        for chunk in pb_grpc.InferenceStub(channel).Generate(request, timeout=60):
             chunks.append(chunk)
             got_first.set()
 
+    statuses: list[int] = []
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+
+    def watch_health() -> None:
+        try:
+            for reply in watch:
+                statuses.append(reply.status)
+        except grpc.RpcError:
+            pass
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
     reader = threading.Thread(target=consume)
     reader.start()
     assert got_first.wait(30)
-    server.proc.send_signal(15)
+    server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
     with pytest.raises(grpc.RpcError):  # no new calls once draining
         stub(server).Predict(pb.PredictRequest(inputs={}), timeout=5)
-    with pytest.raises(grpc.RpcError):
-        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     reader.join(60)
     assert server.proc.wait(60) == 0
+    watcher.join(10)
+    # The in-flight call finished in full...
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert chunks[-1].usage.completion_tokens == 120
+    # ...and health went from SERVING to NOT_SERVING.
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert statuses[0] == serving and not_serving in statuses, statuses
+
+
+def make_bundle(root: Path, gguf_path: Path, program: dict[str, object]) -> Path:
+    from services.core.bundle import Manifest, write_manifest
+
+    (root / "model").mkdir(parents=True)
+    (root / "program").mkdir()
+    shutil.copy(gguf_path, root / "model" / "student.Q4_1.gguf")
+    (root / "program" / "program.json").write_text(json.dumps(program))
+    write_manifest(
+        root,
+        Manifest(
+            name="capitals",
+            version="2026.11.29-1",
+            default_model="model/student.Q4_1.gguf",
+            models={"Q4_1": "model/student.Q4_1.gguf"},
+        ),
+    )
+    return root
+
+
+def test_serves_a_bundle_and_refuses_a_tampered_one(tmp_path: Path, gguf_path: Path) -> None:
+    from tests.conftest import CAPITALS_PROGRAM
+
+    bundle = make_bundle(tmp_path / "bundle", gguf_path, CAPITALS_PROGRAM)
+    server = start_runtime("--bundle", str(bundle), "--n-ctx", "1024")
+    try:
+        with InferenceClient(server.target) as client:
+            info = client.info()
+            reply = client.predict({"country": "Egypt"})
+        assert info.bundle_version == "2026.11.29-1" and info.model_name == "capitals"
+        assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+    finally:
+        server.terminate()
+
+    program = bundle / "program" / "program.json"
+    program.write_text(program.read_text().replace("capital city", "capital town"))
+    failed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "--bundle", str(bundle), "--port", "0",
+         "--metrics-port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert failed.returncode == 3
+    assert "program/program.json" in failed.stderr and "sha256" in failed.stderr

@@ -66,6 +66,7 @@ def sampling_params(
     default_temperature: float,
     stop: tuple[str, ...] = (),
     json_schema: str | None = None,
+    logprobs: bool = False,
 ) -> GenerationParams:
     max_tokens = limits.max_tokens_default
     if options.HasField("max_tokens"):
@@ -93,6 +94,7 @@ def sampling_params(
         seed=seed,
         stop=stop,
         json_schema=json_schema,
+        logprobs=logprobs,
     )
 
 

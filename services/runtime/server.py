@@ -104,6 +104,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             limits,
             default_temperature=PREDICT_DEFAULT_TEMPERATURE,
             stop=(COMPLETED_MARKER,),
+            logprobs=True,
         )
         prompt = model.backend.prepare(model.codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None

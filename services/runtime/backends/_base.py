@@ -38,6 +38,9 @@ class GenerationParams:
     seed: int
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
+    # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
+    # (confidence) asks for them.
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)

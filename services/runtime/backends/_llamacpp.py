@@ -196,7 +196,8 @@ class LlamaCppBackend:
                     break
                 produced += 1
                 text, start, end = buffer.feed(llm.detokenize([token]))
-                yield TokenPiece(text=text, start=start, end=end, logprob=self._logprob(token))
+                logprob = self._logprob(token) if params.logprobs else None
+                yield TokenPiece(text=text, start=start, end=end, logprob=logprob)
                 if buffer.stopped:
                     reason = "stop_sequence"
                     break

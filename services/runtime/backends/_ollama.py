@@ -92,7 +92,12 @@ class OllamaBackend:
         prompt_tokens = 0
         try:
             stream = self._client.chat(
-                self._model, messages, stream=True, logprobs=True, options=options, format=fmt
+                self._model,
+                messages,
+                stream=True,
+                logprobs=params.logprobs,
+                options=options,
+                format=fmt,
             )
             try:
                 for chunk in stream:

@@ -25,7 +25,7 @@ class StopStringBuffer:
             if index != -1:
                 self.stopped = True
                 self.full_text = self.full_text[:index]
-                return self._release(index), start, min(end, index)
+                return self._release(index), min(start, index), min(end, index)
         return self._release(len(self.full_text) - self._held_suffix()), start, end
 
     def flush(self) -> str:

@@ -1,0 +1,135 @@
+"""What gRPC serving costs: a 32-token greedy generation in-process vs through the runtime.
+
+Side by side in one run, interleaved call by call, same GGUF, same prompt, same settings:
+  in-process   llama_cpp.Llama.create_chat_completion (what a Python user would write)
+  gRPC         Generate (streamed) and Predict (DSPy-formatted) on a loopback runtime
+Each gRPC path is compared with the in-process call on exactly the same prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
+from tests.conftest import CAPITALS_PROGRAM
+from tests.helpers import smollm2_gguf, start_runtime
+
+MAX_TOKENS = 32
+THREADS = 2
+ROUNDS = 25
+WARMUP = 3
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    from llama_cpp import Llama
+
+    console = Console()
+    gguf = smollm2_gguf()
+    with tempfile.TemporaryDirectory() as tmp:
+        program_path = Path(tmp) / "program.json"
+        program_path.write_text(json.dumps(CAPITALS_PROGRAM))
+        codec = PromptCodec(ProgramSpec.load(program_path))
+        predict_inputs = {"country": "Germany"}
+        predict_messages = codec.format_messages(predict_inputs)
+
+        server = start_runtime(
+            "--model", str(gguf), "--program", str(program_path), "--n-ctx", "2048",
+            env={"EDGEDISTILL_N_THREADS": str(THREADS)},
+        )  # fmt: skip
+        llm = Llama(
+            str(gguf), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
+        )
+        timings: dict[str, list[float]] = {
+            k: [] for k in ("ip_gen", "grpc_gen", "ip_pred", "grpc_pred")
+        }
+        tokens: dict[str, int] = {}
+        try:
+            client = InferenceClient(server.target)
+            for round_index in range(WARMUP + ROUNDS):
+                record = round_index >= WARMUP
+
+                t0 = time.perf_counter()
+                out = llm.create_chat_completion(STORY, max_tokens=MAX_TOKENS, temperature=0)
+                t1 = time.perf_counter()
+                tokens["ip_gen"] = out["usage"]["completion_tokens"]  # type: ignore[index]
+
+                t2 = time.perf_counter()
+                last = None
+                for chunk in client.generate(
+                    [(m["role"], m["content"]) for m in STORY], max_tokens=MAX_TOKENS, temperature=0
+                ):
+                    last = chunk
+                t3 = time.perf_counter()
+                assert last is not None
+                tokens["grpc_gen"] = last.usage.completion_tokens
+
+                t4 = time.perf_counter()
+                out = llm.create_chat_completion(
+                    predict_messages,  # type: ignore[arg-type]
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    stop=[COMPLETED_MARKER],
+                )
+                t5 = time.perf_counter()
+                tokens["ip_pred"] = out["usage"]["completion_tokens"]  # type: ignore[index]
+
+                t6 = time.perf_counter()
+                reply = client.predict(predict_inputs, max_tokens=MAX_TOKENS, temperature=0)
+                t7 = time.perf_counter()
+                assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+                tokens["grpc_pred"] = reply.usage.completion_tokens
+                if record:
+                    timings["ip_gen"].append(t1 - t0)
+                    timings["grpc_gen"].append(t3 - t2)
+                    timings["ip_pred"].append(t5 - t4)
+                    timings["grpc_pred"].append(t7 - t6)
+            client.close()
+        finally:
+            server.terminate()
+            llm.close()
+
+    table = Table(title=f"Serving overhead: greedy, max_tokens={MAX_TOKENS}, {THREADS} threads, "
+                  f"{ROUNDS} interleaved rounds, SmolLM2-135M Q4_1")  # fmt: skip
+    for column in ("path", "tokens", "p50 ms", "p95 ms", "p50 vs in-process"):
+        table.add_column(column, justify="right" if column != "path" else "left")
+    rows = [
+        ("in-process chat (story prompt)", "ip_gen", None),
+        ("gRPC Generate (same prompt)", "grpc_gen", "ip_gen"),
+        ("in-process chat (DSPy prompt)", "ip_pred", None),
+        ("gRPC Predict (same prompt)", "grpc_pred", "ip_pred"),
+    ]
+    summary = {}
+    for label, key, base in rows:
+        p50 = statistics.median(timings[key]) * 1000
+        ratio = ""
+        if base:
+            ratio_value = statistics.median(timings[key]) / statistics.median(timings[base])
+            summary[key] = ratio_value
+            ratio = f"{ratio_value:.3f}x"
+        table.add_row(
+            label, str(tokens[key]), f"{p50:.1f}", f"{_p(timings[key], 0.95) * 1000:.1f}", ratio
+        )
+    console.print(table)
+    for key, name in (("grpc_gen", "Generate"), ("grpc_pred", "Predict")):
+        overhead = (summary[key] - 1) * 100
+        verdict = "meets" if overhead <= 5 else "misses"
+        console.print(
+            f"gRPC {name} adds {overhead:+.1f}% at p50 ({verdict} the goal of at most 5%)"
+        )
+    if tokens["ip_gen"] != tokens["grpc_gen"] or tokens["ip_pred"] != tokens["grpc_pred"]:
+        console.print("[yellow]warning: token counts differ between paths[/]")

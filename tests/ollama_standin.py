@@ -1,0 +1,163 @@
+"""A STAND-IN for an Ollama server (no Ollama can run on this machine).
+
+It speaks the parts of Ollama's documented HTTP API the runtime's Ollama backend uses —
+GET /api/version, GET /api/tags, POST /api/show, POST /api/chat (NDJSON streaming, options,
+format, logprobs) — and answers with a real model through llama-cpp-python, as Ollama itself
+runs llama.cpp. Run: python -m tests.ollama_standin --model X.gguf --name NAME --port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from services.core.bundle import sha256_file
+
+
+def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _json(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length", 0))
+            return json.loads(self.rfile.read(length) or b"{}")  # type: ignore[no-any-return]
+
+        def do_GET(self) -> None:
+            if self.path == "/api/version":
+                self._json(200, {"version": "0.12.0-standin"})
+            elif self.path == "/api/tags":
+                self._json(200, {"models": [{"name": name, "model": name, "digest": digest}]})
+            else:
+                self._json(404, {"error": "not found"})
+
+        def do_POST(self) -> None:
+            body = self._body()
+            if self.path == "/api/show":
+                if body.get("model") not in (name, f"{name}:latest"):
+                    self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                    return
+                self._json(
+                    200,
+                    {
+                        "modelfile": f"FROM /root/.ollama/models/blobs/sha256-{digest}\n",
+                        "details": {
+                            "format": "gguf",
+                            "family": "llama",
+                            "quantization_level": "Q4_1",
+                        },
+                        "model_info": {
+                            "general.architecture": "llama",
+                            "llama.context_length": 8192,
+                        },
+                    },
+                )
+            elif self.path == "/api/chat":
+                self._chat(body)
+            else:
+                self._json(404, {"error": "not found"})
+
+        def _chat(self, body: dict[str, Any]) -> None:
+            if body.get("model") not in (name, f"{name}:latest"):
+                self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                return
+            options = body.get("options") or {}
+            kwargs: dict[str, Any] = {
+                "max_tokens": options.get("num_predict", 128),
+                "temperature": options.get("temperature", 0.8),
+                "top_p": options.get("top_p", 0.9),
+                "stop": options.get("stop") or None,
+                "stream": True,
+            }
+            if options.get("seed") is not None:
+                kwargs["seed"] = options["seed"]
+            if body.get("logprobs"):
+                kwargs["logprobs"] = True
+                kwargs["top_logprobs"] = 1
+            if isinstance(body.get("format"), dict):
+                kwargs["response_format"] = {"type": "json_object", "schema": body["format"]}
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            with lock:
+                count, reason = 0, "stop"
+                for chunk in llm.create_chat_completion(body.get("messages", []), **kwargs):
+                    choice = chunk["choices"][0]
+                    piece = choice["delta"].get("content") or ""
+                    if choice.get("finish_reason"):
+                        reason = choice["finish_reason"]
+                    if not piece:
+                        continue
+                    count += 1
+                    line: dict[str, Any] = {
+                        "model": name,
+                        "created_at": datetime.now(UTC).isoformat(),
+                        "message": {"role": "assistant", "content": piece},
+                        "done": False,
+                    }
+                    logprobs = (choice.get("logprobs") or {}).get("content") or []
+                    if logprobs:
+                        line["logprobs"] = [
+                            {"token": lp["token"], "logprob": lp["logprob"]} for lp in logprobs
+                        ]
+                    if not self._send_line(line):
+                        return  # client went away: stop generating, as Ollama does
+                prompt_tokens = llm.n_tokens - count
+                self._send_line(
+                    {
+                        "model": name,
+                        "created_at": datetime.now(UTC).isoformat(),
+                        "message": {"role": "assistant", "content": ""},
+                        "done": True,
+                        "done_reason": "length" if reason == "length" else "stop",
+                        "prompt_eval_count": max(prompt_tokens, 0),
+                        "eval_count": count,
+                    }
+                )
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _send_line(self, payload: dict[str, Any]) -> bool:
+            data = json.dumps(payload).encode() + b"\n"
+            try:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return False
+            return True
+
+    return Handler
+
+
+def main() -> None:
+    from llama_cpp import Llama
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--name", default="smollm2")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    llm = Llama(str(args.model), n_ctx=2048, n_threads=2, logits_all=True, verbose=False)
+    handler = make_handler(llm, args.name, sha256_file(args.model), threading.Lock())
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    print(f"ollama stand-in listening on 127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

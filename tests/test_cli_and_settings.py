@@ -1,0 +1,101 @@
+"""Settings and the CLI: wrong settings and bad model files are refused at start, by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.core.config import RuntimeSettings, SettingsError, load_settings
+from tests.helpers import REPO, start_runtime
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_settings_read_environment_and_flags_win(
+    gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEDISTILL_N_CTX", "1024")
+    monkeypatch.setenv("EDGEDISTILL_MAX_QUEUE", "3")
+    settings = load_settings(RuntimeSettings, model=str(gguf_path), max_queue="7")
+    assert settings.n_ctx == 1024 and settings.max_queue == 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"n_ctx": "12"}, "n_ctx (--n-ctx / EDGEDISTILL_N_CTX)"),
+        ({"port": "70000"}, "port (--port / EDGEDISTILL_PORT)"),
+        ({"max_queue": "many"}, "max_queue (--max-queue / EDGEDISTILL_MAX_QUEUE)"),
+        ({"model": "/nonexistent.gguf"}, "model (--model / EDGEDISTILL_MODEL)"),
+        ({"bogus": "1"}, "bogus"),
+    ],
+)
+def test_wrong_setting_is_named(gguf_path: Path, overrides: dict[str, str], named: str) -> None:
+    base = {"model": str(gguf_path)}
+    with pytest.raises(SettingsError) as caught:
+        load_settings(RuntimeSettings, **{**base, **overrides})
+    assert named in str(caught.value)
+
+
+def test_serve_without_a_model_says_what_to_give() -> None:
+    proc = run_cli("serve", "--port", "0")
+    assert proc.returncode == 2
+    assert "--model" in proc.stderr and "--bundle" in proc.stderr
+
+
+def test_serve_rejects_bad_env_setting(gguf_path: Path) -> None:
+    proc = run_cli("serve", "--model", str(gguf_path), env={"EDGEDISTILL_N_THREADS": "0"})
+    assert proc.returncode == 2
+    assert "EDGEDISTILL_N_THREADS" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_gguf_is_refused_at_start(gguf_path: Path, tmp_path: Path, damage: str) -> None:
+    bad = tmp_path / "bad.gguf"
+    data = gguf_path.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(b"GGUF" + b"\xff" * 4096)
+    else:
+        bad.write_bytes(b"")
+    proc = run_cli("serve", "--model", str(bad), "--port", "0", "--metrics-port", "0")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot serve" in proc.stderr and "bad.gguf" in proc.stderr
+
+
+def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> None:
+    server = start_runtime("--model", str(gguf_path), "--program", str(program_path))
+    try:
+        predicted = run_cli("predict", "--target", server.target, "--input", "country=Norway")
+        assert predicted.returncode == 0, predicted.stderr
+        assert predicted.stdout.startswith("capital: ")
+        assert "parsed" in predicted.stderr and "confidence" in predicted.stderr
+
+        bad = run_cli("predict", "--target", server.target, "--input", "nation=Norway")
+        assert bad.returncode == 1
+        assert "INVALID_ARGUMENT" in bad.stderr and "inputs['nation']" in bad.stderr
+
+        malformed = run_cli("predict", "--target", server.target, "--input", "Norway")
+        assert malformed.returncode == 2 and "name=value" in malformed.stderr
+
+        generated = run_cli(
+            "generate", "--target", server.target, "--max-tokens", "8", "--temperature", "0", "Hi"
+        )
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stdout.strip() and "tokens" in generated.stderr
+
+        info = run_cli("info", "--target", server.target)
+        assert '"quantization": "Q4_1"' in info.stdout
+    finally:
+        server.terminate()

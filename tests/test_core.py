@@ -1,0 +1,108 @@
+"""The shared core: program format, prompt codec, bundle verification, stop-string buffer."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from services.core.bundle import Bundle, BundleError, Manifest, write_manifest
+from services.core.program import (
+    ProgramFormatError,
+    ProgramSpec,
+    PromptCodec,
+    program_from_file,
+)
+from services.runtime.backends._text import StopStringBuffer
+from tests.conftest import CAPITALS_PROGRAM
+
+
+def test_program_round_trips_through_dspy_signature() -> None:
+    import dspy
+
+    class Triage(dspy.Signature):
+        """Classify the ticket."""
+
+        ticket: str = dspy.InputField(desc="the ticket text")
+        category: Literal["network", "billing"] = dspy.OutputField(desc="the queue")
+
+    spec = ProgramSpec.from_signature(Triage, name="triage")
+    again = ProgramSpec.model_validate_json(spec.model_dump_json())
+    rebuilt = again.to_signature()
+    assert list(rebuilt.input_fields) == ["ticket"]
+    assert spec.outputs[0].type == "Literal['network', 'billing']"
+    codec = PromptCodec(again)
+    # Same prompt as DSPy's own ChatAdapter on the original signature.
+    assert codec.format_messages({"ticket": "VPN down"}) == dspy.ChatAdapter().format(
+        Triage, [], {"ticket": "VPN down"}
+    )
+
+
+def test_codec_parses_with_value_spans_and_rejects_bad_labels() -> None:
+    spec = ProgramSpec(
+        instructions="x",
+        inputs=[{"name": "q", "type": "str"}],  # type: ignore[list-item]
+        outputs=[{"name": "label", "type": "Literal['yes', 'no']"}],  # type: ignore[list-item]
+    )
+    codec = PromptCodec(spec)
+    text = "[[ ## label ## ]]\n yes \n\n"
+    parsed = codec.parse(text)
+    assert parsed is not None and parsed.outputs == {"label": "yes"}
+    start, end = parsed.spans["label"]
+    assert text[start:end] == "yes"
+    assert codec.parse("[[ ## label ## ]]\nmaybe") is None
+    assert codec.parse("no header at all") is None
+
+
+def test_program_file_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "program.json"
+    bad.write_text(
+        json.dumps({**CAPITALS_PROGRAM, "outputs": [{"name": "x", "type": "os.system"}]})
+    )
+    with pytest.raises(ProgramFormatError, match="not supported"):
+        program_from_file(bad)
+    with pytest.raises(ProgramFormatError, match="no such program file"):
+        program_from_file(tmp_path / "missing.json")
+
+
+def test_bundle_verification_refuses_a_changed_byte(tmp_path: Path, gguf_path: Path) -> None:
+    root = tmp_path / "bundle"
+    (root / "model").mkdir(parents=True)
+    (root / "program").mkdir()
+    (root / "program" / "program.json").write_text(json.dumps(CAPITALS_PROGRAM))
+    (root / "model" / "m.gguf").write_bytes(b"GGUF" + bytes(1000))
+    write_manifest(root, Manifest(name="t", version="1", default_model="model/m.gguf"))
+    assert Bundle.open(root).manifest.files["model/m.gguf"].bytes == 1004
+    tampered = tmp_path / "tampered"
+    shutil.copytree(root, tampered)
+    data = bytearray((tampered / "model" / "m.gguf").read_bytes())
+    data[100] ^= 1
+    (tampered / "model" / "m.gguf").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.open(tampered)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "released", "stopped"),
+    [
+        ([b"Hel", b"lo wo", b"rld"], (), "Hello world", False),
+        ([b"one, tw", b"o, thr", b"ee"], ("two",), "one, ", True),
+        ([b"a [[ ## com", b"pleted ## ]] tail"], ("[[ ## completed ## ]]",), "a ", True),
+        ([b"ab", b"c"], ("abd",), "abc", False),  # a held prefix is released once ruled out
+        ([b"\xe2\x82", b"\xac!"], (), "€!", False),  # a UTF-8 character split across tokens
+    ],
+)
+def test_stop_string_buffer(
+    pieces: list[bytes], stops: tuple[str, ...], released: str, stopped: bool
+) -> None:
+    buffer = StopStringBuffer(stops)
+    out = ""
+    for piece in pieces:
+        text, start, end = buffer.feed(piece)
+        out += text
+        assert start <= end
+        if buffer.stopped:
+            break
+    out += buffer.flush()
+    assert out == released and buffer.stopped == stopped

@@ -1,0 +1,85 @@
+"""The runtime's Ollama backend, against an Ollama API STAND-IN (tests/ollama_standin.py).
+
+No Ollama server can run on this machine; the stand-in speaks Ollama's documented HTTP API and
+answers with the real SmolLM2 GGUF through llama.cpp.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.core.api import pb
+from services.core.bundle import sha256_file
+from services.core.client import InferenceClient
+from tests.helpers import REPO, ServerProcess, start_runtime
+
+
+@pytest.fixture(scope="module")
+def ollama_standin(gguf_path: Path) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.ollama_standin", "--model", str(gguf_path), "--name", "smol"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    yield "http://" + line.rsplit(" ", 1)[1].strip()
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def ollama_runtime(ollama_standin: str, program_path: Path) -> Iterator[ServerProcess]:
+    server = start_runtime(
+        "--backend", "ollama", "--ollama-host", ollama_standin, "--ollama-model", "smol",
+        "--program", str(program_path), "--n-ctx", "2048",
+    )  # fmt: skip
+    yield server
+    server.terminate()
+
+
+def test_ollama_backend_model_info(ollama_runtime: ServerProcess, gguf_path: Path) -> None:
+    with InferenceClient(ollama_runtime.target) as client:
+        info = client.info()
+    assert info.backend == "ollama"
+    assert info.model_name == "smol" and info.quantization == "Q4_1"
+    assert info.gguf_sha256 == sha256_file(gguf_path)  # from the Modelfile's blob digest
+    assert [f.name for f in info.signature.output_fields] == ["capital"]
+
+
+def test_ollama_backend_predict(ollama_runtime: ServerProcess) -> None:
+    with InferenceClient(ollama_runtime.target) as client:
+        reply = client.predict({"country": "Germany"}, include_raw_text=True)
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply.raw_text
+    assert reply.outputs["capital"].strip()
+    assert 0.0 < reply.confidence <= 1.0
+    assert reply.usage.completion_tokens > 0
+
+
+def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
+    with InferenceClient(ollama_runtime.target) as client:
+        chunks = list(client.generate([("user", "Name a fruit.")], max_tokens=12, temperature=0))
+    assert len(chunks) >= 2
+    assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert 1 <= chunks[-1].usage.completion_tokens <= 12
+    assert "".join(c.text for c in chunks).strip()
+
+
+def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "services.cli", "serve", "--backend", "ollama",
+            "--ollama-host", "http://127.0.0.1:9", "--ollama-model", "smol",
+            "--program", str(program_path), "--port", "0", "--metrics-port", "0",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert "cannot serve" in proc.stderr and "Ollama" in proc.stderr
