@@ -23,6 +23,7 @@ from services.runtime._validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, Finished, TokenPiece
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.predict import interpret
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 # Generate samples by default; Predict is greedy by default (a classifier should be stable).
 GENERATE_DEFAULT_TEMPERATURE = 0.7
 PREDICT_DEFAULT_TEMPERATURE = 0.0
+_OUTCOME = {
+    "parsed": pb.PREDICT_OUTCOME_PARSED,
+    "unparsed": pb.PREDICT_OUTCOME_UNPARSED,
+    "truncated": pb.PREDICT_OUTCOME_TRUNCATED,
+}
 _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -104,7 +110,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             limits,
             default_temperature=PREDICT_DEFAULT_TEMPERATURE,
             stop=(COMPLETED_MARKER,),
-            logprobs=True,
+            logprobs=True,  # confidence
         )
         prompt = model.backend.prepare(model.codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
@@ -115,27 +121,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         job = self._submit(scheduler, prompt, params, context)
         text, pieces, finished, first_token_at = await self._drain(job, context)
         raw = text + finished.text
-        answer = model.codec.parse(raw)
+        result = interpret(model.codec, raw, pieces, finished)
         response = pb.PredictResponse(
             served_by=pb.SERVED_BY_LOCAL,
             model_id=model.backend.info.model_name,
             usage=_usage(finished),
             queue_ms=_queue_ms(job),
+            confidence=result.confidence,
+            outcome=_OUTCOME[result.outcome],
         )
-        if answer is not None:
-            response.outputs.update(answer.outputs)
-            response.confidence = _confidence(answer.spans, pieces)
-            response.outcome = pb.PREDICT_OUTCOME_PARSED
-            if request.include_raw_text:
-                response.raw_text = raw
-        else:
-            response.outcome = (
-                pb.PREDICT_OUTCOME_TRUNCATED
-                if finished.reason == "length"
-                else pb.PREDICT_OUTCOME_UNPARSED
-            )
+        if result.outputs is not None:
+            response.outputs.update(result.outputs)
+        if result.outputs is None or request.include_raw_text:
             response.raw_text = raw
-            response.confidence = 0.0
         self._metrics.predict_outcomes.labels(pb.PredictOutcome.Name(response.outcome)).inc()
         if first_token_at is not None:
             self._metrics.time_to_first_token.labels("Predict").observe(first_token_at - started)
@@ -320,21 +318,6 @@ def _queue_ms(job: Job) -> float:
     if job.started_at is None:
         return 0.0
     return (job.started_at - job.submitted_at) * 1000
-
-
-def _confidence(spans: dict[str, tuple[int, int]], pieces: list[TokenPiece]) -> float:
-    """Lowest over fields of the geometric-mean probability of the field value's tokens."""
-    worst = 1.0
-    for start, end in spans.values():
-        logprobs = [
-            p.logprob for p in pieces if p.logprob is not None and p.start < end and p.end > start
-        ]
-        if not logprobs:
-            if end > start:
-                return 0.0  # no probabilities reported: claim nothing
-            continue
-        worst = min(worst, math.exp(sum(logprobs) / len(logprobs)))
-    return max(0.0, min(1.0, worst))
 
 
 async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | None = None) -> int:

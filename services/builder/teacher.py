@@ -1,0 +1,143 @@
+"""Stage 1, traces: run the teacher over the train set and keep what passes the metric.
+
+DSPy's BootstrapFinetune crashes on one teacher failure and lets every float score through its
+filter; here a failure on one example is counted and skipped, and the score is compared to a
+threshold. Fatal only when failures pass `teacher.max_failure_fraction`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from services.builder.data import Metric, score
+from services.builder.spec import SpecError, TeacherSpec
+
+
+class TeacherError(RuntimeError):
+    """Too many teacher failures to build from."""
+
+
+@dataclass
+class TraceCounts:
+    total: int
+    kept: int
+    rejected: int
+    failed: int
+
+
+def teacher_lm(teacher: TeacherSpec, *, name_suffix: str = "") -> Any:
+    """A dspy.LM for the teacher; the key comes from the environment variable the spec names."""
+    import dspy
+
+    kwargs: dict[str, Any] = {
+        "temperature": teacher.temperature,
+        "max_tokens": teacher.max_tokens,
+        "cache": False,  # DSPy's cache key ignores api_base: never serve one teacher's answers
+        "num_retries": 2,
+    }
+    if teacher.api_base:
+        kwargs["api_base"] = teacher.api_base
+    if teacher.api_key_env:
+        key = os.environ.get(teacher.api_key_env)
+        if not key:
+            raise SpecError(
+                f"teacher.api_key_env: environment variable {teacher.api_key_env} is not set"
+            )
+        kwargs["api_key"] = key
+    return dspy.LM(teacher.model, **kwargs)
+
+
+def make_teacher(program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric) -> Any:
+    """The teacher program: the user's program on the teacher LM, optionally prompt-optimized."""
+    import dspy
+
+    lm = teacher_lm(teacher)
+    teacher_program = program.deepcopy()
+    teacher_program.set_lm(lm)
+    if teacher.optimize == "bootstrap_fewshot":
+        optimizer = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=4)
+        teacher_program = optimizer.compile(teacher_program, trainset=trainset[:50])
+    elif teacher.optimize == "mipro_light":
+        optimizer = dspy.MIPROv2(metric=metric, auto="light", num_threads=teacher.num_threads)
+        teacher_program = optimizer.compile(teacher_program, trainset=trainset)
+    teacher_program.set_lm(lm)
+    return teacher_program
+
+
+def collect_traces(
+    *,
+    program: Any,
+    teacher: TeacherSpec,
+    trainset: list[Any],
+    metric: Metric,
+    threshold: float,
+    output_names: list[str],
+    out_dir: Path,
+    progress: Callable[[int], None] = lambda n: None,
+) -> TraceCounts:
+    """Writes traces.jsonl (kept: inputs + outputs), rejected.jsonl, failed.jsonl, counts.json."""
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+
+    if teacher.is_gold:
+        for example in trainset:
+            kept.append({"inputs": dict(example.inputs()), "outputs": dict(example.labels())})
+            progress(1)
+    else:
+        teacher_program = make_teacher(program, teacher, trainset, metric)
+
+        def run(example: Any) -> tuple[str, dict[str, Any]]:
+            import dspy
+
+            inputs = dict(example.inputs())
+            try:
+                with dspy.context(trace=[]):
+                    teacher_program(**inputs)
+                    trace = list(dspy.settings.trace)
+            except Exception as err:  # one bad example never sinks the build
+                return "failed", {"inputs": inputs, "error": f"{type(err).__name__}: {err}"[:500]}
+            if len(trace) != 1:
+                return "failed", {
+                    "inputs": inputs,
+                    "error": f"{len(trace)} predictor calls, want 1",
+                }
+            _, call_inputs, call_outputs = trace[0]
+            outputs = {k: call_outputs.get(k) for k in output_names}
+            value = score(metric, example, outputs)
+            record = {"inputs": dict(call_inputs), "outputs": outputs, "score": value}
+            return ("kept" if value >= threshold else "rejected"), record
+
+        with ThreadPoolExecutor(max_workers=teacher.num_threads) as pool:
+            for verdict, record in pool.map(run, trainset):
+                {"kept": kept, "rejected": rejected, "failed": failed}[verdict].append(record)
+                progress(1)
+
+    counts = TraceCounts(len(trainset), len(kept), len(rejected), len(failed))
+    for name, rows in (("traces", kept), ("rejected", rejected), ("failed", failed)):
+        with (out_dir / f"{name}.jsonl").open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    (out_dir / "counts.json").write_text(json.dumps(asdict(counts), indent=2))
+    if counts.failed > teacher.max_failure_fraction * counts.total:
+        first = failed[0]["error"] if failed else ""
+        raise TeacherError(
+            f"the teacher failed on {counts.failed} of {counts.total} examples, over "
+            f"teacher.max_failure_fraction={teacher.max_failure_fraction}; first error: {first}"
+        )
+    if counts.kept == 0:
+        raise TeacherError(
+            f"no teacher trace passed the metric ({counts.rejected} rejected, {counts.failed} "
+            "failed): check the teacher model, the metric, or lower metric_threshold"
+        )
+    return counts
+
+
+def read_counts(out_dir: Path) -> TraceCounts:
+    return TraceCounts(**json.loads((out_dir / "counts.json").read_text()))
