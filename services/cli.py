@@ -119,6 +119,60 @@ TargetOption = Annotated[str, typer.Option("--target", help="HOST:PORT of a runt
 TimeoutOption = Annotated[float, typer.Option("--timeout", help="deadline in seconds")]
 
 
+@app.command("build")
+def build(
+    spec: Annotated[str, typer.Argument(help="the build spec (YAML)")],
+    teacher_model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_MODEL", help="teacher: gold or a DSPy model string"),
+    ] = None,
+    teacher_api_base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_API_BASE", help="OpenAI-compatible base URL of the teacher"),
+    ] = None,
+    teacher_api_key_env: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_API_KEY_ENV", help="name of the variable holding the key"),
+    ] = None,
+    output: Annotated[Optional[str], typer.Option(help="build folder")] = None,  # noqa: UP045
+    version: Annotated[Optional[str], typer.Option(help="bundle version")] = None,  # noqa: UP045
+    epochs: Annotated[Optional[float], typer.Option(help="LoRA epochs")] = None,  # noqa: UP045
+) -> None:
+    """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
+    from pathlib import Path
+
+    from services.builder.pipeline import QualityGateFailed
+    from services.builder.pipeline import build as run_build
+    from services.builder.spec import SpecError, load_spec
+    from services.builder.teacher import TeacherError
+
+    try:
+        build_spec = load_spec(
+            Path(spec),
+            **{
+                "teacher.model": teacher_model,
+                "teacher.api_base": teacher_api_base,
+                "teacher.api_key_env": teacher_api_key_env,
+                "output": output,
+                "version": version,
+                "lora.epochs": epochs,
+            },
+        )
+        result = run_build(build_spec)
+    except SpecError as err:
+        raise _fail(str(err)) from None
+    except QualityGateFailed as err:
+        raise _fail(str(err), code=4) from None
+    except TeacherError as err:
+        raise _fail(f"teacher: {err}", code=1) from None
+    err_console.print(
+        f"[green]built[/] {result.bundle} in {result.seconds:.0f} s "
+        f"(ran: {', '.join(result.ran) or 'nothing'}; "
+        f"skipped: {', '.join(result.skipped) or 'nothing'})",
+        highlight=False,
+    )
+
+
 @app.command("predict")
 def predict(
     target: TargetOption = "127.0.0.1:50051",

@@ -116,12 +116,11 @@ def train_lora(
     losses: list[float] = []
     tokens_seen = 0
     started = time.perf_counter()
-    order: list[int] = []
+    batches: list[list[TrainExample]] = []
     for step in range(total_steps):
-        if not order:
-            order = list(range(len(examples)))
-            random.shuffle(order)
-        batch = [examples[order.pop()] for _ in range(min(lora.batch_size, len(order)))]
+        if not batches:
+            batches = _length_grouped_batches(examples, lora.batch_size)
+        batch = batches.pop()
         input_ids, labels, attention = _collate(batch, pad_id, device)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
@@ -148,6 +147,16 @@ def train_lora(
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _length_grouped_batches(examples: list[TrainExample], size: int) -> list[list[TrainExample]]:
+    """Shuffled batches of similar lengths: less padding, the same examples each epoch."""
+    order = sorted(
+        range(len(examples)), key=lambda i: (len(examples[i].input_ids), random.random())
+    )
+    batches = [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    random.shuffle(batches)
+    return batches
 
 
 def _collate(batch: list[TrainExample], pad_id: int, device: str) -> tuple[Any, Any, Any]:

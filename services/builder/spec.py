@@ -56,7 +56,7 @@ class LoraSpec(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     epochs: float = Field(1.0, gt=0, le=50)
     learning_rate: float = Field(3e-4, gt=0, le=1)
-    max_length: int = Field(384, ge=32, le=8192)
+    max_length: int = Field(512, ge=32, le=8192)
     batch_size: int = Field(4, ge=1, le=256)
     max_examples: int | None = Field(None, ge=1)
 
@@ -77,6 +77,8 @@ class BuildSpec(_Strict):
     program: str
     data: DataSpec
     metric: str = "exact_match"
+    # A trace is kept when its score reaches this (default: 1.0 for exact_match, else 0.5).
+    metric_threshold: float | None = Field(None, ge=0, le=1)
     teacher: TeacherSpec = TeacherSpec()
     student: StudentSpec = StudentSpec()
     lora: LoraSpec = LoraSpec()

@@ -119,6 +119,16 @@ class PromptCodec:
         messages = self._adapter.format(self.signature, self.spec.demos, inputs)
         return [{"role": m["role"], "content": str(m["content"])} for m in messages]
 
+    def format_finetune(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        """A chat-format training record: the serving prompt plus the answer to learn."""
+        record: dict[str, Any] = self._adapter.format_finetune_data(
+            self.signature, self.spec.demos, inputs, outputs
+        )
+        record["messages"] = [
+            {"role": m["role"], "content": str(m["content"])} for m in record["messages"]
+        ]
+        return record
+
     def format_assistant(self, outputs: dict[str, Any]) -> str:
         return str(self._adapter.format_assistant_message_content(self.signature, outputs))
 

@@ -1,0 +1,117 @@
+"""Stage 8, bundle: one verifiable folder the runtime and router serve from.
+
+Assembled in a temporary folder next to the destination and renamed into place, so an
+interrupted build never leaves a partial bundle that looks valid.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from services.core.bundle import MANIFEST, Manifest, write_manifest
+from services.core.program import COMPLETED_MARKER, ProgramSpec, dump_signature_json
+
+_CHATML_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
+)
+
+
+def modelfile(gguf_name: str, chat_template: str, n_ctx: int = 4096) -> str:
+    """An Ollama Modelfile whose TEMPLATE and stop parameters match the GGUF's chat template."""
+    lines = [f"FROM ./model/{gguf_name}"]
+    if "<|im_start|>" in chat_template:
+        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
+        lines.append('PARAMETER stop "<|im_end|>"')
+    else:
+        # Ollama reads the chat template from the GGUF itself when TEMPLATE is absent.
+        lines.append("# TEMPLATE: taken by Ollama from the GGUF's tokenizer.chat_template")
+    lines += [
+        f'PARAMETER stop "{COMPLETED_MARKER}"',
+        "PARAMETER temperature 0",
+        f"PARAMETER num_ctx {n_ctx}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in (
+        "edgedistill",
+        "dspy",
+        "llama-cpp-python",
+        "gguf",
+        "torch",
+        "transformers",
+        "peft",
+    ):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_bundle(
+    *,
+    destination: Path,
+    name: str,
+    version: str,
+    ggufs: dict[str, Path],  # quantization -> file, first is the default
+    program: ProgramSpec,
+    chat_template: str,
+    evaluation_dir: Path,
+    calibration: dict[str, Any] | None,
+    provenance: dict[str, Any],
+) -> Manifest:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        (staging / "model").mkdir()
+        (staging / "program").mkdir()
+        models = {}
+        for quant, source in ggufs.items():
+            target = staging / "model" / f"{name}.{quant}.gguf"
+            try:
+                os.link(source, target)  # same filesystem: no copy of hundreds of MB
+            except OSError:
+                shutil.copy2(source, target)
+            models[quant] = f"model/{target.name}"
+        default = next(iter(models.values()))
+        program.save(staging / "program" / "program.json")
+        (staging / "signature.json").write_text(dump_signature_json(program) + "\n")
+        (staging / "Modelfile").write_text(modelfile(Path(default).name, chat_template))
+        for report in ("eval.json", "report.md", "report.html"):
+            shutil.copy2(evaluation_dir / report, staging / report)
+        if calibration is not None:
+            (staging / "calibration.json").write_text(json.dumps(calibration, indent=2))
+        manifest = write_manifest(
+            staging,
+            Manifest(
+                name=name,
+                version=version,
+                default_model=default,
+                models=models,
+                calibration="calibration.json" if calibration is not None else None,
+                provenance={**provenance, "libraries": library_versions()},
+            ),
+        )
+        assert (staging / MANIFEST).is_file()
+        if destination.exists():
+            old = destination.with_name(f".{destination.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(destination, old)
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
