@@ -182,6 +182,8 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
 
             def step(done: int, total: int, loss: float) -> None:
                 bar.update(task, completed=done, total=total, note=f"loss {loss:.3f}")
+                if not console.is_terminal and (done == total or done % max(1, total // 10) == 0):
+                    console.print(f"  step {done}/{total} loss {loss:.3f}")  # for CI logs
 
             summary = finetune.train_lora(
                 base_dir=student_dir, dataset_path=dataset_dir / "dataset.jsonl", lora=spec.lora,

@@ -1,0 +1,314 @@
+"""The build pipeline with real parts: a real (short) LoRA fine-tune of SmolLM2, the GGUF
+export and its self-check, llama.cpp quantization, evaluation, a bundle that serves, and an
+API teacher on a real OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.core.api import pb
+from services.core.bundle import Bundle
+from services.core.client import InferenceClient
+from tests.helpers import REPO, free_port, smollm2_gguf, start_runtime
+
+TICKETS = REPO / "examples" / "ticket_triage"
+
+
+def rows(name: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in (TICKETS / f"{name}.jsonl").read_text().splitlines()]
+
+
+def balanced(name: str, per_category: int) -> list[dict[str, str]]:
+    picked: dict[str, list[dict[str, str]]] = {}
+    for row in rows(name):
+        picked.setdefault(row["category"], [])
+        if len(picked[row["category"]]) < per_category:
+            picked[row["category"]].append(row)
+    return [row for group in zip(*picked.values(), strict=False) for row in group]
+
+
+def write_jsonl(path: Path, data: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return path
+
+
+def run_build(
+    spec: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "build", str(spec), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=1500,
+        env={**os.environ, "COLUMNS": "160", **(env or {})},
+    )  # fmt: skip
+
+
+TINY_SPEC = """
+name: tiny-triage
+version: "0.0.1-test"
+program: examples.ticket_triage.program:build
+data: {{train: train.jsonl, dev: dev.jsonl}}
+metric: exact_match
+lora: {{epochs: 2, batch_size: 4, learning_rate: 0.001}}
+quantizations: [Q8_0]
+quality_gate: {{min_retention: {gate}}}
+n_threads: 2
+eval_max_tokens: 24
+output: {output}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, Path, subprocess.CompletedProcess[str]]]:
+    root = tmp_path_factory.mktemp("tiny")
+    write_jsonl(root / "train.jsonl", balanced("train", 4))
+    write_jsonl(root / "dev.jsonl", balanced("dev", 1))
+    spec = root / "spec.yaml"
+    spec.write_text(TINY_SPEC.format(gate=0.0, output=root / "build"))
+    proc = run_build(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    yield spec, root / "build", proc
+
+
+def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
+    tiny: tuple[Path, Path, object],
+) -> None:
+    _, build, _ = tiny
+    counts = json.loads((build / "traces" / "counts.json").read_text())
+    assert counts == {"total": 24, "kept": 24, "rejected": 0, "failed": 0}  # gold teacher
+    dataset = (build / "dataset" / "dataset.jsonl").read_text().splitlines()
+    first = json.loads(dataset[0])["messages"]
+    assert len(dataset) == 24 and [m["role"] for m in first] == ["system", "user", "assistant"]
+    assert first[2]["content"].endswith("[[ ## completed ## ]]")
+
+    loss = json.loads((build / "finetune" / "loss.json").read_text())
+    assert loss["steps"] == 12 and len(loss["loss"]) == 12
+    assert all(0 < value < 20 for value in loss["loss"])
+    assert (build / "finetune" / "adapter" / "adapter_model.safetensors").is_file()
+
+    checks = json.loads((build / "export" / "self_check.json").read_text())
+    assert len(checks) == 3 and all(c["agree"] and c["tokens"] > 0 for c in checks)
+
+    from services.runtime.backends._llamacpp import quantization_name, read_gguf_metadata
+
+    q8 = build / "quantize" / "tiny-triage.Q8_0.gguf"
+    meta = read_gguf_metadata(q8)
+    assert quantization_name(meta) == "Q8_0"
+    assert (
+        meta["tokenizer.chat_template"]
+        == read_gguf_metadata(smollm2_gguf())["tokenizer.chat_template"]
+    )
+
+    evaluation = json.loads((build / "evaluate" / "eval.json").read_text())
+    assert evaluation["teacher"]["score"] == 1.0 and evaluation["dev_examples"] == 6
+    labels = [s["label"] for s in evaluation["students"]]
+    assert labels == ["untuned student (Q4_1)", "distilled Q8_0"]
+    for student in evaluation["students"]:
+        assert 0.0 <= student["score"] <= 1.0
+        assert 0 < student["latency_p50_ms"] <= student["latency_p95_ms"] < 60_000
+        assert 50 < student["peak_rss_mb"] < 4000
+        assert student["size_bytes"] == Path(student["gguf"]).stat().st_size
+        assert len(student["examples"]) == 6
+        assert all(0.0 <= e["confidence"] <= 1.0 for e in student["examples"])
+
+    calibration = json.loads((build / "calibrate" / "calibration.json").read_text())
+    assert calibration["system_quality"] >= 0.95 * calibration["teacher_quality"] - 1e-9
+    assert 0.0 <= calibration["fallback_rate"] <= 1.0
+    assert [p["fallback_rate"] for p in calibration["curve"]] == sorted(
+        p["fallback_rate"] for p in calibration["curve"]
+    )
+
+    bundle = Bundle.open(build / "bundle")  # verifies every sha256
+    manifest = bundle.manifest
+    assert (
+        manifest.version == "0.0.1-test" and manifest.default_model == "model/tiny-triage.Q8_0.gguf"
+    )
+    assert manifest.provenance["teacher"] == "gold"
+    assert set(manifest.provenance["datasets"]) == {"train", "dev"}
+    assert "dspy" in manifest.provenance["libraries"]
+    expected = {"Modelfile", "eval.json", "report.md", "report.html", "calibration.json",
+                "signature.json", "program/program.json",
+                "model/tiny-triage.Q8_0.gguf"}  # fmt: skip
+    assert expected <= set(manifest.files)
+    modelfile = (build / "bundle" / "Modelfile").read_text()
+    assert "FROM ./model/tiny-triage.Q8_0.gguf" in modelfile
+    assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "data:image/png;base64," in (build / "bundle" / "report.html").read_text()
+
+
+def test_rerun_skips_finished_stages(tiny: tuple[Path, Path, object]) -> None:
+    spec, _, _ = tiny
+    started = time.monotonic()
+    proc = run_build(spec)
+    assert proc.returncode == 0, proc.stderr
+    assert "ran: nothing" in proc.stderr
+    for stage in ("traces", "dataset", "student", "finetune", "export", "quantize", "evaluate"):
+        assert f"{stage}: inputs unchanged, skipped" in proc.stdout
+    assert time.monotonic() - started < 60
+
+
+def test_quality_gate_fails_with_guidance_and_keeps_artifacts(
+    tiny: tuple[Path, Path, object],
+) -> None:
+    spec, build, _ = tiny
+    strict = spec.with_name("strict.yaml")
+    strict.write_text(spec.read_text().replace("min_retention: 0.0", "min_retention: 1.01"))
+    proc = run_build(strict)
+    assert proc.returncode == 4, proc.stderr
+    assert "quality gate" in proc.stderr and "larger student" in proc.stderr
+    assert "hybrid" in proc.stderr
+    assert (build / "bundle" / "manifest.json").is_file()
+
+
+def test_the_bundle_serves_predict(tiny: tuple[Path, Path, object]) -> None:
+    _, build, _ = tiny
+    server = start_runtime("--bundle", str(build / "bundle"), "--n-ctx", "2048")
+    try:
+        with InferenceClient(server.target) as client:
+            info = client.info()
+            reply = client.predict({"ticket": "The VPN keeps dropping when I work from home."})
+    finally:
+        server.terminate()
+    assert info.bundle_version == "0.0.1-test" and info.quantization == "Q8_0"
+    assert [f.name for f in info.signature.output_fields] == ["category"]
+    assert reply.served_by == pb.SERVED_BY_LOCAL
+    assert reply.outcome in (pb.PREDICT_OUTCOME_PARSED, pb.PREDICT_OUTCOME_UNPARSED)
+    if reply.outcome == pb.PREDICT_OUTCOME_PARSED:
+        assert reply.outputs["category"] in {
+            "network", "hardware", "software", "access", "security", "billing"
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("program: not-an-import-path", "program: 'not-an-import-path' is not an import path"),
+        ("program: examples.nowhere:build", "program: cannot import 'examples.nowhere'"),
+        ("quantizations: [Q3_X]", "quantizations: Value error, 'Q3_X' is not one of"),
+        ("lora: {rank: 0}", "lora.rank: Input should be greater than or equal to 1"),
+        (
+            "teacher: {model: gold, flavour: spicy}",
+            "teacher.flavour: Extra inputs are not permitted",
+        ),
+        ("data: {train: missing.jsonl, dev: dev.jsonl}", "data.train:"),
+    ],
+)
+def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> None:
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    base = {
+        "name": "x",
+        "program": "examples.ticket_triage.program:build",
+        "data": {"train": "train.jsonl", "dev": "dev.jsonl"},
+        "output": str(tmp_path / "build"),
+    }
+    import yaml
+
+    key = change.split(":", 1)[0]
+    spec_data = {**base, key: yaml.safe_load(change)[key]}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(spec_data))
+    proc = run_build(spec)
+    assert proc.returncode == 2, proc.stderr
+    assert message.replace("Value error, ", "") in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:
+    proc = run_build(tmp_path / "nope.yaml")
+    assert proc.returncode == 2 and "no such spec file" in proc.stderr
+    (tmp_path / "train.jsonl").write_text('{"ticket": "a"}\n')
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: x\nprogram: examples.ticket_triage.program:build\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'b'}\n"
+    )
+    proc = run_build(spec)
+    assert proc.returncode == 2
+    assert "line 1: missing field 'category'" in " ".join(proc.stderr.split())
+
+
+@pytest.fixture(scope="module")
+def openai_server() -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2: a real API model on loopback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
+         "--model_alias", "teacher-smol", "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "1024", "--n_threads", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("llama_cpp.server did not start") from None
+            time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
+    openai_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dspy
+
+    from services.builder.data import exact_match, load_examples
+    from services.builder.pipeline import load_program
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import TeacherError, collect_traces
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("TEST_TEACHER_KEY", "sk-test-not-a-real-key")
+    data = balanced("train", 1)[:5]
+    # Three tickets far over the teacher server's 1024-token context: the API errors on them.
+    data += [{"ticket": "my printer is broken " * 400, "category": "hardware"} for _ in range(3)]
+    path = write_jsonl(tmp_path / "train.jsonl", data)
+    program, _ = load_program("examples.ticket_triage.program:build")
+    trainset = load_examples(path, ["ticket"], ["category"], "data.train")
+    teacher = TeacherSpec(
+        model="openai/teacher-smol", api_base=openai_server, api_key_env="TEST_TEACHER_KEY",
+        num_threads=2, max_failure_fraction=1.0, max_tokens=64,
+    )  # fmt: skip
+    counts = collect_traces(
+        program=program, teacher=teacher, trainset=trainset, metric=exact_match,
+        threshold=1.0, output_names=["category"], out_dir=tmp_path,
+    )  # fmt: skip
+    assert counts.total == 8 and counts.kept + counts.rejected + counts.failed == 8
+    assert counts.failed >= 3
+    failed = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert sum(len(f["inputs"]["ticket"]) > 5000 for f in failed) == 3
+    kept = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    gold = {r["ticket"]: r["category"] for r in data}
+    for trace in kept:  # only answers that pass the metric are kept
+        assert trace["outputs"]["category"] == gold[trace["inputs"]["ticket"]]
+    rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    for trace in rejected:
+        assert trace["outputs"]["category"] != gold[trace["inputs"]["ticket"]]
+    assert isinstance(dspy.settings, object)
+
+    strict = teacher.model_copy(update={"max_failure_fraction": 0.2})
+    with pytest.raises(TeacherError, match=r"max_failure_fraction=0\.2"):
+        collect_traces(
+            program=program, teacher=strict, trainset=trainset, metric=exact_match,
+            threshold=1.0, output_names=["category"], out_dir=tmp_path,
+        )  # fmt: skip
+    # The key never lands on disk.
+    for file in tmp_path.iterdir():
+        assert "sk-test-not-a-real-key" not in file.read_text(errors="replace")
