@@ -42,7 +42,10 @@ def _settings_options(
             flag = "--" + name.replace("_", "-")
             annotation: Any = Optional[str]  # noqa: UP045 - typer needs Optional at runtime
             option = typer.Option(None, flag, help=field.description or name, show_default=False)
-            if field.annotation is bool:
+            if "list[" in str(field.annotation):
+                annotation = Optional[list[str]]  # noqa: UP045
+                option = typer.Option(None, flag, help=field.description or name)
+            elif field.annotation is bool:
                 annotation = Optional[bool]  # noqa: UP045
                 option = typer.Option(
                     None, f"{flag}/--no-{flag[2:]}", help=field.description or name
@@ -51,7 +54,9 @@ def _settings_options(
             annotations[name] = annotation
 
         def command(**kwargs: Any) -> Any:
-            return func(overrides=kwargs)
+            return func(
+                overrides={k: (v or None) if isinstance(v, list) else v for k, v in kwargs.items()}
+            )
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = annotations
@@ -98,6 +103,46 @@ def serve(overrides: dict[str, Any]) -> None:
         raise _fail(f"cannot serve: {err}", code=3) from None
     except OSError as err:
         raise _fail(str(err), code=3) from None
+    raise typer.Exit(code)
+
+
+def _router_settings_cls() -> type[BaseSettings]:
+    from services.core.config import RouterSettings
+
+    return RouterSettings
+
+
+@app.command("route")
+@_settings_options(_router_settings_cls())
+def route(overrides: dict[str, Any]) -> None:
+    """Route Predict calls: local runtimes first, an API model for low-confidence answers.
+
+    Every flag also reads EDGEDISTILL_ROUTER_<NAME>. The API key comes from
+    --fallback-key-env VAR or --fallback-key-file PATH, never from the bundle or the image.
+    """
+    import asyncio
+
+    from services.core.config import RouterSettings, SettingsError, load_settings
+
+    try:
+        settings = load_settings(RouterSettings, **overrides)
+        settings.fallback_key()  # fail at start, not at the first fallback
+    except SettingsError as err:
+        raise _fail(str(err).replace("EDGEDISTILL_", "EDGEDISTILL_ROUTER_")) from None
+    from services.core.bundle import BundleError
+    from services.core.program import ProgramFormatError
+    from services.router.server import serve as run_router
+    from services.runtime import _logging
+
+    _logging.configure(settings.log_level)
+
+    def announce(port: int) -> None:
+        print(f"edgedistill router listening on {settings.host}:{port}", flush=True)
+
+    try:
+        code = asyncio.run(run_router(settings, ready=announce))
+    except (BundleError, ProgramFormatError, ValueError, OSError) as err:
+        raise _fail(f"cannot route: {err}", code=3) from None
     raise typer.Exit(code)
 
 

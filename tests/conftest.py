@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServerProcess, smollm2_gguf, start_runtime
+from tests.helpers import ServerProcess, free_port, smollm2_gguf, start_runtime
 
 # A tiny program the untuned SmolLM2 answers in DSPy's format thanks to two demos.
 CAPITALS_PROGRAM = {
@@ -51,3 +54,30 @@ def runtime(gguf_path: Path, program_path: Path) -> Iterator[ServerProcess]:
     )
     yield server
     server.terminate()
+
+
+@pytest.fixture(scope="session")
+def openai_server() -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2: a real API model on loopback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
+         "--model_alias", "teacher-smol", "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "1024", "--n_threads", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("llama_cpp.server did not start") from None
+            time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(10)

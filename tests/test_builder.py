@@ -17,7 +17,7 @@ import pytest
 from services.core.api import pb
 from services.core.bundle import Bundle
 from services.core.client import InferenceClient
-from tests.helpers import REPO, free_port, smollm2_gguf, start_runtime
+from tests.helpers import REPO, smollm2_gguf, start_runtime
 
 TICKETS = REPO / "examples" / "ticket_triage"
 
@@ -235,33 +235,6 @@ def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:
     proc = run_build(spec)
     assert proc.returncode == 2
     assert "line 1: missing field 'category'" in " ".join(proc.stderr.split())
-
-
-@pytest.fixture(scope="module")
-def openai_server() -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server with SmolLM2: a real API model on loopback."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-         "--model_alias", "teacher-smol", "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "1024", "--n_threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("llama_cpp.server did not start") from None
-            time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_api_teacher_traces_are_metric_filtered_and_failures_counted(

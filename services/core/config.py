@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EDGEDISTILL_"
@@ -115,3 +115,93 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             else:
                 lines.append(message)
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+class RouterSettings(BaseSettings):
+    """Settings of the router container (`edgedistill route`). Variables: EDGEDISTILL_ROUTER_*."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX + "ROUTER_", extra="forbid", frozen=True
+    )
+
+    bundle: Path = Field(description="the bundle (program signature and calibration)")
+    local: list[str] = Field(
+        min_length=1, description="runtime endpoints HOST:PORT (repeat; round-robin)"
+    )
+    host: str = Field("127.0.0.1", description="address the router binds")
+    port: int = Field(50052, ge=0, le=65535, description="router gRPC port (0 picks one)")
+    metrics_port: int = Field(9465, ge=0, le=65535, description="Prometheus port (0 disables)")
+
+    mode: Literal["local_only", "hybrid", "api_only"] = Field(
+        "hybrid", description="who answers Predict"
+    )
+    confidence: Literal["logprob", "self_check"] = Field(
+        "logprob",
+        description="logprob: the runtime's token-probability confidence (default); "
+        "self_check: ask the local model whether its answer is right",
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1.01, description="confidence threshold (default: the bundle's calibration)"
+    )
+
+    fallback_model: str | None = Field(
+        None, description="the API model for fallbacks, a DSPy model string (e.g. openai/gpt-4o)"
+    )
+    fallback_api_base: str | None = Field(None, description="OpenAI-compatible base URL")
+    fallback_key_env: str | None = Field(
+        None, description="environment variable holding the API key"
+    )
+    fallback_key_file: Path | None = Field(
+        None, description="file holding the API key (e.g. a mounted secret)"
+    )
+    api_timeout_s: float = Field(10.0, gt=0, le=600, description="timeout of one API call")
+    api_retries: int = Field(1, ge=0, le=10, description="retries after a failed API call")
+    api_backoff_s: float = Field(0.2, ge=0, le=30, description="first retry delay (doubles)")
+    breaker_failures: int = Field(
+        3, ge=1, le=1000, description="consecutive API failures that open the circuit"
+    )
+    breaker_reset_s: float = Field(
+        30.0, gt=0, le=3600, description="open circuit: seconds before a half-open probe"
+    )
+    max_fallback_rate: float = Field(
+        1.0, ge=0, le=1, description="cap on the fraction of recent calls sent to the API"
+    )
+    fallback_rate_window: int = Field(
+        200, ge=1, le=100000, description="recent calls the fallback-rate cap looks at"
+    )
+    budget_per_minute: int | None = Field(None, ge=0, description="API calls allowed per minute")
+    budget_per_day: int | None = Field(None, ge=0, description="API calls allowed per day")
+    local_timeout_s: float = Field(
+        60.0, gt=0, le=600, description="timeout of one call to a runtime"
+    )
+    health_interval_s: float = Field(
+        2.0, gt=0, le=60, description="how often runtimes are health-checked"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _fallback_complete(self) -> RouterSettings:
+        if not self.bundle.is_dir():
+            raise ValueError(f"bundle: {self.bundle} is not a directory")
+        if self.mode == "api_only" and not self.fallback_model:
+            raise ValueError("fallback_model: mode api_only needs --fallback-model")
+        if self.fallback_key_env and self.fallback_key_file:
+            raise ValueError(
+                "fallback_key_file: give the key by --fallback-key-env or file, not both"
+            )
+        if self.fallback_key_file and not self.fallback_key_file.is_file():
+            raise ValueError(f"fallback_key_file: {self.fallback_key_file} does not exist")
+        return self
+
+    def fallback_key(self) -> SecretStr | None:
+        """The API key, read now from the environment or the secret file; never stored."""
+        if self.fallback_key_env:
+            value = os.environ.get(self.fallback_key_env)
+            if not value:
+                raise SettingsError(
+                    f"fallback_key_env: environment variable {self.fallback_key_env} is not set"
+                )
+            return SecretStr(value)
+        if self.fallback_key_file:
+            return SecretStr(self.fallback_key_file.read_text().strip())
+        return None

@@ -15,11 +15,11 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.program import COMPLETED_MARKER
-from services.runtime import _validation as check
-from services.runtime._validation import Limits, RpcFailure
+from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, Finished, TokenPiece
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics

@@ -4,12 +4,12 @@ A backend turns a chat (messages + sampling) into a stream of tokens with log-pr
 The scheduler calls it from one thread at a time.
 """
 
+from services.core.sampling import GenerationParams
 from services.runtime.backends._base import (
     Backend,
     BackendError,
     BackendInfo,
     Finished,
-    GenerationParams,
     PreparedPrompt,
     TokenPiece,
 )

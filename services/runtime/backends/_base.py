@@ -4,6 +4,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from services.core.sampling import GenerationParams
+
 FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
 
 
@@ -28,19 +30,6 @@ class PreparedPrompt:
     messages: tuple[tuple[str, str], ...]
     text: str
     tokens: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: tuple[str, ...] = ()
-    json_schema: str | None = None
-    # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
-    # (confidence) asks for them.
-    logprobs: bool = False
 
 
 @dataclass(frozen=True)

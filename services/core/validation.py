@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.core.api import pb
-from services.runtime.backends import GenerationParams
+from services.core.sampling import GenerationParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 8

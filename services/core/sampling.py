@@ -1,0 +1,18 @@
+"""Sampling parameters of one generation, as validated from a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+    # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
+    # (confidence) asks for them.
+    logprobs: bool = False

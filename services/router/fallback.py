@@ -1,0 +1,95 @@
+"""The API model: the teacher program (the bundle's signature) on a DSPy model string."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pydantic import SecretStr
+
+from services.core.program import ProgramSpec
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """The API call failed after retries; `kind` is "timeout" or "error"."""
+
+    def __init__(self, kind: str, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.attempts = attempts
+
+
+class FallbackModel:
+    def __init__(
+        self,
+        program: ProgramSpec,
+        *,
+        model: str,
+        api_base: str | None,
+        api_key: SecretStr | None,
+        timeout_s: float,
+        retries: int,
+        backoff_s: float,
+    ) -> None:
+        import dspy
+        import litellm
+
+        litellm.suppress_debug_info = True
+        for name in ("LiteLLM", "litellm", "httpx", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.model = model
+        self._key = api_key
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._output_names = [f.name for f in program.outputs]
+        kwargs: dict[str, Any] = {
+            "cache": False,  # DSPy's cache key ignores api_base
+            "num_retries": 0,  # retries are ours, with backoff and a breaker
+            "timeout": timeout_s,
+            "temperature": 0.0,
+        }
+        if api_base:
+            kwargs["api_base"] = api_base
+        if api_key is not None:
+            kwargs["api_key"] = api_key.get_secret_value()
+        self._predictor = dspy.Predict(program.to_signature())
+        self._predictor.demos = [dspy.Example(**demo) for demo in program.demos]
+        self._predictor.set_lm(dspy.LM(model, **kwargs))
+
+    def _redact(self, text: str) -> str:
+        if self._key is not None:
+            secret = self._key.get_secret_value()
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+    def _call(self, inputs: dict[str, str]) -> dict[str, str]:
+        prediction = self._predictor(**inputs)
+        return {name: str(prediction.get(name, "")) for name in self._output_names}
+
+    async def predict(self, inputs: dict[str, str]) -> tuple[dict[str, str], float]:
+        """The API's outputs and the seconds it took; ApiError after the last retry."""
+        last = ApiError("error", "no attempt made")
+        for attempt in range(self._retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+            started = time.perf_counter()
+            try:
+                outputs = await asyncio.wait_for(
+                    asyncio.to_thread(self._call, inputs), self._timeout_s
+                )
+                return outputs, time.perf_counter() - started
+            except TimeoutError:
+                last = ApiError("timeout", f"no answer within {self._timeout_s} s")
+            except Exception as err:  # any provider error: counted, retried, never leaked
+                last = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
+            last.attempts = attempt + 1
+            log.warning(
+                "fallback API call failed", extra={"attempt": attempt + 1, "kind": last.kind}
+            )
+        raise last

@@ -1,0 +1,311 @@
+"""The router's gRPC server: the same Inference service, local first, API where it pays."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.core import validation as check
+from services.core.api import SERVICE_NAME, pb, pb_grpc
+from services.core.bundle import Bundle
+from services.core.config import RouterSettings
+from services.core.program import ProgramSpec, program_from_file
+from services.core.validation import RpcFailure
+from services.router.fallback import ApiError, FallbackModel
+from services.router.metrics import RouterMetrics
+from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
+from services.router.upstream import LocalRuntimes, LocalUnavailable
+
+log = logging.getLogger(__name__)
+
+SELF_CHECK_PROMPT = (
+    "Here is a task, its input and a proposed answer.\n\nTask: {instructions}\n\n{inputs}\n\n"
+    "Proposed answer:\n{outputs}\n\nIs the proposed answer correct? Reply with yes or no."
+)
+
+
+class RouterService(pb_grpc.InferenceServicer):
+    def __init__(
+        self,
+        settings: RouterSettings,
+        program: ProgramSpec,
+        threshold: float,
+        local: LocalRuntimes,
+        fallback: FallbackModel | None,
+        metrics: RouterMetrics,
+    ) -> None:
+        self._settings = settings
+        self._program = program
+        self._threshold = threshold
+        self._local = local
+        self._fallback = fallback
+        self._metrics = metrics
+        self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self._budget = CallBudget(settings.budget_per_minute, settings.budget_per_day)
+        self._rate_cap = FallbackRateCap(settings.max_fallback_rate, settings.fallback_rate_window)
+        self._input_names = [f.name for f in program.inputs]
+        self._update_gauges()
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            response = await self._predict(request, context)
+            response.latency_ms = (time.perf_counter() - started) * 1000
+            self._metrics.answers.labels(pb.ServedBy.Name(response.served_by)).inc()
+            return response
+        except RpcFailure as failure:
+            code = failure.code
+            await context.abort(failure.code, failure.message)
+            raise
+        finally:
+            self._metrics.calls.labels("Predict", code.name).inc()
+            self._update_gauges()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        code = grpc.StatusCode.OK
+        try:
+            async for chunk in self._local.generate(request, self._timeout(context)):
+                yield chunk
+        except LocalUnavailable:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, "no local runtime is available for Generate")
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            await context.abort(err.code(), err.details() or "")
+        finally:
+            self._metrics.calls.labels("Generate", code.name).inc()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        try:
+            reply: pb.ModelInfo = await self._local.call("GetModelInfo", request, 5.0)
+            return reply
+        except LocalUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no local runtime is available")
+            raise
+        except grpc.aio.AioRpcError as err:
+            await context.abort(err.code(), err.details() or "")
+            raise
+
+    # -- the decision -------------------------------------------------------------------------
+
+    async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        check.check_size(request, 1 << 20)
+        inputs = check.predict_inputs(request, self._input_names)
+        mode = self._settings.mode
+
+        if mode == "api_only":
+            return await self._must_fallback(inputs, "api_only")
+
+        try:
+            local: pb.PredictResponse = await self._local.call(
+                "Predict", request, self._timeout(context)
+            )
+        except LocalUnavailable:
+            if mode == "hybrid" and self._fallback is not None:
+                blocked = self._blocked_reason()
+                if blocked is None:
+                    answer = await self._try_fallback(inputs, "local_unavailable")
+                    if answer is not None:
+                        return answer
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE, "no local runtime is available and no fallback"
+            ) from None
+        except grpc.aio.AioRpcError as err:  # the runtime's own verdict (bad input, busy...)
+            raise RpcFailure(err.code(), err.details() or "") from None
+
+        local.threshold = self._threshold
+        if mode == "local_only":
+            self._rate_cap.record(False)
+            return local
+
+        reason = await self._why_fall_back(local, inputs)
+        if reason is None:
+            self._rate_cap.record(False)
+            return local
+        if self._fallback is None:
+            return self._degraded(local, f"{reason}:no_fallback_configured")
+        blocked = self._blocked_reason()
+        if blocked is not None:
+            self._metrics.blocked.labels(blocked).inc()
+            return self._degraded(local, f"{reason}:{blocked}")
+        answer = await self._try_fallback(inputs, reason)
+        if answer is None:
+            return self._degraded(local, f"{reason}:api_error")
+        answer.confidence = local.confidence
+        answer.usage.CopyFrom(local.usage)
+        return answer
+
+    async def _why_fall_back(self, local: pb.PredictResponse, inputs: dict[str, str]) -> str | None:
+        if local.outcome != pb.PREDICT_OUTCOME_PARSED:
+            return "unparsed"
+        if self._settings.confidence == "self_check":
+            local.confidence = await self._self_check(inputs, dict(local.outputs))
+        if local.confidence < self._threshold:
+            return "low_confidence"
+        return None
+
+    async def _self_check(self, inputs: dict[str, str], outputs: dict[str, str]) -> float:
+        """The seed's mode: ask the local model whether its own answer is right (1.0 or 0.0)."""
+        prompt = SELF_CHECK_PROMPT.format(
+            instructions=self._program.instructions,
+            inputs="\n".join(f"{k}: {v}" for k, v in inputs.items()),
+            outputs="\n".join(f"{k}: {v}" for k, v in outputs.items()),
+        )
+        request = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content=prompt)],
+            options=pb.SamplingOptions(max_tokens=3, temperature=0.0),
+        )
+        text = ""
+        try:
+            async for chunk in self._local.generate(request, self._settings.local_timeout_s):
+                text += chunk.text
+        except (LocalUnavailable, grpc.aio.AioRpcError):
+            return 0.0
+        return 1.0 if text.strip().lower().startswith("yes") else 0.0
+
+    def _blocked_reason(self) -> str | None:
+        if not self._breaker.allow():
+            return "circuit_open"
+        if not self._rate_cap.allows_fallback():
+            self._breaker_release()
+            return "fallback_rate_cap"
+        if not self._budget.try_spend():
+            self._breaker_release()
+            return "budget_exhausted"
+        return None
+
+    def _breaker_release(self) -> None:
+        # allow() may have taken the half-open probe slot; give it back when nothing is sent.
+        if self._breaker._probe_in_flight:
+            self._breaker._probe_in_flight = False
+
+    async def _try_fallback(self, inputs: dict[str, str], reason: str) -> pb.PredictResponse | None:
+        assert self._fallback is not None
+        try:
+            outputs, seconds = await self._fallback.predict(inputs)
+        except ApiError as err:
+            self._breaker.record_failure()
+            self._metrics.api_errors.labels(err.kind).inc(err.attempts)
+            self._rate_cap.record(False)
+            log.warning("fallback failed", extra={"reason": reason, "kind": err.kind})
+            return None
+        self._breaker.record_success()
+        self._metrics.api_latency.observe(seconds)
+        self._metrics.fallbacks.labels(reason.split(":")[0]).inc()
+        self._rate_cap.record(True)
+        return pb.PredictResponse(
+            outputs=outputs,
+            served_by=pb.SERVED_BY_FALLBACK,
+            model_id=self._fallback.model,
+            outcome=pb.PREDICT_OUTCOME_PARSED,
+            threshold=self._threshold,
+            route_reason=reason,
+        )
+
+    async def _must_fallback(self, inputs: dict[str, str], reason: str) -> pb.PredictResponse:
+        if self._fallback is None:
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "no fallback model configured")
+        blocked = self._blocked_reason()
+        if blocked is not None:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"API fallback blocked: {blocked}")
+        answer = await self._try_fallback(inputs, reason)
+        if answer is None:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the API model failed")
+        return answer
+
+    def _degraded(self, local: pb.PredictResponse, reason: str) -> pb.PredictResponse:
+        self._rate_cap.record(False)
+        local.degraded = True
+        local.route_reason = reason
+        return local
+
+    def _timeout(self, context: Any) -> float:
+        remaining = context.time_remaining()
+        limit = self._settings.local_timeout_s
+        if remaining is None or not math.isfinite(remaining):
+            return limit
+        return max(0.001, min(limit, remaining))
+
+    def _update_gauges(self) -> None:
+        self._metrics.breaker_state.set(self._breaker.state.value)
+        self._metrics.fallback_rate.set(self._rate_cap.rate)
+        for window, left in self._budget.left().items():
+            self._metrics.budget_left.labels(window).set(-1 if math.isinf(left) else left)
+
+
+def calibrated_threshold(bundle: Bundle, override: float | None) -> float:
+    if override is not None:
+        return override
+    calibration = bundle.calibration()
+    if calibration is None:
+        raise ValueError("threshold: the bundle has no calibration; pass --threshold")
+    return float(calibration["threshold"])
+
+
+async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None = None) -> int:
+    bundle = Bundle.open(settings.bundle, verify=False)  # the runtime verifies the GGUF
+    program = program_from_file(bundle.program_path)
+    threshold = calibrated_threshold(bundle, settings.threshold)
+    fallback = None
+    if settings.fallback_model and settings.mode != "local_only":
+        fallback = FallbackModel(
+            program,
+            model=settings.fallback_model,
+            api_base=settings.fallback_api_base,
+            api_key=settings.fallback_key(),
+            timeout_s=settings.api_timeout_s,
+            retries=settings.api_retries,
+            backoff_s=settings.api_backoff_s,
+        )
+    metrics = RouterMetrics()
+    local = LocalRuntimes(settings.local, settings.health_interval_s)
+    await local.start()
+    service = RouterService(settings, program, threshold, local, fallback, metrics)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
+    pb_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"port: cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.metrics_port:
+        metrics.serve(settings.host, settings.metrics_port)
+    log.info(
+        "routing",
+        extra={"port": port, "mode": settings.mode, "threshold": threshold,
+               "fallback_model": settings.fallback_model, "local": settings.local},
+    )  # fmt: skip
+    if ready is not None:
+        ready(port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(15)
+    await local.close()
+    return 0

@@ -1,0 +1,120 @@
+"""The local runtimes behind the router: round-robin over the healthy ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core.api import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class LocalUnavailable(Exception):
+    """No runtime could answer."""
+
+
+@dataclass
+class Endpoint:
+    target: str
+    channel: Any
+    stub: Any = field(init=False)
+    health: Any = field(init=False)
+    healthy: bool = False
+
+    def __post_init__(self) -> None:
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+
+class LocalRuntimes:
+    def __init__(self, targets: list[str], health_interval_s: float) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self._endpoints = [
+            Endpoint(t, grpc.aio.insecure_channel(t, options=options)) for t in targets
+        ]
+        self._interval = health_interval_s
+        self._next = 0
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for endpoint in self._endpoints:
+            await endpoint.channel.close()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(e) for e in self._endpoints))
+
+    async def _check(self, endpoint: Endpoint) -> None:
+        try:
+            reply = await endpoint.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy = False
+        if healthy != endpoint.healthy:
+            log.info(
+                "runtime health changed", extra={"target": endpoint.target, "healthy": healthy}
+            )
+        endpoint.healthy = healthy
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check_all()
+
+    @property
+    def any_healthy(self) -> bool:
+        return any(e.healthy for e in self._endpoints)
+
+    def _order(self) -> list[Endpoint]:
+        healthy = [e for e in self._endpoints if e.healthy]
+        if not healthy:
+            return []
+        start = self._next % len(healthy)
+        self._next += 1
+        return healthy[start:] + healthy[:start]
+
+    async def call(self, method: str, request: Any, timeout: float) -> Any:
+        """A unary call on the next healthy runtime; the next one on UNAVAILABLE."""
+        for endpoint in self._order():
+            try:
+                return await getattr(endpoint.stub, method)(request, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                endpoint.healthy = False
+        raise LocalUnavailable("no healthy runtime")
+
+    async def generate(
+        self, request: pb.GenerateRequest, timeout: float
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        for endpoint in self._order():
+            stream = endpoint.stub.Generate(request, timeout=timeout)
+            started = False
+            try:
+                async for chunk in stream:
+                    started = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or started:
+                    raise
+                endpoint.healthy = False
+            finally:
+                stream.cancel()
+        raise LocalUnavailable("no healthy runtime")

@@ -1,0 +1,111 @@
+"""An OpenAI-compatible STAND-IN API on loopback, for what a real model cannot be made to do.
+
+- `gold`: answers DSPy ChatAdapter prompts with the dataset's gold labels — the stand-in for a
+  strong teacher (no strong model runs on this machine);
+- `slow`: answers after `delay_s` (timeouts);
+- `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
+  key must still never leak).
+Runs in a thread of the test or bench process; `mode` can be switched while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_FIELD = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\Z)", re.S)
+
+
+class OpenAIStandIn:
+    def __init__(
+        self,
+        gold: dict[str, str] | None = None,
+        *,
+        input_field: str = "ticket",
+        output_field: str = "category",
+        mode: str = "gold",
+        delay_s: float = 0.0,
+    ) -> None:
+        self.gold = gold or {}
+        self.input_field = input_field
+        self.output_field = output_field
+        self.mode = mode
+        self.delay_s = delay_s
+        self.requests = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> OpenAIStandIn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, messages: list[dict[str, Any]]) -> str:
+        user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        if isinstance(user, list):
+            user = "".join(part.get("text", "") for part in user)
+        fields = {name: value.strip() for name, value in _FIELD.findall(user)}
+        label = self.gold.get(fields.get(self.input_field, "").strip(), "unknown")
+        return f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send(200, {"data": [{"id": "gold-teacher", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                standin.requests += 1
+                if standin.mode == "error":
+                    auth = self.headers.get("Authorization", "")
+                    self._send(500, {"error": {"message": f"internal error for {auth}",
+                                               "type": "server_error"}})  # fmt: skip
+                    return
+                if standin.mode == "slow":
+                    time.sleep(standin.delay_s)
+                content = standin.answer(body.get("messages", []))
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-standin",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "gold-teacher"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": content},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
+
+        return Handler

@@ -1,0 +1,238 @@
+"""The router with real parts: a real runtime (SmolLM2) on loopback, llama-cpp-python's real
+OpenAI-compatible server as the API model ("api-smol"), and an API stand-in for faults."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.json_format import MessageToJson
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+from tests.conftest import CAPITALS_PROGRAM
+from tests.helpers import ServerProcess, free_port, start_runtime
+from tests.openai_standin import OpenAIStandIn
+
+PLANTED_KEY = "sk-planted-6f1c0ffee-do-not-leak"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
+    from tests.test_runtime_server import make_bundle
+
+    root = make_bundle(tmp_path_factory.mktemp("router") / "bundle", gguf_path, CAPITALS_PROGRAM)
+    (root / "calibration.json").write_text(json.dumps({"threshold": 0.5}))
+    from services.core.bundle import Bundle, write_manifest
+
+    manifest = Bundle.open(root, verify=False).manifest
+    write_manifest(root, manifest.model_copy(update={"calibration": "calibration.json"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_runtime(bundle: Path) -> Iterator[ServerProcess]:
+    server = start_runtime("--bundle", str(bundle), "--n-ctx", "2048")
+    yield server
+    server.terminate()
+
+
+def start_router(
+    bundle: Path, local: str, *args: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    server = ServerProcess(
+        ["route", "--bundle", str(bundle), "--local", local, "--port", "0", "--metrics-port", "0",
+         "--health-interval-s", "0.5", *args],
+        env={"EDGEDISTILL_ROUTER_API_BACKOFF_S": "0.05", **(env or {})},
+    )  # fmt: skip
+    server.wait_serving(30)
+    return server
+
+
+def predict(router: ServerProcess, country: str = "Germany", **kw: int) -> pb.PredictResponse:
+    with InferenceClient(router.target, timeout_s=60) as client:
+        return client.predict({"country": country}, **kw)
+
+
+def test_confident_local_answer_stays_local(bundle: Path, local_runtime: ServerProcess) -> None:
+    router = start_router(bundle, local_runtime.target, "--threshold", "0.0",
+                          "--fallback-model", "openai/unused", "--fallback-api-base",
+                          "http://127.0.0.1:9/v1")  # fmt: skip
+    try:
+        reply = predict(router)
+        info = InferenceClient(router.target).info()
+    finally:
+        router.terminate()
+    assert reply.served_by == pb.SERVED_BY_LOCAL and not reply.degraded
+    assert reply.route_reason == "" and reply.threshold == 0.0
+    assert reply.outputs["capital"] and 0 < reply.confidence <= 1
+    assert info.bundle_version  # GetModelInfo passes through to the runtime
+
+
+def test_calibrated_threshold_comes_from_the_bundle(
+    bundle: Path, local_runtime: ServerProcess
+) -> None:
+    router = start_router(bundle, local_runtime.target, "--mode", "local_only")
+    try:
+        reply = predict(router)
+    finally:
+        router.terminate()
+    assert reply.threshold == pytest.approx(0.5)
+
+
+def test_low_confidence_goes_to_the_api(
+    bundle: Path, local_runtime: ServerProcess, openai_server: str
+) -> None:
+    router = start_router(bundle, local_runtime.target, "--threshold", "1.01",
+                          "--fallback-model", "openai/teacher-smol",
+                          "--fallback-api-base", openai_server,
+                          "--api-timeout-s", "60")  # fmt: skip
+    try:
+        reply = predict(router)
+    finally:
+        router.terminate()
+    assert reply.served_by == pb.SERVED_BY_FALLBACK, reply
+    assert reply.route_reason == "low_confidence" and reply.model_id == "openai/teacher-smol"
+    assert reply.outputs["capital"].strip()
+    assert reply.threshold == pytest.approx(1.01)
+
+
+def test_unparsable_local_output_goes_to_the_api(
+    bundle: Path, local_runtime: ServerProcess
+) -> None:
+    with OpenAIStandIn({"Spain": "Madrid"}, input_field="country", output_field="capital") as api:
+        router = start_router(bundle, local_runtime.target, "--threshold", "0.0",
+                              "--fallback-model", "openai/gold", "--fallback-api-base",
+                              api.base_url)  # fmt: skip
+        try:
+            reply = predict(router, "Spain", max_tokens=2)  # truncated: cannot parse
+        finally:
+            router.terminate()
+    assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "unparsed"
+    assert reply.outputs["capital"] == "Madrid"
+
+
+def metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+
+@pytest.mark.parametrize("fault", ["closed_port", "slow", "http_500"])
+def test_api_faults_give_flagged_local_answers_and_the_breaker_opens_then_closes(
+    bundle: Path, local_runtime: ServerProcess, fault: str
+) -> None:
+    metrics_port = free_port()
+    with OpenAIStandIn({"Peru": "Lima"}, input_field="country", output_field="capital",
+                       mode={"slow": "slow", "http_500": "error"}.get(fault, "gold"),
+                       delay_s=3.0) as api:  # fmt: skip
+        base = "http://127.0.0.1:9/v1" if fault == "closed_port" else api.base_url
+        router = start_router(
+            bundle, local_runtime.target, "--threshold", "1.01", "--fallback-model", "openai/gold",
+            "--fallback-api-base", base, "--api-timeout-s", "0.5", "--api-retries", "1",
+            "--breaker-failures", "2", "--breaker-reset-s", "1.5",
+            "--metrics-port", str(metrics_port),
+        )  # fmt: skip
+        try:
+            first, second = predict(router, "Peru"), predict(router, "Peru")
+            for reply in (first, second):
+                assert reply.served_by == pb.SERVED_BY_LOCAL and reply.degraded
+                assert reply.route_reason == "low_confidence:api_error"
+            started = time.monotonic()
+            third = predict(router, "Peru")  # breaker open: no API call at all
+            assert third.route_reason == "low_confidence:circuit_open" and third.degraded
+            assert time.monotonic() - started < 5
+            text = metrics_text(metrics_port)
+            assert "edgedistill_router_breaker_state 2.0" in text
+            kind = "timeout" if fault == "slow" else "error"
+            assert f'edgedistill_router_api_errors_total{{kind="{kind}"}} 4.0' in text
+
+            if fault == "closed_port":
+                return
+            api.mode = "gold"  # the API recovers
+            time.sleep(1.6)  # past breaker_reset_s: the next call is the half-open probe
+            recovered = predict(router, "Peru")
+            assert recovered.served_by == pb.SERVED_BY_FALLBACK
+            assert recovered.outputs["capital"] == "Lima"
+            assert "edgedistill_router_breaker_state 0.0" in metrics_text(metrics_port)
+        finally:
+            router.terminate()
+
+
+def test_budget_exhausted_answers_locally(bundle: Path, local_runtime: ServerProcess) -> None:
+    with OpenAIStandIn({"Chile": "Santiago"}, input_field="country", output_field="capital") as api:
+        router = start_router(bundle, local_runtime.target, "--threshold", "1.01",
+                              "--fallback-model", "openai/gold", "--fallback-api-base",
+                              api.base_url, "--budget-per-minute", "1")  # fmt: skip
+        try:
+            first, second = predict(router, "Chile"), predict(router, "Chile")
+        finally:
+            router.terminate()
+        assert api.requests == 1
+    assert first.served_by == pb.SERVED_BY_FALLBACK
+    assert second.served_by == pb.SERVED_BY_LOCAL and second.degraded
+    assert second.route_reason == "low_confidence:budget_exhausted"
+
+
+def test_runtime_down_goes_to_the_api_or_is_unavailable_fast(bundle: Path) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    with OpenAIStandIn({"Japan": "Tokyo"}, input_field="country", output_field="capital") as api:
+        router = start_router(bundle, closed, "--threshold", "0.0", "--fallback-model",
+                              "openai/gold", "--fallback-api-base", api.base_url)  # fmt: skip
+        try:
+            started = time.monotonic()
+            reply = predict(router, "Japan")
+            assert time.monotonic() - started < 1.0
+        finally:
+            router.terminate()
+    assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "local_unavailable"
+    assert reply.outputs["capital"] == "Tokyo"
+
+    router = start_router(bundle, closed, "--mode", "local_only", "--threshold", "0.0")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            predict(router, "Japan")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 1.0
+    finally:
+        router.terminate()
+
+
+def test_a_planted_api_key_never_leaks(bundle: Path, local_runtime: ServerProcess) -> None:
+    metrics_port = free_port()
+    with OpenAIStandIn({}, input_field="country", output_field="capital", mode="error") as api:
+        router = start_router(
+            bundle, local_runtime.target, "--threshold", "1.01", "--fallback-model", "openai/gold",
+            "--fallback-api-base", api.base_url, "--fallback-key-env", "PLANTED_API_KEY",
+            "--metrics-port", str(metrics_port), "--log-level", "debug",
+            env={"PLANTED_API_KEY": PLANTED_KEY},
+        )  # fmt: skip
+        try:
+            replies = [predict(router, "Chile"), predict(router, "Chile")]
+            metrics = metrics_text(metrics_port)
+        finally:
+            router.terminate()
+    assert all(r.degraded for r in replies)
+    assert PLANTED_KEY not in router.stderr
+    assert PLANTED_KEY not in metrics
+    assert all(PLANTED_KEY not in MessageToJson(r) for r in replies)
+
+
+def test_missing_key_variable_fails_at_start(bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "route", "--bundle", str(bundle), "--local",
+         "127.0.0.1:1", "--fallback-model", "openai/x", "--fallback-key-env", "NOT_SET_ANYWHERE",
+         "--port", "0", "--metrics-port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "NOT_SET_ANYWHERE" in proc.stderr and "fallback_key_env" in proc.stderr
