@@ -19,6 +19,8 @@ lint: setup
 	$(PY) -m ruff check services tests bench
 	$(PY) -m ruff format --check services tests bench
 	$(PY) -m mypy
+	$(VENV)/bin/hadolint --failure-threshold error docker/*.Dockerfile
+	$(VENV)/bin/shellcheck -x scripts/*.sh
 
 bench: setup
 	$(PY) -m bench
@@ -26,9 +28,10 @@ bench: setup
 SPEC ?= examples/ticket_triage/spec.yaml
 
 # Distill the spec (default: the embedded ticket-triage example, teacher = gold labels) into a
-# bundle under build/. TEACHER_MODEL=openai/gpt-4o (and its key) distills from an API model.
+# bundle under build/, build the images, pack dist/<name>-<version>.tar (scripts/build-bundle.sh
+# lists the knobs). TEACHER_MODEL=openai/gpt-4o (and its key) distills from an API model.
 build-bundle: setup
-	$(VENV)/bin/edgedistill build $(SPEC)
+	SPEC=$(SPEC) scripts/build-bundle.sh
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache services/core/api/edgedistill

@@ -1,6 +1,12 @@
-"""`make bench`: every benchmark, in one run."""
+"""`make bench`: every benchmark, in one run (or one: python -m bench serving|router)."""
 
-from bench import serving_overhead
+import sys
+
+from bench import router_quality, serving_overhead
+
+BENCHES = {"serving": serving_overhead.main, "router": router_quality.main}
 
 if __name__ == "__main__":
-    serving_overhead.main()
+    chosen = sys.argv[1:] or list(BENCHES)
+    for name in chosen:
+        BENCHES[name]()

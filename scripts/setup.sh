@@ -5,12 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
-LLAMA_CPP_VERSION=0.3.36
-# Portable CPU build: the native build enables AMX kernels that die with SIGILL on CPUs
-# without them, and the build host's CPU is not the edge host's CPU.
-LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
-LLAMA_FLAGS_KEY=ggml-native-off
-WHEELHOUSE=${EDGEDISTILL_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgedistill/wheelhouse/llama-cpp-python-$LLAMA_CPP_VERSION-$LLAMA_FLAGS_KEY}
+# shellcheck source=scripts/llama-wheel.env
+. scripts/llama-wheel.env
+WHEELHOUSE=$LLAMA_WHEELHOUSE
 
 if ! command -v "$PYTHON" >/dev/null; then
   echo "setup: $PYTHON not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2

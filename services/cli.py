@@ -218,6 +218,55 @@ def build(
     )
 
 
+@app.command("ship")
+def ship(
+    bundle: Annotated[str, typer.Argument(help="the model bundle folder")],
+    out: Annotated[str, typer.Option(help="where the .tar goes")] = "dist",
+    image: Annotated[
+        list[str], typer.Option(help="an image archive as name=path.tar (repeat)")
+    ] = [],  # noqa: B006
+    signing_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Ed25519 private key (PEM) to sign the manifest"),
+    ] = None,
+) -> None:
+    """Pack a bundle (and image archives) into one verifiable <name>-<version>.tar."""
+    from pathlib import Path
+
+    from services.builder.ship import ship as pack
+    from services.core.bundle import BundleError
+
+    images = {}
+    for item in image:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise _fail(f"--image {item!r}: write it as name=path.tar with an existing file")
+        images[name] = Path(path)
+    try:
+        shipped = pack(
+            bundle_dir=Path(bundle),
+            images=images,
+            out_dir=Path(out),
+            signing_key=Path(signing_key) if signing_key else None,
+        )
+    except (BundleError, ValueError, OSError) as err:
+        raise _fail(f"cannot ship: {err}") from None
+    print(shipped)
+
+
+@app.command("keygen")
+def keygen(
+    private_key: Annotated[str, typer.Argument(help="where to write the private key (PEM)")],
+    public_key: Annotated[str, typer.Argument(help="where to write the public key (PEM)")],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles (SIGNING_KEY / PUBLIC_KEY)."""
+    from pathlib import Path
+
+    from services.builder.ship import generate_keypair
+
+    generate_keypair(Path(private_key), Path(public_key))
+
+
 @app.command("predict")
 def predict(
     target: TargetOption = "127.0.0.1:50051",
@@ -335,6 +384,29 @@ def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0
     except grpc.RpcError as err:
         raise _rpc_error(err) from None
     print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+
+
+@app.command("health")
+def health_check(
+    target: TargetOption = "127.0.0.1:50051",
+    service: Annotated[str, typer.Option(help="service name; empty is the whole server")] = "",
+    timeout: TimeoutOption = 3.0,
+) -> None:
+    """Exit 0 when the server's gRPC health check says SERVING (container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error(err) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -151,7 +151,17 @@ def test_rerun_skips_finished_stages(tiny: tuple[Path, Path, object]) -> None:
     proc = run_build(spec)
     assert proc.returncode == 0, proc.stderr
     assert "ran: nothing" in proc.stderr
-    for stage in ("traces", "dataset", "student", "finetune", "export", "quantize", "evaluate"):
+    for stage in (
+        "traces",
+        "dataset",
+        "student",
+        "finetune",
+        "export",
+        "quantize",
+        "evaluate",
+        "calibrate",
+        "package",
+    ):
         assert f"{stage}: inputs unchanged, skipped" in proc.stdout
     assert time.monotonic() - started < 60
 

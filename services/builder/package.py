@@ -103,6 +103,10 @@ def write_bundle(
             ),
         )
         assert (staging / MANIFEST).is_file()
+        # Readable by the containers' unprivileged user (mkdtemp and mkstemp create 0700/0600).
+        staging.chmod(0o755)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if destination.exists():
             old = destination.with_name(f".{destination.name}.old")
             shutil.rmtree(old, ignore_errors=True)

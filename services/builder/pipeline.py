@@ -323,8 +323,8 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
             json.dumps({"path": str(bundle_dir), "version": manifest.version})
         )
 
-    stages.run(
-        "bundle",
+    stages.run(  # the stage's own folder is "package"; the bundle itself is BUILD/bundle
+        "package",
         {"calibrate": calib_key, "version": spec.version, "exists": bundle_dir.is_dir()},
         bundle_work,
     )

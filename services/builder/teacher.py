@@ -50,6 +50,8 @@ def teacher_lm(teacher: TeacherSpec, *, name_suffix: str = "") -> Any:
                 f"teacher.api_key_env: environment variable {teacher.api_key_env} is not set"
             )
         kwargs["api_key"] = key
+    elif teacher.api_base:
+        kwargs["api_key"] = "EMPTY"  # a keyless OpenAI-compatible server (vLLM's convention)
     return dspy.LM(teacher.model, **kwargs)
 
 

@@ -25,7 +25,9 @@ class SettingsError(ValueError):
 class RuntimeSettings(BaseSettings):
     """Settings of the runtime container (`edgedistill serve`)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     model: Path | None = Field(None, description="GGUF file to serve (or use --bundle)")
     program: Path | None = Field(
@@ -121,7 +123,7 @@ class RouterSettings(BaseSettings):
     """Settings of the router container (`edgedistill route`). Variables: EDGEDISTILL_ROUTER_*."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX + "ROUTER_", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX + "ROUTER_", extra="forbid", frozen=True, env_ignore_empty=True
     )
 
     bundle: Path = Field(description="the bundle (program signature and calibration)")

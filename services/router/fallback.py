@@ -57,6 +57,8 @@ class FallbackModel:
             kwargs["api_base"] = api_base
         if api_key is not None:
             kwargs["api_key"] = api_key.get_secret_value()
+        elif api_base:
+            kwargs["api_key"] = "EMPTY"  # a keyless OpenAI-compatible server (vLLM's convention)
         self._predictor = dspy.Predict(program.to_signature())
         self._predictor.demos = [dspy.Example(**demo) for demo in program.demos]
         self._predictor.set_lm(dspy.LM(model, **kwargs))

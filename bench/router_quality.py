@@ -1,0 +1,132 @@
+"""What the router buys: quality and API calls of local-only, hybrid and API-only, side by side.
+
+On the ticket-triage dev set with the distilled bundle from `make build-bundle`. No strong model
+runs on this machine, so the API is an OpenAI-compatible loopback STAND-IN that answers with
+the dev set's gold labels (tests/openai_standin.py): a stand-in for a strong teacher. The
+measure is therefore one of calibration: how much of the gap to the teacher the router
+recovers per API call. The threshold is calibrated on half of the dev set and measured on the
+other half, which calibration never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services.builder.calibrate import calibrate
+from services.core.api import pb
+from services.core.client import InferenceClient
+from tests.helpers import REPO, ServerProcess, start_runtime
+from tests.openai_standin import OpenAIStandIn
+
+BUNDLE = REPO / "build" / "ticket-triage" / "bundle"
+
+
+def _router(bundle: Path, local: str, *args: str) -> ServerProcess:
+    server = ServerProcess(
+        ["route", "--bundle", str(bundle), "--local", local, "--port", "0",
+         "--metrics-port", "0", *args]
+    )  # fmt: skip
+    server.wait_serving(30)
+    return server
+
+
+def main() -> None:
+    console = Console()
+    if not (BUNDLE / "manifest.json").is_file():
+        console.print(f"[yellow]router bench: no bundle at {BUNDLE}; run `make build-bundle`[/]")
+        sys.exit(2)
+    evaluation = json.loads((BUNDLE / "eval.json").read_text())
+    dev = [
+        json.loads(line)
+        for line in (REPO / "examples/ticket_triage/dev.jsonl").read_text().splitlines()
+    ]
+    variant = next(s for s in evaluation["students"] if s["label"].startswith("distilled"))
+    calibration_idx = list(range(0, len(dev), 2))
+    held_out_idx = list(range(1, len(dev), 2))
+    # Calibrate on one half, from the build's own per-example results (same greedy serving path).
+    calib = calibrate(
+        [variant["examples"][i] for i in calibration_idx],
+        [evaluation["teacher"]["examples"][i] for i in calibration_idx],
+        target_retention=json.loads((BUNDLE / "calibration.json").read_text())["target_retention"],
+        variant=variant["label"],
+    )
+    threshold = calib["threshold"]
+    held_out = [dev[i] for i in held_out_idx]
+    gold = {row["ticket"].strip(): row["category"] for row in dev}
+
+    runtime = start_runtime("--bundle", str(BUNDLE), "--n-ctx", "2048")
+    results: dict[str, dict[str, float]] = {}
+    try:
+        with OpenAIStandIn(gold) as api:
+            fallback = [
+                "--fallback-model",
+                "openai/gold-teacher",
+                "--fallback-api-base",
+                api.base_url,
+            ]
+            configurations = {
+                "local-only": ["--mode", "local_only"],
+                f"hybrid (threshold {threshold:.3f}, logprob)": [
+                    "--mode", "hybrid", "--threshold", str(threshold), *fallback],
+                "hybrid (self-check, the seed's mode)": [
+                    "--mode", "hybrid", "--confidence", "self_check", "--threshold", "0.5",
+                    *fallback],
+                "API-only (gold stand-in)": ["--mode", "api_only", *fallback],
+            }  # fmt: skip
+            for name, args in configurations.items():
+                router = _router(BUNDLE, runtime.target, *args)
+                correct, fell_back, latencies = 0, 0, []
+                try:
+                    with InferenceClient(router.target, timeout_s=120) as client:
+                        for row in held_out:
+                            started = time.perf_counter()
+                            reply = client.predict({"ticket": row["ticket"]})
+                            latencies.append(time.perf_counter() - started)
+                            correct += reply.outputs.get("category", "") == row["category"]
+                            fell_back += reply.served_by == pb.SERVED_BY_FALLBACK
+                finally:
+                    router.terminate()
+                results[name] = {
+                    "quality": correct / len(held_out),
+                    "fallback_rate": fell_back / len(held_out),
+                    "p50_ms": statistics.median(latencies) * 1000,
+                }
+    finally:
+        runtime.terminate()
+
+    api_quality = results["API-only (gold stand-in)"]["quality"]
+    local_quality = results["local-only"]["quality"]
+    table = Table(title=f"Router on {len(held_out)} held-out ticket-triage dev examples "
+                  f"(threshold calibrated on the other {len(calibration_idx)})")  # fmt: skip
+    for column in (
+        "configuration",
+        "quality",
+        "API calls",
+        "vs API-only",
+        "gap recovered",
+        "p50 ms",
+    ):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, r in results.items():
+        gap = api_quality - local_quality
+        recovered = (r["quality"] - local_quality) / gap if gap > 0 else 1.0
+        table.add_row(
+            name, f"{r['quality']:.1%}", f"{r['fallback_rate']:.1%}",
+            f"{r['quality'] / api_quality:.3f}x" if api_quality else "-",
+            f"{recovered:.0%}", f"{r['p50_ms']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    hybrid = next(v for k, v in results.items() if k.startswith("hybrid (threshold"))
+    ratio = hybrid["quality"] / api_quality if api_quality else 0.0
+    ok = ratio >= 0.95 and hybrid["fallback_rate"] <= 0.20
+    console.print(
+        f"hybrid reaches {ratio:.1%} of API-only quality with {hybrid['fallback_rate']:.1%} of "
+        f"calls sent to the API ({'meets' if ok else 'misses'} the goal: >=95% with <=20%)"
+    )

