@@ -13,7 +13,7 @@ fi
 command -v debootstrap >/dev/null || { echo "base-image: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
 ROOTFS=$(mktemp -d)
 trap 'rm -rf "$ROOTFS"' EXIT
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 \
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
   bookworm "$ROOTFS" "$MIRROR" >/dev/null
 cp -r /etc/apt/sources.list.d "$ROOTFS/etc/apt/" 2>/dev/null || true
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*

