@@ -278,6 +278,74 @@ PROBLEMS: dict[str, list[str]] = {
     ],
 }
 
+# Composed problem statements widen the train set's vocabulary (apps, devices, services,
+# symptoms) beyond the hand-written ones; they are used for training only.
+COMPOSED: dict[str, tuple[list[str], list[str]]] = {
+    "network": (
+        ["the VPN", "the office Wi-Fi", "the guest network", "DNS", "the internet connection",
+         "the link to the warehouse", "the wireless in the lab", "the site-to-site VPN",
+         "the network in meeting room 4", "the ethernet at my desk", "the proxy", "the firewall"],
+        ["keeps dropping every few minutes", "is down for the whole floor", "is painfully slow",
+         "times out when I reach the file server", "won't let my laptop connect",
+         "stopped resolving internal names", "has huge packet loss since this morning",
+         "disconnects whenever I move between rooms", "shows connected but no internet"],
+    ),
+    "hardware": (
+        ["my laptop", "the monitor on my desk", "the printer by the kitchen", "my docking station",
+         "the keyboard", "my mouse", "the conference room projector", "my laptop battery",
+         "the webcam", "the desk phone", "the barcode scanner", "my headset", "the tablet"],
+        ["is physically broken after a fall", "won't power on at all", "has a cracked casing",
+         "makes a grinding noise", "overheats and shuts off", "has a loose port",
+         "stopped charging", "has a flickering screen", "jams and a part is snapped",
+         "needs a replacement part"],
+    ),
+    "software": (
+        ["Excel", "Outlook", "Teams", "the ERP client", "Chrome", "the CRM app", "Zoom",
+         "the accounting software", "Word", "the reporting tool", "Photoshop", "SAP", "OneDrive"],
+        ["crashes when I open it", "fails to install with an error code",
+         "freezes after the latest update", "shows an unexpected exception error",
+         "won't start since the patch", "needs to be installed on my new laptop",
+         "throws a runtime error on export", "keeps asking to repair itself",
+         "is stuck on the loading screen"],
+    ),
+    "access": (
+        ["my account", "my password", "my MFA setup", "the finance share", "the HR portal",
+         "the shared mailbox", "the project folder", "the Git repository", "my SSO login",
+         "the payroll module", "the admin console", "the sales SharePoint"],
+        ["is locked after too many attempts", "expired and I can't reset it",
+         "says access denied", "needs permissions for a new hire", "rejects my credentials",
+         "lost my permissions after the reorg", "needs to be granted to a contractor",
+         "should be revoked for a leaver", "keeps asking me to re-register"],
+    ),
+    "security": (
+        ["a phishing email", "a suspicious link I clicked", "ransomware on the file server",
+         "malware on my laptop", "a stolen company laptop", "a lost work phone",
+         "an unknown USB stick", "a spoofed invoice email", "strange logins on my account",
+         "a fake login page", "a scam call asking for my password", "a trojan alert"],
+        ["needs to be reported", "may have exposed my credentials", "was found this morning",
+         "looks like an attack", "happened on the train", "was flagged by the antivirus",
+         "targeted the finance team", "asked for gift cards", "came from a lookalike domain"],
+    ),
+    "billing": (
+        ["our invoice", "the monthly subscription", "the licence renewal", "a refund",
+         "the cloud hosting bill", "our credit card on file", "the VAT on the invoice",
+         "the purchase order", "the annual plan", "a credit note", "the phone bill",
+         "the support contract charge"],
+        ["was charged twice", "shows the wrong amount", "needs to be cancelled",
+         "has not arrived yet", "went up without notice", "needs a corrected copy",
+         "was billed after we cancelled", "needs to change to another cost centre",
+         "has a late fee we don't owe"],
+    ),
+}
+
+
+def composed_problems(category: str, count: int, rng: random.Random) -> list[str]:
+    subjects, symptoms = COMPOSED[category]
+    pairs = [(a, b) for a in subjects for b in symptoms]
+    rng.shuffle(pairs)
+    return [f"{subject} {symptom}" for subject, symptom in pairs[:count]]
+
+
 OPENERS = [
     "", "", "Hi, ", "Hello team, ", "Hi IT, ", "Good morning, ", "Hey, ", "Dear support, ",
     "URGENT: ", "Quick one: ", "Hi there — ", "FYI ",
@@ -312,7 +380,7 @@ def render(problem: str, rng: random.Random) -> str:
     else:
         body = f"{problem[0].upper()}{problem[1:]}."
     opener = rng.choice(OPENERS)
-    keep_case = opener.endswith(": ") or body.startswith(("I ", "I'"))
+    keep_case = opener.endswith(": ") or body.startswith(("I ", "I'")) or body[1:2].isupper()
     if opener:
         body = opener + body if keep_case else opener + body[0].lower() + body[1:]
     return (body + rng.choice(CONTEXTS) + rng.choice(CLOSERS)).strip()
@@ -337,9 +405,11 @@ def main() -> None:
         shuffled = problems[:]
         rng.shuffle(shuffled)
         dev_problems, train_problems = shuffled[:10], shuffled[10:]
-        # 60 train tickets from ~32 problems (some told twice, in different voices), 20 dev.
-        for i in range(60):
-            train.append({"ticket": unique(train_problems[i % len(train_problems)]), "category": category})
+        # 60 train tickets, each a different problem: ~32 hand-written + composed ones.
+        train_problems += composed_problems(category, 60 - len(train_problems), rng)
+        for problem in train_problems:
+            train.append({"ticket": unique(problem), "category": category})
+        # 20 dev tickets: 10 held-out hand-written problems, each told in two voices.
         for i in range(20):
             dev.append({"ticket": unique(dev_problems[i % len(dev_problems)]), "category": category})
     rng.shuffle(train)
