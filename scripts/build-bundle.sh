@@ -4,7 +4,7 @@
 #
 #   SPEC            build spec (default: the embedded ticket-triage example)
 #   CONTAINER_ENGINE docker or podman (default: whichever is installed)
-#   BUILDER         container (default with an engine) or venv (the pipeline in .venv)
+#   BUILDER         container (default with an engine on a GPU host) or venv (default otherwise)
 #   BASE_IMAGE      Python 3.11 base for the runtime/router images (default python:3.11-slim-
 #                   bookworm; built locally with debootstrap when no registry is reachable)
 #   BUILDER_BASE_IMAGE  base for the builder image (default: a CUDA base on GPU hosts)
@@ -26,7 +26,11 @@ ENGINE=$(detect_engine)
 if [ "$ENGINE" = podman ] && [ -z "${CONTAINERS_CONF:-}" ] && [ -f docker/containers.conf ]; then
   export CONTAINERS_CONF=$PWD/docker/containers.conf
 fi
-BUILDER=${BUILDER:-$([ -n "$ENGINE" ] && echo container || echo venv)}
+# The builder container pays off on GPU hosts (CUDA base, --gpus); on CPU hosts the pipeline
+# runs in .venv by default (BUILDER=container forces the image there too).
+if [ -z "${BUILDER:-}" ]; then
+  if [ -n "$ENGINE" ] && command -v nvidia-smi >/dev/null 2>&1; then BUILDER=container; else BUILDER=venv; fi
+fi
 OUTPUT=$(.venv/bin/python -c "from pathlib import Path; from services.builder.spec import load_spec; print(load_spec(Path('$SPEC')).output)")
 started=$(date +%s)
 

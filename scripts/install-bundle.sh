@@ -114,7 +114,7 @@ fi
 # 3. Every member's checksum, from the manifest (one "path": "sha256" per line).
 sed -n 's/^    "\(.*\)": "\([0-9a-f]\{64\}\)",\{0,1\}$/\2  \1/p' "$root/manifest.json" > "$work/sums"
 [ -s "$work/sums" ] || refuse "the manifest lists no files"
-members=$(cd "$root" && find . -type f ! -name manifest.json ! -name manifest.json.sig | wc -l)
+members=$(cd "$root" && find . -type f ! -path ./manifest.json ! -path ./manifest.json.sig | wc -l)
 [ "$members" -eq "$(wc -l < "$work/sums")" ] || refuse "the bundle holds files the manifest does not list"
 (cd "$root" && sha256sum --quiet --strict -c "$work/sums") >/dev/null 2>&1 \
   || refuse "a checksum does not match: the bundle was changed or damaged"

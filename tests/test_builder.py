@@ -20,6 +20,8 @@ from services.core.client import InferenceClient
 from tests.helpers import REPO, smollm2_gguf, start_runtime
 
 TICKETS = REPO / "examples" / "ticket_triage"
+# Real fine-tunes on 2 CPU cores: minutes, not seconds.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def rows(name: str) -> list[dict[str, str]]:

@@ -21,6 +21,7 @@ from tests.helpers import REPO, free_port
 
 pytestmark = [
     pytest.mark.containers,
+    pytest.mark.timeout(2400),
     pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (.ci/run installs it)"),
 ]
 CONF = {"CONTAINERS_CONF": str(REPO / "docker" / "containers.conf")}

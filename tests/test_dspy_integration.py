@@ -10,6 +10,8 @@ from services.builder.spec import LoraSpec
 from services.core.program import ProgramSpec
 from tests.conftest import CAPITALS_PROGRAM
 
+pytestmark = pytest.mark.timeout(1800)
+
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid",
             "Egypt": "Cairo", "Peru": "Lima"}  # fmt: skip
 
