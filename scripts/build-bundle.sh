@@ -81,16 +81,22 @@ else
   fi
   version=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$BUNDLE/manifest.json")
   mkdir -p dist/images
+  tags=()
   for image in runtime router; do
     tag=localhost/edgedistill-$image:$version
     say "building $tag"
     "$ENGINE" build --pull=never --format docker -q -f "docker/$image.Dockerfile" \
       --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
-    rm -f "dist/images/$image.tar"
-    "$ENGINE" save --format docker-archive -o "dist/images/$image.tar" "$tag" 2>/dev/null \
-      || "$ENGINE" save -o "dist/images/$image.tar" "$tag"
-    images+=(--image "$image=dist/images/$image.tar")
+    tags+=("$tag")
   done
+  # One archive for both images: their shared base and venv layers travel once.
+  rm -f dist/images/images.tar
+  if [ "$ENGINE" = podman ]; then
+    podman save --multi-image-archive --format docker-archive -o dist/images/images.tar "${tags[@]}"
+  else
+    "$ENGINE" save -o dist/images/images.tar "${tags[@]}"
+  fi
+  images+=(--image "images=dist/images/images.tar")
 fi
 
 # 3. One verifiable file to carry.

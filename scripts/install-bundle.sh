@@ -137,14 +137,15 @@ mkdir -p "$home/releases"
 staging=$home/releases/.$version.partial
 rm -rf "$staging"
 cp -R "$root" "$staging"
-if [ -d "$staging/images" ]; then
+if [ -f "$staging/images/images.tar" ]; then
+  # One docker-archive holds both images, so their shared layers travel once.
+  engine load -i "$staging/images/images.tar" > "$work/loaded" 2>&1 || refuse "the images did not load"
   for image in runtime router; do
-    [ -f "$staging/images/$image.tar" ] || refuse "images/$image.tar missing"
-    ref=$(engine load -i "$staging/images/$image.tar" | sed -n 's/^Loaded image[^:]*: *//p' | tail -1)
-    [ -n "$ref" ] || refuse "$image image did not load"
+    ref=$(sed -n "s/^Loaded image[^:]*: *\(.*edgedistill-$image:.*\)$/\1/p" "$work/loaded" | tail -1)
+    [ -n "$ref" ] || refuse "the $image image is not in images/images.tar"
     printf '%s\n' "$ref" > "$staging/images/$image.ref"
-    rm -f "$staging/images/$image.tar"   # loaded into the engine; keep the host's disk free
   done
+  rm -f "$staging/images/images.tar"   # loaded into the engine; keep the host's disk free
 fi
 rm -rf "$release"
 mv "$staging" "$release"

@@ -50,19 +50,21 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
     work = tmp_path_factory.mktemp("containers")
     sh("scripts/base-image.sh", BASE)
     sh("scripts/wheelhouse.sh", "dist/wheelhouse")
-    archives = {}
+    tags = []
     for image in ("runtime", "router"):
         tag = f"localhost/edgedistill-{image}:e2e"
         sh("podman", "build", "--pull=never", "--format", "docker", "-q",
            "-f", f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}",
            "-t", tag, ".")  # fmt: skip
-        archives[image] = work / f"{image}.tar"
-        sh("podman", "save", "--format", "docker-archive", "-o", str(archives[image]), tag)
+        tags.append(tag)
+    archive = work / "images.tar"
+    sh("podman", "save", "--multi-image-archive", "--format", "docker-archive",
+       "-o", str(archive), *tags)  # fmt: skip
     bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM)
-    tar = ship(bundle_dir=bundle, images=archives, out_dir=work / "dist")
-    for image in ("runtime", "router"):  # the build host keeps no test images
-        sh("podman", "rmi", "-f", f"localhost/edgedistill-{image}:e2e", check=False)
-        archives[image].unlink()
+    tar = ship(bundle_dir=bundle, images={"images": archive}, out_dir=work / "dist")
+    for tag in tags:  # the build host keeps no test images
+        sh("podman", "rmi", "-f", tag, check=False)
+    archive.unlink()
     yield tar
 
 

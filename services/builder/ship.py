@@ -6,7 +6,7 @@
       install.sh           scripts/install-bundle.sh: POSIX sh + tar + sha256sum + docker/podman
       compose.yaml         runtime + router
       bundle/...           the model bundle (GGUF, program, calibration, report)
-      images/*.tar         the container images (docker-archive), when an engine built them
+      images/images.tar    runtime + router images in one docker-archive (shared layers once)
 
 manifest.json is written one file per line so that install.sh can check it with sed and
 sha256sum alone, without Python or jq.
