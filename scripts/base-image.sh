@@ -7,7 +7,7 @@ TAG=${1:-localhost/edgedistill-base:bookworm}
 ENGINE=${CONTAINER_ENGINE:-podman}
 MIRROR=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-if "$ENGINE" image exists "$TAG" 2>/dev/null; then
+if "$ENGINE" image inspect "$TAG" >/dev/null 2>&1; then
   echo "base-image: $TAG exists"; exit 0
 fi
 command -v debootstrap >/dev/null || { echo "base-image: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }

@@ -18,11 +18,15 @@ say() { printf '\033[1mbuild-bundle:\033[0m %s\n' "$*"; }
 
 detect_engine() {
   if [ -n "${CONTAINER_ENGINE:-}" ]; then echo "$CONTAINER_ENGINE"; return; fi
-  for candidate in docker podman; do
-    if command -v "$candidate" >/dev/null 2>&1; then echo "$candidate"; return; fi
-  done
+  # A docker CLI without a reachable daemon is no engine: then try podman.
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then echo docker; return; fi
+  if command -v podman >/dev/null 2>&1; then echo podman; return; fi
 }
 ENGINE=$(detect_engine)
+export CONTAINER_ENGINE=$ENGINE
+# podman builds offline only with --pull=never and keeps HEALTHCHECK only in docker format.
+BUILD_FLAGS=(-q)
+if [ "$ENGINE" = podman ]; then BUILD_FLAGS+=(--pull=never --format docker); fi
 if [ "$ENGINE" = podman ] && [ -z "${CONTAINERS_CONF:-}" ] && [ -f docker/containers.conf ]; then
   export CONTAINERS_CONF=$PWD/docker/containers.conf
 fi
@@ -46,7 +50,7 @@ if [ "$BUILDER" = container ]; then
       builder_base=$(scripts/base-image.sh | sed -n 's/^base-image: \([^ ]*\).*/\1/p')
     fi
   fi
-  "$ENGINE" build --pull=never --format docker -q -f docker/builder.Dockerfile \
+  "$ENGINE" build "${BUILD_FLAGS[@]}" -f docker/builder.Dockerfile \
     --build-arg BASE_IMAGE="$builder_base" -t localhost/edgedistill-builder:latest . >/dev/null
   gpu=()
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -85,7 +89,7 @@ else
   for image in runtime router; do
     tag=localhost/edgedistill-$image:$version
     say "building $tag"
-    "$ENGINE" build --pull=never --format docker -q -f "docker/$image.Dockerfile" \
+    "$ENGINE" build "${BUILD_FLAGS[@]}" -f "docker/$image.Dockerfile" \
       --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
     tags+=("$tag")
   done
