@@ -90,7 +90,7 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     dataset = (build / "dataset" / "dataset.jsonl").read_text().splitlines()
     first = json.loads(dataset[0])["messages"]
     assert len(dataset) == 24 and [m["role"] for m in first] == ["system", "user", "assistant"]
-    assert first[2]["content"].endswith("[[ ## completed ## ]]")
+    assert first[2]["content"].rstrip().endswith("[[ ## completed ## ]]")
 
     loss = json.loads((build / "finetune" / "loss.json").read_text())
     assert loss["steps"] == 12 and len(loss["loss"]) == 12
