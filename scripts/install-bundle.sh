@@ -139,7 +139,8 @@ rm -rf "$staging"
 cp -R "$root" "$staging"
 if [ -f "$staging/images/images.tar" ]; then
   # One docker-archive holds both images, so their shared layers travel once.
-  engine load -i "$staging/images/images.tar" > "$work/loaded" 2>&1 || refuse "the images did not load"
+  engine load -i "$staging/images/images.tar" > "$work/loaded" 2>&1 \
+    || { tail -5 "$work/loaded" >&2; refuse "the images did not load"; }
   for image in runtime router; do
     ref=$(sed -n "s/^Loaded image[^:]*: *\(.*edgedistill-$image:.*\)$/\1/p" "$work/loaded" | tail -1)
     [ -n "$ref" ] || refuse "the $image image is not in images/images.tar"

@@ -323,10 +323,10 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
             json.dumps({"path": str(bundle_dir), "version": manifest.version})
         )
 
+    if not (bundle_dir / "manifest.json").is_file():  # deleted since: package again
+        shutil.rmtree(spec.output / "package", ignore_errors=True)
     stages.run(  # the stage's own folder is "package"; the bundle itself is BUILD/bundle
-        "package",
-        {"calibrate": calib_key, "version": spec.version, "exists": bundle_dir.is_dir()},
-        bundle_work,
+        "package", {"calibrate": calib_key, "version": spec.version}, bundle_work
     )
     console.print(f"bundle: {bundle_dir}")
     result = BuildResult(
