@@ -71,7 +71,9 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
 @pytest.fixture()
 def offline_host(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A fresh podman storage (no access to the build's images) and install prefix."""
-    root = tmp_path / "host"
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="edh-", dir="/tmp"))  # podman: runroot under 50 chars
     engine = f"podman --root {root}/storage --runroot {root}/run"
     env = {
         "CONTAINER_ENGINE": engine,
