@@ -137,6 +137,7 @@ mkdir -p "$home/releases"
 staging=$home/releases/.$version.partial
 rm -rf "$staging"
 cp -R "$root" "$staging"
+chmod -R a+rX "$staging"   # the services run as an unprivileged user and mount it read-only
 if [ -f "$staging/images/images.tar" ]; then
   # One docker-archive holds both images, so their shared layers travel once.
   engine load -i "$staging/images/images.tar" > "$work/loaded" 2>&1 \

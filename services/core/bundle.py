@@ -65,6 +65,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles are read by unprivileged services
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
