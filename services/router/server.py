@@ -248,10 +248,12 @@ class RouterService(pb_grpc.InferenceServicer):
             self._metrics.budget_left.labels(window).set(-1 if math.isinf(left) else left)
 
 
-def calibrated_threshold(bundle: Bundle, override: float | None) -> float:
+def calibrated_threshold(bundle: Bundle, override: float | None, mode: str = "hybrid") -> float:
     if override is not None:
         return override
     calibration = bundle.calibration()
+    if calibration is None and mode == "local_only":
+        return 0.0  # never consulted: local_only answers locally whatever the confidence
     if calibration is None:
         raise ValueError("threshold: the bundle has no calibration; pass --threshold")
     return float(calibration["threshold"])
@@ -260,7 +262,7 @@ def calibrated_threshold(bundle: Bundle, override: float | None) -> float:
 async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None = None) -> int:
     bundle = Bundle.open(settings.bundle, verify=False)  # the runtime verifies the GGUF
     program = program_from_file(bundle.program_path)
-    threshold = calibrated_threshold(bundle, settings.threshold)
+    threshold = calibrated_threshold(bundle, settings.threshold, settings.mode)
     fallback = None
     if settings.fallback_model and settings.mode != "local_only":
         fallback = FallbackModel(
