@@ -121,15 +121,14 @@ def train_lora(
         if not batches:
             batches = _length_grouped_batches(examples, lora.batch_size)
         batch = batches.pop()
-        input_ids, labels, attention = _collate(batch, pad_id, device)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss, tokens = shared_prefix_loss(model, batch, pad_id, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.item()))
-        tokens_seen += int(attention.sum().item())
+        tokens_seen += tokens
         progress(step + 1, total_steps, losses[-1])
 
     seconds = time.perf_counter() - started
@@ -147,6 +146,65 @@ def train_lora(
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+def shared_prefix_loss(
+    model: Any, batch: list[TrainExample], pad_id: int, device: str
+) -> tuple[Any, int]:
+    """Mean loss over the labelled tokens, with the batch's common prompt prefix run once.
+
+    Every example of a DSPy program starts with the same long prompt (instructions, field
+    structure, demos). The prefix is evaluated once at batch size 1, its keys and values are
+    repeated across the batch (differentiably: gradients reach the LoRA weights through it),
+    and only each example's own tail is run per row. Same loss as a plain batched forward,
+    at a fraction of the compute. Logits are computed only where there are labels: the LM
+    head over a 49k vocabulary at every prompt position is a fifth of the forward pass.
+    """
+    import torch
+    import torch.nn.functional as functional
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Keep at least one token in each tail, and no labelled token in the prefix.
+    first_label = min(next(i for i, v in enumerate(e.labels) if v != IGNORE) for e in batch)
+    prefix_len = min(common_prefix_length([e.input_ids for e in batch]), first_label - 1)
+    tails = [TrainExample(e.input_ids[prefix_len:], e.labels[prefix_len:]) for e in batch]
+    ids, labels, tail_attention = _collate(tails, pad_id, device)
+    rows, width = ids.shape
+    past = None
+    if prefix_len > 0:
+        from transformers import DynamicCache
+
+        prefix = torch.tensor([batch[0].input_ids[:prefix_len]], device=device)
+        past = DynamicCache(config=core.config)
+        core.model(input_ids=prefix, cache=past, use_cache=True)
+        past.batch_repeat_interleave(rows)
+    attention = torch.cat(
+        [torch.ones((rows, prefix_len), dtype=tail_attention.dtype, device=device), tail_attention],
+        dim=1,
+    )
+    positions = torch.arange(prefix_len, prefix_len + width, device=device).expand(rows, width)
+    hidden = core.model(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions,
+        cache=past,
+        use_cache=past is not None,
+    ).last_hidden_state
+    # Position t predicts token t+1; every label sits in the tail, after the first tail token.
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logits = core.lm_head(hidden[:, :-1][mask]).float()
+    loss = functional.cross_entropy(logits, targets[mask])
+    return loss, prefix_len + int(tail_attention.sum().item())
 
 
 def _length_grouped_batches(examples: list[TrainExample], size: int) -> list[list[TrainExample]]:
