@@ -1,10 +1,14 @@
-"""`make bench`: every benchmark, in one run (or one: python -m bench serving|router)."""
+"""`make bench`: every benchmark, in one run (or one: python -m bench serving|batching|router)."""
 
 import sys
 
-from bench import router_quality, serving_overhead
+from bench import batching, router_quality, serving_overhead
 
-BENCHES = {"serving": serving_overhead.main, "router": router_quality.main}
+BENCHES = {
+    "serving": serving_overhead.main,
+    "batching": batching.main,
+    "router": router_quality.main,
+}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHES)

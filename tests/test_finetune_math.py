@@ -12,9 +12,9 @@ from services.builder.finetune import (  # noqa: E402
     IGNORE,
     TrainExample,
     _collate,
-    common_prefix_length,
     shared_prefix_loss,
 )
+from services.core.tokens import common_prefix_length  # noqa: E402
 
 
 def tiny_lora_llama() -> object:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,19 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.client import InferenceClient, sampling
 from tests.helpers import REPO, ServerProcess, free_port, start_runtime
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["serial", "batched"])
+def runtime(
+    request: pytest.FixtureRequest, gguf_path: Path, program_path: Path
+) -> Iterator[ServerProcess]:
+    """Every behaviour below holds one request at a time and with continuous batching."""
+    server = start_runtime(
+        "--model", str(gguf_path), "--program", str(program_path), "--n-ctx", "2048",
+        "--max-queue", "4", "--max-tokens-limit", "512", "--parallel", str(request.param),
+    )  # fmt: skip
+    yield server
+    server.terminate()
 
 
 def stub(server: ServerProcess) -> pb_grpc.InferenceStub:
@@ -273,24 +287,31 @@ def test_metrics_count_calls_and_tokens(gguf_path: Path, program_path: Path) -> 
     assert "Chile" not in server.stderr
 
 
-def test_full_queue_is_resource_exhausted(gguf_path: Path) -> None:
-    server = start_runtime("--model", str(gguf_path), "--n-ctx", "1024", "--max-queue", "1")
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_full_queue_is_resource_exhausted(gguf_path: Path, parallel: int) -> None:
+    server = start_runtime(
+        "--model", str(gguf_path), "--n-ctx", "1024", "--max-queue", "1",
+        "--parallel", str(parallel),
+    )  # fmt: skip
     try:
         long_request = pb.GenerateRequest(
             messages=[pb.ChatMessage(role="user", content="Write a long story about a cat.")],
             options=sampling(max_tokens=300, temperature=0),
         )
-        first_started = threading.Event()
         results: list[str] = []
 
-        def consume() -> None:
+        def consume(first: threading.Event) -> None:
             for _ in stub(server).Generate(long_request, timeout=60):
-                first_started.set()
+                first.set()
             results.append("done")
 
-        running = threading.Thread(target=consume)
-        running.start()
-        assert first_started.wait(30)
+        # `parallel` calls decode at once...
+        started_events = [threading.Event() for _ in range(parallel)]
+        running = [threading.Thread(target=consume, args=(e,)) for e in started_events]
+        for thread in running:
+            thread.start()
+        assert all(e.wait(30) for e in started_events)
+        # ...one more may wait (max_queue=1), the next is refused.
         queued = stub(server).Generate(long_request, timeout=60)  # waits in the queue
         time.sleep(0.3)
         started = time.monotonic()
@@ -299,14 +320,18 @@ def test_full_queue_is_resource_exhausted(gguf_path: Path) -> None:
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert time.monotonic() - started < 2, "rejected at once, not after waiting"
         queued.cancel()
-        running.join(60)
-        assert results == ["done"]
+        for thread in running:
+            thread.join(60)
+        assert results == ["done"] * parallel
     finally:
         server.terminate()
 
 
-def test_sigterm_drains_an_in_flight_call(gguf_path: Path) -> None:
-    server = start_runtime("--model", str(gguf_path), "--n-ctx", "1024")
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_sigterm_drains_an_in_flight_call(gguf_path: Path, parallel: int) -> None:
+    server = start_runtime(
+        "--model", str(gguf_path), "--n-ctx", "1024", "--parallel", str(parallel)
+    )
     channel = grpc.insecure_channel(server.target)
     request = pb.GenerateRequest(
         messages=[pb.ChatMessage(role="user", content="Write a long story about a dog.")],

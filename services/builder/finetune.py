@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.builder.spec import LoraSpec
+from services.core.tokens import common_prefix_length
 
 IGNORE = -100
 
@@ -146,15 +147,6 @@ def train_lora(
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences):
-            return i
-    return n
 
 
 def shared_prefix_loss(

@@ -61,6 +61,22 @@ class RuntimeSettings(BaseSettings):
     n_batch: int = Field(512, ge=1, le=8192, description="prompt-evaluation batch size")
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
 
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "requests decoded together in one llama.cpp context (continuous batching); "
+            "1: one at a time"
+        ),
+    )
+    prefix_cache: bool = Field(
+        True,
+        description=(
+            "with parallel > 1: evaluate the program's fixed prompt prefix once at load and "
+            "share its KV cache with every Predict"
+        ),
+    )
     max_queue: int = Field(
         16,
         ge=0,

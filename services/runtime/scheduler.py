@@ -1,5 +1,8 @@
 """The one owner of the model: a worker thread fed by a bounded queue.
 
+With a batching backend the same thread steps all running jobs together (continuous
+batching); otherwise it runs one job at a time.
+
 llama.cpp contexts are not thread-safe, so every generation runs on this thread. gRPC handlers
 (on the asyncio loop) submit jobs and read their events back through an asyncio.Queue. A job
 stops within one decode step once its call is cancelled or its deadline passes.
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 
 from services.runtime.backends import (
     Backend,
+    BackendError,
+    BatchingBackend,
     Finished,
     GenerationParams,
     PreparedPrompt,
@@ -77,7 +82,9 @@ class Job:
 
 
 class Scheduler:
-    """Runs one job at a time on a dedicated thread; at most `max_queue` jobs wait."""
+    """Runs jobs on a dedicated thread; `slots` run at once and at most `max_queue` wait."""
+
+    slots = 1
 
     def __init__(self, backend: Backend, max_queue: int) -> None:
         self._backend = backend
@@ -109,8 +116,8 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            # One job runs; max_queue more may wait behind it.
-            if self._waiting + self._running >= self._max_queue + 1:
+            # `slots` jobs run; max_queue more may wait behind them.
+            if self._waiting + self._running >= self._max_queue + self.slots:
                 raise QueueFull(
                     f"{self._waiting} calls wait for the model (max_queue={self._max_queue})"
                 )
@@ -124,28 +131,107 @@ class Scheduler:
         self._jobs.put(None)
         self._thread.join(timeout)
 
+    def _take(self, job: Job) -> bool:
+        """Move a dequeued job to running; False (and it is answered) if it already stopped."""
+        with self._lock:
+            self._waiting -= 1
+            self._running += 1
+        job.started_at = time.monotonic()
+        if job.should_stop():  # cancelled or expired while queued: never touch the model
+            self._done(job, Finished(reason="cancelled", prompt_tokens=0, completion_tokens=0))
+            return False
+        return True
+
+    def _done(self, job: Job, event: Finished | BaseException) -> None:
+        job._push(event)
+        with self._lock:
+            self._running -= 1
+
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            with self._lock:
-                self._waiting -= 1
-                self._running += 1
-            try:
+            if self._take(job):
                 self._execute(job)
-            finally:
-                with self._lock:
-                    self._running -= 1
 
     def _execute(self, job: Job) -> None:
-        job.started_at = time.monotonic()
-        if job.should_stop():  # cancelled or expired while queued: never touch the model
-            job._push(Finished(reason="cancelled", prompt_tokens=0, completion_tokens=0))
-            return
         try:
             for event in self._backend.generate(job.prompt, job.params, job.should_stop):
+                if isinstance(event, Finished):
+                    self._done(job, event)
+                    return
                 job._push(event)
         except Exception as err:  # reported to the caller; the worker keeps serving
             log.exception("generation failed")
-            job._push(err)
+            self._done(job, err)
+            return
+        self._done(job, BackendError("the backend ended a generation without finishing it"))
+
+
+class BatchScheduler(Scheduler):
+    """Continuous batching: jobs join a running batch between decode steps.
+
+    The worker admits queued jobs into free slots, drops the ones cancelled or past their
+    deadline, runs one decode step across all active jobs and hands each its events.
+    """
+
+    def __init__(self, engine: BatchingBackend, max_queue: int) -> None:
+        self._engine = engine
+        self.slots = engine.slots
+        self._active: list[Job] = []
+        super().__init__(engine, max_queue)
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            # Block for work only when nothing is decoding; otherwise admit what is there.
+            while engine.free_slots:
+                try:
+                    job = self._jobs.get(block=not self._active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._stop_all()
+                    return
+                if self._take(job):
+                    try:
+                        engine.start(job, job.prompt, job.params)
+                    except Exception as err:
+                        log.exception("could not start a generation")
+                        self._done(job, err)
+                        continue
+                    self._active.append(job)
+            for job in [j for j in self._active if j.should_stop()]:
+                finished = engine.cancel(job)
+                self._active.remove(job)
+                self._done(job, finished or BackendError("the job was not running"))
+            if not self._active:
+                continue
+            try:
+                events = engine.step()
+            except Exception as err:  # the batch is lost; every caller in it is told
+                log.exception("batched decode failed")
+                for job in self._active:
+                    engine.cancel(job)
+                    self._done(job, err)
+                self._active.clear()
+                continue
+            for job, event in events:
+                if isinstance(event, Finished):
+                    self._active.remove(job)
+                    self._done(job, event)
+                else:
+                    job._push(event)
+
+    def _stop_all(self) -> None:
+        for job in self._active:
+            finished = self._engine.cancel(job)
+            self._done(job, finished or BackendError("stopped"))
+        self._active.clear()
+
+
+def make_scheduler(backend: Backend, max_queue: int) -> Scheduler:
+    if isinstance(backend, BatchingBackend):
+        return BatchScheduler(backend, max_queue)
+    return Scheduler(backend, max_queue)

@@ -20,11 +20,11 @@ from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.program import COMPLETED_MARKER
 from services.core.validation import Limits, RpcFailure
-from services.runtime.backends import BackendError, Finished, TokenPiece
+from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret
-from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
-        self._scheduler = Scheduler(model.backend, self._settings.max_queue)
+        self._scheduler = make_scheduler(model.backend, self._settings.max_queue)
         self._limits = Limits(
             max_tokens_default=self._settings.max_tokens_default,
             max_tokens_limit=self._settings.max_tokens_limit,
@@ -207,7 +207,11 @@ class InferenceService(pb_grpc.InferenceServicer):
             bundle_version=model.bundle_version,
             backend=info.backend,
             max_tokens_limit=limits.max_tokens_limit,
+            parallel=1,
         )
+        if isinstance(model.backend, BatchingBackend):
+            reply.parallel = model.backend.slots
+            reply.cached_prefix_tokens = model.backend.prefix_tokens
         if model.program is not None:
             program = model.program
             reply.signature.instructions = program.instructions

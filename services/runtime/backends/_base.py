@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from services.core.sampling import GenerationParams
 
@@ -76,3 +76,26 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchingBackend(Backend, Protocol):
+    """A backend that decodes many requests together, stepped by one thread.
+
+    `start` gives a request one of `slots`; each `step` runs one decode across all active
+    requests and returns their events, keyed by the handle given to `start`.
+    """
+
+    slots: int
+
+    @property
+    def prefix_tokens(self) -> int: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def start(self, handle: Any, prompt: PreparedPrompt, params: GenerationParams) -> None: ...
+
+    def cancel(self, handle: Any) -> Finished | None: ...
+
+    def step(self) -> list[tuple[Any, TokenPiece | Finished]]: ...

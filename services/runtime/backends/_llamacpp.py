@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from services.core.bundle import sha256_file
+from services.core.tokens import common_prefix_length
 from services.runtime.backends._base import (
     BackendError,
     BackendInfo,
@@ -77,6 +78,69 @@ def quantization_name(meta: dict[str, Any]) -> str:
         return f"type{file_type}"
 
 
+class ChatModel:
+    """A GGUF's tokenizer side: metadata, chat template, tokenization. Shared by backends."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, n_gpu_layers: int = 0,
+                 model: Any = None) -> None:  # fmt: skip
+        from llama_cpp import _internals
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.path = model_path
+        self.meta = read_gguf_metadata(model_path)
+        template = self.meta.get("tokenizer.chat_template")
+        if not template:
+            raise ModelFileError(f"{model_path}: GGUF has no tokenizer.chat_template")
+        arch = self.meta["general.architecture"]
+        self.n_ctx = n_ctx
+        self.trained_ctx = int(self.meta.get(f"{arch}.context_length", n_ctx))
+        self._owns_model = model is None
+        if model is None:
+            import llama_cpp
+
+            params = llama_cpp.llama_model_default_params()
+            params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+            try:
+                model = _internals.LlamaModel(
+                    path_model=str(model_path), params=params, verbose=False
+                )
+            except Exception as err:
+                raise ModelFileError(f"{model_path}: llama.cpp could not load it ({err})") from err
+        self.model = model
+        eos = self._token_text(model.token_eos())
+        bos = self._token_text(model.token_bos())
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._tokenize_lock = threading.Lock()
+
+    def _token_text(self, token: int) -> str:
+        return "" if token < 0 else str(self.model.token_get_text(token))
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
+        text = rendered.prompt
+        with self._tokenize_lock:
+            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return PreparedPrompt(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            text=text,
+            tokens=tuple(tokens),
+        )
+
+    def info(self, model_name: str | None, gguf_sha256: str | None, backend: str) -> BackendInfo:
+        return BackendInfo(
+            backend=backend,
+            model_name=model_name or str(self.meta.get("general.name") or self.path.stem),
+            quantization=quantization_name(self.meta),
+            context_length=self.n_ctx,
+            trained_context_length=self.trained_ctx,
+            gguf_sha256=gguf_sha256 or sha256_file(self.path),
+        )
+
+    def close(self) -> None:
+        if self._owns_model:
+            self.model.close()
+
+
 class LlamaCppBackend:
     """One llama.cpp model and context; generate() is called from one thread at a time."""
 
@@ -92,14 +156,8 @@ class LlamaCppBackend:
         gguf_sha256: str | None = None,
     ) -> None:
         from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        meta = read_gguf_metadata(model_path)
-        template = meta.get("tokenizer.chat_template")
-        if not template:
-            raise ModelFileError(f"{model_path}: GGUF has no tokenizer.chat_template")
-        arch = meta["general.architecture"]
-        trained_ctx = int(meta.get(f"{arch}.context_length", n_ctx))
+        read_gguf_metadata(model_path)  # a clear refusal before llama.cpp sees a bad file
         try:
             self._llm = Llama(
                 model_path=str(model_path),
@@ -113,21 +171,10 @@ class LlamaCppBackend:
             )
         except Exception as err:
             raise ModelFileError(f"{model_path}: llama.cpp could not load it ({err})") from err
-        vocab = self._llm._model.vocab
-        self._vocab = vocab
+        self._chat = ChatModel(model_path, n_ctx=n_ctx, model=self._llm._model)
+        self._vocab = self._llm._model.vocab
         self._n_vocab = self._llm.n_vocab()
-        eos = self._token_text(self._llm.token_eos())
-        bos = self._token_text(self._llm.token_bos())
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        self._info = BackendInfo(
-            backend="llama.cpp",
-            model_name=model_name or str(meta.get("general.name") or model_path.stem),
-            quantization=quantization_name(meta),
-            context_length=n_ctx,
-            trained_context_length=trained_ctx,
-            gguf_sha256=gguf_sha256 or sha256_file(model_path),
-        )
-        self._tokenize_lock = threading.Lock()
+        self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
 
     @property
     def info(self) -> BackendInfo:
@@ -138,24 +185,11 @@ class LlamaCppBackend:
         """The underlying llama_cpp.Llama (benchmarks compare against it directly)."""
         return self._llm
 
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(self._llm._model.token_get_text(token))
-
     def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
-        rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
-        text = rendered.prompt
-        with self._tokenize_lock:
-            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        return PreparedPrompt(
-            messages=tuple((m["role"], m["content"]) for m in messages),
-            text=text,
-            tokens=tuple(tokens),
-        )
+        return self._chat.prepare(messages)
 
     def validate_json_schema(self, schema: str) -> None:
-        _grammar_for(schema)
+        grammar_for(schema)
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
@@ -165,9 +199,9 @@ class LlamaCppBackend:
         llm = self._llm
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        cached = _common_prefix(list(llm._input_ids[: llm.n_tokens]), tokens)
+        cached = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
         cached = min(cached, len(tokens) - 1)  # the last prompt token is always re-evaluated
-        grammar = _grammar_for(params.json_schema) if params.json_schema else None
+        grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)
         buffer = StopStringBuffer(params.stop)
@@ -228,17 +262,8 @@ class LlamaCppBackend:
         self._llm.close()
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @lru_cache(maxsize=64)
-def _grammar_for(schema: str) -> Any:
+def grammar_for(schema: str) -> Any:
     """A llama.cpp grammar from a JSON Schema; ValueError when the schema is unusable."""
     from llama_cpp import LlamaGrammar
 

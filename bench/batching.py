@@ -1,0 +1,326 @@
+"""Continuous batching and prefix reuse against llama-cpp-python's own server.
+
+Side by side in one run, same GGUF, same prompts (ticket-triage dev tickets in the DSPy
+prompt), same max_tokens, greedy, the same 2 threads, at concurrency 1, 4, 8 and 16:
+  (a) llama_cpp.server   llama-cpp-python's OpenAI-compatible server (streamed chat completions)
+  (b) runtime, serial    our gRPC runtime with --parallel 1 (batching off)
+  (c) runtime, batched   our gRPC runtime with --parallel 16 (batching and prefix reuse on)
+Servers run one at a time so they never share the cores. Then, in-process: a Predict prompt's
+time to first token with the program prefix warm vs cold, and the single-stream decode speed
+against this machine's memory-bandwidth roofline.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+from services.core.program import ProgramSpec, PromptCodec
+from tests.helpers import REPO, free_port, smollm2_gguf, start_runtime
+
+THREADS = 2
+MAX_TOKENS = 32
+N_CTX = 1024
+CONCURRENCY = (1, 4, 8, 16)
+PARALLEL = 16
+
+
+@dataclass
+class CallTiming:
+    latency_s: float
+    first_token_s: float
+    tokens: int
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    tokens_per_s: float
+    p50_s: float
+    p95_s: float
+    ttft_p50_s: float
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ticket_messages(count: int) -> tuple[PromptCodec, list[list[dict[str, str]]]]:
+    from examples.ticket_triage.program import TicketTriage
+
+    codec = PromptCodec(ProgramSpec.from_signature(TicketTriage, name="ticket-triage"))
+    dev = REPO / "examples" / "ticket_triage" / "dev.jsonl"
+    tickets = [json.loads(line)["ticket"] for line in dev.read_text().splitlines()[:count]]
+    return codec, [codec.format_messages({"ticket": t}) for t in tickets]
+
+
+def run_level(
+    call: Callable[[list[dict[str, str]]], CallTiming],
+    prompts: list[list[dict[str, str]]],
+    concurrency: int,
+) -> LevelResult:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        timings = list(pool.map(call, prompts))
+    wall = time.perf_counter() - started
+    latencies = [t.latency_s for t in timings]
+    return LevelResult(
+        concurrency=concurrency,
+        tokens_per_s=sum(t.tokens for t in timings) / wall,
+        p50_s=_quantile(latencies, 0.5),
+        p95_s=_quantile(latencies, 0.95),
+        ttft_p50_s=_quantile([t.first_token_s for t in timings], 0.5),
+    )
+
+
+def requests_for(concurrency: int) -> int:
+    return max(8, 3 * concurrency)
+
+
+def bench_llama_cpp_server(gguf: Path, prompts: list[list[dict[str, str]]]) -> list[LevelResult]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", str(N_CTX), "--n_threads", str(THREADS),
+         "--n_threads_batch", str(THREADS)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+
+        def call(messages: list[dict[str, str]]) -> CallTiming:
+            body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "stream": True}  # fmt: skip
+            started = time.perf_counter()
+            first = None
+            tokens = 0
+            with http.stream("POST", url, json=body) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    if delta.get("content"):
+                        first = first or time.perf_counter() - started
+                        tokens += 1  # one chunk per generated token
+            return CallTiming(time.perf_counter() - started, first or 0.0, tokens)
+
+        call(prompts[0])  # warm-up
+        return [run_level(call, prompts[: requests_for(c)], c) for c in CONCURRENCY]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_runtime(
+    gguf: Path, parallel: int, prompts: list[list[dict[str, str]]]
+) -> list[LevelResult]:
+    server = start_runtime(
+        "--model", str(gguf), "--n-ctx", str(N_CTX), "--parallel", str(parallel),
+        "--max-queue", "64", env={"EDGEDISTILL_N_THREADS": str(THREADS)},
+    )  # fmt: skip
+    try:
+        client = InferenceClient(server.target)
+
+        def call(messages: list[dict[str, str]]) -> CallTiming:
+            started = time.perf_counter()
+            first = None
+            last = None
+            pairs = [(m["role"], m["content"]) for m in messages]
+            for chunk in client.generate(pairs, max_tokens=MAX_TOKENS, temperature=0):
+                if chunk.text and first is None:
+                    first = time.perf_counter() - started
+                last = chunk
+            assert last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            return CallTiming(
+                time.perf_counter() - started, first or 0.0, last.usage.completion_tokens
+            )
+
+        call(prompts[0])
+        results = [run_level(call, prompts[: requests_for(c)], c) for c in CONCURRENCY]
+        client.close()
+        return results
+    finally:
+        server.terminate()
+
+
+def prefix_ttft(
+    gguf: Path, codec: PromptCodec, prompts: list[list[dict[str, str]]]
+) -> tuple[float, float, int]:
+    """Median time to the first token of a Predict prompt: cold (whole prompt) vs warm prefix."""
+    from services.runtime.backends import TokenPiece
+    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.loading import program_prefix
+    from services.runtime.predict import predict_params
+
+    params = predict_params(MAX_TOKENS, seed=0)
+    engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1)
+
+    def first_token(messages: list[dict[str, str]]) -> float:
+        prompt = engine.prepare(messages)
+        started = time.perf_counter()
+        for event in engine.generate(prompt, params, lambda: False):
+            if isinstance(event, TokenPiece):
+                return time.perf_counter() - started
+        return time.perf_counter() - started
+
+    try:
+        first_token(prompts[0])  # warm-up
+        cold = [first_token(m) for m in prompts[:12]]
+        engine.warm_prefix(program_prefix(engine, codec))
+        warm = [first_token(m) for m in prompts[:12]]
+        return statistics.median(cold), statistics.median(warm), engine.prefix_tokens
+    finally:
+        engine.close()
+
+
+def decode_tokens_per_s(gguf: Path, tokens: int = 128) -> float:
+    """One stream's decode speed in-process: tokens after the first over the time they took."""
+    from services.core.sampling import GenerationParams
+    from services.runtime.backends import TokenPiece
+    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+
+    engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1)
+    params = GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                              logprobs=False)  # fmt: skip
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    try:
+        stamps = [
+            time.perf_counter()
+            for event in engine.generate(engine.prepare(story), params, lambda: False)
+            if isinstance(event, TokenPiece)
+        ]
+    finally:
+        engine.close()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def memory_bandwidth_gb_s(threads: int = THREADS, megabytes: int = 512) -> float:
+    """A copy benchmark: bytes read plus bytes written per second, best of 5, `threads` copiers."""
+    n = megabytes * (1 << 20) // 8
+    source = np.ones(n)
+    target = np.empty_like(source)
+    parts = np.array_split(np.arange(n), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+    def copy(lo: int, hi: int) -> None:
+        np.copyto(target[lo:hi], source[lo:hi])
+
+    best = float("inf")
+    for _ in range(5):
+        workers = [threading.Thread(target=copy, args=b) for b in bounds]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.nbytes / best / 1e9
+
+
+def model_bytes_per_token(gguf: Path) -> int:
+    """Bytes a decode step reads: every weight tensor once (the KV cache is small here)."""
+    import gguf as gguf_py
+
+    reader = gguf_py.GGUFReader(gguf)
+    return sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"server at {url} did not start") from None
+            time.sleep(0.3)
+
+
+def main() -> None:
+    console = Console()
+    gguf = smollm2_gguf()
+    codec, prompts = ticket_messages(max(requests_for(c) for c in CONCURRENCY))
+    systems = {
+        "(a) llama_cpp.server": lambda: bench_llama_cpp_server(gguf, prompts),
+        "(b) runtime, batching off": lambda: bench_runtime(gguf, 1, prompts),
+        f"(c) runtime, batching on (--parallel {PARALLEL})": lambda: bench_runtime(
+            gguf, PARALLEL, prompts
+        ),
+    }
+    results: dict[str, list[LevelResult]] = {}
+    for label, run in systems.items():
+        console.print(f"running {label} ...")
+        results[label] = run()
+    a, b, c = (results[k] for k in systems)
+
+    table = Table(
+        title=f"Batched serving: {gguf.name}, greedy, max_tokens={MAX_TOKENS}, {THREADS} threads, "
+        "ticket-triage DSPy prompts"
+    )
+    for column in ("system", "concurrency", "tokens/s", "p50 s", "p95 s", "TTFT p50 s"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for label, levels in results.items():
+        for level in levels:
+            table.add_row(
+                label, str(level.concurrency), f"{level.tokens_per_s:.1f}",
+                f"{level.p50_s:.2f}", f"{level.p95_s:.2f}", f"{level.ttft_p50_s:.2f}",
+            )  # fmt: skip
+    console.print(table)
+    ratios = Table(title="Aggregate tokens/s ratios")
+    for column in ("concurrency", "(c)/(a)", "(c)/(b)"):
+        ratios.add_column(column, justify="right")
+    for la, lb, lc in zip(a, b, c, strict=True):
+        ratios.add_row(str(lc.concurrency), f"{lc.tokens_per_s / la.tokens_per_s:.2f}x",
+                       f"{lc.tokens_per_s / lb.tokens_per_s:.2f}x")  # fmt: skip
+    console.print(ratios)
+    at8 = {
+        k: next(x for x in v if x.concurrency == 8) for k, v in zip("abc", (a, b, c), strict=True)
+    }
+    vs_b = at8["c"].tokens_per_s / at8["b"].tokens_per_s
+    vs_a = at8["c"].tokens_per_s / at8["a"].tokens_per_s
+    console.print(
+        f"at concurrency 8: (c) is {vs_b:.2f}x (b) (goal >= 2.5x: "
+        f"{'met' if vs_b >= 2.5 else 'missed'}) and {vs_a:.2f}x (a) (goal >= 2x: "
+        f"{'met' if vs_a >= 2 else 'missed'})"
+    )
+
+    cold, warm, prefix = prefix_ttft(gguf, codec, prompts)
+    console.print(
+        f"Predict time to first token: cold {cold * 1000:.0f} ms, warm prefix ({prefix} tokens) "
+        f"{warm * 1000:.0f} ms: {warm / cold:.2f}x (goal <= 0.3x: "
+        f"{'met' if warm / cold <= 0.3 else 'missed'})"
+    )
+
+    bandwidth = memory_bandwidth_gb_s()
+    per_token = model_bytes_per_token(gguf)
+    roofline = bandwidth * 1e9 / per_token
+    single = decode_tokens_per_s(gguf)
+    console.print(
+        f"Roofline: copy bandwidth {bandwidth:.1f} GB/s ({THREADS} threads), "
+        f"{per_token / 1e6:.1f} MB of weights read per token -> at most {roofline:.0f} tokens/s "
+        f"single-stream; measured decode {single:.1f} tokens/s = {single / roofline:.0%} of it"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""llama.cpp with continuous batching and a warm program prefix.
+
+llama-cpp-python's high-level `Llama` decodes one sequence at a time. Here one llama.cpp
+context holds `parallel` sequences (one KV-cache sequence per request) and every step decodes
+one `llama_batch` across all of them: a decoding request contributes its last sampled token,
+a new request its prompt (in chunks that fit `n_batch`). Requests join between steps and free
+their slot when they finish, so a short call never waits for a long one to end.
+
+The program's fixed prompt prefix (instructions, field structure, demos) is evaluated once at
+load into a reserved sequence, and `llama_memory_seq_cp` copies its KV into each new request's
+sequence, so a Predict call evaluates only its own inputs.
+
+Greedy outputs are token-for-token those of the one-at-a-time backend (tested). llama.cpp is
+not bit-identical across batch layouts (ggml-org/llama.cpp#6950), so two rules keep it so here:
+each sequence has its own KV stream, and a prompt is cut only at n_batch boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.core.tokens import common_prefix_length
+from services.runtime.backends._base import (
+    BackendError,
+    BackendInfo,
+    Finished,
+    FinishReason,
+    GenerationParams,
+    PreparedPrompt,
+    TokenPiece,
+)
+from services.runtime.backends._llamacpp import ChatModel, ModelFileError, grammar_for
+from services.runtime.backends._text import StopStringBuffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    """One request in a slot: its KV-cache sequence, sampler and output so far."""
+
+    handle: Any
+    seq_id: int
+    prompt_len: int
+    pending: list[int]  # tokens to feed next: the prompt's uncached tail, or the last sample
+    n_past: int  # tokens of this sequence already in the KV cache
+    params: GenerationParams
+    sampler: Any
+    cached: int
+    buffer: StopStringBuffer
+    produced: int = 0
+    logits_index: int = -1
+    events: list[TokenPiece | Finished] = field(default_factory=list)
+
+
+class BatchedLlamaCpp:
+    """A llama.cpp context shared by up to `parallel` requests, stepped by one thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        parallel: int,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        model_name: str | None = None,
+        gguf_sha256: str | None = None,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        self.slots = parallel
+        self._chat = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+        self._model = self._chat.model
+        self._n_ctx = n_ctx
+        self._n_batch = n_batch
+        self._prefix_seq = parallel  # the reserved sequence holding the warm prefix
+        self._prefix: list[int] = []
+        params = llama_cpp.llama_context_default_params()
+        # One KV stream of n_ctx cells per slot, plus one for the warm prefix. Separate streams
+        # (not one unified cache) keep each sequence's cells in the layout a lone sequence
+        # has, so attention sums in the same order and greedy outputs match `Llama`'s exactly.
+        params.n_ctx = n_ctx * (parallel + 1)
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = parallel + 1
+        params.kv_unified = False
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as `Llama` does
+        params.no_perf = True
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        except Exception as err:
+            message = f"{model_path}: llama.cpp could not create a context ({err})"
+            raise ModelFileError(message) from err
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._free = list(range(parallel))
+        self._active: list[_Sequence] = []
+        self._n_vocab = self._model.n_vocab()
+        self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
+
+    # -- what the server asks of any backend -------------------------------------------------
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        return self._chat.prepare(messages)
+
+    def validate_json_schema(self, schema: str) -> None:
+        grammar_for(schema)
+
+    def close(self) -> None:
+        self._batch.close()
+        self._ctx.close()
+        self._chat.close()
+
+    # -- the warm prefix --------------------------------------------------------------------
+
+    @property
+    def prefix_tokens(self) -> int:
+        return len(self._prefix)
+
+    def warm_prefix(self, tokens: list[int]) -> None:
+        """Evaluate a prompt prefix once; requests that start with it copy its KV cells."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
+        self._prefix = []
+        tokens = tokens[: self._n_ctx - 1]
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            self._batch.reset()
+            for offset, token in enumerate(chunk):
+                self._add(token, start + offset, self._prefix_seq, logits=False)
+            self._decode()
+        self._prefix = list(tokens)
+
+    # -- slots --------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def start(self, handle: Any, prompt: PreparedPrompt, params: GenerationParams) -> None:
+        """Give a request a slot. Its prompt is evaluated by the next steps."""
+        import llama_cpp
+
+        if not self._free:
+            raise RuntimeError("no free slot")  # the scheduler admits only up to `slots`
+        assert prompt.tokens is not None
+        tokens = list(prompt.tokens)
+        seq_id = self._free.pop(0)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        # Share the warm prefix's cells; the last prompt token is always evaluated (its logits
+        # start the answer).
+        cached = min(common_prefix_length([self._prefix, tokens]), len(tokens) - 1)
+        if cached > 0:
+            # Streams are separate, so the copy takes the prefix's whole stream (it holds only
+            # the prefix); then whatever this prompt does not share is dropped.
+            llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, seq_id, -1, -1)
+            if cached < len(self._prefix):
+                llama_cpp.llama_memory_seq_rm(self._memory, seq_id, cached, -1)
+        try:
+            sampler = self._sampler(params)
+        except Exception:
+            self._free.append(seq_id)
+            raise
+        self._active.append(
+            _Sequence(
+                handle=handle,
+                seq_id=seq_id,
+                prompt_len=len(tokens),
+                pending=tokens[cached:],
+                n_past=cached,
+                params=params,
+                sampler=sampler,
+                cached=cached,
+                buffer=StopStringBuffer(params.stop),
+            )
+        )
+
+    def generate(
+        self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[TokenPiece | Finished]:
+        """One request on its own, for callers without a scheduler (evaluation, tools)."""
+        handle = object()
+        self.start(handle, prompt, params)
+        try:
+            while True:
+                if should_stop():
+                    finished = self.cancel(handle)
+                    if finished:
+                        yield finished
+                    return
+                for owner, event in self.step():
+                    if owner is handle:
+                        yield event
+                        if isinstance(event, Finished):
+                            return
+        finally:
+            self.cancel(handle)  # a no-op unless the caller stopped iterating early
+
+    def cancel(self, handle: Any) -> Finished | None:
+        """Free a request's slot at once; its Finished(cancelled), or None if not active."""
+        for sequence in self._active:
+            if sequence.handle is handle:
+                return self._finish(sequence, "cancelled")
+        return None
+
+    def step(self) -> list[tuple[Any, TokenPiece | Finished]]:
+        """One llama_decode across every active request; the events it produced."""
+        if not self._active:
+            return []
+        self._batch.reset()
+        budget = self._n_batch
+        fed: list[_Sequence] = []
+        # Decoding requests first (one token each), then prompts in the room that is left:
+        # a long prompt joining never stalls the streams already running.
+        for sequence in sorted(self._active, key=lambda s: len(s.pending) > 1):
+            if budget == 0:
+                break
+            if len(sequence.pending) > budget and budget < self._n_batch:
+                continue  # a prompt is cut only at n_batch boundaries, as `Llama` cuts it
+            take = sequence.pending[:budget]
+            last = len(take) == len(sequence.pending)
+            for offset, token in enumerate(take):
+                wants_logits = last and offset == len(take) - 1
+                if wants_logits:
+                    sequence.logits_index = self._batch.n_tokens()
+                self._add(token, sequence.n_past + offset, sequence.seq_id, wants_logits)
+            sequence.pending = sequence.pending[len(take) :]
+            sequence.n_past += len(take)
+            budget -= len(take)
+            if last:
+                fed.append(sequence)
+        self._decode()
+        events: list[tuple[Any, TokenPiece | Finished]] = []
+        for sequence in fed:
+            for event in self._advance(sequence):
+                events.append((sequence.handle, event))
+        return events
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch.batch
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+
+    def _decode(self) -> None:
+        import llama_cpp
+
+        code = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+        if code != 0:
+            # Sizing makes a full KV cache impossible; anything else is llama.cpp failing.
+            raise BackendError(f"llama_decode returned {code}")
+
+    def _advance(self, sequence: _Sequence) -> list[TokenPiece | Finished]:
+        """Sample the sequence's next token from this step's logits and apply its limits."""
+        import llama_cpp
+
+        token = int(sequence.sampler.sample(self._ctx, sequence.logits_index))
+        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+            return [self._finish(sequence, "stop")]
+        sequence.produced += 1
+        text, start, end = sequence.buffer.feed(self._model.detokenize([token]))
+        logprob = self._logprob(sequence.logits_index, token) if sequence.params.logprobs else None
+        events: list[TokenPiece | Finished] = [TokenPiece(text, start, end, logprob)]
+        if sequence.buffer.stopped:
+            events.append(self._finish(sequence, "stop_sequence"))
+        elif (
+            sequence.produced >= sequence.params.max_tokens
+            or sequence.prompt_len + sequence.produced >= self._n_ctx
+        ):
+            events.append(self._finish(sequence, "length"))
+        else:
+            sequence.pending = [token]
+        return events
+
+    def _finish(self, sequence: _Sequence, reason: FinishReason) -> Finished:
+        import llama_cpp
+
+        self._active.remove(sequence)
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+        self._free.append(sequence.seq_id)
+        sequence.sampler.close()
+        return Finished(
+            reason=reason,
+            prompt_tokens=sequence.prompt_len,
+            completion_tokens=sequence.produced,
+            cached_prompt_tokens=sequence.cached,
+            text=sequence.buffer.flush() if reason != "cancelled" else "",
+        )
+
+    def _logprob(self, index: int, token: int) -> float:
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        peak = float(logits.max())
+        return float(logits[token]) - (peak + float(np.log(np.exp(logits - peak).sum())))
+
+    def _sampler(self, params: GenerationParams) -> Any:
+        """The same chain `Llama.generate` builds for these settings, one per request."""
+        from llama_cpp import _internals
+
+        sampler = _internals.LlamaSampler()
+        if params.json_schema:
+            sampler.add_grammar(self._model, grammar_for(params.json_schema))
+        if params.temperature <= 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(40)
+            sampler.add_top_p(params.top_p, 1)
+            sampler.add_min_p(0.05, 1)
+            sampler.add_temp(params.temperature)
+            sampler.add_dist(params.seed)
+        return sampler

@@ -1,0 +1,153 @@
+"""Continuous batching and prefix reuse change speed, never answers (real SmolLM2, real gRPC)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.core.api import pb, pb_grpc
+from services.core.client import sampling
+from tests.helpers import ServerProcess, start_runtime
+
+COUNTRIES = ["Italy", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Egypt", "Canada"]
+PROMPTS = [
+    ("Write a haiku about rain.", 40),
+    ("List three prime numbers.", 12),
+    ("Explain what DNS does in one sentence.", 64),
+    ("Say hello in French.", 5),
+    ("Name a color.", 1),
+    ("Write a long story about a lighthouse keeper.", 90),
+    ("What is 2+2?", 20),
+    ("Describe the sea.", 33),
+]
+
+
+def serve(gguf: Path, program: Path, *extra: str) -> ServerProcess:
+    return start_runtime(
+        "--model", str(gguf), "--program", str(program), "--n-ctx", "1024",
+        "--max-queue", "32", *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def servers(gguf_path: Path, program_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    serial = serve(gguf_path, program_path, "--parallel", "1")
+    batched = serve(gguf_path, program_path, "--parallel", "8", "--n-batch", "64")
+    yield serial, batched
+    serial.terminate()
+    batched.terminate()
+
+
+def calls() -> list[pb.PredictRequest | pb.GenerateRequest]:
+    greedy = {"temperature": 0.0}
+    requests: list[pb.PredictRequest | pb.GenerateRequest] = [
+        pb.PredictRequest(
+            inputs={"country": c},
+            options=sampling(max_tokens=24, **greedy),
+            include_raw_text=True,
+        )
+        for c in COUNTRIES
+    ]
+    requests += [
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content=text)],
+            options=sampling(max_tokens=n, **greedy),
+        )
+        for text, n in PROMPTS
+    ]
+    return requests
+
+
+def answer(
+    stub: pb_grpc.InferenceStub, request: pb.PredictRequest | pb.GenerateRequest
+) -> tuple[str, int, int]:
+    """(text, completion tokens, cached prompt tokens) of one call."""
+    if isinstance(request, pb.PredictRequest):
+        reply = stub.Predict(request, timeout=120)
+        return reply.raw_text, reply.usage.completion_tokens, reply.usage.cached_prompt_tokens
+    text, usage = "", pb.Usage()
+    for chunk in stub.Generate(request, timeout=120):
+        text += chunk.text
+        if chunk.HasField("usage"):
+            usage = chunk.usage
+    return text, usage.completion_tokens, usage.cached_prompt_tokens
+
+
+def test_batched_greedy_outputs_are_token_for_token_the_serial_ones(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    serial, batched = servers
+    requests = calls()
+    serial_stub = pb_grpc.InferenceStub(grpc.insecure_channel(serial.target))
+    expected = [answer(serial_stub, r) for r in requests]  # one at a time
+
+    batched_stub = pb_grpc.InferenceStub(grpc.insecure_channel(batched.target))
+    # All 16 at once: 8 decode together, 8 join as slots free up; prompts are split into
+    # 64-token chunks that share steps with running decodes.
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: answer(batched_stub, r), requests))
+
+    for request, (want_text, want_n, _), (text, n, _) in zip(requests, expected, got, strict=True):
+        assert (text, n) == (want_text, want_n), request
+    # Generate calls stop at their own max_tokens, whatever their neighbours do.
+    for (_, max_tokens), (_, n, _) in zip(PROMPTS, got[len(COUNTRIES) :], strict=True):
+        assert n <= max_tokens
+
+
+def test_predict_reuses_the_program_prefix(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    _, batched = servers
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(batched.target))
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.parallel == 8
+    assert info.cached_prefix_tokens > 50  # instructions, field structure and two demos
+    request = pb.PredictRequest(inputs={"country": "Italy"}, include_raw_text=True)
+    text, _, cached = answer(stub, request)
+    # Every Predict starts from the warm prefix: only its own inputs are evaluated.
+    assert cached == info.cached_prefix_tokens
+    assert "Rome" in text
+
+
+def test_prefix_reuse_off_evaluates_the_whole_prompt(
+    gguf_path: Path, program_path: Path, servers: tuple[ServerProcess, ServerProcess]
+) -> None:
+    serial, _ = servers
+    cold = serve(gguf_path, program_path, "--parallel", "2", "--no-prefix-cache")
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(cold.target))
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).cached_prefix_tokens == 0
+        request = pb.PredictRequest(
+            inputs={"country": "Peru"}, options=sampling(temperature=0), include_raw_text=True
+        )
+        text, n, cached = answer(stub, request)
+        assert cached == 0 and "Peru" in text
+        serial_stub = pb_grpc.InferenceStub(grpc.insecure_channel(serial.target))
+        assert (text, n) == answer(serial_stub, request)[:2]
+    finally:
+        cold.terminate()
+
+
+def test_a_cancelled_call_frees_its_slot_for_the_others(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    _, batched = servers
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(batched.target))
+    long_story = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Write a very long story about a cat.")],
+        options=sampling(max_tokens=400, temperature=0),
+    )
+    # Fill every slot with a call whose deadline ends it early...
+    with ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(lambda: list(stub.Generate(long_story, timeout=1.0))) for _ in range(8)
+        ]
+        for future in futures:
+            with pytest.raises(grpc.RpcError) as caught:
+                future.result()
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # ...then a new call gets a slot at once and answers in full.
+    reply = stub.Predict(pb.PredictRequest(inputs={"country": "Italy"}), timeout=20)
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
