@@ -149,7 +149,25 @@ def route(overrides: dict[str, Any]) -> None:
 def _client(target: str, timeout: float) -> Any:
     from services.core.client import InferenceClient
 
-    return InferenceClient(target, timeout_s=timeout)
+    credentials, token = _client_security()
+    return InferenceClient(target, timeout_s=timeout, credentials=credentials, token=token)
+
+
+def _client_security() -> tuple[Any, str | None]:
+    """TLS credentials and token from EDGEDISTILL_CLIENT_* (a clear message when wrong)."""
+    from services.core.config import ClientSettings, SettingsError, load_settings
+    from services.core.security import channel_credentials
+
+    try:
+        settings = load_settings(ClientSettings)
+        credentials = (
+            channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+            if settings.uses_tls
+            else None
+        )
+        return credentials, settings.token()
+    except (SettingsError, OSError) as err:
+        raise _fail(f"client settings (EDGEDISTILL_CLIENT_*): {err}", code=2) from None
 
 
 def _rpc_error(err: Exception) -> typer.Exit:
@@ -396,10 +414,15 @@ def health_check(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from services.core.security import channel, token_metadata
+
+    credentials, token = _client_security()
+    with channel(target, credentials=credentials) as health_channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            reply = health_pb2_grpc.HealthStub(health_channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=token_metadata(token),
             )
         except grpc.RpcError as err:
             raise _rpc_error(err) from None

@@ -70,9 +70,15 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r}\n{self.stderr}")
         return int(line.rsplit(":", 1)[1])
 
-    def wait_serving(self, timeout: float = 120.0) -> None:
+    def wait_serving(
+        self, timeout: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with (
+            grpc.secure_channel(self.target, credentials)
+            if credentials
+            else grpc.insecure_channel(self.target)
+        ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -8,16 +8,34 @@ from typing import Any
 import grpc
 
 from services.core.api import pb, pb_grpc
+from services.core.security import channel, token_metadata
 
 
 class InferenceClient:
-    def __init__(self, target: str, *, timeout_s: float | None = 60.0) -> None:
+    """Plain by default; TLS with `credentials` (security.channel_credentials), and a bearer
+    token on every call with `token`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 << 20)]
+        self._channel = channel(
+            target,
+            credentials=credentials,
+            options=[("grpc.max_receive_message_length", 64 << 20)],
         )
+        self.metadata = token_metadata(token)
         self.stub = pb_grpc.InferenceStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -41,7 +59,9 @@ class InferenceClient:
             options=sampling(max_tokens=max_tokens, temperature=temperature),
             include_raw_text=include_raw_text,
         )
-        response: pb.PredictResponse = self.stub.Predict(request, timeout=self.timeout_s)
+        response: pb.PredictResponse = self.stub.Predict(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
         return response
 
     def generate(
@@ -63,12 +83,14 @@ class InferenceClient:
             stop=list(stop),
             json_schema=json_schema,
         )
-        chunks: Iterator[pb.GenerateChunk] = self.stub.Generate(request, timeout=self.timeout_s)
+        chunks: Iterator[pb.GenerateChunk] = self.stub.Generate(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
         return chunks
 
     def info(self) -> pb.ModelInfo:
         reply: pb.ModelInfo = self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=self.timeout_s
+            pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata
         )
         return reply
 

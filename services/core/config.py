@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +22,47 @@ class SettingsError(ValueError):
     """A setting is wrong; the message names it and says how to fix it."""
 
 
-class RuntimeSettings(BaseSettings):
+class TransportSettings(BaseSettings):
+    """TLS, mutual TLS and bearer-token auth: the same settings on the runtime and the router."""
+
+    tls_cert: Path | None = Field(
+        None, description="server certificate chain (PEM); with --tls-key the server speaks TLS"
+    )
+    tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="CA (PEM) that client certificates must chain to: mutual TLS"
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token every call must carry "
+        "(or the variable <prefix>AUTH_TOKEN); unset: no token needed",
+    )
+    health_requires_auth: bool = Field(
+        False, description="health checks need the token too (default: open, for probes)"
+    )
+
+    def auth_token(self) -> str | None:
+        """The token from auth_token_file, else from the <prefix>AUTH_TOKEN variable."""
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text().strip()
+        return os.environ.get(f"{self.model_config.get('env_prefix', '')}AUTH_TOKEN") or None
+
+    @model_validator(mode="after")
+    def _transport_consistent(self) -> TransportSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca: mutual TLS needs --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if self.auth_token_file is not None and not self.auth_token_file.read_text().strip():
+            raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
+        return self
+
+
+class RuntimeSettings(TransportSettings):
     """Settings of the runtime container (`edgedistill serve`)."""
 
     model_config = SettingsConfigDict(
@@ -128,14 +168,19 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             if not loc and ":" in message:
                 loc, message = (s.strip() for s in message.split(":", 1))
             if loc:
-                flag = "--" + loc.replace("_", "-")
-                lines.append(f"{loc} ({flag} / {ENV_PREFIX}{loc.upper()}): {message}")
+                variable = cls.model_config.get("env_prefix", ENV_PREFIX) + loc.upper()
+                names = (
+                    variable
+                    if getattr(cls, "env_only", False)
+                    else ("--" + loc.replace("_", "-") + " / " + variable)
+                )
+                lines.append(f"{loc} ({names}): {message}")
             else:
                 lines.append(message)
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
 
 
-class RouterSettings(BaseSettings):
+class RouterSettings(TransportSettings):
     """Settings of the router container (`edgedistill route`). Variables: EDGEDISTILL_ROUTER_*."""
 
     model_config = SettingsConfigDict(
@@ -195,6 +240,18 @@ class RouterSettings(BaseSettings):
     health_interval_s: float = Field(
         2.0, gt=0, le=60, description="how often runtimes are health-checked"
     )
+    local_tls_ca: Path | None = Field(
+        None, description="CA (PEM) to verify the runtimes' certificates: TLS to the runtimes"
+    )
+    local_tls_cert: Path | None = Field(
+        None, description="client certificate (PEM) presented to the runtimes (mutual TLS)"
+    )
+    local_tls_key: Path | None = Field(None, description="private key of --local-tls-cert")
+    local_token_file: Path | None = Field(
+        None,
+        description="file holding the runtimes' bearer token "
+        "(or the variable EDGEDISTILL_ROUTER_LOCAL_TOKEN)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -223,3 +280,47 @@ class RouterSettings(BaseSettings):
         if self.fallback_key_file:
             return SecretStr(self.fallback_key_file.read_text().strip())
         return None
+
+    def local_token(self) -> str | None:
+        """The bearer token the router sends to the runtimes, if they need one."""
+        if self.local_token_file is not None:
+            return self.local_token_file.read_text().strip()
+        return os.environ.get(f"{ENV_PREFIX}ROUTER_LOCAL_TOKEN") or None
+
+
+class ClientSettings(BaseSettings):
+    """How the CLI's client commands (predict, generate, info, health) reach a server.
+
+    Variables only (EDGEDISTILL_CLIENT_*), so a container's HEALTHCHECK picks them up too.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX + "CLIENT_", extra="forbid", frozen=True, env_ignore_empty=True
+    )
+    env_only: ClassVar[bool] = True
+
+    tls_ca: Path | None = Field(None, description="CA (PEM) to verify the server: use TLS")
+    tls_cert: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    tls_key: Path | None = Field(None, description="private key of the client certificate")
+    token_file: Path | None = Field(
+        None, description="file holding the bearer token (or EDGEDISTILL_CLIENT_TOKEN)"
+    )
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> ClientSettings:
+        for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: a client certificate needs its key (TLS_CERT and TLS_KEY)")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def token(self) -> str | None:
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        return os.environ.get(f"{ENV_PREFIX}CLIENT_TOKEN") or None

@@ -15,6 +15,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle
@@ -275,20 +276,32 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
             backoff_s=settings.api_backoff_s,
         )
     metrics = RouterMetrics()
-    local = LocalRuntimes(settings.local, settings.health_interval_s)
+    local = LocalRuntimes(
+        settings.local,
+        settings.health_interval_s,
+        credentials=(
+            security.channel_credentials(
+                settings.local_tls_ca, settings.local_tls_cert, settings.local_tls_key
+            )
+            if settings.local_tls_ca or settings.local_tls_cert
+            else None
+        ),
+        token=settings.local_token(),
+    )
     await local.start()
     service = RouterService(settings, program, threshold, local, fallback, metrics)
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
+    server = grpc.aio.server(
+        interceptors=security.interceptors(settings),
+        options=[("grpc.max_receive_message_length", 8 << 20)],
+    )
     pb_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"port: cannot bind {settings.host}:{settings.port}")
+    port = security.add_port(server, settings)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -14,6 +14,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
+from services.core.security import channel, token_metadata
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ class Endpoint:
 
 
 class LocalRuntimes:
-    def __init__(self, targets: list[str], health_interval_s: float) -> None:
+    def __init__(
+        self,
+        targets: list[str],
+        health_interval_s: float,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
         options = [("grpc.max_receive_message_length", 64 << 20)]
         self._endpoints = [
-            Endpoint(t, grpc.aio.insecure_channel(t, options=options)) for t in targets
+            Endpoint(t, channel(t, credentials=credentials, options=options, aio=True))
+            for t in targets
         ]
+        self._metadata = token_metadata(token)
         self._interval = health_interval_s
         self._next = 0
         self._watcher: asyncio.Task[None] | None = None
@@ -62,7 +72,9 @@ class LocalRuntimes:
 
     async def _check(self, endpoint: Endpoint) -> None:
         try:
-            reply = await endpoint.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            reply = await endpoint.health.Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0, metadata=self._metadata
+            )
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
@@ -93,7 +105,8 @@ class LocalRuntimes:
         """A unary call on the next healthy runtime; the next one on UNAVAILABLE."""
         for endpoint in self._order():
             try:
-                return await getattr(endpoint.stub, method)(request, timeout=timeout)
+                call = getattr(endpoint.stub, method)
+                return await call(request, timeout=timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -104,7 +117,7 @@ class LocalRuntimes:
         self, request: pb.GenerateRequest, timeout: float
     ) -> AsyncIterator[pb.GenerateChunk]:
         for endpoint in self._order():
-            stream = endpoint.stub.Generate(request, timeout=timeout)
+            stream = endpoint.stub.Generate(request, timeout=timeout, metadata=self._metadata)
             started = False
             try:
                 async for chunk in stream:

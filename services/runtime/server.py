@@ -15,6 +15,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
@@ -332,6 +333,7 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
     # INVALID_ARGUMENT naming the field rather than a bare RESOURCE_EXHAUSTED.
     hard_cap = settings.max_request_bytes * 4 + (64 << 10)
     server = grpc.aio.server(
+        interceptors=security.interceptors(settings),
         options=[
             ("grpc.max_receive_message_length", hard_cap),
             ("grpc.max_send_message_length", 64 << 20),
@@ -347,9 +349,7 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"port: cannot bind {settings.host}:{settings.port}")
+    port = security.add_port(server, settings)
     await server.start()
     if ready is not None:
         ready(port)  # health says NOT_SERVING until the model is loaded
