@@ -21,6 +21,7 @@ from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle
 from services.core.config import RouterSettings
 from services.core.program import ProgramSpec, program_from_file
+from services.core.registration import add_inference_servicer
 from services.core.validation import RpcFailure
 from services.router.fallback import ApiError, FallbackModel
 from services.router.metrics import RouterMetrics
@@ -295,7 +296,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         interceptors=security.interceptors(settings),
         options=[("grpc.max_receive_message_length", 8 << 20)],
     )
-    pb_grpc.add_InferenceServicer_to_server(service, server)
+    add_inference_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -20,6 +20,7 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.program import COMPLETED_MARKER
+from services.core.registration import add_inference_servicer
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.loading import LoadedModel, load_model
@@ -341,7 +342,7 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
         ],
         maximum_concurrent_rpcs=max(64, (settings.max_queue + 1) * 4),
     )
-    pb_grpc.add_InferenceServicer_to_server(service, server)
+    add_inference_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
