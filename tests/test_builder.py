@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -297,3 +299,32 @@ def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
     # The key never lands on disk.
     for file in tmp_path.iterdir():
         assert "sk-test-not-a-real-key" not in file.read_text(errors="replace")
+
+
+def test_a_killed_build_leaves_no_bundle_and_a_rerun_resumes(
+    tiny: tuple[Path, Path, object],
+) -> None:
+    spec, build, _ = tiny
+    later = ("quantize", "evaluate", "calibrate", "package", "bundle")
+    for name in later:
+        shutil.rmtree(build / name, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "build", str(spec)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (build / ".quantize.partial").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "quantize never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-stage, as a power cut would
+    proc.wait(30)
+    assert not (build / "bundle").exists(), "a killed build must not leave a bundle"
+    assert not (build / "quantize").exists(), "nor a finished-looking stage"
+
+    rerun = run_build(spec)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for stage in ("traces", "dataset", "student", "finetune", "export"):
+        assert f"{stage}: inputs unchanged, skipped" in rerun.stdout
+    for stage in ("quantize", "evaluate", "calibrate", "package"):
+        assert f"• {stage}\n" in rerun.stdout
+    Bundle.open(build / "bundle")  # complete and verified

@@ -1,0 +1,104 @@
+"""Faults the edge host will see: a runtime killed mid-stream, then coming back."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+from tests.conftest import CAPITALS_PROGRAM
+from tests.helpers import ServerProcess, free_port, start_runtime
+from tests.openai_standin import OpenAIStandIn
+from tests.test_router import start_router
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
+    from tests.test_runtime_server import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("faults") / "bundle", gguf_path, CAPITALS_PROGRAM)
+
+
+def runtime_on(port: int, bundle: Path) -> ServerProcess:
+    return start_runtime("--bundle", str(bundle), "--n-ctx", "1024", "--port", str(port))
+
+
+def test_runtime_killed_mid_stream_then_back(bundle: Path) -> None:
+    port = free_port()
+    runtime = runtime_on(port, bundle)
+    with OpenAIStandIn({"Japan": "Tokyo"}, input_field="country", output_field="capital") as api:
+        router = start_router(
+            bundle, f"127.0.0.1:{port}", "--threshold", "0.0",
+            "--fallback-model", "openai/gold", "--fallback-api-base", api.base_url,
+        )  # fmt: skip
+        client = InferenceClient(router.target, timeout_s=60)
+        try:
+            # A stream through the router is cut by SIGKILL: the caller hears at once.
+            story = client.generate([("user", "Write a long story about a whale.")],
+                                    max_tokens=400, temperature=0)  # fmt: skip
+            first = threading.Event()
+            outcome: list[object] = []
+
+            def read() -> None:
+                try:
+                    for _ in story:
+                        first.set()
+                    outcome.append("finished")
+                except grpc.RpcError as err:
+                    outcome.append((err.code(), time.monotonic()))
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            assert first.wait(30)
+            runtime.proc.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            reader.join(10)
+            code, heard_at = outcome[0]  # type: ignore[misc]
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert heard_at - killed_at < 1.0
+
+            # Predict falls back to the API within a second while the runtime is gone.
+            started = time.monotonic()
+            reply = client.predict({"country": "Japan"})
+            assert time.monotonic() - started < 1.0
+            assert reply.served_by == pb.SERVED_BY_FALLBACK
+            assert reply.route_reason == "local_unavailable"
+
+            # The runtime comes back on its port: the router serves locally again.
+            runtime = runtime_on(port, bundle)
+            deadline = time.monotonic() + 10
+            while True:
+                reply = client.predict({"country": "Japan"})
+                if reply.served_by == pb.SERVED_BY_LOCAL:
+                    break
+                assert time.monotonic() < deadline, "the router never went back to the runtime"
+                time.sleep(0.2)
+        finally:
+            client.close()
+            router.terminate()
+            runtime.terminate()
+
+
+def test_without_a_fallback_a_dead_runtime_is_unavailable_fast(bundle: Path) -> None:
+    port = free_port()
+    runtime = runtime_on(port, bundle)
+    router = start_router(bundle, f"127.0.0.1:{port}", "--mode", "local_only")
+    try:
+        with InferenceClient(router.target, timeout_s=60) as client:
+            assert client.predict({"country": "Italy"}).served_by == pb.SERVED_BY_LOCAL
+            runtime.proc.send_signal(signal.SIGKILL)
+            runtime.proc.wait(10)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.predict({"country": "Italy"})
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 1.0
+    finally:
+        router.terminate()
+        runtime.terminate()
