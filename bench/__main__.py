@@ -1,13 +1,14 @@
-"""`make bench`: every benchmark, in one run (or one: python -m bench serving|batching|router)."""
+"""`make bench`: every benchmark in one run; or some: python -m bench batching load."""
 
 import sys
 
-from bench import batching, router_quality, serving_overhead
+from bench import batching, load, router_quality, serving_overhead
 
 BENCHES = {
     "serving": serving_overhead.main,
     "batching": batching.main,
     "router": router_quality.main,
+    "load": load.main,
 }
 
 if __name__ == "__main__":
