@@ -13,9 +13,11 @@ against this machine's memory-bandwidth roofline.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +40,7 @@ MAX_TOKENS = 32
 N_CTX = 1024
 CONCURRENCY = (1, 4, 8, 16)
 PARALLEL = 16
+Chat = list[dict[str, str]]
 
 
 @dataclass
@@ -98,7 +101,9 @@ def bench_llama_cpp_server(gguf: Path, prompts: list[list[dict[str, str]]]) -> l
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", str(N_CTX), "--n_threads", str(THREADS),
-         "--n_threads_batch", str(THREADS)],
+         "--n_threads_batch", str(THREADS),
+         # its default interrupts a running stream when another request arrives
+         "--interrupt_requests", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -131,14 +136,15 @@ def bench_llama_cpp_server(gguf: Path, prompts: list[list[dict[str, str]]]) -> l
 
 
 def bench_runtime(
-    gguf: Path, parallel: int, prompts: list[list[dict[str, str]]]
+    gguf: Path, program: Path, parallel: int, prompts: list[Chat]
 ) -> list[LevelResult]:
     server = start_runtime(
-        "--model", str(gguf), "--n-ctx", str(N_CTX), "--parallel", str(parallel),
-        "--max-queue", "64", env={"EDGEDISTILL_N_THREADS": str(THREADS)},
+        "--model", str(gguf), "--program", str(program), "--n-ctx", str(N_CTX),
+        "--parallel", str(parallel), "--max-queue", "64",
+        env={"EDGEDISTILL_N_THREADS": str(THREADS)},
     )  # fmt: skip
     try:
-        client = InferenceClient(server.target)
+        client = InferenceClient(server.target, timeout_s=600)
 
         def call(messages: list[dict[str, str]]) -> CallTiming:
             started = time.perf_counter()
@@ -175,6 +181,7 @@ def prefix_ttft(
     engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1)
 
     def first_token(messages: list[dict[str, str]]) -> float:
+        engine.clear_cache()  # no reuse from the previous call: only the warm prefix, if any
         prompt = engine.prepare(messages)
         started = time.perf_counter()
         for event in engine.generate(prompt, params, lambda: False):
@@ -258,13 +265,15 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 
 def main() -> None:
     console = Console()
-    gguf = smollm2_gguf()
+    gguf = Path(os.environ["BENCH_GGUF"]) if "BENCH_GGUF" in os.environ else smollm2_gguf()
     codec, prompts = ticket_messages(max(requests_for(c) for c in CONCURRENCY))
+    program = Path(tempfile.mkdtemp()) / "program.json"
+    program.write_text(codec.spec.model_dump_json())
     systems = {
         "(a) llama_cpp.server": lambda: bench_llama_cpp_server(gguf, prompts),
-        "(b) runtime, batching off": lambda: bench_runtime(gguf, 1, prompts),
+        "(b) runtime, batching off": lambda: bench_runtime(gguf, program, 1, prompts),
         f"(c) runtime, batching on (--parallel {PARALLEL})": lambda: bench_runtime(
-            gguf, PARALLEL, prompts
+            gguf, program, PARALLEL, prompts
         ),
     }
     results: dict[str, list[LevelResult]] = {}

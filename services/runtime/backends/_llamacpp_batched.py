@@ -75,8 +75,9 @@ class BatchedLlamaCpp:
         gguf_sha256: str | None = None,
     ) -> None:
         import llama_cpp
-        from llama_cpp import _internals
+        from llama_cpp import _internals, _logger
 
+        _logger.set_verbose(False)  # llama.cpp's own log lines only for errors, as `Llama` does
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self.slots = parallel
@@ -107,6 +108,10 @@ class BatchedLlamaCpp:
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._free = list(range(parallel))
+        # What each slot's KV stream still holds from its last request: a new request takes
+        # the free slot sharing the longest prefix with it (a chat's next turn, a repeated
+        # prompt), as llama.cpp's server picks slots.
+        self._slot_tokens: dict[int, list[int]] = {slot: [] for slot in range(parallel)}
         self._active: list[_Sequence] = []
         self._n_vocab = self._model.n_vocab()
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
@@ -149,6 +154,17 @@ class BatchedLlamaCpp:
             self._decode()
         self._prefix = list(tokens)
 
+    def clear_cache(self, *, keep_prefix: bool = True) -> None:
+        """Forget what idle slots hold (and the warm prefix unless keep_prefix): a cold start."""
+        import llama_cpp
+
+        for slot in self._free:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._slot_tokens[slot] = []
+        if not keep_prefix:
+            llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
+            self._prefix = []
+
     # -- slots --------------------------------------------------------------------------------
 
     @property
@@ -167,17 +183,25 @@ class BatchedLlamaCpp:
             raise RuntimeError("no free slot")  # the scheduler admits only up to `slots`
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        seq_id = self._free.pop(0)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        # Share the warm prefix's cells; the last prompt token is always evaluated (its logits
-        # start the answer).
-        cached = min(common_prefix_length([self._prefix, tokens]), len(tokens) - 1)
-        if cached > 0:
+        last = len(tokens) - 1  # the last prompt token is always evaluated: its logits start
+        seq_id = max(
+            self._free, key=lambda slot: common_prefix_length([self._slot_tokens[slot], tokens])
+        )
+        self._free.remove(seq_id)
+        kept = min(common_prefix_length([self._slot_tokens[seq_id], tokens]), last)
+        shared = min(common_prefix_length([self._prefix, tokens]), last)
+        if kept >= shared:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, kept, -1)
+            cached = kept
+        else:
             # Streams are separate, so the copy takes the prefix's whole stream (it holds only
             # the prefix); then whatever this prompt does not share is dropped.
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, seq_id, -1, -1)
-            if cached < len(self._prefix):
-                llama_cpp.llama_memory_seq_rm(self._memory, seq_id, cached, -1)
+            if shared < len(self._prefix):
+                llama_cpp.llama_memory_seq_rm(self._memory, seq_id, shared, -1)
+            cached = shared
+        self._slot_tokens[seq_id] = tokens[:cached]
         try:
             sampler = self._sampler(params)
         except Exception:
@@ -248,10 +272,19 @@ class BatchedLlamaCpp:
                 self._add(token, sequence.n_past + offset, sequence.seq_id, wants_logits)
             sequence.pending = sequence.pending[len(take) :]
             sequence.n_past += len(take)
+            self._slot_tokens[sequence.seq_id].extend(take)
             budget -= len(take)
             if last:
                 fed.append(sequence)
-        self._decode()
+        try:
+            self._decode()
+        except BackendError:
+            import llama_cpp
+
+            for sequence in self._active:  # their KV is in doubt: reuse none of it
+                self._slot_tokens[sequence.seq_id] = []
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+            raise
         events: list[tuple[Any, TokenPiece | Finished]] = []
         for sequence in fed:
             for event in self._advance(sequence):
@@ -301,10 +334,7 @@ class BatchedLlamaCpp:
         return events
 
     def _finish(self, sequence: _Sequence, reason: FinishReason) -> Finished:
-        import llama_cpp
-
         self._active.remove(sequence)
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
         self._free.append(sequence.seq_id)
         sequence.sampler.close()
         return Finished(
