@@ -82,12 +82,12 @@ class ChatModel:
     """A GGUF's tokenizer side: metadata, chat template, tokenization. Shared by backends."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, n_gpu_layers: int = 0,
-                 model: Any = None) -> None:  # fmt: skip
+                 model: Any = None, meta: dict[str, Any] | None = None) -> None:  # fmt: skip
         from llama_cpp import _internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.path = model_path
-        self.meta = read_gguf_metadata(model_path)
+        self.meta = meta if meta is not None else read_gguf_metadata(model_path)
         template = self.meta.get("tokenizer.chat_template")
         if not template:
             raise ModelFileError(f"{model_path}: GGUF has no tokenizer.chat_template")
@@ -157,7 +157,7 @@ class LlamaCppBackend:
     ) -> None:
         from llama_cpp import Llama
 
-        read_gguf_metadata(model_path)  # a clear refusal before llama.cpp sees a bad file
+        meta = read_gguf_metadata(model_path)  # a clear refusal before llama.cpp sees a bad file
         try:
             self._llm = Llama(
                 model_path=str(model_path),
@@ -171,7 +171,7 @@ class LlamaCppBackend:
             )
         except Exception as err:
             raise ModelFileError(f"{model_path}: llama.cpp could not load it ({err})") from err
-        self._chat = ChatModel(model_path, n_ctx=n_ctx, model=self._llm._model)
+        self._chat = ChatModel(model_path, n_ctx=n_ctx, model=self._llm._model, meta=meta)
         self._vocab = self._llm._model.vocab
         self._n_vocab = self._llm.n_vocab()
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
@@ -249,17 +249,20 @@ class LlamaCppBackend:
         )
 
     def _logprob(self, token: int) -> float:
-        """log p(token) under the model, from the logits the token was sampled from."""
-        import llama_cpp
-
-        pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        peak = float(logits.max())
-        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
-        return float(logits[token]) - log_total
+        return token_logprob(self._llm._ctx.ctx, -1, self._n_vocab, token)
 
     def close(self) -> None:
         self._llm.close()
+
+
+def token_logprob(ctx: Any, index: int, n_vocab: int, token: int) -> float:
+    """log p(token) under the model, from the logits at batch position `index`."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
+    logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+    peak = float(logits.max())
+    return float(logits[token]) - (peak + float(np.log(np.exp(logits - peak).sum())))
 
 
 @lru_cache(maxsize=64)

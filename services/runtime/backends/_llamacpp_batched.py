@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from services.core.tokens import common_prefix_length
 from services.runtime.backends._base import (
     BackendError,
@@ -35,7 +33,12 @@ from services.runtime.backends._base import (
     PreparedPrompt,
     TokenPiece,
 )
-from services.runtime.backends._llamacpp import ChatModel, ModelFileError, grammar_for
+from services.runtime.backends._llamacpp import (
+    ChatModel,
+    ModelFileError,
+    grammar_for,
+    token_logprob,
+)
 from services.runtime.backends._text import StopStringBuffer
 
 log = logging.getLogger(__name__)
@@ -346,12 +349,7 @@ class BatchedLlamaCpp:
         )
 
     def _logprob(self, index: int, token: int) -> float:
-        import llama_cpp
-
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        peak = float(logits.max())
-        return float(logits[token]) - (peak + float(np.log(np.exp(logits - peak).sum())))
+        return token_logprob(self._ctx.ctx, index, self._n_vocab, token)
 
     def _sampler(self, params: GenerationParams) -> Any:
         """The same chain `Llama.generate` builds for these settings, one per request."""
