@@ -71,8 +71,12 @@ class ServerProcess:
         return int(line.rsplit(":", 1)[1])
 
     def wait_serving(
-        self, timeout: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        timeout: float = 120.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        status: int = health_pb2.HealthCheckResponse.SERVING,
     ) -> None:
+        """Wait until the server's health answers `status` (SERVING unless told)."""
         deadline = time.monotonic() + timeout
         with (
             grpc.secure_channel(self.target, credentials)
@@ -85,12 +89,12 @@ class ServerProcess:
                     raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.stderr}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == status:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
-        raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.stderr}")
+        raise TimeoutError(f"server health not {status} after {timeout}s:\n{self.stderr}")
 
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

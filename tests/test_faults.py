@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -85,11 +86,20 @@ def test_runtime_killed_mid_stream_then_back(bundle: Path) -> None:
             runtime.terminate()
 
 
-def test_without_a_fallback_a_dead_runtime_is_unavailable_fast(bundle: Path) -> None:
+def test_router_health_follows_its_runtime(bundle: Path) -> None:
+    """Started before its runtime (compose starts both at once), the router says NOT_SERVING
+    until the runtime is up, then SERVING and answering; when the runtime dies, calls fail
+    fast with UNAVAILABLE and health goes back to NOT_SERVING."""
     port = free_port()
-    runtime = runtime_on(port, bundle)
-    router = start_router(bundle, f"127.0.0.1:{port}", "--mode", "local_only")
+    router = start_router(bundle, f"127.0.0.1:{port}", "--mode", "local_only",
+                          status=health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+    runtime = None
     try:
+        time.sleep(3)  # the router has tried and failed to reach it a few times by now
+        runtime = runtime_on(port, bundle)
+        started = time.monotonic()
+        router.wait_serving(30)
+        assert time.monotonic() - started < 5.0, "the router was slow to see its runtime"
         with InferenceClient(router.target, timeout_s=60) as client:
             assert client.predict({"country": "Italy"}).served_by == pb.SERVED_BY_LOCAL
             runtime.proc.send_signal(signal.SIGKILL)
@@ -99,6 +109,8 @@ def test_without_a_fallback_a_dead_runtime_is_unavailable_fast(bundle: Path) -> 
                 client.predict({"country": "Italy"})
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 1.0
+        router.wait_serving(10, status=health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         router.terminate()
-        runtime.terminate()
+        if runtime is not None:
+            runtime.terminate()

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.json_format import MessageToJson
+from grpc_health.v1 import health_pb2
 
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -43,14 +44,18 @@ def local_runtime(bundle: Path) -> Iterator[ServerProcess]:
 
 
 def start_router(
-    bundle: Path, local: str, *args: str, env: dict[str, str] | None = None
+    bundle: Path,
+    local: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    status: int = health_pb2.HealthCheckResponse.SERVING,
 ) -> ServerProcess:
     server = ServerProcess(
         ["route", "--bundle", str(bundle), "--local", local, "--port", "0", "--metrics-port", "0",
          "--health-interval-s", "0.5", *args],
         env={"EDGEDISTILL_ROUTER_API_BACKOFF_S": "0.05", **(env or {})},
     )  # fmt: skip
-    server.wait_serving(30)
+    server.wait_serving(30, status=status)
     return server
 
 
@@ -191,7 +196,9 @@ def test_runtime_down_goes_to_the_api_or_is_unavailable_fast(bundle: Path) -> No
     assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "local_unavailable"
     assert reply.outputs["capital"] == "Tokyo"
 
-    router = start_router(bundle, closed, "--mode", "local_only", "--threshold", "0.0")
+    # Nothing to answer with: the router says NOT_SERVING, and calls fail fast.
+    router = start_router(bundle, closed, "--mode", "local_only", "--threshold", "0.0",
+                          status=health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
     try:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:

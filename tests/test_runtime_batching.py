@@ -11,6 +11,7 @@ import pytest
 
 from services.core.api import pb, pb_grpc
 from services.core.client import sampling
+from services.runtime.backends._llamacpp_batched import prompt_piece, usable_cache
 from tests.helpers import ServerProcess, start_runtime
 
 COUNTRIES = ["Italy", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Egypt", "Canada"]
@@ -151,3 +152,29 @@ def test_a_cancelled_call_frees_its_slot_for_the_others(
     # ...then a new call gets a slot at once and answers in full.
     reply = stub.Predict(pb.PredictRequest(inputs={"country": "Italy"}), timeout=20)
     assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+
+
+@pytest.mark.parametrize(
+    ("pending", "budget", "at_start", "take"),
+    [
+        (40, 64, False, 40),  # the whole prompt fits
+        (65, 64, False, 63),  # never leave one token behind
+        (65, 64, True, 63),
+        (3, 2, False, 0),  # a one-token piece after position 0: wait for room
+        (1, 64, True, 1),  # a one-token prompt is evaluated alone, as a lone sequence does
+        (2, 2, False, 2),
+        (100, 0, False, 0),
+    ],
+)
+def test_prompt_pieces_are_never_one_token_after_position_zero(
+    pending: int, budget: int, at_start: bool, take: int
+) -> None:
+    assert prompt_piece(pending, budget, at_start=at_start) == take
+
+
+@pytest.mark.parametrize(
+    ("shared", "last", "cached"),
+    [(0, 10, 0), (5, 10, 5), (9, 10, 9), (10, 10, 9), (30, 10, 9), (0, 0, 0), (4, 0, 0)],
+)
+def test_a_prompt_evaluates_at_least_two_tokens(shared: int, last: int, cached: int) -> None:
+    assert usable_cache(shared, last) == cached

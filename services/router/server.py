@@ -277,6 +277,20 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
             backoff_s=settings.api_backoff_s,
         )
     metrics = RouterMetrics()
+    health_servicer = health.aio.HealthServicer()
+
+    async def local_health_changed(any_healthy: bool) -> None:
+        # SERVING means "can answer": a router with no runtime to reach and no fallback to
+        # take over would only answer UNAVAILABLE, so orchestrators and install.sh wait.
+        serving = any_healthy or fallback is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
     local = LocalRuntimes(
         settings.local,
         settings.health_interval_s,
@@ -288,6 +302,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
             else None
         ),
         token=settings.local_token(),
+        on_change=local_health_changed,
     )
     await local.start()
     service = RouterService(settings, program, threshold, local, fallback, metrics)
@@ -297,15 +312,12 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         options=[("grpc.max_receive_message_length", 8 << 20)],
     )
     add_inference_servicer(service, server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = security.add_port(server, settings)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
     log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +44,16 @@ class LocalRuntimes:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        options = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            # A runtime loading its model refuses connections for a while; gRPC's default
+            # backoff (up to 2 min) would keep the router from seeing it come up.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         self._endpoints = [
             Endpoint(t, channel(t, credentials=credentials, options=options, aio=True))
             for t in targets
@@ -53,6 +61,8 @@ class LocalRuntimes:
         self._metadata = token_metadata(token)
         self._interval = health_interval_s
         self._next = 0
+        self._on_change = on_change
+        self._announced: bool | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -69,6 +79,14 @@ class LocalRuntimes:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(e) for e in self._endpoints))
+        await self._announce()
+
+    async def _announce(self) -> None:
+        """Tell on_change when "some runtime can answer" flips (and once at start)."""
+        now = self.any_healthy
+        if now != self._announced and self._on_change is not None:
+            self._announced = now
+            await self._on_change(now)
 
     async def _check(self, endpoint: Endpoint) -> None:
         try:
@@ -111,6 +129,7 @@ class LocalRuntimes:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 endpoint.healthy = False
+        await self._announce()
         raise LocalUnavailable("no healthy runtime")
 
     async def generate(
@@ -130,4 +149,5 @@ class LocalRuntimes:
                 endpoint.healthy = False
             finally:
                 stream.cancel()
+        await self._announce()
         raise LocalUnavailable("no healthy runtime")

@@ -11,8 +11,12 @@ load into a reserved sequence, and `llama_memory_seq_cp` copies its KV into each
 sequence, so a Predict call evaluates only its own inputs.
 
 Greedy outputs are token-for-token those of the one-at-a-time backend (tested). llama.cpp is
-not bit-identical across batch layouts (ggml-org/llama.cpp#6950), so two rules keep it so here:
-each sequence has its own KV stream, and a prompt is cut only at n_batch boundaries.
+not bit-identical across batch layouts (ggml-org/llama.cpp#6950): on the CPU, attention over a
+sequence's cache takes one kernel for a single query row and another for several, and the two
+round differently. So each sequence has its own KV stream (cells in the order a lone sequence
+has them), decoding rows (one per sequence, as when decoding alone) go in one call, and prompt
+tokens go in calls of their own, in pieces of at least two tokens: a one-token piece is allowed
+only where a lone sequence has one too (a one-token prompt, position 0).
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class BatchedLlamaCpp:
         _logger.set_verbose(False)  # llama.cpp's own log lines only for errors, as `Llama` does
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
+        if n_batch < 2:
+            raise ValueError("n_batch must be at least 2")
         self.slots = parallel
         self._chat = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         self._model = self._chat.model
@@ -95,8 +101,8 @@ class BatchedLlamaCpp:
         # (not one unified cache) keep each sequence's cells in the layout a lone sequence
         # has, so attention sums in the same order and greedy outputs match `Llama`'s exactly.
         params.n_ctx = n_ctx * (parallel + 1)
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, 512)
+        params.n_batch = max(n_batch, parallel)  # one step decodes a token of every slot
+        params.n_ubatch = min(params.n_batch, 512)
         params.n_seq_max = parallel + 1
         params.kv_unified = False
         params.n_threads = n_threads
@@ -109,7 +115,9 @@ class BatchedLlamaCpp:
             message = f"{model_path}: llama.cpp could not create a context ({err})"
             raise ModelFileError(message) from err
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._batch = _internals.LlamaBatch(
+            n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False
+        )
         self._free = list(range(parallel))
         # What each slot's KV stream still holds from its last request: a new request takes
         # the free slot sharing the longest prefix with it (a chat's next turn, a repeated
@@ -149,12 +157,14 @@ class BatchedLlamaCpp:
         llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
         self._prefix = []
         tokens = tokens[: self._n_ctx - 1]
-        for start in range(0, len(tokens), self._n_batch):
-            chunk = tokens[start : start + self._n_batch]
+        done = 0
+        while done < len(tokens):
+            take = prompt_piece(len(tokens) - done, self._n_batch, at_start=done == 0)
             self._batch.reset()
-            for offset, token in enumerate(chunk):
-                self._add(token, start + offset, self._prefix_seq, logits=False)
+            for offset, token in enumerate(tokens[done : done + take]):
+                self._add(token, done + offset, self._prefix_seq, logits=False)
             self._decode()
+            done += take
         self._prefix = list(tokens)
 
     def clear_cache(self, *, keep_prefix: bool = True) -> None:
@@ -191,8 +201,8 @@ class BatchedLlamaCpp:
             self._free, key=lambda slot: common_prefix_length([self._slot_tokens[slot], tokens])
         )
         self._free.remove(seq_id)
-        kept = min(common_prefix_length([self._slot_tokens[seq_id], tokens]), last)
-        shared = min(common_prefix_length([self._prefix, tokens]), last)
+        kept = usable_cache(common_prefix_length([self._slot_tokens[seq_id], tokens]), last)
+        shared = usable_cache(common_prefix_length([self._prefix, tokens]), last)
         if kept >= shared:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, kept, -1)
             cached = kept
@@ -253,48 +263,57 @@ class BatchedLlamaCpp:
         return None
 
     def step(self) -> list[tuple[Any, TokenPiece | Finished]]:
-        """One llama_decode across every active request; the events it produced."""
-        if not self._active:
-            return []
-        self._batch.reset()
+        """One decoding row for every running request, then up to n_batch prompt tokens."""
+        events: list[tuple[Any, TokenPiece | Finished]] = []
+        decoding = [s for s in self._active if s.n_past >= s.prompt_len]
+        prompts = [s for s in self._active if s.n_past < s.prompt_len]
+        if decoding:
+            self._batch.reset()
+            for sequence in decoding:
+                self._feed(sequence, len(sequence.pending))
+            self._decode_or_forget()
+            for sequence in decoding:
+                events += [(sequence.handle, e) for e in self._advance(sequence)]
+        # A joining prompt takes a bounded share of the step, so the streams already running
+        # never stall for long; each piece goes in a call of its own (see the module's note).
         budget = self._n_batch
-        fed: list[_Sequence] = []
-        # Decoding requests first (one token each), then prompts in the room that is left:
-        # a long prompt joining never stalls the streams already running.
-        for sequence in sorted(self._active, key=lambda s: len(s.pending) > 1):
-            if budget == 0:
+        for sequence in prompts:
+            take = prompt_piece(len(sequence.pending), budget, at_start=sequence.n_past == 0)
+            if take == 0:
                 break
-            if len(sequence.pending) > budget and budget < self._n_batch:
-                continue  # a prompt is cut only at n_batch boundaries, as `Llama` cuts it
-            take = sequence.pending[:budget]
-            last = len(take) == len(sequence.pending)
-            for offset, token in enumerate(take):
-                wants_logits = last and offset == len(take) - 1
-                if wants_logits:
-                    sequence.logits_index = self._batch.n_tokens()
-                self._add(token, sequence.n_past + offset, sequence.seq_id, wants_logits)
-            sequence.pending = sequence.pending[len(take) :]
-            sequence.n_past += len(take)
-            self._slot_tokens[sequence.seq_id].extend(take)
-            budget -= len(take)
-            if last:
-                fed.append(sequence)
+            self._batch.reset()
+            self._feed(sequence, take)
+            self._decode_or_forget()
+            budget -= take
+            if not sequence.pending:
+                events += [(sequence.handle, e) for e in self._advance(sequence)]
+        return events
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _feed(self, sequence: _Sequence, take: int) -> None:
+        """Put the sequence's next `take` pending tokens in the batch (logits for the last)."""
+        chunk = sequence.pending[:take]
+        last = take == len(sequence.pending)
+        for offset, token in enumerate(chunk):
+            wants_logits = last and offset == take - 1
+            if wants_logits:
+                sequence.logits_index = self._batch.n_tokens()
+            self._add(token, sequence.n_past + offset, sequence.seq_id, wants_logits)
+        sequence.pending = sequence.pending[take:]
+        sequence.n_past += take
+        self._slot_tokens[sequence.seq_id].extend(chunk)
+
+    def _decode_or_forget(self) -> None:
+        import llama_cpp
+
         try:
             self._decode()
         except BackendError:
-            import llama_cpp
-
             for sequence in self._active:  # their KV is in doubt: reuse none of it
                 self._slot_tokens[sequence.seq_id] = []
                 llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
             raise
-        events: list[tuple[Any, TokenPiece | Finished]] = []
-        for sequence in fed:
-            for event in self._advance(sequence):
-                events.append((sequence.handle, event))
-        return events
-
-    # -- internals ----------------------------------------------------------------------------
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch.batch
@@ -367,3 +386,27 @@ class BatchedLlamaCpp:
             sampler.add_temp(params.temperature)
             sampler.add_dist(params.seed)
         return sampler
+
+
+def usable_cache(shared: int, last: int) -> int:
+    """How many cached tokens a prompt may start from, given `shared` match its own.
+
+    The last prompt token is always evaluated (its logits start generation), and never alone
+    after cached ones: a lone sequence evaluates a fresh prompt in one piece, so a one-token
+    tail would be computed by another kernel (see the module's note).
+    """
+    cached = min(shared, last)
+    return cached - 1 if cached == last and cached > 0 else cached
+
+
+def prompt_piece(pending: int, budget: int, *, at_start: bool) -> int:
+    """How many of a prompt's `pending` tokens to evaluate now, with room for `budget`.
+
+    Never a one-token piece after position 0, and never a one-token remainder.
+    """
+    take = min(pending, budget)
+    if pending - take == 1:
+        take -= 1
+    if take == 1 and not (at_start or pending == 1):
+        return 0
+    return take
