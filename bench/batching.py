@@ -5,9 +5,13 @@ prompt), same max_tokens, greedy, the same 2 threads, at concurrency 1, 4, 8 and
   (a) llama_cpp.server   llama-cpp-python's OpenAI-compatible server (streamed chat completions)
   (b) runtime, serial    our gRPC runtime with --parallel 1 (batching off)
   (c) runtime, batched   our gRPC runtime with --parallel 16 (batching and prefix reuse on)
-Servers run one at a time so they never share the cores. Then, in-process: a Predict prompt's
-time to first token with the program prefix warm vs cold, and the single-stream decode speed
-against this machine's memory-bandwidth roofline.
+The GGUF is the embedded SmolLM2 re-quantized to Q8_0, the type the build ships by default
+(BENCH_GGUF=path picks another). The type matters on a CPU: llama.cpp multiplies several rows
+of Q8_0 (or Q4_0) activations with one GEMM (tinyBLAS) that reuses each weight load across the
+batch, while Q4_1 and the K-quants go row by row, so a batch costs about as much as its rows
+decoded one at a time. Servers run one at a time so they never share the cores. Then,
+in-process: a Predict prompt's time to first token with the program prefix warm vs cold, and
+the single-stream decode speed against this machine's memory-bandwidth roofline.
 """
 
 from __future__ import annotations
@@ -263,9 +267,22 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
             time.sleep(0.3)
 
 
+def shipped_type_gguf() -> Path:
+    """The embedded SmolLM2 as Q8_0 (made once, 1 s, kept under build/bench/)."""
+    from services.builder.export import quantize
+
+    path = REPO / "build" / "bench" / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        quantize(smollm2_gguf(), partial, "Q8_0", THREADS)
+        partial.replace(path)
+    return path
+
+
 def main() -> None:
     console = Console()
-    gguf = Path(os.environ["BENCH_GGUF"]) if "BENCH_GGUF" in os.environ else smollm2_gguf()
+    gguf = Path(os.environ["BENCH_GGUF"]) if "BENCH_GGUF" in os.environ else shipped_type_gguf()
     codec, prompts = ticket_messages(max(requests_for(c) for c in CONCURRENCY))
     program = Path(tempfile.mkdtemp()) / "program.json"
     program.write_text(codec.spec.model_dump_json())

@@ -9,7 +9,12 @@
 #
 # Settings (environment): PREFIX (default /opt/edgedistill), CONTAINER_ENGINE (docker|podman,
 # may carry flags), PUBLIC_KEY (Ed25519 public key, PEM), RUNTIME_PORT (50051),
-# ROUTER_PORT (50052), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only).
+# ROUTER_PORT (50052), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only),
+# ROUTER_MODE (local_only|hybrid|api_only), FALLBACK_MODEL, FALLBACK_API_BASE.
+# Secrets are files on the host, mounted read-only and never copied under PREFIX (give them
+# again when restarting); they must be readable by the services' uid 10001:
+# FALLBACK_KEY_FILE (the router's API key), AUTH_TOKEN_FILE (bearer token both services ask
+# for; the router presents it to the runtime).
 set -eu
 
 PREFIX=${PREFIX:-/opt/edgedistill}
@@ -34,6 +39,17 @@ engine() {
   fi
 }
 
+# A secret file's absolute path, or a refusal that says what is wrong with it.
+secret_file() {
+  case $2 in
+    *[[:space:]]*) refuse "$1: the path must not contain spaces" ;;
+    /*) ;;
+    *) refuse "$1: give an absolute path" ;;
+  esac
+  [ -f "$2" ] && [ -r "$2" ] || refuse "$1: $2 is not a readable file"
+  printf '%s' "$2"
+}
+
 stop_services() {
   name=$1
   engine rm -f "$name-router" "$name-runtime" >/dev/null 2>&1 || true
@@ -47,15 +63,29 @@ start_services() {
   stop_services "$name"
   engine network create "$name-net" >/dev/null 2>&1 || true
   hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
-  # shellcheck disable=SC2086
+  runtime_secrets="" router_secrets=""
+  if [ -n "${AUTH_TOKEN_FILE:-}" ]; then
+    token=$(secret_file AUTH_TOKEN_FILE "$AUTH_TOKEN_FILE"):/run/secrets/auth_token:ro
+    runtime_secrets="-v $token -e EDGEDISTILL_AUTH_TOKEN_FILE=/run/secrets/auth_token"
+    router_secrets="-v $token -e EDGEDISTILL_ROUTER_AUTH_TOKEN_FILE=/run/secrets/auth_token"
+    router_secrets="$router_secrets -e EDGEDISTILL_ROUTER_LOCAL_TOKEN_FILE=/run/secrets/auth_token"
+  fi
+  if [ -n "${FALLBACK_KEY_FILE:-}" ]; then
+    key=$(secret_file FALLBACK_KEY_FILE "$FALLBACK_KEY_FILE"):/run/secrets/fallback_api_key:ro
+    router_secrets="$router_secrets -v $key"
+    router_secrets="$router_secrets -e EDGEDISTILL_ROUTER_FALLBACK_KEY_FILE=/run/secrets/fallback_api_key"
+  fi
+  # shellcheck disable=SC2086  # the option strings are word-split on purpose (no spaces inside)
   engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
     -v "$release/bundle:/bundle:ro" -e "EDGEDISTILL_N_THREADS=${RUNTIME_THREADS:-2}" \
-    -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" >/dev/null
+    $runtime_secrets -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" >/dev/null
   # shellcheck disable=SC2086
   engine run -d --name "$name-router" --network "$name-net" $hardening \
     -v "$release/bundle:/bundle:ro" -e 'EDGEDISTILL_ROUTER_LOCAL=["runtime:50051"]' \
     -e "EDGEDISTILL_ROUTER_MODE=${ROUTER_MODE:-local_only}" \
-    -p "$BIND:$ROUTER_PORT:50052" "$router_image" >/dev/null
+    -e "EDGEDISTILL_ROUTER_FALLBACK_MODEL=${FALLBACK_MODEL:-}" \
+    -e "EDGEDISTILL_ROUTER_FALLBACK_API_BASE=${FALLBACK_API_BASE:-}" \
+    $router_secrets -p "$BIND:$ROUTER_PORT:50052" "$router_image" >/dev/null
   say "waiting for the runtime's gRPC health to say SERVING"
   i=0
   until engine exec "$name-runtime" edgedistill health --target 127.0.0.1:50051 >/dev/null 2>&1; do

@@ -3,6 +3,7 @@ and `serve` never loads torch."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import sys
@@ -204,6 +205,7 @@ def build(
     """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
     from pathlib import Path
 
+    from services.builder.export import ExportError
     from services.builder.pipeline import QualityGateFailed
     from services.builder.pipeline import build as run_build
     from services.builder.spec import SpecError, load_spec
@@ -228,6 +230,18 @@ def build(
         raise _fail(str(err), code=4) from None
     except TeacherError as err:
         raise _fail(f"teacher: {err}", code=1) from None
+    except ExportError as err:
+        raise _fail(f"export: {err}", code=1) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = Path(err.filename).parent if err.filename else "the build folder"
+        raise _fail(
+            f"out of disk space ({err.strerror}) writing under {where}: free some space there "
+            "(or point --output at a larger disk) and run the build again; finished stages "
+            "are kept and skipped, and no bundle was written",
+            code=1,
+        ) from None
     err_console.print(
         f"[green]built[/] {result.bundle} in {result.seconds:.0f} s "
         f"(ran: {', '.join(result.ran) or 'nothing'}; "

@@ -328,3 +328,77 @@ def test_a_killed_build_leaves_no_bundle_and_a_rerun_resumes(
     for stage in ("quantize", "evaluate", "calibrate", "package"):
         assert f"• {stage}\n" in rerun.stdout
     Bundle.open(build / "bundle")  # complete and verified
+
+
+EARLY_STAGES = ("traces", "dataset", "student", "finetune", "export")
+LATE_STAGES = ("quantize", "evaluate", "calibrate", "package")
+
+
+def fill(disk: Path) -> Path:
+    """Write a filler until the filesystem is full; the filler's path."""
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def assert_no_bundle_and_nothing_partial(build: Path) -> None:
+    assert not (build / "bundle").exists(), "no bundle may be left after a failed build"
+    leftovers = [p.name for p in build.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"partial outputs left behind: {leftovers}"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None,
+    reason="a size-limited filesystem (tmpfs) needs root to mount; .ci/run runs as root",
+)
+def test_out_of_disk_leaves_no_bundle_and_a_rerun_resumes(
+    tiny: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    spec, finished, _ = tiny
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 64 MB: the early stages (linked from the finished build) fit, the 145 MB Q8_0 does not.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
+    try:
+        build = disk / "build"
+        build.mkdir()
+        for stage in EARLY_STAGES:
+            (build / stage).symlink_to(finished / stage)
+
+        failed = run_build(spec, "--output", str(build))
+        assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+        assert "out of disk space" in failed.stderr and "run the build again" in failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert_no_bundle_and_nothing_partial(build)
+        assert not (build / "quantize").exists()
+        assert shutil.disk_usage(disk).used < 1 << 20, "the failed stage's output was not freed"
+
+        subprocess.run(["mount", "-o", "remount,size=1g", str(disk)], check=True)
+        resumed = run_build(spec, "--output", str(build))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        for stage in EARLY_STAGES:
+            assert f"{stage}: inputs unchanged, skipped" in resumed.stdout
+        for stage in LATE_STAGES:
+            assert f"• {stage}\n" in resumed.stdout
+        Bundle.open(build / "bundle")
+
+        # Full again, now when only the bundle is left to write.
+        shutil.rmtree(build / "bundle")
+        filler = fill(disk)
+        failed = run_build(spec, "--output", str(build))
+        assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+        assert "out of disk space" in failed.stderr
+        assert_no_bundle_and_nothing_partial(build)
+        filler.unlink()
+        resumed = run_build(spec, "--output", str(build))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "• package\n" in resumed.stdout and "quantize: inputs unchanged" in resumed.stdout
+        Bundle.open(build / "bundle")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,7 +1,9 @@
 """End to end with real containers (podman): build a base image offline, build the runtime and
 router images from the host's wheelhouse, pack a bundle around the real SmolLM2 GGUF, install
 it into a fresh podman storage as the offline host, call it over gRPC, and see a tampered or
-truncated bundle refused. Cleans up after itself."""
+truncated bundle refused. A planted API key and token, present on the build host and given to
+the installed services, are then looked for in every image layer, the bundle, the services'
+logs and their metrics. Cleans up after itself."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from services.core.api import pb
@@ -30,6 +33,10 @@ pytestmark = [
 ]
 CONF = {"CONTAINERS_CONF": str(REPO / "docker" / "containers.conf")}
 BASE = "localhost/edgedistill-base:bookworm"
+PLANTED_KEY = "sk-planted-e2e-7d1f00d-never-ship-me"
+PLANTED_TOKEN = "tok-planted-e2e-5ca1ab1e"
+# Where a build host keeps secrets by habit: the compose secret's default source, a .env.
+PLANTED_FILES = (REPO / "docker" / "fallback_api_key", REPO / ".env")
 
 
 def sh(
@@ -52,19 +59,36 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
     from tests.test_runtime_server import make_bundle
 
     work = tmp_path_factory.mktemp("containers")
-    sh("scripts/base-image.sh", BASE)
-    sh("scripts/wheelhouse.sh", "dist/wheelhouse")
-    tags = []
-    for image in ("runtime", "router"):
-        tag = f"localhost/edgedistill-{image}:e2e"
-        sh("podman", "build", "--pull=never", "--format", "docker", "-q",
-           "-f", f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}",
-           "-t", tag, ".")  # fmt: skip
-        tags.append(tag)
+    # The build host has the secrets at hand (as a user who also runs the router would): in
+    # its environment and in files in the checkout. None of it may reach an image or a bundle.
+    for planted in PLANTED_FILES:
+        assert not planted.exists(), f"{planted} exists; the test will not overwrite it"
+    secrets_env = {
+        "OPENAI_API_KEY": PLANTED_KEY,
+        "EDGEDISTILL_ROUTER_FALLBACK_API_KEY": PLANTED_KEY,
+        "EDGEDISTILL_AUTH_TOKEN": PLANTED_TOKEN,
+    }
+    try:
+        PLANTED_FILES[0].write_text(PLANTED_KEY + "\n")
+        PLANTED_FILES[1].write_text(f"OPENAI_API_KEY={PLANTED_KEY}\nTOKEN={PLANTED_TOKEN}\n")
+        sh("scripts/base-image.sh", BASE)
+        sh("scripts/wheelhouse.sh", "dist/wheelhouse", env=secrets_env)
+        tags = []
+        for image in ("runtime", "router"):
+            tag = f"localhost/edgedistill-{image}:e2e"
+            sh("podman", "build", "--pull=never", "--format", "docker", "-q",
+               "-f", f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}",
+               "-t", tag, ".", env=secrets_env)  # fmt: skip
+            tags.append(tag)
+    finally:
+        for planted in PLANTED_FILES:
+            planted.unlink(missing_ok=True)
     archive = work / "images.tar"
     sh("podman", "save", "--multi-image-archive", "--format", "docker-archive",
        "-o", str(archive), *tags)  # fmt: skip
     bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM)
+    # A threshold no answer reaches: every Predict tries the (unreachable) API with the key.
+    (bundle / "calibration.json").write_text('{"threshold": 0.999}')
     tar = ship(bundle_dir=bundle, images={"images": archive}, out_dir=work / "dist")
     for tag in tags:  # the build host keeps no test images
         sh("podman", "rmi", "-f", tag, check=False)
@@ -85,6 +109,18 @@ def offline_host(tmp_path: Path) -> Iterator[dict[str, str]]:
         "RUNTIME_PORT": str(free_port()),
         "ROUTER_PORT": str(free_port()),
         "RUNTIME_THREADS": "2",
+    }
+    secrets = root / "secrets"
+    secrets.mkdir(mode=0o700)
+    for name, value in (("fallback_api_key", PLANTED_KEY), ("auth_token", PLANTED_TOKEN)):
+        (secrets / name).write_text(value + "\n")
+        (secrets / name).chmod(0o644)  # the services' uid reads it; the folder keeps others out
+    env |= {
+        "ROUTER_MODE": "hybrid",
+        "FALLBACK_MODEL": "openai/teacher",
+        "FALLBACK_API_BASE": "http://127.0.0.1:9/v1",  # nothing listens: the API is down
+        "FALLBACK_KEY_FILE": str(secrets / "fallback_api_key"),
+        "AUTH_TOKEN_FILE": str(secrets / "auth_token"),
     }
     yield env
     sh("sh", "scripts/install-bundle.sh", "--stop", "capitals", env=env, check=False)
@@ -112,13 +148,21 @@ def test_install_offline_serve_and_refuse_tampering(
 
     router = f"127.0.0.1:{offline_host['ROUTER_PORT']}"
     runtime = f"127.0.0.1:{offline_host['RUNTIME_PORT']}"
-    with InferenceClient(router, timeout_s=120) as client:
+    with InferenceClient(router, timeout_s=120, token=PLANTED_TOKEN) as client:
         reply = client.predict({"country": "Germany"})
     assert reply.outcome == pb.PREDICT_OUTCOME_PARSED and reply.outputs["capital"]
-    with InferenceClient(runtime, timeout_s=120) as client:
+    # The API is down: the local answer comes back, flagged, after the router used the key.
+    assert reply.served_by == pb.SERVED_BY_LOCAL and reply.degraded and reply.route_reason
+    with InferenceClient(runtime, timeout_s=120, token=PLANTED_TOKEN) as client:
         chunks = list(client.generate([("user", "Say hello.")], max_tokens=8, temperature=0))
         info = client.info()
     assert chunks[-1].usage.completion_tokens > 0 and info.bundle_version == "2026.11.29-1"
+    for target in (router, runtime):
+        with InferenceClient(target, timeout_s=30) as client, pytest.raises(grpc.RpcError) as no:
+            client.info()
+        assert no.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    scan_for_planted_secrets(shipped, offline_host)
 
     again = install(shipped, offline_host)
     assert again.returncode == 0 and "already installed" in again.stdout
@@ -143,3 +187,34 @@ def test_install_offline_serve_and_refuse_tampering(
     refused = install(truncated, offline_host, shipped)
     assert refused.returncode != 0 and "REFUSED" in refused.stderr
     assert sorted(str(p) for p in prefix.rglob("*")) == before  # the host is unchanged
+
+
+def scan_for_planted_secrets(shipped: Path, host: dict[str, str]) -> None:
+    """Neither planted secret in an image layer, the bundle, a log line or a metric."""
+    engine = host["CONTAINER_ENGINE"].split()
+    prefix = Path(host["PREFIX"])
+    release = next((prefix / "capitals" / "releases").iterdir())
+    places: dict[str, bytes] = {"the shipped bundle tar": shipped.read_bytes()}
+    for file in prefix.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            places[f"installed {file.relative_to(prefix)}"] = file.read_bytes()
+    for image in ("runtime", "router"):
+        ref = (release / "images" / f"{image}.ref").read_text().strip()
+        saved = prefix.parent / f"{image}-saved.tar"
+        # docker-archive layers are plain tars: a secret in any layer is in these bytes.
+        sh(*engine, "save", "--format", "docker-archive", "-o", str(saved), ref)
+        places[f"{image} image layers"] = saved.read_bytes()
+        saved.unlink()
+        container = f"capitals-{image}"
+        logs = sh(*engine, "logs", container)
+        places[f"{image} logs"] = (logs.stdout + logs.stderr).encode()
+        port = 9465 if image == "router" else 9464
+        scrape = sh(*engine, "exec", container, "python3", "-c",
+                    f"import urllib.request; print(urllib.request.urlopen("
+                    f"'http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")  # fmt: skip
+        assert "edgedistill" in scrape.stdout, scrape.stdout[:500]
+        places[f"{image} metrics"] = scrape.stdout.encode()
+    assert b"fallback" in places["router logs"], "the router never logged its fallback attempts"
+    for place, content in places.items():
+        for secret in (PLANTED_KEY, PLANTED_TOKEN):
+            assert secret.encode() not in content, f"{secret} found in {place}"

@@ -34,10 +34,25 @@ def serve(gguf: Path, program: Path, *extra: str) -> ServerProcess:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0"])
+def model(
+    request: pytest.FixtureRequest, gguf_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The embedded SmolLM2 (Q4_1: llama.cpp multiplies row by row) and as Q8_0, the type the
+    build ships (several rows go through one GEMM, so batched rows take another kernel)."""
+    if request.param == "Q4_1":
+        return gguf_path
+    from services.builder.export import quantize
+
+    path = tmp_path_factory.mktemp("q8") / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    quantize(gguf_path, path, "Q8_0", 2)
+    return path
+
+
 @pytest.fixture(scope="module")
-def servers(gguf_path: Path, program_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    serial = serve(gguf_path, program_path, "--parallel", "1")
-    batched = serve(gguf_path, program_path, "--parallel", "8", "--n-batch", "64")
+def servers(model: Path, program_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    serial = serve(model, program_path, "--parallel", "1")
+    batched = serve(model, program_path, "--parallel", "8", "--n-batch", "64")
     yield serial, batched
     serial.terminate()
     batched.terminate()
@@ -113,10 +128,10 @@ def test_predict_reuses_the_program_prefix(servers: tuple[ServerProcess, ServerP
 
 
 def test_prefix_reuse_off_evaluates_the_whole_prompt(
-    gguf_path: Path, program_path: Path, servers: tuple[ServerProcess, ServerProcess]
+    model: Path, program_path: Path, servers: tuple[ServerProcess, ServerProcess]
 ) -> None:
     serial, _ = servers
-    cold = serve(gguf_path, program_path, "--parallel", "2", "--no-prefix-cache")
+    cold = serve(model, program_path, "--parallel", "2", "--no-prefix-cache")
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(cold.target))
         assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).cached_prefix_tokens == 0

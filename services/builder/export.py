@@ -9,6 +9,8 @@ that loads silently and generates garbage, so the stage checks itself against tr
 from __future__ import annotations
 
 import ctypes
+import errno
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,4 +152,7 @@ def quantize(source: Path, out_path: Path, quant: str, n_threads: int) -> None:
     )
     if status != 0:
         out_path.unlink(missing_ok=True)  # llama.cpp leaves a partial file behind
+        free = shutil.disk_usage(out_path.parent).free
+        if free < source.stat().st_size:  # llama.cpp reports no errno: the likely cause
+            raise OSError(errno.ENOSPC, f"quantizing to {quant} ran out of space", str(out_path))
         raise ExportError(f"llama_model_quantize to {quant} failed (status {status})")

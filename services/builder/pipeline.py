@@ -71,7 +71,11 @@ class Stages:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         started = time.perf_counter()
-        work(staging)
+        try:
+            work(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs back
+            raise
         seconds = time.perf_counter() - started
         (staging / STAGE_FILE).write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
         shutil.rmtree(final, ignore_errors=True)

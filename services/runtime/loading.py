@@ -66,8 +66,7 @@ def _llamacpp_backend(
         gguf_sha256=sha,
     )
     if codec is not None and settings.prefix_cache:
-        batched.warm_prefix(program_prefix(batched, codec))
-        log.info("program prefix cached", extra={"prefix_tokens": batched.prefix_tokens})
+        batched.set_prefix(program_prefix(batched, codec))  # evaluated by the scheduler's thread
     return batched
 
 

@@ -94,8 +94,20 @@ class Scheduler:
         self._waiting = 0
         self._running = 0
         self._closed = False
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="model-scheduler", daemon=True)
         self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Block until the worker has done its one-time work; raise what that work raised."""
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def _warm(self) -> None:
+        """The backend's one-time work, on this thread (the only one that touches the model)."""
+        self._ready.set()
 
     @property
     def waiting(self) -> int:
@@ -148,6 +160,7 @@ class Scheduler:
             self._running -= 1
 
     def _run(self) -> None:
+        self._warm()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -182,8 +195,24 @@ class BatchScheduler(Scheduler):
         self._active: list[Job] = []
         super().__init__(engine, max_queue)
 
+    def _warm(self) -> None:
+        try:
+            started = time.perf_counter()
+            self._engine.warm()
+            if self._engine.prefix_tokens:
+                log.info(
+                    "program prefix cached",
+                    extra={"prefix_tokens": self._engine.prefix_tokens,
+                           "seconds": round(time.perf_counter() - started, 2)},
+                )  # fmt: skip
+        except BaseException as err:
+            log.exception("warming the model failed")
+            self._failed = err
+        self._ready.set()
+
     def _run(self) -> None:
         engine = self._engine
+        self._warm()
         while True:
             # Block for work only when nothing is decoding; otherwise admit what is there.
             while engine.free_slots:

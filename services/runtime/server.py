@@ -64,6 +64,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             context_length=model.backend.info.context_length,
         )
 
+    def wait_ready(self) -> None:
+        assert self._scheduler is not None
+        self._scheduler.wait_ready()
+
     def close(self) -> None:
         if self._scheduler:
             self._scheduler.close(timeout=5)
@@ -376,6 +380,11 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
         await server.stop(0)
         raise
     service.attach(model)
+    try:
+        await asyncio.to_thread(service.wait_ready)  # the program prefix, on the model's thread
+    except Exception:
+        await server.stop(0)
+        raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"host": settings.host, "port": port, "service": SERVICE_NAME})

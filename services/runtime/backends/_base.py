@@ -91,6 +91,10 @@ class BatchingBackend(Backend, Protocol):
     @property
     def prefix_tokens(self) -> int: ...
 
+    def warm(self) -> None:
+        """One-time work (the program prefix), run by the thread that will step the backend."""
+        ...
+
     @property
     def free_slots(self) -> int: ...
 

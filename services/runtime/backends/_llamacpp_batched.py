@@ -96,6 +96,7 @@ class BatchedLlamaCpp:
         self._n_batch = n_batch
         self._prefix_seq = parallel  # the reserved sequence holding the warm prefix
         self._prefix: list[int] = []
+        self._prefix_pending: list[int] | None = None
         params = llama_cpp.llama_context_default_params()
         # One KV stream of n_ctx cells per slot, plus one for the warm prefix. Separate streams
         # (not one unified cache) keep each sequence's cells in the layout a lone sequence
@@ -149,6 +150,21 @@ class BatchedLlamaCpp:
     @property
     def prefix_tokens(self) -> int:
         return len(self._prefix)
+
+    def set_prefix(self, tokens: list[int]) -> None:
+        """The prefix `warm` evaluates, on the thread that steps this engine.
+
+        Every llama.cpp call belongs on that one thread: a second thread that ever computes
+        keeps a second OpenMP team alive, and libgomp, managing more threads than CPUs, stops
+        spinning at barriers and sleeps instead, a futex wake-up at each of the hundreds of
+        barriers in a decode step (3x slower steps on 2 cores, measured).
+        """
+        self._prefix_pending = list(tokens)
+
+    def warm(self) -> None:
+        if self._prefix_pending is not None:
+            tokens, self._prefix_pending = self._prefix_pending, None
+            self.warm_prefix(tokens)
 
     def warm_prefix(self, tokens: list[int]) -> None:
         """Evaluate a prompt prefix once; requests that start with it copy its KV cells."""
