@@ -8,7 +8,6 @@ resident memory of both processes after warm-up and at the end (goal: growth at 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -42,8 +41,7 @@ def main() -> None:
 
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(Path(tmp) / "bundle", smollm2_gguf(), CAPITALS_PROGRAM)
-        (bundle / "calibration.json").write_text(json.dumps({"threshold": 0.0}))
+        bundle = make_bundle(Path(tmp) / "bundle", smollm2_gguf(), CAPITALS_PROGRAM, threshold=0.0)
         runtime = start_runtime(
             "--bundle", str(bundle), "--n-ctx", "1024", "--parallel", "8", "--max-queue", "16"
         )

@@ -95,7 +95,7 @@ start_services() {
   done
   until engine exec "$name-router" edgedistill health --target 127.0.0.1:50052 >/dev/null 2>&1; do
     i=$((i + 1))
-    [ "$i" -le 180 ] || refuse "the router did not become healthy"
+    [ "$i" -le 180 ] || { engine logs "$name-router" 2>&1 | tail -20 >&2; refuse "the router did not become healthy"; }
     sleep 1
   done
   say "SERVING: runtime on $BIND:$RUNTIME_PORT, router on $BIND:$ROUTER_PORT"

@@ -86,9 +86,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
     archive = work / "images.tar"
     sh("podman", "save", "--multi-image-archive", "--format", "docker-archive",
        "-o", str(archive), *tags)  # fmt: skip
-    bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM)
     # A threshold no answer reaches: every Predict tries the (unreachable) API with the key.
-    (bundle / "calibration.json").write_text('{"threshold": 0.999}')
+    bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM, threshold=0.999)
     tar = ship(bundle_dir=bundle, images={"images": archive}, out_dir=work / "dist")
     for tag in tags:  # the build host keeps no test images
         sh("podman", "rmi", "-f", tag, check=False)

@@ -378,13 +378,18 @@ def test_sigterm_drains_an_in_flight_call(gguf_path: Path, parallel: int) -> Non
     assert statuses[0] == serving and not_serving in statuses, statuses
 
 
-def make_bundle(root: Path, gguf_path: Path, program: dict[str, object]) -> Path:
+def make_bundle(
+    root: Path, gguf_path: Path, program: dict[str, object], threshold: float | None = None
+) -> Path:
+    """A bundle around a GGUF and a program (with a router calibration when `threshold`)."""
     from services.core.bundle import Manifest, write_manifest
 
     (root / "model").mkdir(parents=True)
     (root / "program").mkdir()
     shutil.copy(gguf_path, root / "model" / "student.Q4_1.gguf")
     (root / "program" / "program.json").write_text(json.dumps(program))
+    if threshold is not None:
+        (root / "calibration.json").write_text(json.dumps({"threshold": threshold}))
     write_manifest(
         root,
         Manifest(
@@ -392,6 +397,7 @@ def make_bundle(root: Path, gguf_path: Path, program: dict[str, object]) -> Path
             version="2026.11.29-1",
             default_model="model/student.Q4_1.gguf",
             models={"Q4_1": "model/student.Q4_1.gguf"},
+            calibration="calibration.json" if threshold is not None else None,
         ),
     )
     return root

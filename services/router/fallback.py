@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 from pydantic import SecretStr
 
 from services.core.program import ProgramSpec
+
+# Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
+# (three attempts, ~10 s) before the router could start.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 log = logging.getLogger(__name__)
 
