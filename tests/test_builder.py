@@ -373,7 +373,8 @@ def test_out_of_disk_leaves_no_bundle_and_a_rerun_resumes(
 
         failed = run_build(spec, "--output", str(build))
         assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
-        assert "out of disk space" in failed.stderr and "run the build again" in failed.stderr
+        message = " ".join(failed.stderr.split())  # rich wraps lines
+        assert "out of disk space" in message and "run the build again" in message
         assert "Traceback" not in failed.stderr
         assert_no_bundle_and_nothing_partial(build)
         assert not (build / "quantize").exists()
