@@ -98,7 +98,9 @@ class RuntimeSettings(TransportSettings):
         le=512,
         description="CPU threads for llama.cpp",
     )
-    n_batch: int = Field(512, ge=1, le=8192, description="prompt-evaluation batch size")
+    n_batch: int = Field(
+        512, ge=8, le=8192, description="prompt tokens evaluated per step (per call)"
+    )
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
 
     parallel: int = Field(

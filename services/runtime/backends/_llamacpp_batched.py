@@ -87,8 +87,8 @@ class BatchedLlamaCpp:
         _logger.set_verbose(False)  # llama.cpp's own log lines only for errors, as `Llama` does
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
-        if n_batch < 2:
-            raise ValueError("n_batch must be at least 2")
+        if n_batch < 3:  # room for a piece of two that leaves no single token behind
+            raise ValueError("n_batch must be at least 3")
         self.slots = parallel
         self._chat = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         self._model = self._chat.model
