@@ -102,8 +102,8 @@ def test_batched_greedy_outputs_are_token_for_token_the_serial_ones(
     expected = [answer(serial_stub, r) for r in requests]  # one at a time
 
     batched_stub = pb_grpc.InferenceStub(grpc.insecure_channel(batched.target))
-    # All 16 at once: 8 decode together, 8 join as slots free up; prompts are split into
-    # 64-token chunks that share steps with running decodes.
+    # All 16 at once: 8 decode together, 8 join as slots free up (reusing what the slots
+    # hold); prompts are evaluated in pieces of up to 64 tokens between decode steps.
     with ThreadPoolExecutor(len(requests)) as pool:
         got = list(pool.map(lambda r: answer(batched_stub, r), requests))
 

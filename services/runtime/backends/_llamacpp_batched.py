@@ -2,13 +2,13 @@
 
 llama-cpp-python's high-level `Llama` decodes one sequence at a time. Here one llama.cpp
 context holds `parallel` sequences (one KV-cache sequence per request) and every step decodes
-one `llama_batch` across all of them: a decoding request contributes its last sampled token,
-a new request its prompt (in chunks that fit `n_batch`). Requests join between steps and free
-their slot when they finish, so a short call never waits for a long one to end.
+one `llama_batch` with each running request's last sampled token, then evaluates up to
+`n_batch` tokens of joining prompts. Requests join between steps and free their slot when they
+finish, so a short call never waits for a long one to end.
 
-The program's fixed prompt prefix (instructions, field structure, demos) is evaluated once at
-load into a reserved sequence, and `llama_memory_seq_cp` copies its KV into each new request's
-sequence, so a Predict call evaluates only its own inputs.
+The program's fixed prompt prefix (instructions, field structure, demos) is evaluated once,
+before the first request, into a reserved sequence, and `llama_memory_seq_cp` copies its KV
+into each new request's sequence, so a Predict call evaluates only its own inputs.
 
 Greedy outputs are token-for-token those of the one-at-a-time backend (tested). llama.cpp is
 not bit-identical across batch layouts (ggml-org/llama.cpp#6950): on the CPU, attention over a
