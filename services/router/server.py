@@ -283,11 +283,9 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         # SERVING means "can answer": a router with no runtime to reach and no fallback to
         # take over would only answer UNAVAILABLE, so orchestrators and install.sh wait.
         serving = any_healthy or fallback is not None
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
-        )
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
 

@@ -105,9 +105,17 @@ class Scheduler:
         if self._failed is not None:
             raise self._failed
 
-    def _warm(self) -> None:
-        """The backend's one-time work, on this thread (the only one that touches the model)."""
+    def _get_ready(self) -> None:
+        """Run `_warm` on this thread (the only one that touches the model), then say ready."""
+        try:
+            self._warm()
+        except BaseException as err:
+            log.exception("warming the model failed")
+            self._failed = err
         self._ready.set()
+
+    def _warm(self) -> None:
+        """The backend's one-time work; none for a one-at-a-time backend."""
 
     @property
     def waiting(self) -> int:
@@ -160,7 +168,7 @@ class Scheduler:
             self._running -= 1
 
     def _run(self) -> None:
-        self._warm()
+        self._get_ready()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -196,23 +204,18 @@ class BatchScheduler(Scheduler):
         super().__init__(engine, max_queue)
 
     def _warm(self) -> None:
-        try:
-            started = time.perf_counter()
-            self._engine.warm()
-            if self._engine.prefix_tokens:
-                log.info(
-                    "program prefix cached",
-                    extra={"prefix_tokens": self._engine.prefix_tokens,
-                           "seconds": round(time.perf_counter() - started, 2)},
-                )  # fmt: skip
-        except BaseException as err:
-            log.exception("warming the model failed")
-            self._failed = err
-        self._ready.set()
+        started = time.perf_counter()
+        self._engine.warm()
+        if self._engine.prefix_tokens:
+            log.info(
+                "program prefix cached",
+                extra={"prefix_tokens": self._engine.prefix_tokens,
+                       "seconds": round(time.perf_counter() - started, 2)},
+            )  # fmt: skip
 
     def _run(self) -> None:
         engine = self._engine
-        self._warm()
+        self._get_ready()
         while True:
             # Block for work only when nothing is decoding; otherwise admit what is there.
             while engine.free_slots:
