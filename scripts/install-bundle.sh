@@ -93,7 +93,11 @@ start_services() {
     [ "$i" -le 120 ] || { engine logs "$name-runtime" 2>&1 | tail -20 >&2; refuse "the runtime did not become healthy"; }
     sleep 1
   done
-  until engine exec "$name-router" edgedistill health --target 127.0.0.1:50052 >/dev/null 2>&1; do
+  # A router with a fallback is SERVING before it sees its runtime; wait for that too.
+  router_service=edgedistill.router.LocalRuntime
+  [ "${ROUTER_MODE:-local_only}" != api_only ] || router_service=
+  until engine exec "$name-router" edgedistill health --target 127.0.0.1:50052 \
+    --service "$router_service" >/dev/null 2>&1; do
     i=$((i + 1))
     [ "$i" -le 180 ] || { engine logs "$name-router" 2>&1 | tail -20 >&2; refuse "the router did not become healthy"; }
     sleep 1

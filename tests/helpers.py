@@ -75,8 +75,9 @@ class ServerProcess:
         timeout: float = 120.0,
         credentials: grpc.ChannelCredentials | None = None,
         status: int = health_pb2.HealthCheckResponse.SERVING,
+        service: str = "",
     ) -> None:
-        """Wait until the server's health answers `status` (SERVING unless told)."""
+        """Wait until the server's health for `service` answers `status` (SERVING unless told)."""
         deadline = time.monotonic() + timeout
         with (
             grpc.secure_channel(self.target, credentials)
@@ -88,7 +89,7 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.stderr}")
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                     if reply.status == status:
                         return
                 except grpc.RpcError:

@@ -30,6 +30,36 @@ def runtime_on(port: int, bundle: Path) -> ServerProcess:
     return start_runtime("--bundle", str(bundle), "--n-ctx", "1024", "--port", str(port))
 
 
+def test_router_with_a_fallback_sees_a_runtime_that_just_came_up(bundle: Path) -> None:
+    """A fallback makes the router SERVING before its runtime is up (install.sh then waits on
+    the router's own LocalRuntime entry); with the API down, a call before the runtime is up
+    says why it failed, and a call right after it comes up is answered locally even though
+    the router's next health round is a minute away."""
+    from services.router.server import LOCAL_HEALTH_SERVICE
+
+    port = free_port()
+    router = start_router(bundle, f"127.0.0.1:{port}", "--mode", "hybrid", "--threshold", "0.0",
+                          "--fallback-model", "openai/gold",
+                          "--fallback-api-base", f"http://127.0.0.1:{free_port()}/v1",
+                          "--health-interval-s", "60")  # fmt: skip
+    runtime = None
+    try:
+        router.wait_serving(5, status=health_pb2.HealthCheckResponse.NOT_SERVING,
+                            service=LOCAL_HEALTH_SERVICE)  # fmt: skip
+        with InferenceClient(router.target, timeout_s=60) as client:
+            with pytest.raises(grpc.RpcError) as caught:
+                client.predict({"country": "Italy"})
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "API fallback failed" in (caught.value.details() or "")
+            runtime = runtime_on(port, bundle)
+            assert client.predict({"country": "Italy"}).served_by == pb.SERVED_BY_LOCAL
+        router.wait_serving(5, service=LOCAL_HEALTH_SERVICE)
+    finally:
+        router.terminate()
+        if runtime is not None:
+            runtime.terminate()
+
+
 def test_runtime_killed_mid_stream_then_back(bundle: Path) -> None:
     port = free_port()
     runtime = runtime_on(port, bundle)

@@ -30,6 +30,9 @@ from services.router.upstream import LocalRuntimes, LocalUnavailable
 
 log = logging.getLogger(__name__)
 
+# Health entry that is SERVING while some local runtime passes its health check.
+LOCAL_HEALTH_SERVICE = "edgedistill.router.LocalRuntime"
+
 SELF_CHECK_PROMPT = (
     "Here is a task, its input and a proposed answer.\n\nTask: {instructions}\n\n{inputs}\n\n"
     "Proposed answer:\n{outputs}\n\nIs the proposed answer correct? Reply with yes or no."
@@ -118,14 +121,19 @@ class RouterService(pb_grpc.InferenceServicer):
                 "Predict", request, self._timeout(context)
             )
         except LocalUnavailable:
-            if mode == "hybrid" and self._fallback is not None:
+            why = "no fallback is configured"
+            if mode != "hybrid":
+                why = f"mode is {mode}"
+            elif self._fallback is not None:
                 blocked = self._blocked_reason()
+                why = f"the API fallback is blocked: {blocked}"
                 if blocked is None:
                     answer = await self._try_fallback(inputs, "local_unavailable")
                     if answer is not None:
                         return answer
+                    why = "the API fallback failed"
             raise RpcFailure(
-                grpc.StatusCode.UNAVAILABLE, "no local runtime is available and no fallback"
+                grpc.StatusCode.UNAVAILABLE, f"no local runtime is available and {why}"
             ) from None
         except grpc.aio.AioRpcError as err:  # the runtime's own verdict (bad input, busy...)
             raise RpcFailure(err.code(), err.details() or "") from None
@@ -288,6 +296,12 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
+        # Its own entry, so install.sh can wait for the router to see its runtime even when
+        # a configured fallback already makes the router as a whole SERVING.
+        local_status = health_pb2.HealthCheckResponse.SERVING
+        if not any_healthy:
+            local_status = health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(LOCAL_HEALTH_SERVICE, local_status)
 
     local = LocalRuntimes(
         settings.local,

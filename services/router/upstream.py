@@ -64,6 +64,7 @@ class LocalRuntimes:
         self._on_change = on_change
         self._announced: bool | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.check_all()
@@ -111,8 +112,15 @@ class LocalRuntimes:
     def any_healthy(self) -> bool:
         return any(e.healthy for e in self._endpoints)
 
-    def _order(self) -> list[Endpoint]:
+    async def _order(self) -> list[Endpoint]:
         healthy = [e for e in self._endpoints if e.healthy]
+        if not healthy:
+            # The last health round may predate a runtime that has just come up: ask again
+            # now (one round shared by every waiting call) rather than fail until the next.
+            if self._recheck is None or self._recheck.done():
+                self._recheck = asyncio.create_task(self.check_all())
+            await asyncio.shield(self._recheck)
+            healthy = [e for e in self._endpoints if e.healthy]
         if not healthy:
             return []
         start = self._next % len(healthy)
@@ -121,7 +129,7 @@ class LocalRuntimes:
 
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         """A unary call on the next healthy runtime; the next one on UNAVAILABLE."""
-        for endpoint in self._order():
+        for endpoint in await self._order():
             try:
                 call = getattr(endpoint.stub, method)
                 return await call(request, timeout=timeout, metadata=self._metadata)
@@ -135,7 +143,7 @@ class LocalRuntimes:
     async def generate(
         self, request: pb.GenerateRequest, timeout: float
     ) -> AsyncIterator[pb.GenerateChunk]:
-        for endpoint in self._order():
+        for endpoint in await self._order():
             stream = endpoint.stub.Generate(request, timeout=timeout, metadata=self._metadata)
             started = False
             try:
