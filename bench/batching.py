@@ -1,7 +1,11 @@
 """Continuous batching and prefix reuse against llama-cpp-python's own server.
 
-Side by side in one run, same GGUF, same prompts (ticket-triage dev tickets in the DSPy
-prompt), same max_tokens, greedy, the same 2 threads, at concurrency 1, 4, 8 and 16:
+Side by side in one run, same GGUF, same prompts, same max_tokens, greedy, the same 2 threads,
+at concurrency 1, 4, 8 and 16, two workloads:
+  predict  ticket-triage dev tickets in the DSPy prompt, 32 tokens: prompt-heavy (each call
+           evaluates ~100 tokens of its own beyond the program prefix to generate ~25)
+  chat     short chat requests, 128 tokens: decode-heavy, where batching pays
+and three systems:
   (a) llama_cpp.server   llama-cpp-python's OpenAI-compatible server (streamed chat completions)
   (b) runtime, serial    our gRPC runtime with --parallel 1 (batching off)
   (c) runtime, batched   our gRPC runtime with --parallel 16 (batching and prefix reuse on)
@@ -40,11 +44,29 @@ from services.core.program import ProgramSpec, PromptCodec
 from tests.helpers import REPO, free_port, smollm2_gguf, start_runtime
 
 THREADS = 2
-MAX_TOKENS = 32
+MAX_TOKENS = 32  # a ticket-triage answer is ~25 tokens
+CHAT_MAX_TOKENS = 128
 N_CTX = 1024
 CONCURRENCY = (1, 4, 8, 16)
 PARALLEL = 16
 Chat = list[dict[str, str]]
+
+
+CHAT_TOPICS = (
+    "a lighthouse keeper", "the history of bread", "how tides work", "a robot learning to paint",
+    "why the sky is blue", "a city under the sea", "the first winter on Mars", "a lost violin",
+    "how vaccines train the immune system", "a dragon who hates gold", "the life of a honeybee",
+    "a train that never stops", "how compilers work", "a garden on a rooftop",
+    "the invention of the printing press", "a cat who runs a bakery",
+)  # fmt: skip
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[Chat]
+    max_tokens: int
+    requests: Callable[[int], int]  # calls at a concurrency level
 
 
 @dataclass
@@ -96,11 +118,35 @@ def run_level(
     )
 
 
-def requests_for(concurrency: int) -> int:
-    return max(8, 3 * concurrency)
+def workloads() -> tuple[PromptCodec, list[Workload]]:
+    codec, tickets = ticket_messages(max(8, 3 * max(CONCURRENCY)))
+    chats = [
+        [{"role": "user", "content": f"Write a short story about {topic}."}]
+        for topic in CHAT_TOPICS * 2
+    ]
+    return codec, [
+        Workload("predict", tickets, MAX_TOKENS, lambda c: max(8, 3 * c)),
+        Workload("chat", chats, CHAT_MAX_TOKENS, lambda c: max(4, 2 * c)),
+    ]
 
 
-def bench_llama_cpp_server(gguf: Path, prompts: list[list[dict[str, str]]]) -> list[LevelResult]:
+Results = dict[str, list[LevelResult]]  # per workload, one result per concurrency level
+
+
+def run_workloads(
+    make_call: Callable[[int], Callable[[Chat], CallTiming]], loads: list[Workload]
+) -> Results:
+    results: Results = {}
+    for load in loads:
+        call = make_call(load.max_tokens)
+        call(load.prompts[0])  # warm-up
+        results[load.name] = [
+            run_level(call, load.prompts[: load.requests(c)], c) for c in CONCURRENCY
+        ]
+    return results
+
+
+def bench_llama_cpp_server(gguf: Path, loads: list[Workload]) -> Results:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
@@ -115,33 +161,33 @@ def bench_llama_cpp_server(gguf: Path, prompts: list[list[dict[str, str]]]) -> l
         _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
         http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
-        def call(messages: list[dict[str, str]]) -> CallTiming:
-            body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "stream": True}  # fmt: skip
-            started = time.perf_counter()
-            first = None
-            tokens = 0
-            with http.stream("POST", url, json=body) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    delta = json.loads(line[6:])["choices"][0]["delta"]
-                    if delta.get("content"):
-                        first = first or time.perf_counter() - started
-                        tokens += 1  # one chunk per generated token
-            return CallTiming(time.perf_counter() - started, first or 0.0, tokens)
+        def make_call(max_tokens: int) -> Callable[[Chat], CallTiming]:
+            def call(messages: Chat) -> CallTiming:
+                body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                        "stream": True}  # fmt: skip
+                started = time.perf_counter()
+                first = None
+                tokens = 0
+                with http.stream("POST", url, json=body) as response:
+                    response.raise_for_status()
+                    for line in response.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        delta = json.loads(line[6:])["choices"][0]["delta"]
+                        if delta.get("content"):
+                            first = first or time.perf_counter() - started
+                            tokens += 1  # one chunk per generated token
+                return CallTiming(time.perf_counter() - started, first or 0.0, tokens)
 
-        call(prompts[0])  # warm-up
-        return [run_level(call, prompts[: requests_for(c)], c) for c in CONCURRENCY]
+            return call
+
+        return run_workloads(make_call, loads)
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def bench_runtime(
-    gguf: Path, program: Path, parallel: int, prompts: list[Chat]
-) -> list[LevelResult]:
+def bench_runtime(gguf: Path, program: Path, parallel: int, loads: list[Workload]) -> Results:
     server = start_runtime(
         "--model", str(gguf), "--program", str(program), "--n-ctx", str(N_CTX),
         "--parallel", str(parallel), "--max-queue", "64",
@@ -150,22 +196,24 @@ def bench_runtime(
     try:
         client = InferenceClient(server.target, timeout_s=600)
 
-        def call(messages: list[dict[str, str]]) -> CallTiming:
-            started = time.perf_counter()
-            first = None
-            last = None
-            pairs = [(m["role"], m["content"]) for m in messages]
-            for chunk in client.generate(pairs, max_tokens=MAX_TOKENS, temperature=0):
-                if chunk.text and first is None:
-                    first = time.perf_counter() - started
-                last = chunk
-            assert last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-            return CallTiming(
-                time.perf_counter() - started, first or 0.0, last.usage.completion_tokens
-            )
+        def make_call(max_tokens: int) -> Callable[[Chat], CallTiming]:
+            def call(messages: Chat) -> CallTiming:
+                started = time.perf_counter()
+                first = None
+                last = None
+                pairs = [(m["role"], m["content"]) for m in messages]
+                for chunk in client.generate(pairs, max_tokens=max_tokens, temperature=0):
+                    if chunk.text and first is None:
+                        first = time.perf_counter() - started
+                    last = chunk
+                assert last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                return CallTiming(
+                    time.perf_counter() - started, first or 0.0, last.usage.completion_tokens
+                )
 
-        call(prompts[0])
-        results = [run_level(call, prompts[: requests_for(c)], c) for c in CONCURRENCY]
+            return call
+
+        results = run_workloads(make_call, loads)
         client.close()
         return results
     finally:
@@ -280,57 +328,60 @@ def shipped_type_gguf() -> Path:
     return path
 
 
-def main() -> None:
-    console = Console()
-    gguf = Path(os.environ["BENCH_GGUF"]) if "BENCH_GGUF" in os.environ else shipped_type_gguf()
-    codec, prompts = ticket_messages(max(requests_for(c) for c in CONCURRENCY))
-    program = Path(tempfile.mkdtemp()) / "program.json"
-    program.write_text(codec.spec.model_dump_json())
-    systems = {
-        "(a) llama_cpp.server": lambda: bench_llama_cpp_server(gguf, prompts),
-        "(b) runtime, batching off": lambda: bench_runtime(gguf, program, 1, prompts),
-        f"(c) runtime, batching on (--parallel {PARALLEL})": lambda: bench_runtime(
-            gguf, program, PARALLEL, prompts
-        ),
-    }
-    results: dict[str, list[LevelResult]] = {}
-    for label, run in systems.items():
-        console.print(f"running {label} ...")
-        results[label] = run()
-    a, b, c = (results[k] for k in systems)
-
+def print_workload(
+    console: Console, gguf: Path, load: Workload, results: dict[str, Results]
+) -> None:
     table = Table(
-        title=f"Batched serving: {gguf.name}, greedy, max_tokens={MAX_TOKENS}, {THREADS} threads, "
-        "ticket-triage DSPy prompts"
+        title=f"{load.name}: {gguf.name}, greedy, max_tokens={load.max_tokens}, {THREADS} threads"
     )
     for column in ("system", "concurrency", "tokens/s", "p50 s", "p95 s", "TTFT p50 s"):
         table.add_column(column, justify="left" if column == "system" else "right")
-    for label, levels in results.items():
-        for level in levels:
+    for label, per_load in results.items():
+        for level in per_load[load.name]:
             table.add_row(
                 label, str(level.concurrency), f"{level.tokens_per_s:.1f}",
                 f"{level.p50_s:.2f}", f"{level.p95_s:.2f}", f"{level.ttft_p50_s:.2f}",
             )  # fmt: skip
     console.print(table)
-    ratios = Table(title="Aggregate tokens/s ratios")
+    a, b, c = (per_load[load.name] for per_load in results.values())
+    ratios = Table(title=f"{load.name}: aggregate tokens/s ratios")
     for column in ("concurrency", "(c)/(a)", "(c)/(b)"):
         ratios.add_column(column, justify="right")
     for la, lb, lc in zip(a, b, c, strict=True):
         ratios.add_row(str(lc.concurrency), f"{lc.tokens_per_s / la.tokens_per_s:.2f}x",
                        f"{lc.tokens_per_s / lb.tokens_per_s:.2f}x")  # fmt: skip
     console.print(ratios)
-    at8 = {
-        k: next(x for x in v if x.concurrency == 8) for k, v in zip("abc", (a, b, c), strict=True)
-    }
-    vs_b = at8["c"].tokens_per_s / at8["b"].tokens_per_s
-    vs_a = at8["c"].tokens_per_s / at8["a"].tokens_per_s
+    at8 = [next(x for x in levels if x.concurrency == 8) for levels in (a, b, c)]
+    vs_b = at8[2].tokens_per_s / at8[1].tokens_per_s
+    vs_a = at8[2].tokens_per_s / at8[0].tokens_per_s
     console.print(
-        f"at concurrency 8: (c) is {vs_b:.2f}x (b) (goal >= 2.5x: "
+        f"{load.name} at concurrency 8: (c) is {vs_b:.2f}x (b) (goal >= 2.5x: "
         f"{'met' if vs_b >= 2.5 else 'missed'}) and {vs_a:.2f}x (a) (goal >= 2x: "
         f"{'met' if vs_a >= 2 else 'missed'})"
     )
 
-    cold, warm, prefix = prefix_ttft(gguf, codec, prompts)
+
+def main() -> None:
+    console = Console()
+    gguf = Path(os.environ["BENCH_GGUF"]) if "BENCH_GGUF" in os.environ else shipped_type_gguf()
+    codec, loads = workloads()
+    program = Path(tempfile.mkdtemp()) / "program.json"
+    program.write_text(codec.spec.model_dump_json())
+    systems = {
+        "(a) llama_cpp.server": lambda: bench_llama_cpp_server(gguf, loads),
+        "(b) runtime, batching off": lambda: bench_runtime(gguf, program, 1, loads),
+        f"(c) runtime, batching on (--parallel {PARALLEL})": lambda: bench_runtime(
+            gguf, program, PARALLEL, loads
+        ),
+    }
+    results: dict[str, Results] = {}
+    for label, run in systems.items():
+        console.print(f"running {label} ...")
+        results[label] = run()
+    for load in loads:
+        print_workload(console, gguf, load, results)
+
+    cold, warm, prefix = prefix_ttft(gguf, codec, loads[0].prompts)
     console.print(
         f"Predict time to first token: cold {cold * 1000:.0f} ms, warm prefix ({prefix} tokens) "
         f"{warm * 1000:.0f} ms: {warm / cold:.2f}x (goal <= 0.3x: "

@@ -193,3 +193,41 @@ def test_prompt_pieces_are_never_one_token_after_position_zero(
 )
 def test_a_prompt_evaluates_at_least_two_tokens(shared: int, last: int, cached: int) -> None:
     assert usable_cache(shared, last) == cached
+
+
+def test_idle_slots_hold_the_warm_prefix_from_load(gguf_path: Path, program_path: Path) -> None:
+    """Warming the prefix also copies it into every idle slot, so a slot's first call does not
+    pay llama.cpp's stream copy; clear_cache() brings slots back to just the prefix."""
+    from services.core.program import ProgramSpec, PromptCodec
+    from services.runtime.backends import Finished
+    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.loading import program_prefix
+    from services.runtime.predict import predict_params
+
+    engine = BatchedLlamaCpp(gguf_path, n_ctx=1024, n_threads=2, parallel=2)
+    try:
+        codec = PromptCodec(ProgramSpec.load(program_path))
+        engine.warm_prefix(program_prefix(engine, codec))
+        assert engine.prefix_tokens > 50
+        assert all(engine._slot_tokens[slot] == engine._prefix for slot in range(2))
+
+        def run_together(countries: list[str]) -> list[Finished]:
+            params = predict_params(8, seed=0)
+            for country in countries:
+                engine.start(country, engine.prepare(codec.format_messages({"country": country})),
+                             params)  # fmt: skip
+            done: dict[str, Finished] = {}
+            while len(done) < len(countries):
+                for owner, event in engine.step():
+                    if isinstance(event, Finished):
+                        done[owner] = event
+            return [done[c] for c in countries]
+
+        first = run_together(["Italy", "Peru"])  # one call in each slot
+        assert [f.cached_prompt_tokens for f in first] == [engine.prefix_tokens] * 2
+        engine.clear_cache()
+        assert all(engine._slot_tokens[slot] == engine._prefix for slot in range(2))
+        again = run_together(["Peru", "Italy"])
+        assert [f.cached_prompt_tokens for f in again] == [engine.prefix_tokens] * 2
+    finally:
+        engine.close()

@@ -182,17 +182,46 @@ class BatchedLlamaCpp:
             self._decode()
             done += take
         self._prefix = list(tokens)
+        self._seed_idle_slots()
 
-    def clear_cache(self, *, keep_prefix: bool = True) -> None:
-        """Forget what idle slots hold (and the warm prefix unless keep_prefix): a cold start."""
+    def _seed_idle_slots(self) -> None:
+        """Copy the warm prefix into every idle slot that lacks it, now rather than at a call.
+
+        Between streams llama.cpp copies a whole stream and then re-plans its compute graph,
+        at the next decode: ~50 ms that would otherwise land in a caller's first token.
+        """
         import llama_cpp
 
+        if not self._prefix:
+            return
+        seeded = False
         for slot in self._free:
-            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._slot_tokens[slot] = []
+            if common_prefix_length([self._slot_tokens[slot], self._prefix]) < len(self._prefix):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, slot, -1, -1)
+                self._slot_tokens[slot] = list(self._prefix)
+                seeded = True
+        if seeded:  # a throwaway token makes llama.cpp do the copies (then it is dropped)
+            end = len(self._prefix)
+            self._batch.reset()
+            self._add(self._prefix[-1], end, self._prefix_seq, logits=False)
+            self._decode()
+            llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, end, -1)
+
+    def clear_cache(self, *, keep_prefix: bool = True) -> None:
+        """Forget what idle slots hold beyond the warm prefix (all of it unless keep_prefix)."""
+        import llama_cpp
+
         if not keep_prefix:
             llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
             self._prefix = []
+        for slot in self._free:
+            keep = len(self._prefix)
+            if common_prefix_length([self._slot_tokens[slot], self._prefix]) < keep:
+                keep = 0
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
+            self._slot_tokens[slot] = self._slot_tokens[slot][:keep]
+        self._seed_idle_slots()
 
     # -- slots --------------------------------------------------------------------------------
 
