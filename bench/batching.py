@@ -272,6 +272,31 @@ def decode_tokens_per_s(gguf: Path, tokens: int = 128) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def batched_decode_tokens_per_s(gguf: Path, streams: int, tokens: int = 128) -> float:
+    """In-process, no server: `streams` chat requests started together and decoded as one
+    batch until each has `tokens` (prompts included): generated tokens per second."""
+    from services.core.sampling import GenerationParams
+    from services.runtime.backends import Finished, TokenPiece
+    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+
+    engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=streams)
+    params = GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                              logprobs=False)  # fmt: skip
+    try:
+        for index, topic in enumerate(CHAT_TOPICS[:streams]):
+            chat = [{"role": "user", "content": f"Write a short story about {topic}."}]
+            engine.start(index, engine.prepare(chat), params)
+        started = time.perf_counter()
+        generated, finished = 0, 0
+        while finished < streams:
+            events = engine.step()
+            generated += sum(isinstance(e, TokenPiece) for _, e in events)
+            finished += sum(isinstance(e, Finished) for _, e in events)
+        return generated / (time.perf_counter() - started)
+    finally:
+        engine.close()
+
+
 def memory_bandwidth_gb_s(threads: int = THREADS, megabytes: int = 512) -> float:
     """A copy benchmark: bytes read plus bytes written per second, best of 5, `threads` copiers."""
     n = megabytes * (1 << 20) // 8
@@ -396,6 +421,14 @@ def main() -> None:
         f"Roofline: copy bandwidth {bandwidth:.1f} GB/s ({THREADS} threads), "
         f"{per_token / 1e6:.1f} MB of weights read per token -> at most {roofline:.0f} tokens/s "
         f"single-stream; measured decode {single:.1f} tokens/s = {single / roofline:.0%} of it"
+    )
+    one, eight = batched_decode_tokens_per_s(gguf, 1), batched_decode_tokens_per_s(gguf, 8)
+    console.print(
+        f"Batching's ceiling here (in-process, no server, chat prompts, {CHAT_MAX_TOKENS} "
+        f"tokens): 8 streams decode together at {eight:.1f} tokens/s vs 1 stream at {one:.1f}: "
+        f"{eight / one:.2f}x is the most batching can add at 8 callers on this machine (a step "
+        f"of 8 rows costs {8 * one / eight:.1f}x a step of 1: the CPU is compute-bound, not "
+        "bandwidth-bound, so batched rows share little)"
     )
 
 
