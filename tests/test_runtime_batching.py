@@ -11,7 +11,7 @@ import pytest
 
 from services.core.api import pb, pb_grpc
 from services.core.client import sampling
-from services.runtime.backends._llamacpp_batched import prompt_piece, usable_cache
+from services.runtime.backends._llamacpp_batched import pick_slot, prompt_piece, usable_cache
 from tests.helpers import ServerProcess, start_runtime
 
 COUNTRIES = ["Italy", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Egypt", "Canada"]
@@ -231,3 +231,18 @@ def test_idle_slots_hold_the_warm_prefix_from_load(gguf_path: Path, program_path
         assert [f.cached_prompt_tokens for f in again] == [engine.prefix_tokens] * 2
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    ("reusable", "slot"),
+    [
+        ({0: 260, 3: 260, 9: 260}, 0),  # all hold the program prefix: the lowest
+        ({5: 3, 2: 3, 7: 3}, 2),
+        ({1: 260, 4: 262}, 1),  # two more tokens are not worth a wider step
+        ({1: 3, 6: 400}, 6),  # a chat's next turn: its slot holds the conversation
+    ],
+)
+def test_a_new_request_takes_the_lowest_slot_unless_another_saves_real_work(
+    reusable: dict[int, int], slot: int
+) -> None:
+    assert pick_slot(reusable) == slot

@@ -121,8 +121,8 @@ class BatchedLlamaCpp:
         )
         self._free = list(range(parallel))
         # What each slot's KV stream still holds from its last request: a new request takes
-        # the free slot sharing the longest prefix with it (a chat's next turn, a repeated
-        # prompt), as llama.cpp's server picks slots.
+        # a free slot sharing (nearly) the longest prefix with it (a chat's next turn, a
+        # repeated prompt), as llama.cpp's server picks slots, the lowest such (pick_slot).
         self._slot_tokens: dict[int, list[int]] = {slot: [] for slot in range(parallel)}
         self._active: list[_Sequence] = []
         self._n_vocab = self._model.n_vocab()
@@ -242,8 +242,8 @@ class BatchedLlamaCpp:
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
         last = len(tokens) - 1  # the last prompt token is always evaluated: its logits start
-        seq_id = max(
-            self._free, key=lambda slot: common_prefix_length([self._slot_tokens[slot], tokens])
+        seq_id = pick_slot(
+            {slot: common_prefix_length([self._slot_tokens[slot], tokens]) for slot in self._free}
         )
         self._free.remove(seq_id)
         kept = usable_cache(common_prefix_length([self._slot_tokens[seq_id], tokens]), last)
@@ -442,6 +442,21 @@ def usable_cache(shared: int, last: int) -> int:
     """
     cached = min(shared, last)
     return cached - 1 if cached == last and cached > 0 else cached
+
+
+SLOT_REUSE_SLACK = 32
+
+
+def pick_slot(reusable: dict[int, int]) -> int:
+    """The free slot for a new request, given the tokens each could reuse: the lowest-numbered
+    one reusing within SLOT_REUSE_SLACK tokens of the best.
+
+    A decode step attends over every KV stream from its lowest to its highest slot, idle ones
+    included, so packed slots decode faster (8 running on slots 0-7 vs spread over 0-15: 2x
+    the tokens/s, measured); a few reused prompt tokens are worth less than that.
+    """
+    best = max(reusable.values())
+    return min(slot for slot, reuse in reusable.items() if reuse >= best - SLOT_REUSE_SLACK)
 
 
 def prompt_piece(pending: int, budget: int, *, at_start: bool) -> int:
