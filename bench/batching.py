@@ -118,15 +118,22 @@ def run_level(
     )
 
 
+def story_chat(topic: str) -> Chat:
+    return [{"role": "user", "content": f"Write a short story about {topic}."}]
+
+
 def workloads() -> tuple[PromptCodec, list[Workload]]:
-    codec, tickets = ticket_messages(max(8, 3 * max(CONCURRENCY)))
-    chats = [
-        [{"role": "user", "content": f"Write a short story about {topic}."}]
-        for topic in CHAT_TOPICS * 2
-    ]
+    def predict_calls(concurrency: int) -> int:
+        return max(8, 3 * concurrency)
+
+    def chat_calls(concurrency: int) -> int:
+        return max(4, 2 * concurrency)
+
+    codec, tickets = ticket_messages(predict_calls(max(CONCURRENCY)))
+    topics = CHAT_TOPICS * -(-chat_calls(max(CONCURRENCY)) // len(CHAT_TOPICS))
     return codec, [
-        Workload("predict", tickets, MAX_TOKENS, lambda c: max(8, 3 * c)),
-        Workload("chat", chats, CHAT_MAX_TOKENS, lambda c: max(4, 2 * c)),
+        Workload("predict", tickets, MAX_TOKENS, predict_calls),
+        Workload("chat", [story_chat(t) for t in topics], CHAT_MAX_TOKENS, chat_calls),
     ]
 
 
@@ -284,8 +291,7 @@ def batched_decode_tokens_per_s(gguf: Path, streams: int, tokens: int = 128) -> 
                               logprobs=False)  # fmt: skip
     try:
         for index, topic in enumerate(CHAT_TOPICS[:streams]):
-            chat = [{"role": "user", "content": f"Write a short story about {topic}."}]
-            engine.start(index, engine.prepare(chat), params)
+            engine.start(index, engine.prepare(story_chat(topic)), params)
         started = time.perf_counter()
         generated, finished = 0, 0
         while finished < streams:
