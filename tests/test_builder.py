@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,94 @@ def test_the_bundle_serves_predict(tiny: tuple[Path, Path, object]) -> None:
         assert reply.outputs["category"] in {
             "network", "hardware", "software", "access", "security", "billing"
         }  # fmt: skip
+
+
+QA_SPEC = """
+name: tiny-qa
+version: "0.0.1-test"
+program: examples.technical_qa.program:build
+data: {{train: train.jsonl, dev: dev.jsonl}}
+metric: token_f1
+teacher: {{model: openai/gold-cot-teacher, api_base: "{api}", api_key_env: QA_TEACHER_KEY}}
+student: {{source: {student}}}
+lora: {{epochs: 3, batch_size: 4, learning_rate: 0.001, max_length: 384}}
+quantizations: [Q8_0]
+quality_gate: {{min_retention: 0.0}}
+n_threads: 2
+eval_max_tokens: 48
+output: {output}
+"""
+
+
+def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
+    tiny: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    """examples/technical_qa (ChainOfThought, token F1) distilled from an API teacher into a
+    Hugging Face checkpoint with no GGUF beside it, which llama.cpp's converter turns into one.
+    The teacher is the OpenAI-compatible STAND-IN answering with a reasoning line and the
+    reference answer (no strong model runs here)."""
+    from services.runtime.backends._llamacpp import quantization_name, read_gguf_metadata
+    from tests.openai_standin import OpenAIStandIn
+
+    _, tiny_build, _ = tiny
+    student = tmp_path / "hf-student"  # the tiny build's dense SmolLM2 checkpoint: no .gguf
+    shutil.copytree(tiny_build / "student", student, ignore=shutil.ignore_patterns(".stage.json"))
+    assert not list(student.glob("*.gguf"))
+    qa = REPO / "examples" / "technical_qa"
+    train = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()][:12]
+    dev = [json.loads(line) for line in (qa / "dev.jsonl").read_text().splitlines()][:3]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", dev)
+    gold = {row["question"]: row["answer"] for row in train + dev}
+    gold[train[0]["question"]] = "a wrong answer entirely"  # one trace the metric must reject
+    build = tmp_path / "build"
+    spec = tmp_path / "spec.yaml"
+    with OpenAIStandIn(gold, input_field="question", output_field="answer", reasoning=True) as api:
+        spec.write_text(QA_SPEC.format(api=api.base_url, student=student, output=build))
+        proc = run_build(spec, env={"QA_TEACHER_KEY": "sk-qa-not-a-real-key"})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+
+    # The converter wrote an F16 GGUF carrying the checkpoint's tokenizer and chat template.
+    base = read_gguf_metadata(build / "convert" / "base.F16.gguf")
+    assert quantization_name(base) == "F16"
+    original = read_gguf_metadata(smollm2_gguf())
+    assert base["tokenizer.chat_template"] == original["tokenizer.chat_template"]
+    assert base["llama.block_count"] == original["llama.block_count"]
+
+    counts = json.loads((build / "traces" / "counts.json").read_text())
+    assert counts == {"total": 12, "kept": 11, "rejected": 1, "failed": 0}
+    kept = [
+        json.loads(line) for line in (build / "traces" / "traces.jsonl").read_text().splitlines()
+    ]
+    assert all(t["outputs"]["reasoning"].startswith("This asks about") for t in kept)
+    assistant = json.loads((build / "dataset" / "dataset.jsonl").read_text().splitlines()[0])[
+        "messages"
+    ][-1]["content"]
+    assert assistant.index("[[ ## reasoning ## ]]") < assistant.index("[[ ## answer ## ]]")
+    checks = json.loads((build / "export" / "self_check.json").read_text())
+    assert checks and all(c["agree"] for c in checks)
+    evaluation = json.loads((build / "bundle" / "eval.json").read_text())
+    assert evaluation["teacher"]["score"] == 1.0  # the stand-in answers the dev references
+    labels = [s["label"] for s in evaluation["students"]]
+    assert labels == ["untuned student (F16)", "distilled Q8_0"]
+
+    server = start_runtime("--bundle", str(build / "bundle"), "--n-ctx", "2048")
+    try:
+        with InferenceClient(server.target) as client:
+            info = client.info()
+            reply = client.predict({"question": dev[0]["question"]})
+    finally:
+        server.terminate()
+    assert [f.name for f in info.signature.output_fields] == ["reasoning", "answer"]
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply
+    assert reply.outputs["reasoning"] and reply.outputs["answer"]
+
+    # The dataset's answers label no reasoning: a gold teacher is refused, saying what to do.
+    spec.write_text(re.sub(r"teacher: .*", "teacher: {model: gold}", spec.read_text()))
+    refused = run_build(spec)
+    assert refused.returncode == 2
+    assert "teacher: gold has no 'reasoning' to teach" in refused.stderr
+    assert "use an API teacher" in refused.stderr
 
 
 @pytest.mark.parametrize(

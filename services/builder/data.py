@@ -12,12 +12,19 @@ from typing import Any
 from services.builder.spec import SpecError, import_object
 
 Metric = Callable[..., Any]
+# dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
+REASONING = "reasoning"
+
+
+def labelled(output_names: list[str]) -> list[str]:
+    """The output fields a dataset row must carry (all but the reasoning)."""
+    return [name for name in output_names if name != REASONING]
 
 
 def load_examples(
     path: Path, input_names: list[str], output_names: list[str], key: str
 ) -> list[Any]:
-    """dspy.Examples from JSONL; every row needs the program's input and output fields."""
+    """dspy.Examples from JSONL; every row needs the program's input and labelled output fields."""
     import dspy
 
     examples = []
@@ -30,7 +37,7 @@ def load_examples(
             raise SpecError(f"{key}: {path} line {number}: not JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise SpecError(f"{key}: {path} line {number}: a row is a JSON object")
-        for name in input_names + output_names:
+        for name in input_names + labelled(output_names):
             if name not in row:
                 raise SpecError(f"{key}: {path} line {number}: missing field {name!r}")
         examples.append(dspy.Example(**row).with_inputs(*input_names))
@@ -45,13 +52,13 @@ def _normalize(text: Any) -> str:
 
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
     """Every labelled output field equals the prediction's, ignoring case and spacing."""
-    fields = [k for k in example.labels() if k != "reasoning"]
+    fields = labelled(list(example.labels()))
     return all(_normalize(example[k]) == _normalize(prediction.get(k, "")) for k in fields)
 
 
 def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
     """SQuAD-style token F1 on the last labelled output field."""
-    field = [k for k in example.labels() if k != "reasoning"][-1]
+    field = labelled(list(example.labels()))[-1]
     gold = re.findall(r"\w+", _normalize(example[field]))
     guess = re.findall(r"\w+", _normalize(prediction.get(field, "")))
     common = sum((Counter(gold) & Counter(guess)).values())

@@ -23,10 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.builder import calibrate as calibration_stage
 from services.builder import evaluate, export, finetune, report, teacher
-from services.builder.data import file_sha256, load_examples, resolve_metric
+from services.builder.data import REASONING, file_sha256, load_examples, resolve_metric
 from services.builder.package import write_bundle
 from services.builder.spec import BuildSpec, SpecError, import_object
-from services.builder.student import StudentSource, dense_hf_copy, resolve_student
+from services.builder.student import convert_hf_folder, dense_hf_copy, resolve_student
 from services.core.program import ProgramSpec, PromptCodec
 
 STAGE_FILE = ".stage.json"
@@ -125,16 +125,17 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
     inputs, outputs = codec.input_names, codec.output_names
     trainset = load_examples(spec.data.train, inputs, outputs, "data.train")
     devset = load_examples(spec.data.dev, inputs, outputs, "data.dev")
+    if REASONING in outputs and spec.teacher.is_gold and any(REASONING not in e for e in trainset):
+        raise SpecError(
+            f"teacher: gold has no {REASONING!r} to teach (the program is a ChainOfThought and "
+            f"{spec.data.train} does not label it); use an API teacher (teacher.model) or add a "
+            f"{REASONING!r} field to every training row"
+        )
     metric = resolve_metric(spec.metric)
     threshold = spec.metric_threshold
     if threshold is None:
         threshold = 1.0 if spec.metric == "exact_match" else 0.5
     student = resolve_student(spec.student.source)
-    if student.gguf is None:
-        raise SpecError(
-            f"student.source: {student.description} has no base .gguf next to it; the export "
-            "writes into the base GGUF's layout (tokenizer, template), so put one in the folder"
-        )
     base = {
         "program": program_spec.model_dump(),
         "train": file_sha256(spec.data.train),
@@ -172,10 +173,26 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
 
     dataset_dir, dataset_key = stages.run("dataset", {"traces": traces_key}, dataset_work)
 
+    # A Hugging Face student without a GGUF: llama.cpp converts it (the export writes into
+    # that layout, and it is the untuned baseline).
+    if student.gguf is not None:
+        base_gguf = student.gguf
+    else:
+        hf_dir = student.hf_dir
+        assert hf_dir is not None
+        folder = {str(f.relative_to(hf_dir)): file_sha256(f) for f in sorted(hf_dir.rglob("*"))
+                  if f.is_file() and ".cache" not in f.parts}  # fmt: skip
+        convert_dir, _ = stages.run(
+            "convert",
+            {"source": student.description, "files": folder},
+            lambda out: convert_hf_folder(hf_dir, out / "base.F16.gguf"),
+        )
+        base_gguf = convert_dir / "base.F16.gguf"
+
     # The student as a dense transformers checkpoint (dequantized once).
     student_dir, student_key = stages.run(
         "student",
-        {"source": student.description, "gguf": file_sha256(student.gguf)},
+        {"source": student.description, "gguf": file_sha256(base_gguf)},
         lambda out: dense_hf_copy(student, out),
     )
 
@@ -210,7 +227,7 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
     def export_work(out: Path) -> None:
         merged = finetune.merge_adapter(student_dir, finetune_dir / "adapter")
         gguf_path = out / f"{spec.name}.F16.gguf"
-        export.write_gguf(merged, student.gguf, gguf_path, spec.name)  # type: ignore[arg-type]
+        export.write_gguf(merged, base_gguf, gguf_path, spec.name)
         prompts = [codec.format_messages({k: str(e[k]) for k in inputs}) for e in devset[:3]]
         checks = export.self_check(merged, gguf_path, prompts)
         (out / "self_check.json").write_text(json.dumps(checks, indent=2))
@@ -244,7 +261,7 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
             "metric_name": spec.metric, "max_tokens": spec.eval_max_tokens,
             "n_threads": spec.n_threads,
         }  # fmt: skip
-        targets = [(f"untuned student ({student_label(student)})", student.gguf)]
+        targets = [(f"untuned student ({student_label(base_gguf)})", base_gguf)]
         targets += [(f"distilled {q}", path) for q, path in ggufs.items()]
         with _progress(console) as bar:
             task = bar.add_task("evaluate", total=len(targets) + 1, note="teacher")
@@ -311,11 +328,11 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
             version=version,
             ggufs=ggufs,
             program=program_spec,
-            chat_template=_chat_template(student.gguf),  # type: ignore[arg-type]
+            chat_template=_chat_template(base_gguf),
             evaluation_dir=calib_dir,
             calibration=calibration,
             provenance={
-                "base_model": {"source": student.description, "sha256": file_sha256(student.gguf)},  # type: ignore[arg-type]
+                "base_model": {"source": student.description, "sha256": file_sha256(base_gguf)},
                 "teacher": spec.teacher.model,
                 "datasets": {"train": base["train"], "dev": base["dev"]},
                 "metric": spec.metric,
@@ -363,10 +380,10 @@ def gate(evaluation: dict[str, Any], spec: BuildSpec, quant: str) -> dict[str, A
     }
 
 
-def student_label(student: StudentSource) -> str:
+def student_label(gguf_path: Path) -> str:
     from services.runtime.backends._llamacpp import quantization_name, read_gguf_metadata
 
-    return quantization_name(read_gguf_metadata(student.gguf)) if student.gguf else "hf"
+    return quantization_name(read_gguf_metadata(gguf_path))
 
 
 def _chat_template(gguf_path: Path) -> str:

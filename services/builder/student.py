@@ -5,16 +5,38 @@ a local Hugging Face model folder, or a hub id (downloaded with huggingface-hub 
 build host; HF_HUB_OFFLINE=1 makes it use the local cache only).
 
 The export stage writes the fine-tuned weights into the base GGUF's layout, so it needs a base
-GGUF: for GGUF students that is the source itself.
+GGUF: for GGUF students that is the source itself; a Hugging Face student without one is
+converted by llama.cpp's own convert_hf_to_gguf.py (tokenizer, chat template and tensor layout
+as llama.cpp expects them), taken from the sources of the installed llama-cpp-python so that
+the file it writes is one this llama.cpp reads.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.builder.spec import SpecError
+
+# Where `make setup` keeps llama-cpp-python's sdist, next to the wheel it built from it.
+WHEELHOUSE_ROOT = Path(
+    os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edgedistill", "wheelhouse"
+)
+# A llama-cpp-python sdist (.tar.gz) or a llama.cpp checkout; overrides the wheelhouse.
+SOURCE_ENV = "EDGEDISTILL_LLAMA_CPP_SOURCE"
+# What the converter needs from llama.cpp's tree: the script, its model classes, its gguf-py.
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+class ConversionError(RuntimeError):
+    """llama.cpp's converter is missing or refused the model."""
 
 
 @dataclass(frozen=True)
@@ -95,3 +117,61 @@ def dense_hf_copy(student: StudentSource, out_dir: Path) -> None:
         model.is_quantized = False  # type: ignore[assignment]
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's sources for the converter: $EDGEDISTILL_LLAMA_CPP_SOURCE, else the sdist of
+    the installed llama-cpp-python in the wheelhouse."""
+    if os.environ.get(SOURCE_ENV):
+        path = Path(os.environ[SOURCE_ENV])
+        if not path.exists():
+            raise ConversionError(f"{SOURCE_ENV}={path} does not exist")
+        return path
+    version = importlib.metadata.version("llama-cpp-python")
+    found = sorted(WHEELHOUSE_ROOT.glob(f"*/llama_cpp_python-{version}.tar.gz"))
+    if not found:
+        raise ConversionError(
+            f"converting a Hugging Face student needs llama.cpp's convert_hf_to_gguf.py from "
+            f"llama-cpp-python {version}'s sources, and none were found under {WHEELHOUSE_ROOT}: "
+            "run `make setup` (it keeps the sdist next to its wheel), or set "
+            f"{SOURCE_ENV} to the sdist or to a llama.cpp checkout"
+        )
+    return found[-1]
+
+
+def _unpack_converter(source: Path, into: Path) -> Path:
+    """The converter's folder: a checkout as it is, or the needed parts of an sdist unpacked."""
+    if source.is_dir():
+        if not (source / "convert_hf_to_gguf.py").is_file():
+            raise ConversionError(f"{source} has no convert_hf_to_gguf.py (not a llama.cpp tree)")
+        return source
+    with tarfile.open(source) as archive:
+        members = [
+            member
+            for member in archive.getmembers()
+            if "/vendor/llama.cpp/" in member.name
+            and member.name.split("/vendor/llama.cpp/", 1)[1].startswith(_CONVERTER_PARTS)
+        ]
+        if not members:
+            raise ConversionError(f"{source} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        archive.extractall(into, members=members, filter="data")
+    return next(into.glob("*/vendor/llama.cpp"))
+
+
+def convert_hf_folder(hf_dir: Path, out_path: Path) -> None:
+    """Write the Hugging Face model in hf_dir as an F16 GGUF with llama.cpp's converter."""
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-convert-") as scratch:
+        tree = _unpack_converter(llama_cpp_source(), Path(scratch))
+        # Its own process: the script puts its vendored gguf-py first on sys.path.
+        proc = subprocess.run(
+            [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir),
+             "--outfile", str(out_path), "--outtype", "f16"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    if proc.returncode != 0 or not out_path.is_file():
+        out_path.unlink(missing_ok=True)
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise ConversionError(
+            f"llama.cpp's convert_hf_to_gguf.py could not convert {hf_dir} "
+            f"(exit {proc.returncode}):\n{tail}"
+        )
