@@ -497,3 +497,34 @@ def test_out_of_disk_leaves_no_bundle_and_a_rerun_resumes(
         Bundle.open(build / "bundle")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_hub_student_comes_from_the_local_cache_when_offline(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1: a hub id resolves from the local cache, or fails naming what to do."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    probe = (
+        "import sys; from services.builder.student import resolve_student\n"
+        "from services.builder.spec import SpecError\n"
+        "try:\n"
+        "    s = resolve_student(sys.argv[1]); print(s.hf_dir, s.gguf)\n"
+        "except SpecError as err:\n"
+        "    print('SpecError:', err)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+
+    def resolve(source: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", probe, source], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=120, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == f"{snapshot} None"
+    missing = resolve("HuggingFaceTB/SmolLM2-360M-Instruct")
+    assert missing.startswith("SpecError: student.source: HuggingFaceTB/SmolLM2-360M-Instruct is")
+    assert "not in the local Hugging Face cache" in missing

@@ -35,6 +35,9 @@ SOURCE_ENV = "EDGEDISTILL_LLAMA_CPP_SOURCE"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
 class ConversionError(RuntimeError):
     """llama.cpp's converter is missing or refused the model."""
 
@@ -76,7 +79,9 @@ def resolve_student(source: str) -> StudentSource:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            folder = Path(snapshot_download(source))
+            # Weights, config and tokenizer only: hub repos often carry ONNX or GGUF copies
+            # many times the model's size.
+            folder = Path(snapshot_download(source, allow_patterns=HUB_FILES))
         except LocalEntryNotFoundError as err:
             raise SpecError(
                 f"student.source: {source} is not in the local Hugging Face cache and the hub "
