@@ -183,6 +183,11 @@ if [ -f "$staging/images/images.tar" ]; then
   done
   rm -f "$staging/images/images.tar"   # loaded into the engine; keep the host's disk free
 fi
+if [ -f "$staging/images/runtime.ref" ]; then
+  # compose.yaml's variables for this release (no secrets): `compose up` runs what is installed.
+  printf 'BUNDLE_DIR=%s\nRUNTIME_IMAGE=%s\nROUTER_IMAGE=%s\n' "$release/bundle" \
+    "$(cat "$staging/images/runtime.ref")" "$(cat "$staging/images/router.ref")" > "$staging/.env"
+fi
 rm -rf "$release"
 mv "$staging" "$release"
 if [ -L "$home/current" ] && [ "$(readlink "$home/current")" != "$release" ]; then

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +168,8 @@ def test_install_offline_serve_and_refuse_tampering(
     again = install(shipped, offline_host)
     assert again.returncode == 0 and "already installed" in again.stdout
 
+    serve_with_compose(offline_host)
+
     prefix = Path(offline_host["PREFIX"])
     before = sorted(str(p) for p in prefix.rglob("*"))
     tampered = shipped.with_name("tampered.tar")
@@ -186,6 +190,52 @@ def test_install_offline_serve_and_refuse_tampering(
     refused = install(truncated, offline_host, shipped)
     assert refused.returncode != 0 and "REFUSED" in refused.stderr
     assert sorted(str(p) for p in prefix.rglob("*")) == before  # the host is unchanged
+
+
+def serve_with_compose(host: dict[str, str]) -> None:
+    """The installed release's compose.yaml, run by podman-compose (its .env names the loaded
+    images and the bundle), serves the same pair, hardened, with the token as a secret."""
+    sh("sh", "scripts/install-bundle.sh", "--stop", "capitals", env=host)
+    engine = host["CONTAINER_ENGINE"].split()
+    compose = [
+        str(Path(sys.executable).parent / "podman-compose"),
+        "--podman-args", " ".join(engine[1:]),  # the offline host's own storage
+        "-f", str(Path(host["PREFIX"]) / "capitals" / "current" / "compose.yaml"),
+    ]  # fmt: skip
+    env = {
+        "RUNTIME_PORT": host["RUNTIME_PORT"], "ROUTER_PORT": host["ROUTER_PORT"],
+        "ROUTER_MODE": "local_only", "AUTH_TOKEN_SOURCE": host["AUTH_TOKEN_FILE"],
+        "AUTH_TOKEN_FILE": "/run/secrets/auth_token",
+        "ROUTER_AUTH_TOKEN_FILE": "/run/secrets/auth_token",
+    }  # fmt: skip
+    sh(*compose, "up", "-d", env=env)
+    try:
+        names = sh(*engine, "ps", "--format", "{{.Names}}").stdout.split()
+        assert len(names) == 2 and all(n.startswith("edgedistill") for n in names), names
+        for name in names:
+            hardening = sh(*engine, "inspect", name, "--format",
+                           "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.EffectiveCaps}} "
+                           "{{.HostConfig.SecurityOpt}}").stdout.strip()  # fmt: skip
+            assert hardening == "10001 true [] [no-new-privileges]", hardening
+        router = f"127.0.0.1:{host['ROUTER_PORT']}"
+        deadline = time.monotonic() + 180  # podman < 4.6 starts the router without waiting
+        while True:
+            try:
+                with InferenceClient(router, timeout_s=60, token=PLANTED_TOKEN) as client:
+                    reply = client.predict({"country": "France"})
+                break
+            except grpc.RpcError as err:
+                if time.monotonic() > deadline:
+                    logs = [sh(*engine, "logs", n, check=False).stderr[-1500:] for n in names]
+                    raise AssertionError(f"compose never answered: {err}\n{logs}") from err
+                time.sleep(2)
+        assert reply.outcome == pb.PREDICT_OUTCOME_PARSED and reply.outputs["capital"]
+        assert reply.served_by == pb.SERVED_BY_LOCAL
+        with InferenceClient(router, timeout_s=30) as client, pytest.raises(grpc.RpcError) as no:
+            client.info()
+        assert no.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        sh(*compose, "down", env=env, check=False)
 
 
 def scan_for_planted_secrets(shipped: Path, host: dict[str, str]) -> None:

@@ -269,6 +269,12 @@ def calibrated_threshold(bundle: Bundle, override: float | None, mode: str = "hy
     return float(calibration["threshold"])
 
 
+def _serving_status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    if ok:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None = None) -> int:
     bundle = Bundle.open(settings.bundle, verify=False)  # the runtime verifies the GGUF
     program = program_from_file(bundle.program_path)
@@ -290,18 +296,11 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     async def local_health_changed(any_healthy: bool) -> None:
         # SERVING means "can answer": a router with no runtime to reach and no fallback to
         # take over would only answer UNAVAILABLE, so orchestrators and install.sh wait.
-        serving = any_healthy or fallback is not None
-        status = health_pb2.HealthCheckResponse.SERVING
-        if not serving:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
+            await health_servicer.set(name, _serving_status(any_healthy or fallback is not None))
         # Its own entry, so install.sh can wait for the router to see its runtime even when
         # a configured fallback already makes the router as a whole SERVING.
-        local_status = health_pb2.HealthCheckResponse.SERVING
-        if not any_healthy:
-            local_status = health_pb2.HealthCheckResponse.NOT_SERVING
-        await health_servicer.set(LOCAL_HEALTH_SERVICE, local_status)
+        await health_servicer.set(LOCAL_HEALTH_SERVICE, _serving_status(any_healthy))
 
     local = LocalRuntimes(
         settings.local,
