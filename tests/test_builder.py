@@ -209,7 +209,7 @@ version: "0.0.1-test"
 program: examples.technical_qa.program:build
 data: {{train: train.jsonl, dev: dev.jsonl}}
 metric: token_f1
-teacher: {{model: openai/gold-cot-teacher, api_base: "{api}", api_key_env: QA_TEACHER_KEY}}
+teacher: {{model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}}
 student: {{source: {student}}}
 lora: {{epochs: 3, batch_size: 4, learning_rate: 0.001, max_length: 384}}
 quantizations: [Q8_0]
@@ -244,8 +244,13 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     build = tmp_path / "build"
     spec = tmp_path / "spec.yaml"
     with OpenAIStandIn(gold, input_field="question", output_field="answer", reasoning=True) as api:
-        spec.write_text(QA_SPEC.format(api=api.base_url, student=student, output=build))
-        proc = run_build(spec, env={"QA_TEACHER_KEY": "sk-qa-not-a-real-key"})
+        spec.write_text(QA_SPEC.format(student=student, output=build))
+        # The teacher as `make build-bundle` passes it: TEACHER_* override the spec's.
+        teacher_env = {
+            "TEACHER_MODEL": "openai/gold-cot-teacher", "TEACHER_API_BASE": api.base_url,
+            "TEACHER_API_KEY_ENV": "QA_TEACHER_KEY", "QA_TEACHER_KEY": "sk-qa-not-a-real-key",
+        }  # fmt: skip
+        proc = run_build(spec, env=teacher_env)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
 
     # The converter wrote an F16 GGUF carrying the checkpoint's tokenizer and chat template.
@@ -269,6 +274,8 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     assert checks and all(c["agree"] for c in checks)
     evaluation = json.loads((build / "bundle" / "eval.json").read_text())
     assert evaluation["teacher"]["score"] == 1.0  # the stand-in answers the dev references
+    manifest = json.loads((build / "bundle" / "manifest.json").read_text())
+    assert manifest["provenance"]["teacher"] == "openai/gold-cot-teacher"
     labels = [s["label"] for s in evaluation["students"]]
     assert labels == ["untuned student (F16)", "distilled Q8_0"]
 
@@ -528,3 +535,47 @@ def test_hub_student_comes_from_the_local_cache_when_offline(tmp_path: Path) -> 
     missing = resolve("HuggingFaceTB/SmolLM2-360M-Instruct")
     assert missing.startswith("SpecError: student.source: HuggingFaceTB/SmolLM2-360M-Instruct is")
     assert "not in the local Hugging Face cache" in missing
+
+
+def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """teacher.optimize=bootstrap_fewshot with a float metric: a bootstrapped demo must reach
+    the threshold (DSPy's own filter would take any non-zero token F1). The teacher is the
+    OpenAI-compatible STAND-IN, partly right on the first three questions."""
+    import dspy
+
+    from services.builder.data import load_examples, token_f1
+    from services.builder.pipeline import load_program
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import make_teacher
+    from tests.openai_standin import OpenAIStandIn
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    qa = REPO / "examples" / "technical_qa"
+    rows = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if len(row["answer"].split()) >= 4][:8]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    trainset = load_examples(path, ["question"], ["reasoning", "answer"], "data.train")
+    answers = {row["question"]: row["answer"] for row in rows}
+    partly_right = {row["question"] for row in rows[:3]}
+    for question in partly_right:
+        answers[question] = answers[question].split()[0] + " and nothing else of any use"
+    by_question = {example["question"]: example for example in trainset}
+    for question in partly_right:
+        f1 = token_f1(by_question[question], dspy.Prediction(answer=answers[question]))
+        assert 0 < f1 < 0.5
+    program, _ = load_program("examples.technical_qa.program:build")
+    standin = OpenAIStandIn(answers, input_field="question", output_field="answer", reasoning=True)
+    with standin as api:
+        teacher = TeacherSpec(
+            model="openai/standin-fewshot", api_base=api.base_url, optimize="bootstrap_fewshot"
+        )
+        compiled = make_teacher(program, teacher, trainset, token_f1, threshold=0.5)
+    demos = [demo for demo in compiled.predictors()[0].demos if demo.get("augmented")]
+    assert len(demos) == 4
+    for demo in demos:
+        assert demo["question"] not in partly_right
+        assert demo["reasoning"].startswith("This asks about")
+        example = by_question[demo["question"]]
+        assert token_f1(example, dspy.Prediction(answer=demo["answer"])) >= 0.5

@@ -176,13 +176,13 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
     # A Hugging Face student without a GGUF: llama.cpp converts it (the export writes into
     # that layout, and it is the untuned baseline).
     if student.gguf is not None:
-        base_gguf = student.gguf
+        base_gguf, base_key = student.gguf, file_sha256(student.gguf)
     else:
         hf_dir = student.hf_dir
         assert hf_dir is not None
         folder = {str(f.relative_to(hf_dir)): file_sha256(f) for f in sorted(hf_dir.rglob("*"))
                   if f.is_file() and ".cache" not in f.parts}  # fmt: skip
-        convert_dir, _ = stages.run(
+        convert_dir, base_key = stages.run(
             "convert",
             {"source": student.description, "files": folder},
             lambda out: convert_hf_folder(hf_dir, out / "base.F16.gguf"),
@@ -192,7 +192,7 @@ def build(spec: BuildSpec, console: Console | None = None) -> BuildResult:
     # The student as a dense transformers checkpoint (dequantized once).
     student_dir, student_key = stages.run(
         "student",
-        {"source": student.description, "gguf": file_sha256(base_gguf)},
+        {"source": student.description, "gguf": base_key},
         lambda out: dense_hf_copy(student, out),
     )
 

@@ -55,19 +55,27 @@ def teacher_lm(teacher: TeacherSpec, *, name_suffix: str = "") -> Any:
     return dspy.LM(teacher.model, **kwargs)
 
 
-def make_teacher(program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric) -> Any:
-    """The teacher program: the user's program on the teacher LM, optionally prompt-optimized."""
+def make_teacher(
+    program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric, threshold: float
+) -> Any:
+    """The teacher program: the user's program on the teacher LM, optionally prompt-optimized.
+    A bootstrapped demo must reach the metric threshold, as a kept trace must (DSPy's own
+    filter is truthiness: any non-zero float score would pass)."""
     import dspy
 
     lm = teacher_lm(teacher)
     teacher_program = program.deepcopy()
     teacher_program.set_lm(lm)
-    if teacher.optimize == "bootstrap_fewshot":
-        optimizer = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=4)
-        teacher_program = optimizer.compile(teacher_program, trainset=trainset[:50])
-    elif teacher.optimize == "mipro_light":
-        optimizer = dspy.MIPROv2(metric=metric, auto="light", num_threads=teacher.num_threads)
-        teacher_program = optimizer.compile(teacher_program, trainset=trainset)
+    # The optimizers run copies whose LM was reset: the teacher LM is the context's.
+    with dspy.context(lm=lm):
+        if teacher.optimize == "bootstrap_fewshot":
+            optimizer = dspy.BootstrapFewShot(
+                metric=metric, metric_threshold=threshold, max_bootstrapped_demos=4
+            )
+            teacher_program = optimizer.compile(teacher_program, trainset=trainset[:50])
+        elif teacher.optimize == "mipro_light":
+            optimizer = dspy.MIPROv2(metric=metric, auto="light", num_threads=teacher.num_threads)
+            teacher_program = optimizer.compile(teacher_program, trainset=trainset)
     teacher_program.set_lm(lm)
     return teacher_program
 
@@ -93,7 +101,7 @@ def collect_traces(
             kept.append({"inputs": dict(example.inputs()), "outputs": dict(example.labels())})
             progress(1)
     else:
-        teacher_program = make_teacher(program, teacher, trainset, metric)
+        teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
 
         def run(example: Any) -> tuple[str, dict[str, Any]]:
             import dspy
