@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _FIELD = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n|\Z)", re.S)
+# ChatAdapter's system message: "Your output fields are:\n1. `name` (type): ..."
+_OUTPUTS = re.compile(r"^\d+\. `(\w+)`", re.M)
 
 
 class OpenAIStandIn:
@@ -58,6 +60,13 @@ class OpenAIStandIn:
         if isinstance(user, list):
             user = "".join(part.get("text", "") for part in user)
         fields = {name: value.strip() for name, value in _FIELD.findall(user)}
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        wanted = [name for name in _OUTPUTS.findall(str(system)) if name not in fields]
+        if wanted and self.output_field not in wanted:
+            # Another signature (a prompt optimizer's own: proposed instructions, summaries):
+            # a plain sentence for each field it asks for.
+            parts = [f"[[ ## {name} ## ]]\nAnswer precisely and briefly.\n\n" for name in wanted]
+            return "".join(parts) + "[[ ## completed ## ]]"
         asked = fields.get(self.input_field, "").strip()
         label = self.gold.get(asked, "unknown")
         answer = f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"

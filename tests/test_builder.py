@@ -579,3 +579,34 @@ def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
         assert demo["reasoning"].startswith("This asks about")
         example = by_question[demo["question"]]
         assert token_f1(example, dspy.Prediction(answer=demo["answer"])) >= 0.5
+
+
+def test_mipro_light_teacher_runs_against_the_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """teacher.optimize=mipro_light end to end against an OpenAI-compatible API (the STAND-IN:
+    it answers the optimizer's own prompts with a plain instruction): proposals and trials run
+    on the teacher LM and the optimized program answers."""
+    from services.builder.data import load_examples, token_f1
+    from services.builder.pipeline import load_program
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import make_teacher
+    from tests.openai_standin import OpenAIStandIn
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    qa = REPO / "examples" / "technical_qa"
+    rows = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()][:20]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    trainset = load_examples(path, ["question"], ["reasoning", "answer"], "data.train")
+    answers = {row["question"]: row["answer"] for row in rows}
+    program, _ = load_program("examples.technical_qa.program:build")
+    standin = OpenAIStandIn(answers, input_field="question", output_field="answer", reasoning=True)
+    with standin as api:
+        teacher = TeacherSpec(
+            model="openai/standin-mipro", api_base=api.base_url, optimize="mipro_light",
+            num_threads=2,
+        )  # fmt: skip
+        compiled = make_teacher(program, teacher, trainset, token_f1, threshold=0.5)
+        prediction = compiled(question=rows[0]["question"])
+    assert prediction.answer == rows[0]["answer"]
+    assert api.requests > 2 * len(rows)  # instruction proposals and trials, not one pass
