@@ -89,7 +89,7 @@ else
   for image in runtime router; do
     tag=localhost/edgedistill-$image:$version
     say "building $tag"
-    "$ENGINE" build "${BUILD_FLAGS[@]}" -f "docker/$image.Dockerfile" \
+    "$ENGINE" build "${BUILD_FLAGS[@]}" -f docker/serve.Dockerfile --target "$image" \
       --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
     tags+=("$tag")
   done

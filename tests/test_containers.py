@@ -79,8 +79,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
         for image in ("runtime", "router"):
             tag = f"localhost/edgedistill-{image}:e2e"
             sh("podman", "build", "--pull=never", "--format", "docker", "-q",
-               "-f", f"docker/{image}.Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}",
-               "-t", tag, ".", env=secrets_env)  # fmt: skip
+               "-f", "docker/serve.Dockerfile", "--target", image,
+               "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag, ".", env=secrets_env)  # fmt: skip
             tags.append(tag)
     finally:
         for planted in PLANTED_FILES:

@@ -1,6 +1,8 @@
-# The runtime: gRPC inference over a bundle's GGUF, llama.cpp in-process. No torch.
-# Build offline from the host's wheelhouse (scripts/wheelhouse.sh):
-#   podman build -f docker/runtime.Dockerfile --build-arg BASE_IMAGE=... -t edgedistill-runtime .
+# The serving images, one per target: `runtime` (gRPC inference over a bundle's GGUF, llama.cpp
+# in-process) and `router` (local first, API fallback; its key comes from a secret at run time,
+# never from the image or the bundle). No torch. Built offline from the host's wheelhouse
+# (scripts/wheelhouse.sh); the two share every layer but their settings:
+#   podman build -f docker/serve.Dockerfile --target runtime --build-arg BASE_IMAGE=... .
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS install
@@ -11,7 +13,7 @@ RUN python3 -m venv /opt/edgedistill \
  && find /opt/edgedistill -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/edgedistill/bin/python -m compileall -q /opt/edgedistill/lib
 
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS serving
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin edgedistill
 COPY --from=install /opt/edgedistill /opt/edgedistill
 ENV PATH=/opt/edgedistill/bin:$PATH \
@@ -19,13 +21,25 @@ ENV PATH=/opt/edgedistill/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
-    DSPY_CACHEDIR=/tmp/dspy-cache \
-    EDGEDISTILL_HOST=0.0.0.0 \
+    DSPY_CACHEDIR=/tmp/dspy-cache
+USER 10001
+
+FROM serving AS runtime
+ENV EDGEDISTILL_HOST=0.0.0.0 \
     EDGEDISTILL_PORT=50051 \
     EDGEDISTILL_METRICS_PORT=9464 \
     EDGEDISTILL_BUNDLE=/bundle
-USER 10001
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=4s --start-period=60s --retries=3 \
   CMD ["edgedistill", "health", "--target", "127.0.0.1:50051"]
 ENTRYPOINT ["edgedistill", "serve"]
+
+FROM serving AS router
+ENV EDGEDISTILL_ROUTER_HOST=0.0.0.0 \
+    EDGEDISTILL_ROUTER_PORT=50052 \
+    EDGEDISTILL_ROUTER_METRICS_PORT=9465 \
+    EDGEDISTILL_ROUTER_BUNDLE=/bundle
+EXPOSE 50052 9465
+HEALTHCHECK --interval=10s --timeout=4s --start-period=20s --retries=3 \
+  CMD ["edgedistill", "health", "--target", "127.0.0.1:50052"]
+ENTRYPOINT ["edgedistill", "route"]
