@@ -27,8 +27,12 @@ TICKETS = REPO / "examples" / "ticket_triage"
 pytestmark = pytest.mark.timeout(1800)
 
 
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def rows(name: str) -> list[dict[str, str]]:
-    return [json.loads(line) for line in (TICKETS / f"{name}.jsonl").read_text().splitlines()]
+    return read_jsonl(TICKETS / f"{name}.jsonl")
 
 
 def balanced(name: str, per_category: int) -> list[dict[str, str]]:
@@ -235,8 +239,8 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     shutil.copytree(tiny_build / "student", student, ignore=shutil.ignore_patterns(".stage.json"))
     assert not list(student.glob("*.gguf"))
     qa = REPO / "examples" / "technical_qa"
-    train = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()][:12]
-    dev = [json.loads(line) for line in (qa / "dev.jsonl").read_text().splitlines()][:3]
+    train = read_jsonl(qa / "train.jsonl")[:12]
+    dev = read_jsonl(qa / "dev.jsonl")[:3]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "dev.jsonl", dev)
     gold = {row["question"]: row["answer"] for row in train + dev}
@@ -262,13 +266,9 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
 
     counts = json.loads((build / "traces" / "counts.json").read_text())
     assert counts == {"total": 12, "kept": 11, "rejected": 1, "failed": 0}
-    kept = [
-        json.loads(line) for line in (build / "traces" / "traces.jsonl").read_text().splitlines()
-    ]
+    kept = read_jsonl(build / "traces" / "traces.jsonl")
     assert all(t["outputs"]["reasoning"].startswith("This asks about") for t in kept)
-    assistant = json.loads((build / "dataset" / "dataset.jsonl").read_text().splitlines()[0])[
-        "messages"
-    ][-1]["content"]
+    assistant = read_jsonl(build / "dataset" / "dataset.jsonl")[0]["messages"][-1]["content"]
     assert assistant.index("[[ ## reasoning ## ]]") < assistant.index("[[ ## answer ## ]]")
     checks = json.loads((build / "export" / "self_check.json").read_text())
     assert checks and all(c["agree"] for c in checks)
@@ -375,13 +375,13 @@ def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
     )  # fmt: skip
     assert counts.total == 8 and counts.kept + counts.rejected + counts.failed == 8
     assert counts.failed >= 3
-    failed = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    failed = read_jsonl(tmp_path / "failed.jsonl")
     assert sum(len(f["inputs"]["ticket"]) > 5000 for f in failed) == 3
-    kept = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    kept = read_jsonl(tmp_path / "traces.jsonl")
     gold = {r["ticket"]: r["category"] for r in data}
     for trace in kept:  # only answers that pass the metric are kept
         assert trace["outputs"]["category"] == gold[trace["inputs"]["ticket"]]
-    rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    rejected = read_jsonl(tmp_path / "rejected.jsonl")
     for trace in rejected:
         assert trace["outputs"]["category"] != gold[trace["inputs"]["ticket"]]
     assert isinstance(dspy.settings, object)
@@ -553,12 +553,12 @@ def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     qa = REPO / "examples" / "technical_qa"
-    rows = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()]
-    rows = [row for row in rows if len(row["answer"].split()) >= 4][:8]
-    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    questions = read_jsonl(qa / "train.jsonl")
+    questions = [row for row in questions if len(row["answer"].split()) >= 4][:8]
+    path = write_jsonl(tmp_path / "train.jsonl", questions)
     trainset = load_examples(path, ["question"], ["reasoning", "answer"], "data.train")
-    answers = {row["question"]: row["answer"] for row in rows}
-    partly_right = {row["question"] for row in rows[:3]}
+    answers = {row["question"]: row["answer"] for row in questions}
+    partly_right = {row["question"] for row in questions[:3]}
     for question in partly_right:
         answers[question] = answers[question].split()[0] + " and nothing else of any use"
     by_question = {example["question"]: example for example in trainset}
@@ -595,10 +595,10 @@ def test_mipro_light_teacher_runs_against_the_api(
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     qa = REPO / "examples" / "technical_qa"
-    rows = [json.loads(line) for line in (qa / "train.jsonl").read_text().splitlines()][:20]
-    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    questions = read_jsonl(qa / "train.jsonl")[:20]
+    path = write_jsonl(tmp_path / "train.jsonl", questions)
     trainset = load_examples(path, ["question"], ["reasoning", "answer"], "data.train")
-    answers = {row["question"]: row["answer"] for row in rows}
+    answers = {row["question"]: row["answer"] for row in questions}
     program, _ = load_program("examples.technical_qa.program:build")
     standin = OpenAIStandIn(answers, input_field="question", output_field="answer", reasoning=True)
     with standin as api:
@@ -607,6 +607,6 @@ def test_mipro_light_teacher_runs_against_the_api(
             num_threads=2,
         )  # fmt: skip
         compiled = make_teacher(program, teacher, trainset, token_f1, threshold=0.5)
-        prediction = compiled(question=rows[0]["question"])
-    assert prediction.answer == rows[0]["answer"]
-    assert api.requests > 2 * len(rows)  # instruction proposals and trials, not one pass
+        prediction = compiled(question=questions[0]["question"])
+    assert prediction.answer == questions[0]["answer"]
+    assert api.requests > 2 * len(questions)  # instruction proposals and trials, not one pass
