@@ -13,5 +13,9 @@ BENCHES = {
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHES)
+    unknown = [name for name in chosen if name not in BENCHES]
+    if unknown:
+        names = ", ".join(BENCHES)
+        sys.exit(f"bench: no benchmark named {', '.join(unknown)}; choose from {names}")
     for name in chosen:
         BENCHES[name]()
