@@ -25,7 +25,10 @@ from pathlib import Path
 
 from services.builder.spec import SpecError
 
-# Where `make setup` keeps llama-cpp-python's sdist, next to the wheel it built from it.
+# Where `make setup` keeps llama-cpp-python's sdist, next to the wheel it built from it:
+# $EDGEDISTILL_WHEELHOUSE when set (as scripts/llama-wheel.env reads it), else one folder per
+# build flavour under the cache.
+WHEELHOUSE_ENV = "EDGEDISTILL_WHEELHOUSE"
 WHEELHOUSE_ROOT = Path(
     os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edgedistill", "wheelhouse"
 )
@@ -33,8 +36,6 @@ WHEELHOUSE_ROOT = Path(
 SOURCE_ENV = "EDGEDISTILL_LLAMA_CPP_SOURCE"
 # What the converter needs from llama.cpp's tree: the script, its model classes, its gguf-py.
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-
-
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
@@ -133,11 +134,17 @@ def llama_cpp_source() -> Path:
             raise ConversionError(f"{SOURCE_ENV}={path} does not exist")
         return path
     version = importlib.metadata.version("llama-cpp-python")
-    found = sorted(WHEELHOUSE_ROOT.glob(f"*/llama_cpp_python-{version}.tar.gz"))
+    sdist = f"llama_cpp_python-{version}.tar.gz"
+    if os.environ.get(WHEELHOUSE_ENV):
+        where = Path(os.environ[WHEELHOUSE_ENV])
+        found = sorted(where.glob(sdist))
+    else:
+        where = WHEELHOUSE_ROOT
+        found = sorted(where.glob(f"*/{sdist}"))
     if not found:
         raise ConversionError(
             f"converting a Hugging Face student needs llama.cpp's convert_hf_to_gguf.py from "
-            f"llama-cpp-python {version}'s sources, and none were found under {WHEELHOUSE_ROOT}: "
+            f"llama-cpp-python {version}'s sources, and none were found under {where}: "
             "run `make setup` (it keeps the sdist next to its wheel), or set "
             f"{SOURCE_ENV} to the sdist or to a llama.cpp checkout"
         )
