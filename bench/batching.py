@@ -232,7 +232,7 @@ def prefix_ttft(
 ) -> tuple[float, float, int]:
     """Median time to the first token of a Predict prompt: cold (whole prompt) vs warm prefix."""
     from services.runtime.backends import TokenPiece
-    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
     from services.runtime.loading import program_prefix
     from services.runtime.predict import predict_params
 
@@ -262,7 +262,7 @@ def decode_tokens_per_s(gguf: Path, tokens: int = 128) -> float:
     """One stream's decode speed in-process: tokens after the first over the time they took."""
     from services.core.sampling import GenerationParams
     from services.runtime.backends import TokenPiece
-    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
     engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1)
     params = GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=(),
@@ -284,7 +284,7 @@ def batched_decode_tokens_per_s(gguf: Path, streams: int, tokens: int = 128) -> 
     batch until each has `tokens` (prompts included): generated tokens per second."""
     from services.core.sampling import GenerationParams
     from services.runtime.backends import Finished, TokenPiece
-    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
     engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=streams)
     params = GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=(),

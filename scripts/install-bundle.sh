@@ -26,17 +26,25 @@ START=${START:-1}
 say() { printf '%s\n' "install-bundle: $*"; }
 refuse() { printf '%s\n' "install-bundle: REFUSED: $*" >&2; exit 1; }
 
-engine() {
+# The engine, chosen once: CONTAINER_ENGINE, else a docker whose daemon answers, else podman
+# (a docker CLI without a reachable daemon is no engine, as in build-bundle.sh).
+detect_engine() {
   if [ -n "${CONTAINER_ENGINE:-}" ]; then
-    # shellcheck disable=SC2086  # CONTAINER_ENGINE may carry flags (e.g. podman --root ...)
-    $CONTAINER_ENGINE "$@"
-  elif command -v docker >/dev/null 2>&1; then
-    docker "$@"
+    ENGINE=$CONTAINER_ENGINE
+  elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    ENGINE=docker
   elif command -v podman >/dev/null 2>&1; then
-    podman "$@"
+    ENGINE=podman
+  elif command -v docker >/dev/null 2>&1; then
+    refuse "docker is installed but its daemon does not answer (docker info failed) and podman is not installed: start the docker daemon, or install podman"
   else
     refuse "neither docker nor podman is installed; install one, or set CONTAINER_ENGINE"
   fi
+}
+
+engine() {
+  # shellcheck disable=SC2086  # CONTAINER_ENGINE may carry flags (e.g. podman --root ...)
+  $ENGINE "$@"
 }
 
 # A secret file's absolute path, or a refusal that says what is wrong with it.
@@ -56,13 +64,8 @@ stop_services() {
   engine network rm "$name-net" >/dev/null 2>&1 || true
 }
 
-start_services() {
-  name=$1 release=$2
-  runtime_image=$(cat "$release/images/runtime.ref")
-  router_image=$(cat "$release/images/router.ref")
-  stop_services "$name"
-  engine network create "$name-net" >/dev/null 2>&1 || true
-  hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
+# Mount options for the secrets (checked before anything on the host changes).
+secret_mounts() {
   runtime_secrets="" router_secrets=""
   if [ -n "${AUTH_TOKEN_FILE:-}" ]; then
     token=$(secret_file AUTH_TOKEN_FILE "$AUTH_TOKEN_FILE"):/run/secrets/auth_token:ro
@@ -75,22 +78,39 @@ start_services() {
     router_secrets="$router_secrets -v $key"
     router_secrets="$router_secrets -e EDGEDISTILL_ROUTER_FALLBACK_KEY_FILE=/run/secrets/fallback_api_key"
   fi
+}
+
+# Start the release's two containers and wait until they serve. On failure: return 1 with
+# $start_failure saying what failed (the caller decides what the host goes back to).
+start_services() {
+  name=$1 release=$2 start_failure=""
+  runtime_image=$(cat "$release/images/runtime.ref")
+  router_image=$(cat "$release/images/router.ref")
+  stop_services "$name"
+  engine network create "$name-net" >/dev/null 2>&1 || true
+  hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
   # shellcheck disable=SC2086  # the option strings are word-split on purpose (no spaces inside)
-  engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
+  error=$(engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
     -v "$release/bundle:/bundle:ro" -e "EDGEDISTILL_N_THREADS=${RUNTIME_THREADS:-2}" \
-    $runtime_secrets -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" >/dev/null
+    $runtime_secrets -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" 2>&1 >/dev/null) \
+    || { start_failure="the runtime container did not start: $error"; return 1; }
   # shellcheck disable=SC2086
-  engine run -d --name "$name-router" --network "$name-net" $hardening \
+  error=$(engine run -d --name "$name-router" --network "$name-net" $hardening \
     -v "$release/bundle:/bundle:ro" -e 'EDGEDISTILL_ROUTER_LOCAL=["runtime:50051"]' \
     -e "EDGEDISTILL_ROUTER_MODE=${ROUTER_MODE:-local_only}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_MODEL=${FALLBACK_MODEL:-}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_API_BASE=${FALLBACK_API_BASE:-}" \
-    $router_secrets -p "$BIND:$ROUTER_PORT:50052" "$router_image" >/dev/null
+    $router_secrets -p "$BIND:$ROUTER_PORT:50052" "$router_image" 2>&1 >/dev/null) \
+    || { start_failure="the router container did not start: $error"; return 1; }
   say "waiting for the runtime's gRPC health to say SERVING"
   i=0
   until engine exec "$name-runtime" edgedistill health --target 127.0.0.1:50051 >/dev/null 2>&1; do
     i=$((i + 1))
-    [ "$i" -le 120 ] || { engine logs "$name-runtime" 2>&1 | tail -20 >&2; refuse "the runtime did not become healthy"; }
+    if [ "$i" -gt 120 ]; then
+      engine logs "$name-runtime" 2>&1 | tail -20 >&2
+      start_failure="the runtime did not become healthy (its last log lines are above)"
+      return 1
+    fi
     sleep 1
   done
   # A router with a fallback is SERVING before it sees its runtime; wait for that too.
@@ -99,12 +119,25 @@ start_services() {
   until engine exec "$name-router" edgedistill health --target 127.0.0.1:50052 \
     --service "$router_service" >/dev/null 2>&1; do
     i=$((i + 1))
-    [ "$i" -le 180 ] || { engine logs "$name-router" 2>&1 | tail -20 >&2; refuse "the router did not become healthy"; }
+    if [ "$i" -gt 180 ]; then
+      engine logs "$name-router" 2>&1 | tail -20 >&2
+      start_failure="the router did not become healthy (its last log lines are above)"
+      return 1
+    fi
     sleep 1
   done
   say "SERVING: runtime on $BIND:$RUNTIME_PORT, router on $BIND:$ROUTER_PORT"
   say "call it:  grpcurl -plaintext -d '{\"inputs\": {...}}' $BIND:$ROUTER_PORT edgedistill.v1.Inference/Predict"
   say "      or: edgedistill predict --target $BIND:$ROUTER_PORT --input field=value"
+}
+
+# Point NAME (current or previous) at a release folder, or remove it when there is none.
+set_link() {
+  if [ -n "$2" ]; then
+    ln -sfn "$2" "$home/$1.new" && mv -T "$home/$1.new" "$home/$1"
+  else
+    rm -f "$home/$1"
+  fi
 }
 
 case "${1:-}" in
@@ -117,9 +150,14 @@ case "${1:-}" in
     ln -sfn "$previous" "$home/current.new" && mv -T "$home/current.new" "$home/current"
     ln -sfn "$current" "$home/previous.new" && mv -T "$home/previous.new" "$home/previous"
     say "rolled $name back to $(basename "$previous")"
-    [ "$START" = 1 ] && start_services "$name" "$home/current"
+    if [ "$START" = 1 ]; then
+      detect_engine
+      secret_mounts
+      start_services "$name" "$home/current" || refuse "$start_failure"
+    fi
     exit 0 ;;
   --stop)
+    detect_engine
     stop_services "${2:?usage: install-bundle.sh --stop NAME}"; exit 0 ;;
   ""|-h|--help)
     sed -n '2,14p' "$0"; exit 2 ;;
@@ -127,6 +165,8 @@ esac
 
 archive=$1
 [ -f "$archive" ] || refuse "$archive: no such file"
+detect_engine
+secret_mounts
 work=$(mktemp -d "${TMPDIR:-/tmp}/edgedistill-install.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 
@@ -190,12 +230,28 @@ if [ -f "$staging/images/runtime.ref" ]; then
 fi
 rm -rf "$release"
 mv "$staging" "$release"
-if [ -L "$home/current" ] && [ "$(readlink "$home/current")" != "$release" ]; then
-  ln -sfn "$(readlink "$home/current")" "$home/previous.new" && mv -T "$home/previous.new" "$home/previous"
+was_current=$(readlink "$home/current" 2>/dev/null || true)
+was_previous=$(readlink "$home/previous" 2>/dev/null || true)
+if [ -n "$was_current" ] && [ "$was_current" != "$release" ]; then
+  set_link previous "$was_current"
 fi
-ln -sfn "$release" "$home/current.new" && mv -T "$home/current.new" "$home/current"
+set_link current "$release"
 say "installed $name $version under $home (previous version kept for --rollback)"
 
-if [ "$START" = 1 ] && [ -f "$release/images/runtime.ref" ]; then
-  start_services "$name" "$home/current"
+if [ "$START" = 1 ] && [ -f "$release/images/runtime.ref" ] && ! start_services "$name" "$home/current"; then
+  # Leave the host as it was: the release it had is current (and running) again, and this one
+  # is removed, so running install.sh again installs and starts it.
+  failure=$start_failure
+  stop_services "$name"
+  set_link current "$was_current"
+  set_link previous "$was_previous"
+  [ "$was_current" = "$release" ] || rm -rf "$release"
+  if [ -n "$was_current" ] && [ "$was_current" != "$release" ]; then
+    if start_services "$name" "$home/current"; then
+      say "$(basename "$was_current") is current and running again"
+    else
+      say "$(basename "$was_current") is current again but did not start: $start_failure"
+    fi
+  fi
+  refuse "$name $version did not start: $failure; it is not installed (fix the cause and run install-bundle.sh again)"
 fi

@@ -4,6 +4,7 @@ API teacher on a real OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,7 +109,7 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     checks = json.loads((build / "export" / "self_check.json").read_text())
     assert len(checks) == 3 and all(c["agree"] and c["tokens"] > 0 for c in checks)
 
-    from services.runtime.backends._llamacpp import quantization_name, read_gguf_metadata
+    from services.core.gguf_metadata import quantization_name, read_gguf_metadata
 
     q8 = build / "quantize" / "tiny-triage.Q8_0.gguf"
     meta = read_gguf_metadata(q8)
@@ -188,6 +190,60 @@ def test_quality_gate_fails_with_guidance_and_keeps_artifacts(
     assert (build / "bundle" / "manifest.json").is_file()
 
 
+def test_a_new_gate_threshold_repackages_with_the_new_verdict(
+    tiny: tuple[Path, Path, object],
+) -> None:
+    """The verdict is recorded by the package stage, whose key covers quality_gate: a rerun
+    with another min_retention packages again, and the bundle says what that build decided."""
+    spec, build, _ = tiny
+    strict = spec.with_name("strict-gate.yaml")
+    strict.write_text(spec.read_text().replace("min_retention: 0.0", "min_retention: 1.02"))
+    for path, passed, threshold, code in ((strict, False, 1.02, 4), (spec, True, 0.0, 0)):
+        proc = run_build(path)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert "• package\n" in proc.stdout and "evaluate: inputs unchanged" in proc.stdout
+        verdict = Bundle.open(build / "bundle").manifest.provenance["quality_gate"]
+        assert verdict["passed"] is passed and verdict["min_retention"] == threshold
+
+
+def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) -> None:
+    """A toy stage appended to the declarations: keyed by its upstream stage and its own input
+    file, skipped when neither changed, run again when its input changes; build() unchanged."""
+    from rich.console import Console
+
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+    from services.builder.stages import Stage
+
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(TINY_SPEC.format(gate=0.0, output=tmp_path / "build"))
+    note = tmp_path / "note.txt"
+    note.write_text("first")
+
+    def count_records(ctx: Any, out: Path) -> None:
+        lines = (ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines()
+        (out / "count.txt").write_text(f"{len(lines)} {note.read_text()}")
+
+    toy = Stage(
+        "count", count_records, after=("dataset",), inputs=lambda ctx: {"note": note.read_text()}
+    )
+    stages = (*STAGES[:2], toy)
+    spec = load_spec(spec_path)
+    first = build(spec, Console(file=io.StringIO()), stages=stages)
+    assert first.ran == ["traces", "dataset", "count"] and first.bundle is None
+    assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 first"
+
+    again = build(spec, Console(file=io.StringIO()), stages=stages)
+    assert again.ran == [] and again.skipped == ["traces", "dataset", "count"]
+
+    note.write_text("second")
+    changed = build(spec, Console(file=io.StringIO()), stages=stages)
+    assert changed.ran == ["count"] and changed.skipped == ["traces", "dataset"]
+    assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
+
+
 def test_the_bundle_serves_predict(tiny: tuple[Path, Path, object]) -> None:
     _, build, _ = tiny
     server = start_runtime("--bundle", str(build / "bundle"), "--n-ctx", "2048")
@@ -231,7 +287,7 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     Hugging Face checkpoint with no GGUF beside it, which llama.cpp's converter turns into one.
     The teacher is the OpenAI-compatible STAND-IN answering with a reasoning line and the
     reference answer (no strong model runs here)."""
-    from services.runtime.backends._llamacpp import quantization_name, read_gguf_metadata
+    from services.core.gguf_metadata import quantization_name, read_gguf_metadata
     from tests.openai_standin import OpenAIStandIn
 
     _, tiny_build, _ = tiny

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -190,6 +191,48 @@ def test_install_offline_serve_and_refuse_tampering(
     refused = install(truncated, offline_host, shipped)
     assert refused.returncode != 0 and "REFUSED" in refused.stderr
     assert sorted(str(p) for p in prefix.rglob("*")) == before  # the host is unchanged
+
+
+def test_install_skips_a_docker_without_daemon_and_a_failed_start_installs_nothing(
+    shipped: Path, offline_host: dict[str, str], tmp_path: Path
+) -> None:
+    """A docker CLI whose daemon does not answer is passed over for podman; a start that fails
+    (here: the runtime's port is taken) leaves no release current and says what failed; once
+    the cause is gone, running install.sh again installs and starts it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        "#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock.'"
+        " >&2\nexit 1\n"
+    )
+    # podman as found on PATH, on this offline host's own storage.
+    storage = offline_host["CONTAINER_ENGINE"].split()[1:]
+    (bin_dir / "podman").write_text(
+        f'#!/bin/sh\nexec {shutil.which("podman")} {" ".join(storage)} "$@"\n'
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in offline_host.items() if k != "CONTAINER_ENGINE"}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    home = Path(offline_host["PREFIX"]) / "capitals"
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(offline_host["RUNTIME_PORT"])))
+        taken.listen()
+        failed = install(shipped, env)
+    assert failed.returncode != 0, failed.stdout
+    assert "Cannot connect" not in failed.stdout + failed.stderr  # docker was never used
+    assert "checksums verified" in failed.stdout  # podman loaded the images
+    assert "capitals 2026.11.29-1 did not start" in failed.stderr
+    assert "the runtime container did not start" in failed.stderr
+    assert "address already in use" in failed.stderr
+    assert not (home / "current").exists() and not list((home / "releases").iterdir())
+    assert sh(str(bin_dir / "podman"), "ps", "-a", "--format", "{{.Names}}").stdout.split() == []
+
+    again = install(shipped, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already installed" not in again.stdout and "SERVING" in again.stdout
+    assert (home / "current").resolve() == home / "releases" / "2026.11.29-1"
 
 
 def serve_with_compose(host: dict[str, str]) -> None:

@@ -14,7 +14,7 @@ from services.core.program import (
     PromptCodec,
     program_from_file,
 )
-from services.runtime.backends._text import StopStringBuffer
+from services.runtime.backends.text import StopStringBuffer
 from tests.conftest import CAPITALS_PROGRAM
 
 

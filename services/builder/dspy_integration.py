@@ -44,7 +44,7 @@ class LlamaCppEngine:
     def _backend(self, model: str) -> Any:
         import os
 
-        from services.runtime.backends._llamacpp import LlamaCppBackend
+        from services.runtime.backends.llamacpp import LlamaCppBackend
 
         path = _gguf_path(model).resolve()
         if path not in self._backends:

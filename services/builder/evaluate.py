@@ -58,7 +58,7 @@ def _evaluate_in_child(
     import dspy
 
     from services.core.program import ProgramSpec, PromptCodec
-    from services.runtime.backends._llamacpp import LlamaCppBackend
+    from services.runtime.backends.llamacpp import LlamaCppBackend
     from services.runtime.predict import predict_once, predict_params
 
     metric = resolve_metric(metric_name)

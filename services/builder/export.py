@@ -99,7 +99,7 @@ def self_check(
     import torch
     from llama_cpp import Llama, llama_vocab_is_eog
 
-    from services.runtime.backends._llamacpp import LlamaCppBackend
+    from services.runtime.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(gguf_path, n_ctx=2048, n_threads=2, model_name="self-check")
     llm: Llama = backend.llama

@@ -1,7 +1,7 @@
 """Stage 8, bundle: one verifiable folder the runtime and router serve from.
 
-Assembled in a temporary folder next to the destination and renamed into place, so an
-interrupted build never leaves a partial bundle that looks valid.
+Written into the package stage's staging folder, which the stage runner renames into place
+(BUILD/bundle), so an interrupted build never leaves a partial bundle that looks valid.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,8 @@ def library_versions() -> dict[str, str]:
 
 
 def write_bundle(
+    root: Path,
     *,
-    destination: Path,
     name: str,
     version: str,
     ggufs: dict[str, Path],  # quantization -> file, first is the default
@@ -70,52 +69,39 @@ def write_bundle(
     calibration: dict[str, Any] | None,
     provenance: dict[str, Any],
 ) -> Manifest:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        (staging / "model").mkdir()
-        (staging / "program").mkdir()
-        models = {}
-        for quant, source in ggufs.items():
-            target = staging / "model" / f"{name}.{quant}.gguf"
-            try:
-                os.link(source, target)  # same filesystem: no copy of hundreds of MB
-            except OSError:
-                shutil.copy2(source, target)
-            models[quant] = f"model/{target.name}"
-        default = next(iter(models.values()))
-        program.save(staging / "program" / "program.json")
-        (staging / "signature.json").write_text(dump_signature_json(program) + "\n")
-        (staging / "Modelfile").write_text(modelfile(Path(default).name, chat_template))
-        for report in ("eval.json", "report.md", "report.html"):
-            shutil.copy2(evaluation_dir / report, staging / report)
-        if calibration is not None:
-            (staging / "calibration.json").write_text(json.dumps(calibration, indent=2))
-        manifest = write_manifest(
-            staging,
-            Manifest(
-                name=name,
-                version=version,
-                default_model=default,
-                models=models,
-                calibration="calibration.json" if calibration is not None else None,
-                provenance={**provenance, "libraries": library_versions()},
-            ),
-        )
-        assert (staging / MANIFEST).is_file()
-        # Readable by the containers' unprivileged user (mkdtemp and mkstemp create 0700/0600).
-        staging.chmod(0o755)
-        for path in staging.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(destination, old)
-            os.replace(staging, destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Write the bundle's files and its manifest into the (empty) folder `root`."""
+    (root / "model").mkdir()
+    (root / "program").mkdir()
+    models = {}
+    for quant, source in ggufs.items():
+        target = root / "model" / f"{name}.{quant}.gguf"
+        try:
+            os.link(source, target)  # same filesystem: no copy of hundreds of MB
+        except OSError:
+            shutil.copy2(source, target)
+        models[quant] = f"model/{target.name}"
+    default = next(iter(models.values()))
+    program.save(root / "program" / "program.json")
+    (root / "signature.json").write_text(dump_signature_json(program) + "\n")
+    (root / "Modelfile").write_text(modelfile(Path(default).name, chat_template))
+    for report in ("eval.json", "report.md", "report.html"):
+        shutil.copy2(evaluation_dir / report, root / report)
+    if calibration is not None:
+        (root / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    manifest = write_manifest(
+        root,
+        Manifest(
+            name=name,
+            version=version,
+            default_model=default,
+            models=models,
+            calibration="calibration.json" if calibration is not None else None,
+            provenance={**provenance, "libraries": library_versions()},
+        ),
+    )
+    assert (root / MANIFEST).is_file()
+    # Readable by the containers' unprivileged user, whatever the umask.
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return manifest

@@ -39,7 +39,15 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    def admits(self) -> bool:
+        """Whether a call may go to the API now, without taking the half-open probe."""
+        state = self.state
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and not self._probe_in_flight
+        )
+
     def allow(self) -> bool:
+        """Like `admits`, and a call that is let through half-open becomes the probe."""
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -85,9 +93,12 @@ class CallBudget:
             "day": float("inf") if self._per_day is None else self._per_day - len(self._calls),
         }
 
-    def try_spend(self) -> bool:
+    def has_room(self) -> bool:
         left = self.left()
-        if left["minute"] <= 0 or left["day"] <= 0:
+        return left["minute"] > 0 and left["day"] > 0
+
+    def try_spend(self) -> bool:
+        if not self.has_room():
             return False
         self._calls.append(self._clock())
         return True

@@ -23,6 +23,7 @@ from services.core.config import RouterSettings
 from services.core.program import ProgramSpec, program_from_file
 from services.core.registration import add_inference_servicer
 from services.core.validation import RpcFailure
+from services.router.decision import Action, Gates, LocalAnswer, after_api_error, decide
 from services.router.fallback import ApiError, FallbackModel
 from services.router.metrics import RouterMetrics
 from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
@@ -106,68 +107,62 @@ class RouterService(pb_grpc.InferenceServicer):
             await context.abort(err.code(), err.details() or "")
             raise
 
-    # -- the decision -------------------------------------------------------------------------
+    # -- the decision (services/router/decision.py) and carrying it out ----------------------
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         check.check_size(request, 1 << 20)
         inputs = check.predict_inputs(request, self._input_names)
         mode = self._settings.mode
+        local = None if mode == "api_only" else await self._ask_local(request, context)
+        answer = None
+        if local is not None:
+            local.threshold = self._threshold
+            answer = await self._local_answer(local, inputs, mode)
+        decided = decide(
+            mode=mode, local=answer, threshold=self._threshold,
+            has_fallback=self._fallback is not None, gates=self._gates(),
+        )  # fmt: skip
+        if decided.action is Action.FALLBACK:
+            fallback = await self._try_fallback(inputs, decided.reason)
+            if fallback is not None:
+                if local is not None:
+                    fallback.confidence = local.confidence
+                    fallback.usage.CopyFrom(local.usage)
+                return fallback
+            decided = after_api_error(decided, answer)  # the failure is recorded already
+        elif decided.action is not Action.FAIL:
+            self._rate_cap.record(False)
+        if decided.action is Action.FAIL:
+            raise RpcFailure(grpc.StatusCode[decided.status], decided.message)
+        assert local is not None
+        if decided.action is Action.DEGRADED:
+            if decided.blocked is not None:
+                self._metrics.blocked.labels(decided.blocked).inc()
+            local.degraded = True
+            local.route_reason = decided.reason
+        return local
 
-        if mode == "api_only":
-            return await self._must_fallback(inputs, "api_only")
-
+    async def _ask_local(
+        self, request: pb.PredictRequest, context: Any
+    ) -> pb.PredictResponse | None:
+        """The local answer; None when no runtime is available."""
         try:
-            local: pb.PredictResponse = await self._local.call(
+            reply: pb.PredictResponse = await self._local.call(
                 "Predict", request, self._timeout(context)
             )
+            return reply
         except LocalUnavailable:
-            why = "no fallback is configured"
-            if mode != "hybrid":
-                why = f"mode is {mode}"
-            elif self._fallback is not None:
-                blocked = self._blocked_reason()
-                why = f"the API fallback is blocked: {blocked}"
-                if blocked is None:
-                    answer = await self._try_fallback(inputs, "local_unavailable")
-                    if answer is not None:
-                        return answer
-                    why = "the API fallback failed"
-            raise RpcFailure(
-                grpc.StatusCode.UNAVAILABLE, f"no local runtime is available and {why}"
-            ) from None
+            return None
         except grpc.aio.AioRpcError as err:  # the runtime's own verdict (bad input, busy...)
             raise RpcFailure(err.code(), err.details() or "") from None
 
-        local.threshold = self._threshold
-        if mode == "local_only":
-            self._rate_cap.record(False)
-            return local
-
-        reason = await self._why_fall_back(local, inputs)
-        if reason is None:
-            self._rate_cap.record(False)
-            return local
-        if self._fallback is None:
-            return self._degraded(local, f"{reason}:no_fallback_configured")
-        blocked = self._blocked_reason()
-        if blocked is not None:
-            self._metrics.blocked.labels(blocked).inc()
-            return self._degraded(local, f"{reason}:{blocked}")
-        answer = await self._try_fallback(inputs, reason)
-        if answer is None:
-            return self._degraded(local, f"{reason}:api_error")
-        answer.confidence = local.confidence
-        answer.usage.CopyFrom(local.usage)
-        return answer
-
-    async def _why_fall_back(self, local: pb.PredictResponse, inputs: dict[str, str]) -> str | None:
-        if local.outcome != pb.PREDICT_OUTCOME_PARSED:
-            return "unparsed"
-        if self._settings.confidence == "self_check":
+    async def _local_answer(
+        self, local: pb.PredictResponse, inputs: dict[str, str], mode: str
+    ) -> LocalAnswer:
+        parsed = local.outcome == pb.PREDICT_OUTCOME_PARSED
+        if parsed and mode == "hybrid" and self._settings.confidence == "self_check":
             local.confidence = await self._self_check(inputs, dict(local.outputs))
-        if local.confidence < self._threshold:
-            return "low_confidence"
-        return None
+        return LocalAnswer(parsed=parsed, confidence=local.confidence)
 
     async def _self_check(self, inputs: dict[str, str], outputs: dict[str, str]) -> float:
         """The seed's mode: ask the local model whether its own answer is right (1.0 or 0.0)."""
@@ -188,24 +183,18 @@ class RouterService(pb_grpc.InferenceServicer):
             return 0.0
         return 1.0 if text.strip().lower().startswith("yes") else 0.0
 
-    def _blocked_reason(self) -> str | None:
-        if not self._breaker.allow():
-            return "circuit_open"
-        if not self._rate_cap.allows_fallback():
-            self._breaker_release()
-            return "fallback_rate_cap"
-        if not self._budget.try_spend():
-            self._breaker_release()
-            return "budget_exhausted"
-        return None
-
-    def _breaker_release(self) -> None:
-        # allow() may have taken the half-open probe slot; give it back when nothing is sent.
-        if self._breaker._probe_in_flight:
-            self._breaker._probe_in_flight = False
+    def _gates(self) -> Gates:
+        return Gates(
+            breaker_closed=self._breaker.admits(),
+            under_rate_cap=self._rate_cap.allows_fallback(),
+            budget_left=self._budget.has_room(),
+        )
 
     async def _try_fallback(self, inputs: dict[str, str], reason: str) -> pb.PredictResponse | None:
+        """Send the call to the API (the decision said it may go); None when it fails."""
         assert self._fallback is not None
+        self._breaker.allow()  # half-open: this call is the probe
+        self._budget.try_spend()
         try:
             outputs, seconds = await self._fallback.predict(inputs)
         except ApiError as err:
@@ -216,7 +205,7 @@ class RouterService(pb_grpc.InferenceServicer):
             return None
         self._breaker.record_success()
         self._metrics.api_latency.observe(seconds)
-        self._metrics.fallbacks.labels(reason.split(":")[0]).inc()
+        self._metrics.fallbacks.labels(reason).inc()
         self._rate_cap.record(True)
         return pb.PredictResponse(
             outputs=outputs,
@@ -226,23 +215,6 @@ class RouterService(pb_grpc.InferenceServicer):
             threshold=self._threshold,
             route_reason=reason,
         )
-
-    async def _must_fallback(self, inputs: dict[str, str], reason: str) -> pb.PredictResponse:
-        if self._fallback is None:
-            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "no fallback model configured")
-        blocked = self._blocked_reason()
-        if blocked is not None:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"API fallback blocked: {blocked}")
-        answer = await self._try_fallback(inputs, reason)
-        if answer is None:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the API model failed")
-        return answer
-
-    def _degraded(self, local: pb.PredictResponse, reason: str) -> pb.PredictResponse:
-        self._rate_cap.record(False)
-        local.degraded = True
-        local.route_reason = reason
-        return local
 
     def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()

@@ -42,7 +42,7 @@ def _llamacpp_backend(
     codec: PromptCodec | None,
 ) -> Backend:
     if settings.parallel == 1:
-        from services.runtime.backends._llamacpp import LlamaCppBackend
+        from services.runtime.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(
             model_path,
@@ -53,7 +53,7 @@ def _llamacpp_backend(
             model_name=name,
             gguf_sha256=sha,
         )
-    from services.runtime.backends._llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
     batched = BatchedLlamaCpp(
         model_path,
@@ -88,7 +88,7 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
 
     backend: Backend
     if settings.backend == "ollama":
-        from services.runtime.backends._ollama import OllamaBackend
+        from services.runtime.backends.ollama_client import OllamaBackend
 
         model_name = settings.ollama_model or (bundle.manifest.name if bundle else "")
         backend = OllamaBackend(settings.ollama_host, model_name, n_ctx=settings.n_ctx)

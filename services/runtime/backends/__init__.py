@@ -5,7 +5,7 @@ The scheduler calls it from one thread at a time.
 """
 
 from services.core.sampling import GenerationParams
-from services.runtime.backends._base import (
+from services.runtime.backends.base import (
     Backend,
     BackendError,
     BackendInfo,

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.core.gguf_metadata import ModelFileError
 from services.core.tokens import common_prefix_length
-from services.runtime.backends._base import (
+from services.runtime.backends.base import (
     BackendError,
     BackendInfo,
     Finished,
@@ -38,13 +39,8 @@ from services.runtime.backends._base import (
     PreparedPrompt,
     TokenPiece,
 )
-from services.runtime.backends._llamacpp import (
-    ChatModel,
-    ModelFileError,
-    grammar_for,
-    token_logprob,
-)
-from services.runtime.backends._text import StopStringBuffer
+from services.runtime.backends.llamacpp import ChatModel, grammar_for, token_logprob
+from services.runtime.backends.text import StopStringBuffer
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from services.runtime.backends._base import (
+from services.runtime.backends.base import (
     BackendError,
     BackendInfo,
     Finished,

@@ -1,0 +1,145 @@
+"""What a build stage is, how its cache key is derived, and the runner that skips or runs it.
+
+A stage declares a name, the upstream stages and settings its key comes from, and a `run`
+that writes only into the folder it is given. The runner derives every key the same way:
+a rerun with the same key is skipped; a stage writes into `BUILD/.<folder>.partial` and is
+renamed into place only when complete, so an interrupted stage leaves nothing that looks done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from services.builder.context import BuildContext
+
+STAGE_FILE = ".stage.json"
+
+Inputs = Callable[["BuildContext"], dict[str, Any]]
+
+
+def no_inputs(ctx: BuildContext) -> dict[str, Any]:
+    return {}
+
+
+def always(ctx: BuildContext) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One build stage.
+
+    `after`: upstream stages whose keys enter this one's (a stage that did not apply counts as
+    None). `inputs`: the settings and file hashes it depends on besides those. `run(ctx, out)`
+    writes its results into `out`. `report(ctx, folder)` prints its summary whether it ran or
+    was skipped. `folder`: where it is published under BUILD/ (default: its name).
+    """
+
+    name: str
+    run: Callable[[BuildContext, Path], None]
+    after: tuple[str, ...] = ()
+    inputs: Inputs = no_inputs
+    applies: Callable[[BuildContext], bool] = always
+    report: Callable[[BuildContext, Path], None] | None = None
+    folder: str = ""
+
+    @property
+    def folder_name(self) -> str:
+        return self.folder or self.name
+
+
+def stage_key(stage: Stage, ctx: BuildContext) -> str:
+    """The one key derivation: the stage's name, its upstream keys and its own inputs."""
+    payload = {
+        "stage": stage.name,
+        "after": {name: ctx.keys.get(name) for name in stage.after},
+        "inputs": stage.inputs(ctx),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageRunner:
+    """Runs stages in order; records which ran and which were skipped."""
+
+    root: Path
+    console: Console
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def run(self, stage: Stage, ctx: BuildContext) -> None:
+        if not stage.applies(ctx):
+            return
+        key = stage_key(stage, ctx)
+        final = self.root / stage.folder_name
+        if _finished_key(final) == key:
+            self.console.print(f"[dim]• {stage.name}: inputs unchanged, skipped[/]")
+            self.skipped.append(stage.name)
+        else:
+            self.console.print(f"[bold]• {stage.name}[/]")
+            seconds = self._run_staged(stage, ctx, key, final)
+            self.console.print(f"  [green]done[/] in {seconds:.1f} s")
+            self.ran.append(stage.name)
+        ctx.dirs[stage.name], ctx.keys[stage.name] = final, key
+        if stage.report is not None:
+            stage.report(ctx, final)
+
+    def _run_staged(self, stage: Stage, ctx: BuildContext, key: str, final: Path) -> float:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{stage.folder_name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        started = time.perf_counter()
+        try:
+            stage.run(ctx, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs back
+            raise
+        seconds = time.perf_counter() - started
+        (staging / STAGE_FILE).write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
+        _publish(staging, final)
+        return seconds
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Put `staging` in place of `final`; readers see the old folder or the new one."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finished_key(folder: Path) -> str | None:
+    marker = folder / STAGE_FILE
+    if not marker.is_file():
+        return None
+    key: str | None = json.loads(marker.read_text()).get("key")
+    return key
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )

@@ -1,0 +1,116 @@
+"""`edgedistill build` and `ship`: the build side (torch is imported only when they run)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Annotated, Optional
+
+import typer
+
+from services.cli.common import app, err_console, fail
+
+
+@app.command("build")
+def build(
+    spec: Annotated[str, typer.Argument(help="the build spec (YAML)")],
+    teacher_model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_MODEL", help="teacher: gold or a DSPy model string"),
+    ] = None,
+    teacher_api_base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_API_BASE", help="OpenAI-compatible base URL of the teacher"),
+    ] = None,
+    teacher_api_key_env: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="TEACHER_API_KEY_ENV", help="name of the variable holding the key"),
+    ] = None,
+    output: Annotated[Optional[str], typer.Option(help="build folder")] = None,  # noqa: UP045
+    version: Annotated[Optional[str], typer.Option(help="bundle version")] = None,  # noqa: UP045
+    epochs: Annotated[Optional[float], typer.Option(help="LoRA epochs")] = None,  # noqa: UP045
+) -> None:
+    """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
+    from pathlib import Path
+
+    from services.builder.export import ExportError
+    from services.builder.pipeline import QualityGateFailed
+    from services.builder.pipeline import build as run_build
+    from services.builder.spec import SpecError, load_spec
+    from services.builder.student import ConversionError
+    from services.builder.teacher import TeacherError
+
+    try:
+        build_spec = load_spec(
+            Path(spec),
+            **{
+                "teacher.model": teacher_model,
+                "teacher.api_base": teacher_api_base,
+                "teacher.api_key_env": teacher_api_key_env,
+                "output": output,
+                "version": version,
+                "lora.epochs": epochs,
+            },
+        )
+        result = run_build(build_spec)
+    except SpecError as err:
+        raise fail(str(err)) from None
+    except QualityGateFailed as err:
+        raise fail(str(err), code=4) from None
+    except TeacherError as err:
+        raise fail(f"teacher: {err}", code=1) from None
+    except ExportError as err:
+        raise fail(f"export: {err}", code=1) from None
+    except ConversionError as err:
+        raise fail(f"student.source: {err}", code=1) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = Path(err.filename).parent if err.filename else "the build folder"
+        raise fail(
+            f"out of disk space ({err.strerror}) writing under {where}: free some space there "
+            "(or point --output at a larger disk) and run the build again; finished stages "
+            "are kept and skipped, and no bundle was written",
+            code=1,
+        ) from None
+    err_console.print(
+        f"[green]built[/] {result.bundle} in {result.seconds:.0f} s "
+        f"(ran: {', '.join(result.ran) or 'nothing'}; "
+        f"skipped: {', '.join(result.skipped) or 'nothing'})",
+        highlight=False,
+    )
+
+
+@app.command("ship")
+def ship(
+    bundle: Annotated[str, typer.Argument(help="the model bundle folder")],
+    out: Annotated[str, typer.Option(help="where the .tar goes")] = "dist",
+    image: Annotated[
+        list[str], typer.Option(help="an image archive as name=path.tar (repeat)")
+    ] = [],  # noqa: B006
+    signing_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Ed25519 private key (PEM) to sign the manifest"),
+    ] = None,
+) -> None:
+    """Pack a bundle (and image archives) into one verifiable <name>-<version>.tar."""
+    from pathlib import Path
+
+    from services.builder.ship import ship as pack
+    from services.core.bundle import BundleError
+
+    images = {}
+    for item in image:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise fail(f"--image {item!r}: write it as name=path.tar with an existing file")
+        images[name] = Path(path)
+    try:
+        shipped = pack(
+            bundle_dir=Path(bundle),
+            images=images,
+            out_dir=Path(out),
+            signing_key=Path(signing_key) if signing_key else None,
+        )
+    except (BundleError, ValueError, OSError) as err:
+        raise fail(f"cannot ship: {err}") from None
+    print(shipped)

@@ -1,0 +1,190 @@
+"""Client commands: `predict`, `generate`, `info`, `health` against a runtime or router."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from services.cli.common import TargetOption, TimeoutOption, app, err_console, fail
+
+
+def _client(target: str, timeout: float) -> Any:
+    from services.core.client import InferenceClient
+
+    credentials, token = _client_security()
+    return InferenceClient(target, timeout_s=timeout, credentials=credentials, token=token)
+
+
+def _client_security() -> tuple[Any, str | None]:
+    """TLS credentials and token from EDGEDISTILL_CLIENT_* (a clear message when wrong)."""
+    from services.core.config import ClientSettings, SettingsError, load_settings
+    from services.core.security import channel_credentials
+
+    try:
+        settings = load_settings(ClientSettings)
+        credentials = (
+            channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+            if settings.uses_tls
+            else None
+        )
+        return credentials, settings.token()
+    except (SettingsError, OSError) as err:
+        raise fail(f"client settings (EDGEDISTILL_CLIENT_*): {err}", code=2) from None
+
+
+def _rpc_error(err: Exception) -> typer.Exit:
+    import grpc
+
+    if isinstance(err, grpc.RpcError):
+        return fail(f"{err.code().name}: {err.details()}", code=1)
+    raise err
+
+
+@app.command("predict")
+def predict(
+    target: TargetOption = "127.0.0.1:50051",
+    inputs: Annotated[
+        list[str], typer.Option("--input", "-i", help="an input field as name=value (repeat)")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    max_tokens: Annotated[Optional[int], typer.Option(help="most tokens to generate")] = None,  # noqa: UP045
+    temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
+    raw: Annotated[bool, typer.Option("--raw", help="also print the model's raw text")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
+    timeout: TimeoutOption = 60.0,
+) -> None:
+    """Run the served DSPy program once: --input field=value ... -> output fields."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    values: dict[str, str] = {}
+    for item in inputs:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise fail(f"--input {item!r}: write it as name=value, e.g. --input ticket='VPN down'")
+        values[name] = value
+    try:
+        with _client(target, timeout) as client:
+            reply = client.predict(
+                values, max_tokens=max_tokens, temperature=temperature, include_raw_text=raw
+            )
+    except grpc.RpcError as err:
+        raise _rpc_error(err) from None
+    if as_json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return
+    for name, value in reply.outputs.items():
+        print(f"{name}: {value}")
+    from services.core.api import pb
+
+    outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()
+    served = pb.ServedBy.Name(reply.served_by).removeprefix("SERVED_BY_").lower()
+    err_console.print(
+        f"[dim]{outcome} · confidence {reply.confidence:.3f} · {served} ({reply.model_id}) · "
+        f"{reply.usage.prompt_tokens}+{reply.usage.completion_tokens} tokens · "
+        f"{reply.latency_ms:.0f} ms[/]",
+        highlight=False,
+    )
+    if reply.raw_text:
+        err_console.print("[dim]raw:[/]", highlight=False)
+        print(reply.raw_text)
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the user message")],
+    target: TargetOption = "127.0.0.1:50051",
+    system: Annotated[Optional[str], typer.Option(help="a system message")] = None,  # noqa: UP045
+    max_tokens: Annotated[Optional[int], typer.Option(help="most tokens to generate")] = None,  # noqa: UP045
+    temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,  # noqa: UP045
+    stop: Annotated[list[str], typer.Option(help="stop string (repeat)")] = [],  # noqa: B006
+    json_schema: Annotated[
+        Optional[str], typer.Option(help="constrain output to this JSON Schema (text or @file)")  # noqa: UP045
+    ] = None,
+    timeout: TimeoutOption = 300.0,
+) -> None:
+    """Chat with the raw model; the answer streams to the terminal."""
+    import grpc
+
+    from services.core.api import pb
+
+    schema = json_schema or ""
+    if schema.startswith("@"):
+        try:
+            with open(schema[1:]) as handle:
+                schema = handle.read()
+        except OSError as err:
+            raise fail(f"--json-schema {schema}: {err.strerror}") from None
+    messages = ([("system", system)] if system else []) + [("user", prompt)]
+    try:
+        with _client(target, timeout) as client:
+            last = None
+            for chunk in client.generate(
+                messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                json_schema=schema,
+            ):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+    except grpc.RpcError as err:
+        print()
+        raise _rpc_error(err) from None
+    print()
+    if last is not None:
+        reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        err_console.print(
+            f"[dim]{reason} · {last.usage.prompt_tokens}+{last.usage.completion_tokens} tokens · "
+            f"first token {last.time_to_first_token_ms:.0f} ms · {last.latency_ms:.0f} ms[/]",
+            highlight=False,
+        )
+
+
+@app.command("info")
+def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0) -> None:
+    """Describe the model and program a runtime or router serves."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        with _client(target, timeout) as client:
+            reply = client.info()
+    except grpc.RpcError as err:
+        raise _rpc_error(err) from None
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+
+
+@app.command("health")
+def health_check(
+    target: TargetOption = "127.0.0.1:50051",
+    service: Annotated[str, typer.Option(help="service name; empty is the whole server")] = "",
+    timeout: TimeoutOption = 3.0,
+) -> None:
+    """Exit 0 when the server's gRPC health check says SERVING (container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.core.security import channel, token_metadata
+
+    credentials, token = _client_security()
+    with channel(target, credentials=credentials) as health_channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(health_channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=token_metadata(token),
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error(err) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)

@@ -1,0 +1,68 @@
+"""What every command shares: the app, error output, flags generated from settings."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic_settings import BaseSettings
+from rich.console import Console
+
+app = typer.Typer(
+    name="edgedistill",
+    help="Distill a DSPy program into a small local model and serve it over gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def settings_options(
+    settings_cls: type[BaseSettings],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one --flag per setting, so flags and EDGEDISTILL_* never drift apart.
+
+    The command receives the flags that were given as a dict in `overrides`.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        params = []
+        annotations: dict[str, Any] = {}
+        for name, field in settings_cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            annotation: Any = Optional[str]  # noqa: UP045 - typer needs Optional at runtime
+            option = typer.Option(None, flag, help=field.description or name, show_default=False)
+            if "list[" in str(field.annotation):
+                annotation = Optional[list[str]]  # noqa: UP045
+                option = typer.Option(None, flag, help=field.description or name)
+            elif field.annotation is bool:
+                annotation = Optional[bool]  # noqa: UP045
+                option = typer.Option(
+                    None, f"{flag}/--no-{flag[2:]}", help=field.description or name
+                )
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option))
+            annotations[name] = annotation
+
+        def command(**kwargs: Any) -> Any:
+            return func(
+                overrides={k: (v or None) if isinstance(v, list) else v for k, v in kwargs.items()}
+            )
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = annotations
+        command.__doc__ = func.__doc__
+        command.__name__ = func.__name__
+        return command
+
+    return decorate
+
+
+TargetOption = Annotated[str, typer.Option("--target", help="HOST:PORT of a runtime or router")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="deadline in seconds")]
