@@ -16,8 +16,8 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 lint: setup
-	$(PY) -m ruff check services tests bench
-	$(PY) -m ruff format --check services tests bench
+	$(PY) -m ruff check services tests bench testkit
+	$(PY) -m ruff format --check services tests bench testkit
 	$(PY) -m mypy
 	$(VENV)/bin/hadolint --failure-threshold error docker/*.Dockerfile
 	$(VENV)/bin/shellcheck -x scripts/*.sh

@@ -41,7 +41,8 @@ from rich.table import Table
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.program import ProgramSpec, PromptCodec
-from tests.helpers import REPO, free_port, smollm2_gguf, start_runtime
+from services.core.stats import percentile
+from testkit.processes import REPO, free_port, smollm2_gguf, start_runtime
 
 THREADS = 2
 MAX_TOKENS = 32  # a ticket-triage answer is ~25 tokens
@@ -85,11 +86,6 @@ class LevelResult:
     ttft_p50_s: float
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def ticket_messages(count: int) -> tuple[PromptCodec, list[list[dict[str, str]]]]:
     from examples.ticket_triage.program import TicketTriage
 
@@ -112,9 +108,9 @@ def run_level(
     return LevelResult(
         concurrency=concurrency,
         tokens_per_s=sum(t.tokens for t in timings) / wall,
-        p50_s=_quantile(latencies, 0.5),
-        p95_s=_quantile(latencies, 0.95),
-        ttft_p50_s=_quantile([t.first_token_s for t in timings], 0.5),
+        p50_s=percentile(latencies, 0.5),
+        p95_s=percentile(latencies, 0.95),
+        ttft_p50_s=percentile([t.first_token_s for t in timings], 0.5),
     )
 
 
@@ -232,8 +228,8 @@ def prefix_ttft(
 ) -> tuple[float, float, int]:
     """Median time to the first token of a Predict prompt: cold (whole prompt) vs warm prefix."""
     from services.runtime.backends import TokenPiece
+    from services.runtime.backends.base import program_prefix
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
-    from services.runtime.loading import program_prefix
     from services.runtime.predict import predict_params
 
     params = predict_params(MAX_TOKENS, seed=0)

@@ -20,8 +20,9 @@ import grpc
 from rich.console import Console
 
 from services.core.client import InferenceClient
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import ServerProcess, smollm2_gguf, start_runtime
+from services.core.stats import percentile
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.processes import ServerProcess, smollm2_gguf, start_runtime
 
 CLIENTS = 32
 CALLS_PER_CLIENT = int(os.environ.get("LOAD_CALLS_PER_CLIENT", "200"))
@@ -36,8 +37,8 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    from tests.test_router import start_router
-    from tests.test_runtime_server import make_bundle
+    from testkit.bundles import make_bundle
+    from testkit.processes import start_router
 
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +65,7 @@ def main() -> None:
     console.print(
         f"  answered {answered / wall:.1f} calls/s; latency p50 "
         f"{statistics.median(latencies) * 1000:.0f} ms, p99 "
-        f"{sorted(latencies)[int(0.99 * (len(latencies) - 1))] * 1000:.0f} ms"
+        f"{percentile(latencies, 0.99) * 1000:.0f} ms"
     )
     allowed = (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
     other = {c: n for c, n in codes.items() if c not in allowed}

@@ -22,8 +22,8 @@ from rich.table import Table
 from services.builder.calibrate import calibrate
 from services.core.api import pb
 from services.core.client import InferenceClient
-from tests.helpers import REPO, ServerProcess, start_runtime
-from tests.openai_standin import OpenAIStandIn
+from testkit.openai_standin import OpenAIStandIn
+from testkit.processes import REPO, ServerProcess, start_runtime
 
 BUNDLE = REPO / "build" / "ticket-triage" / "bundle"
 

@@ -20,19 +20,15 @@ from rich.table import Table
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import smollm2_gguf, start_runtime
+from services.core.stats import percentile
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.processes import smollm2_gguf, start_runtime
 
 MAX_TOKENS = 32
 THREADS = 2
 ROUNDS = 25
 WARMUP = 3
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
-
-
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -122,7 +118,11 @@ def main() -> None:
             summary[key] = ratio_value
             ratio = f"{ratio_value:.3f}x"
         table.add_row(
-            label, str(tokens[key]), f"{p50:.1f}", f"{_p(timings[key], 0.95) * 1000:.1f}", ratio
+            label,
+            str(tokens[key]),
+            f"{p50:.1f}",
+            f"{percentile(timings[key], 0.95) * 1000:.1f}",
+            ratio,
         )
     console.print(table)
     for key, name in (("grpc_gen", "Generate"), ("grpc_pred", "Predict")):

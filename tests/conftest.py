@@ -9,19 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServerProcess, free_port, smollm2_gguf, start_runtime
-
-# A tiny program the untuned SmolLM2 answers in DSPy's format thanks to two demos.
-CAPITALS_PROGRAM = {
-    "name": "capitals",
-    "instructions": "Answer with the capital city of the given country.",
-    "inputs": [{"name": "country", "description": "a country name", "type": "str"}],
-    "outputs": [{"name": "capital", "description": "its capital city", "type": "str"}],
-    "demos": [
-        {"country": "France", "capital": "Paris"},
-        {"country": "Japan", "capital": "Tokyo"},
-    ],
-}
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.processes import ServerProcess, free_port, smollm2_gguf, start_runtime
 
 
 @pytest.fixture(scope="session")

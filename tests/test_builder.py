@@ -22,7 +22,7 @@ import pytest
 from services.core.api import pb
 from services.core.bundle import Bundle
 from services.core.client import InferenceClient
-from tests.helpers import REPO, smollm2_gguf, start_runtime
+from testkit.processes import REPO, smollm2_gguf, start_runtime
 
 TICKETS = REPO / "examples" / "ticket_triage"
 # Real fine-tunes on 2 CPU cores: minutes, not seconds.
@@ -288,7 +288,7 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     The teacher is the OpenAI-compatible STAND-IN answering with a reasoning line and the
     reference answer (no strong model runs here)."""
     from services.core.gguf_metadata import quantization_name, read_gguf_metadata
-    from tests.openai_standin import OpenAIStandIn
+    from testkit.openai_standin import OpenAIStandIn
 
     _, tiny_build, _ = tiny
     student = tmp_path / "hf-student"  # the tiny build's dense SmolLM2 checkpoint: no .gguf
@@ -605,7 +605,7 @@ def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import make_teacher
-    from tests.openai_standin import OpenAIStandIn
+    from testkit.openai_standin import OpenAIStandIn
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     qa = REPO / "examples" / "technical_qa"
@@ -647,7 +647,7 @@ def test_mipro_light_teacher_runs_against_the_api(
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import make_teacher
-    from tests.openai_standin import OpenAIStandIn
+    from testkit.openai_standin import OpenAIStandIn
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     qa = REPO / "examples" / "technical_qa"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.core.config import RuntimeSettings, SettingsError, load_settings
-from tests.helpers import REPO, start_runtime
+from testkit.processes import REPO, start_runtime
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,8 +22,8 @@ import pytest
 
 from services.core.api import pb
 from services.core.client import InferenceClient
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import REPO, free_port
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.processes import REPO, free_port
 
 pytestmark = [
     pytest.mark.containers,
@@ -59,7 +59,7 @@ def sh(
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterator[Path]:
     from services.builder.ship import ship
-    from tests.test_runtime_server import make_bundle
+    from testkit.bundles import make_bundle
 
     work = tmp_path_factory.mktemp("containers")
     # The build host has the secrets at hand (as a user who also runs the router would): in

@@ -15,7 +15,7 @@ from services.core.program import (
     program_from_file,
 )
 from services.runtime.backends.text import StopStringBuffer
-from tests.conftest import CAPITALS_PROGRAM
+from testkit.bundles import CAPITALS_PROGRAM
 
 
 def test_program_round_trips_through_dspy_signature() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from services.builder.spec import LoraSpec
 from services.core.program import ProgramSpec
-from tests.conftest import CAPITALS_PROGRAM
+from testkit.bundles import CAPITALS_PROGRAM
 
 pytestmark = pytest.mark.timeout(1800)
 

@@ -13,15 +13,14 @@ from grpc_health.v1 import health_pb2
 
 from services.core.api import pb
 from services.core.client import InferenceClient
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import ServerProcess, free_port, start_runtime
-from tests.openai_standin import OpenAIStandIn
-from tests.test_router import start_router
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.openai_standin import OpenAIStandIn
+from testkit.processes import ServerProcess, free_port, start_router, start_runtime
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
-    from tests.test_runtime_server import make_bundle
+    from testkit.bundles import make_bundle
 
     return make_bundle(tmp_path_factory.mktemp("faults") / "bundle", gguf_path, CAPITALS_PROGRAM)
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.core.api import pb, pb_grpc
-from tests.helpers import ServerProcess, start_runtime
+from testkit.processes import ServerProcess, start_runtime
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ = settings(

@@ -16,16 +16,16 @@ from grpc_health.v1 import health_pb2
 
 from services.core.api import pb
 from services.core.client import InferenceClient
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import ServerProcess, free_port, start_runtime
-from tests.openai_standin import OpenAIStandIn
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.openai_standin import OpenAIStandIn
+from testkit.processes import ServerProcess, free_port, start_router, start_runtime
 
 PLANTED_KEY = "sk-planted-6f1c0ffee-do-not-leak"
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
-    from tests.test_runtime_server import make_bundle
+    from testkit.bundles import make_bundle
 
     root = make_bundle(tmp_path_factory.mktemp("router") / "bundle", gguf_path, CAPITALS_PROGRAM)
     (root / "calibration.json").write_text(json.dumps({"threshold": 0.5}))
@@ -41,22 +41,6 @@ def local_runtime(bundle: Path) -> Iterator[ServerProcess]:
     server = start_runtime("--bundle", str(bundle), "--n-ctx", "2048")
     yield server
     server.terminate()
-
-
-def start_router(
-    bundle: Path,
-    local: str,
-    *args: str,
-    env: dict[str, str] | None = None,
-    status: int = health_pb2.HealthCheckResponse.SERVING,
-) -> ServerProcess:
-    server = ServerProcess(
-        ["route", "--bundle", str(bundle), "--local", local, "--port", "0", "--metrics-port", "0",
-         "--health-interval-s", "0.5", *args],
-        env={"EDGEDISTILL_ROUTER_API_BACKOFF_S": "0.05", **(env or {})},
-    )  # fmt: skip
-    server.wait_serving(30, status=status)
-    return server
 
 
 def predict(router: ServerProcess, country: str = "Germany", **kw: int) -> pb.PredictResponse:
@@ -233,7 +217,7 @@ def test_missing_key_variable_fails_at_start(bundle: Path) -> None:
     import subprocess
     import sys
 
-    from tests.helpers import REPO
+    from testkit.processes import REPO
 
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli", "route", "--bundle", str(bundle), "--local",

@@ -12,7 +12,7 @@ import pytest
 from services.core.api import pb, pb_grpc
 from services.core.client import sampling
 from services.runtime.backends.llamacpp_batched import pick_slot, prompt_piece, usable_cache
-from tests.helpers import ServerProcess, start_runtime
+from testkit.processes import ServerProcess, start_runtime
 
 COUNTRIES = ["Italy", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Egypt", "Canada"]
 PROMPTS = [
@@ -200,8 +200,8 @@ def test_idle_slots_hold_the_warm_prefix_from_load(gguf_path: Path, program_path
     pay llama.cpp's stream copy; clear_cache() brings slots back to just the prefix."""
     from services.core.program import ProgramSpec, PromptCodec
     from services.runtime.backends import Finished
+    from services.runtime.backends.base import program_prefix
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
-    from services.runtime.loading import program_prefix
     from services.runtime.predict import predict_params
 
     engine = BatchedLlamaCpp(gguf_path, n_ctx=1024, n_threads=2, parallel=2)

@@ -16,13 +16,21 @@ import pytest
 from services.core.api import pb
 from services.core.bundle import sha256_file
 from services.core.client import InferenceClient
-from tests.helpers import REPO, ServerProcess, start_runtime
+from testkit.processes import REPO, ServerProcess, start_runtime
 
 
 @pytest.fixture(scope="module")
 def ollama_standin(gguf_path: Path) -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.ollama_standin", "--model", str(gguf_path), "--name", "smol"],
+        [
+            sys.executable,
+            "-m",
+            "testkit.ollama_standin",
+            "--model",
+            str(gguf_path),
+            "--name",
+            "smol",
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.client import InferenceClient, sampling
-from tests.helpers import REPO, ServerProcess, free_port, start_runtime
+from testkit.processes import REPO, ServerProcess, free_port, start_runtime
 
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["serial", "batched"])
@@ -378,33 +377,8 @@ def test_sigterm_drains_an_in_flight_call(gguf_path: Path, parallel: int) -> Non
     assert statuses[0] == serving and not_serving in statuses, statuses
 
 
-def make_bundle(
-    root: Path, gguf_path: Path, program: dict[str, object], threshold: float | None = None
-) -> Path:
-    """A bundle around a GGUF and a program (with a router calibration when `threshold`)."""
-    from services.core.bundle import Manifest, write_manifest
-
-    (root / "model").mkdir(parents=True)
-    (root / "program").mkdir()
-    shutil.copy(gguf_path, root / "model" / "student.Q4_1.gguf")
-    (root / "program" / "program.json").write_text(json.dumps(program))
-    if threshold is not None:
-        (root / "calibration.json").write_text(json.dumps({"threshold": threshold}))
-    write_manifest(
-        root,
-        Manifest(
-            name="capitals",
-            version="2026.11.29-1",
-            default_model="model/student.Q4_1.gguf",
-            models={"Q4_1": "model/student.Q4_1.gguf"},
-            calibration="calibration.json" if threshold is not None else None,
-        ),
-    )
-    return root
-
-
 def test_serves_a_bundle_and_refuses_a_tampered_one(tmp_path: Path, gguf_path: Path) -> None:
-    from tests.conftest import CAPITALS_PROGRAM
+    from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 
     bundle = make_bundle(tmp_path / "bundle", gguf_path, CAPITALS_PROGRAM)
     server = start_runtime("--bundle", str(bundle), "--n-ctx", "1024")

@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.security import channel_credentials, token_matches
-from tests.helpers import REPO, ServerProcess
-from tests.test_runtime_server import make_bundle
+from testkit.bundles import make_bundle
+from testkit.processes import REPO, ServerProcess
 
 TOKEN = "s3cret-runtime-token"
 ROUTER_TOKEN = "s3cret-router-token"
@@ -203,7 +203,7 @@ def test_the_cli_reaches_a_secured_server_from_its_environment(
 def test_router_speaks_mtls_to_the_runtime_and_wants_its_own_token(
     secure_runtime: ServerProcess, pki: Pki, gguf_path: Path, tmp_path: Path
 ) -> None:
-    from tests.conftest import CAPITALS_PROGRAM
+    from testkit.bundles import CAPITALS_PROGRAM
 
     bundle = make_bundle(tmp_path / "bundle", gguf_path, CAPITALS_PROGRAM)
     local_token = tmp_path / "local-token"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPITALS_PROGRAM
-from tests.helpers import REPO
+from testkit.bundles import CAPITALS_PROGRAM
+from testkit.processes import REPO
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,7 @@ from typing import Any
 
 from services.builder.data import Metric, resolve_metric, score
 from services.builder.spec import TeacherSpec
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+from services.core.stats import percentile
 
 
 def evaluate_gguf(
@@ -94,8 +90,8 @@ def _evaluate_in_child(
         "size_bytes": Path(gguf_path).stat().st_size,
         "score": sum(scores) / len(scores),
         "parsed_fraction": sum(e["outcome"] == "parsed" for e in per_example) / len(per_example),
-        "latency_p50_ms": round(_percentile(latencies, 0.5) * 1000, 1),
-        "latency_p95_ms": round(_percentile(latencies, 0.95) * 1000, 1),
+        "latency_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+        "latency_p95_ms": round(percentile(latencies, 0.95) * 1000, 1),
         "generation_tokens_per_s": round(statistics.median(tokens_per_s), 1)
         if tokens_per_s
         else None,

@@ -14,7 +14,6 @@ sha256sum alone, without Python or jq.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -123,7 +122,3 @@ def _link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return dst
-
-
-def signature_b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()

@@ -147,7 +147,3 @@ def collect_traces(
             "failed): check the teacher model, the metric, or lower metric_threshold"
         )
     return counts
-
-
-def read_counts(out_dir: Path) -> TraceCounts:
-    return TraceCounts(**json.loads((out_dir / "counts.json").read_text()))

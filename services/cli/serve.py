@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from pydantic_settings import BaseSettings
 
 from services.cli.common import app, fail, settings_options
 
-
-def _runtime_settings_cls() -> type[BaseSettings]:
+if TYPE_CHECKING:
     from services.core.config import RuntimeSettings
 
-    return RuntimeSettings
+
+def _runtime_settings_cls() -> type[RuntimeSettings]:
+    from services.runtime.settings import settings_class
+
+    return settings_class()
 
 
 @app.command("serve")
@@ -25,10 +27,10 @@ def serve(overrides: dict[str, Any]) -> None:
     """
     import asyncio
 
-    from services.core.config import RuntimeSettings, SettingsError, load_settings
+    from services.core.config import SettingsError, load_settings
 
     try:
-        settings = load_settings(RuntimeSettings, **overrides)
+        settings = load_settings(_runtime_settings_cls(), **overrides)
     except SettingsError as err:
         raise fail(str(err)) from None
     from services.core import logs

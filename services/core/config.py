@@ -77,13 +77,11 @@ class RuntimeSettings(TransportSettings):
     variant: str | None = Field(
         None, description="which of the bundle's GGUFs to serve, e.g. Q4_K_M (default: manifest)"
     )
-    backend: Literal["llama.cpp", "ollama"] = Field(
-        "llama.cpp", description="llama.cpp in-process, or an existing Ollama server"
+    # The runtime adds each registered backend's own settings and checks the name
+    # (services/runtime/settings.py); the core knows no backend.
+    backend: str = Field(
+        "llama.cpp", description="llama.cpp in-process, or ollama: an existing Ollama server"
     )
-    ollama_host: str = Field(
-        "http://127.0.0.1:11434", description="Ollama server for --backend ollama"
-    )
-    ollama_model: str | None = Field(None, description="model name in Ollama (--backend ollama)")
 
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
@@ -138,11 +136,9 @@ class RuntimeSettings(TransportSettings):
 
     @model_validator(mode="after")
     def _one_model_source(self) -> RuntimeSettings:
-        if self.backend == "ollama":
-            if not self.ollama_model and not self.bundle:
-                raise ValueError("ollama_model: --backend ollama needs --ollama-model NAME")
-        elif (self.model is None) == (self.bundle is None):
+        if self.model is not None and self.bundle is not None:
             raise ValueError("model: give exactly one of --model PATH.gguf or --bundle DIR")
+        self.check_backend()
         if self.bundle is not None and self.program is not None:
             raise ValueError("program: --program goes with --model; a bundle carries its own")
         for name in ("model", "program", "bundle"):
@@ -152,6 +148,11 @@ class RuntimeSettings(TransportSettings):
         if self.max_tokens_default > self.max_tokens_limit:
             raise ValueError("max_tokens_default: larger than max_tokens_limit")
         return self
+
+    def check_backend(self) -> None:
+        """What the chosen backend needs; the runtime's settings ask the backend itself."""
+        if self.model is None and self.bundle is None:
+            raise ValueError("model: give exactly one of --model PATH.gguf or --bundle DIR")
 
 
 def load_settings(cls: type[S], **overrides: Any) -> S:

@@ -4,7 +4,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from services.core.program import PromptCodec
 from services.core.sampling import GenerationParams
+from services.core.tokens import common_prefix_length
 
 FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
 
@@ -103,3 +105,13 @@ class BatchingBackend(Backend, Protocol):
     def cancel(self, handle: Any) -> Finished | None: ...
 
     def step(self) -> list[tuple[Any, TokenPiece | Finished]]: ...
+
+
+def program_prefix(backend: Backend, codec: PromptCodec) -> list[int]:
+    """The prompt tokens every Predict of this program starts with, whatever its inputs."""
+    renders = [
+        backend.prepare(codec.format_messages({name: value for name in codec.input_names}))
+        for value in ("a", "zq 7")
+    ]
+    tokens = [r.tokens for r in renders if r.tokens is not None]
+    return list(tokens[0][: common_prefix_length(tokens)]) if len(tokens) == 2 else []

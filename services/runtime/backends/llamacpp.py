@@ -15,6 +15,7 @@ from services.core.bundle import sha256_file
 from services.core.gguf_metadata import ModelFileError, quantization_name, read_gguf_metadata
 from services.core.tokens import common_prefix_length
 from services.runtime.backends.base import (
+    Backend,
     BackendError,
     BackendInfo,
     Finished,
@@ -22,7 +23,9 @@ from services.runtime.backends.base import (
     GenerationParams,
     PreparedPrompt,
     TokenPiece,
+    program_prefix,
 )
+from services.runtime.backends.registry import BackendEntry, ModelSource, register
 from services.runtime.backends.text import StopStringBuffer
 
 
@@ -228,3 +231,30 @@ def grammar_for(schema: str) -> Any:
         return LlamaGrammar.from_json_schema(json.dumps(parsed), verbose=False)
     except Exception as err:
         raise ValueError(f"cannot turn this JSON Schema into a grammar ({err})") from err
+
+
+def create(settings: Any, source: ModelSource) -> Backend:
+    """One call at a time, or with --parallel > 1 the batched engine (continuous batching)."""
+    path, sha, name = source.gguf()
+    if settings.parallel == 1:
+        return LlamaCppBackend(
+            path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
+            n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
+        )  # fmt: skip
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
+
+    batched = BatchedLlamaCpp(
+        path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, parallel=settings.parallel,
+        n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
+        gguf_sha256=sha,
+    )  # fmt: skip
+    if source.codec is not None and settings.prefix_cache:
+        batched.set_prefix(program_prefix(batched, source.codec))  # evaluated by the scheduler
+    return batched
+
+
+register(
+    BackendEntry(
+        "llama.cpp", create, description="llama.cpp in-process: the GGUF of --model or --bundle"
+    )
+)

@@ -12,7 +12,10 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydantic import Field
+
 from services.runtime.backends.base import (
+    Backend,
     BackendError,
     BackendInfo,
     Finished,
@@ -21,6 +24,7 @@ from services.runtime.backends.base import (
     PreparedPrompt,
     TokenPiece,
 )
+from services.runtime.backends.registry import BackendEntry, ModelSource, register
 
 _BLOB_DIGEST = re.compile(r"sha256[-:]([0-9a-f]{64})")
 
@@ -134,3 +138,33 @@ def _pieces(chunk: Any, offset: int) -> Iterator[TokenPiece]:
             offset += len(lp.token)
     elif content:
         yield TokenPiece(content, offset, offset + len(content), None)
+
+
+def _check(settings: Any) -> None:
+    if not settings.ollama_model and settings.bundle is None:
+        raise ValueError("ollama_model: --backend ollama needs --ollama-model NAME")
+
+
+def create(settings: Any, source: ModelSource) -> Backend:
+    name = settings.ollama_model or (source.bundle.manifest.name if source.bundle else "")
+    return OllamaBackend(settings.ollama_host, name, n_ctx=settings.n_ctx)
+
+
+register(
+    BackendEntry(
+        "ollama",
+        create,
+        description="an existing Ollama server (scripts/ollama-import.sh loads a bundle into it)",
+        options={
+            "ollama_host": (
+                str,
+                Field("http://127.0.0.1:11434", description="Ollama server for --backend ollama"),
+            ),
+            "ollama_model": (
+                str | None,
+                Field(None, description="model name in Ollama (--backend ollama)"),
+            ),
+        },
+        check=_check,
+    )
+)

@@ -1,4 +1,4 @@
-"""Real processes on loopback for the tests: runtime servers and their clients."""
+"""Real processes on loopback for tests and benches: runtime and router servers."""
 
 from __future__ import annotations
 
@@ -113,4 +113,20 @@ def start_runtime(*args: str, env: dict[str, str] | None = None) -> ServerProces
         ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args], env=env
     )
     server.wait_serving()
+    return server
+
+
+def start_router(
+    bundle: Path,
+    local: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    status: int = health_pb2.HealthCheckResponse.SERVING,
+) -> ServerProcess:
+    server = ServerProcess(
+        ["route", "--bundle", str(bundle), "--local", local, "--port", "0", "--metrics-port", "0",
+         "--health-interval-s", "0.5", *args],
+        env={"EDGEDISTILL_ROUTER_API_BACKOFF_S": "0.05", **(env or {})},
+    )  # fmt: skip
+    server.wait_serving(30, status=status)
     return server

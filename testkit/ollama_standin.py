@@ -3,7 +3,7 @@
 It speaks the parts of Ollama's documented HTTP API the runtime's Ollama backend uses —
 GET /api/version, GET /api/tags, POST /api/show, POST /api/chat (NDJSON streaming, options,
 format, logprobs) — and answers with a real model through llama-cpp-python, as Ollama itself
-runs llama.cpp. Run: python -m tests.ollama_standin --model X.gguf --name NAME --port P
+runs llama.cpp. Run: python -m testkit.ollama_standin --model X.gguf --name NAME --port P
 """
 
 from __future__ import annotations
