@@ -26,10 +26,13 @@ START=${START:-1}
 say() { printf '%s\n' "install-bundle: $*"; }
 refuse() { printf '%s\n' "install-bundle: REFUSED: $*" >&2; exit 1; }
 
-# The engine, chosen once: CONTAINER_ENGINE, else a docker whose daemon answers, else podman
-# (a docker CLI without a reachable daemon is no engine, as in build-bundle.sh).
-detect_engine() {
-  if [ -n "${CONTAINER_ENGINE:-}" ]; then
+# The engine, chosen once when first needed: CONTAINER_ENGINE, else a docker whose daemon
+# answers, else podman (a docker CLI without a reachable daemon is no engine, as in
+# build-bundle.sh). A bundle without images installs with START=0 and no engine at all.
+need_engine() {
+  if [ -n "${ENGINE:-}" ]; then
+    return
+  elif [ -n "${CONTAINER_ENGINE:-}" ]; then
     ENGINE=$CONTAINER_ENGINE
   elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
     ENGINE=docker
@@ -60,6 +63,7 @@ secret_file() {
 
 stop_services() {
   name=$1
+  need_engine
   engine rm -f "$name-router" "$name-runtime" >/dev/null 2>&1 || true
   engine network rm "$name-net" >/dev/null 2>&1 || true
 }
@@ -84,6 +88,7 @@ secret_mounts() {
 # $start_failure saying what failed (the caller decides what the host goes back to).
 start_services() {
   name=$1 release=$2 start_failure=""
+  need_engine
   runtime_image=$(cat "$release/images/runtime.ref")
   router_image=$(cat "$release/images/router.ref")
   stop_services "$name"
@@ -151,13 +156,11 @@ case "${1:-}" in
     ln -sfn "$current" "$home/previous.new" && mv -T "$home/previous.new" "$home/previous"
     say "rolled $name back to $(basename "$previous")"
     if [ "$START" = 1 ]; then
-      detect_engine
       secret_mounts
       start_services "$name" "$home/current" || refuse "$start_failure"
     fi
     exit 0 ;;
   --stop)
-    detect_engine
     stop_services "${2:?usage: install-bundle.sh --stop NAME}"; exit 0 ;;
   ""|-h|--help)
     sed -n '2,14p' "$0"; exit 2 ;;
@@ -165,7 +168,6 @@ esac
 
 archive=$1
 [ -f "$archive" ] || refuse "$archive: no such file"
-detect_engine
 secret_mounts
 work=$(mktemp -d "${TMPDIR:-/tmp}/edgedistill-install.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
@@ -214,6 +216,7 @@ cp -R "$root" "$staging"
 chmod -R a+rX "$staging"   # the services run as an unprivileged user and mount it read-only
 if [ -f "$staging/images/images.tar" ]; then
   # One docker-archive holds both images, so their shared layers travel once.
+  need_engine
   engine load -i "$staging/images/images.tar" > "$work/loaded" 2>&1 \
     || { tail -5 "$work/loaded" >&2; refuse "the images did not load"; }
   for image in runtime router; do

@@ -10,7 +10,7 @@ from services.builder.stages.distill import (
     STUDENT,
     TRACES,
 )
-from services.builder.stages.judge import CALIBRATE, EVALUATE, PACKAGE
+from services.builder.stages.release import CALIBRATE, EVALUATE, PACKAGE
 
 STAGES: tuple[Stage, ...] = (
     TRACES,  # 1. the teacher's answers that pass the metric
