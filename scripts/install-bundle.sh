@@ -64,7 +64,10 @@ secret_file() {
 stop_services() {
   name=$1
   need_engine
-  engine rm -f "$name-router" "$name-runtime" >/dev/null 2>&1 || true
+  # One at a time: podman removes nothing when one of the names it is given does not exist.
+  for container in "$name-router" "$name-runtime"; do
+    engine rm -f "$container" >/dev/null 2>&1 || true
+  done
   engine network rm "$name-net" >/dev/null 2>&1 || true
 }
 
@@ -87,21 +90,21 @@ secret_mounts() {
 # Start the release's two containers and wait until they serve. On failure: return 1 with
 # $start_failure saying what failed (the caller decides what the host goes back to).
 start_services() {
-  name=$1 release=$2 start_failure=""
+  name=$1 serving=$2 start_failure=""  # not $release: sh variables are global
   need_engine
-  runtime_image=$(cat "$release/images/runtime.ref")
-  router_image=$(cat "$release/images/router.ref")
+  runtime_image=$(cat "$serving/images/runtime.ref")
+  router_image=$(cat "$serving/images/router.ref")
   stop_services "$name"
   engine network create "$name-net" >/dev/null 2>&1 || true
   hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
   # shellcheck disable=SC2086  # the option strings are word-split on purpose (no spaces inside)
   error=$(engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
-    -v "$release/bundle:/bundle:ro" -e "EDGEDISTILL_N_THREADS=${RUNTIME_THREADS:-2}" \
+    -v "$serving/bundle:/bundle:ro" -e "EDGEDISTILL_N_THREADS=${RUNTIME_THREADS:-2}" \
     $runtime_secrets -p "$BIND:$RUNTIME_PORT:50051" "$runtime_image" 2>&1 >/dev/null) \
     || { start_failure="the runtime container did not start: $error"; return 1; }
   # shellcheck disable=SC2086
   error=$(engine run -d --name "$name-router" --network "$name-net" $hardening \
-    -v "$release/bundle:/bundle:ro" -e 'EDGEDISTILL_ROUTER_LOCAL=["runtime:50051"]' \
+    -v "$serving/bundle:/bundle:ro" -e 'EDGEDISTILL_ROUTER_LOCAL=["runtime:50051"]' \
     -e "EDGEDISTILL_ROUTER_MODE=${ROUTER_MODE:-local_only}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_MODEL=${FALLBACK_MODEL:-}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_API_BASE=${FALLBACK_API_BASE:-}" \
@@ -111,9 +114,12 @@ start_services() {
   i=0
   until engine exec "$name-runtime" edgedistill health --target 127.0.0.1:50051 >/dev/null 2>&1; do
     i=$((i + 1))
-    if [ "$i" -gt 120 ]; then
+    # A runtime that refuses its model exits (and restarts): no use waiting out the timeout.
+    restarts=$(engine inspect --format '{{.RestartCount}}' "$name-runtime" 2>/dev/null || echo 0)
+    if [ "${restarts:-0}" -gt 0 ] || [ "$i" -gt 120 ]; then
       engine logs "$name-runtime" 2>&1 | tail -20 >&2
       start_failure="the runtime did not become healthy (its last log lines are above)"
+      [ "${restarts:-0}" -eq 0 ] || start_failure="the runtime exited at start (its last log lines are above)"
       return 1
     fi
     sleep 1

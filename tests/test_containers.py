@@ -234,6 +234,38 @@ def test_install_skips_a_docker_without_daemon_and_a_failed_start_installs_nothi
     assert "already installed" not in again.stdout and "SERVING" in again.stdout
     assert (home / "current").resolve() == home / "releases" / "2026.11.29-1"
 
+    # A newer release whose runtime refuses its model: the one that was current is current and
+    # serving again, and the newer one is not installed.
+    upgrade = install(damaged_release(shipped, tmp_path / "upgrade", "2026.12.02-2"), env, shipped)
+    assert upgrade.returncode != 0, upgrade.stdout
+    assert "capitals 2026.12.02-2 did not start" in upgrade.stderr
+    assert "the runtime exited at start" in upgrade.stderr
+    assert "2026.11.29-1 is current and running again" in upgrade.stdout
+    assert (home / "current").resolve() == home / "releases" / "2026.11.29-1"
+    assert not (home / "releases" / "2026.12.02-2").exists()
+    runtime = f"127.0.0.1:{offline_host['RUNTIME_PORT']}"
+    with InferenceClient(runtime, timeout_s=60, token=PLANTED_TOKEN) as client:
+        assert client.info().bundle_version == "2026.11.29-1"
+
+
+def damaged_release(shipped: Path, work: Path, version: str) -> Path:
+    """The shipped tar as another version whose GGUF is truncated: every checksum of the outer
+    manifest matches (install.sh accepts it), the bundle's own manifest does not (the runtime
+    refuses to start)."""
+    from services.builder.ship import write_manifest_lines
+
+    with tarfile.open(shipped) as archive:
+        archive.extractall(work, filter="data")
+    top = next(work.iterdir())
+    gguf = next((top / "bundle" / "model").glob("*.gguf"))
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    (top / "manifest.json").unlink()
+    write_manifest_lines(top, "capitals", version)
+    tar = work.with_suffix(".tar")
+    with tarfile.open(tar, "w") as archive:
+        archive.add(top, arcname=f"capitals-{version}")
+    return tar
+
 
 def serve_with_compose(host: dict[str, str]) -> None:
     """The installed release's compose.yaml, run by podman-compose (its .env names the loaded
