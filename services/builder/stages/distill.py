@@ -57,8 +57,10 @@ def convert_student(ctx: BuildContext, out: Path) -> None:
 
 
 def given_gguf(ctx: BuildContext) -> dict[str, Any]:
-    gguf = ctx.student.gguf
-    return {"source": ctx.student.description, "gguf": file_sha256(gguf) if gguf else None}
+    """The student's source and, when it is a GGUF, that file's hash (a converted one is
+    covered by the convert stage's key)."""
+    given = ctx.student.gguf is not None
+    return {"source": ctx.student.description, "gguf": ctx.base_gguf_sha256 if given else None}
 
 
 def train_lora(ctx: BuildContext, out: Path) -> None:
