@@ -66,35 +66,41 @@ class RouterService(pb_grpc.InferenceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
             response = await self._predict(request, context)
             response.latency_ms = (time.perf_counter() - started) * 1000
             self._metrics.answers.labels(pb.ServedBy.Name(response.served_by)).inc()
             return response
         except RpcFailure as failure:
-            code = failure.code
+            self._count("Predict", failure.code)  # before the client sees the status
+            code = None
             await context.abort(failure.code, failure.message)
             raise
         finally:
-            self._metrics.calls.labels("Predict", code.name).inc()
-            self._update_gauges()
+            if code is not None:
+                self._count("Predict", code)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
             async for chunk in self._local.generate(request, self._timeout(context)):
                 yield chunk
         except LocalUnavailable:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, "no local runtime is available for Generate")
+            self._count("Generate", grpc.StatusCode.UNAVAILABLE)  # before the client sees it
+            code = None
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "no local runtime is available for Generate"
+            )
         except grpc.aio.AioRpcError as err:
-            code = err.code()
+            self._count("Generate", err.code())
+            code = None
             await context.abort(err.code(), err.details() or "")
         finally:
-            self._metrics.calls.labels("Generate", code.name).inc()
+            if code is not None:
+                self._count("Generate", code)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         try:
@@ -222,6 +228,11 @@ class RouterService(pb_grpc.InferenceServicer):
         if remaining is None or not math.isfinite(remaining):
             return limit
         return max(0.001, min(limit, remaining))
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self._metrics.calls.labels(method, code.name).inc()
+        if method == "Predict":
+            self._update_gauges()
 
     def _update_gauges(self) -> None:
         self._metrics.breaker_state.set(self._breaker.state.value)

@@ -86,18 +86,20 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
             async for chunk in self._generate(request, context, started):
                 yield chunk
         except RpcFailure as failure:
-            code = failure.code
+            self._observe("Generate", failure.code, started)  # before the client sees it
+            code = None
             await context.abort(failure.code, failure.message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._observe("Generate", code, started)
+            if code is not None:
+                self._observe("Generate", code, started)
 
     # -- implementations ----------------------------------------------------------------------
 
@@ -298,18 +300,21 @@ class InferenceService(pb_grpc.InferenceServicer):
         context: Any,
     ) -> R:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
             return await handler(request, context)
         except RpcFailure as failure:
-            code = failure.code
+            # Counted before the status reaches the client: a scrape right after sees it.
+            self._observe(method, failure.code, started)
+            code = None
             await context.abort(failure.code, failure.message)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._observe(method, code, started)
+            if code is not None:
+                self._observe(method, code, started)
 
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()

@@ -92,7 +92,24 @@ class ChatModel:
             self.model.close()
 
 
-class LlamaCppBackend:
+class ChatModelMethods:
+    """What both llama.cpp backends answer from the GGUF's tokenizer side."""
+
+    _chat: ChatModel
+    _info: BackendInfo
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
+        return self._chat.prepare(messages)
+
+    def validate_json_schema(self, schema: str) -> None:
+        grammar_for(schema)
+
+
+class LlamaCppBackend(ChatModelMethods):
     """One llama.cpp model and context; generate() is called from one thread at a time."""
 
     def __init__(
@@ -128,19 +145,9 @@ class LlamaCppBackend:
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
 
     @property
-    def info(self) -> BackendInfo:
-        return self._info
-
-    @property
     def llama(self) -> Any:
         """The underlying llama_cpp.Llama (benchmarks compare against it directly)."""
         return self._llm
-
-    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
-        return self._chat.prepare(messages)
-
-    def validate_json_schema(self, schema: str) -> None:
-        grammar_for(schema)
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]

@@ -32,14 +32,18 @@ from services.core.gguf_metadata import ModelFileError
 from services.core.tokens import common_prefix_length
 from services.runtime.backends.base import (
     BackendError,
-    BackendInfo,
     Finished,
     FinishReason,
     GenerationParams,
     PreparedPrompt,
     TokenPiece,
 )
-from services.runtime.backends.llamacpp import ChatModel, grammar_for, token_logprob
+from services.runtime.backends.llamacpp import (
+    ChatModel,
+    ChatModelMethods,
+    grammar_for,
+    token_logprob,
+)
 from services.runtime.backends.text import StopStringBuffer
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ class _Sequence:
     events: list[TokenPiece | Finished] = field(default_factory=list)
 
 
-class BatchedLlamaCpp:
+class BatchedLlamaCpp(ChatModelMethods):
     """A llama.cpp context shared by up to `parallel` requests, stepped by one thread."""
 
     def __init__(
@@ -126,16 +130,6 @@ class BatchedLlamaCpp:
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
 
     # -- what the server asks of any backend -------------------------------------------------
-
-    @property
-    def info(self) -> BackendInfo:
-        return self._info
-
-    def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
-        return self._chat.prepare(messages)
-
-    def validate_json_schema(self, schema: str) -> None:
-        grammar_for(schema)
 
     def close(self) -> None:
         self._batch.close()
