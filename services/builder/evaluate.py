@@ -16,7 +16,7 @@ from typing import Any
 
 from services.builder.data import Metric, resolve_metric, score
 from services.builder.spec import TeacherSpec
-from services.core.stats import percentile
+from services.core.stats import percentile, score_interval
 
 
 def evaluate_gguf(
@@ -89,6 +89,7 @@ def _evaluate_in_child(
         "quantization": backend.info.quantization,
         "size_bytes": Path(gguf_path).stat().st_size,
         "score": sum(scores) / len(scores),
+        "interval": score_interval(scores),
         "parsed_fraction": sum(e["outcome"] == "parsed" for e in per_example) / len(per_example),
         "latency_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
         "latency_p95_ms": round(percentile(latencies, 0.95) * 1000, 1),
@@ -145,6 +146,7 @@ def evaluate_teacher(
     return {
         "label": f"teacher ({teacher.model})",
         "score": sum(scores) / len(scores),
+        "interval": score_interval(scores),
         "examples": per_example,
     }
 

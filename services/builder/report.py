@@ -11,18 +11,42 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = ("model", "score", "retention", "p50 ms", "p95 ms", "gen tok/s", "size MB", "peak MB")
+from services.core.stats import compare, score_interval
+
+COLUMNS = (
+    "model", "score [95% CI]", "vs untuned", "retention", "p50 ms", "p95 ms", "gen tok/s",
+    "size MB", "peak MB",
+)  # fmt: skip
+
+
+def interval(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's score interval (computed from its examples for evaluations written before
+    intervals were recorded)."""
+    recorded: dict[str, Any] | None = result.get("interval")
+    return recorded or score_interval([e["score"] for e in result["examples"]])
+
+
+def score_cell(result: dict[str, Any]) -> str:
+    ci = interval(result)
+    return f"{result['score']:.1%} [{ci['low'] * 100:.1f}–{ci['high'] * 100:.1f}]"
 
 
 def rows(evaluation: dict[str, Any]) -> list[list[str]]:
-    teacher = evaluation["teacher"]["score"]
-    out = [[evaluation["teacher"]["label"], f"{teacher:.1%}", "100%", "", "", "", "", ""]]
+    """One row per model. "vs untuned" says gain or loss only when the two 95% intervals do
+    not overlap."""
+    teacher = evaluation["teacher"]
+    untuned = next((s for s in evaluation["students"] if s["label"].startswith("untuned")), None)
+    out = [[teacher["label"], score_cell(teacher), "", "100%", "", "", "", "", ""]]
     for variant in evaluation["students"]:
-        retention = variant["score"] / teacher if teacher else 0.0
+        retention = variant["score"] / teacher["score"] if teacher["score"] else 0.0
+        versus = ""
+        if untuned is not None and variant is not untuned:
+            versus = compare(interval(variant), interval(untuned))
         out.append(
             [
                 variant["label"],
-                f"{variant['score']:.1%}",
+                score_cell(variant),
+                versus,
                 f"{retention:.0%}",
                 f"{variant['latency_p50_ms']:.0f}",
                 f"{variant['latency_p95_ms']:.0f}",
@@ -35,9 +59,7 @@ def rows(evaluation: dict[str, Any]) -> list[list[str]]:
 
 
 def print_table(evaluation: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"{evaluation['name']}: held-out dev set ({evaluation['dev_examples']} examples)"
-    )
+    table = Table(title=f"{evaluation['name']}: held-out dev set (n={evaluation['dev_examples']})")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows(evaluation):
@@ -82,7 +104,8 @@ def write_reports(
     table = rows(evaluation)
     md = [f"# {evaluation['name']} — distillation report", ""]
     md.append(f"Teacher: `{evaluation['teacher']['label']}`. Dev set: {evaluation['dev_examples']} "
-              "held-out examples. Students served exactly as the runtime serves them.")  # fmt: skip
+              "held-out examples. Students served exactly as the runtime serves them. Scores with "
+              "95% intervals (Wilson for accuracies, bootstrap for graded metrics).")  # fmt: skip
     md += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(row) + " |" for row in table]
     if calibration:
