@@ -227,3 +227,43 @@ def test_missing_key_variable_fails_at_start(bundle: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "NOT_SET_ANYWHERE" in proc.stderr and "fallback_key_env" in proc.stderr
+
+
+def test_self_check_confidence_follows_the_local_models_own_verdict(
+    bundle: Path, local_runtime: ServerProcess
+) -> None:
+    """--confidence self_check: the router asks the local model whether its answer is right
+    (greedy); "yes" keeps the answer local with confidence 1, anything else sends it to the API
+    with confidence 0. The verdicts expected here are asked of the runtime directly."""
+    from services.router.server import SELF_CHECK_PROMPT
+
+    countries = ["Germany", "Italy", "Peru", "Atlantis", "Kenya"]
+    gold = {c: f"gold-{c}" for c in countries}
+    expected = {}
+    with InferenceClient(local_runtime.target, timeout_s=60) as client:
+        for country in countries:
+            local = client.predict({"country": country})
+            prompt = SELF_CHECK_PROMPT.format(
+                instructions=CAPITALS_PROGRAM["instructions"],
+                inputs=f"country: {country}",
+                outputs="\n".join(f"{k}: {v}" for k, v in local.outputs.items()),
+            )
+            verdict = "".join(
+                c.text for c in client.generate([("user", prompt)], max_tokens=3, temperature=0)
+            )
+            expected[country] = verdict.strip().lower().startswith("yes")
+    with OpenAIStandIn(gold, input_field="country", output_field="capital") as api:
+        router = start_router(bundle, local_runtime.target, "--confidence", "self_check",
+                              "--threshold", "0.5", "--fallback-model", "openai/gold",
+                              "--fallback-api-base", api.base_url)  # fmt: skip
+        try:
+            replies = {country: predict(router, country) for country in countries}
+        finally:
+            router.terminate()
+    for country, reply in replies.items():
+        if expected[country]:
+            assert reply.served_by == pb.SERVED_BY_LOCAL and reply.confidence == 1.0, country
+        else:
+            assert reply.served_by == pb.SERVED_BY_FALLBACK, country
+            assert reply.route_reason == "low_confidence" and reply.confidence == 0.0
+            assert reply.outputs["capital"] == gold[country]
