@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.program import ProgramSpec, PromptCodec
@@ -425,6 +426,19 @@ def main() -> None:
         f"single-stream; measured decode {single:.1f} tokens/s = {single / roofline:.0%} of it"
     )
     one, eight = batched_decode_tokens_per_s(gguf, 1), batched_decode_tokens_per_s(gguf, 8)
+    write_results(
+        "batching",
+        {"gguf": gguf.name, "threads": THREADS, "parallel": PARALLEL,
+         "max_tokens": {load.name: load.max_tokens for load in loads}},
+        {"systems": {label: {workload: [asdict(level) for level in levels]
+                             for workload, levels in by_workload.items()}
+                     for label, by_workload in results.items()},
+         "prefix_ttft": {"cold_s": cold, "warm_s": warm, "prefix_tokens": prefix,
+                         "warm_vs_cold": warm / cold},
+         "roofline": {"copy_gb_s": bandwidth, "weights_mb_per_token": per_token / 1e6,
+                      "bound_tokens_per_s": roofline, "decode_tokens_per_s": single},
+         "ceiling": {"one_stream_tokens_per_s": one, "eight_streams_tokens_per_s": eight}},
+    )  # fmt: skip
     console.print(
         f"Batching's ceiling here (in-process, no server, chat prompts, {CHAT_MAX_TOKENS} "
         f"tokens): 8 streams decode together at {eight:.1f} tokens/s vs 1 stream at {one:.1f}: "

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
+from bench.results import write_results
 from services.core.client import InferenceClient
 from services.core.stats import percentile
 from testkit.bundles import CAPITALS_PROGRAM
@@ -79,6 +80,17 @@ def main() -> None:
         f"  errors other than RESOURCE_EXHAUSTED: {sum(other.values())} "
         f"({'met' if not other else 'MISSED'}: goal 0)"
     )
+    write_results(
+        "load",
+        {"clients": CLIENTS, "calls_per_client": CALLS_PER_CLIENT, "parallel": 8,
+         "max_queue": 16, "model": "SmolLM2-135M-Instruct Q4_1", "threads": 2},
+        {"wall_s": wall, "outcomes": {c.name: n for c, n in codes.items()},
+         "answered_per_s": answered / wall,
+         "latency_p50_ms": statistics.median(latencies) * 1000 if latencies else None,
+         "latency_p99_ms": percentile(latencies, 0.99) * 1000,
+         "resident_mb": {name: {"start": start, "end": end}
+                         for name, (start, end) in memory.items()}},
+    )  # fmt: skip
 
 
 def run_load(

@@ -19,9 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.results import write_results
 from services.builder.calibrate import calibrate
 from services.core.api import pb
 from services.core.client import InferenceClient
+from services.core.stats import wilson_interval
 from testkit.openai_standin import OpenAIStandIn
 from testkit.processes import REPO, ServerProcess, start_runtime
 
@@ -93,8 +95,12 @@ def main() -> None:
                             fell_back += reply.served_by == pb.SERVED_BY_FALLBACK
                 finally:
                     router.terminate()
+                low, high = wilson_interval(correct, len(held_out))
                 results[name] = {
+                    "n": len(held_out),
                     "quality": correct / len(held_out),
+                    "quality_low": low,
+                    "quality_high": high,
                     "fallback_rate": fell_back / len(held_out),
                     "p50_ms": statistics.median(latencies) * 1000,
                 }
@@ -107,7 +113,7 @@ def main() -> None:
                   f"(threshold calibrated on the other {len(calibration_idx)})")  # fmt: skip
     for column in (
         "configuration",
-        "quality",
+        "quality [95% CI]",
         "API calls",
         "vs API-only",
         "gap recovered",
@@ -118,7 +124,8 @@ def main() -> None:
         gap = api_quality - local_quality
         recovered = (r["quality"] - local_quality) / gap if gap > 0 else 1.0
         table.add_row(
-            name, f"{r['quality']:.1%}", f"{r['fallback_rate']:.1%}",
+            name, f"{r['quality']:.1%} [{r['quality_low']:.1%}, {r['quality_high']:.1%}]",
+            f"{r['fallback_rate']:.1%}",
             f"{r['quality'] / api_quality:.3f}x" if api_quality else "-",
             f"{recovered:.0%}", f"{r['p50_ms']:.0f}",
         )  # fmt: skip
@@ -130,3 +137,10 @@ def main() -> None:
         f"hybrid reaches {ratio:.1%} of API-only quality with {hybrid['fallback_rate']:.1%} of "
         f"calls sent to the API ({'meets' if ok else 'misses'} the goal: >=95% with <=20%)"
     )
+    write_results(
+        "router",
+        {"bundle": str(BUNDLE.relative_to(REPO)), "calibration_examples": len(calibration_idx),
+         "test_examples": len(held_out), "split": "even dev rows calibrate, odd rows test",
+         "threshold": threshold, "api": "OpenAI-compatible stand-in answering gold labels"},
+        {"configurations": results, "hybrid_vs_api_only": ratio, "goal_met": ok},
+    )  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
@@ -133,3 +134,18 @@ def main() -> None:
         )
     if tokens["ip_gen"] != tokens["grpc_gen"] or tokens["ip_pred"] != tokens["grpc_pred"]:
         console.print("[yellow]warning: token counts differ between paths[/]")
+    write_results(
+        "serving",
+        {"model": "SmolLM2-135M-Instruct Q4_1", "threads": THREADS, "max_tokens": MAX_TOKENS,
+         "rounds": ROUNDS, "warmup": WARMUP},
+        {
+            "paths": {
+                key: {"label": label, "tokens": tokens[key],
+                      "p50_ms": statistics.median(timings[key]) * 1000,
+                      "p95_ms": percentile(timings[key], 0.95) * 1000}
+                for label, key, _ in rows
+            },
+            "p50_ratio_grpc_vs_in_process": {"Generate": summary["grpc_gen"],
+                                             "Predict": summary["grpc_pred"]},
+        },
+    )  # fmt: skip
