@@ -12,47 +12,31 @@ import argparse
 import json
 import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from services.core.bundle import sha256_file
+from testkit.json_http import JsonHandler
 
 
 def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _json(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length", 0))
-            return json.loads(self.rfile.read(length) or b"{}")  # type: ignore[no-any-return]
-
+    class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/api/version":
-                self._json(200, {"version": "0.12.0-standin"})
+                self.send_json(200, {"version": "0.12.0-standin"})
             elif self.path == "/api/tags":
-                self._json(200, {"models": [{"name": name, "model": name, "digest": digest}]})
+                self.send_json(200, {"models": [{"name": name, "model": name, "digest": digest}]})
             else:
-                self._json(404, {"error": "not found"})
+                self.send_json(404, {"error": "not found"})
 
         def do_POST(self) -> None:
-            body = self._body()
+            body = self.read_json()
             if self.path == "/api/show":
                 if body.get("model") not in (name, f"{name}:latest"):
-                    self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                    self.send_json(404, {"error": f"model '{body.get('model')}' not found"})
                     return
-                self._json(
+                self.send_json(
                     200,
                     {
                         "modelfile": f"FROM /root/.ollama/models/blobs/sha256-{digest}\n",
@@ -70,11 +54,11 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
             elif self.path == "/api/chat":
                 self._chat(body)
             else:
-                self._json(404, {"error": "not found"})
+                self.send_json(404, {"error": "not found"})
 
         def _chat(self, body: dict[str, Any]) -> None:
             if body.get("model") not in (name, f"{name}:latest"):
-                self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                self.send_json(404, {"error": f"model '{body.get('model')}' not found"})
                 return
             options = body.get("options") or {}
             kwargs: dict[str, Any] = {

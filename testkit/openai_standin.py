@@ -11,12 +11,13 @@ Runs in a thread of the test or bench process; `mode` can be switched while it r
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
+
+from testkit.json_http import JsonHandler
 
 _FIELD = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n|\Z)", re.S)
 # ChatAdapter's system message: "Your output fields are:\n1. `name` (type): ..."
@@ -75,39 +76,25 @@ class OpenAIStandIn:
             answer = f"[[ ## reasoning ## ]]\nThis asks about {subject}.\n\n" + answer
         return answer
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[JsonHandler]:
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
-                self._send(200, {"data": [{"id": "gold-teacher", "object": "model"}]})
+                self.send_json(200, {"data": [{"id": "gold-teacher", "object": "model"}]})
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = self.read_json()
                 standin.requests += 1
                 if standin.mode == "error":
                     auth = self.headers.get("Authorization", "")
-                    self._send(500, {"error": {"message": f"internal error for {auth}",
+                    self.send_json(500, {"error": {"message": f"internal error for {auth}",
                                                "type": "server_error"}})  # fmt: skip
                     return
                 if standin.mode == "slow":
                     time.sleep(standin.delay_s)
                 content = standin.answer(body.get("messages", []))
-                self._send(
+                self.send_json(
                     200,
                     {
                         "id": "chatcmpl-standin",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.builder.context import BuildContext, gate, load_program
+from services.builder.context import BuildContext, load_program
 from services.builder.spec import BuildSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 
-__all__ = ["STAGES", "BuildResult", "QualityGateFailed", "build", "gate", "load_program"]
+__all__ = ["STAGES", "BuildResult", "QualityGateFailed", "build", "load_program"]
 
 
 class QualityGateFailed(RuntimeError):

@@ -80,6 +80,7 @@ class RouterService(pb_grpc.InferenceServicer):
         finally:
             if code is not None:
                 self._count("Predict", code)
+            self._update_gauges()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
@@ -231,8 +232,6 @@ class RouterService(pb_grpc.InferenceServicer):
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         self._metrics.calls.labels(method, code.name).inc()
-        if method == "Predict":
-            self._update_gauges()
 
     def _update_gauges(self) -> None:
         self._metrics.breaker_state.set(self._breaker.state.value)
