@@ -2,7 +2,9 @@
 
 - `gold`: answers DSPy ChatAdapter prompts with the dataset's gold labels — the stand-in for a
   strong teacher (no strong model runs on this machine); with `reasoning`, a ChainOfThought
-  teacher: a one-line reasoning naming the question's subject before the label;
+  teacher: a one-line reasoning naming the question's subject before the label. Asked as
+  DSPy's SemanticF1 judge (ground_truth, system_response), it rates recall and precision by
+  shared words — a stand-in for an LM judge. `usage` counts words, not a tokenizer's tokens;
 - `slow`: answers after `delay_s` (timeouts);
 - `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
   key must still never leak).
@@ -61,6 +63,8 @@ class OpenAIStandIn:
         if isinstance(user, list):
             user = "".join(part.get("text", "") for part in user)
         fields = {name: value.strip() for name, value in _FIELD.findall(user)}
+        if {"ground_truth", "system_response"} <= fields.keys():
+            return judge(fields["ground_truth"], fields["system_response"])
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         wanted = [name for name in _OUTPUTS.findall(str(system)) if name not in fields]
         if wanted and self.output_field not in wanted:
@@ -93,7 +97,9 @@ class OpenAIStandIn:
                     return
                 if standin.mode == "slow":
                     time.sleep(standin.delay_s)
-                content = standin.answer(body.get("messages", []))
+                messages = body.get("messages", [])
+                content = standin.answer(messages)
+                prompt_words = sum(len(str(m.get("content", "")).split()) for m in messages)
                 self.send_json(
                     200,
                     {
@@ -108,8 +114,29 @@ class OpenAIStandIn:
                                 "finish_reason": "stop",
                             }
                         ],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        "usage": {
+                            "prompt_tokens": prompt_words,
+                            "completion_tokens": len(content.split()),
+                            "total_tokens": prompt_words + len(content.split()),
+                        },
                     },
                 )
 
         return Handler
+
+
+def judge(reference: str, response: str) -> str:
+    """SemanticF1's verdict by shared words: recall over the reference, precision over the
+    response."""
+    truth, said = (
+        set(re.findall(r"\w+", reference.lower())),
+        set(re.findall(r"\w+", response.lower())),
+    )
+    shared = len(truth & said)
+    recall = shared / len(truth) if truth else 0.0
+    precision = shared / len(said) if said else 0.0
+    return (
+        f"[[ ## reasoning ## ]]\n{shared} key words in common.\n\n"
+        f"[[ ## recall ## ]]\n{recall:.3f}\n\n[[ ## precision ## ]]\n{precision:.3f}\n\n"
+        "[[ ## completed ## ]]"
+    )

@@ -1,5 +1,6 @@
 """The numbers the report and the router rest on, checked against values computed by hand:
-score intervals, the Predict confidence, the fallback curve and the chosen threshold."""
+score intervals, the Predict confidence, the fallback curve and the chosen threshold, the
+calibration/test split, the retention bands, and cost per 1K calls."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ from typing import Any
 
 import pytest
 
-from services.builder.calibrate import choose_threshold, fallback_curve
-from services.builder.report import rows
+from services.builder.calibrate import calibrate, choose_threshold, fallback_curve
+from services.builder.cost import (
+    api_cost_per_1k,
+    hybrid_cost_per_1k,
+    litellm_token_prices,
+    local_cost_per_1k,
+)
+from services.builder.data import split_by_group
+from services.builder.decision import decide, retention_band
+from services.builder.report import decision_rows, rows
+from services.builder.spec import CostSpec
 from services.core.stats import bootstrap_interval, compare, score_interval, wilson_interval
 from services.runtime.backends import TokenPiece
 from services.runtime.predict import confidence
@@ -130,3 +140,107 @@ def test_choose_threshold_takes_the_fewest_fallbacks_that_reach_the_target() -> 
         1.0,
     )
     assert strict["target_quality"] == pytest.approx(0.95)
+
+
+def test_calibration_chooses_on_its_part_and_reports_the_test_part() -> None:
+    # Calibration part = STUDENT/TEACHER above: target 0.95 of 0.75 -> threshold 0.0 (the
+    # unparsed one falls back, 3/4). On the test part at t=0.0: the unparsed one falls back to
+    # a right teacher, the low-confidence wrong one stays local: quality (1 + 0 + 1) / 3.
+    test_student = [
+        {"score": 1.0, "outcome": "parsed", "confidence": 0.95, "latency_ms": 100.0},
+        {"score": 0.0, "outcome": "parsed", "confidence": 0.2, "latency_ms": 120.0},
+        {"score": 0.0, "outcome": "unparsed", "confidence": 0.0, "latency_ms": 300.0},
+    ]
+    test_teacher = [{"score": 1.0, "latency_ms": 900.0}] * 3
+    calibration_part = [{**e, "split": "calibration", "latency_ms": 1.0} for e in STUDENT]
+    teacher_part = [{**e, "split": "calibration", "latency_ms": 1.0} for e in TEACHER]
+    result = calibrate(
+        calibration_part + [{**e, "split": "test"} for e in test_student],
+        teacher_part + [{**e, "split": "test"} for e in test_teacher],
+        target_retention=0.95,
+        variant="Q8_0",
+    )
+    assert result["threshold"] == 0.0 and result["calibration"]["n"] == 4
+    assert result["calibration"]["fallback_rate"] == 0.25
+    test = result["test"]
+    assert test["n"] == 3 and test["fallback_rate"] == pytest.approx(1 / 3)
+    assert test["system_quality"] == pytest.approx(2 / 3)
+    assert test["fallback_interval"] == pytest.approx(wilson_interval(1, 3))
+    # Router latency: local, plus the API's for the call that fell back (300 + 900).
+    assert (test["latency_p50_ms"], test["latency_p95_ms"]) == (120.0, 1200.0)
+
+
+def test_split_by_group_keeps_groups_whole_and_is_seeded() -> None:
+    groups = ["a", "a", "b", "c", "c", "d", "e", "f"]
+    calibration, test = split_by_group(groups, 0.5, seed=0)
+    assert sorted(calibration + test) == list(range(8))
+    for group in set(groups):
+        rows_of_group = {i for i, g in enumerate(groups) if g == group}
+        assert rows_of_group <= set(calibration) or rows_of_group <= set(test)
+    assert 4 <= len(calibration) <= 5  # whole groups until half is reached
+    assert split_by_group(groups, 0.5, seed=0) == (calibration, test)
+    assert split_by_group(groups, 0.5, seed=1) != (calibration, test)
+
+
+@pytest.mark.parametrize(
+    ("retention", "band"),
+    [(1.02, "deploy"), (0.90, "deploy"), (0.8999, "good"), (0.75, "good"),
+     (0.74, "re-distill"), (0.50, "re-distill"), (0.49, "larger model or hybrid"),
+     (0.0, "larger model or hybrid")],
+)  # fmt: skip
+def test_retention_bands_are_the_workflows(retention: float, band: str) -> None:
+    assert retention_band(retention)["band"] == band
+
+
+def test_cost_per_1k_calls_by_hand() -> None:
+    prices = CostSpec(api_input_per_1m_tokens=0.15, api_output_per_1m_tokens=0.60)
+    # 1000 x (400 x 0.15e-6 + 20 x 0.60e-6) = 1000 x (6e-5 + 1.2e-5) = 0.072
+    got = api_cost_per_1k(prompt_tokens_per_call=400, completion_tokens_per_call=20,
+                          cost=prices, model="any")  # fmt: skip
+    assert got == {"per_1k_calls": pytest.approx(0.072), "source": "spec cost.api_*_per_1m_tokens"}
+    flat = CostSpec(api_per_1k_calls=2.5)
+    assert api_cost_per_1k(prompt_tokens_per_call=1, completion_tokens_per_call=1, cost=flat,
+                           model="any")["per_1k_calls"] == 2.5  # type: ignore[index]  # fmt: skip
+    mapped = api_cost_per_1k(prompt_tokens_per_call=100, completion_tokens_per_call=10,
+                             cost=CostSpec(), model="openai/some-model",
+                             price_map=lambda model: (1e-6, 2e-6))  # fmt: skip
+    assert mapped == {"per_1k_calls": pytest.approx(0.12), "source": "LiteLLM price map "
+                      "(openai/some-model)"}  # fmt: skip
+    unpriced = api_cost_per_1k(prompt_tokens_per_call=1, completion_tokens_per_call=1,
+                               cost=CostSpec(), model="x", price_map=lambda m: None)  # fmt: skip
+    assert unpriced is None
+    # An hour at 0.36 buys 3600 / 0.5 s = 7200 calls: 1000 calls cost 0.05.
+    assert local_cost_per_1k(mean_latency_s=0.5, local_per_hour=0.36) == pytest.approx(0.05)
+    assert hybrid_cost_per_1k(api_share=0.2, api=0.072, local=0.05) == pytest.approx(0.0644)
+
+
+def test_litellm_price_map_knows_a_public_model_offline() -> None:
+    prices = litellm_token_prices("openai/gpt-4o-mini")
+    assert prices is not None and 0 < prices[0] < prices[1] < 1e-4
+    assert litellm_token_prices("openai/no-such-model-anywhere") is None
+
+
+def test_decision_puts_api_local_and_hybrid_side_by_side() -> None:
+    report = evaluation([0.0] * 10, [1.0] * 8 + [0.0] * 2)
+    report["teacher"] |= {"gold": False, "interval": score_interval([1.0] * 10),
+                          "latency_p50_ms": 800.0, "latency_p95_ms": 1500.0,
+                          "prompt_tokens_per_call": 400.0,
+                          "completion_tokens_per_call": 20.0}  # fmt: skip
+    report["students"][1] |= {"n": 10, "interval": score_interval([1.0] * 8 + [0.0] * 2),
+                              "latency_mean_ms": 500.0}  # fmt: skip
+    calibration = {"variant": "Q8_0", "threshold": 0.5, "test": {
+        "system_quality": 0.9, "system_interval": score_interval([1.0] * 9 + [0.0]),
+        "fallback_rate": 0.2, "fallback_interval": wilson_interval(2, 10),
+        "latency_p50_ms": 510.0, "latency_p95_ms": 1900.0}}  # fmt: skip
+    prices = CostSpec(api_input_per_1m_tokens=0.15, api_output_per_1m_tokens=0.60,
+                      local_per_hour=0.36)  # fmt: skip
+    decision = decide(report, calibration, prices=prices, teacher_model="openai/x")
+    assert decision["retention"] == pytest.approx(0.8) and decision["band"] == "good"
+    assert decision["api"]["cost"]["per_1k_calls"] == pytest.approx(0.072)
+    assert decision["local"]["cost_per_1k_calls"] == pytest.approx(0.05)
+    assert decision["hybrid"]["cost_per_1k_calls"] == pytest.approx(0.05 + 0.2 * 0.072)
+    table = {row[0]: row[1:] for row in decision_rows(decision)}
+    assert table["latency p50 / p95 ms"] == ["800 / 1500", "1 / 2", "510 / 1900"]
+    assert table["tokens per call"][0] == "400 in / 20 out"
+    assert table["data leaves the machine"] == ["yes, every call", "no", "yes, for 20% of calls"]
+    assert table["runs offline"][:2] == ["no", "yes"]

@@ -411,7 +411,11 @@ def main() -> None:
             train.append({"ticket": unique(problem), "category": category})
         # 20 dev tickets: 10 held-out hand-written problems, each told in two voices.
         for i in range(20):
-            dev.append({"ticket": unique(dev_problems[i % len(dev_problems)]), "category": category})
+            # `group` names the problem: its two tellings stay on one side of the
+            # calibration/test split.
+            problem = dev_problems[i % len(dev_problems)]
+            group = f"{category}-{i % len(dev_problems)}"
+            dev.append({"ticket": unique(problem), "category": category, "group": group})
     rng.shuffle(train)
     rng.shuffle(dev)
     for name, rows in (("train", train), ("dev", dev)):

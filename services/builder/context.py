@@ -11,7 +11,14 @@ from typing import Any
 
 from rich.console import Console
 
-from services.builder.data import REASONING, file_sha256, load_examples, resolve_metric
+from services.builder.data import (
+    REASONING,
+    file_sha256,
+    load_examples,
+    load_grouped,
+    resolve_metric,
+    split_by_group,
+)
 from services.builder.spec import BuildSpec, SpecError, import_object
 from services.builder.student import StudentSource, resolve_student
 from services.core.program import ProgramSpec, PromptCodec
@@ -39,7 +46,8 @@ class BuildContext:
     program: Any
     program_spec: ProgramSpec
     trainset: list[Any]
-    devset: list[Any]
+    calibset: list[Any]  # held out: the router's threshold is chosen here
+    testset: list[Any]  # held out: touched once per build, for the report
     metric: Any
     threshold: float
     student: StudentSource
@@ -54,7 +62,7 @@ class BuildContext:
         codec = PromptCodec(program_spec)
         inputs, outputs = codec.input_names, codec.output_names
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train")
-        devset = load_examples(spec.data.dev, inputs, outputs, "data.dev")
+        calibset, testset = held_out(spec, inputs, outputs)
         if (
             REASONING in outputs
             and spec.teacher.is_gold
@@ -70,7 +78,8 @@ class BuildContext:
             threshold = 1.0 if spec.metric == "exact_match" else 0.5
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
-            trainset=trainset, devset=devset, metric=resolve_metric(spec.metric),
+            trainset=trainset, calibset=calibset, testset=testset,
+            metric=resolve_metric(spec.metric, judge_spec(spec)),
             threshold=threshold, student=resolve_student(spec.student.source),
         )  # fmt: skip
 
@@ -80,15 +89,28 @@ class BuildContext:
 
     @cached_property
     def dataset_hashes(self) -> dict[str, str]:
-        return {"train": file_sha256(self.spec.data.train), "dev": file_sha256(self.spec.data.dev)}
+        data = self.spec.data
+        files = {"train": data.train, "dev": data.dev, "test": data.test}
+        return {key: file_sha256(path) for key, path in files.items() if path is not None}
 
     def task_inputs(self) -> dict[str, Any]:
-        """What the task is: program, data, metric and its threshold (for trace and score keys)."""
+        """What the task is: program, train data, metric and its threshold (the traces' key;
+        held-out data is not in it, so editing dev rows never retrains)."""
         return {
             "program": self.program_spec.model_dump(),
-            **self.dataset_hashes,
+            "train": self.dataset_hashes["train"],
             "metric": self.spec.metric,
+            "metric_lm": self.spec.metric_lm.model_dump() if self.spec.metric_lm else None,
             "threshold": self.threshold,
+        }
+
+    def held_out_inputs(self) -> dict[str, Any]:
+        """What the evaluation sees: the held-out files and how they are split."""
+        return {
+            **self.task_inputs(),
+            **self.dataset_hashes,
+            "calibration_fraction": self.spec.data.calibration_fraction,
+            "seed": self.spec.seed,
         }
 
     def teacher_settings(self) -> dict[str, Any]:
@@ -123,6 +145,34 @@ class BuildContext:
         if "evaluate" not in self.dirs:
             return None
         return gate(self.read_json("evaluate", "eval.json"), self.spec, self.default_quant)
+
+
+def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[list[Any], list[Any]]:
+    """The calibration and test parts: data.dev split by group, or data.dev and data.test."""
+    dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev")
+    if spec.data.test is not None:
+        return dev, load_examples(spec.data.test, inputs, outputs, "data.test")
+    calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed)
+    if not calibration or not test:
+        raise SpecError(
+            f"data.dev: {len(dev)} rows in {len(set(groups))} groups cannot be split into a "
+            "calibration and a test part; add held-out rows or name data.test"
+        )
+    return [dev[i] for i in calibration], [dev[i] for i in test]
+
+
+def judge_spec(spec: BuildSpec) -> Any:
+    """The LM judging an LM-judged metric: metric_lm, else an API teacher."""
+    if spec.metric != "semantic_f1":
+        return None
+    if spec.metric_lm is not None:
+        return spec.metric_lm
+    if spec.teacher.is_gold:
+        raise SpecError(
+            "metric: semantic_f1 is judged by an LM; set metric_lm (model, api_base, "
+            "api_key_env) or an API teacher (teacher.model)"
+        )
+    return spec.teacher
 
 
 def gate(evaluation: dict[str, Any], spec: BuildSpec, quant: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from services.builder.spec import SpecError, import_object
 Metric = Callable[..., Any]
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
+# A row's optional problem id: rows restating one problem stay on one side of a split. Not a
+# field of the program, so never an input or a label.
+GROUP = "group"
 
 
 def labelled(output_names: list[str]) -> list[str]:
@@ -25,9 +29,17 @@ def load_examples(
     path: Path, input_names: list[str], output_names: list[str], key: str
 ) -> list[Any]:
     """dspy.Examples from JSONL; every row needs the program's input and labelled output fields."""
+    return load_grouped(path, input_names, output_names, key)[0]
+
+
+def load_grouped(
+    path: Path, input_names: list[str], output_names: list[str], key: str
+) -> tuple[list[Any], list[str]]:
+    """The examples and each row's group (its `group` value, or a group of its own)."""
     import dspy
 
-    examples = []
+    examples: list[Any] = []
+    groups: list[str] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -40,10 +52,34 @@ def load_examples(
         for name in input_names + labelled(output_names):
             if name not in row:
                 raise SpecError(f"{key}: {path} line {number}: missing field {name!r}")
-        examples.append(dspy.Example(**row).with_inputs(*input_names))
+        group = None if GROUP in input_names + output_names else row.pop(GROUP, None)
+        example = dspy.Example(**row).with_inputs(*input_names)
+        examples.append(example)
+        groups.append(str(group) if group is not None else f"{key}:{number}")
     if not examples:
         raise SpecError(f"{key}: {path} has no examples")
-    return examples
+    return examples, groups
+
+
+def split_by_group(
+    groups: list[str], calibration_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Row indices of the calibration and test parts. Whole groups are drawn in a seeded order
+    until the calibration part holds its fraction of the rows, so no group is on both sides."""
+    sizes = Counter(groups)
+    order = sorted(sizes)
+    random.Random(seed).shuffle(order)
+    wanted = round(calibration_fraction * len(groups))
+    calibration_groups: set[str] = set()
+    size = 0
+    for group in order:
+        if size >= wanted:
+            break
+        calibration_groups.add(group)
+        size += sizes[group]
+    calibration = [i for i, g in enumerate(groups) if g in calibration_groups]
+    test = [i for i, g in enumerate(groups) if g not in calibration_groups]
+    return calibration, test
 
 
 def _normalize(text: Any) -> str:
@@ -71,9 +107,15 @@ def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
 BUILTIN_METRICS: dict[str, Metric] = {"exact_match": exact_match, "token_f1": token_f1}
 
 
-def resolve_metric(name: str) -> Metric:
+def resolve_metric(name: str, judge: Any = None) -> Metric:
+    """A built-in metric, `semantic_f1` judged by `judge` (a TeacherSpec), or an import path."""
     if name in BUILTIN_METRICS:
         return BUILTIN_METRICS[name]
+    if name == "semantic_f1":
+        from services.builder.judge import SemanticF1Judge
+        from services.builder.teacher import teacher_lm
+
+        return SemanticF1Judge(teacher_lm(judge))
     metric = import_object(name, "metric")
     if not callable(metric):
         raise SpecError(f"metric: {name} is not callable")

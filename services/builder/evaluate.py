@@ -1,7 +1,9 @@
-"""Stage 6, evaluate: teacher, untuned student and each distilled GGUF on the held-out dev set.
+"""Stage 6, evaluate: teacher, untuned baselines and each distilled GGUF on held-out rows.
 
-Students are served exactly as the runtime serves them (services.runtime.predict), each in a
-fresh process so that its peak memory is its own.
+Students are served exactly as the runtime serves them (services.runtime.predict, the
+runtime's max_tokens default), each in a fresh process so that its peak memory is its own.
+Every example carries its split: the calibration part chooses the router's threshold, the test
+part is what the report shows.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import json
 import multiprocessing
 import resource
 import statistics
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, resolve_metric, score
+from services.builder.data import Metric, score
 from services.builder.spec import TeacherSpec
 from services.core.stats import percentile, score_interval
 
@@ -24,80 +27,95 @@ def evaluate_gguf(
     label: str,
     gguf_path: Path,
     program_path: Path,
-    dev_rows: list[dict[str, Any]],
+    examples: list[Any],
+    splits: list[str],
     input_names: list[str],
-    metric_name: str,
+    metric: Metric,
     max_tokens: int,
     n_threads: int,
+    num_threads: int = 4,
 ) -> dict[str, Any]:
-    """Runs in a child process (spawn): loads the GGUF, predicts every dev example."""
+    """Serves every example in a child process (spawn, so its peak memory is its own), then
+    scores the answers here (an LM-judged metric needs this process's judge)."""
+    rows = [{k: str(e[k]) for k in input_names} for e in examples]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         result: dict[str, Any] = pool.apply(
-            _evaluate_in_child,
-            (label, str(gguf_path), str(program_path), dev_rows, input_names, metric_name,
-             max_tokens, n_threads),
-        )  # fmt: skip
-    return result
+            _serve_in_child, (str(gguf_path), str(program_path), rows, max_tokens, n_threads)
+        )
+    answers = result.pop("answers")
+    scores = score_all(metric, examples, [a["outputs"] for a in answers], num_threads)
+    result["examples"] = [
+        {"split": split, "score": value, **answer}
+        for split, value, answer in zip(splits, scores, answers, strict=True)
+    ]
+    return {"label": label, **result, **summary(result["examples"])}
 
 
-def _evaluate_in_child(
-    label: str,
-    gguf_path: str,
-    program_path: str,
-    dev_rows: list[dict[str, Any]],
-    input_names: list[str],
-    metric_name: str,
-    max_tokens: int,
+def score_all(
+    metric: Metric, examples: list[Any], outputs: list[dict[str, Any] | None], num_threads: int
+) -> list[float]:
+    with ThreadPoolExecutor(num_threads) as pool:
+        return list(
+            pool.map(lambda pair: score(metric, *pair), zip(examples, outputs, strict=True))
+        )
+
+
+def summary(examples: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
+    """Score, interval and serving figures over one split's examples (the report's numbers)."""
+    part = [e for e in examples if e["split"] == split]
+    scores = [e["score"] for e in part]
+    out: dict[str, Any] = {"n": len(part), "score": sum(scores) / len(scores),
+                           "interval": score_interval(scores)}  # fmt: skip
+    if part and "latency_ms" in part[0]:
+        latencies = [e["latency_ms"] for e in part]
+        out |= {
+            "latency_p50_ms": percentile(latencies, 0.5),
+            "latency_p95_ms": percentile(latencies, 0.95),
+            "latency_mean_ms": round(statistics.fmean(latencies), 1),
+        }
+    if part and "outcome" in part[0]:
+        out["parsed_fraction"] = sum(e["outcome"] == "parsed" for e in part) / len(part)
+    return out
+
+
+def _serve_in_child(
+    gguf_path: str, program_path: str, rows: list[dict[str, str]], max_tokens: int,
     n_threads: int,
-) -> dict[str, Any]:
-    import dspy
-
+) -> dict[str, Any]:  # fmt: skip
     from services.core.program import ProgramSpec, PromptCodec
     from services.runtime.backends.llamacpp import LlamaCppBackend
     from services.runtime.predict import predict_once, predict_params
 
-    metric = resolve_metric(metric_name)
     codec = PromptCodec(ProgramSpec.load(Path(program_path)))
     backend = LlamaCppBackend(Path(gguf_path), n_ctx=4096, n_threads=n_threads)
     params = predict_params(max_tokens, seed=0)
-    per_example: list[dict[str, Any]] = []
-    latencies, tokens_per_s = [], []
-    for row in dev_rows:
-        example = dspy.Example(**row).with_inputs(*input_names)
-        result = predict_once(backend, codec, {k: str(row[k]) for k in input_names}, params)
-        value = score(metric, example, result.outputs)
-        latencies.append(result.latency_s)
+    answers: list[dict[str, Any]] = []
+    tokens_per_s = []
+    for inputs in rows:
+        result = predict_once(backend, codec, inputs, params)
         decode_s = result.latency_s - (result.first_token_s or 0.0)
         if result.finished.completion_tokens > 1 and decode_s > 0:
             tokens_per_s.append((result.finished.completion_tokens - 1) / decode_s)
-        per_example.append(
+        answers.append(
             {
-                "score": value,
                 "confidence": result.confidence,
                 "outcome": result.outcome,
                 "outputs": result.outputs,
                 "latency_ms": round(result.latency_s * 1000, 1),
+                "completion_tokens": result.finished.completion_tokens,
             }
         )
     backend.close()
-    peak_kib = _peak_rss_kib()
-    scores = [e["score"] for e in per_example]
     return {
-        "label": label,
         "gguf": gguf_path,
         "quantization": backend.info.quantization,
         "size_bytes": Path(gguf_path).stat().st_size,
-        "score": sum(scores) / len(scores),
-        "interval": score_interval(scores),
-        "parsed_fraction": sum(e["outcome"] == "parsed" for e in per_example) / len(per_example),
-        "latency_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
-        "latency_p95_ms": round(percentile(latencies, 0.95) * 1000, 1),
         "generation_tokens_per_s": round(statistics.median(tokens_per_s), 1)
         if tokens_per_s
         else None,
-        "peak_rss_mb": round(peak_kib / 1024, 1),
-        "examples": per_example,
+        "peak_rss_mb": round(_peak_rss_kib() / 1024, 1),
+        "answers": answers,
     }
 
 
@@ -117,37 +135,54 @@ def evaluate_teacher(
     *,
     program: Any,
     teacher: TeacherSpec,
-    devset: list[Any],
+    examples: list[Any],
+    splits: list[str],
     metric: Metric,
     output_names: list[str],
 ) -> dict[str, Any]:
-    """The teacher's dev score. With `gold` the labels are the answers: a perfect score."""
+    """The teacher on the held-out rows, timed per call, with the tokens it spent. With `gold`
+    the labels are the answers: a perfect score, and nothing to time."""
     if teacher.is_gold:
-        per_example = [{"score": 1.0} for _ in devset]
-    else:
-        import dspy
+        per_example = [{"split": split, "score": 1.0} for split in splits]
+        return {"label": "teacher (gold labels)", "gold": True, "examples": per_example,
+                **summary(per_example)}  # fmt: skip
+    import dspy
 
-        from services.builder.teacher import teacher_lm
+    from services.builder.judge import lm_usage
+    from services.builder.teacher import teacher_lm
 
-        teacher_program = program.deepcopy()
-        teacher_program.set_lm(teacher_lm(teacher))
+    lm = teacher_lm(teacher)
+    teacher_program = program.deepcopy()
+    teacher_program.set_lm(lm)
 
-        def run(example: Any) -> dict[str, Any]:
-            try:
-                prediction = teacher_program(**example.inputs())
-            except Exception as err:
-                return {"score": 0.0, "error": f"{type(err).__name__}: {err}"[:300]}
-            outputs = {k: prediction.get(k) for k in output_names}
-            return {"score": score(metric, example, outputs), "outputs": outputs}
+    def run(example: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            prediction = teacher_program(**example.inputs())
+        except Exception as err:
+            return {"outputs": None, "error": f"{type(err).__name__}: {err}"[:300],
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
+        latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        return {"outputs": {k: prediction.get(k) for k in output_names}, "latency_ms": latency_ms}
 
-        with dspy.context(), ThreadPoolExecutor(teacher.num_threads) as pool:
-            per_example = list(pool.map(run, devset))
-    scores = [e["score"] for e in per_example]
+    with dspy.context(), ThreadPoolExecutor(teacher.num_threads) as pool:
+        answers = list(pool.map(run, examples))
+    scores = score_all(metric, examples, [a["outputs"] for a in answers], teacher.num_threads)
+    per_example = [
+        {"split": split, "score": value, **answer}
+        for split, value, answer in zip(splits, scores, answers, strict=True)
+    ]
+    usage = lm_usage(lm)
+    calls = len(examples)
     return {
         "label": f"teacher ({teacher.model})",
-        "score": sum(scores) / len(scores),
-        "interval": score_interval(scores),
+        "gold": False,
+        "usage": usage,
+        "prompt_tokens_per_call": usage["prompt_tokens"] / calls,
+        "completion_tokens_per_call": usage["completion_tokens"] / calls,
+        "failures": sum("error" in e for e in per_example),
         "examples": per_example,
+        **summary(per_example),
     }
 
 

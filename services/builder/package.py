@@ -84,7 +84,7 @@ def write_bundle(
     program.save(root / "program" / "program.json")
     (root / "signature.json").write_text(dump_signature_json(program) + "\n")
     (root / "Modelfile").write_text(modelfile(Path(default).name, chat_template))
-    for report in ("eval.json", "report.md", "report.html"):
+    for report in ("eval.json", "decision.json", "report.md", "report.html"):
         shutil.copy2(evaluation_dir / report, root / report)
     if calibration is not None:
         (root / "calibration.json").write_text(json.dumps(calibration, indent=2))

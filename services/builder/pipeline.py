@@ -8,6 +8,7 @@ skipped on a rerun; see stages/base.py for how keys are derived and folders publ
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ class BuildResult:
 def build(
     spec: BuildSpec, console: Console | None = None, stages: Sequence[Stage] = STAGES
 ) -> BuildResult:
-    console = console or Console()
+    # A log file gets the full tables (a terminal-less Console would cut them at 80 columns).
+    console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ
+                                 else 160)  # fmt: skip
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
     started = time.perf_counter()
     ctx = BuildContext.load(spec, console)

@@ -14,7 +14,7 @@ from rich.table import Table
 from services.core.stats import compare, score_interval
 
 COLUMNS = (
-    "model", "score [95% CI]", "vs untuned", "retention", "p50 ms", "p95 ms", "gen tok/s",
+    "model", "score [95% CI]", "vs best untuned", "retention", "p50 ms", "p95 ms", "gen tok/s",
     "size MB", "peak MB",
 )  # fmt: skip
 
@@ -26,30 +26,39 @@ def interval(result: dict[str, Any]) -> dict[str, Any]:
     return recorded or score_interval([e["score"] for e in result["examples"]])
 
 
+def percent_interval(ci: dict[str, Any] | list[float]) -> str:
+    low, high = (ci["low"], ci["high"]) if isinstance(ci, dict) else ci
+    return f"[{low * 100:.1f}–{high * 100:.1f}]"
+
+
 def score_cell(result: dict[str, Any]) -> str:
-    ci = interval(result)
-    return f"{result['score']:.1%} [{ci['low'] * 100:.1f}–{ci['high'] * 100:.1f}]"
+    return f"{result['score']:.1%} {percent_interval(interval(result))}"
+
+
+def best_untuned(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    untuned = [s for s in evaluation["students"] if s["label"].startswith("untuned")]
+    return max(untuned, key=lambda s: s["score"]) if untuned else None
 
 
 def rows(evaluation: dict[str, Any]) -> list[list[str]]:
-    """One row per model. "vs untuned" says gain or loss only when the two 95% intervals do
-    not overlap."""
+    """One row per model, on the test part. "vs best untuned" says gain or loss only when the
+    two 95% intervals do not overlap."""
     teacher = evaluation["teacher"]
-    untuned = next((s for s in evaluation["students"] if s["label"].startswith("untuned")), None)
-    out = [[teacher["label"], score_cell(teacher), "", "100%", "", "", "", "", ""]]
+    baseline = best_untuned(evaluation)
+    out = [[teacher["label"], score_cell(teacher), "", "100%",
+            *latency_cells(teacher), "", "", ""]]  # fmt: skip
     for variant in evaluation["students"]:
-        retention = variant["score"] / teacher["score"] if teacher["score"] else 0.0
+        kept = variant["score"] / teacher["score"] if teacher["score"] else 0.0
         versus = ""
-        if untuned is not None and variant is not untuned:
-            versus = compare(interval(variant), interval(untuned))
+        if baseline is not None and not variant["label"].startswith("untuned"):
+            versus = compare(interval(variant), interval(baseline))
         out.append(
             [
                 variant["label"],
                 score_cell(variant),
                 versus,
-                f"{retention:.0%}",
-                f"{variant['latency_p50_ms']:.0f}",
-                f"{variant['latency_p95_ms']:.0f}",
+                f"{kept:.0%}",
+                *latency_cells(variant),
                 f"{variant['generation_tokens_per_s'] or 0:.0f}",
                 f"{variant['size_bytes'] / 1e6:.1f}",
                 f"{variant['peak_rss_mb']:.0f}",
@@ -58,13 +67,93 @@ def rows(evaluation: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def latency_cells(result: dict[str, Any]) -> list[str]:
+    if result.get("latency_p50_ms") is None:
+        return ["", ""]
+    return [f"{result['latency_p50_ms']:.0f}", f"{result['latency_p95_ms']:.0f}"]
+
+
+def money(value: float | None, currency: str) -> str:
+    if value is None:
+        return "no price (set cost.* in the spec)"
+    return f"{value:.4g} {currency}" if value else f"0 {currency} (marginal)"
+
+
+def decision_rows(decision: dict[str, Any]) -> list[list[str]]:
+    """The side-by-side table: API teacher, local model, hybrid router."""
+    api, local, hybrid = decision["api"], decision["local"], decision["hybrid"]
+    currency = decision["currency"]
+    api_latency = (
+        f"{api['latency_p50_ms']:.0f} / {api['latency_p95_ms']:.0f}"
+        if api["measured"] else "not measured (gold labels)"
+    )  # fmt: skip
+    tokens = (
+        f"{api['prompt_tokens_per_call']:.0f} in / {api['completion_tokens_per_call']:.0f} out"
+        if api["measured"] else ""
+    )  # fmt: skip
+    api_cost = money(api["cost"]["per_1k_calls"], currency) if api["cost"] else money(None, "")
+    share = hybrid["api_share"]
+    return [
+        ["quality [95% CI]", f"{api['quality']:.1%} {percent_interval(api['interval'])}",
+         f"{local['quality']:.1%} {percent_interval(local['interval'])}",
+         f"{hybrid['quality']:.1%} {percent_interval(hybrid['interval'])}"],
+        ["calls sent to the API", "100%", "0%",
+         f"{share:.1%} {percent_interval(hybrid['api_share_interval'])}"],
+        ["latency p50 / p95 ms", api_latency,
+         f"{local['latency_p50_ms']:.0f} / {local['latency_p95_ms']:.0f}",
+         "" if hybrid["latency_p50_ms"] is None
+         else f"{hybrid['latency_p50_ms']:.0f} / {hybrid['latency_p95_ms']:.0f}"],
+        ["tokens per call", tokens, "", ""],
+        ["cost per 1K calls", api_cost, money(local["cost_per_1k_calls"], currency),
+         money(hybrid["cost_per_1k_calls"], currency)],
+        ["data leaves the machine", "yes, every call", "no", f"yes, for {share:.0%} of calls"],
+        ["runs offline", "no", "yes", "yes (the API share is answered locally when offline)"],
+    ]  # fmt: skip
+
+
+def verdict_line(decision: dict[str, Any]) -> str:
+    low, high = decision["retention_range"]
+    return (
+        f"retention {decision['retention']:.0%} (95% range {low:.0%}–{high:.0%}, n="
+        f"{decision['n']}): {decision['band']}; next step: {decision['next_step']}"
+    )
+
+
+def calibration_line(calibration: dict[str, Any], gold: bool) -> str:
+    calib, test = calibration["calibration"], calibration["test"]
+    line = (
+        f"Threshold {calibration['threshold']:.4f} on {calibration['variant']}, chosen on the "
+        f"calibration part (n={calib['n']}: {calib['fallback_rate']:.1%} fall back, system "
+        f"quality {calib['system_quality']:.1%}, target {calibration['target_retention']:.0%} of "
+        f"the teacher). On the test part (n={test['n']}): {test['fallback_rate']:.1%} fall back, "
+        f"system quality {test['system_quality']:.1%} "
+        f"{percent_interval(test['system_interval'])}."
+    )
+    if gold:
+        line += (" The teacher is the gold labels: the fallback's quality is the labels', "
+                 "an upper bound on what an API model would give.")  # fmt: skip
+    return line
+
+
 def print_table(evaluation: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"{evaluation['name']}: held-out dev set (n={evaluation['dev_examples']})")
+    split = evaluation["split"]
+    table = Table(title=f"{evaluation['name']}: test part (n={split['test']}; "
+                        f"calibration part n={split['calibration']})")  # fmt: skip
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows(evaluation):
         table.add_row(*row)
     console.print(table)
+
+
+def print_decision(decision: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"API vs local vs hybrid (test part, n={decision['n']})")
+    for column in ("", "API (teacher)", f"local ({decision['variant']})", "hybrid (router)"):
+        table.add_column(column, justify="left")
+    for row in decision_rows(decision):
+        table.add_row(*row)
+    console.print(table)
+    console.print(verdict_line(decision))
 
 
 def _plot_png(evaluation: dict[str, Any]) -> bytes:
@@ -87,7 +176,7 @@ def _plot_png(evaluation: dict[str, Any]) -> bytes:
                           xytext=(4, 4), textcoords="offset points")  # fmt: skip
         axis.axhline(teacher * 100, linestyle="--", color="grey", label="teacher")
         axis.set_xlabel(xlabel)
-        axis.set_ylabel("dev score (%)")
+        axis.set_ylabel("test score (%)")
         axis.set_ylim(0, 105)
         axis.legend(loc="lower right")
     fig.suptitle(f"{evaluation['name']}: quality against size and latency")
@@ -98,37 +187,53 @@ def _plot_png(evaluation: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in body
+    )
+    return f"<table><tr>{head}</tr>{cells}</table>"
+
+
 def write_reports(
-    evaluation: dict[str, Any], calibration: dict[str, Any] | None, out_dir: Path
-) -> None:
-    table = rows(evaluation)
-    md = [f"# {evaluation['name']} — distillation report", ""]
-    md.append(f"Teacher: `{evaluation['teacher']['label']}`. Dev set: {evaluation['dev_examples']} "
-              "held-out examples. Students served exactly as the runtime serves them. Scores with "
-              "95% intervals (Wilson for accuracies, bootstrap for graded metrics).")  # fmt: skip
-    md += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(row) + " |" for row in table]
-    if calibration:
-        md += [
-            "",
-            "## Router calibration",
-            "",
-            f"Threshold **{calibration['threshold']:.4f}** on `{calibration['variant']}`: "
-            f"{calibration['fallback_rate']:.1%} of requests fall back, system quality "
-            f"{calibration['system_quality']:.1%} (target {calibration['target_retention']:.0%} of "
-            f"the teacher's {calibration['teacher_quality']:.1%}; student alone "
-            f"{calibration['student_quality']:.1%}).",
-        ]
+    evaluation: dict[str, Any], calibration: dict[str, Any], decision: dict[str, Any],
+    out_dir: Path,
+) -> None:  # fmt: skip
+    split = evaluation["split"]
+    gold = bool(evaluation["teacher"].get("gold"))
+    intro = (
+        f"Teacher: `{evaluation['teacher']['label']}`. Held-out rows ({split['source']}): "
+        f"{split['calibration']} for calibration, {split['test']} for test; every score below "
+        "is on the test part, with its 95% interval (Wilson for accuracies, bootstrap for graded "
+        f"metrics). Students are served as the runtime serves them (max_tokens "
+        f"{evaluation['max_tokens']})."
+    )
+    judge = evaluation.get("judge")
+    judge_line = ""
+    if judge:
+        judge_line = (
+            f"Metric judged by `{judge['model']}`: {judge['calls']} calls, "
+            f"{judge['prompt_tokens']} prompt and {judge['completion_tokens']} completion "
+            f"tokens, {judge['failures']} unparseable verdicts (scored 0)."
+        )
+    decision_header = ["", "API (teacher)", f"local ({decision['variant']})", "hybrid (router)"]
+    verdict = verdict_line(decision)
+    calibration_text = calibration_line(calibration, gold)
+    md = [f"# {evaluation['name']} — distillation report", "", intro, ""]
+    md += markdown_table(list(COLUMNS), rows(evaluation))
+    md += ["", "## Decision", "", f"**{verdict}**", ""]
+    md += markdown_table(decision_header, decision_rows(decision))
+    md += ["", "## Router calibration", "", calibration_text]
+    if judge_line:
+        md += ["", judge_line]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
 
     png = base64.b64encode(_plot_png(evaluation)).decode()
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table
-    )
-    calibration_html = ""
-    if calibration:
-        calibration_html = f"<h2>Router calibration</h2><p>{html.escape(md[-1])}</p>"
     (out_dir / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(evaluation['name'])} report</title>"
@@ -136,7 +241,10 @@ def write_reports(
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:right}td:first-child{text-align:left}</style></head><body>"
         f"<h1>{html.escape(evaluation['name'])} — distillation report</h1>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        f"<p>{html.escape(intro)}</p>{html_table(list(COLUMNS), rows(evaluation))}"
         f"<img alt='quality against size and latency' src='data:image/png;base64,{png}'>"
-        f"{calibration_html}</body></html>\n"
+        f"<h2>Decision</h2><p><b>{html.escape(verdict)}</b></p>"
+        f"{html_table(decision_header, decision_rows(decision))}"
+        f"<h2>Router calibration</h2><p>{html.escape(calibration_text)}</p>"
+        f"<p>{html.escape(judge_line)}</p></body></html>\n"
     )

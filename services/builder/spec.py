@@ -24,7 +24,11 @@ class _Strict(BaseModel):
 
 class DataSpec(_Strict):
     train: Path
+    # Held-out rows, split by `group` into a calibration part (the router's threshold, any
+    # tuning) and a test part (the report), unless `test` names the test rows explicitly.
     dev: Path
+    test: Path | None = None
+    calibration_fraction: float = Field(0.5, gt=0, lt=1)
 
 
 class TeacherSpec(_Strict):
@@ -72,12 +76,30 @@ class RouterTarget(_Strict):
     target_retention: float = Field(0.95, ge=0, le=1.5)
 
 
+class BaselineSpec(_Strict):
+    # The untuned student with k labelled train rows as demos (dspy.LabeledFewShot); 0: skip.
+    few_shot_k: int = Field(8, ge=0, le=64)
+
+
+class CostSpec(_Strict):
+    # The API's price. Unset: LiteLLM's offline price map for the teacher model, if it knows it.
+    api_per_1k_calls: float | None = Field(None, ge=0)
+    api_input_per_1m_tokens: float | None = Field(None, ge=0)
+    api_output_per_1m_tokens: float | None = Field(None, ge=0)
+    # What an hour of the edge host costs; 0 counts local calls as marginal.
+    local_per_hour: float = Field(0.0, ge=0)
+    currency: str = "USD"
+
+
 class BuildSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: str | None = None  # default: the UTC build date and time
     program: str
     data: DataSpec
     metric: str = "exact_match"
+    # The judge of an LM-judged metric (semantic_f1); default: the teacher. Same form as
+    # teacher (model, api_base, api_key_env).
+    metric_lm: TeacherSpec | None = None
     # A trace is kept when its score reaches this (default: 1.0 for exact_match, else 0.5).
     metric_threshold: float | None = Field(None, ge=0, le=1)
     teacher: TeacherSpec = TeacherSpec()
@@ -88,14 +110,17 @@ class BuildSpec(_Strict):
     quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1)
     quality_gate: QualityGate = QualityGate()
     router: RouterTarget = RouterTarget()
-    eval_max_tokens: int = Field(64, ge=1)
+    baselines: BaselineSpec = BaselineSpec()
+    cost: CostSpec = CostSpec()
+    # Default: the runtime's max_tokens default, so evaluation sees what serving will.
+    eval_max_tokens: int | None = Field(None, ge=1)
     n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
     output: Path = Path("build")
 
     @field_validator("program", "metric")
     @classmethod
     def _import_path(cls, value: str, info: Any) -> str:
-        if info.field_name == "metric" and value in ("exact_match", "token_f1"):
+        if info.field_name == "metric" and value in ("exact_match", "token_f1", "semantic_f1"):
             return value
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError(f"{value!r} is not an import path like package.module:function")
@@ -139,13 +164,19 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
             lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
-    data = DataSpec(
-        train=spec.data.train if spec.data.train.is_absolute() else base / spec.data.train,
-        dev=spec.data.dev if spec.data.dev.is_absolute() else base / spec.data.dev,
-    )
-    for key, file in (("data.train", data.train), ("data.dev", data.dev)):
+
+    def resolve(file: Path | None, key: str) -> Path | None:
+        if file is None:
+            return None
+        file = file if file.is_absolute() else base / file
         if not file.is_file():
             raise SpecError(f"{path}: {key}: {file} does not exist")
+        return file
+
+    files = ("train", "dev", "test")
+    data = spec.data.model_copy(
+        update={key: resolve(getattr(spec.data, key), f"data.{key}") for key in files}
+    )
     return spec.model_copy(update={"data": data})
 
 

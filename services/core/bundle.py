@@ -5,7 +5,7 @@
       model/*.gguf         the distilled student, one file per quantization
       program/program.json the DSPy program without its LM (services.core.program)
       calibration.json     the router's confidence threshold (optional)
-      Modelfile, eval.json, report.md, report.html
+      Modelfile, eval.json, decision.json, report.md, report.html
 
 A bundle is verified against its manifest before it is served: a changed byte is refused.
 """

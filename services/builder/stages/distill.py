@@ -91,7 +91,7 @@ def export_gguf(ctx: BuildContext, out: Path) -> None:
     gguf_path = out / f"{ctx.spec.name}.F16.gguf"
     export.write_gguf(merged, ctx.base_gguf, gguf_path, ctx.spec.name)
     inputs = ctx.codec.input_names
-    prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs}) for e in ctx.devset[:3]]
+    prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs}) for e in ctx.calibset[:3]]
     checks = export.self_check(merged, gguf_path, prompts)
     (out / "self_check.json").write_text(json.dumps(checks, indent=2))
     ctx.console.print(f"  self-check: llama.cpp and transformers agree on {len(checks)} prompts")

@@ -8,50 +8,95 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.builder import calibrate, evaluate, report
+from services.builder import calibrate, decision, evaluate, report
 from services.builder.context import BuildContext
 from services.builder.package import write_bundle
 from services.builder.stages.base import Stage, progress_bar
+from services.core.config import RuntimeSettings
 from services.core.gguf_metadata import chat_template, quantization_name, read_gguf_metadata
 
 
+def serving_max_tokens(ctx: BuildContext) -> int:
+    """The spec's eval_max_tokens, else what the runtime gives a call that sets none."""
+    default = RuntimeSettings.model_fields["max_tokens_default"].default
+    return ctx.spec.eval_max_tokens or int(default)
+
+
+def few_shot_program(ctx: BuildContext, out: Path) -> Path | None:
+    """The program with k labelled train rows as demos, as dspy.LabeledFewShot picks them."""
+    k = ctx.spec.baselines.few_shot_k
+    if k == 0:
+        return None
+    import dspy
+
+    compiled = dspy.LabeledFewShot(k=k).compile(ctx.program.deepcopy(), trainset=ctx.trainset)
+    demos = [dict(demo.items()) for demo in compiled.predictors()[0].demos]
+    path = out / "program.few-shot.json"
+    ctx.program_spec.model_copy(update={"demos": demos}).save(path)
+    return path
+
+
 def evaluate_variants(ctx: BuildContext, out: Path) -> None:
-    """Teacher, untuned student and each quantization on the dev set, as the runtime serves."""
+    """Teacher, untuned baselines and each quantization on held-out rows, as the runtime
+    serves. The teacher and the default quantization answer both parts (calibration needs
+    them); the others only the test part, which is all the report shows."""
     spec = ctx.spec
     program_path = out / "program.json"
     ctx.program_spec.save(program_path)
-    common = {
-        "program_path": program_path, "dev_rows": [dict(e.items()) for e in ctx.devset],
-        "input_names": ctx.codec.input_names, "metric_name": spec.metric,
-        "max_tokens": spec.eval_max_tokens, "n_threads": spec.n_threads,
-    }  # fmt: skip
+    held_out = ctx.calibset + ctx.testset
+    splits = ["calibration"] * len(ctx.calibset) + ["test"] * len(ctx.testset)
     untuned = quantization_name(read_gguf_metadata(ctx.base_gguf))
-    targets = [(f"untuned student ({untuned})", ctx.base_gguf)]
-    targets += [(f"distilled {q}", path) for q, path in ctx.ggufs.items()]
+    targets = [(f"untuned student ({untuned}), zero-shot", ctx.base_gguf, program_path)]
+    few_shot = few_shot_program(ctx, out)
+    if few_shot is not None:
+        k = spec.baselines.few_shot_k
+        targets.append((f"untuned student ({untuned}), {k}-shot", ctx.base_gguf, few_shot))
+    targets += [(f"distilled {q}", path, program_path) for q, path in ctx.ggufs.items()]
     with progress_bar(ctx.console) as bar:
         task = bar.add_task("evaluate", total=len(targets) + 1, note="teacher")
         teacher_result = evaluate.evaluate_teacher(
-            program=ctx.program, teacher=spec.teacher, devset=ctx.devset, metric=ctx.metric,
-            output_names=ctx.codec.output_names,
+            program=ctx.program, teacher=spec.teacher, examples=held_out, splits=splits,
+            metric=ctx.metric, output_names=ctx.codec.output_names,
         )  # fmt: skip
         bar.advance(task)
         results = []
-        for label, path in targets:
+        for label, gguf, program in targets:
             bar.update(task, note=label)
-            results.append(evaluate.evaluate_gguf(label=label, gguf_path=path, **common))  # type: ignore[arg-type]
+            both = label == f"distilled {ctx.default_quant}"
+            results.append(evaluate.evaluate_gguf(
+                label=label, gguf_path=gguf, program_path=program,
+                examples=held_out if both else ctx.testset,
+                splits=splits if both else ["test"] * len(ctx.testset),
+                input_names=ctx.codec.input_names, metric=ctx.metric,
+                max_tokens=serving_max_tokens(ctx), n_threads=spec.n_threads,
+                num_threads=spec.teacher.num_threads,
+            ))  # fmt: skip
             bar.advance(task)
     evaluation = {
         "name": spec.name,
-        "dev_examples": len(ctx.devset),
         "metric": spec.metric,
+        "split": {"calibration": len(ctx.calibset), "test": len(ctx.testset),
+                  "source": "data.test" if spec.data.test else "data.dev split by group"},
+        "max_tokens": serving_max_tokens(ctx),
         "teacher": teacher_result,
         "students": results,
-    }
+        "judge": judge_summary(ctx),
+    }  # fmt: skip
     evaluate.write_eval(out / "eval.json", evaluation)
 
 
+def judge_summary(ctx: BuildContext) -> dict[str, Any] | None:
+    """An LM-judged metric's calls over the whole build so far (traces and evaluation)."""
+    judge = getattr(ctx.metric, "lm", None)
+    if judge is None:
+        return None
+    from services.builder.judge import lm_usage
+
+    return {"model": judge.model, "failures": ctx.metric.failures, **lm_usage(judge)}
+
+
 def calibrate_router(ctx: BuildContext, out: Path) -> None:
-    """The threshold for the default quantization, and the reports."""
+    """The threshold for the default quantization, the decision, and the reports."""
     evaluation = ctx.read_json("evaluate", "eval.json")
     label = f"distilled {ctx.default_quant}"
     variant = next(s for s in evaluation["students"] if s["label"] == label)
@@ -59,19 +104,21 @@ def calibrate_router(ctx: BuildContext, out: Path) -> None:
         variant["examples"], evaluation["teacher"]["examples"],
         target_retention=ctx.spec.router.target_retention, variant=ctx.default_quant,
     )  # fmt: skip
+    choice = decision.decide(
+        evaluation, result, prices=ctx.spec.cost, teacher_model=ctx.spec.teacher.model
+    )
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
+    (out / "decision.json").write_text(json.dumps(choice, indent=2))
     shutil.copy2(ctx.dirs["evaluate"] / "eval.json", out / "eval.json")
-    report.write_reports(evaluation, result, out)
+    report.write_reports(evaluation, result, choice, out)
 
 
 def print_summary(ctx: BuildContext, folder: Path) -> None:
     report.print_table(ctx.read_json("evaluate", "eval.json"), ctx.console)
+    report.print_decision(ctx.read_json("calibrate", "decision.json"), ctx.console)
     calibration = ctx.read_json("calibrate", "calibration.json")
-    ctx.console.print(
-        f"router: threshold {calibration['threshold']:.4f} sends "
-        f"{calibration['fallback_rate']:.1%} to the teacher for "
-        f"{calibration['system_quality']:.1%} quality"
-    )
+    gold = ctx.spec.teacher.is_gold
+    ctx.console.print("router: " + report.calibration_line(calibration, gold))
 
 
 def package(ctx: BuildContext, out: Path) -> None:
@@ -112,12 +159,15 @@ def package_inputs(ctx: BuildContext) -> dict[str, Any]:
 
 EVALUATE = Stage(
     "evaluate", evaluate_variants, after=("quantize",),
-    inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings(),
-                        "max_tokens": ctx.spec.eval_max_tokens},
+    inputs=lambda ctx: {**ctx.held_out_inputs(), "teacher": ctx.teacher_settings(),
+                        "max_tokens": serving_max_tokens(ctx),
+                        "baselines": ctx.spec.baselines.model_dump()},
 )  # fmt: skip
 CALIBRATE = Stage(
     "calibrate", calibrate_router, after=("evaluate",),
-    inputs=lambda ctx: {"router": ctx.spec.router.model_dump()}, report=print_summary,
+    inputs=lambda ctx: {"router": ctx.spec.router.model_dump(), "cost": ctx.spec.cost.model_dump(),
+                        "teacher": ctx.spec.teacher.model},
+    report=print_summary,
 )  # fmt: skip
 PACKAGE = Stage(
     "package", package, after=("calibrate", "traces", "student"), inputs=package_inputs,

@@ -1,0 +1,116 @@
+"""The decision a build reports: deploy the local model, re-distill, or serve hybrid.
+
+Pure functions of the evaluation (test part), the calibration and the spec's prices. The bands
+are the workflow's: retention of the teacher's quality 90–100% deploy, 75–90% good for most
+uses, 50–75% add data and re-distill, under 50% a larger student or hybrid serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from services.builder import cost
+from services.builder.spec import CostSpec
+
+BANDS = (
+    (0.90, "deploy", "deploy the local model"),
+    (0.75, "good", "good for most uses: deploy, with the router sending low-confidence calls "
+                   "to the API where one is reachable"),
+    (0.50, "re-distill", "add traces (more train rows, the cases it gets wrong) and re-distill"),
+    (0.0, "larger model or hybrid", "distill into a larger student, or serve hybrid"),
+)  # fmt: skip
+
+
+def retention_band(retention: float) -> dict[str, str]:
+    for floor, band, next_step in BANDS:
+        if retention >= floor:
+            return {"band": band, "next_step": next_step}
+    return {"band": BANDS[-1][1], "next_step": BANDS[-1][2]}
+
+
+def retention(score: float, teacher_score: float) -> float:
+    return score / teacher_score if teacher_score else 0.0
+
+
+def decide(
+    evaluation: dict[str, Any],
+    calibration: dict[str, Any],
+    *,
+    prices: CostSpec,
+    teacher_model: str,
+    price_map: Callable[[str], tuple[float, float] | None] = cost.litellm_token_prices,
+) -> dict[str, Any]:
+    """The default quantization against the API teacher and the hybrid router, on the test
+    part: quality, retention band, latency, cost per 1K calls, privacy, offline."""
+    teacher = evaluation["teacher"]
+    local = next(s for s in evaluation["students"]
+                 if s["label"] == f"distilled {calibration['variant']}")  # fmt: skip
+    kept = retention(local["score"], teacher["score"])
+    interval = local["interval"]
+    api = api_figures(teacher, prices, teacher_model, price_map)
+    local_cost = cost.local_cost_per_1k(
+        mean_latency_s=local["latency_mean_ms"] / 1000, local_per_hour=prices.local_per_hour
+    )
+    hybrid = calibration["test"]
+    api_cost = api["cost"]["per_1k_calls"] if api["cost"] else None
+    return {
+        "variant": calibration["variant"],
+        "n": local["n"],
+        "retention": kept,
+        "retention_range": [
+            retention(interval["low"], teacher["score"]),
+            retention(interval["high"], teacher["score"]),
+        ],
+        **retention_band(kept),
+        "api": api,
+        "local": {
+            "quality": local["score"],
+            "interval": interval,
+            "latency_p50_ms": local["latency_p50_ms"],
+            "latency_p95_ms": local["latency_p95_ms"],
+            "cost_per_1k_calls": local_cost,
+        },
+        "hybrid": {
+            "threshold": calibration["threshold"],
+            "quality": hybrid["system_quality"],
+            "interval": hybrid["system_interval"],
+            "latency_p50_ms": hybrid["latency_p50_ms"],
+            "latency_p95_ms": hybrid["latency_p95_ms"],
+            "api_share": hybrid["fallback_rate"],
+            "api_share_interval": hybrid["fallback_interval"],
+            "cost_per_1k_calls": cost.hybrid_cost_per_1k(
+                api_share=hybrid["fallback_rate"], api=api_cost, local=local_cost
+            ),
+        },
+        "currency": prices.currency,
+    }
+
+
+def api_figures(
+    teacher: dict[str, Any],
+    prices: CostSpec,
+    model: str,
+    price_map: Callable[[str], tuple[float, float] | None],
+) -> dict[str, Any]:
+    """The teacher as the API: measured latency and tokens (none for gold labels) and a price."""
+    measured = not teacher.get("gold", False)
+    tokens_in = teacher.get("prompt_tokens_per_call", 0.0)
+    tokens_out = teacher.get("completion_tokens_per_call", 0.0)
+    priced = None
+    if measured or prices.api_per_1k_calls is not None:
+        priced = cost.api_cost_per_1k(
+            prompt_tokens_per_call=tokens_in, completion_tokens_per_call=tokens_out,
+            cost=prices, model=model, price_map=price_map,
+        )  # fmt: skip
+    return {
+        "model": model,
+        "quality": teacher["score"],
+        "interval": teacher["interval"],
+        "measured": measured,
+        "latency_p50_ms": teacher.get("latency_p50_ms"),
+        "latency_p95_ms": teacher.get("latency_p95_ms"),
+        "prompt_tokens_per_call": tokens_in if measured else None,
+        "completion_tokens_per_call": tokens_out if measured else None,
+        "cost": priced,
+    }
