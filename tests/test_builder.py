@@ -57,7 +57,7 @@ def run_build(
     return subprocess.run(
         [sys.executable, "-m", "services.cli", "build", str(spec), *extra],
         cwd=REPO, capture_output=True, text=True, timeout=1500,
-        env={**os.environ, "COLUMNS": "160", **(env or {})},
+        env={**{k: v for k, v in os.environ.items() if k != "COLUMNS"}, **(env or {})},
     )  # fmt: skip
 
 
@@ -193,7 +193,10 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
         "the fallback's quality is the labels'",
     ):
         assert text in report_md, text
-    assert "API vs local vs hybrid" in proc_output(tiny)
+    # A log, not a terminal: every table whole, no carriage-return progress bars.
+    log = proc_output(tiny)
+    assert "API vs local vs hybrid" in log and "untuned student (Q4_1), zero-shot" in log
+    assert "\r" not in log and "…" not in log
 
     bundle = Bundle.open(build / "bundle")  # verifies every sha256
     manifest = bundle.manifest
@@ -247,9 +250,25 @@ def test_quality_gate_fails_with_guidance_and_keeps_artifacts(
     strict.write_text(spec.read_text().replace("min_retention: 0.0", "min_retention: 1.01"))
     proc = run_build(strict)
     assert proc.returncode == 4, proc.stderr
-    assert "quality gate" in proc.stderr and "larger student" in proc.stderr
+    assert "FAILED quality gate" in proc.stderr and "larger student" in proc.stderr
     assert "hybrid" in proc.stderr
+    assert "FAILED its quality gate" in proc.stdout  # not a plain "bundle: ..." line
     assert (build / "bundle" / "manifest.json").is_file()
+    # The bundle says it failed: serve and route refuse it unless told otherwise.
+    for command in (["serve", "--port", "0"], ["route", "--local", "127.0.0.1:9", "--port", "0"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "services.cli", *command, "--bundle", str(build / "bundle")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        message = " ".join(refused.stderr.split())
+        assert refused.returncode == 3, refused.stderr
+        assert "failed its quality gate" in message and "--allow-failed-gate" in message
+    server = start_runtime("--bundle", str(build / "bundle"), "--allow-failed-gate")
+    try:
+        with InferenceClient(server.target) as client:
+            assert client.info().bundle_version == "0.0.1-test"
+    finally:
+        server.terminate()
 
 
 def test_a_new_gate_threshold_repackages_with_the_new_verdict(
@@ -470,6 +489,33 @@ def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> Non
     proc = run_build(spec)
     assert proc.returncode == 2, proc.stderr
     assert message.replace("Value error, ", "") in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_a_program_beside_its_spec_imports_without_being_a_package(tmp_path: Path) -> None:
+    """A user's folder with spec.yaml and inbox_prog.py (no __init__.py, nothing installed):
+    the spec's folder is on the import path; a wrong module name says where it looked."""
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    shutil.copy(TICKETS / "program.py", folder / "inbox_prog.py")
+    write_jsonl(folder / "train.jsonl", balanced("train", 1))
+    write_jsonl(folder / "dev.jsonl", balanced("dev", 1))
+    spec = folder / "spec.yaml"
+    spec.write_text("name: trial\nprogram: inbox_prog:build\ndata: {train: train.jsonl, "
+                    "dev: dev.jsonl}\n")  # fmt: skip
+    check = (
+        "import sys; from pathlib import Path; from services.builder.spec import load_spec; "
+        "from services.builder.context import load_program; "
+        "spec = load_spec(Path(sys.argv[1])); print(type(load_program(spec.program)[1]).__name__)"
+    )
+    elsewhere = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 120,
+                 "env": {**os.environ, "PYTHONPATH": str(REPO)}}  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", check, str(spec)], **elsewhere)  # type: ignore[call-overload]
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "Predict", loaded.stderr
+    spec.write_text(spec.read_text().replace("inbox_prog:build", "inbox_program:build"))
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "build", str(spec)], **elsewhere)  # type: ignore[call-overload]
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "program: cannot import 'inbox_program'" in message
+    assert str(folder) in message and "put inbox_program.py under one of those folders" in message
 
 
 def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def decide(
                  if s["label"] == f"distilled {calibration['variant']}")  # fmt: skip
     kept = retention(local["score"], teacher["score"])
     interval = local["interval"]
-    api = api_figures(teacher, prices, teacher_model, price_map)
+    api = api_figures(teacher, local, prices, prices.api_model or teacher_model, price_map)
     local_cost = cost.local_cost_per_1k(
         mean_latency_s=local["latency_mean_ms"] / 1000, local_per_hour=prices.local_per_hour
     )
@@ -89,16 +89,20 @@ def decide(
 
 def api_figures(
     teacher: dict[str, Any],
+    local: dict[str, Any],
     prices: CostSpec,
     model: str,
     price_map: Callable[[str], tuple[float, float] | None],
 ) -> dict[str, Any]:
-    """The teacher as the API: measured latency and tokens (none for gold labels) and a price."""
+    """The teacher as the API: measured latency and tokens; with gold labels nothing was
+    called, so the tokens are estimated from the local model's prompts and answers (the same
+    prompt, another tokenizer) and latency is not shown."""
     measured = not teacher.get("gold", False)
-    tokens_in = teacher.get("prompt_tokens_per_call", 0.0)
-    tokens_out = teacher.get("completion_tokens_per_call", 0.0)
+    source = teacher if measured else local
+    tokens_in = source.get("prompt_tokens_per_call", 0.0)
+    tokens_out = source.get("completion_tokens_per_call", 0.0)
     priced = None
-    if measured or prices.api_per_1k_calls is not None:
+    if model != "gold" or prices.api_per_1k_calls is not None:
         priced = cost.api_cost_per_1k(
             prompt_tokens_per_call=tokens_in, completion_tokens_per_call=tokens_out,
             cost=prices, model=model, price_map=price_map,
@@ -110,7 +114,7 @@ def api_figures(
         "measured": measured,
         "latency_p50_ms": teacher.get("latency_p50_ms"),
         "latency_p95_ms": teacher.get("latency_p95_ms"),
-        "prompt_tokens_per_call": tokens_in if measured else None,
-        "completion_tokens_per_call": tokens_out if measured else None,
+        "prompt_tokens_per_call": tokens_in,
+        "completion_tokens_per_call": tokens_out,
         "cost": priced,
     }

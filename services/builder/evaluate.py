@@ -76,6 +76,9 @@ def summary(examples: list[dict[str, Any]], split: str = "test") -> dict[str, An
         }
     if part and "outcome" in part[0]:
         out["parsed_fraction"] = sum(e["outcome"] == "parsed" for e in part) / len(part)
+    if part and "prompt_tokens" in part[0]:
+        out["prompt_tokens_per_call"] = statistics.fmean(e["prompt_tokens"] for e in part)
+        out["completion_tokens_per_call"] = statistics.fmean(e["completion_tokens"] for e in part)
     return out
 
 
@@ -103,6 +106,7 @@ def _serve_in_child(
                 "outcome": result.outcome,
                 "outputs": result.outputs,
                 "latency_ms": round(result.latency_s * 1000, 1),
+                "prompt_tokens": result.finished.prompt_tokens,
                 "completion_tokens": result.finished.completion_tokens,
             }
         )

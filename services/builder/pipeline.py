@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,26 @@ class BuildResult:
     seconds: float
 
 
+def log_friendly_console() -> Console:
+    """A log file gets the full tables: a terminal-less Console would cut them at 80 columns."""
+    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+
+
+def quiet_libraries() -> None:
+    """In a log, no carriage-return progress bars (tqdm, Hugging Face) and no library
+    deprecation notices that mean nothing to the user."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def build(
     spec: BuildSpec, console: Console | None = None, stages: Sequence[Stage] = STAGES
 ) -> BuildResult:
-    # A log file gets the full tables (a terminal-less Console would cut them at 80 columns).
-    console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ
-                                 else 160)  # fmt: skip
+    console = console or log_friendly_console()
+    if not console.is_terminal:
+        quiet_libraries()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
     started = time.perf_counter()
     ctx = BuildContext.load(spec, console)
@@ -50,9 +65,9 @@ def build(
     verdict = ctx.verdict()
     if verdict is not None and not verdict["passed"]:
         raise QualityGateFailed(
-            f"quality gate: distilled {ctx.default_quant} keeps {verdict['retention']:.0%} of "
-            "the teacher's quality, under quality_gate.min_retention="
-            f"{spec.quality_gate.min_retention:.0%}. "
+            f"FAILED quality gate: distilled {ctx.default_quant} keeps "
+            f"{verdict['retention']:.0%} of the teacher's quality, under "
+            f"quality_gate.min_retention={spec.quality_gate.min_retention:.0%}. "
             "Artifacts are kept in the build folder. To improve: add traces (more or more varied "
             "train examples, an API teacher), use a larger student, or serve in hybrid mode with "
             "the router so low-confidence requests go to the teacher."

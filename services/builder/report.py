@@ -89,9 +89,11 @@ def decision_rows(decision: dict[str, Any]) -> list[list[str]]:
     )  # fmt: skip
     tokens = (
         f"{api['prompt_tokens_per_call']:.0f} in / {api['completion_tokens_per_call']:.0f} out"
-        if api["measured"] else ""
-    )  # fmt: skip
-    api_cost = money(api["cost"]["per_1k_calls"], currency) if api["cost"] else money(None, "")
+        + ("" if api["measured"] else " (estimated: the local prompts)")
+    )
+    api_cost = money(None, "")
+    if api["cost"]:
+        api_cost = f"{money(api['cost']['per_1k_calls'], currency)} ({api['cost']['source']})"
     share = hybrid["api_share"]
     return [
         ["quality [95% CI]", f"{api['quality']:.1%} {percent_interval(api['interval'])}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +83,10 @@ class BaselineSpec(_Strict):
 
 
 class CostSpec(_Strict):
-    # The API's price. Unset: LiteLLM's offline price map for the teacher model, if it knows it.
+    # The API's price. Unset: LiteLLM's offline price map for `api_model`.
+    # The model the API column is priced as (default: the teacher). With a `gold` teacher its
+    # tokens per call are estimated from the local model's prompts and answers.
+    api_model: str | None = None
     api_per_1k_calls: float | None = Field(None, ge=0)
     api_input_per_1m_tokens: float | None = Field(None, ge=0)
     api_output_per_1m_tokens: float | None = Field(None, ge=0)
@@ -164,6 +168,7 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
             lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
+    make_importable(base)
 
     def resolve(file: Path | None, key: str) -> Path | None:
         if file is None:
@@ -180,12 +185,31 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
     return spec.model_copy(update={"data": data})
 
 
+# Where `program:` and metric import paths are looked up first: the spec's folder and the
+# working directory (a user's program need not be an installed package).
+IMPORT_ROOTS: list[Path] = []
+
+
+def make_importable(spec_folder: Path) -> None:
+    for folder in (spec_folder.resolve(), Path.cwd().resolve()):
+        if folder not in IMPORT_ROOTS:
+            IMPORT_ROOTS.append(folder)
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
 def import_object(path: str, what: str) -> Any:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise SpecError(f"{what}: cannot import {module_name!r} ({err})") from err
+        roots = ", ".join(str(folder) for folder in IMPORT_ROOTS) or str(Path.cwd())
+        file = module_name.replace(".", "/") + ".py"
+        raise SpecError(
+            f"{what}: cannot import {module_name!r} ({err}); looked in {roots} and the "
+            f"installed packages: put {file} under one of those folders (a package folder "
+            "needs no __init__.py), or install it (pip install -e .)"
+        ) from err
     try:
         return getattr(module, attr)
     except AttributeError:

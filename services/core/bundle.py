@@ -85,6 +85,20 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def failed_gate(manifest: Manifest) -> str | None:
+    """Why a bundle must not be served by default: its model failed the build's quality gate
+    (None when it passed or recorded no verdict)."""
+    verdict = (manifest.provenance or {}).get("quality_gate")
+    if not verdict or verdict.get("passed", True):
+        return None
+    return (
+        f"{manifest.name} {manifest.version} failed its quality gate: the distilled model keeps "
+        f"{verdict['retention']:.0%} of the teacher's quality, under the gate's "
+        f"{verdict['min_retention']:.0%} (report.md in the bundle says more). Re-distill, or "
+        "pass --allow-failed-gate to serve it anyway"
+    )
+
+
 class Bundle:
     """A bundle folder, read and checked."""
 

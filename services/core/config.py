@@ -74,6 +74,9 @@ class RuntimeSettings(TransportSettings):
         None, description="program.json of the DSPy program to serve with --model"
     )
     bundle: Path | None = Field(None, description="bundle directory (GGUF + program + manifest)")
+    allow_failed_gate: bool = Field(
+        False, description="serve a bundle whose model failed the build's quality gate"
+    )
     variant: str | None = Field(
         None, description="which of the bundle's GGUFs to serve, e.g. Q4_K_M (default: manifest)"
     )
@@ -191,6 +194,9 @@ class RouterSettings(TransportSettings):
     )
 
     bundle: Path = Field(description="the bundle (program signature and calibration)")
+    allow_failed_gate: bool = Field(
+        False, description="route for a bundle whose model failed the build's quality gate"
+    )
     local: list[str] = Field(
         min_length=1, description="runtime endpoints HOST:PORT (repeat; round-robin)"
     )

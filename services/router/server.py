@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
-from services.core.bundle import Bundle
+from services.core.bundle import Bundle, failed_gate
 from services.core.config import RouterSettings
 from services.core.program import ProgramSpec, program_from_file
 from services.core.registration import add_inference_servicer
@@ -259,6 +259,9 @@ def _serving_status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Va
 
 async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None = None) -> int:
     bundle = Bundle.open(settings.bundle, verify=False)  # the runtime verifies the GGUF
+    refusal = None if settings.allow_failed_gate else failed_gate(bundle.manifest)
+    if refusal:
+        raise ValueError(f"bundle: {refusal}")
     program = program_from_file(bundle.program_path)
     threshold = calibrated_threshold(bundle, settings.threshold, settings.mode)
     fallback = None

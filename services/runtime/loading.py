@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from services.core.bundle import Bundle, BundleError
+from services.core.bundle import Bundle, BundleError, failed_gate
 from services.core.config import RuntimeSettings
 from services.core.program import ProgramFormatError, ProgramSpec, PromptCodec, program_from_file
 from services.runtime.backends import Backend, BackendError, registry
@@ -35,6 +35,10 @@ def load_model(settings: RuntimeSettings) -> LoadedModel:
 
 def _load(settings: RuntimeSettings) -> LoadedModel:
     bundle = Bundle.open(settings.bundle) if settings.bundle else None
+    if bundle is not None and not settings.allow_failed_gate:
+        refusal = failed_gate(bundle.manifest)
+        if refusal:
+            raise LoadError(refusal)
     program_path = bundle.program_path if bundle else settings.program
     program = program_from_file(program_path) if program_path else None
     codec = PromptCodec(program) if program else None

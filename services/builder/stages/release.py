@@ -138,6 +138,15 @@ def package(ctx: BuildContext, out: Path) -> None:
     )
 
 
+def print_bundle(ctx: BuildContext, folder: Path) -> None:
+    verdict = ctx.verdict()
+    if verdict is not None and not verdict["passed"]:
+        ctx.console.print(f"bundle: {folder} (FAILED its quality gate; kept for inspection, "
+                          "served only with --allow-failed-gate)")  # fmt: skip
+        return
+    ctx.console.print(f"bundle: {folder}")
+
+
 def provenance(ctx: BuildContext) -> dict[str, Any]:
     """Where the bundle comes from; each value is covered by the package stage's key."""
     return {
@@ -171,5 +180,5 @@ CALIBRATE = Stage(
 )  # fmt: skip
 PACKAGE = Stage(
     "package", package, after=("calibrate", "traces", "student"), inputs=package_inputs,
-    report=lambda ctx, folder: ctx.console.print(f"bundle: {folder}"), folder="bundle",
+    report=lambda ctx, folder: print_bundle(ctx, folder), folder="bundle",
 )  # fmt: skip
