@@ -244,3 +244,29 @@ def test_decision_puts_api_local_and_hybrid_side_by_side() -> None:
     assert table["tokens per call"][0] == "400 in / 20 out"
     assert table["data leaves the machine"] == ["yes, every call", "no", "yes, for 20% of calls"]
     assert table["runs offline"][:2] == ["no", "yes"]
+
+
+def test_label_fields_and_imbalance_warnings() -> None:
+    import dspy
+
+    from services.builder.data import imbalance, label_counts, label_fields
+
+    rows = [dspy.Example(q=f"q{i}", label=["a", "b", "c"][i % 3], text=f"free {i}")
+            for i in range(12)]  # fmt: skip
+    assert label_fields(rows, ["label", "text"]) == ["label"]  # 12 distinct texts: free text
+    assert imbalance(label_counts(rows, "label"), 3) is None  # 4 / 4 / 4
+    skewed = rows + [dspy.Example(q="x", label="a", text="t")] * 30
+    assert imbalance(label_counts(skewed, "label"), 3) == "'a' is 81% of the rows"
+    assert imbalance(label_counts(rows[:1], "label"), 3) == "'a' is 100% of the rows"
+
+
+def test_too_few_optimizer_steps_are_named_with_the_fix() -> None:
+    from services.builder.finetune import optimizer_steps, steps_warning
+    from services.builder.spec import LoraSpec
+
+    short = LoraSpec(epochs=2, batch_size=8)
+    assert optimizer_steps(120, short) == 30  # the trial: 15 batches x 2 epochs
+    warning = steps_warning(120, short)
+    assert warning is not None and "only 30 optimizer steps" in warning
+    assert "set lora.epochs to 7" in warning  # 7 x 15 = 105 >= 100
+    assert steps_warning(360, LoraSpec(epochs=3, batch_size=8)) is None  # 135 steps

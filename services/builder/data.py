@@ -82,6 +82,27 @@ def split_by_group(
     return calibration, test
 
 
+def label_fields(train: list[Any], fields: list[str], max_values: int = 20) -> list[str]:
+    """The output fields that are labels, not free text: few distinct values in train, each
+    repeated on average."""
+    limit = min(max_values, len(train) // 2)
+    return [name for name in fields if 0 < len({_normalize(e[name]) for e in train}) <= limit]
+
+
+def label_counts(examples: list[Any], name: str) -> Counter[str]:
+    return Counter(_normalize(e[name]) for e in examples if name in e)
+
+
+def imbalance(counts: Counter[str], values: int) -> str | None:
+    """A warning when one value is over twice as common as an even share (and over 80% for a
+    yes/no field): a student can score well by always saying it."""
+    total = sum(counts.values())
+    top, top_count = counts.most_common(1)[0]
+    if values > 1 and top_count / total > min(0.8, 2 / values):
+        return f"{top!r} is {top_count / total:.0%} of the rows"
+    return None
+
+
 def _normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 

@@ -63,6 +63,27 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
+# Fewer updates than this rarely teach a small student the labels, only the output format.
+MIN_STEPS = 100
+
+
+def optimizer_steps(examples: int, lora: LoraSpec) -> int:
+    return max(1, math.ceil(math.ceil(examples / lora.batch_size) * lora.epochs))
+
+
+def steps_warning(examples: int, lora: LoraSpec) -> str | None:
+    """What to change when the recipe gives too few optimizer steps for its data."""
+    steps = optimizer_steps(examples, lora)
+    if steps >= MIN_STEPS:
+        return None
+    epochs = math.ceil(MIN_STEPS / math.ceil(examples / lora.batch_size))
+    return (
+        f"only {steps} optimizer steps ({examples} examples, batches of {lora.batch_size}, "
+        f"{lora.epochs:g} epochs): a small student usually needs {MIN_STEPS}+ to learn the "
+        f"labels rather than the format; set lora.epochs to {epochs} (or add train rows)"
+    )
+
+
 def train_lora(
     *,
     base_dir: Path,
@@ -107,8 +128,7 @@ def train_lora(
     )
     model = get_peft_model(model, config)  # type: ignore[assignment]
     model.train()
-    steps_per_epoch = math.ceil(len(examples) / lora.batch_size)
-    total_steps = max(1, math.ceil(steps_per_epoch * lora.epochs))
+    total_steps = optimizer_steps(len(examples), lora)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lora.learning_rate, weight_decay=0.0
     )

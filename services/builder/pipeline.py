@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from services.builder.context import BuildContext, load_program
+from services.builder.data import imbalance, label_counts, label_fields, labelled
 from services.builder.spec import BuildSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 
@@ -50,6 +51,22 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def describe_labels(ctx: BuildContext) -> None:
+    """Each label field's distribution in train, calibration and test, with a warning where
+    one value dominates (the model can learn to always say it)."""
+    parts = {"train": ctx.trainset, "calibration": ctx.calibset, "test": ctx.testset}
+    for name in label_fields(ctx.trainset, labelled(ctx.codec.output_names)):
+        values = len(label_counts(ctx.trainset, name))
+        for part, rows in parts.items():
+            counts = label_counts(rows, name)
+            shown = ", ".join(f"{value} {n}" for value, n in counts.most_common())
+            ctx.console.print(f"  {name} in {part}: {shown}", highlight=False)
+            problem = imbalance(counts, values)
+            if problem:
+                ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: {problem}",
+                                  highlight=False)  # fmt: skip
+
+
 def build(
     spec: BuildSpec, console: Console | None = None, stages: Sequence[Stage] = STAGES
 ) -> BuildResult:
@@ -59,6 +76,7 @@ def build(
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
     started = time.perf_counter()
     ctx = BuildContext.load(spec, console)
+    describe_labels(ctx)
     runner = StageRunner(spec.output, console)
     for stage in stages:
         runner.run(stage, ctx)

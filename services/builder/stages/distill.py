@@ -66,6 +66,13 @@ def given_gguf(ctx: BuildContext) -> dict[str, Any]:
 def train_lora(ctx: BuildContext, out: Path) -> None:
     """LoRA on the dense student, loss on the assistant's tokens."""
     spec, console = ctx.spec, ctx.console
+    traces = len((ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines())
+    examples = min(traces, spec.lora.max_examples or traces)
+    console.print(f"  {examples} examples, {finetune.optimizer_steps(examples, spec.lora)} "
+                  "optimizer steps")  # fmt: skip
+    warning = finetune.steps_warning(examples, spec.lora)
+    if warning:
+        console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
     with progress_bar(console) as bar:
         task = bar.add_task("LoRA", total=None, note="")
 
