@@ -270,3 +270,14 @@ def test_too_few_optimizer_steps_are_named_with_the_fix() -> None:
     assert warning is not None and "only 30 optimizer steps" in warning
     assert "set lora.epochs to 7" in warning  # 7 x 15 = 105 >= 100
     assert steps_warning(360, LoraSpec(epochs=3, batch_size=8)) is None  # 135 steps
+
+
+def test_split_by_group_keeps_each_labels_share_when_stratified() -> None:
+    # 8 problems told twice: 6 labelled "a" (12 rows), 2 labelled "b" (4 rows).
+    groups = [f"p{i}" for i in range(8) for _ in range(2)]
+    labels = ["a" if i < 6 else "b" for i in range(8) for _ in range(2)]
+    for seed in range(5):
+        calibration, test = split_by_group(groups, 0.5, seed, strata=labels)
+        assert [labels[i] for i in calibration].count("a") == 6
+        assert [labels[i] for i in calibration].count("b") == 2
+        assert not {groups[i] for i in calibration} & {groups[i] for i in test}

@@ -14,6 +14,8 @@ from rich.console import Console
 from services.builder.data import (
     REASONING,
     file_sha256,
+    label_fields,
+    labelled,
     load_examples,
     load_grouped,
     resolve_metric,
@@ -110,6 +112,7 @@ class BuildContext:
             **self.task_inputs(),
             **self.dataset_hashes,
             "calibration_fraction": self.spec.data.calibration_fraction,
+            "split": "groups, stratified by the first label field",
             "seed": self.spec.seed,
         }
 
@@ -152,7 +155,10 @@ def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[li
     dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev")
     if spec.data.test is not None:
         return dev, load_examples(spec.data.test, inputs, outputs, "data.test")
-    calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed)
+    # Stratified by the first label field, so both parts keep the label mix.
+    labels = label_fields(dev, labelled(outputs))
+    strata = [str(e[labels[0]]).strip().lower() for e in dev] if labels else None
+    calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed, strata)
     if not calibration or not test:
         raise SpecError(
             f"data.dev: {len(dev)} rows in {len(set(groups))} groups cannot be split into a "

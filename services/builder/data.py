@@ -62,21 +62,27 @@ def load_grouped(
 
 
 def split_by_group(
-    groups: list[str], calibration_fraction: float, seed: int
+    groups: list[str], calibration_fraction: float, seed: int, strata: list[str] | None = None
 ) -> tuple[list[int], list[int]]:
     """Row indices of the calibration and test parts. Whole groups are drawn in a seeded order
-    until the calibration part holds its fraction of the rows, so no group is on both sides."""
+    until the calibration part holds its fraction of the rows, so no group is on both sides;
+    with `strata` (a label per row), separately within each label, so both parts keep the
+    label mix."""
+    strata = strata or [""] * len(groups)
+    stratum_of = {group: stratum for group, stratum in zip(groups, strata, strict=True)}
     sizes = Counter(groups)
-    order = sorted(sizes)
-    random.Random(seed).shuffle(order)
-    wanted = round(calibration_fraction * len(groups))
+    rng = random.Random(seed)
     calibration_groups: set[str] = set()
-    size = 0
-    for group in order:
-        if size >= wanted:
-            break
-        calibration_groups.add(group)
-        size += sizes[group]
+    for stratum in sorted(set(stratum_of.values())):
+        order = sorted(g for g in sizes if stratum_of[g] == stratum)
+        rng.shuffle(order)
+        wanted = round(calibration_fraction * sum(sizes[g] for g in order))
+        size = 0
+        for group in order:
+            if size >= wanted:
+                break
+            calibration_groups.add(group)
+            size += sizes[group]
     calibration = [i for i, g in enumerate(groups) if g in calibration_groups]
     test = [i for i, g in enumerate(groups) if g not in calibration_groups]
     return calibration, test

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
@@ -16,7 +18,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
+# In a log (not a terminal) messages keep their lines instead of wrapping at 80 columns.
+err_console = Console(
+    stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160
+)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
