@@ -112,7 +112,7 @@ class BuildContext:
             **self.task_inputs(),
             **self.dataset_hashes,
             "calibration_fraction": self.spec.data.calibration_fraction,
-            "split": "groups, stratified by the first label field",
+            "split": "groups, stratified by the label fields' values",
             "seed": self.spec.seed,
         }
 
@@ -155,9 +155,9 @@ def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[li
     dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev")
     if spec.data.test is not None:
         return dev, load_examples(spec.data.test, inputs, outputs, "data.test")
-    # Stratified by the first label field, so both parts keep the label mix.
+    # Stratified by the label fields' values together, so both parts keep the label mix.
     labels = label_fields(dev, labelled(outputs))
-    strata = [str(e[labels[0]]).strip().lower() for e in dev] if labels else None
+    strata = [" | ".join(str(e[name]).strip().lower() for name in labels) for e in dev]
     calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed, strata)
     if not calibration or not test:
         raise SpecError(
