@@ -65,7 +65,7 @@ def test_shared_prefix_loss_equals_the_plain_batched_loss(
     shared_grads = grads(model)
     model.zero_grad()  # type: ignore[attr-defined]
 
-    ids, labels, attention = _collate(batch, 0, "cpu")
+    ids, labels, attention, _ = _collate(batch, 0, "cpu")
     plain = model(input_ids=ids, attention_mask=attention, labels=labels).loss  # type: ignore[operator]
     plain.backward()
 
@@ -80,3 +80,44 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix_length([[1, 2, 3]]) == 3
     assert common_prefix_length([[9], [1]]) == 0
+
+
+def test_weighted_loss_is_the_weighted_mean_of_token_losses() -> None:
+    """With weights, the shared-prefix loss is sum(w * token loss) / sum(w), computed here by
+    hand from the plain model's per-token losses."""
+    model = tiny_lora_llama()
+    prefix = [1, 2, 3, 4, 40, 41, 42]
+    batch = [example(prefix, [5, 6], [7, 8, 9]), example(prefix, [11], [12, 13])]
+    for row in batch:
+        row.weights = [0.0 if label == IGNORE else 0.25 for label in row.labels]
+        row.weights[-1] = 1.0  # the last answer token counts fully
+    weighted, _ = shared_prefix_loss(model, batch, pad_id=0, device="cpu")
+
+    ids, labels, attention, weights = _collate(batch, 0, "cpu")
+    logits = model(input_ids=ids, attention_mask=attention).logits  # type: ignore[operator]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE, reduction="none",
+    ).reshape(labels[:, 1:].shape)  # fmt: skip
+    w = weights[:, 1:] * (labels[:, 1:] != IGNORE)
+    assert torch.allclose(weighted, (token_loss * w).sum() / w.sum(), atol=1e-5)
+
+
+def test_value_tokens_carry_full_weight_and_the_scaffold_less() -> None:
+    from services.builder.finetune import answer_weights, value_spans
+    from testkit.processes import smollm2_gguf
+
+    answer = (
+        "[[ ## department ## ]]\nfinance\n\n[[ ## needs_reply ## ]]\nTrue\n\n[[ ## completed ## ]]"
+    )
+    assert [answer[a:b] for a, b in value_spans(answer)] == ["finance", "True"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name
+    )
+    ids = tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    weights = answer_weights(tokenizer, ids, answer, scaffold_weight=0.1)
+    full = [tokenizer.decode([i]) for i, w in zip(ids, weights, strict=True) if w == 1.0]
+    text = "".join(full)
+    assert "finance" in text and "True" in text and "<|im_end|>" in text  # values and the stop
+    assert "department" not in text and "completed" not in text  # the scaffold is down-weighted
+    assert sum(w == 0.1 for w in weights) > sum(w == 1.0 for w in weights)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,34 @@ IGNORE = -100
 class TrainExample:
     input_ids: list[int]
     labels: list[int]
+    # Per-token loss weight (1.0 where None): the output values count fully, the fixed field
+    # scaffold (`[[ ## name ## ]]`, `[[ ## completed ## ]]`) by `lora.scaffold_weight`.
+    weights: list[float] | None = None
+
+
+# An output field's value in a DSPy ChatAdapter answer: after its header, up to the next one.
+_VALUE = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\s*\Z)", re.S)
+
+
+def value_spans(answer: str) -> list[tuple[int, int]]:
+    """Character spans of the output values in an assistant answer (not `completed`)."""
+    return [m.span(2) for m in _VALUE.finditer(answer) if m.group(1) != "completed"]
+
+
+def answer_weights(
+    tokenizer: Any, answer_ids: list[int], answer: str, scaffold_weight: float
+) -> list[float]:
+    """1.0 for tokens that overlap an output value or follow the answer's text (the
+    end-of-turn tokens, which teach the model to stop); `scaffold_weight` for the rest."""
+    spans = value_spans(answer)
+    weights, start = [], 0
+    for count in range(1, len(answer_ids) + 1):
+        end = len(tokenizer.decode(answer_ids[:count]))
+        in_value = any(lo < end and start < hi for lo, hi in spans)
+        past_text = start >= len(answer.rstrip())
+        weights.append(1.0 if in_value or past_text else scaffold_weight)
+        start = end
+    return weights
 
 
 def pick_device(device: str) -> str:
@@ -37,9 +66,11 @@ def pick_device(device: str) -> str:
 
 
 def tokenize_chats(
-    tokenizer: Any, chats: list[list[dict[str, str]]], max_length: int
-) -> tuple[list[TrainExample], int]:
-    """Token ids with labels only on the final assistant turn; drops over-long examples."""
+    tokenizer: Any, chats: list[list[dict[str, str]]], max_length: int,
+    scaffold_weight: float = 1.0,
+) -> tuple[list[TrainExample], int]:  # fmt: skip
+    """Token ids with labels only on the final assistant turn (weighted: values over
+    scaffold); drops over-long examples."""
     examples, dropped = [], 0
     for messages in chats:
         prompt = tokenizer.apply_chat_template(
@@ -52,8 +83,13 @@ def tokenize_chats(
         if len(full) > max_length:
             dropped += 1
             continue
-        labels = [IGNORE] * len(prompt) + full[len(prompt) :]
-        examples.append(TrainExample(full, labels))
+        answer_ids = full[len(prompt) :]
+        labels = [IGNORE] * len(prompt) + answer_ids
+        weights = None
+        if scaffold_weight != 1.0:
+            answer = answer_weights(tokenizer, answer_ids, messages[-1]["content"], scaffold_weight)
+            weights = [0.0] * len(prompt) + answer
+        examples.append(TrainExample(full, labels, weights))
     return examples, dropped
 
 
@@ -115,7 +151,7 @@ def train_lora(
     chats = [json.loads(line)["messages"] for line in dataset_path.read_text().splitlines() if line]
     if lora.max_examples:
         chats = chats[: lora.max_examples]
-    examples, dropped = tokenize_chats(tokenizer, chats, lora.max_length)
+    examples, dropped = tokenize_chats(tokenizer, chats, lora.max_length, lora.scaffold_weight)
     if not examples:
         raise ValueError(f"every example is longer than lora.max_length={lora.max_length}")
 
@@ -188,8 +224,12 @@ def shared_prefix_loss(
     # Keep at least one token in each tail, and no labelled token in the prefix.
     first_label = min(next(i for i, v in enumerate(e.labels) if v != IGNORE) for e in batch)
     prefix_len = min(common_prefix_length([e.input_ids for e in batch]), first_label - 1)
-    tails = [TrainExample(e.input_ids[prefix_len:], e.labels[prefix_len:]) for e in batch]
-    ids, labels, tail_attention = _collate(tails, pad_id, device)
+    tails = [
+        TrainExample(e.input_ids[prefix_len:], e.labels[prefix_len:],
+                     e.weights[prefix_len:] if e.weights else None)
+        for e in batch
+    ]  # fmt: skip
+    ids, labels, tail_attention, token_weights = _collate(tails, pad_id, device)
     rows, width = ids.shape
     past = None
     if prefix_len > 0:
@@ -215,7 +255,9 @@ def shared_prefix_loss(
     targets = labels[:, 1:]
     mask = targets != IGNORE
     logits = core.lm_head(hidden[:, :-1][mask]).float()
-    loss = functional.cross_entropy(logits, targets[mask])
+    losses = functional.cross_entropy(logits, targets[mask], reduction="none")
+    weights = token_weights[:, 1:][mask]
+    loss = (losses * weights).sum() / weights.sum()
     return loss, prefix_len + int(tail_attention.sum().item())
 
 
@@ -229,19 +271,21 @@ def _length_grouped_batches(examples: list[TrainExample], size: int) -> list[lis
     return batches
 
 
-def _collate(batch: list[TrainExample], pad_id: int, device: str) -> tuple[Any, Any, Any]:
+def _collate(batch: list[TrainExample], pad_id: int, device: str) -> tuple[Any, Any, Any, Any]:
     import torch
 
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
+    weights = torch.zeros((len(batch), width), dtype=torch.float32)
     for row, example in enumerate(batch):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
-    return ids.to(device), labels.to(device), attention.to(device)
+        weights[row, :n] = torch.tensor(example.weights) if example.weights else 1.0
+    return ids.to(device), labels.to(device), attention.to(device), weights.to(device)
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path) -> Any:

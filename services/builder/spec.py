@@ -65,6 +65,9 @@ class LoraSpec(_Strict):
     max_length: int = Field(512, ge=32, le=8192)
     batch_size: int = Field(4, ge=1, le=256)
     max_examples: int | None = Field(None, ge=1)
+    # Loss weight of the answer's fixed scaffold (field headers, `[[ ## completed ## ]]`)
+    # against its values (1.0): below 1 the loss is spent on what the program decides.
+    scaffold_weight: float = Field(1.0, ge=0, le=1)
 
 
 class QualityGate(_Strict):
