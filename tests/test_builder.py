@@ -67,7 +67,7 @@ version: "0.0.1-test"
 program: examples.ticket_triage.program:build
 data: {{train: train.jsonl, dev: dev.jsonl}}
 metric: exact_match
-lora: {{epochs: 2, batch_size: 4, learning_rate: 0.001}}
+lora: {{epochs: 2, batch_size: 4, min_steps: 0, checkpoints: 3, patience: 0}}
 quantizations: [Q8_0]
 quality_gate: {{min_retention: {gate}}}
 baselines: {{few_shot_k: 6}}
@@ -106,6 +106,8 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     assert loss["steps"] == 12 and len(loss["loss"]) == 12
     assert all(0 < value < 20 for value in loss["loss"])
     assert (build / "finetune" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p["step"] for p in loss["calibration_curve"]] == [4, 8, 12]
+    assert set(loss["train_probe"]["fields"]) == {"category"} and loss["train_probe"]["n"] == 24
 
     checks = json.loads((build / "export" / "self_check.json").read_text())
     assert len(checks) == 3 and all(c["agree"] and c["tokens"] > 0 for c in checks)
@@ -151,6 +153,9 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     # untuned student served without demos (which cannot produce the format).
     assert distilled["parsed_fraction"] == 1.0
     assert distilled["score"] > zero_shot["score"]
+    # Per label field on the test part, with intervals, in the report and the log.
+    assert set(distilled["fields"]) == {"category"}
+    assert distilled["fields"]["category"]["interval"]["n"] == split["test"]
     few_shot_program = json.loads((build / "evaluate" / "program.few-shot.json").read_text())
     assert len(few_shot_program["demos"]) == 6
 
@@ -191,6 +196,9 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
         "runs offline",
         "cost per 1K calls",
         "the fallback's quality is the labels'",
+        "distilled Q8_0, per field: category",
+        "## Training",
+        "kept step",
     ):
         assert text in report_md, text
     # A log, not a terminal: every table whole, no carriage-return progress bars.
@@ -215,6 +223,36 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     assert "FROM ./model/tiny-triage.Q8_0.gguf" in modelfile
     assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "data:image/png;base64," in (build / "bundle" / "report.html").read_text()
+
+
+def test_the_checkpoint_kept_is_the_best_on_the_calibration_part(
+    tiny: tuple[Path, Path, object],
+) -> None:
+    """The adapter in the finetune folder answers the calibration part exactly as well as the
+    best point of the curve recorded during training (the earliest of equals)."""
+    import torch
+    from peft import PeftModel
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.builder.context import BuildContext
+    from services.builder.finetune import best_point, greedy_answers
+    from services.builder.probe import make_probe
+    from services.builder.spec import load_spec
+
+    spec, build, _ = tiny
+    loss = json.loads((build / "finetune" / "loss.json").read_text())
+    best = best_point(loss["calibration_curve"])
+    assert loss["chosen_step"] == best["step"]
+    assert all(p["score"] <= best["score"] for p in loss["calibration_curve"])
+
+    ctx = BuildContext.load(load_spec(spec), Console(file=io.StringIO()))
+    probe = make_probe("calibration", ctx.codec, ctx.metric, ctx.calibset, ["category"])
+    tokenizer = AutoTokenizer.from_pretrained(build / "student")
+    base = AutoModelForCausalLM.from_pretrained(build / "student", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, build / "finetune" / "adapter")
+    answers = greedy_answers(model, tokenizer, probe.prompts, loss["probe_max_new_tokens"], "cpu")
+    assert probe.score(answers).score == pytest.approx(best["score"])
 
 
 def proc_output(tiny: tuple[Path, Path, Any]) -> str:
@@ -354,7 +392,7 @@ teacher: {{model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}}
 cost: {{api_input_per_1m_tokens: 0.15, api_output_per_1m_tokens: 0.6}}
 baselines: {{few_shot_k: 2}}
 student: {{source: {student}}}
-lora: {{epochs: 3, batch_size: 4, learning_rate: 0.001, max_length: 384}}
+lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 1, max_length: 384}}
 quantizations: [Q8_0]
 quality_gate: {{min_retention: 0.0}}
 n_threads: 2

@@ -260,18 +260,6 @@ def test_label_fields_and_imbalance_warnings() -> None:
     assert imbalance(label_counts(rows[:1], "label"), 3) == "'a' is 100% of the rows"
 
 
-def test_too_few_optimizer_steps_are_named_with_the_fix() -> None:
-    from services.builder.finetune import optimizer_steps, steps_warning
-    from services.builder.spec import LoraSpec
-
-    short = LoraSpec(epochs=2, batch_size=8)
-    assert optimizer_steps(120, short) == 30  # the trial: 15 batches x 2 epochs
-    warning = steps_warning(120, short)
-    assert warning is not None and "only 30 optimizer steps" in warning
-    assert "set lora.epochs to 7" in warning  # 7 x 15 = 105 >= 100
-    assert steps_warning(360, LoraSpec(epochs=3, batch_size=8)) is None  # 135 steps
-
-
 def test_split_by_group_keeps_each_labels_share_when_stratified() -> None:
     # 8 problems told twice: 6 labelled "a" (12 rows), 2 labelled "b" (4 rows).
     groups = [f"p{i}" for i in range(8) for _ in range(2)]

@@ -121,3 +121,32 @@ def test_value_tokens_carry_full_weight_and_the_scaffold_less() -> None:
     assert "finance" in text and "True" in text and "<|im_end|>" in text  # values and the stop
     assert "department" not in text and "completed" not in text  # the scaffold is down-weighted
     assert sum(w == 0.1 for w in weights) > sum(w == 1.0 for w in weights)
+
+
+def test_a_formatted_record_is_labelled_on_its_answer_and_weighted_on_its_values() -> None:
+    """A training record as the dataset stage writes it (the inbox example's program through
+    the runtime's codec): no label on the prompt, full weight on the values and the stop."""
+    from examples.inbox_routing.program import build
+    from services.builder.finetune import tokenize_chats
+    from services.core.program import ProgramSpec, PromptCodec
+    from testkit.processes import smollm2_gguf
+
+    codec = PromptCodec(ProgramSpec.from_signature(build().signature, name="inbox"))
+    record = codec.format_finetune(
+        {"subject": "Invoice 41", "body": "Please resend invoice 41, the total is wrong."},
+        {"department": "finance", "needs_reply": True},
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name
+    )
+    [example], kept = tokenize_chats(tokenizer, [record["messages"]], 1024, scaffold_weight=0.1)
+    assert kept == [0] and example.weights is not None
+    answer_at = example.labels.index(next(v for v in example.labels if v != IGNORE))
+    assert set(example.labels[:answer_at]) == {IGNORE}  # the prompt is never a target
+    assert set(example.weights[:answer_at]) == {0.0}
+    assert example.labels[answer_at:] == example.input_ids[answer_at:]
+    full = "".join(tokenizer.decode([t]) for t, w in
+                   zip(example.input_ids, example.weights, strict=True) if w == 1.0)  # fmt: skip
+    assert full.replace("\n", "").startswith("financeTrue<|im_end|>"), full
+    scaffold = [w for w in example.weights[answer_at:] if w != 1.0]
+    assert scaffold and set(scaffold) == {0.1}

@@ -92,11 +92,11 @@ def label_fields(train: list[Any], fields: list[str], max_values: int = 20) -> l
     """The output fields that are labels, not free text: few distinct values in train, each
     repeated on average."""
     limit = min(max_values, len(train) // 2)
-    return [name for name in fields if 0 < len({_normalize(e[name]) for e in train}) <= limit]
+    return [name for name in fields if 0 < len({normalize(e[name]) for e in train}) <= limit]
 
 
 def label_counts(examples: list[Any], name: str) -> Counter[str]:
-    return Counter(_normalize(e[name]) for e in examples if name in e)
+    return Counter(normalize(e[name]) for e in examples if name in e)
 
 
 def imbalance(counts: Counter[str], values: int) -> str | None:
@@ -109,21 +109,21 @@ def imbalance(counts: Counter[str], values: int) -> str | None:
     return None
 
 
-def _normalize(text: Any) -> str:
+def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 
 
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
     """Every labelled output field equals the prediction's, ignoring case and spacing."""
     fields = labelled(list(example.labels()))
-    return all(_normalize(example[k]) == _normalize(prediction.get(k, "")) for k in fields)
+    return all(normalize(example[k]) == normalize(prediction.get(k, "")) for k in fields)
 
 
 def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
     """SQuAD-style token F1 on the last labelled output field."""
     field = labelled(list(example.labels()))[-1]
-    gold = re.findall(r"\w+", _normalize(example[field]))
-    guess = re.findall(r"\w+", _normalize(prediction.get(field, "")))
+    gold = re.findall(r"\w+", normalize(example[field]))
+    guess = re.findall(r"\w+", normalize(prediction.get(field, "")))
     common = sum((Counter(gold) & Counter(guess)).values())
     if not gold or not guess or common == 0:
         return 0.0

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, score
+from services.builder.data import Metric, normalize, score
 from services.builder.spec import TeacherSpec
 from services.core.stats import percentile, score_interval
 
@@ -79,6 +79,22 @@ def summary(examples: list[dict[str, Any]], split: str = "test") -> dict[str, An
     if part and "prompt_tokens" in part[0]:
         out["prompt_tokens_per_call"] = statistics.fmean(e["prompt_tokens"] for e in part)
         out["completion_tokens_per_call"] = statistics.fmean(e["completion_tokens"] for e in part)
+    return out
+
+
+def field_scores(
+    gold: list[Any], answered: list[dict[str, Any]], fields: list[str], split: str = "test"
+) -> dict[str, dict[str, Any]]:
+    """Each label field's exact-match accuracy on one split, with its interval: a model can
+    pass the metric's mean while one field sits at its majority rate."""
+    pairs = [(g, a) for g, a in zip(gold, answered, strict=True) if a["split"] == split]
+    out = {}
+    for name in fields:
+        right = [
+            float(bool(a.get("outputs")) and normalize(a["outputs"][name]) == normalize(g[name]))
+            for g, a in pairs
+        ]  # fmt: skip
+        out[name] = {"score": sum(right) / len(right), "interval": score_interval(right)}
     return out
 
 

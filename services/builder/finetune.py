@@ -10,11 +10,14 @@ import math
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.builder.data import imbalance
+from services.builder.probe import Probe, ProbeResult
 from services.builder.spec import LoraSpec
 from services.core.tokens import common_prefix_length
 
@@ -68,11 +71,11 @@ def pick_device(device: str) -> str:
 def tokenize_chats(
     tokenizer: Any, chats: list[list[dict[str, str]]], max_length: int,
     scaffold_weight: float = 1.0,
-) -> tuple[list[TrainExample], int]:  # fmt: skip
+) -> tuple[list[TrainExample], list[int]]:  # fmt: skip
     """Token ids with labels only on the final assistant turn (weighted: values over
-    scaffold); drops over-long examples."""
-    examples, dropped = [], 0
-    for messages in chats:
+    scaffold), and the indices of the chats kept (over-long ones are dropped)."""
+    examples, kept = [], []
+    for index, messages in enumerate(chats):
         prompt = tokenizer.apply_chat_template(
             messages[:-1], tokenize=True, add_generation_prompt=True
         )
@@ -81,7 +84,6 @@ def tokenize_chats(
         if full[: len(prompt)] != prompt:
             raise ValueError("the chat template renders the prompt differently with the answer")
         if len(full) > max_length:
-            dropped += 1
             continue
         answer_ids = full[len(prompt) :]
         labels = [IGNORE] * len(prompt) + answer_ids
@@ -90,7 +92,8 @@ def tokenize_chats(
             answer = answer_weights(tokenizer, answer_ids, messages[-1]["content"], scaffold_weight)
             weights = [0.0] * len(prompt) + answer
         examples.append(TrainExample(full, labels, weights))
-    return examples, dropped
+        kept.append(index)
+    return examples, kept
 
 
 def _ids(value: Any) -> list[int]:
@@ -104,7 +107,9 @@ MIN_STEPS = 100
 
 
 def optimizer_steps(examples: int, lora: LoraSpec) -> int:
-    return max(1, math.ceil(math.ceil(examples / lora.batch_size) * lora.epochs))
+    """`lora.epochs` passes over the examples, never fewer than `lora.min_steps` updates."""
+    per_epoch = math.ceil(examples / lora.batch_size)
+    return max(1, lora.min_steps, math.ceil(per_epoch * lora.epochs))
 
 
 def steps_warning(examples: int, lora: LoraSpec) -> str | None:
@@ -115,9 +120,55 @@ def steps_warning(examples: int, lora: LoraSpec) -> str | None:
     epochs = math.ceil(MIN_STEPS / math.ceil(examples / lora.batch_size))
     return (
         f"only {steps} optimizer steps ({examples} examples, batches of {lora.batch_size}, "
-        f"{lora.epochs:g} epochs): a small student usually needs {MIN_STEPS}+ to learn the "
-        f"labels rather than the format; set lora.epochs to {epochs} (or add train rows)"
+        f"{lora.epochs:g} epochs, lora.min_steps {lora.min_steps}): a small student usually "
+        f"needs {MIN_STEPS}+ to learn the labels rather than the format; set lora.min_steps "
+        f"to {MIN_STEPS} or lora.epochs to {epochs} (or add train rows)"
     )
+
+
+@dataclass
+class Probes:
+    """What the model in training is asked, greedily: the calibration part at a few points
+    (the checkpoint is the best there) and a sample of train rows at the end."""
+
+    calibration: Probe | None
+    train: Probe | None
+
+
+def probe_steps(total_steps: int, count: int) -> list[int]:
+    """`count` evenly spaced steps ending at the last one."""
+    if count <= 0:
+        return []
+    return sorted({max(1, round(total_steps * k / count)) for k in range(1, count + 1)})
+
+
+def best_point(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint with the best calibration score; the earliest among equals (fewer
+    updates, less fitted to the train rows)."""
+    return max(curve, key=lambda point: (point["score"], -point["step"]))
+
+
+def stalled(curve: list[dict[str, Any]], patience: int) -> bool:
+    """True when the last `patience` probes did not beat the best before them, or the best
+    is already perfect (nothing later could replace it: ties keep the earlier step)."""
+    if patience <= 0 or not curve:
+        return False
+    if best_point(curve)["score"] >= 1.0:
+        return True
+    return len(curve) > patience and best_point(curve) in curve[:-patience]
+
+
+def should_balance(mode: str, counts: dict[str, Counter[str]]) -> bool:
+    """`lora.balance`: "on", "off", or "auto" (a label field of the traces is imbalanced)."""
+    if mode != "auto" or not counts:
+        return mode == "on" and bool(counts)
+    return any(imbalance(field, len(field)) for field in counts.values())
+
+
+def balanced_weights(labels: list[tuple[str, ...]]) -> list[float]:
+    """Sampling weights that give every label combination the same share of an epoch."""
+    counts = Counter(labels)
+    return [1.0 / counts[label] for label in labels]
 
 
 def train_lora(
@@ -129,9 +180,13 @@ def train_lora(
     seed: int,
     n_threads: int,
     out_dir: Path,
+    probes: Probes | None = None,
+    sample_weights: list[float] | None = None,
     progress: Callable[[int, int, float], None] = lambda step, total, loss: None,
+    on_probe: Callable[[dict[str, Any]], None] = lambda point: None,
 ) -> dict[str, Any]:
-    """Train, then save the adapter (adapter/) and the loss curve (loss.json)."""
+    """Train, keep the checkpoint best on the calibration probe, save the adapter (adapter/)
+    and the summary with the loss and calibration curves (loss.json)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
@@ -151,9 +206,10 @@ def train_lora(
     chats = [json.loads(line)["messages"] for line in dataset_path.read_text().splitlines() if line]
     if lora.max_examples:
         chats = chats[: lora.max_examples]
-    examples, dropped = tokenize_chats(tokenizer, chats, lora.max_length, lora.scaffold_weight)
+    examples, kept = tokenize_chats(tokenizer, chats, lora.max_length, lora.scaffold_weight)
     if not examples:
         raise ValueError(f"every example is longer than lora.max_length={lora.max_length}")
+    weights = [sample_weights[i] for i in kept] if sample_weights else None
 
     config = LoraConfig(
         r=lora.rank,
@@ -170,15 +226,23 @@ def train_lora(
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 10), total_steps)
 
+    # Room for the longest trained answer: a checkpoint that does not stop costs no more.
+    answer_budget = max(sum(label != IGNORE for label in e.labels) for e in examples) + 8
+
+    def ask(probe: Probe) -> ProbeResult:
+        return probe.score(greedy_answers(model, tokenizer, probe.prompts, answer_budget, device))
+
+    checkpoints = probe_steps(total_steps, lora.checkpoints if probes and probes.calibration else 0)
+    curve: list[dict[str, Any]] = []
+    best_state: dict[str, Any] | None = None
     losses: list[float] = []
     tokens_seen = 0
     started = time.perf_counter()
     batches: list[list[TrainExample]] = []
-    for step in range(total_steps):
+    for step in range(1, total_steps + 1):
         if not batches:
-            batches = _length_grouped_batches(examples, lora.batch_size)
-        batch = batches.pop()
-        loss, tokens = shared_prefix_loss(model, batch, pad_id, device)
+            batches = _length_grouped_batches(_epoch(examples, weights), lora.batch_size)
+        loss, tokens = shared_prefix_loss(model, batches.pop(), pad_id, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -186,23 +250,129 @@ def train_lora(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.item()))
         tokens_seen += tokens
-        progress(step + 1, total_steps, losses[-1])
+        progress(step, total_steps, losses[-1])
+        if step in checkpoints and probes and probes.calibration:
+            result = ask(probes.calibration)
+            curve.append({"step": step, "loss": losses[-1], **result.as_dict()})
+            on_probe(curve[-1])
+            if best_point(curve) is curve[-1]:
+                best_state = _lora_state(model)
+            if stalled(curve, lora.patience):
+                break
 
     seconds = time.perf_counter() - started
+    chosen = best_point(curve) if curve else None
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
     model.save_pretrained(str(out_dir / "adapter"))
+    train_result = ask(probes.train) if probes and probes.train else None
     summary = {
         "device": device,
         "examples": len(examples),
-        "dropped_too_long": dropped,
-        "steps": total_steps,
-        "epochs": lora.epochs,
+        "dropped_too_long": len(chats) - len(examples),
+        "steps": len(losses),
+        "planned_steps": total_steps,
+        "epochs": round(len(losses) * lora.batch_size / len(examples), 2),
+        "balanced": weights is not None,
         "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
         "loss": losses,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "calibration_curve": curve,
+        "probe_max_new_tokens": answer_budget,
+        "chosen_step": chosen["step"] if chosen else len(losses),
+        "train_probe": train_result.as_dict() if train_result else None,
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _lora_state(model: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def _epoch(examples: list[TrainExample], weights: list[float] | None) -> list[TrainExample]:
+    """One epoch's examples: all of them, or as many drawn by weight (balanced labels)."""
+    if weights is None:
+        return examples
+    return random.choices(examples, weights=weights, k=len(examples))
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """End-of-turn tokens: the tokenizer's and the generation config's."""
+    stops = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= set(configured) if isinstance(configured, list) else {configured}
+    return {int(token) for token in stops if token is not None}
+
+
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+    device: str, batch_size: int = 16,
+) -> list[str]:  # fmt: skip
+    """Greedy completions of chat prompts: their common prefix (the program's fixed prompt)
+    evaluated once, the rest in batches."""
+    import torch
+    from transformers import DynamicCache
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = [_ids(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True))
+            for p in prompts]  # fmt: skip
+    prefix_len = min(common_prefix_length(rows), min(len(row) for row in rows) - 1)
+    stops = stop_token_ids(tokenizer, core)
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    with torch.no_grad():
+        prefix = DynamicCache(config=core.config)
+        if prefix_len:
+            core.model(input_ids=torch.tensor([rows[0][:prefix_len]], device=device),
+                       cache=prefix, use_cache=True)  # fmt: skip
+        for start in range(0, len(rows), batch_size):
+            tails = [row[prefix_len:] for row in rows[start : start + batch_size]]
+            tokens = _greedy_batch(core, prefix, prefix_len, tails, max_new_tokens, stops, device)
+            answers += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    model.train(was_training)
+    return answers
+
+
+def _greedy_batch(
+    core: Any, prefix: Any, prefix_len: int, tails: list[list[int]], max_new_tokens: int,
+    stops: set[int], device: str,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy decoding of left-padded tails after a shared, already evaluated prefix."""
+    import copy
+
+    import torch
+
+    rows, width = len(tails), max(len(t) for t in tails)
+    ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+    for row, tail in enumerate(tails):
+        ids[row, width - len(tail) :] = torch.tensor(tail)
+        mask[row, width - len(tail) :] = 1
+    cache = copy.deepcopy(prefix)
+    if prefix_len:
+        cache.batch_repeat_interleave(rows)
+    ones = torch.ones((rows, prefix_len + max_new_tokens), dtype=mask.dtype, device=device)
+    attention = torch.cat([ones[:, :prefix_len], mask], 1)
+    positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+    out: list[list[int]] = [[] for _ in tails]
+    done = [False] * rows
+    for _ in range(max_new_tokens):
+        hidden = core.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                            cache=cache, use_cache=True).last_hidden_state  # fmt: skip
+        chosen = core.lm_head(hidden[:, -1]).argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            done[row] = done[row] or token in stops
+            if not done[row]:
+                out[row].append(token)
+        if all(done):
+            break
+        ids = chosen.unsqueeze(1)
+        attention = torch.cat([attention, ones[:, :1]], 1)
+        positions = positions[:, -1:] + 1
+    return out
 
 
 def shared_prefix_loss(

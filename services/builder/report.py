@@ -137,6 +137,41 @@ def calibration_line(calibration: dict[str, Any], gold: bool) -> str:
     return line
 
 
+def field_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Each distilled model's accuracy per label field on the test part."""
+    lines = []
+    for variant in evaluation["students"]:
+        if variant.get("fields") and not variant["label"].startswith("untuned"):
+            cells = ", ".join(f"{name} {value['score']:.1%} {percent_interval(value['interval'])}"
+                              for name, value in variant["fields"].items())  # fmt: skip
+            lines.append(f"{variant['label']}, per field: {cells}")
+    return lines
+
+
+def training_lines(training: dict[str, Any] | None) -> list[str]:
+    """How the fine-tune went: its steps, the calibration curve and the checkpoint kept, and
+    what the final model answers on train rows."""
+    if not training:
+        return []
+    lines = [
+        f"{training['steps']} optimizer steps of {training['planned_steps']} planned "
+        f"({training['epochs']:g} epochs over {training['examples']} traces"
+        + (", label-balanced" if training.get("balanced") else "")
+        + "); kept step "
+        f"{training['chosen_step']}."
+    ]
+    curve = training.get("calibration_curve") or []
+    if curve:
+        points = ", ".join(f"step {p['step']} {p['score']:.1%}" for p in curve)
+        lines.append(f"Calibration part (n={curve[0]['n']}) during training: {points}.")
+    probe = training.get("train_probe")
+    if probe:
+        fields = ", ".join(f"{name} {value:.0%}" for name, value in probe["fields"].items())
+        lines.append(f"On {probe['n']} train rows: {probe['score']:.1%}"
+                     + (f" ({fields})" if fields else "") + ".")  # fmt: skip
+    return lines
+
+
 def print_table(evaluation: dict[str, Any], console: Console) -> None:
     split = evaluation["split"]
     table = Table(title=f"{evaluation['name']}: test part (n={split['test']}; "
@@ -146,6 +181,8 @@ def print_table(evaluation: dict[str, Any], console: Console) -> None:
     for row in rows(evaluation):
         table.add_row(*row)
     console.print(table)
+    for line in field_lines(evaluation):
+        console.print(line, highlight=False)
 
 
 def print_decision(decision: dict[str, Any], console: Console) -> None:
@@ -204,7 +241,7 @@ def html_table(header: list[str], body: list[list[str]]) -> str:
 
 def write_reports(
     evaluation: dict[str, Any], calibration: dict[str, Any], decision: dict[str, Any],
-    out_dir: Path,
+    out_dir: Path, training: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     split = evaluation["split"]
     gold = bool(evaluation["teacher"].get("gold"))
@@ -228,6 +265,10 @@ def write_reports(
     calibration_text = calibration_line(calibration, gold)
     md = [f"# {evaluation['name']} — distillation report", "", intro, ""]
     md += markdown_table(list(COLUMNS), rows(evaluation))
+    fields = field_lines(evaluation)
+    train = training_lines(training)
+    md += ["", *fields] if fields else []
+    md += ["", "## Training", "", *train] if train else []
     md += ["", "## Decision", "", f"**{verdict}**", ""]
     md += markdown_table(decision_header, decision_rows(decision))
     md += ["", "## Router calibration", "", calibration_text]
@@ -244,7 +285,13 @@ def write_reports(
         "text-align:right}td:first-child{text-align:left}</style></head><body>"
         f"<h1>{html.escape(evaluation['name'])} — distillation report</h1>"
         f"<p>{html.escape(intro)}</p>{html_table(list(COLUMNS), rows(evaluation))}"
-        f"<img alt='quality against size and latency' src='data:image/png;base64,{png}'>"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in fields)
+        + (
+            "<h2>Training</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in train)
+            if train
+            else ""
+        )
+        + f"<img alt='quality against size and latency' src='data:image/png;base64,{png}'>"
         f"<h2>Decision</h2><p><b>{html.escape(verdict)}</b></p>"
         f"{html_table(decision_header, decision_rows(decision))}"
         f"<h2>Router calibration</h2><p>{html.escape(calibration_text)}</p>"

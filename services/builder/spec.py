@@ -57,17 +57,29 @@ class StudentSpec(_Strict):
 
 
 class LoraSpec(_Strict):
+    """The default recipe: one set of numbers for any program (docs/spec.md has the why)."""
+
     rank: int = Field(16, ge=1, le=256)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    epochs: float = Field(1.0, gt=0, le=50)
-    learning_rate: float = Field(3e-4, gt=0, le=1)
-    max_length: int = Field(512, ge=32, le=8192)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
     batch_size: int = Field(4, ge=1, le=256)
+    # Optimizer steps: `epochs` passes over the traces, but never fewer than `min_steps` (a
+    # small dataset needs more passes for the labels, not just the format, to be learned).
+    epochs: float = Field(3.0, gt=0, le=100)
+    min_steps: int = Field(150, ge=0, le=100_000)
+    max_length: int = Field(512, ge=32, le=8192)
     max_examples: int | None = Field(None, ge=1)
     # Loss weight of the answer's fixed scaffold (field headers, `[[ ## completed ## ]]`)
     # against its values (1.0): below 1 the loss is spent on what the program decides.
-    scaffold_weight: float = Field(1.0, ge=0, le=1)
+    scaffold_weight: float = Field(0.1, ge=0, le=1)
+    # How often the calibration part is answered during training (evenly spaced; the best
+    # checkpoint is kept), and how many of those without improvement stop it. 0: keep the last.
+    checkpoints: int = Field(8, ge=0, le=100)
+    patience: int = Field(3, ge=0, le=100)
+    # Sample each epoch so that every label combination has the same share: "auto" when a
+    # label field is imbalanced in train (the build's warning), "on", or "off".
+    balance: Literal["auto", "on", "off"] = "auto"
 
 
 class QualityGate(_Strict):

@@ -10,7 +10,14 @@ from typing import Any
 
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
-from services.builder.data import file_sha256
+from services.builder.data import (
+    file_sha256,
+    label_counts,
+    label_fields,
+    labelled,
+    normalize,
+)
+from services.builder.probe import make_probe, sample
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import convert_hf_folder, dense_hf_copy
 
@@ -63,16 +70,25 @@ def given_gguf(ctx: BuildContext) -> dict[str, Any]:
     return {"source": ctx.student.description, "gguf": ctx.base_gguf_sha256 if given else None}
 
 
+# Train rows the final model answers for its per-field training accuracy.
+TRAIN_PROBE_ROWS = 32
+
+
 def train_lora(ctx: BuildContext, out: Path) -> None:
-    """LoRA on the dense student, loss on the assistant's tokens."""
+    """LoRA on the dense student, the loss on the answers' values; the checkpoint best on the
+    calibration part is kept."""
     spec, console = ctx.spec, ctx.console
-    traces = len((ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines())
-    examples = min(traces, spec.lora.max_examples or traces)
+    traces = [json.loads(line) for line in
+              (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
+    examples = min(len(traces), spec.lora.max_examples or len(traces))
     console.print(f"  {examples} examples, {finetune.optimizer_steps(examples, spec.lora)} "
                   "optimizer steps")  # fmt: skip
     warning = finetune.steps_warning(examples, spec.lora)
     if warning:
         console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+    weights = balance_weights(ctx, traces)
+    if weights:
+        console.print("  balancing: each label combination gets an equal share of every epoch")
     with progress_bar(console) as bar:
         task = bar.add_task("LoRA", total=None, note="")
 
@@ -84,12 +100,48 @@ def train_lora(ctx: BuildContext, out: Path) -> None:
         summary = finetune.train_lora(
             base_dir=ctx.dirs["student"], dataset_path=ctx.dirs["dataset"] / "dataset.jsonl",
             lora=spec.lora, device=spec.device, seed=spec.seed, n_threads=spec.n_threads,
-            out_dir=out, progress=step,
+            out_dir=out, probes=training_probes(ctx, traces), sample_weights=weights,
+            progress=step, on_probe=lambda point: console.print(
+                f"  step {point['step']}: calibration {probe_line(point)}", highlight=False),
         )  # fmt: skip
     console.print(
-        f"  {summary['examples']} examples, {summary['steps']} steps on {summary['device']}, "
-        f"{summary['tokens_per_second']} tokens/s, final loss {summary['final_loss']:.3f}"
+        f"  {summary['steps']} steps on {summary['device']}, {summary['tokens_per_second']} "
+        f"tokens/s, final loss {summary['final_loss']:.3f}; kept step {summary['chosen_step']}"
     )
+    if summary["train_probe"]:
+        console.print(f"  on {summary['train_probe']['n']} train rows: "
+                      f"{probe_line(summary['train_probe'])}", highlight=False)  # fmt: skip
+
+
+def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune.Probes:
+    """The calibration part (checkpoint choice) and a sample of the traces (per-field accuracy
+    against what the model was taught)."""
+    import dspy
+
+    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
+    taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
+              for t in sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed)]  # fmt: skip
+    use_calibration = bool(ctx.calibset) and ctx.spec.lora.checkpoints > 0
+    return finetune.Probes(
+        calibration=(make_probe("calibration", ctx.codec, ctx.metric, ctx.calibset, fields)
+                     if use_calibration else None),
+        train=make_probe("train", ctx.codec, ctx.metric, taught, fields),
+    )  # fmt: skip
+
+
+def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[float] | None:
+    """Per-trace sampling weights when `lora.balance` asks for them."""
+    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
+    outputs = [t["outputs"] for t in traces]
+    counts = {name: label_counts(outputs, name) for name in fields}
+    if not finetune.should_balance(ctx.spec.lora.balance, counts):
+        return None
+    return finetune.balanced_weights([tuple(normalize(o[f]) for f in fields) for o in outputs])
+
+
+def probe_line(point: dict[str, Any]) -> str:
+    fields = ", ".join(f"{name} {value:.0%}" for name, value in point["fields"].items())
+    return f"{point['score']:.1%} of {point['n']}" + (f" ({fields})" if fields else "")
 
 
 def export_gguf(ctx: BuildContext, out: Path) -> None:
@@ -131,8 +183,9 @@ STUDENT = Stage(
 )  # fmt: skip
 FINETUNE = Stage(
     "finetune", train_lora, after=("dataset", "student"),
+    # The calibration part chooses the checkpoint: held-out rows are in this key.
     inputs=lambda ctx: {"lora": ctx.spec.lora.model_dump(), "seed": ctx.spec.seed,
-                        "device": ctx.spec.device},
+                        "device": ctx.spec.device, "held_out": ctx.held_out_inputs()},
 )  # fmt: skip
 EXPORT = Stage("export", export_gguf, after=("finetune",))
 QUANTIZE = Stage(

@@ -10,6 +10,7 @@ from typing import Any
 
 from services.builder import calibrate, decision, evaluate, report
 from services.builder.context import BuildContext
+from services.builder.data import label_fields, labelled
 from services.builder.package import write_bundle
 from services.builder.stages.base import Stage, progress_bar
 from services.core.config import RuntimeSettings
@@ -72,6 +73,10 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
                 num_threads=spec.teacher.num_threads,
             ))  # fmt: skip
             bar.advance(task)
+    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
+    for result in results:
+        gold = held_out if len(result["examples"]) == len(held_out) else ctx.testset
+        result["fields"] = evaluate.field_scores(gold, result["examples"], fields)
     evaluation = {
         "name": spec.name,
         "metric": spec.metric,
@@ -110,7 +115,12 @@ def calibrate_router(ctx: BuildContext, out: Path) -> None:
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     (out / "decision.json").write_text(json.dumps(choice, indent=2))
     shutil.copy2(ctx.dirs["evaluate"] / "eval.json", out / "eval.json")
-    report.write_reports(evaluation, result, choice, out)
+    report.write_reports(evaluation, result, choice, out, training_summary(ctx))
+
+
+def training_summary(ctx: BuildContext) -> dict[str, Any] | None:
+    path = ctx.dirs["finetune"] / "loss.json" if "finetune" in ctx.dirs else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 def print_summary(ctx: BuildContext, folder: Path) -> None:
@@ -119,6 +129,8 @@ def print_summary(ctx: BuildContext, folder: Path) -> None:
     calibration = ctx.read_json("calibrate", "calibration.json")
     gold = ctx.spec.teacher.is_gold
     ctx.console.print("router: " + report.calibration_line(calibration, gold))
+    for line in report.training_lines(training_summary(ctx)):
+        ctx.console.print("training: " + line, highlight=False)
 
 
 def package(ctx: BuildContext, out: Path) -> None:

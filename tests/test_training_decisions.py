@@ -1,0 +1,70 @@
+"""The fine-tune's decisions as pure functions: the schedule, when to probe, which checkpoint
+is kept, when training stops, and the balanced sampling weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from services.builder.finetune import (
+    MIN_STEPS,
+    balanced_weights,
+    best_point,
+    optimizer_steps,
+    probe_steps,
+    should_balance,
+    stalled,
+    steps_warning,
+)
+from services.builder.spec import LoraSpec
+
+
+def curve(*scores: float) -> list[dict[str, float]]:
+    return [{"step": 10 * (i + 1), "score": s} for i, s in enumerate(scores)]
+
+
+def test_the_schedule_is_epochs_with_a_floor_in_steps() -> None:
+    recipe = LoraSpec()  # the default recipe
+    assert optimizer_steps(120, recipe) == recipe.min_steps  # small data: the floor decides
+    assert optimizer_steps(4000, recipe) == 4000 / recipe.batch_size * recipe.epochs  # large
+    assert optimizer_steps(120, LoraSpec(min_steps=0, epochs=2, batch_size=8)) == 30
+    assert steps_warning(120, recipe) is None
+    warning = steps_warning(120, LoraSpec(min_steps=0, epochs=2, batch_size=8))
+    assert warning and "only 30 optimizer steps" in warning
+    assert f"lora.min_steps to {MIN_STEPS}" in warning and "lora.epochs to 7" in warning
+
+
+def test_probes_are_evenly_spaced_and_end_at_the_last_step() -> None:
+    assert probe_steps(150, 3) == [50, 100, 150]
+    assert probe_steps(5, 8) == [1, 2, 3, 4, 5]  # fewer steps than probes: every step
+    assert probe_steps(150, 0) == []
+
+
+def test_the_best_calibration_score_wins_and_ties_go_to_the_earlier_step() -> None:
+    assert best_point(curve(0.2, 0.7, 0.5))["step"] == 20
+    assert best_point(curve(0.2, 0.7, 0.7, 0.6))["step"] == 20
+
+
+def test_training_stops_after_patience_probes_without_improvement() -> None:
+    assert not stalled(curve(0.2, 0.7, 0.5), patience=2)
+    assert stalled(curve(0.2, 0.7, 0.5, 0.6), patience=2)
+    assert stalled(curve(0.7, 0.7, 0.7), patience=2)  # equal is not better
+    assert not stalled(curve(0.2, 0.3, 0.4, 0.5), patience=2)
+    assert not stalled(curve(0.9, 0.1, 0.1, 0.1), patience=0)  # 0: never stop early
+    assert stalled(curve(0.2, 1.0), patience=3)  # a perfect score cannot be replaced
+
+
+def test_balanced_weights_give_each_label_combination_an_equal_share() -> None:
+    labels = [("a", "true")] * 6 + [("b", "true")] * 3 + [("b", "false")]
+    weights = balanced_weights(labels)
+    share: Counter[tuple[str, ...]] = Counter()
+    for label, weight in zip(labels, weights, strict=True):
+        share[label] += weight
+    assert len(set(round(v, 9) for v in share.values())) == 1
+
+
+def test_auto_balance_only_when_a_label_field_is_imbalanced() -> None:
+    even = {"department": Counter(sales=30, support=30, hr=30), "urgent": Counter(yes=45, no=45)}
+    skewed = {**even, "urgent": Counter(yes=85, no=5)}
+    assert not should_balance("auto", even) and should_balance("auto", skewed)
+    assert should_balance("on", even) and not should_balance("off", skewed)
+    assert not should_balance("on", {})  # no label fields (free text): nothing to balance
