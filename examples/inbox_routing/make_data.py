@@ -30,12 +30,21 @@ SITUATIONS: dict[str, tuple[list[Situation], list[Situation]]] = {
             ("Purchase approved", "just letting you know our board approved the purchase, the PO will follow from procurement.", False),
             ("Trial feedback", "we finished the 30-day trial and decided to go ahead, contract signed by our CEO today.", False),
             ("Meeting confirmed", "confirming our call with your account manager on Thursday at 10.", False),
+            ("Upgrade to enterprise", "what would it cost to move our 30 users from the standard plan to enterprise?", True),
+            ("Nonprofit pricing", "do you have special pricing for registered charities?", True),
+            ("Need a formal quote", "our procurement team needs a formal quote before they can raise a PO, can you prepare one?", True),
+            ("PO number for our order", "for your records, the purchase order number for our new licences is PO-55812.", False),
+            ("Decision postponed", "a heads-up that we've paused the purchase decision until next quarter, no need to follow up before then.", False),
         ],
         [
             ("Quote for the premium add-on", "how much would the analytics add-on cost for 120 users?", True),
             ("Partner programme", "we resell software in Spain, can we become a reseller of your product?", True),
             ("Order placed online", "we placed the order for 20 seats through the web shop this morning, no action needed.", False),
             ("Re: proposal", "we have accepted your proposal and will start onboarding next month, thanks.", False),
+            ("Price list request", "could you send your current price list for the hardware bundles?", True),
+            ("Extend the trial?", "our evaluation isn't finished, could you extend our trial by two weeks before we decide to buy?", True),
+            ("Contract countersigned", "the renewal contract has been countersigned and returned to your account manager.", False),
+            ("Budget approved", "good news, the budget for the rollout was approved today and our buyer will place the order.", False),
         ],
     ),
     "support": (
@@ -50,12 +59,21 @@ SITUATIONS: dict[str, tuple[list[Situation], list[Situation]]] = {
             ("Thanks for the quick fix", "thanks for restoring our data so quickly yesterday, much appreciated.", False),
             ("Ticket #4821 closed", "this is an automatic message: your support ticket #4821 has been closed.", False),
             ("Workaround is fine", "just an update: we'll use the CSV workaround until the bug fix ships, nothing else needed.", False),
+            ("Password reset email never arrives", "I requested a password reset three times and no email came, can you help?", True),
+            ("Can I undo a deletion?", "I accidentally deleted a project this morning, is there a way to restore it?", True),
+            ("Bug report follow-up", "confirming the bug no longer happens after today's update, thanks.", False),
+            ("Release notes", "automated: version 4.2 is now available, see the release notes for what changed.", False),
+            ("Feature works great", "just wanted to say the new bulk edit feature saves us hours, great work.", False),
         ],
         [
             ("Notifications stopped", "none of us receive email notifications any more since Friday, can you check?", True),
             ("API returns 401", "our integration gets 401 unauthorized on every call with a fresh token, what changed?", True),
             ("Status page update", "automated: the incident affecting file uploads has been resolved.", False),
             ("All good now", "the calendar sync is working again on my side, thank you.", False),
+            ("Uploads failing", "every upload over 10 MB fails with 'network error', can you look into it?", True),
+            ("Two-factor setup", "how do I turn on two-factor authentication for all users in our workspace?", True),
+            ("Outage over", "confirming that the service is back for us, thanks for the updates during the outage.", False),
+            ("Request received", "automated: we received your request #9913 about the login error and will get back to you soon.", False),
         ],
     ),
     "finance": (
@@ -70,12 +88,21 @@ SITUATIONS: dict[str, tuple[list[Situation], list[Situation]]] = {
             ("Supplier invoice attached", "attached is our invoice for the catering services in April, due in 30 days.", False),
             ("Direct debit set up", "confirming that the direct debit mandate is now active for our account.", False),
             ("Statement of account", "automated statement: your account balance is zero as of 31 May.", False),
+            ("Invoice in euros?", "can future invoices be issued in euros instead of dollars?", True),
+            ("Late payment fee", "why was a late fee added to our last invoice when we paid on time?", True),
+            ("PO number on invoices", "could you add our PO number to the invoices from now on? our accounts team requires it.", True),
+            ("Payment confirmation", "automated: we have received your payment of 1,200.00 EUR, thank you.", False),
+            ("Bank details changed", "for your records, our bank details for supplier payments have changed, the new IBAN is in the attached letter.", False),
         ],
         [
             ("Overcharged on renewal", "the renewal invoice is 20% higher than the quote, can you explain or correct it?", True),
             ("Change billing address", "we moved offices, could you update the billing address on future invoices?", True),
             ("Credit note received", "we received the credit note, thanks, nothing further needed.", False),
             ("Invoice paid", "just to let you know invoice 2024-388 has been settled in full.", False),
+            ("Split the invoice", "can you split the annual invoice into four quarterly payments?", True),
+            ("Missing credit", "the credit you promised for the outage hasn't appeared on our invoice, can you check?", True),
+            ("Invoice received", "we received invoice 2024-512 and it has been passed to accounts payable.", False),
+            ("Annual statement", "automated: your annual statement of payments for 2024 is attached.", False),
         ],
     ),
     "hr": (
@@ -90,12 +117,21 @@ SITUATIONS: dict[str, tuple[list[Situation], list[Situation]]] = {
             ("Withdrawing my application", "I've accepted another offer, so please withdraw my application. Thanks for your time.", False),
             ("Payslip portal notice", "automated: your payslips for May are available in the HR portal.", False),
             ("Sick note", "FYI I'm off sick today and tomorrow, my doctor's note is attached.", False),
+            ("Payslip tax code", "my last payslip shows the wrong tax code, who can I talk to about correcting it?", True),
+            ("Graduate programme", "when do applications open for next year's graduate programme?", True),
+            ("Holiday request approved", "automated: your annual leave request for 12-16 August has been approved.", False),
+            ("Farewell", "today is my last day at the company, thanks everyone for a wonderful five years.", False),
+            ("Timesheet submitted", "automated: your timesheet for week 22 has been submitted to your manager.", False),
         ],
         [
             ("Open positions in sales?", "are you hiring account executives? I'd love to send my CV.", True),
             ("Relocation support", "does the company help with relocation costs for new hires from abroad?", True),
             ("Offer accepted", "I'm happy to confirm I accept the offer, signed letter attached.", False),
             ("Training completed", "automated: you completed the mandatory safety training.", False),
+            ("Work permit question", "I'm a non-EU applicant, would you sponsor a work permit for the data analyst role?", True),
+            ("Reference for a former intern", "could you provide a reference for Tom Becker, who interned with you last summer?", True),
+            ("Interview confirmation", "confirming I'll attend the second interview on Thursday at 2 pm.", False),
+            ("Benefits enrolment closed", "automated: the benefits enrolment window for staff has now closed.", False),
         ],
     ),
 }
@@ -134,12 +170,12 @@ def main() -> None:
     train: list[dict[str, str | bool]] = []
     dev: list[dict[str, str | bool]] = []
     for department, (train_situations, dev_situations) in SITUATIONS.items():
-        for situation in train_situations:  # 10 situations x 3 tellings = 30 rows
-            train += [{**render(situation, rng), "department": department} for _ in range(3)]
-        for number, situation in enumerate(dev_situations):  # 4 x 3 = 12 rows
+        for situation in train_situations:  # 15 situations x 2 tellings = 30 rows
+            train += [{**render(situation, rng), "department": department} for _ in range(2)]
+        for number, situation in enumerate(dev_situations):  # 8 x 2 = 16 rows
             group = f"{department}-{number}"
             dev += [{**render(situation, rng), "department": department, "group": group}
-                    for _ in range(3)]  # fmt: skip
+                    for _ in range(2)]  # fmt: skip
     rng.shuffle(train)
     rng.shuffle(dev)
     for name, rows in (("train", train), ("dev", dev)):
