@@ -392,7 +392,10 @@ teacher: {{model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}}
 cost: {{api_input_per_1m_tokens: 0.15, api_output_per_1m_tokens: 0.6}}
 baselines: {{few_shot_k: 2}}
 student: {{source: {student}}}
-lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 1, max_length: 384}}
+# 9 steps: too few to learn the field markers at the default's weight 0.1 (the recipe's floor
+# of 150 steps does); the full weight learns them at once.
+lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 1, max_length: 384,
+        scaffold_weight: 1.0}}
 quantizations: [Q8_0]
 quality_gate: {{min_retention: 0.0}}
 n_threads: 2

@@ -29,7 +29,9 @@ def test_bootstrap_finetune_returns_a_gguf_backed_student(tmp_path: Path, gguf_p
     teacher.set_lm(dspy.LM(base_model, engine=engine, cache=False))
     student = dspy.Predict(signature)
     provider = GGUFProvider(
-        work_dir=tmp_path, lora=LoraSpec(epochs=1, batch_size=2, min_steps=0), n_threads=2
+        work_dir=tmp_path,
+        lora=LoraSpec(epochs=1, batch_size=2, min_steps=0, scaffold_weight=1.0),
+        n_threads=2,
     )
     student.set_lm(dspy.LM(base_model, engine=engine, provider=provider, cache=False))
     trainset = [
