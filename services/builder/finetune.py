@@ -171,6 +171,29 @@ def balanced_weights(labels: list[tuple[str, ...]]) -> list[float]:
     return [1.0 / counts[label] for label in labels]
 
 
+class CheckpointKeeper:
+    """The calibration curve and the LoRA weights of its best point so far."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.curve: list[dict[str, Any]] = []
+        self._best_state: dict[str, Any] | None = None
+
+    def record(self, model: Any, step: int, loss: float, result: ProbeResult) -> bool:
+        """Adds a probe's result; True when training should stop."""
+        self.curve.append({"step": step, "loss": loss, **result.as_dict()})
+        if best_point(self.curve) is self.curve[-1]:
+            self._best_state = _lora_state(model)
+        return stalled(self.curve, self.patience)
+
+    def restore_best(self, model: Any) -> None:
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state, strict=False)
+
+    def chosen_step(self, last_step: int) -> int:
+        return int(best_point(self.curve)["step"]) if self.curve else last_step
+
+
 def train_lora(
     *,
     base_dir: Path,
@@ -188,53 +211,32 @@ def train_lora(
     """Train, keep the checkpoint best on the calibration probe, save the adapter (adapter/)
     and the summary with the loss and calibration curves (loss.json)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
     random.seed(seed)
     torch.set_num_threads(n_threads)
     device = pick_device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    model = model.to(device)  # type: ignore[arg-type]
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-
+    tokenizer, model, pad_id = _load_student(base_dir, device, lora)
     chats = [json.loads(line)["messages"] for line in dataset_path.read_text().splitlines() if line]
-    if lora.max_examples:
-        chats = chats[: lora.max_examples]
+    chats = chats[: lora.max_examples] if lora.max_examples else chats
     examples, kept = tokenize_chats(tokenizer, chats, lora.max_length, lora.scaffold_weight)
     if not examples:
         raise ValueError(f"every example is longer than lora.max_length={lora.max_length}")
     weights = [sample_weights[i] for i in kept] if sample_weights else None
-
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)  # type: ignore[assignment]
-    model.train()
     total_steps = optimizer_steps(len(examples), lora)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lora.learning_rate, weight_decay=0.0
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 10), total_steps)
-
     # Room for the longest trained answer: a checkpoint that does not stop costs no more.
     answer_budget = max(sum(label != IGNORE for label in e.labels) for e in examples) + 8
 
     def ask(probe: Probe) -> ProbeResult:
         return probe.score(greedy_answers(model, tokenizer, probe.prompts, answer_budget, device))
 
-    checkpoints = probe_steps(total_steps, lora.checkpoints if probes and probes.calibration else 0)
-    curve: list[dict[str, Any]] = []
-    best_state: dict[str, Any] | None = None
+    calibration = probes.calibration if probes else None
+    checkpoints = probe_steps(total_steps, lora.checkpoints if calibration else 0)
+    keeper = CheckpointKeeper(lora.patience)
     losses: list[float] = []
     tokens_seen = 0
     started = time.perf_counter()
@@ -244,26 +246,21 @@ def train_lora(
             batches = _length_grouped_batches(_epoch(examples, weights), lora.batch_size)
         loss, tokens = shared_prefix_loss(model, batches.pop(), pad_id, device)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.item()))
         tokens_seen += tokens
         progress(step, total_steps, losses[-1])
-        if step in checkpoints and probes and probes.calibration:
-            result = ask(probes.calibration)
-            curve.append({"step": step, "loss": losses[-1], **result.as_dict()})
-            on_probe(curve[-1])
-            if best_point(curve) is curve[-1]:
-                best_state = _lora_state(model)
-            if stalled(curve, lora.patience):
+        if calibration and step in checkpoints:
+            stop = keeper.record(model, step, losses[-1], ask(calibration))
+            on_probe(keeper.curve[-1])
+            if stop:
                 break
 
     seconds = time.perf_counter() - started
-    chosen = best_point(curve) if curve else None
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+    keeper.restore_best(model)
     model.save_pretrained(str(out_dir / "adapter"))
     train_result = ask(probes.train) if probes and probes.train else None
     summary = {
@@ -278,13 +275,35 @@ def train_lora(
         "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
         "loss": losses,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-        "calibration_curve": curve,
+        "calibration_curve": keeper.curve,
         "probe_max_new_tokens": answer_budget,
-        "chosen_step": chosen["step"] if chosen else len(losses),
+        "chosen_step": keeper.chosen_step(len(losses)),
         "train_probe": train_result.as_dict() if train_result else None,
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _load_student(base_dir: Path, device: str, lora: LoraSpec) -> tuple[Any, Any, int]:
+    """The tokenizer, the dense student with fresh LoRA layers (training mode), the pad id."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)  # type: ignore[arg-type]
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    return tokenizer, model, int(pad_id if pad_id is not None else tokenizer.eos_token_id)
 
 
 def _lora_state(model: Any) -> dict[str, Any]:
