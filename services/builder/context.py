@@ -18,6 +18,7 @@ from services.builder.data import (
     labelled,
     load_examples,
     load_grouped,
+    normalize,
     resolve_metric,
     split_by_group,
 )
@@ -90,6 +91,11 @@ class BuildContext:
         return PromptCodec(self.program_spec)
 
     @cached_property
+    def label_names(self) -> list[str]:
+        """The output fields that are labels (few distinct values in train), not free text."""
+        return label_fields(self.trainset, labelled(self.codec.output_names))
+
+    @cached_property
     def dataset_hashes(self) -> dict[str, str]:
         data = self.spec.data
         files = {"train": data.train, "dev": data.dev, "test": data.test}
@@ -157,7 +163,7 @@ def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[li
         return dev, load_examples(spec.data.test, inputs, outputs, "data.test")
     # Stratified by the label fields' values together, so both parts keep the label mix.
     labels = label_fields(dev, labelled(outputs))
-    strata = [" | ".join(str(e[name]).strip().lower() for name in labels) for e in dev]
+    strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]
     calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed, strata)
     if not calibration or not test:
         raise SpecError(

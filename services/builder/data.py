@@ -113,10 +113,15 @@ def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 
 
+def field_matches(example: Any, outputs: Any, name: str) -> bool:
+    """One output field answered as labelled, ignoring case and spacing (no answer: False)."""
+    return outputs is not None and normalize(example[name]) == normalize(outputs.get(name, ""))
+
+
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
     """Every labelled output field equals the prediction's, ignoring case and spacing."""
     fields = labelled(list(example.labels()))
-    return all(normalize(example[k]) == normalize(prediction.get(k, "")) for k in fields)
+    return all(field_matches(example, prediction, k) for k in fields)
 
 
 def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:

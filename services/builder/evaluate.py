@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, normalize, score
+from services.builder.data import Metric, field_matches, score
 from services.builder.spec import TeacherSpec
 from services.core.stats import percentile, score_interval
 
@@ -90,10 +90,7 @@ def field_scores(
     pairs = [(g, a) for g, a in zip(gold, answered, strict=True) if a["split"] == split]
     out = {}
     for name in fields:
-        right = [
-            float(bool(a.get("outputs")) and normalize(a["outputs"][name]) == normalize(g[name]))
-            for g, a in pairs
-        ]  # fmt: skip
+        right = [float(field_matches(g, a.get("outputs"), name)) for g, a in pairs]
         out[name] = {"score": sum(right) / len(right), "interval": score_interval(right)}
     return out
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from rich.console import Console
 
 from services.builder.context import BuildContext, load_program
-from services.builder.data import imbalance, label_counts, label_fields, labelled
+from services.builder.data import imbalance, label_counts
 from services.builder.spec import BuildSpec
 from services.builder.stages import STAGES, Stage, StageRunner
+from services.core.logs import console_width
 
 __all__ = ["STAGES", "BuildResult", "QualityGateFailed", "build", "load_program"]
 
@@ -39,7 +40,7 @@ class BuildResult:
 
 def log_friendly_console() -> Console:
     """A log file gets the full tables: a terminal-less Console would cut them at 80 columns."""
-    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+    return Console(width=console_width(sys.stdout))
 
 
 def quiet_libraries() -> None:
@@ -55,7 +56,7 @@ def describe_labels(ctx: BuildContext) -> None:
     """Each label field's distribution in train, calibration and test, with a warning where
     one value dominates (the model can learn to always say it)."""
     parts = {"train": ctx.trainset, "calibration": ctx.calibset, "test": ctx.testset}
-    for name in label_fields(ctx.trainset, labelled(ctx.codec.output_names)):
+    for name in ctx.label_names:
         values = len(label_counts(ctx.trainset, name))
         for part, rows in parts.items():
             counts = label_counts(rows, name)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.builder.data import Metric, normalize, score
+from services.builder.data import Metric, field_matches, score
 from services.core.program import PromptCodec
 
 
@@ -48,8 +48,7 @@ def make_probe(
         scores = [score(metric, e, out) for e, out in zip(examples, outputs, strict=True)]
         right = {
             field: statistics.fmean(
-                out is not None and normalize(out[field]) == normalize(e[field])
-                for e, out in zip(examples, outputs, strict=True)
+                field_matches(e, out, field) for e, out in zip(examples, outputs, strict=True)
             )
             for field in fields
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -12,16 +11,15 @@ import typer
 from pydantic_settings import BaseSettings
 from rich.console import Console
 
+from services.core.logs import console_width
+
 app = typer.Typer(
     name="edgedistill",
     help="Distill a DSPy program into a small local model and serve it over gRPC.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# In a log (not a terminal) messages keep their lines instead of wrapping at 80 columns.
-err_console = Console(
-    stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160
-)
+err_console = Console(stderr=True, width=console_width(sys.stderr))
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from typing import TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -23,6 +25,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def console_width(stream: TextIO) -> int | None:
+    """A rich Console's width: the terminal's, else 160 so a log keeps whole table rows and
+    message lines (rich would cut them at 80 columns); COLUMNS, when set, wins."""
+    return None if stream.isatty() or "COLUMNS" in os.environ else 160
 
 
 def configure(level: str) -> None:

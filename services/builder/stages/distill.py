@@ -10,13 +10,7 @@ from typing import Any
 
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
-from services.builder.data import (
-    file_sha256,
-    label_counts,
-    label_fields,
-    labelled,
-    normalize,
-)
+from services.builder.data import file_sha256, label_counts, normalize
 from services.builder.probe import make_probe, sample
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import convert_hf_folder, dense_hf_copy
@@ -118,7 +112,7 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
     against what the model was taught)."""
     import dspy
 
-    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
+    fields = ctx.label_names
     taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
               for t in sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed)]  # fmt: skip
     use_calibration = bool(ctx.calibset) and ctx.spec.lora.checkpoints > 0
@@ -131,7 +125,7 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
 
 def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[float] | None:
     """Per-trace sampling weights when `lora.balance` asks for them."""
-    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
+    fields = ctx.label_names
     outputs = [t["outputs"] for t in traces]
     counts = {name: label_counts(outputs, name) for name in fields}
     if not finetune.should_balance(ctx.spec.lora.balance, counts):

@@ -10,7 +10,6 @@ from typing import Any
 
 from services.builder import calibrate, decision, evaluate, report
 from services.builder.context import BuildContext
-from services.builder.data import label_fields, labelled
 from services.builder.package import write_bundle
 from services.builder.stages.base import Stage, progress_bar
 from services.core.config import RuntimeSettings
@@ -64,19 +63,17 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         for label, gguf, program in targets:
             bar.update(task, note=label)
             both = label == f"distilled {ctx.default_quant}"
-            results.append(evaluate.evaluate_gguf(
-                label=label, gguf_path=gguf, program_path=program,
-                examples=held_out if both else ctx.testset,
+            rows = held_out if both else ctx.testset
+            result = evaluate.evaluate_gguf(
+                label=label, gguf_path=gguf, program_path=program, examples=rows,
                 splits=splits if both else ["test"] * len(ctx.testset),
                 input_names=ctx.codec.input_names, metric=ctx.metric,
                 max_tokens=serving_max_tokens(ctx), n_threads=spec.n_threads,
                 num_threads=spec.teacher.num_threads,
-            ))  # fmt: skip
+            )  # fmt: skip
+            result["fields"] = evaluate.field_scores(rows, result["examples"], ctx.label_names)
+            results.append(result)
             bar.advance(task)
-    fields = label_fields(ctx.trainset, labelled(ctx.codec.output_names))
-    for result in results:
-        gold = held_out if len(result["examples"]) == len(held_out) else ctx.testset
-        result["fields"] = evaluate.field_scores(gold, result["examples"], fields)
     evaluation = {
         "name": spec.name,
         "metric": spec.metric,
