@@ -4,6 +4,8 @@ student, and the folders and keys of the stages that have finished."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,24 +24,73 @@ from services.builder.data import (
     resolve_metric,
     split_by_group,
 )
-from services.builder.spec import BuildSpec, SpecError, import_object
+from services.builder.spec import IMPORT_ROOTS, BuildSpec, SpecError, import_object
 from services.builder.student import StudentSource, resolve_student
-from services.core.program import ProgramSpec, PromptCodec
+from services.core.pipeline import (
+    PipelineSpec,
+    ProgramRunner,
+    SourceSpec,
+    forward_inputs,
+    local_sources,
+    make_module,
+    predictor_specs,
+)
+from services.core.program import FieldSpec, ProgramFormatError, ProgramSpec, PromptCodec
 
 
-def load_program(path: str) -> tuple[Any, Any]:
-    """The user's DSPy module and its one predictor."""
+def load_program(path: str) -> Any:
+    """The user's DSPy module (one predictor or many)."""
     factory = import_object(path, "program")
-    program = factory() if callable(factory) and not hasattr(factory, "predictors") else factory
-    if not hasattr(program, "predictors"):
-        raise SpecError(f"program: {path} did not return a dspy.Module")
-    predictors = program.predictors()
-    if len(predictors) != 1:
+    try:
+        return make_module(factory)
+    except ProgramFormatError:
+        raise SpecError(f"program: {path} did not return a dspy.Module") from None
+
+
+def describe_pipeline(
+    path: str, module: Any, name: str, trainset_row: dict[str, Any]
+) -> tuple[PipelineSpec, dict[str, Path]]:
+    """A multi-step program's program.json and the source files that go with it.
+
+    Inputs are `forward`'s parameters; outputs, the predictors' output fields that the train
+    rows label (the final prediction's fields, for a program that passes them through)."""
+    inputs = forward_inputs(module)
+    if not inputs:
         raise SpecError(
-            f"program: {path} has {len(predictors)} predictors; edgedistill distills and serves "
-            "single-predictor programs (dspy.Predict, dspy.ChainOfThought)"
+            f"program: {path}: its forward takes no named inputs; write them as parameters "
+            "(def forward(self, ticket: str)) so requests can be checked against them"
         )
-    return program, predictors[0]
+    predictors = predictor_specs(module, name)
+    fields = {f.name: f for p in predictors for f in p.inputs + p.outputs}
+    produced = [f.name for p in predictors for f in p.outputs if f.name != REASONING]
+    outputs = [n for i, n in enumerate(produced) if n in trainset_row and n not in produced[:i]]
+    if not outputs:
+        raise SpecError(
+            f"program: {path}: the train rows label none of its predictors' output fields "
+            f"({', '.join(dict.fromkeys(produced))}); label the program's final outputs"
+        )
+    module_name, _, attr = path.partition(":")
+    sources = local_sources(module_name, IMPORT_ROOTS)
+    pipeline = PipelineSpec(
+        name=name, instructions=(type(module).__doc__ or "").strip(),
+        inputs=[fields.get(n, FieldSpec(name=n)) for n in inputs],
+        outputs=[fields[n] for n in outputs], predictors=predictors,
+        source=SourceSpec(module=module_name, attr=attr, files=sorted(sources)),
+    )  # fmt: skip
+    return pipeline, sources
+
+
+def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
+    """A gold teacher answers each predictor from the row: every output it has is labelled."""
+    for predictor in pipeline.predictors:
+        for output in predictor.outputs:
+            missing = sum(output.name not in e for e in trainset)
+            if missing:
+                raise SpecError(
+                    f"teacher: gold answers predictor {predictor.name!r} from the train rows, "
+                    f"but {missing} rows of {train} lack its output {output.name!r}; label it "
+                    "in every row, or use an API teacher (teacher.model)"
+                )
 
 
 @dataclass
@@ -47,7 +98,7 @@ class BuildContext:
     spec: BuildSpec
     console: Console
     program: Any
-    program_spec: ProgramSpec
+    program_spec: ProgramSpec  # a single-predictor program's signature
     trainset: list[Any]
     calibset: list[Any]  # held out: the router's threshold is chosen here
     testset: list[Any]  # held out: touched once per build, for the report
@@ -56,16 +107,29 @@ class BuildContext:
     student: StudentSource
     dirs: dict[str, Path] = field(default_factory=dict)  # finished stage -> its folder
     keys: dict[str, str] = field(default_factory=dict)  # finished stage -> its key
+    pipeline: PipelineSpec | None = None  # a multi-step program's description
+    sources: dict[str, Path] = field(default_factory=dict)  # its source files
 
     @classmethod
     def load(cls, spec: BuildSpec, console: Console) -> BuildContext:
         """Read and check everything the stages need before any of them runs."""
-        program, predictor = load_program(spec.program)
-        program_spec = ProgramSpec.from_signature(predictor.signature, name=spec.name)
-        codec = PromptCodec(program_spec)
-        inputs, outputs = codec.input_names, codec.output_names
+        program = load_program(spec.program)
+        predictors = program.predictors()
+        pipeline: PipelineSpec | None = None
+        sources: dict[str, Path] = {}
+        if len(predictors) == 1:
+            program_spec = ProgramSpec.from_signature(predictors[0].signature, name=spec.name)
+            codec = PromptCodec(program_spec)
+            inputs, outputs = codec.input_names, codec.output_names
+        else:
+            first = load_examples(spec.data.train, [], [], "data.train")[0]
+            pipeline, sources = describe_pipeline(spec.program, program, spec.name, first)
+            program_spec = pipeline.predictors[0]
+            inputs, outputs = pipeline.input_names, pipeline.output_names
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train")
         calibset, testset = held_out(spec, inputs, outputs)
+        if pipeline is not None and spec.teacher.is_gold:
+            check_gold_labels(pipeline, trainset, spec.data.train)
         if (
             REASONING in outputs
             and spec.teacher.is_gold
@@ -84,16 +148,54 @@ class BuildContext:
             trainset=trainset, calibset=calibset, testset=testset,
             metric=resolve_metric(spec.metric, judge_spec(spec)),
             threshold=threshold, student=resolve_student(spec.student.source),
+            pipeline=pipeline, sources=sources,
         )  # fmt: skip
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.pipeline.input_names if self.pipeline else self.codec.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.pipeline.output_names if self.pipeline else self.codec.output_names
 
     @cached_property
     def codec(self) -> PromptCodec:
         return PromptCodec(self.program_spec)
 
     @cached_property
+    def runner(self) -> ProgramRunner:
+        """A multi-step program, its predictors bound to whatever Complete a run is given."""
+        assert self.pipeline is not None
+        return ProgramRunner(self.program.deepcopy(), self.pipeline)
+
+    def write_program(self, folder: Path, module: Any = None) -> Path:
+        """program.json (and a multi-step program's source and state) into `folder`, as the
+        bundle carries it; `module` replaces the user's (e.g. with few-shot demos)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "program.json"
+        if self.pipeline is None:
+            predictor = (module or self.program).predictors()[0]
+            demos = [dict(d.items()) for d in predictor.demos]
+            self.program_spec.model_copy(update={"demos": demos}).save(path)
+            return path
+        self.pipeline.save(path)
+        (module or self.program).save(str(folder / self.pipeline.state), save_program=False)
+        for rel, source in self.sources.items():
+            target = folder / self.pipeline.source.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        return path
+
+    @cached_property
     def label_names(self) -> list[str]:
         """The output fields that are labels (few distinct values in train), not free text."""
-        return label_fields(self.trainset, labelled(self.codec.output_names))
+        return label_fields(self.trainset, labelled(self.output_names))
+
+    @cached_property
+    def free_text_names(self) -> list[str]:
+        """The labelled output fields that are free text (scored per field by token F1)."""
+        return [n for n in labelled(self.output_names) if n not in self.label_names]
 
     @cached_property
     def dataset_hashes(self) -> dict[str, str]:
@@ -104,8 +206,10 @@ class BuildContext:
     def task_inputs(self) -> dict[str, Any]:
         """What the task is: program, train data, metric and its threshold (the traces' key;
         held-out data is not in it, so editing dev rows never retrains)."""
+        program = self.pipeline or self.program_spec
         return {
-            "program": self.program_spec.model_dump(),
+            "program": program.model_dump(),
+            "source": {rel: file_sha256(path) for rel, path in self.sources.items()},
             "train": self.dataset_hashes["train"],
             "metric": self.spec.metric,
             "metric_lm": self.spec.metric_lm.model_dump() if self.spec.metric_lm else None,
@@ -164,6 +268,11 @@ def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[li
     # Stratified by the label fields' values together, so both parts keep the label mix.
     labels = label_fields(dev, labelled(outputs))
     strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]
+    while len(labels) > 1 and min(Counter(dict(zip(groups, strata, strict=True)).values())
+                                  .values()) < 2:  # fmt: skip
+        # A stratum of one group cannot be split: stratify by fewer label fields.
+        labels = labels[:-1]
+        strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]
     calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed, strata)
     if not calibration or not test:
         raise SpecError(

@@ -127,8 +127,13 @@ def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
 def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
     """SQuAD-style token F1 on the last labelled output field."""
     field = labelled(list(example.labels()))[-1]
-    gold = re.findall(r"\w+", normalize(example[field]))
-    guess = re.findall(r"\w+", normalize(prediction.get(field, "")))
+    return field_f1(example[field], prediction.get(field, ""))
+
+
+def field_f1(gold_text: Any, guess_text: Any) -> float:
+    """SQuAD-style token F1 between two texts."""
+    gold = re.findall(r"\w+", normalize(gold_text))
+    guess = re.findall(r"\w+", normalize(guess_text))
     common = sum((Counter(gold) & Counter(guess)).values())
     if not gold or not guess or common == 0:
         return 0.0

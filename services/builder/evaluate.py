@@ -13,12 +13,14 @@ import multiprocessing
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, field_matches, score
+from services.builder.data import Metric, field_f1, field_matches, score
 from services.builder.spec import TeacherSpec
+from services.core.pipeline import ProgramFailed
 from services.core.stats import percentile, score_interval
 
 
@@ -83,46 +85,50 @@ def summary(examples: list[dict[str, Any]], split: str = "test") -> dict[str, An
 
 
 def field_scores(
-    gold: list[Any], answered: list[dict[str, Any]], fields: list[str], split: str = "test"
-) -> dict[str, dict[str, Any]]:
-    """Each label field's exact-match accuracy on one split, with its interval: a model can
-    pass the metric's mean while one field sits at its majority rate."""
+    gold: list[Any], answered: list[dict[str, Any]], fields: list[str],
+    free_text: Sequence[str] = (), split: str = "test",
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each output field's score on one split, with its interval: label fields by exact match
+    (a model can pass the metric's mean while one field sits at its majority rate), free-text
+    fields by token F1."""
     pairs = [(g, a) for g, a in zip(gold, answered, strict=True) if a["split"] == split]
     out = {}
-    for name in fields:
-        right = [float(field_matches(g, a.get("outputs"), name)) for g, a in pairs]
-        out[name] = {"score": sum(right) / len(right), "interval": score_interval(right)}
+    for name in [*fields, *free_text]:
+        measure = "exact match" if name in fields else "token F1"
+        values = [field_value(g, a.get("outputs"), name, measure) for g, a in pairs]
+        out[name] = {"score": sum(values) / len(values), "interval": score_interval(values),
+                     "measure": measure}  # fmt: skip
     return out
+
+
+def field_value(gold: Any, outputs: dict[str, Any] | None, name: str, measure: str) -> float:
+    if measure == "exact match":
+        return float(field_matches(gold, outputs, name))
+    if not outputs:
+        return 0.0
+    return field_f1(str(gold[name]), str(outputs.get(name, "")))
 
 
 def _serve_in_child(
     gguf_path: str, program_path: str, rows: list[dict[str, str]], max_tokens: int,
     n_threads: int,
 ) -> dict[str, Any]:  # fmt: skip
-    from services.core.program import ProgramSpec, PromptCodec
+    from services.core.pipeline import PipelineSpec, read_program_file
     from services.runtime.backends.llamacpp import LlamaCppBackend
-    from services.runtime.predict import predict_once, predict_params
 
-    codec = PromptCodec(ProgramSpec.load(Path(program_path)))
+    program = read_program_file(Path(program_path))
     backend = LlamaCppBackend(Path(gguf_path), n_ctx=4096, n_threads=n_threads)
-    params = predict_params(max_tokens, seed=0)
+    answer = (
+        _program_answers(backend, program, Path(program_path), max_tokens)
+        if isinstance(program, PipelineSpec)
+        else _predict_answers(backend, program, max_tokens)
+    )
     answers: list[dict[str, Any]] = []
-    tokens_per_s = []
+    tokens_per_s: list[float] = []
     for inputs in rows:
-        result = predict_once(backend, codec, inputs, params)
-        decode_s = result.latency_s - (result.first_token_s or 0.0)
-        if result.finished.completion_tokens > 1 and decode_s > 0:
-            tokens_per_s.append((result.finished.completion_tokens - 1) / decode_s)
-        answers.append(
-            {
-                "confidence": result.confidence,
-                "outcome": result.outcome,
-                "outputs": result.outputs,
-                "latency_ms": round(result.latency_s * 1000, 1),
-                "prompt_tokens": result.finished.prompt_tokens,
-                "completion_tokens": result.finished.completion_tokens,
-            }
-        )
+        row, speeds = answer(inputs)
+        answers.append(row)
+        tokens_per_s += speeds
     backend.close()
     return {
         "gguf": gguf_path,
@@ -134,6 +140,78 @@ def _serve_in_child(
         "peak_rss_mb": round(_peak_rss_kib() / 1024, 1),
         "answers": answers,
     }
+
+
+Answer = Callable[[dict[str, str]], tuple[dict[str, Any], list[float]]]
+
+
+def _predict_answers(backend: Any, program: Any, max_tokens: int) -> Answer:
+    """One Predict per row, as the runtime answers a single-predictor program."""
+    from services.core.program import PromptCodec
+    from services.runtime.predict import predict_once, predict_params
+
+    codec = PromptCodec(program)
+    params = predict_params(max_tokens, seed=0)
+
+    def answer(inputs: dict[str, str]) -> tuple[dict[str, Any], list[float]]:
+        result = predict_once(backend, codec, inputs, params)
+        row = {
+            "confidence": result.confidence, "outcome": result.outcome,
+            "outputs": result.outputs, "latency_ms": round(result.latency_s * 1000, 1),
+            "prompt_tokens": result.finished.prompt_tokens,
+            "completion_tokens": result.finished.completion_tokens,
+        }  # fmt: skip
+        return row, _decode_speed(result)
+
+    return answer
+
+
+def _program_answers(backend: Any, program: Any, path: Path, max_tokens: int) -> Answer:
+    """A multi-step program's forward per row, its predictor calls on this model (each with
+    the runtime's max_tokens default, as the runtime gives every call)."""
+    from services.core.pipeline import ProgramRunner
+    from services.runtime.predict import complete_once, lm_call, predict_params
+
+    runner = ProgramRunner.load(path, program)
+    params = predict_params(max_tokens, seed=0)
+
+    def answer(inputs: dict[str, str]) -> tuple[dict[str, Any], list[float]]:
+        speeds: list[float] = []
+
+        def complete(name: str, messages: list[dict[str, str]]) -> Any:
+            result = complete_once(backend, runner.codecs[name], messages, params)
+            speeds.extend(_decode_speed(result))
+            return lm_call(name, result)
+
+        started = time.perf_counter()
+        try:
+            run = runner.run(inputs, complete)
+            outputs, outcome, calls, confidence = (
+                run.outputs,
+                run.outcome,
+                run.calls,
+                run.confidence,
+            )
+        except ProgramFailed as failed:  # the program's own error on this row: scored 0
+            outputs, outcome, calls, confidence = None, "failed", failed.calls, 0.0
+        row = {
+            "confidence": confidence,
+            "outcome": outcome, "outputs": outputs,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            "prompt_tokens": sum(c.prompt_tokens for c in calls),
+            "completion_tokens": sum(c.completion_tokens for c in calls),
+            "lm_calls": len(calls),
+        }  # fmt: skip
+        return row, speeds
+
+    return answer
+
+
+def _decode_speed(result: Any) -> list[float]:
+    decode_s = result.latency_s - (result.first_token_s or 0.0)
+    if result.finished.completion_tokens > 1 and decode_s > 0:
+        return [(result.finished.completion_tokens - 1) / decode_s]
+    return []
 
 
 def _peak_rss_kib() -> int:
@@ -160,7 +238,10 @@ def evaluate_teacher(
     """The teacher on the held-out rows, timed per call, with the tokens it spent. With `gold`
     the labels are the answers: a perfect score, and nothing to time."""
     if teacher.is_gold:
-        per_example = [{"split": split, "score": 1.0} for split in splits]
+        per_example = [
+            {"split": split, "score": 1.0, "outputs": {k: e.get(k) for k in output_names}}
+            for split, e in zip(splits, examples, strict=True)
+        ]
         return {"label": "teacher (gold labels)", "gold": True, "examples": per_example,
                 **summary(per_example)}  # fmt: skip
     import dspy

@@ -232,7 +232,9 @@ def train_lora(
     answer_budget = max(sum(label != IGNORE for label in e.labels) for e in examples) + 8
 
     def ask(probe: Probe) -> ProbeResult:
-        return probe.score(greedy_answers(model, tokenizer, probe.prompts, answer_budget, device))
+        return probe.answer(
+            lambda prompts: greedy_answers(model, tokenizer, prompts, answer_budget, device)
+        )
 
     calibration = probes.calibration if probes else None
     checkpoints = probe_steps(total_steps, lora.checkpoints if calibration else 0)

@@ -10,11 +10,13 @@ import importlib.metadata
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from services.core.bundle import MANIFEST, Manifest, write_manifest
-from services.core.program import COMPLETED_MARKER, ProgramSpec, dump_signature_json
+from services.core.pipeline import PipelineSpec, dump_signature_json
+from services.core.program import COMPLETED_MARKER, ProgramSpec
 
 _CHATML_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
@@ -63,15 +65,17 @@ def write_bundle(
     name: str,
     version: str,
     ggufs: dict[str, Path],  # quantization -> file, first is the default
-    program: ProgramSpec,
+    program: ProgramSpec | PipelineSpec,
+    write_program: Callable[[Path], Path],
     chat_template: str,
     evaluation_dir: Path,
     calibration: dict[str, Any] | None,
     provenance: dict[str, Any],
 ) -> Manifest:
-    """Write the bundle's files and its manifest into the (empty) folder `root`."""
+    """Write the bundle's files and its manifest into the (empty) folder `root`;
+    `write_program(folder)` writes program/ (program.json, a multi-step program's source and
+    state)."""
     (root / "model").mkdir()
-    (root / "program").mkdir()
     models = {}
     for quant, source in ggufs.items():
         target = root / "model" / f"{name}.{quant}.gguf"
@@ -81,7 +85,7 @@ def write_bundle(
             shutil.copy2(source, target)
         models[quant] = f"model/{target.name}"
     default = next(iter(models.values()))
-    program.save(root / "program" / "program.json")
+    write_program(root / "program")
     (root / "signature.json").write_text(dump_signature_json(program) + "\n")
     (root / "Modelfile").write_text(modelfile(Path(default).name, chat_template))
     for report in ("eval.json", "decision.json", "report.md", "report.html"):

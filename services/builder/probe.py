@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from services.builder.data import Metric, field_matches, score
+from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, RunResult
 from services.core.program import PromptCodec
 
 
@@ -28,11 +31,14 @@ class ProbeResult:
         return {"score": self.score, "fields": self.fields, "parsed": self.parsed, "n": self.n}
 
 
+# Greedy completions of a list of chat prompts, in order (the model in training answers).
+Ask = Callable[[list[list[dict[str, str]]]], list[str]]
+
+
 @dataclass(frozen=True)
 class Probe:
     name: str
-    prompts: list[list[dict[str, str]]]  # chat messages, as served
-    score: Callable[[list[str]], ProbeResult]  # the completions, in order -> their score
+    answer: Callable[[Ask], ProbeResult]  # the model's answers to the rows -> their score
 
 
 def make_probe(
@@ -42,22 +48,80 @@ def make_probe(
     inputs = codec.input_names
     prompts = [codec.format_messages({k: str(e[k]) for k in inputs}) for e in examples]
 
-    def score_completions(completions: list[str]) -> ProbeResult:
-        parsed = [codec.parse(text) for text in completions]
-        outputs = [answer.outputs if answer else None for answer in parsed]
-        scores = [score(metric, e, out) for e, out in zip(examples, outputs, strict=True)]
-        right = {
-            field: statistics.fmean(
-                field_matches(e, out, field) for e, out in zip(examples, outputs, strict=True)
-            )
-            for field in fields
-        }
-        return ProbeResult(
-            score=statistics.fmean(scores), fields=right,
-            parsed=statistics.fmean(out is not None for out in outputs), n=len(examples),
-        )  # fmt: skip
+    def answer(ask: Ask) -> ProbeResult:
+        parsed = [codec.parse(text) for text in ask(prompts)]
+        return result_of(metric, examples, [a.outputs if a else None for a in parsed], fields)
 
-    return Probe(name, prompts, score_completions)
+    return Probe(name, answer)
+
+
+def make_program_probe(
+    name: str, runner: ProgramRunner, metric: Metric, examples: list[Any], fields: list[str]
+) -> Probe:
+    """A multi-step program's probe: every row's forward runs, the calls answered in batches."""
+    rows = [dict(e.inputs()) for e in examples]
+
+    def answer(ask: Ask) -> ProbeResult:
+        results = run_lockstep(runner, rows, ask)
+        return result_of(metric, examples, [r.outputs for r in results], fields)
+
+    return Probe(name, answer)
+
+
+def result_of(
+    metric: Metric, examples: list[Any], outputs: list[dict[str, Any] | None], fields: list[str]
+) -> ProbeResult:
+    pairs = list(zip(examples, outputs, strict=True))
+    return ProbeResult(
+        score=statistics.fmean(score(metric, e, out) for e, out in pairs),
+        fields={f: statistics.fmean(field_matches(e, out, f) for e, out in pairs) for f in fields},
+        parsed=statistics.fmean(out is not None for out in outputs), n=len(examples),
+    )  # fmt: skip
+
+
+def run_lockstep(runner: ProgramRunner, rows: list[dict[str, Any]], ask: Ask) -> list[RunResult]:
+    """Each row's forward on its own thread; whenever every unfinished row waits on an LM
+    call, the waiting calls are answered together (one `ask` per predictor), so a program of
+    k steps costs about k batched rounds, whatever Python runs between its calls."""
+    lock = threading.Condition()
+    waiting: list[tuple[str, list[dict[str, str]], list[str]]] = []
+    running = [len(rows)]
+
+    def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
+        answer: list[str] = []
+        with lock:
+            waiting.append((name, messages, answer))
+            lock.notify_all()
+            lock.wait_for(lambda: bool(answer))
+        ok = runner.codecs[name].parse(answer[0]) is not None
+        return LmCall(name, answer[0], 1.0 if ok else 0.0, "parsed" if ok else "unparsed")
+
+    def run(row: dict[str, Any]) -> RunResult:
+        try:
+            return runner.run(row, complete)
+        except ProgramFailed:
+            return RunResult(None, "failed")
+        finally:
+            with lock:
+                running[0] -= 1
+                lock.notify_all()
+
+    with ThreadPoolExecutor(max(1, len(rows))) as pool:
+        futures = [pool.submit(run, row) for row in rows]
+        while True:
+            with lock:
+                lock.wait_for(lambda: running[0] == 0 or len(waiting) == running[0])
+                if running[0] == 0:
+                    break
+                batch, waiting[:] = list(waiting), []
+            for name in dict.fromkeys(n for n, _, _ in batch):
+                calls = [(m, a) for n, m, a in batch if n == name]
+                texts = ask([m for m, _ in calls])
+                with lock:
+                    for (_, answer), text in zip(calls, texts, strict=True):
+                        answer.append(text)
+                    lock.notify_all()
+        return [f.result() for f in futures]
 
 
 def sample(examples: list[Any], size: int, seed: int) -> list[Any]:

@@ -138,14 +138,31 @@ def calibration_line(calibration: dict[str, Any], gold: bool) -> str:
 
 
 def field_lines(evaluation: dict[str, Any]) -> list[str]:
-    """Each distilled model's accuracy per label field on the test part."""
+    """Each model's score per output field on the test part (teacher, untuned, distilled)."""
     lines = []
-    for variant in evaluation["students"]:
-        if variant.get("fields") and not variant["label"].startswith("untuned"):
+    for model in [evaluation["teacher"], *evaluation["students"]]:
+        if model.get("fields"):
             cells = ", ".join(f"{name} {value['score']:.1%} {percent_interval(value['interval'])}"
-                              for name, value in variant["fields"].items())  # fmt: skip
-            lines.append(f"{variant['label']}, per field: {cells}")
+                              for name, value in model["fields"].items())  # fmt: skip
+            lines.append(f"{model['label']}, per field: {cells}")
     return lines
+
+
+def field_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The per-field scores as a table: one row per model, one column per field."""
+    models = [m for m in [evaluation["teacher"], *evaluation["students"]] if m.get("fields")]
+    if not models:
+        return [], []
+    names = list(models[0]["fields"])
+    header = ["model (test part)"] + [
+        f"{n} ({models[0]['fields'][n].get('measure', 'exact match')})" for n in names
+    ]
+    body = [[m["label"]] + [field_cell(m["fields"][n]) for n in names] for m in models]
+    return header, body
+
+
+def field_cell(value: dict[str, Any]) -> str:
+    return f"{value['score']:.1%} {percent_interval(value['interval'])}"
 
 
 def training_lines(training: dict[str, Any] | None) -> list[str]:
@@ -265,9 +282,10 @@ def write_reports(
     calibration_text = calibration_line(calibration, gold)
     md = [f"# {evaluation['name']} — distillation report", "", intro, ""]
     md += markdown_table(list(COLUMNS), rows(evaluation))
-    fields = field_lines(evaluation)
+    field_header, field_body = field_table(evaluation)
     train = training_lines(training)
-    md += ["", *fields] if fields else []
+    if field_body:
+        md += ["", "## Per field", "", *markdown_table(field_header, field_body)]
     md += ["", "## Training", "", *train] if train else []
     md += ["", "## Decision", "", f"**{verdict}**", ""]
     md += markdown_table(decision_header, decision_rows(decision))
@@ -285,7 +303,7 @@ def write_reports(
         "text-align:right}td:first-child{text-align:left}</style></head><body>"
         f"<h1>{html.escape(evaluation['name'])} — distillation report</h1>"
         f"<p>{html.escape(intro)}</p>{html_table(list(COLUMNS), rows(evaluation))}"
-        + "".join(f"<p>{html.escape(line)}</p>" for line in fields)
+        + ("<h2>Per field</h2>" + html_table(field_header, field_body) if field_body else "")
         + (
             "<h2>Training</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in train)
             if train

@@ -17,6 +17,7 @@ from typing import Any
 
 from services.builder.data import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
+from services.core.pipeline import LmCall, ProgramRunner
 
 
 class TeacherError(RuntimeError):
@@ -89,19 +90,21 @@ def collect_traces(
     threshold: float,
     output_names: list[str],
     out_dir: Path,
+    runner: ProgramRunner | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> TraceCounts:
-    """Writes traces.jsonl (kept: inputs + outputs), rejected.jsonl, failed.jsonl, counts.json."""
+    """Writes traces.jsonl (kept: inputs + outputs, and a multi-step program's predictor
+    calls), rejected.jsonl, failed.jsonl, counts.json."""
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
 
-    if teacher.is_gold:
+    if teacher.is_gold and runner is None:
         for example in trainset:
             kept.append({"inputs": dict(example.inputs()), "outputs": dict(example.labels())})
             progress(1)
     else:
-        teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
+        answer, names = teacher_answers(program, teacher, trainset, metric, threshold, runner)
 
         def run(example: Any) -> tuple[str, dict[str, Any]]:
             import dspy
@@ -109,19 +112,26 @@ def collect_traces(
             inputs = dict(example.inputs())
             try:
                 with dspy.context(trace=[]):
-                    teacher_program(**inputs)
+                    prediction = answer(example)
                     trace = list(dspy.settings.trace)
             except Exception as err:  # one bad example never sinks the build
                 return "failed", {"inputs": inputs, "error": f"{type(err).__name__}: {err}"[:500]}
-            if len(trace) != 1:
+            if runner is None and len(trace) != 1:
                 return "failed", {
                     "inputs": inputs,
                     "error": f"{len(trace)} predictor calls, want 1",
                 }
-            _, call_inputs, call_outputs = trace[0]
-            outputs = {k: call_outputs.get(k) for k in output_names}
+            if runner is None:
+                _, inputs, prediction = trace[0]
+            outputs = {k: prediction.get(k) for k in output_names}
             value = score(metric, example, outputs)
-            record = {"inputs": dict(call_inputs), "outputs": outputs, "score": value}
+            record = {"inputs": dict(inputs), "outputs": outputs, "score": value}
+            if runner is not None:
+                record["calls"] = [
+                    {"predictor": names[id(predictor)], "inputs": dict(call_inputs),
+                     "outputs": dict(call_outputs.items())}
+                    for predictor, call_inputs, call_outputs in trace
+                ]  # fmt: skip
             return ("kept" if value >= threshold else "rejected"), record
 
         with ThreadPoolExecutor(max_workers=teacher.num_threads) as pool:
@@ -134,7 +144,10 @@ def collect_traces(
         with (out_dir / f"{name}.jsonl").open("w") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    (out_dir / "counts.json").write_text(json.dumps(asdict(counts), indent=2))
+    summary = asdict(counts)
+    if runner is not None:
+        summary["predictors"] = predictor_counts(kept, rejected, list(runner.predictors))
+    (out_dir / "counts.json").write_text(json.dumps(summary, indent=2))
     if counts.failed > teacher.max_failure_fraction * counts.total:
         first = failed[0]["error"] if failed else ""
         raise TeacherError(
@@ -147,3 +160,45 @@ def collect_traces(
             "failed): check the teacher model, the metric, or lower metric_threshold"
         )
     return counts
+
+
+def teacher_answers(
+    program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric, threshold: float,
+    runner: ProgramRunner | None,
+) -> tuple[Callable[[Any], Any], dict[int, str]]:  # fmt: skip
+    """How the teacher answers a train row (its predictions traced), and each traced
+    predictor's name. Gold runs a multi-step program with every predictor answering the
+    row's labelled values for its output fields."""
+    if teacher.is_gold:
+        assert runner is not None
+        names = {id(p): name for name, p in runner.predictors.items()}
+        return lambda example: gold_run(runner, example), names
+    teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
+    names = {id(p): name for name, p in teacher_program.named_predictors()}
+    return lambda example: teacher_program(**example.inputs()), names
+
+
+def gold_run(runner: ProgramRunner, example: Any) -> Any:
+    """The program's forward on one row, each predictor answering the row's labels."""
+    import dspy
+
+    def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
+        codec = runner.codecs[name]
+        text = codec.format_assistant({k: example[k] for k in codec.output_names})
+        return LmCall(predictor=name, text=text, confidence=1.0, outcome="parsed")
+
+    result = runner.run(dict(example.inputs()), complete)
+    if result.outputs is None:
+        raise ValueError("a gold answer did not parse")
+    return dspy.Prediction(**result.outputs)
+
+
+def predictor_counts(
+    kept: list[dict[str, Any]], rejected: list[dict[str, Any]], names: list[str]
+) -> dict[str, dict[str, int]]:
+    """Each predictor's calls in kept and in rejected traces."""
+
+    def calls(rows: list[dict[str, Any]], name: str) -> int:
+        return sum(c["predictor"] == name for row in rows for c in row.get("calls", []))
+
+    return {name: {"kept": calls(kept, name), "rejected": calls(rejected, name)} for name in names}

@@ -8,7 +8,6 @@ on, so serving prompts are byte-identical to training prompts.
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,24 +104,33 @@ class ParsedAnswer:
 class PromptCodec:
     """Formats program inputs into chat messages and parses completions, as ChatAdapter does."""
 
-    def __init__(self, spec: ProgramSpec) -> None:
+    def __init__(self, spec: ProgramSpec, signature: Any = None) -> None:
         import dspy
 
         self.spec = spec
-        self.signature = spec.to_signature()
+        self.signature = spec.to_signature() if signature is None else signature
         # No JSON fallback: the student was trained on ChatAdapter's format only.
         self._adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        self.demos: list[Any] = list(spec.demos)
         self.input_names = [f.name for f in spec.inputs]
         self.output_names = [f.name for f in spec.outputs]
 
+    @classmethod
+    def for_signature(cls, signature: Any, demos: list[Any]) -> PromptCodec:
+        """A predictor's own signature (its real types, not their text) and demos: the
+        prompts a multi-step program's predictor sends when DSPy runs it."""
+        codec = cls(ProgramSpec.from_signature(signature), signature)
+        codec.demos = list(demos)
+        return codec
+
     def format_messages(self, inputs: dict[str, str]) -> list[dict[str, str]]:
-        messages = self._adapter.format(self.signature, self.spec.demos, inputs)
+        messages = self._adapter.format(self.signature, self.demos, inputs)
         return [{"role": m["role"], "content": str(m["content"])} for m in messages]
 
     def format_finetune(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
         """A chat-format training record: the serving prompt plus the answer to learn."""
         record: dict[str, Any] = self._adapter.format_finetune_data(
-            self.signature, self.spec.demos, inputs, outputs
+            self.signature, self.demos, inputs, outputs
         )
         record["messages"] = [
             {"role": m["role"], "content": str(m["content"])} for m in record["messages"]
@@ -219,16 +227,4 @@ def _annotation_from_node(node: ast.expr, text: str) -> Any:
             return list[_annotation_from_node(args[0], text)]  # type: ignore[misc]
     raise ProgramFormatError(
         f"field type {text!r} is not supported (str, int, float, bool, list[...], Literal[...])"
-    )
-
-
-def dump_signature_json(spec: ProgramSpec) -> str:
-    """The signature alone, for humans and GetModelInfo."""
-    return json.dumps(
-        {
-            "instructions": spec.instructions,
-            "inputs": [f.model_dump() for f in spec.inputs],
-            "outputs": [f.model_dump() for f in spec.outputs],
-        },
-        indent=2,
     )

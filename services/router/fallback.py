@@ -6,10 +6,12 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
+from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
 from services.core.program import ProgramSpec
 
 # Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
@@ -31,8 +33,9 @@ class ApiError(Exception):
 class FallbackModel:
     def __init__(
         self,
-        program: ProgramSpec,
+        program: ProgramSpec | PipelineSpec,
         *,
+        program_path: Path,
         model: str,
         api_base: str | None,
         api_key: SecretStr | None,
@@ -64,9 +67,15 @@ class FallbackModel:
             kwargs["api_key"] = api_key.get_secret_value()
         elif api_base:
             kwargs["api_key"] = "EMPTY"  # a keyless OpenAI-compatible server (vLLM's convention)
-        self._predictor = dspy.Predict(program.to_signature())
-        self._predictor.demos = [dspy.Example(**demo) for demo in program.demos]
-        self._predictor.set_lm(dspy.LM(model, **kwargs))
+        self._lm = dspy.LM(model, **kwargs)
+        self._runner: ProgramRunner | None = None
+        if isinstance(program, PipelineSpec):
+            # The whole program runs on the API model, each predictor prompted as served.
+            self._runner = ProgramRunner.load(program_path, program)
+        else:
+            self._predictor = dspy.Predict(program.to_signature())
+            self._predictor.demos = [dspy.Example(**demo) for demo in program.demos]
+            self._predictor.set_lm(self._lm)
 
     def _redact(self, text: str) -> str:
         if self._key is not None:
@@ -76,8 +85,17 @@ class FallbackModel:
         return text
 
     def _call(self, inputs: dict[str, str]) -> dict[str, str]:
+        if self._runner is not None:
+            result = self._runner.run(inputs, self._api_call)
+            if result.outputs is None:
+                raise ValueError(f"the API model's answer did not parse ({result.outcome})")
+            return result.outputs
         prediction = self._predictor(**inputs)
         return {name: str(prediction.get(name, "")) for name in self._output_names}
+
+    def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
+        text = str(self._lm(messages=messages)[0])
+        return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed")
 
     async def predict(self, inputs: dict[str, str]) -> tuple[dict[str, str], float]:
         """The API's outputs and the seconds it took; ApiError after the last retry."""

@@ -20,7 +20,8 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
 from services.core.config import RouterSettings
-from services.core.program import ProgramSpec, program_from_file
+from services.core.pipeline import PipelineSpec, read_program_file
+from services.core.program import ProgramSpec
 from services.core.registration import add_inference_servicer
 from services.core.validation import RpcFailure
 from services.router.decision import Action, Gates, LocalAnswer, after_api_error, decide
@@ -44,7 +45,7 @@ class RouterService(pb_grpc.InferenceServicer):
     def __init__(
         self,
         settings: RouterSettings,
-        program: ProgramSpec,
+        program: ProgramSpec | PipelineSpec,
         threshold: float,
         local: LocalRuntimes,
         fallback: FallbackModel | None,
@@ -262,12 +263,13 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     refusal = None if settings.allow_failed_gate else failed_gate(bundle.manifest)
     if refusal:
         raise ValueError(f"bundle: {refusal}")
-    program = program_from_file(bundle.program_path)
+    program = read_program_file(bundle.program_path)
     threshold = calibrated_threshold(bundle, settings.threshold, settings.mode)
     fallback = None
     if settings.fallback_model and settings.mode != "local_only":
         fallback = FallbackModel(
             program,
+            program_path=bundle.program_path,
             model=settings.fallback_model,
             api_base=settings.fallback_api_base,
             api_key=settings.fallback_key(),

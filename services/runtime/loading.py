@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from services.core.bundle import Bundle, BundleError, failed_gate
 from services.core.config import RuntimeSettings
-from services.core.program import ProgramFormatError, ProgramSpec, PromptCodec, program_from_file
+from services.core.pipeline import PipelineSpec, ProgramRunner, read_program_file
+from services.core.program import ProgramFormatError, ProgramSpec, PromptCodec
 from services.runtime.backends import Backend, BackendError, registry
 from services.runtime.backends.registry import ModelSource
 
@@ -21,8 +22,9 @@ class LoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     backend: Backend
-    program: ProgramSpec | None
-    codec: PromptCodec | None
+    program: ProgramSpec | PipelineSpec | None
+    codec: PromptCodec | None  # a single-predictor program's
+    runner: ProgramRunner | None = None  # a multi-step program's
     bundle_version: str = ""
 
 
@@ -40,10 +42,17 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
         if refusal:
             raise LoadError(refusal)
     program_path = bundle.program_path if bundle else settings.program
-    program = program_from_file(program_path) if program_path else None
-    codec = PromptCodec(program) if program else None
+    program = read_program_file(program_path) if program_path else None
+    runner = codec = None
+    if isinstance(program, PipelineSpec):
+        assert program_path is not None
+        runner = ProgramRunner.load(program_path, program)  # the program's code, at start
+    elif program is not None:
+        codec = PromptCodec(program)
+    # The warm prefix: the program's, or a multi-step program's first predictor's.
+    prefix_codec = codec or (next(iter(runner.codecs.values())) if runner else None)
 
-    source = ModelSource(settings.model, bundle, settings.variant, codec)
+    source = ModelSource(settings.model, bundle, settings.variant, prefix_codec)
     backend = registry.get(settings.backend).create(settings, source)
     info = backend.info
     log.info(
@@ -59,5 +68,6 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
         backend=backend,
         program=program,
         codec=codec,
+        runner=runner,
         bundle_version=bundle.manifest.version if bundle else "",
     )

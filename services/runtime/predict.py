@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from services.core.pipeline import LmCall
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.runtime.backends import Backend, Finished, GenerationParams, TokenPiece
 
@@ -74,8 +75,25 @@ def predict_once(
     backend: Backend, codec: PromptCodec, inputs: dict[str, str], params: GenerationParams
 ) -> PredictResult:
     """One synchronous Predict, without the server (evaluation, calibration, tools)."""
+    return complete_once(backend, codec, codec.format_messages(inputs), params)
+
+
+def lm_call(name: str, result: PredictResult) -> LmCall:
+    """A predictor call's record, for a multi-step program's run."""
+    return LmCall(
+        predictor=name, text=result.raw_text, confidence=result.confidence,
+        outcome=result.outcome, prompt_tokens=result.finished.prompt_tokens,
+        completion_tokens=result.finished.completion_tokens,
+        cached_prompt_tokens=result.finished.cached_prompt_tokens,
+    )  # fmt: skip
+
+
+def complete_once(
+    backend: Backend, codec: PromptCodec, messages: list[dict[str, str]], params: GenerationParams
+) -> PredictResult:
+    """One synchronous call of a predictor whose prompt is already formatted."""
     started = time.perf_counter()
-    prompt = backend.prepare(codec.format_messages(inputs))
+    prompt = backend.prepare(messages)
     pieces: list[TokenPiece] = []
     first: float | None = None
     finished: Finished | None = None

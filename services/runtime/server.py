@@ -6,8 +6,10 @@ import asyncio
 import logging
 import math
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -19,7 +21,8 @@ from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
-from services.core.program import COMPLETED_MARKER
+from services.core.pipeline import LmCall, PipelineSpec, ProgramFailed, ProgramRunner
+from services.core.program import COMPLETED_MARKER, ProgramSpec
 from services.core.registration import add_inference_servicer
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
@@ -53,10 +56,15 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._model: LoadedModel | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
+        self._program_pool = ThreadPoolExecutor(1)
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
         self._scheduler = make_scheduler(model.backend, self._settings.max_queue)
+        # Programs wait on their LM calls in these threads: one per call the scheduler admits.
+        self._program_pool = ThreadPoolExecutor(
+            self._settings.max_queue + self._scheduler.slots, thread_name_prefix="program"
+        )
         self._limits = Limits(
             max_tokens_default=self._settings.max_tokens_default,
             max_tokens_limit=self._settings.max_tokens_limit,
@@ -69,6 +77,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._scheduler.wait_ready()
 
     def close(self) -> None:
+        self._program_pool.shutdown(wait=False, cancel_futures=True)
         if self._scheduler:
             self._scheduler.close(timeout=5)
         if self._model:
@@ -107,6 +116,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         started = time.perf_counter()
         model, scheduler, limits = self._ready()
         check.check_size(request, limits.max_request_bytes)
+        if model.runner is not None:
+            return await self._run_program(model.runner, request, context, started)
         if model.codec is None:
             raise RpcFailure(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -138,6 +149,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             confidence=result.confidence,
             outcome=_OUTCOME[result.outcome],
         )
+        response.lm_calls.add(
+            predictor=model.codec.spec.name, usage=_usage(finished), confidence=result.confidence
+        )
         if result.outputs is not None:
             response.outputs.update(result.outputs)
         if result.outputs is None or request.include_raw_text:
@@ -149,6 +163,72 @@ class InferenceService(pb_grpc.InferenceServicer):
         if self._settings.log_requests:
             log.info("predict response", extra={"outputs": dict(response.outputs), "raw": raw})
         return response
+
+    async def _run_program(
+        self, runner: ProgramRunner, request: pb.PredictRequest, context: Any, started: float
+    ) -> pb.PredictResponse:
+        """A multi-step program's `forward`, on a worker thread; each predictor call goes
+        through the scheduler like any Predict (batched, deadline and cancellation kept)."""
+        model, _, limits = self._ready()
+        inputs = check.predict_inputs(request, runner.spec.input_names)
+        params = check.sampling_params(
+            request.options, limits, default_temperature=PREDICT_DEFAULT_TEMPERATURE,
+            stop=(COMPLETED_MARKER,), logprobs=True,
+        )  # fmt: skip
+        if self._settings.log_requests:
+            log.info("predict request", extra={"inputs": inputs})
+        loop = asyncio.get_running_loop()
+        calls = ProgramCalls(loop, lambda name, messages: self._program_call(
+            runner, name, messages, params, context))  # fmt: skip
+        try:
+            result = await loop.run_in_executor(self._program_pool, runner.run, inputs, calls)
+        except ProgramFailed as failed:
+            raise RpcFailure(
+                grpc.StatusCode.INTERNAL, f"the program raised {failed}"[:1000]
+            ) from failed
+        finally:
+            calls.cancel()
+        response = pb.PredictResponse(
+            served_by=pb.SERVED_BY_LOCAL, model_id=model.backend.info.model_name,
+            confidence=result.confidence, outcome=_OUTCOME[result.outcome],
+            queue_ms=calls.queue_ms,
+        )  # fmt: skip
+        for call in result.calls:
+            usage = pb.Usage(prompt_tokens=call.prompt_tokens,
+                             completion_tokens=call.completion_tokens,
+                             cached_prompt_tokens=call.cached_prompt_tokens)  # fmt: skip
+            response.lm_calls.add(predictor=call.predictor, usage=usage,
+                                  confidence=call.confidence)  # fmt: skip
+            response.usage.prompt_tokens += call.prompt_tokens
+            response.usage.completion_tokens += call.completion_tokens
+            response.usage.cached_prompt_tokens += call.cached_prompt_tokens
+        if result.outputs is not None:
+            response.outputs.update(result.outputs)
+        if result.outputs is None or request.include_raw_text:
+            response.raw_text = result.raw_text
+        self._metrics.predict_outcomes.labels(pb.PredictOutcome.Name(response.outcome)).inc()
+        response.latency_ms = (time.perf_counter() - started) * 1000
+        return response
+
+    async def _program_call(
+        self, runner: ProgramRunner, name: str, messages: list[dict[str, str]],
+        params: Any, context: Any,
+    ) -> tuple[LmCall, float]:  # fmt: skip
+        """One predictor call of a running program, on the event loop."""
+        model, scheduler, limits = self._ready()
+        prompt = model.backend.prepare(messages)
+        n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
+        job = self._submit(scheduler, prompt, params, context)
+        text, pieces, finished, _ = await self._drain(job, context)
+        raw = text + finished.text
+        result = interpret(runner.codecs[name], raw, pieces, finished)
+        call = LmCall(
+            predictor=name, text=raw, confidence=result.confidence, outcome=result.outcome,
+            prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
+            cached_prompt_tokens=finished.cached_prompt_tokens,
+        )  # fmt: skip
+        return call, _queue_ms(job)
 
     async def _generate(
         self, request: pb.GenerateRequest, context: Any, started: float
@@ -221,16 +301,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             reply.parallel = model.backend.slots
             reply.cached_prefix_tokens = model.backend.prefix_tokens
         if model.program is not None:
-            program = model.program
-            reply.signature.instructions = program.instructions
-            for field in program.inputs:
-                reply.signature.input_fields.add(
-                    name=field.name, description=field.description, type=field.type
-                )
-            for field in program.outputs:
-                reply.signature.output_fields.add(
-                    name=field.name, description=field.description, type=field.type
-                )
+            _describe(reply.signature, model.program)
+        if isinstance(model.program, PipelineSpec):
+            for predictor in model.program.predictors:
+                _describe(reply.predictors.add(name=predictor.name).signature, predictor)
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -321,12 +395,53 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
 
 
+def _describe(signature: pb.ProgramSignature, program: ProgramSpec | PipelineSpec) -> None:
+    signature.instructions = program.instructions
+    for field in program.inputs:
+        signature.input_fields.add(name=field.name, description=field.description, type=field.type)
+    for field in program.outputs:
+        signature.output_fields.add(name=field.name, description=field.description, type=field.type)
+
+
 def _usage(finished: Finished) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=finished.prompt_tokens,
         completion_tokens=finished.completion_tokens,
         cached_prompt_tokens=finished.cached_prompt_tokens,
     )
+
+
+class ProgramCalls:
+    """A running program's Complete: called on its worker thread, it runs each predictor
+    call on the event loop and waits for it; `cancel` stops the one in flight and refuses
+    further calls (the client went away or the RPC ended)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop,
+        call: Callable[[str, list[dict[str, str]]], Coroutine[Any, Any, tuple[LmCall, float]]],
+    ) -> None:  # fmt: skip
+        self._loop = loop
+        self._call = call
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._in_flight: Future[tuple[LmCall, float]] | None = None
+        self.queue_ms = 0.0
+
+    def __call__(self, name: str, messages: list[dict[str, str]]) -> LmCall:
+        with self._lock:
+            if self._cancelled:
+                raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
+            future = asyncio.run_coroutine_threadsafe(self._call(name, messages), self._loop)
+            self._in_flight = future
+        call, queue_ms = future.result()
+        self.queue_ms += queue_ms
+        return call
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._in_flight is not None:
+                self._in_flight.cancel()
 
 
 def _queue_ms(job: Job) -> float:

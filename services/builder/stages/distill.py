@@ -11,7 +11,7 @@ from typing import Any
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
 from services.builder.data import file_sha256, label_counts, normalize
-from services.builder.probe import make_probe, sample
+from services.builder.probe import Probe, make_probe, make_program_probe, sample
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import convert_hf_folder, dense_hf_copy
 
@@ -23,13 +23,26 @@ def collect_traces(ctx: BuildContext, out: Path) -> None:
         task = bar.add_task("teacher", total=len(ctx.trainset), note=spec.teacher.model)
         counts = teacher.collect_traces(
             program=ctx.program, teacher=spec.teacher, trainset=ctx.trainset, metric=ctx.metric,
-            threshold=ctx.threshold, output_names=ctx.codec.output_names, out_dir=out,
-            progress=lambda n: bar.advance(task, n),
+            threshold=ctx.threshold, output_names=ctx.output_names, out_dir=out,
+            runner=ctx.runner if ctx.pipeline else None, progress=lambda n: bar.advance(task, n),
         )  # fmt: skip
     ctx.console.print(
         f"  kept {counts.kept}, rejected {counts.rejected}, failed {counts.failed} "
         f"of {counts.total}"
     )
+    per_predictor = json.loads((out / "counts.json").read_text()).get("predictors", {})
+    for name, calls in per_predictor.items():
+        ctx.console.print(f"  {name}: {calls['kept']} calls kept, {calls['rejected']} rejected")
+
+
+def trace_records(ctx: BuildContext, trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """A kept trace's training records: one per predictor call, formatted with that
+    predictor's signature and demos exactly as it is prompted when served."""
+    if "calls" not in trace:
+        return [ctx.codec.format_finetune(trace["inputs"], trace["outputs"])]
+    codecs = ctx.runner.codecs
+    return [codecs[c["predictor"]].format_finetune(c["inputs"], c["outputs"])
+            for c in trace["calls"]]  # fmt: skip
 
 
 def format_dataset(ctx: BuildContext, out: Path) -> None:
@@ -37,9 +50,8 @@ def format_dataset(ctx: BuildContext, out: Path) -> None:
     traces = (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()
     with (out / "dataset.jsonl").open("w") as handle:
         for line in traces:
-            trace = json.loads(line)
-            record = ctx.codec.format_finetune(trace["inputs"], trace["outputs"])
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for record in trace_records(ctx, json.loads(line)):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def hf_folder_hashes(ctx: BuildContext) -> dict[str, Any]:
@@ -74,7 +86,8 @@ def train_lora(ctx: BuildContext, out: Path) -> None:
     spec, console = ctx.spec, ctx.console
     traces = [json.loads(line) for line in
               (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
-    examples = min(len(traces), spec.lora.max_examples or len(traces))
+    records = len((ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines())
+    examples = min(records, spec.lora.max_examples or records)  # a multi-step trace: several
     console.print(f"  {examples} examples, {finetune.optimizer_steps(examples, spec.lora)} "
                   "optimizer steps")  # fmt: skip
     warning = finetune.steps_warning(examples, spec.lora)
@@ -116,11 +129,16 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
     taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
               for t in sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed)]  # fmt: skip
     use_calibration = bool(ctx.calibset) and ctx.spec.lora.checkpoints > 0
+
+    def probe(name: str, examples: list[Any]) -> Probe:
+        if ctx.pipeline:
+            return make_program_probe(name, ctx.runner, ctx.metric, examples, fields)
+        return make_probe(name, ctx.codec, ctx.metric, examples, fields)
+
     return finetune.Probes(
-        calibration=(make_probe("calibration", ctx.codec, ctx.metric, ctx.calibset, fields)
-                     if use_calibration else None),
-        train=make_probe("train", ctx.codec, ctx.metric, taught, fields),
-    )  # fmt: skip
+        calibration=probe("calibration", ctx.calibset) if use_calibration else None,
+        train=probe("train", taught),
+    )
 
 
 def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[float] | None:
@@ -130,7 +148,9 @@ def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[flo
     counts = {name: label_counts(outputs, name) for name in fields}
     if not finetune.should_balance(ctx.spec.lora.balance, counts):
         return None
-    return finetune.balanced_weights([tuple(normalize(o[f]) for f in fields) for o in outputs])
+    weights = finetune.balanced_weights([tuple(normalize(o[f]) for f in fields) for o in outputs])
+    # A multi-step trace is one training record per predictor call, each with its weight.
+    return [w for w, t in zip(weights, traces, strict=True) for _ in t.get("calls", [None])]
 
 
 def probe_line(point: dict[str, Any]) -> str:
@@ -143,8 +163,13 @@ def export_gguf(ctx: BuildContext, out: Path) -> None:
     merged = finetune.merge_adapter(ctx.dirs["student"], ctx.dirs["finetune"] / "adapter")
     gguf_path = out / f"{ctx.spec.name}.F16.gguf"
     export.write_gguf(merged, ctx.base_gguf, gguf_path, ctx.spec.name)
-    inputs = ctx.codec.input_names
-    prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs}) for e in ctx.calibset[:3]]
+    if ctx.pipeline:  # predictor prompts as trained
+        records = (ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines()[:3]
+        prompts = [json.loads(r)["messages"][:-1] for r in records]
+    else:
+        inputs = ctx.codec.input_names
+        prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs})
+                   for e in ctx.calibset[:3]]  # fmt: skip
     checks = export.self_check(merged, gguf_path, prompts)
     (out / "self_check.json").write_text(json.dumps(checks, indent=2))
     ctx.console.print(f"  self-check: llama.cpp and transformers agree on {len(checks)} prompts")

@@ -30,10 +30,7 @@ def few_shot_program(ctx: BuildContext, out: Path) -> Path | None:
     import dspy
 
     compiled = dspy.LabeledFewShot(k=k).compile(ctx.program.deepcopy(), trainset=ctx.trainset)
-    demos = [dict(demo.items()) for demo in compiled.predictors()[0].demos]
-    path = out / "program.few-shot.json"
-    ctx.program_spec.model_copy(update={"demos": demos}).save(path)
-    return path
+    return ctx.write_program(out / "program.few-shot", compiled)
 
 
 def evaluate_variants(ctx: BuildContext, out: Path) -> None:
@@ -41,8 +38,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
     serves. The teacher and the default quantization answer both parts (calibration needs
     them); the others only the test part, which is all the report shows."""
     spec = ctx.spec
-    program_path = out / "program.json"
-    ctx.program_spec.save(program_path)
+    program_path = ctx.write_program(out / "program")
     held_out = ctx.calibset + ctx.testset
     splits = ["calibration"] * len(ctx.calibset) + ["test"] * len(ctx.testset)
     untuned = quantization_name(read_gguf_metadata(ctx.base_gguf))
@@ -56,8 +52,11 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         task = bar.add_task("evaluate", total=len(targets) + 1, note="teacher")
         teacher_result = evaluate.evaluate_teacher(
             program=ctx.program, teacher=spec.teacher, examples=held_out, splits=splits,
-            metric=ctx.metric, output_names=ctx.codec.output_names,
+            metric=ctx.metric, output_names=ctx.output_names,
         )  # fmt: skip
+        teacher_result["fields"] = evaluate.field_scores(
+            held_out, teacher_result["examples"], ctx.label_names, ctx.free_text_names
+        )
         bar.advance(task)
         results = []
         for label, gguf, program in targets:
@@ -67,11 +66,13 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
             result = evaluate.evaluate_gguf(
                 label=label, gguf_path=gguf, program_path=program, examples=rows,
                 splits=splits if both else ["test"] * len(ctx.testset),
-                input_names=ctx.codec.input_names, metric=ctx.metric,
+                input_names=ctx.input_names, metric=ctx.metric,
                 max_tokens=serving_max_tokens(ctx), n_threads=spec.n_threads,
                 num_threads=spec.teacher.num_threads,
             )  # fmt: skip
-            result["fields"] = evaluate.field_scores(rows, result["examples"], ctx.label_names)
+            result["fields"] = evaluate.field_scores(
+                rows, result["examples"], ctx.label_names, ctx.free_text_names
+            )
             results.append(result)
             bar.advance(task)
     evaluation = {
@@ -139,7 +140,8 @@ def package(ctx: BuildContext, out: Path) -> None:
         name=spec.name,
         version=spec.version or datetime.now(UTC).strftime("%Y.%m.%d-%H%M%S"),
         ggufs=ctx.ggufs,
-        program=ctx.program_spec,
+        program=ctx.pipeline or ctx.program_spec,
+        write_program=ctx.write_program,
         chat_template=chat_template(ctx.base_gguf),
         evaluation_dir=ctx.dirs["calibrate"],
         calibration=ctx.read_json("calibrate", "calibration.json"),

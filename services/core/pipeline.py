@@ -1,0 +1,380 @@
+"""Multi-step DSPy programs served as their authors wrote them: source, saved state, `forward`.
+
+A program with several predictors (classify, then extract, then draft; a module calling
+modules) ships as its Python source and its `save(save_program=False)` state. Whoever runs it
+(the runtime on the local model, the router on the API model, the builder on a model in
+training) binds every predictor to a `dspy.LM` whose engine hands each call to a `Complete`
+function of theirs: (predictor name, chat messages) -> `LmCall`. The prompts are DSPy's own
+ChatAdapter format for each predictor's signature and demos, exactly what the student was
+trained on.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextvars
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from services.core.program import FieldSpec, ProgramFormatError, ProgramSpec, PromptCodec
+
+PIPELINE_FORMAT_VERSION: Literal[2] = 2
+PIPELINE_KIND: Literal["pipeline"] = "pipeline"
+
+
+class ProgramCodeError(ProgramFormatError):
+    """The program's source cannot be imported or run here."""
+
+
+class SourceSpec(BaseModel):
+    """Where the program's code is: `module:attr` under `root` (a folder of the bundle)."""
+
+    root: str = "source"
+    module: str
+    attr: str
+    files: list[str] = Field(default_factory=list)  # relative to root
+
+
+class PipelineSpec(BaseModel):
+    """program.json of a multi-step program: its top-level fields, each predictor's signature
+    (what GetModelInfo shows), and where its source and state are."""
+
+    format_version: Literal[2] = PIPELINE_FORMAT_VERSION
+    kind: Literal["pipeline"] = PIPELINE_KIND
+    name: str = "program"
+    instructions: str = ""
+    inputs: list[FieldSpec] = Field(min_length=1)
+    outputs: list[FieldSpec] = Field(min_length=1)
+    predictors: list[ProgramSpec] = Field(min_length=1)  # each named by its path in the module
+    source: SourceSpec
+    state: str = "state.json"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f.name for f in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f.name for f in self.outputs]
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def read_program_file(path: Path) -> ProgramSpec | PipelineSpec:
+    """program.json: a single signature (format 1) or a multi-step program (format 2)."""
+    from services.core.program import program_from_file
+
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ProgramFormatError(f"{path}: no such program file") from err
+    if b'"kind": "pipeline"' not in raw and b'"kind":"pipeline"' not in raw:
+        return program_from_file(path)
+    try:
+        return PipelineSpec.model_validate_json(raw)
+    except ValueError as err:
+        raise ProgramFormatError(f"{path}: not a valid program.json: {err}") from err
+
+
+def dump_signature_json(program: ProgramSpec | PipelineSpec) -> str:
+    """The signature alone (a multi-step program's top-level fields and each predictor's),
+    for humans and GetModelInfo."""
+
+    def signature(spec: ProgramSpec | PipelineSpec) -> dict[str, Any]:
+        return {
+            "instructions": spec.instructions,
+            "inputs": [f.model_dump() for f in spec.inputs],
+            "outputs": [f.model_dump() for f in spec.outputs],
+        }
+
+    described = signature(program)
+    if isinstance(program, PipelineSpec):
+        described["predictors"] = {p.name: signature(p) for p in program.predictors}
+    return json.dumps(described, indent=2)
+
+
+# -- the program as a module ----------------------------------------------------------------
+
+
+def make_module(factory: Any) -> Any:
+    """A dspy.Module from what `program:` names: a module object, a class or a factory."""
+    module = factory() if callable(factory) and not hasattr(factory, "predictors") else factory
+    if not hasattr(module, "named_predictors"):
+        raise ProgramCodeError(f"{factory!r} did not give a dspy.Module")
+    return module
+
+
+def forward_inputs(module: Any) -> list[str]:
+    """The program's input fields: the named parameters of its `forward`."""
+    try:  # through the class: DSPy warns when an instance's forward is looked up directly
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError, AttributeError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in named]
+
+
+def predictor_specs(module: Any, name: str) -> list[ProgramSpec]:
+    return [
+        ProgramSpec.from_signature(
+            predictor.signature, name=path, demos=[dict(d.items()) for d in predictor.demos]
+        )
+        for path, predictor in module.named_predictors()
+    ]
+
+
+def load_module(folder: Path, spec: PipelineSpec) -> Any:
+    """Import the program from a bundle's program folder, instantiate it and load its state.
+    A missing module is named, with the file that imports it."""
+    root = (folder / spec.source.root).resolve()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        code = importlib.import_module(spec.source.module)
+    except ModuleNotFoundError as err:
+        raise ProgramCodeError(
+            f"program: the program's code ({spec.source.module}, in {root}) imports module "
+            f"{err.name!r}, which is not installed here; install it in the serving image or "
+            "remove the import"
+        ) from err
+    except Exception as err:  # a network call or any error at import time
+        raise ProgramCodeError(
+            f"program: importing {spec.source.module} from {root} failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    factory = getattr(code, spec.source.attr, None)
+    if factory is None:
+        raise ProgramCodeError(f"program: {spec.source.module} has no {spec.source.attr!r}")
+    module = make_module(factory)
+    module.load(str(folder / spec.state))
+    return module
+
+
+def local_sources(module_name: str, roots: list[Path]) -> dict[str, Path]:
+    """The program's module and the modules of the user's own it imports (found under `roots`,
+    not installed packages), with their packages' __init__.py: path under the import root
+    (as the module's dotted name lays it out) -> file."""
+    roots = [r.resolve() for r in roots]
+    found: dict[str, Path] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        origin = _module_file(name)
+        if origin is None or _installed(origin):
+            continue
+        depth = name.count(".") + (2 if origin.name == "__init__.py" else 1)
+        root = origin.parents[depth - 1]
+        if root not in roots or origin.relative_to(root).as_posix() in found:
+            continue
+        found[origin.relative_to(root).as_posix()] = origin
+        parts = name.split(".")
+        for end in range(1, len(parts)):  # the packages on the way, when they have a file
+            init = root.joinpath(*parts[:end], "__init__.py")
+            if init.is_file():
+                found.setdefault(init.relative_to(root).as_posix(), init)
+        pending += _imported_names(origin, name)
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin).resolve()
+
+
+def _installed(path: Path) -> bool:
+    services = Path(__file__).resolve().parents[1]
+    return "site-packages" in path.parts or path.is_relative_to(services)
+
+
+def _imported_names(path: Path, module_name: str) -> list[str]:
+    package = module_name if path.name == "__init__.py" else module_name.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                prefix = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{prefix}.{base}".strip(".")
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]
+    return [n for n in names if n]
+
+
+# -- running it ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LmCall:
+    """One predictor call's completion and what it cost."""
+
+    predictor: str
+    text: str
+    confidence: float
+    outcome: str  # "parsed" | "unparsed" | "truncated", as the caller's parser judged it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+Complete = Callable[[str, list[dict[str, str]]], LmCall]
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, str] | None  # None when a predictor's answer did not parse
+    outcome: str
+    calls: list[LmCall] = field(default_factory=list)
+
+    @property
+    def confidence(self) -> float:
+        """The lowest over the program's calls: a chain is as sure as its weakest step."""
+        if self.outputs is None or not self.calls:
+            return 0.0
+        return min(call.confidence for call in self.calls)
+
+    @property
+    def raw_text(self) -> str:
+        return "\n\n".join(f"## {c.predictor}\n{c.text}" for c in self.calls)
+
+
+class ProgramFailed(Exception):
+    """The program's own code raised (not an LM call): the type and message, for the caller."""
+
+    def __init__(self, error: BaseException, calls: list[LmCall]) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+        self.calls = calls
+
+
+@dataclass
+class _Run:
+    complete: Complete
+    calls: list[LmCall] = field(default_factory=list)
+    failure: BaseException | None = None  # what a Complete raised (cancelled, deadline, ...)
+
+
+_CURRENT: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
+
+
+class _PredictorEngine:
+    """A dspy engine for one predictor: each call goes to the current run's Complete."""
+
+    def __init__(self, predictor: str) -> None:
+        self.predictor = predictor
+
+    def complete(self, request: Any) -> Any:
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        run = _CURRENT.get()
+        if run is None:
+            raise RuntimeError("a served program's LM was called outside ProgramRunner.run")
+        messages = []
+        if request.system is not None:
+            system = request.system
+            text = system if isinstance(system, str) else "".join(p.text for p in system)
+            messages.append({"role": "system", "content": text})
+        messages += [{"role": m.role, "content": m.text or ""} for m in request.messages]
+        try:
+            call = run.complete(self.predictor, messages)
+        except BaseException as err:  # kept: DSPy would wrap it in its own error types
+            run.failure = err
+            raise
+        run.calls.append(call)
+        return Response(
+            id=None, model=request.model, message=Message.assistant([TextPart(call.text)]),
+            finish_reason="length" if call.outcome == "truncated" else "stop",
+            usage=Usage(input_tokens=call.prompt_tokens, output_tokens=call.completion_tokens),
+        )  # fmt: skip
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+def served_adapter() -> Any:
+    """The adapter every predictor is trained and served with (no JSON fallback: the student
+    learned ChatAdapter's format only)."""
+    import dspy
+
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
+class ProgramRunner:
+    """A loaded multi-step program; `run` is thread-safe (each run has its own calls)."""
+
+    def __init__(self, module: Any, spec: PipelineSpec) -> None:
+        import dspy
+
+        self.module = module
+        self.spec = spec
+        self.predictors = dict(module.named_predictors())
+        names = [p.name for p in spec.predictors]
+        if sorted(self.predictors) != sorted(names):
+            raise ProgramCodeError(
+                f"program: the code has predictors {sorted(self.predictors)}, program.json "
+                f"describes {sorted(names)}: the bundle's source and program.json disagree"
+            )
+        for name, predictor in self.predictors.items():
+            predictor.lm = dspy.LM(
+                f"edgedistill/{name}", engine=_PredictorEngine(name), cache=False, num_retries=0
+            )
+        self.codecs = {
+            name: PromptCodec.for_signature(p.signature, p.demos)
+            for name, p in self.predictors.items()
+        }
+
+    @classmethod
+    def load(cls, program_json: Path, spec: PipelineSpec) -> ProgramRunner:
+        return cls(load_module(program_json.parent, spec), spec)
+
+    def run(self, inputs: dict[str, Any], complete: Complete) -> RunResult:
+        """Run `forward`; an answer that does not parse ends the run as UNPARSED/TRUNCATED,
+        what Complete raised is raised again, anything else the program raised is
+        ProgramFailed."""
+        import dspy
+
+        run = _Run(complete)
+        token = _CURRENT.set(run)
+        try:
+            with dspy.context(adapter=served_adapter(), disable_history=True):
+                prediction = self.module(**inputs)
+        except dspy.utils.exceptions.AdapterParseError:
+            last = run.calls[-1].outcome if run.calls else "unparsed"
+            outcome = "truncated" if last == "truncated" else "unparsed"
+            return RunResult(None, outcome, run.calls)
+        except BaseException as err:
+            if run.failure is not None:
+                raise run.failure from None
+            raise ProgramFailed(err, run.calls) from err
+        finally:
+            _CURRENT.reset(token)
+        return RunResult(self.outputs_of(prediction), "parsed", run.calls)
+
+    def outputs_of(self, prediction: Any) -> dict[str, str]:
+        return {name: _text(prediction.get(name)) for name in self.spec.output_names}
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,34 @@
+"""A two-step program for the tests: classify an IT ticket, then draft a reply for its team."""
+
+from typing import Literal
+
+import dspy
+
+from tests.programs.signatures import Draft
+
+
+class Classify(dspy.Signature):
+    """Route an IT support ticket to the team that should handle it."""
+
+    ticket: str = dspy.InputField()
+    category: Literal["network", "hardware", "software", "access", "security", "billing"] = (
+        dspy.OutputField()
+    )
+
+
+class TwoStep(dspy.Module):
+    """Classify, then draft: the second predictor reads the first one's answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+        self.draft = dspy.Predict(Draft)
+
+    def forward(self, ticket: str) -> dspy.Prediction:
+        category = self.classify(ticket=ticket).category
+        reply = self.draft(ticket=ticket, category=category).reply
+        return dspy.Prediction(category=category, reply=reply)
+
+
+def build() -> dspy.Module:
+    return TwoStep()

@@ -1,0 +1,408 @@
+"""Multi-step DSPy programs: distilled predictor by predictor, shipped as source + state, and
+served by running their own `forward` on the local model.
+
+The decisions (which files ship, how a run chains its calls, how probes batch them) run
+without a model; the rest is a real short fine-tune of SmolLM2, a real bundle and a real
+runtime on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from services.core.api import pb
+from services.core.bundle import Bundle
+from services.core.client import InferenceClient
+from services.core.pipeline import (
+    LmCall,
+    PipelineSpec,
+    ProgramFailed,
+    ProgramRunner,
+    SourceSpec,
+    local_sources,
+    predictor_specs,
+)
+from services.core.program import FieldSpec
+from testkit.processes import REPO, ServerProcess, start_router, start_runtime
+
+SUPPORT = REPO / "examples" / "support_pipeline"
+PROGRAM = "tests.programs.two_step:build"
+
+
+def two_step_runner() -> ProgramRunner:
+    from tests.programs.two_step import build
+
+    module = build()
+    spec = PipelineSpec(
+        name="two-step", inputs=[FieldSpec(name="ticket")],
+        outputs=[FieldSpec(name="category"), FieldSpec(name="reply")],
+        predictors=predictor_specs(module, "two-step"),
+        source=SourceSpec(module="tests.programs.two_step", attr="build"),
+    )  # fmt: skip
+    return ProgramRunner(module, spec)
+
+
+def scripted(runner: ProgramRunner, answers: dict[str, dict[str, str]], seen: list[Any]) -> Any:
+    """A Complete answering each predictor with fixed values, recording what it was sent."""
+
+    def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
+        seen.append((name, messages))
+        text = runner.codecs[name].format_assistant(answers[name])
+        confidence = {"classify": 0.9, "draft": 0.6}[name]
+        return LmCall(name, text, confidence, "parsed", prompt_tokens=10, completion_tokens=3)
+
+    return complete
+
+
+# -- decisions, without a model -----------------------------------------------------------
+
+
+def test_the_program_ships_with_its_own_local_modules_and_not_installed_ones() -> None:
+    files = local_sources("tests.programs.two_step", [REPO])
+    assert set(files) == {
+        "tests/__init__.py", "tests/programs/__init__.py",
+        "tests/programs/two_step.py", "tests/programs/signatures.py",  # imported by two_step
+    }  # fmt: skip
+    assert files["tests/programs/signatures.py"] == REPO / "tests/programs/signatures.py"
+
+
+def test_a_run_chains_the_predictors_and_its_confidence_is_the_weakest_call() -> None:
+    runner = two_step_runner()
+    seen: list[Any] = []
+    answers = {
+        "classify": {"category": "network"},
+        "draft": {"reply": "The network team is on it."},
+    }
+    result = runner.run({"ticket": "VPN is down"}, scripted(runner, answers, seen))
+
+    assert result.outcome == "parsed"
+    assert result.outputs == {"category": "network", "reply": "The network team is on it."}
+    assert [c.predictor for c in result.calls] == ["classify", "draft"]
+    assert result.confidence == pytest.approx(0.6)  # the lowest of 0.9 and 0.6
+    # The second predictor was prompted with the first one's answer, as ChatAdapter formats it.
+    assert "[[ ## category ## ]]\nnetwork" in seen[1][1][-1]["content"]
+    assert seen[0][1] == runner.codecs["classify"].format_messages({"ticket": "VPN is down"})
+
+
+def test_an_unparsed_step_ends_the_run_and_a_raising_forward_is_the_programs_failure() -> None:
+    runner = two_step_runner()
+
+    def babble(name: str, messages: list[dict[str, str]]) -> LmCall:
+        return LmCall(name, "no fields here", 0.0, "unparsed")
+
+    result = runner.run({"ticket": "x"}, babble)
+    assert result.outputs is None and result.outcome == "unparsed" and len(result.calls) == 1
+    assert result.confidence == 0.0
+
+    def refuse(name: str, messages: list[dict[str, str]]) -> LmCall:
+        raise TimeoutError("deadline")  # what the caller's Complete raises comes back as is
+
+    with pytest.raises(TimeoutError, match="deadline"):
+        runner.run({"ticket": "x"}, refuse)
+
+    answers = {"classify": {"category": "network"}, "draft": {"reply": "ok"}}
+    with pytest.raises(ProgramFailed, match="TypeError"):  # forward() given a wrong input
+        runner.run({"tickets": "x"}, scripted(runner, answers, []))
+
+
+def test_probes_answer_every_row_in_one_batch_per_step() -> None:
+    from services.builder.probe import run_lockstep
+
+    runner = two_step_runner()
+    batches: list[int] = []
+
+    def ask(prompts: list[list[dict[str, str]]]) -> list[str]:
+        batches.append(len(prompts))
+        out = []
+        for messages in prompts:
+            if "`[[ ## category ## ]]`" in messages[-1]["content"]:
+                out.append(runner.codecs["classify"].format_assistant({"category": "access"}))
+            else:
+                ticket = messages[-1]["content"].split("\n")[1]
+                reply = {"reply": f"About {ticket}: the access team will help."}
+                out.append(runner.codecs["draft"].format_assistant(reply))
+        return out
+
+    rows = [{"ticket": f"ticket {i}"} for i in range(7)]
+    results = run_lockstep(runner, rows, ask)
+    assert batches == [7, 7]  # two steps, each answered for all rows at once
+    for row, result in zip(rows, results, strict=True):
+        assert result.outputs == {
+            "category": "access", "reply": f"About {row['ticket']}: the access team will help."
+        }  # fmt: skip
+
+
+def test_gold_traces_give_every_predictor_its_labelled_values(tmp_path: Path) -> None:
+    import dspy
+
+    from services.builder.data import exact_match
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces
+
+    runner = two_step_runner()
+    rows = [
+        {"ticket": "VPN down", "category": "network", "reply": "Network team on it."},
+        {"ticket": "Refund?", "category": "billing", "reply": "Billing will check."},
+    ]
+    trainset = [dspy.Example(**r).with_inputs("ticket") for r in rows]
+    counts = collect_traces(
+        program=runner.module, teacher=TeacherSpec(), trainset=trainset, metric=exact_match,
+        threshold=1.0, output_names=["category", "reply"], out_dir=tmp_path, runner=runner,
+    )  # fmt: skip
+    assert counts.kept == 2
+    summary = json.loads((tmp_path / "counts.json").read_text())
+    assert summary["predictors"] == {"classify": {"kept": 2, "rejected": 0},
+                                     "draft": {"kept": 2, "rejected": 0}}  # fmt: skip
+    first = json.loads((tmp_path / "traces.jsonl").read_text().splitlines()[0])
+    assert first["calls"] == [
+        {"predictor": "classify", "inputs": {"ticket": "VPN down"},
+         "outputs": {"category": "network"}},
+        {"predictor": "draft", "inputs": {"ticket": "VPN down", "category": "network"},
+         "outputs": {"reply": "Network team on it."}},
+    ]  # fmt: skip
+
+
+def test_a_gold_teacher_needs_every_predictors_outputs_labelled(tmp_path: Path) -> None:
+    import dspy
+
+    from services.builder.context import check_gold_labels
+    from services.builder.spec import SpecError
+
+    runner = two_step_runner()
+    trainset = [dspy.Example(ticket="x", category="network").with_inputs("ticket")]
+    with pytest.raises(SpecError, match=r"predictor 'draft'.*lack its output 'reply'"):
+        check_gold_labels(runner.spec, trainset, tmp_path / "train.jsonl")
+
+
+# -- built, shipped and served ----------------------------------------------------------------
+
+TWO_STEP_SPEC = """
+name: two-step
+version: "0.0.1-test"
+program: {program}
+data: {{train: train.jsonl, dev: dev.jsonl}}
+metric: exact_match
+lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 2, patience: 0,
+        scaffold_weight: 1.0}}
+quantizations: [Q8_0]
+quality_gate: {{min_retention: 0.0}}
+baselines: {{few_shot_k: 0}}
+n_threads: 2
+eval_max_tokens: 48
+output: {output}
+"""
+
+
+def support_rows(name: str, per_category: int) -> list[dict[str, str]]:
+    picked: dict[str, int] = {}
+    out = []
+    for line in (SUPPORT / f"{name}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if picked.get(row["category"], 0) < per_category:
+            picked[row["category"]] = picked.get(row["category"], 0) + 1
+            out.append({k: row[k] for k in ("ticket", "category", "reply", "group")})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A two-step program distilled with a short fine-tune; yields its build folder."""
+    root = tmp_path_factory.mktemp("two-step")
+    write_jsonl(root / "train.jsonl", support_rows("train", 4))
+    write_jsonl(root / "dev.jsonl", support_rows("dev", 2))
+    spec = root / "spec.yaml"
+    spec.write_text(TWO_STEP_SPEC.format(program=PROGRAM, output=root / "build"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "build", str(spec)],
+        cwd=REPO, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "classify: 24 calls kept, 0 rejected" in proc.stdout
+    yield root / "build"
+
+
+@pytest.fixture(scope="module")
+def served(built: Path) -> Iterator[ServerProcess]:
+    server = start_runtime("--bundle", str(built / "bundle"), "--parallel", "4")
+    yield server
+    server.terminate()
+
+
+def test_a_two_step_program_is_distilled_call_by_call_and_ships_its_source(built: Path) -> None:
+    dataset = (built / "dataset" / "dataset.jsonl").read_text().splitlines()
+    assert len(dataset) == 48  # 24 traces, two predictor calls each
+    systems = {json.loads(line)["messages"][0]["content"] for line in dataset}
+    assert len(systems) == 2  # each call prompted with its own predictor's signature
+
+    bundle = Bundle.open(built / "bundle")  # every file, the source included, verified
+    for rel in ("program/program.json", "program/state.json",
+                "program/source/tests/programs/two_step.py",
+                "program/source/tests/programs/signatures.py"):  # fmt: skip
+        assert rel in bundle.manifest.files, rel
+    program = json.loads((built / "bundle" / "program" / "program.json").read_text())
+    assert (
+        program["kind"] == "pipeline" and program["source"]["module"] == "tests.programs.two_step"
+    )
+    assert [p["name"] for p in program["predictors"]] == ["classify", "draft"]
+    assert bundle.manifest.provenance["traces"]["predictors"]["draft"]["kept"] == 24
+
+    evaluation = json.loads((built / "evaluate" / "eval.json").read_text())
+    for model in [evaluation["teacher"], *evaluation["students"]]:
+        assert set(model["fields"]) == {"category", "reply"}, model["label"]
+        assert model["fields"]["reply"]["measure"] == "token F1"
+    distilled = evaluation["students"][-1]
+    assert all(e["lm_calls"] in (1, 2) for e in distilled["examples"])
+    assert "## Per field" in (built / "bundle" / "report.md").read_text()
+
+
+def test_the_served_program_runs_both_predictors(served: ServerProcess) -> None:
+    with InferenceClient(served.target) as client:
+        info = client.info()
+        reply = client.predict({"ticket": "The VPN drops every hour, the whole team is blocked."})
+        with pytest.raises(grpc.RpcError) as missing:
+            client.predict({"text": "no such field"})
+    assert [p.name for p in info.predictors] == ["classify", "draft"]
+    assert [f.name for f in info.signature.input_fields] == ["ticket"]
+    assert [f.name for f in info.signature.output_fields] == ["category", "reply"]
+    assert [f.name for f in info.predictors[1].signature.input_fields] == ["ticket", "category"]
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply.raw_text
+    assert [c.predictor for c in reply.lm_calls] == ["classify", "draft"]
+    assert reply.usage.prompt_tokens == sum(c.usage.prompt_tokens for c in reply.lm_calls)
+    assert reply.usage.completion_tokens == sum(c.usage.completion_tokens for c in reply.lm_calls)
+    assert reply.confidence == pytest.approx(min(c.confidence for c in reply.lm_calls))
+    assert reply.outputs["category"] and reply.outputs["reply"]
+
+
+def in_process_answers(gguf: Path, tickets: list[str]) -> list[dict[str, str] | None]:
+    """The same program run by DSPy itself, in this process, on llama-cpp-python."""
+    import dspy
+
+    from services.builder.dspy_integration import LlamaCppEngine
+    from services.core.pipeline import served_adapter
+    from tests.programs.two_step import build
+
+    engine = LlamaCppEngine(n_ctx=4096, n_threads=2)
+    lm = dspy.LM(f"llamacpp/{gguf}", engine=engine, temperature=0.0, max_tokens=48, cache=False)
+    program = build()
+    program.set_lm(lm)
+    answers: list[dict[str, str] | None] = []
+    try:
+        for ticket in tickets:
+            try:
+                with dspy.context(adapter=served_adapter()):
+                    prediction = program(ticket=ticket)
+            except dspy.utils.exceptions.AdapterParseError:
+                answers.append(None)
+                continue
+            answers.append({k: str(prediction[k]) for k in ("category", "reply")})
+    finally:
+        engine.close()
+    return answers
+
+
+def test_served_answers_equal_dspy_in_process_and_concurrent_equal_serial(
+    built: Path, served: ServerProcess
+) -> None:
+    tickets = [json.loads(line)["ticket"] for line in
+               (SUPPORT / "dev.jsonl").read_text().splitlines()[:12]]  # fmt: skip
+
+    def answer(client: InferenceClient, ticket: str) -> dict[str, str] | None:
+        reply = client.predict({"ticket": ticket}, max_tokens=48)
+        return dict(reply.outputs) if reply.outcome == pb.PREDICT_OUTCOME_PARSED else None
+
+    with InferenceClient(served.target) as client:
+        serial = [answer(client, t) for t in tickets]
+        with ThreadPoolExecutor(len(tickets)) as pool:
+            concurrent = list(pool.map(lambda t: answer(client, t), tickets))
+    assert concurrent == serial
+    gguf = Bundle.open(built / "bundle").model_path()
+    assert in_process_answers(gguf, tickets) == serial
+    assert sum(a is not None for a in serial) >= 4, serial  # the comparison is of real answers
+
+
+def edited_program(built: Path, tmp_path: Path, old: str, new: str) -> Path:
+    """The bundle's program folder, copied and its source edited (served with --program)."""
+    folder = tmp_path / "program"
+    shutil.copytree(built / "bundle" / "program", folder)
+    source = folder / "source" / "tests" / "programs" / "two_step.py"
+    text = source.read_text()
+    assert old in text
+    source.write_text(text.replace(old, new))
+    return folder / "program.json"
+
+
+def test_a_program_importing_a_missing_module_fails_the_start_naming_it(
+    built: Path, tmp_path: Path
+) -> None:
+    program = edited_program(built, tmp_path, "import dspy\n", "import dspy\nimport acme_nlp\n")
+    gguf = Bundle.open(built / "bundle").model_path()
+    failed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "--model", str(gguf), "--program",
+         str(program), "--port", "0", "--metrics-port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert "'acme_nlp'" in failed.stderr and "not installed" in failed.stderr
+
+
+def test_a_forward_that_raises_is_internal_and_the_next_call_is_served(
+    built: Path, tmp_path: Path
+) -> None:
+    raising = (
+        "        category = self.classify(ticket=ticket).category\n"
+        "        if 'explode' in ticket:\n"
+        "            raise ValueError(f'cannot handle {ticket!r}')\n"
+    )
+    program = edited_program(
+        built, tmp_path, "        category = self.classify(ticket=ticket).category\n", raising
+    )
+    gguf = Bundle.open(built / "bundle").model_path()
+    server = start_runtime("--model", str(gguf), "--program", str(program))
+    try:
+        with InferenceClient(server.target) as client:
+            with pytest.raises(grpc.RpcError) as failed:
+                client.predict({"ticket": "please explode"})
+            after = client.predict({"ticket": "My laptop battery is swollen."})
+    finally:
+        server.terminate()
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert "ValueError: cannot handle 'please explode'" in (failed.value.details() or "")
+    assert len(after.lm_calls) >= 1
+
+
+def test_a_low_confidence_answer_falls_back_to_the_whole_program_on_the_api(
+    built: Path, served: ServerProcess
+) -> None:
+    from testkit.openai_standin import OpenAIStandIn
+
+    ticket = "Someone logged in to my account from another country."
+    with OpenAIStandIn({ticket: "security"}) as api:
+        router = start_router(built / "bundle", served.target, "--threshold", "1.01",
+                              "--fallback-model", "openai/teacher",
+                              "--fallback-api-base", api.base_url)  # fmt: skip
+        try:
+            with InferenceClient(router.target) as client:
+                reply = client.predict({"ticket": ticket})
+        finally:
+            router.terminate()
+        requests = api.requests
+    assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "low_confidence"
+    # Both predictors ran on the API (the stand-in labels the category and, asked for any
+    # other field, writes a fixed sentence): the program's own forward, not one signature.
+    assert dict(reply.outputs) == {"category": "security", "reply": "Answer precisely and briefly."}
+    assert requests == 2
