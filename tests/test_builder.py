@@ -156,7 +156,8 @@ def test_build_runs_every_stage_and_writes_a_verifiable_bundle(
     # Per label field on the test part, with intervals, in the report and the log.
     assert set(distilled["fields"]) == {"category"}
     assert distilled["fields"]["category"]["interval"]["n"] == split["test"]
-    few_shot_program = json.loads((build / "evaluate" / "program.few-shot.json").read_text())
+    few_shot_path = build / "evaluate" / "program.few-shot" / "program.json"
+    few_shot_program = json.loads(few_shot_path.read_text())
     assert len(few_shot_program["demos"]) == 6
 
     # The threshold is chosen on the calibration part; its fallback rate and system quality are
@@ -548,7 +549,8 @@ def test_a_program_beside_its_spec_imports_without_being_a_package(tmp_path: Pat
     check = (
         "import sys; from pathlib import Path; from services.builder.spec import load_spec; "
         "from services.builder.context import load_program; "
-        "spec = load_spec(Path(sys.argv[1])); print(type(load_program(spec.program)[1]).__name__)"
+        "spec = load_spec(Path(sys.argv[1])); "
+        "print(type(load_program(spec.program).predictors()[0]).__name__)"
     )
     elsewhere = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 120,
                  "env": {**os.environ, "PYTHONPATH": str(REPO)}}  # fmt: skip
@@ -592,7 +594,7 @@ def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
     # Three tickets far over the teacher server's 1024-token context: the API errors on them.
     data += [{"ticket": "my printer is broken " * 400, "category": "hardware"} for _ in range(3)]
     path = write_jsonl(tmp_path / "train.jsonl", data)
-    program, _ = load_program("examples.ticket_triage.program:build")
+    program = load_program("examples.ticket_triage.program:build")
     trainset = load_examples(path, ["ticket"], ["category"], "data.train")
     teacher = TeacherSpec(
         model="openai/teacher-smol", api_base=openai_server, api_key_env="TEST_TEACHER_KEY",
@@ -640,7 +642,7 @@ def test_api_teacher_evaluation_is_timed_tokened_and_priced(
     from services.builder.spec import CostSpec, TeacherSpec
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    program, _ = load_program("examples.ticket_triage.program:build")
+    program = load_program("examples.ticket_triage.program:build")
     import dspy
 
     examples = [dspy.Example(**r).with_inputs("ticket") for r in balanced("dev", 1)[:3]]
@@ -836,7 +838,7 @@ def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
     for question in partly_right:
         f1 = token_f1(by_question[question], dspy.Prediction(answer=answers[question]))
         assert 0 < f1 < 0.5
-    program, _ = load_program("examples.technical_qa.program:build")
+    program = load_program("examples.technical_qa.program:build")
     standin = OpenAIStandIn(answers, input_field="question", output_field="answer", reasoning=True)
     with standin as api:
         teacher = TeacherSpec(
@@ -870,7 +872,7 @@ def test_mipro_light_teacher_runs_against_the_api(
     path = write_jsonl(tmp_path / "train.jsonl", questions)
     trainset = load_examples(path, ["question"], ["reasoning", "answer"], "data.train")
     answers = {row["question"]: row["answer"] for row in questions}
-    program, _ = load_program("examples.technical_qa.program:build")
+    program = load_program("examples.technical_qa.program:build")
     standin = OpenAIStandIn(answers, input_field="question", output_field="answer", reasoning=True)
     with standin as api:
         teacher = TeacherSpec(
