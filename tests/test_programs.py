@@ -35,6 +35,8 @@ from services.core.program import FieldSpec
 from testkit.processes import REPO, ServerProcess, start_router, start_runtime
 
 SUPPORT = REPO / "examples" / "support_pipeline"
+# A real (short) fine-tune on 2 CPU cores: minutes, not seconds.
+pytestmark = pytest.mark.timeout(1800)
 PROGRAM = "tests.programs.two_step:build"
 
 
@@ -112,6 +114,11 @@ def test_an_unparsed_step_ends_the_run_and_a_raising_forward_is_the_programs_fai
     answers = {"classify": {"category": "network"}, "draft": {"reply": "ok"}}
     with pytest.raises(ProgramFailed, match="TypeError"):  # forward() given a wrong input
         runner.run({"tickets": "x"}, scripted(runner, answers, []))
+
+    # A declared output the final prediction lacks is the program's error, never "".
+    runner.spec.outputs.append(FieldSpec(name="team"))
+    with pytest.raises(ProgramFailed, match="prediction has no 'team'"):
+        runner.run({"ticket": "x"}, scripted(runner, answers, []))
 
 
 def test_probes_answer_every_row_in_one_batch_per_step() -> None:
@@ -268,7 +275,7 @@ def test_a_two_step_program_is_distilled_call_by_call_and_ships_its_source(built
     assert "## Per field" in (built / "bundle" / "report.md").read_text()
 
 
-def test_the_served_program_runs_both_predictors(served: ServerProcess) -> None:
+def test_the_served_program_runs_both_predictors(built: Path, served: ServerProcess) -> None:
     with InferenceClient(served.target) as client:
         info = client.info()
         reply = client.predict({"ticket": "The VPN drops every hour, the whole team is blocked."})
@@ -286,6 +293,7 @@ def test_the_served_program_runs_both_predictors(served: ServerProcess) -> None:
     assert reply.usage.completion_tokens == sum(c.usage.completion_tokens for c in reply.lm_calls)
     assert reply.confidence == pytest.approx(min(c.confidence for c in reply.lm_calls))
     assert reply.outputs["category"] and reply.outputs["reply"]
+    assert not list((built / "bundle").rglob("__pycache__"))  # the signed bundle stays as built
 
 
 def in_process_answers(gguf: Path, tickets: list[str]) -> list[dict[str, str] | None]:
@@ -332,6 +340,17 @@ def test_served_answers_equal_dspy_in_process_and_concurrent_equal_serial(
     assert concurrent == serial
     gguf = Bundle.open(built / "bundle").model_path()
     assert in_process_answers(gguf, tickets) == serial
+
+    # One call at a time (the default): each predictor's fixed prompt is restored, not
+    # evaluated again, although the calls alternate predictors; the answers are the same.
+    one_at_a_time = start_runtime("--bundle", str(built / "bundle"))
+    try:
+        with InferenceClient(one_at_a_time.target) as client:
+            assert [answer(client, t) for t in tickets] == serial
+            calls = client.predict({"ticket": tickets[0]}, max_tokens=48).lm_calls
+    finally:
+        one_at_a_time.terminate()
+    assert len(calls) == 2 and all(c.usage.cached_prompt_tokens > 50 for c in calls), calls
     assert sum(a is not None for a in serial) >= 4, serial  # the comparison is of real answers
 
 

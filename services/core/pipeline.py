@@ -139,6 +139,10 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
     root = (folder / spec.source.root).resolve()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    writes_bytecode, sys.dont_write_bytecode = (
+        sys.dont_write_bytecode,
+        True,
+    )  # bundle stays as signed
     try:
         code = importlib.import_module(spec.source.module)
     except ModuleNotFoundError as err:
@@ -152,6 +156,8 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
             f"program: importing {spec.source.module} from {root} failed: "
             f"{type(err).__name__}: {err}"
         ) from err
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     factory = getattr(code, spec.source.attr, None)
     if factory is None:
         raise ProgramCodeError(f"program: {spec.source.module} has no {spec.source.attr!r}")
@@ -370,11 +376,11 @@ class ProgramRunner:
             raise ProgramFailed(err, run.calls) from err
         finally:
             _CURRENT.reset(token)
+        missing = [n for n in self.spec.output_names if prediction.get(n) is None]
+        if missing:
+            error = ValueError(f"forward's prediction has no {', '.join(map(repr, missing))}")
+            raise ProgramFailed(error, run.calls)
         return RunResult(self.outputs_of(prediction), "parsed", run.calls)
 
     def outputs_of(self, prediction: Any) -> dict[str, str]:
-        return {name: _text(prediction.get(name)) for name in self.spec.output_names}
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+        return {name: str(prediction.get(name)) for name in self.spec.output_names}

@@ -49,10 +49,8 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
         runner = ProgramRunner.load(program_path, program)  # the program's code, at start
     elif program is not None:
         codec = PromptCodec(program)
-    # The warm prefix: the program's, or a multi-step program's first predictor's.
-    prefix_codec = codec or (next(iter(runner.codecs.values())) if runner else None)
-
-    source = ModelSource(settings.model, bundle, settings.variant, prefix_codec)
+    codecs = (codec,) if codec else tuple(runner.codecs.values()) if runner else ()
+    source = ModelSource(settings.model, bundle, settings.variant, codecs)
     backend = registry.get(settings.backend).create(settings, source)
     info = backend.info
     log.info(

@@ -143,6 +143,34 @@ class LlamaCppBackend(ChatModelMethods):
         self._vocab = self._llm._model.vocab
         self._n_vocab = self._llm.n_vocab()
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
+        self._prefixes: list[tuple[int, ...]] = []
+        self._prefix_states: dict[tuple[int, ...], Any] = {}
+
+    def set_prefixes(self, prefixes: list[list[int]]) -> None:
+        """Fixed prompt prefixes (a multi-step program's, one per predictor). Each is
+        evaluated on first use and its KV state kept: a call whose prefix the context no
+        longer holds (another predictor's call came between) restores it instead of
+        evaluating it again."""
+        self._prefixes = [tuple(p) for p in prefixes if len(p) > 1]
+
+    def _restore_prefix(self, tokens: list[int]) -> bool:
+        """Put the prompt's fixed prefix in the context; True when it was evaluated now."""
+        llm = self._llm
+        held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        for prefix in self._prefixes:
+            if held >= len(prefix) or len(tokens) < len(prefix) + 2:
+                continue
+            if tuple(tokens[: len(prefix)]) != prefix:
+                continue
+            state = self._prefix_states.get(prefix)
+            if state is None:
+                llm.reset()
+                llm.eval(list(prefix))
+                self._prefix_states[prefix] = llm.save_state()
+                return True
+            llm.load_state(state)
+            return False
+        return False
 
     @property
     def llama(self) -> Any:
@@ -157,7 +185,10 @@ class LlamaCppBackend(ChatModelMethods):
         llm = self._llm
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        cached = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        if not self._restore_prefix(tokens):  # evaluated for this call: not cached for it
+            held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        cached = held
         cached = min(cached, len(tokens) - 1)  # the last prompt token is always re-evaluated
         grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
@@ -244,10 +275,13 @@ def create(settings: Any, source: ModelSource) -> Backend:
     """One call at a time, or with --parallel > 1 the batched engine (continuous batching)."""
     path, sha, name = source.gguf()
     if settings.parallel == 1:
-        return LlamaCppBackend(
+        backend = LlamaCppBackend(
             path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
             n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
         )  # fmt: skip
+        if len(source.codecs) > 1 and settings.prefix_cache:  # calls alternate predictors
+            backend.set_prefixes([program_prefix(backend, codec) for codec in source.codecs])
+        return backend
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
     batched = BatchedLlamaCpp(
@@ -255,8 +289,8 @@ def create(settings: Any, source: ModelSource) -> Backend:
         n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
         gguf_sha256=sha,
     )  # fmt: skip
-    if source.codec is not None and settings.prefix_cache:
-        batched.set_prefix(program_prefix(batched, source.codec))  # evaluated by the scheduler
+    if source.codecs and settings.prefix_cache:  # evaluated by the scheduler
+        batched.set_prefix(program_prefix(batched, source.codecs[0]))
     return batched
 
 

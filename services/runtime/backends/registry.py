@@ -27,7 +27,9 @@ class ModelSource:
     model: Path | None  # --model
     bundle: Bundle | None  # --bundle
     variant: str | None  # --variant, with a bundle
-    codec: PromptCodec | None  # the program's, when one is served
+    # The program's codec, or a multi-step program's, one per predictor (their fixed prompt
+    # prefixes can be kept evaluated); empty when no program is served.
+    codecs: tuple[PromptCodec, ...] = ()
 
     def gguf(self) -> tuple[Path, str | None, str | None]:
         """The GGUF file, its sha256 (from the manifest) and model name, for GGUF backends."""
