@@ -47,7 +47,7 @@ def two_step_runner() -> ProgramRunner:
     spec = PipelineSpec(
         name="two-step", inputs=[FieldSpec(name="ticket")],
         outputs=[FieldSpec(name="category"), FieldSpec(name="reply")],
-        predictors=predictor_specs(module, "two-step"),
+        predictors=predictor_specs(module),
         source=SourceSpec(module="tests.programs.two_step", attr="build"),
     )  # fmt: skip
     return ProgramRunner(module, spec)

@@ -60,7 +60,7 @@ def describe_pipeline(
             f"program: {path}: its forward takes no named inputs; write them as parameters "
             "(def forward(self, ticket: str)) so requests can be checked against them"
         )
-    predictors = predictor_specs(module, name)
+    predictors = predictor_specs(module)
     fields = {f.name: f for p in predictors for f in p.inputs + p.outputs}
     produced = [f.name for p in predictors for f in p.outputs if f.name != REASONING]
     outputs = [n for i, n in enumerate(produced) if n in trainset_row and n not in produced[:i]]

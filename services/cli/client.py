@@ -81,9 +81,10 @@ def predict(
 
     outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()
     served = pb.ServedBy.Name(reply.served_by).removeprefix("SERVED_BY_").lower()
+    calls = f"{len(reply.lm_calls)} LM calls · " if len(reply.lm_calls) > 1 else ""
     err_console.print(
         f"[dim]{outcome} · confidence {reply.confidence:.3f} · {served} ({reply.model_id}) · "
-        f"{reply.usage.prompt_tokens}+{reply.usage.completion_tokens} tokens · "
+        f"{calls}{reply.usage.prompt_tokens}+{reply.usage.completion_tokens} tokens · "
         f"{reply.latency_ms:.0f} ms[/]",
         highlight=False,
     )

@@ -75,13 +75,13 @@ def read_program_file(path: Path) -> ProgramSpec | PipelineSpec:
     from services.core.program import program_from_file
 
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ProgramFormatError(f"{path}: no such program file") from err
-    if b'"kind": "pipeline"' not in raw and b'"kind":"pipeline"' not in raw:
+        described = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return program_from_file(path)  # says what is wrong with the file
+    if not isinstance(described, dict) or described.get("kind") != PIPELINE_KIND:
         return program_from_file(path)
     try:
-        return PipelineSpec.model_validate_json(raw)
+        return PipelineSpec.model_validate(described)
     except ValueError as err:
         raise ProgramFormatError(f"{path}: not a valid program.json: {err}") from err
 
@@ -124,7 +124,8 @@ def forward_inputs(module: Any) -> list[str]:
     return [p.name for p in parameters if p.kind in named]
 
 
-def predictor_specs(module: Any, name: str) -> list[ProgramSpec]:
+def predictor_specs(module: Any) -> list[ProgramSpec]:
+    """Each predictor's signature and demos, named by its path in the module."""
     return [
         ProgramSpec.from_signature(
             predictor.signature, name=path, demos=[dict(d.items()) for d in predictor.demos]
@@ -135,14 +136,12 @@ def predictor_specs(module: Any, name: str) -> list[ProgramSpec]:
 
 def load_module(folder: Path, spec: PipelineSpec) -> Any:
     """Import the program from a bundle's program folder, instantiate it and load its state.
-    A missing module is named, with the file that imports it."""
+    A module its code imports that is not installed here is named."""
     root = (folder / spec.source.root).resolve()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    writes_bytecode, sys.dont_write_bytecode = (
-        sys.dont_write_bytecode,
-        True,
-    )  # bundle stays as signed
+    writes_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ in the bundle: it stays as signed
     try:
         code = importlib.import_module(spec.source.module)
     except ModuleNotFoundError as err:
