@@ -289,6 +289,9 @@ def test_the_served_program_runs_both_predictors(built: Path, served: ServerProc
 
     assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply.raw_text
     assert [c.predictor for c in reply.lm_calls] == ["classify", "draft"]
+    # Each predictor's fixed prompt is held evaluated (--parallel 4): its calls reuse it.
+    assert all(c.usage.cached_prompt_tokens > 50 for c in reply.lm_calls), reply.lm_calls
+    assert info.cached_prefix_tokens >= sum(c.usage.cached_prompt_tokens for c in reply.lm_calls)
     assert reply.usage.prompt_tokens == sum(c.usage.prompt_tokens for c in reply.lm_calls)
     assert reply.usage.completion_tokens == sum(c.usage.completion_tokens for c in reply.lm_calls)
     assert reply.confidence == pytest.approx(min(c.confidence for c in reply.lm_calls))

@@ -172,7 +172,7 @@ def training_lines(training: dict[str, Any] | None) -> list[str]:
         return []
     lines = [
         f"{training['steps']} optimizer steps of {training['planned_steps']} planned "
-        f"({training['epochs']:g} epochs over {training['examples']} traces"
+        f"({training['epochs']:g} epochs over {training['examples']} training records"
         + (", label-balanced" if training.get("balanced") else "")
         + "); kept step "
         f"{training['chosen_step']}."

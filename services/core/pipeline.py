@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -341,6 +342,8 @@ class ProgramRunner:
                 f"program: the code has predictors {sorted(self.predictors)}, program.json "
                 f"describes {sorted(names)}: the bundle's source and program.json disagree"
             )
+        # A truncated call is this run's TRUNCATED outcome; DSPy's own warning per call is noise.
+        logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
         for name, predictor in self.predictors.items():
             predictor.lm = dspy.LM(
                 f"edgedistill/{name}", engine=_PredictorEngine(name), cache=False, num_retries=0

@@ -284,13 +284,15 @@ def create(settings: Any, source: ModelSource) -> Backend:
         return backend
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
+    codecs = source.codecs if settings.prefix_cache else ()
     batched = BatchedLlamaCpp(
         path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, parallel=settings.parallel,
         n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
-        gguf_sha256=sha,
+        gguf_sha256=sha, extra_prefixes=max(0, len(codecs) - 1),
     )  # fmt: skip
-    if source.codecs and settings.prefix_cache:  # evaluated by the scheduler
-        batched.set_prefix(program_prefix(batched, source.codecs[0]))
+    if codecs:  # evaluated by the scheduler; a multi-step program: one per predictor
+        prefixes = [program_prefix(batched, codec) for codec in codecs]
+        batched.set_prefix(prefixes[0], extra=prefixes[1:])
     return batched
 
 

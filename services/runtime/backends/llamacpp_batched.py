@@ -9,7 +9,8 @@ finish, so a short call never waits for a long one to end.
 The program's fixed prompt prefix (instructions, field structure, demos) is evaluated once,
 before the first request, into a reserved sequence, and `llama_memory_seq_cp` copies its KV
 into every idle slot (and back into a slot another prompt took over), so a Predict call
-evaluates only its own inputs.
+evaluates only its own inputs. A multi-step program's other predictors have their prefixes in
+reserved sequences of their own, copied into a slot when a call of theirs starts there.
 
 Greedy outputs are token-for-token those of the one-at-a-time backend (tested). llama.cpp is
 not bit-identical across batch layouts (ggml-org/llama.cpp#6950): on the CPU, attention over a
@@ -81,7 +82,10 @@ class BatchedLlamaCpp(ChatModelMethods):
         n_gpu_layers: int = 0,
         model_name: str | None = None,
         gguf_sha256: str | None = None,
+        extra_prefixes: int = 0,
     ) -> None:
+        """`extra_prefixes`: warm prefixes besides the program's (a multi-step program's
+        other predictors'), each in a reserved sequence of its own."""
         import llama_cpp
         from llama_cpp import _internals, _logger
 
@@ -98,14 +102,18 @@ class BatchedLlamaCpp(ChatModelMethods):
         self._prefix_seq = parallel  # the reserved sequence holding the warm prefix
         self._prefix: list[int] = []
         self._prefix_pending: list[int] | None = None
+        self._extra_seqs = [parallel + 1 + i for i in range(extra_prefixes)]
+        self._extra: list[tuple[int, list[int]]] = []  # (sequence, its prefix)
+        self._extra_pending: list[list[int]] = []
+        reserved = 1 + extra_prefixes
         params = llama_cpp.llama_context_default_params()
         # One KV stream of n_ctx cells per slot, plus one for the warm prefix. Separate streams
         # (not one unified cache) keep each sequence's cells in the layout a lone sequence
         # has, so attention sums in the same order and greedy outputs match `Llama`'s exactly.
-        params.n_ctx = n_ctx * (parallel + 1)
+        params.n_ctx = n_ctx * (parallel + reserved)
         params.n_batch = max(n_batch, parallel)  # one step decodes a token of every slot
         params.n_ubatch = min(params.n_batch, 512)
-        params.n_seq_max = parallel + 1
+        params.n_seq_max = parallel + reserved
         params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
@@ -140,9 +148,9 @@ class BatchedLlamaCpp(ChatModelMethods):
 
     @property
     def prefix_tokens(self) -> int:
-        return len(self._prefix)
+        return len(self._prefix) + sum(len(tokens) for _, tokens in self._extra)
 
-    def set_prefix(self, tokens: list[int]) -> None:
+    def set_prefix(self, tokens: list[int], extra: list[list[int]] | None = None) -> None:
         """The prefix `warm` evaluates, on the thread that steps this engine.
 
         Every llama.cpp call belongs on that one thread: a second thread that ever computes
@@ -151,29 +159,37 @@ class BatchedLlamaCpp(ChatModelMethods):
         barriers in a decode step (3x slower steps on 2 cores, measured).
         """
         self._prefix_pending = list(tokens)
+        self._extra_pending = [list(p) for p in extra or []][: len(self._extra_seqs)]
 
     def warm(self) -> None:
         if self._prefix_pending is not None:
             tokens, self._prefix_pending = self._prefix_pending, None
             self.warm_prefix(tokens)
+        pending, self._extra_pending = self._extra_pending, []
+        self._extra = [(seq, self._evaluate_into(seq, p))
+                       for seq, p in zip(self._extra_seqs, pending, strict=False)]  # fmt: skip
 
     def warm_prefix(self, tokens: list[int]) -> None:
         """Evaluate a prompt prefix once; requests that start with it copy its KV cells."""
+        self._prefix = []
+        self._prefix = self._evaluate_into(self._prefix_seq, tokens)
+        self._seed_idle_slots()
+
+    def _evaluate_into(self, seq: int, tokens: list[int]) -> list[int]:
+        """A reserved sequence holding just `tokens`, evaluated; returns what it holds."""
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
-        self._prefix = []
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
         tokens = tokens[: self._n_ctx - 1]
         done = 0
         while done < len(tokens):
             take = prompt_piece(len(tokens) - done, self._n_batch, at_start=done == 0)
             self._batch.reset()
             for offset, token in enumerate(tokens[done : done + take]):
-                self._add(token, done + offset, self._prefix_seq, logits=False)
+                self._add(token, done + offset, seq, logits=False)
             self._decode()
             done += take
-        self._prefix = list(tokens)
-        self._seed_idle_slots()
+        return list(tokens)
 
     def _seed_idle_slots(self) -> None:
         """Copy the warm prefix into every idle slot that lacks it, now rather than at a call.
@@ -208,8 +224,9 @@ class BatchedLlamaCpp(ChatModelMethods):
         import llama_cpp
 
         if not keep_prefix:
-            llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, -1, -1)
-            self._prefix = []
+            for seq in (self._prefix_seq, *self._extra_seqs):
+                llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._prefix, self._extra = [], []
         for slot in self._free:
             keep = len(self._prefix) if self._holds_prefix(slot) else 0
             llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
@@ -241,7 +258,8 @@ class BatchedLlamaCpp(ChatModelMethods):
         seq_id = pick_slot(reusable)
         self._free.remove(seq_id)
         kept = usable_cache(reusable[seq_id], last)
-        shared = usable_cache(common_prefix_length([self._prefix, tokens]), last)
+        source, prefix = self._best_prefix(tokens)
+        shared = usable_cache(common_prefix_length([prefix, tokens]), last)
         if kept >= shared:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, kept, -1)
             cached = kept
@@ -249,8 +267,8 @@ class BatchedLlamaCpp(ChatModelMethods):
             # Streams are separate, so the copy takes the prefix's whole stream (it holds only
             # the prefix); then whatever this prompt does not share is dropped.
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, seq_id, -1, -1)
-            if shared < len(self._prefix):
+            llama_cpp.llama_memory_seq_cp(self._memory, source, seq_id, -1, -1)
+            if shared < len(prefix):
                 llama_cpp.llama_memory_seq_rm(self._memory, seq_id, shared, -1)
             cached = shared
         self._slot_tokens[seq_id] = tokens[:cached]
@@ -272,6 +290,11 @@ class BatchedLlamaCpp(ChatModelMethods):
                 buffer=StopStringBuffer(params.stop),
             )
         )
+
+    def _best_prefix(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """The warm prefix sharing the most with a prompt: its sequence and its tokens."""
+        candidates = [(self._prefix_seq, self._prefix), *self._extra]
+        return max(candidates, key=lambda c: common_prefix_length([c[1], tokens]))
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
