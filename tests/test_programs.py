@@ -399,11 +399,15 @@ def test_a_forward_that_raises_is_internal_and_the_next_call_is_served(
         with InferenceClient(server.target) as client:
             with pytest.raises(grpc.RpcError) as failed:
                 client.predict({"ticket": "please explode"})
+            request = pb.PredictRequest(inputs={"ticket": "The printer is jammed again."})
+            with pytest.raises(grpc.RpcError) as late:  # the deadline holds inside forward
+                client.stub.Predict(request, timeout=0.05)
             after = client.predict({"ticket": "My laptop battery is swollen."})
     finally:
         server.terminate()
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     assert "ValueError: cannot handle 'please explode'" in (failed.value.details() or "")
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(after.lm_calls) >= 1
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 
 from services.builder.spec import LoraSpec
+from services.core.pipeline import request_messages
 
 PREFIX = "llamacpp/"
 
@@ -60,12 +61,7 @@ class LlamaCppEngine:
         from services.runtime.backends import Finished, GenerationParams, TokenPiece
 
         validate_request(request)
-        messages = []
-        if request.system is not None:
-            system = request.system
-            text = system if isinstance(system, str) else "".join(p.text for p in system)
-            messages.append({"role": "system", "content": text})
-        messages += [{"role": m.role, "content": m.text or ""} for m in request.messages]
+        messages = request_messages(request)
         config = request.config
         params = GenerationParams(
             max_tokens=config.max_tokens or 512,

@@ -280,6 +280,17 @@ class _Run:
 _CURRENT: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
 
 
+def request_messages(request: Any) -> list[dict[str, str]]:
+    """A dspy engine request (dspy.lm15.Request) as chat messages."""
+    messages = []
+    if request.system is not None:
+        system = request.system
+        text = system if isinstance(system, str) else "".join(p.text for p in system)
+        messages.append({"role": "system", "content": text})
+    messages += [{"role": m.role, "content": m.text or ""} for m in request.messages]
+    return messages
+
+
 class _PredictorEngine:
     """A dspy engine for one predictor: each call goes to the current run's Complete."""
 
@@ -292,14 +303,8 @@ class _PredictorEngine:
         run = _CURRENT.get()
         if run is None:
             raise RuntimeError("a served program's LM was called outside ProgramRunner.run")
-        messages = []
-        if request.system is not None:
-            system = request.system
-            text = system if isinstance(system, str) else "".join(p.text for p in system)
-            messages.append({"role": "system", "content": text})
-        messages += [{"role": m.role, "content": m.text or ""} for m in request.messages]
         try:
-            call = run.complete(self.predictor, messages)
+            call = run.complete(self.predictor, request_messages(request))
         except BaseException as err:  # kept: DSPy would wrap it in its own error types
             run.failure = err
             raise

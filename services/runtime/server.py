@@ -56,7 +56,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._model: LoadedModel | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
-        self._program_pool = ThreadPoolExecutor(1)
+        self._program_pool: ThreadPoolExecutor | None = None
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
@@ -77,7 +77,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._scheduler.wait_ready()
 
     def close(self) -> None:
-        self._program_pool.shutdown(wait=False, cancel_futures=True)
+        if self._program_pool:
+            self._program_pool.shutdown(wait=False, cancel_futures=True)
         if self._scheduler:
             self._scheduler.close(timeout=5)
         if self._model:
@@ -177,6 +178,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )  # fmt: skip
         if self._settings.log_requests:
             log.info("predict request", extra={"inputs": inputs})
+        assert self._program_pool is not None  # attach() made it with the scheduler
         loop = asyncio.get_running_loop()
         calls = ProgramCalls(loop, lambda name, messages: self._program_call(
             runner, name, messages, params, context))  # fmt: skip
