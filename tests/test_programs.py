@@ -178,6 +178,39 @@ def test_gold_traces_give_every_predictor_its_labelled_values(tmp_path: Path) ->
     ]  # fmt: skip
 
 
+def test_an_api_teacher_runs_the_whole_program_and_every_call_is_traced(tmp_path: Path) -> None:
+    import dspy
+
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces
+    from testkit.openai_standin import OpenAIStandIn
+
+    runner = two_step_runner()
+    rows = [{"ticket": "VPN down", "category": "network", "reply": "x"},
+            {"ticket": "Refund?", "category": "billing", "reply": "x"}]  # fmt: skip
+    trainset = [dspy.Example(**r).with_inputs("ticket") for r in rows]
+
+    def category_only(example: Any, prediction: Any, trace: Any = None) -> bool:
+        return bool(example.category == prediction.category)
+
+    # The stand-in labels "VPN down" right and "Refund?" wrong; any other field it is asked
+    # for (the draft's reply) gets a fixed sentence.
+    with OpenAIStandIn({"VPN down": "network", "Refund?": "access"}) as api:
+        teacher = TeacherSpec(model="openai/teacher", api_base=api.base_url, num_threads=1)
+        counts = collect_traces(
+            program=runner.module, teacher=teacher, trainset=trainset, metric=category_only,
+            threshold=1.0, output_names=["category", "reply"], out_dir=tmp_path, runner=runner,
+        )  # fmt: skip
+        requests = api.requests
+    assert (counts.kept, counts.rejected, requests) == (1, 1, 4)
+    kept = json.loads((tmp_path / "traces.jsonl").read_text())
+    assert [c["predictor"] for c in kept["calls"]] == ["classify", "draft"]
+    assert kept["calls"][1]["inputs"] == {"ticket": "VPN down", "category": "network"}
+    assert kept["calls"][1]["outputs"] == {"reply": "Answer precisely and briefly."}
+    summary = json.loads((tmp_path / "counts.json").read_text())["predictors"]
+    assert summary["draft"] == {"kept": 1, "rejected": 1}
+
+
 def test_a_gold_teacher_needs_every_predictors_outputs_labelled(tmp_path: Path) -> None:
     import dspy
 
