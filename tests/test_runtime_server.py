@@ -119,6 +119,17 @@ def test_predict_truncated_output_is_a_distinct_outcome(runtime: ServerProcess) 
     assert reply.raw_text  # what the model wrote is kept
 
 
+def test_a_generate_between_predicts_does_not_cost_the_program_prefix(
+    runtime: ServerProcess,
+) -> None:
+    with InferenceClient(runtime.target) as client:
+        client.predict({"country": "France"})
+        list(client.generate([("user", "Write a haiku about rivers.")], max_tokens=4))
+        after = client.predict({"country": "Peru"})
+    # The program's fixed prefix was restored from its saved state, not evaluated again.
+    assert after.usage.cached_prompt_tokens > 50, after.usage
+
+
 def test_get_model_info(runtime: ServerProcess, gguf_path: Path) -> None:
     from services.core.bundle import sha256_file
 

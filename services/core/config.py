@@ -116,8 +116,9 @@ class RuntimeSettings(TransportSettings):
     prefix_cache: bool = Field(
         True,
         description=(
-            "with parallel > 1: evaluate the program's fixed prompt prefix once at load and "
-            "share its KV cache with every Predict"
+            "keep the program's fixed prompt prefix evaluated (each predictor's): with "
+            "parallel > 1 in reserved KV sequences shared with every Predict; with parallel 1 "
+            "as a saved state restored after other calls (a Generate) came between"
         ),
     )
     max_queue: int = Field(

@@ -279,7 +279,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
             path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
             n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
         )  # fmt: skip
-        if len(source.codecs) > 1 and settings.prefix_cache:  # calls alternate predictors
+        if source.codecs and settings.prefix_cache:  # kept across other predictors' calls
             backend.set_prefixes([program_prefix(backend, codec) for codec in source.codecs])
         return backend
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
