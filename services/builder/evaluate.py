@@ -181,7 +181,7 @@ def _program_answers(backend: Any, program: Any, path: Path, max_tokens: int) ->
         def complete(name: str, messages: list[dict[str, str]]) -> Any:
             result = complete_once(backend, runner.codecs[name], messages, params)
             speeds.extend(_decode_speed(result))
-            return lm_call(name, result)
+            return lm_call(name, result.raw_text, result, result.finished)
 
         started = time.perf_counter()
         try:

@@ -78,13 +78,12 @@ def predict_once(
     return complete_once(backend, codec, codec.format_messages(inputs), params)
 
 
-def lm_call(name: str, result: PredictResult) -> LmCall:
+def lm_call(name: str, text: str, result: Interpretation, finished: Finished) -> LmCall:
     """A predictor call's record, for a multi-step program's run."""
     return LmCall(
-        predictor=name, text=result.raw_text, confidence=result.confidence,
-        outcome=result.outcome, prompt_tokens=result.finished.prompt_tokens,
-        completion_tokens=result.finished.completion_tokens,
-        cached_prompt_tokens=result.finished.cached_prompt_tokens,
+        predictor=name, text=text, confidence=result.confidence, outcome=result.outcome,
+        prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
+        cached_prompt_tokens=finished.cached_prompt_tokens,
     )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.predict import interpret
+from services.runtime.predict import interpret, lm_call
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 "no program is loaded; serve with --bundle DIR or --model X --program program.json",
             )
         inputs = check.predict_inputs(request, model.codec.input_names)
-        params = check.sampling_params(
-            request.options,
-            limits,
-            default_temperature=PREDICT_DEFAULT_TEMPERATURE,
-            stop=(COMPLETED_MARKER,),
-            logprobs=True,  # confidence
-        )
+        params = _predict_params(request, limits)
         prompt = model.backend.prepare(model.codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
         check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
@@ -172,10 +166,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         through the scheduler like any Predict (batched, deadline and cancellation kept)."""
         model, _, limits = self._ready()
         inputs = check.predict_inputs(request, runner.spec.input_names)
-        params = check.sampling_params(
-            request.options, limits, default_temperature=PREDICT_DEFAULT_TEMPERATURE,
-            stop=(COMPLETED_MARKER,), logprobs=True,
-        )  # fmt: skip
+        params = _predict_params(request, limits)
         if self._settings.log_requests:
             log.info("predict request", extra={"inputs": inputs})
         assert self._program_pool is not None  # attach() made it with the scheduler
@@ -196,14 +187,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             queue_ms=calls.queue_ms,
         )  # fmt: skip
         for call in result.calls:
-            usage = pb.Usage(prompt_tokens=call.prompt_tokens,
-                             completion_tokens=call.completion_tokens,
-                             cached_prompt_tokens=call.cached_prompt_tokens)  # fmt: skip
-            response.lm_calls.add(predictor=call.predictor, usage=usage,
-                                  confidence=call.confidence)  # fmt: skip
-            response.usage.prompt_tokens += call.prompt_tokens
-            response.usage.completion_tokens += call.completion_tokens
-            response.usage.cached_prompt_tokens += call.cached_prompt_tokens
+            response.lm_calls.add(predictor=call.predictor, confidence=call.confidence,
+                                  usage=_usage(call))  # fmt: skip
+        response.usage.CopyFrom(_usage(*result.calls))
         if result.outputs is not None:
             response.outputs.update(result.outputs)
         if result.outputs is None or request.include_raw_text:
@@ -224,12 +210,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         job = self._submit(scheduler, prompt, params, context)
         text, pieces, finished, _ = await self._drain(job, context)
         raw = text + finished.text
-        result = interpret(runner.codecs[name], raw, pieces, finished)
-        call = LmCall(
-            predictor=name, text=raw, confidence=result.confidence, outcome=result.outcome,
-            prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
-            cached_prompt_tokens=finished.cached_prompt_tokens,
-        )  # fmt: skip
+        call = lm_call(name, raw, interpret(runner.codecs[name], raw, pieces, finished), finished)
         return call, _queue_ms(job)
 
     async def _generate(
@@ -405,11 +386,21 @@ def _describe(signature: pb.ProgramSignature, program: ProgramSpec | PipelineSpe
         signature.output_fields.add(name=field.name, description=field.description, type=field.type)
 
 
-def _usage(finished: Finished) -> pb.Usage:
+def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:
+    """Predict's sampling: greedy by default, stopping at the completed marker, log-probs
+    kept for the confidence."""
+    return check.sampling_params(
+        request.options, limits, default_temperature=PREDICT_DEFAULT_TEMPERATURE,
+        stop=(COMPLETED_MARKER,), logprobs=True,
+    )  # fmt: skip
+
+
+def _usage(*counted: Finished | LmCall) -> pb.Usage:
+    """The token accounting of one call, or the sum of a program's calls."""
     return pb.Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        cached_prompt_tokens=finished.cached_prompt_tokens,
+        prompt_tokens=sum(c.prompt_tokens for c in counted),
+        completion_tokens=sum(c.completion_tokens for c in counted),
+        cached_prompt_tokens=sum(c.cached_prompt_tokens for c in counted),
     )
 
 
