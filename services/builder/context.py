@@ -48,19 +48,22 @@ def load_program(path: str) -> Any:
 
 
 def describe_pipeline(
-    path: str, module: Any, name: str, trainset_row: dict[str, Any]
+    spec: BuildSpec, module: Any, trainset_row: dict[str, Any]
 ) -> tuple[PipelineSpec, dict[str, Path]]:
     """A multi-step program's program.json and the source files that go with it.
 
     Inputs are `forward`'s parameters; outputs, the predictors' output fields that the train
     rows label (the final prediction's fields, for a program that passes them through)."""
+    path, name = spec.program, spec.name
     inputs = forward_inputs(module)
     if not inputs:
         raise SpecError(
             f"program: {path}: its forward takes no named inputs; write them as parameters "
             "(def forward(self, ticket: str)) so requests can be checked against them"
         )
-    predictors = predictor_specs(module)
+    predictors = [
+        p.model_copy(update={"prompt_format": spec.prompt_format}) for p in predictor_specs(module)
+    ]
     fields = {f.name: f for p in predictors for f in p.inputs + p.outputs}
     produced = [f.name for p in predictors for f in p.outputs if f.name != REASONING]
     outputs = [n for i, n in enumerate(produced) if n in trainset_row and n not in produced[:i]]
@@ -76,6 +79,7 @@ def describe_pipeline(
         inputs=[fields.get(n, FieldSpec(name=n)) for n in inputs],
         outputs=[fields[n] for n in outputs], predictors=predictors,
         source=SourceSpec(module=module_name, attr=attr, files=sorted(sources)),
+        prompt_format=spec.prompt_format,
     )  # fmt: skip
     return pipeline, sources
 
@@ -118,12 +122,14 @@ class BuildContext:
         pipeline: PipelineSpec | None = None
         sources: dict[str, Path] = {}
         if len(predictors) == 1:
-            program_spec = ProgramSpec.from_signature(predictors[0].signature, name=spec.name)
+            program_spec = ProgramSpec.from_signature(
+                predictors[0].signature, name=spec.name, prompt_format=spec.prompt_format
+            )
             codec = PromptCodec(program_spec)
             inputs, outputs = codec.input_names, codec.output_names
         else:
             first = load_examples(spec.data.train, [], [], "data.train")[0]
-            pipeline, sources = describe_pipeline(spec.program, program, spec.name, first)
+            pipeline, sources = describe_pipeline(spec, program, first)
             program_spec = pipeline.predictors[0]
             inputs, outputs = pipeline.input_names, pipeline.output_names
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train")

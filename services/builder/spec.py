@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.core.program import BUILD_PROMPT_FORMAT, PromptFormat
+
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1")
 
 
@@ -133,6 +135,9 @@ class BuildSpec(_Strict):
     cost: CostSpec = CostSpec()
     # Default: the runtime's max_tokens default, so evaluation sees what serving will.
     eval_max_tokens: int | None = Field(None, ge=1)
+    # How prompts are laid out (services/core/program.py): "prefix-first" puts everything
+    # fixed before the inputs; "chat" is DSPy's ChatAdapter as is (bundles before it).
+    prompt_format: PromptFormat = BUILD_PROMPT_FORMAT
     n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
     output: Path = Path("build")
 

@@ -28,6 +28,10 @@ def build(
     output: Annotated[Optional[str], typer.Option(help="build folder")] = None,  # noqa: UP045
     version: Annotated[Optional[str], typer.Option(help="bundle version")] = None,  # noqa: UP045
     epochs: Annotated[Optional[float], typer.Option(help="LoRA epochs")] = None,  # noqa: UP045
+    prompt_format: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="prefix-first (default) or chat: DSPy's ChatAdapter as is"),
+    ] = None,
 ) -> None:
     """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
     from pathlib import Path
@@ -49,6 +53,7 @@ def build(
                 "output": output,
                 "version": version,
                 "lora.epochs": epochs,
+                "prompt_format": prompt_format,
             },
         )
         result = run_build(build_spec)

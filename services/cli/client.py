@@ -72,11 +72,16 @@ def predict(
             )
     except grpc.RpcError as err:
         raise _rpc_error(err) from None
+    typed = json.loads(reply.outputs_json) if reply.outputs_json else None
     if as_json:
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        data = MessageToDict(reply, preserving_proto_field_name=True)
+        if typed is not None:  # typed values in the signature's order, not the text map
+            data.pop("outputs_json")
+            data["outputs"] = typed
+        print(json.dumps(data, indent=2))
         return
-    for name, value in reply.outputs.items():
-        print(f"{name}: {value}")
+    for name, value in (typed or dict(reply.outputs)).items():
+        print(f"{name}: {value if isinstance(value, str) else json.dumps(value)}")
     from services.core.api import pb
 
     outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()

@@ -121,6 +121,14 @@ class RuntimeSettings(TransportSettings):
             "as a saved state restored after other calls (a Generate) came between"
         ),
     )
+    typed_decoding: bool = Field(
+        True,
+        description=(
+            "Predict answers decoded by their signature: field headers appended, not sampled; "
+            "Literal and bool values only from their set, numbers as numbers, lists and "
+            "objects as JSON of their schema (off: the model samples the whole answer)"
+        ),
+    )
     max_queue: int = Field(
         16,
         ge=0,

@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from services.core.program import FieldSpec, ProgramFormatError, ProgramSpec, PromptCodec
+from services.core.program import (
+    FieldSpec,
+    ProgramFormatError,
+    ProgramSpec,
+    PromptCodec,
+    PromptFormat,
+    chat_adapter,
+    typed_json,
+)
 
 PIPELINE_FORMAT_VERSION: Literal[2] = 2
 PIPELINE_KIND: Literal["pipeline"] = "pipeline"
@@ -58,6 +66,7 @@ class PipelineSpec(BaseModel):
     predictors: list[ProgramSpec] = Field(min_length=1)  # each named by its path in the module
     source: SourceSpec
     state: str = "state.json"
+    prompt_format: PromptFormat = "chat"  # absent from older bundles (program.py)
 
     @property
     def input_names(self) -> list[str]:
@@ -238,6 +247,7 @@ class LmCall:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    decode_steps: int | None = None  # sampled tokens, when typed decoding forced some
 
 
 Complete = Callable[[str, list[dict[str, str]]], LmCall]
@@ -248,6 +258,7 @@ class RunResult:
     outputs: dict[str, str] | None  # None when a predictor's answer did not parse
     outcome: str
     calls: list[LmCall] = field(default_factory=list)
+    outputs_json: str = ""  # the outputs typed, in order (program.typed_json)
 
     @property
     def confidence(self) -> float:
@@ -324,12 +335,9 @@ class _PredictorEngine:
         pass
 
 
-def served_adapter() -> Any:
-    """The adapter every predictor is trained and served with (no JSON fallback: the student
-    learned ChatAdapter's format only)."""
-    import dspy
-
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+def served_adapter(prompt_format: PromptFormat = "chat") -> Any:
+    """The adapter every predictor is trained and served with."""
+    return chat_adapter(prompt_format)
 
 
 class ProgramRunner:
@@ -354,7 +362,7 @@ class ProgramRunner:
                 f"edgedistill/{name}", engine=_PredictorEngine(name), cache=False, num_retries=0
             )
         self.codecs = {
-            name: PromptCodec.for_signature(p.signature, p.demos)
+            name: PromptCodec.for_signature(p.signature, p.demos, spec.prompt_format)
             for name, p in self.predictors.items()
         }
 
@@ -371,7 +379,8 @@ class ProgramRunner:
         run = _Run(complete)
         token = _CURRENT.set(run)
         try:
-            with dspy.context(adapter=served_adapter(), disable_history=True):
+            adapter = served_adapter(self.spec.prompt_format)
+            with dspy.context(adapter=adapter, disable_history=True):
                 prediction = self.module(**inputs)
         except dspy.utils.exceptions.AdapterParseError:
             last = run.calls[-1].outcome if run.calls else "unparsed"
@@ -387,7 +396,9 @@ class ProgramRunner:
         if missing:
             error = ValueError(f"forward's prediction has no {', '.join(map(repr, missing))}")
             raise ProgramFailed(error, run.calls)
-        return RunResult(self.outputs_of(prediction), "parsed", run.calls)
-
-    def outputs_of(self, prediction: Any) -> dict[str, str]:
-        return {name: str(prediction.get(name)) for name in self.spec.output_names}
+        names = self.spec.output_names
+        values = {name: prediction.get(name) for name in names}
+        return RunResult(
+            {name: str(values[name]) for name in names}, "parsed", run.calls,
+            outputs_json=typed_json(values, names),
+        )  # fmt: skip

@@ -1,8 +1,15 @@
 """The served program's format: a DSPy signature (+ demos) as LM-free JSON, and the prompt codec.
 
 The builder writes `program.json` from the teacher's DSPy module; the runtime rebuilds the
-signature from it and formats every call with the same `ChatAdapter` the student was trained
-on, so serving prompts are byte-identical to training prompts.
+signature from it and formats every call with the same adapter the student was trained on, so
+serving prompts are byte-identical to training prompts.
+
+Prompt formats (`prompt_format` in program.json):
+- `chat`: DSPy's ChatAdapter as is; the output-format reminder closes the user message, after
+  the call's inputs. Bundles from before the field existed.
+- `prefix-first`: ChatAdapter with the reminder opening the user message, so everything fixed
+  (instructions, field descriptions, demos, reminder) comes before the inputs and a cached
+  prompt prefix covers all of it. What builds write.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 PROGRAM_FORMAT_VERSION = 1
+PromptFormat = Literal["chat", "prefix-first"]
+BUILD_PROMPT_FORMAT: PromptFormat = "prefix-first"
 _FIELD_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 # The marker DSPy's ChatAdapter ends every answer with: a natural stop string.
 COMPLETED_MARKER = "[[ ## completed ## ]]"
@@ -41,6 +50,8 @@ class ProgramSpec(BaseModel):
     inputs: list[FieldSpec] = Field(min_length=1)
     outputs: list[FieldSpec] = Field(min_length=1)
     demos: list[dict[str, Any]] = Field(default_factory=list)
+    # Absent from older program.json files: they were trained on ChatAdapter as is.
+    prompt_format: PromptFormat = "chat"
 
     @classmethod
     def load(cls, path: Path) -> ProgramSpec:
@@ -54,8 +65,9 @@ class ProgramSpec(BaseModel):
 
     @classmethod
     def from_signature(
-        cls, signature: Any, *, name: str = "program", demos: list[dict[str, Any]] | None = None
-    ) -> ProgramSpec:
+        cls, signature: Any, *, name: str = "program", demos: list[dict[str, Any]] | None = None,
+        prompt_format: PromptFormat = "chat",
+    ) -> ProgramSpec:  # fmt: skip
         """Describe a dspy.Signature class (types kept as text)."""
 
         def fields(items: dict[str, Any]) -> list[FieldSpec]:
@@ -74,6 +86,7 @@ class ProgramSpec(BaseModel):
             inputs=fields(signature.input_fields),
             outputs=fields(signature.output_fields),
             demos=demos or [],
+            prompt_format=prompt_format,
         )
 
     def to_signature(self) -> Any:
@@ -99,27 +112,44 @@ class ParsedAnswer:
     outputs: dict[str, str]
     # Character span [start, end) of each output field's value inside the completion text.
     spans: dict[str, tuple[int, int]]
+    # The values as DSPy parsed them by their annotations (bool, int, list, ...).
+    values: dict[str, Any]
+
+    @property
+    def outputs_json(self) -> str:
+        return typed_json(self.values, list(self.outputs))
+
+
+def typed_json(values: dict[str, Any], names: list[str]) -> str:
+    """Output values as one JSON object in the signature's order, each typed (bool as
+    true/false, numbers, lists and models as JSON), as the wire's `outputs_json` carries them."""
+    import json
+
+    from pydantic_core import to_jsonable_python
+
+    return json.dumps({name: to_jsonable_python(values[name]) for name in names})
 
 
 class PromptCodec:
     """Formats program inputs into chat messages and parses completions, as ChatAdapter does."""
 
     def __init__(self, spec: ProgramSpec, signature: Any = None) -> None:
-        import dspy
 
         self.spec = spec
         self.signature = spec.to_signature() if signature is None else signature
-        # No JSON fallback: the student was trained on ChatAdapter's format only.
-        self._adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        self._adapter = chat_adapter(spec.prompt_format)
         self.demos: list[Any] = list(spec.demos)
         self.input_names = [f.name for f in spec.inputs]
         self.output_names = [f.name for f in spec.outputs]
 
     @classmethod
-    def for_signature(cls, signature: Any, demos: list[Any]) -> PromptCodec:
+    def for_signature(
+        cls, signature: Any, demos: list[Any], prompt_format: PromptFormat = "chat"
+    ) -> PromptCodec:
         """A predictor's own signature (its real types, not their text) and demos: the
         prompts a multi-step program's predictor sends when DSPy runs it."""
-        codec = cls(ProgramSpec.from_signature(signature), signature)
+        spec = ProgramSpec.from_signature(signature, prompt_format=prompt_format)
+        codec = cls(spec, signature)
         codec.demos = list(demos)
         return codec
 
@@ -149,7 +179,7 @@ class PromptCodec:
         import dspy
 
         try:
-            self._adapter.parse(self.signature, completion)
+            values = self._adapter.parse(self.signature, completion)
         except dspy.utils.exceptions.AdapterParseError:
             return None
         outputs: dict[str, str] = {}
@@ -167,7 +197,31 @@ class PromptCodec:
             spans[name] = (start, start + len(value))
         if set(outputs) != set(self.output_names):
             return None
-        return ParsedAnswer(outputs=outputs, spans=spans)
+        ordered = {name: outputs[name] for name in self.output_names}
+        return ParsedAnswer(outputs=ordered, spans=spans, values=values)
+
+
+def chat_adapter(prompt_format: PromptFormat) -> Any:
+    """The adapter a prompt format trains and serves with. No JSON fallback: the student
+    learned this format only."""
+    import dspy
+
+    if prompt_format == "chat":
+        return dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+    class PrefixFirstAdapter(dspy.ChatAdapter):
+        """ChatAdapter with the output-format reminder before the call's inputs."""
+
+        def format_user_message_content(
+            self, signature: Any, inputs: dict[str, Any], prefix: str = "", suffix: str = "",
+            main_request: bool = False,
+        ) -> str:  # fmt: skip
+            if main_request:
+                reminder = self.user_message_output_requirements(signature)
+                prefix = f"{prefix}\n\n{reminder}".strip()
+            return str(super().format_user_message_content(signature, inputs, prefix, suffix))
+
+    return PrefixFirstAdapter(use_json_adapter_fallback=False)
 
 
 def program_from_file(path: Path) -> ProgramSpec:

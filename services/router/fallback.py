@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
-from services.core.program import ProgramSpec
+from services.core.program import ProgramSpec, typed_json
 
 # Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
 # (three attempts, ~10 s) before the router could start.
@@ -84,21 +84,25 @@ class FallbackModel:
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def _call(self, inputs: dict[str, str]) -> dict[str, str]:
+    def _call(self, inputs: dict[str, str]) -> tuple[dict[str, str], str]:
+        """The outputs as text and typed (program.typed_json), as a runtime answers."""
         if self._runner is not None:
             result = self._runner.run(inputs, self._api_call)
             if result.outputs is None:
                 raise ValueError(f"the API model's answer did not parse ({result.outcome})")
-            return result.outputs
+            return result.outputs, result.outputs_json
         prediction = self._predictor(**inputs)
-        return {name: str(prediction.get(name, "")) for name in self._output_names}
+        values = {name: prediction.get(name, "") for name in self._output_names}
+        texts = {name: str(value) for name, value in values.items()}
+        return texts, typed_json(values, self._output_names)
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
         text = str(self._lm(messages=messages)[0])
         return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed")
 
-    async def predict(self, inputs: dict[str, str]) -> tuple[dict[str, str], float]:
-        """The API's outputs and the seconds it took; ApiError after the last retry."""
+    async def predict(self, inputs: dict[str, str]) -> tuple[tuple[dict[str, str], str], float]:
+        """The API's outputs (text and typed) and the seconds it took; ApiError after the
+        last retry."""
         last = ApiError("error", "no attempt made")
         for attempt in range(self._retries + 1):
             if attempt:

@@ -204,7 +204,7 @@ class RouterService(pb_grpc.InferenceServicer):
         self._breaker.allow()  # half-open: this call is the probe
         self._budget.try_spend()
         try:
-            outputs, seconds = await self._fallback.predict(inputs)
+            (outputs, outputs_json), seconds = await self._fallback.predict(inputs)
         except ApiError as err:
             self._breaker.record_failure()
             self._metrics.api_errors.labels(err.kind).inc(err.attempts)
@@ -217,6 +217,7 @@ class RouterService(pb_grpc.InferenceServicer):
         self._rate_cap.record(True)
         return pb.PredictResponse(
             outputs=outputs,
+            outputs_json=outputs_json,
             served_by=pb.SERVED_BY_FALLBACK,
             model_id=self._fallback.model,
             outcome=pb.PREDICT_OUTCOME_PARSED,

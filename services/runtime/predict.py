@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from services.core.pipeline import LmCall
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.runtime.backends import Backend, Finished, GenerationParams, TokenPiece
+from services.runtime.backends.base import PreparedPrompt
+from services.runtime.structured import OutputPlan, Tokenizer, build_plan
 
 Outcome = Literal["parsed", "unparsed", "truncated"]
 
@@ -24,6 +27,7 @@ class Interpretation:
     outputs: dict[str, str] | None
     confidence: float
     outcome: Outcome
+    outputs_json: str  # the outputs typed, in the signature's order ("" when not parsed)
 
 
 @dataclass
@@ -46,14 +50,51 @@ def predict_params(max_tokens: int, temperature: float = 0.0, top_p: float = 0.9
     )
 
 
+# backend -> codec -> plan, forgotten with either
+_PLANS: weakref.WeakKeyDictionary[object, weakref.WeakKeyDictionary[PromptCodec, OutputPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def output_plan(backend: Backend, codec: PromptCodec) -> OutputPlan | None:
+    """The codec's typed-decoding plan on this backend (made once), or None when the backend
+    cannot decode by plan (it does not expose its tokenizer and logits)."""
+    if not hasattr(backend, "tokenize_text"):
+        return None
+    plans = _PLANS.setdefault(backend, weakref.WeakKeyDictionary())
+    if codec not in plans:
+        tokenizer: Tokenizer = backend  # type: ignore[assignment]
+        plans[codec] = build_plan(codec, tokenizer)
+    return plans[codec]
+
+
+def prepare_answer(
+    backend: Backend, codec: PromptCodec, messages: list[dict[str, str]], *, typed: bool = True
+) -> PreparedPrompt:
+    """A predictor call's prompt; `typed`: decoded by the codec's plan (the scaffold forced,
+    values constrained by their types) where the backend can."""
+    prompt = backend.prepare(messages)
+    plan = output_plan(backend, codec) if typed and prompt.tokens is not None else None
+    if plan is None:
+        return prompt
+    assert prompt.tokens is not None
+    return replace(
+        prompt, text=prompt.text + plan.header_text, tokens=prompt.tokens + plan.header, plan=plan
+    )
+
+
 def interpret(
     codec: PromptCodec, text: str, pieces: list[TokenPiece], finished: Finished
 ) -> Interpretation:
     answer = codec.parse(text)
     if answer is None:
         outcome: Outcome = "truncated" if finished.reason == "length" else "unparsed"
-        return Interpretation(None, 0.0, outcome)
-    return Interpretation(answer.outputs, confidence(answer.spans, pieces), "parsed")
+        return Interpretation(None, 0.0, outcome, "")
+    if finished.field_confidence is not None:  # typed decoding scored each value itself
+        scores = [finished.field_confidence.get(name, 0.0) for name in codec.output_names]
+        return Interpretation(answer.outputs, min(scores), "parsed", answer.outputs_json)
+    score = confidence(answer.spans, pieces)
+    return Interpretation(answer.outputs, score, "parsed", answer.outputs_json)
 
 
 def confidence(spans: dict[str, tuple[int, int]], pieces: list[TokenPiece]) -> float:
@@ -72,10 +113,11 @@ def confidence(spans: dict[str, tuple[int, int]], pieces: list[TokenPiece]) -> f
 
 
 def predict_once(
-    backend: Backend, codec: PromptCodec, inputs: dict[str, str], params: GenerationParams
-) -> PredictResult:
+    backend: Backend, codec: PromptCodec, inputs: dict[str, str], params: GenerationParams,
+    *, typed: bool = True,
+) -> PredictResult:  # fmt: skip
     """One synchronous Predict, without the server (evaluation, calibration, tools)."""
-    return complete_once(backend, codec, codec.format_messages(inputs), params)
+    return complete_once(backend, codec, codec.format_messages(inputs), params, typed=typed)
 
 
 def lm_call(name: str, text: str, result: Interpretation, finished: Finished) -> LmCall:
@@ -83,16 +125,17 @@ def lm_call(name: str, text: str, result: Interpretation, finished: Finished) ->
     return LmCall(
         predictor=name, text=text, confidence=result.confidence, outcome=result.outcome,
         prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
-        cached_prompt_tokens=finished.cached_prompt_tokens,
+        cached_prompt_tokens=finished.cached_prompt_tokens, decode_steps=finished.decode_steps,
     )  # fmt: skip
 
 
 def complete_once(
-    backend: Backend, codec: PromptCodec, messages: list[dict[str, str]], params: GenerationParams
-) -> PredictResult:
+    backend: Backend, codec: PromptCodec, messages: list[dict[str, str]],
+    params: GenerationParams, *, typed: bool = True,
+) -> PredictResult:  # fmt: skip
     """One synchronous call of a predictor whose prompt is already formatted."""
     started = time.perf_counter()
-    prompt = backend.prepare(messages)
+    prompt = prepare_answer(backend, codec, messages, typed=typed)
     pieces: list[TokenPiece] = []
     first: float | None = None
     finished: Finished | None = None
@@ -110,6 +153,7 @@ def complete_once(
         outputs=result.outputs,
         confidence=result.confidence,
         outcome=result.outcome,
+        outputs_json=result.outputs_json,
         raw_text=text,
         finished=finished,
         latency_s=time.perf_counter() - started,

@@ -22,13 +22,14 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.pipeline import LmCall, PipelineSpec, ProgramFailed, ProgramRunner
-from services.core.program import COMPLETED_MARKER, ProgramSpec
+from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
 from services.core.registration import add_inference_servicer
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
+from services.runtime.backends.base import PreparedPrompt
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.predict import interpret, lm_call
+from services.runtime.predict import interpret, lm_call, prepare_answer
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             )
         inputs = check.predict_inputs(request, model.codec.input_names)
         params = _predict_params(request, limits)
-        prompt = model.backend.prepare(model.codec.format_messages(inputs))
+        prompt = self._prepare(model.codec, model.codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
         check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
         if self._settings.log_requests:
@@ -149,6 +150,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
         if result.outputs is not None:
             response.outputs.update(result.outputs)
+            response.outputs_json = result.outputs_json
         if result.outputs is None or request.include_raw_text:
             response.raw_text = raw
         self._metrics.predict_outcomes.labels(pb.PredictOutcome.Name(response.outcome)).inc()
@@ -192,6 +194,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         response.usage.CopyFrom(_usage(*result.calls))
         if result.outputs is not None:
             response.outputs.update(result.outputs)
+            response.outputs_json = result.outputs_json
         if result.outputs is None or request.include_raw_text:
             response.raw_text = result.raw_text
         self._metrics.predict_outcomes.labels(pb.PredictOutcome.Name(response.outcome)).inc()
@@ -203,8 +206,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         params: Any, context: Any,
     ) -> tuple[LmCall, float]:  # fmt: skip
         """One predictor call of a running program, on the event loop."""
-        model, scheduler, limits = self._ready()
-        prompt = model.backend.prepare(messages)
+        _, scheduler, limits = self._ready()
+        prompt = self._prepare(runner.codecs[name], messages)
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
         check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
         job = self._submit(scheduler, prompt, params, context)
@@ -291,6 +294,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _prepare(self, codec: PromptCodec, messages: list[dict[str, str]]) -> PreparedPrompt:
+        model, _, _ = self._ready()
+        return prepare_answer(model.backend, codec, messages, typed=self._settings.typed_decoding)
 
     def _ready(self) -> tuple[LoadedModel, Scheduler, Limits]:
         if self._model is None or self._scheduler is None or self._limits is None:
@@ -401,7 +408,13 @@ def _usage(*counted: Finished | LmCall) -> pb.Usage:
         prompt_tokens=sum(c.prompt_tokens for c in counted),
         completion_tokens=sum(c.completion_tokens for c in counted),
         cached_prompt_tokens=sum(c.cached_prompt_tokens for c in counted),
+        decode_steps=sum(_decode_steps(c) for c in counted),
     )
+
+
+def _decode_steps(counted: Finished | LmCall) -> int:
+    steps = counted.decode_steps
+    return counted.completion_tokens if steps is None else steps
 
 
 class ProgramCalls:

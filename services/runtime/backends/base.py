@@ -7,6 +7,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from services.core.program import PromptCodec
 from services.core.sampling import GenerationParams
 from services.core.tokens import common_prefix_length
+from services.runtime.structured import OutputPlan
 
 FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
 
@@ -27,11 +28,15 @@ class BackendInfo:
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A chat rendered for the model. `tokens` is None when the backend cannot count them."""
+    """A chat rendered for the model. `tokens` is None when the backend cannot count them.
+
+    With a `plan`, the answer is decoded by it (typed decoding): the prompt already ends with
+    the plan's first header."""
 
     messages: tuple[tuple[str, str], ...]
     text: str
     tokens: tuple[int, ...] | None
+    plan: OutputPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class Finished:
     cached_prompt_tokens: int = 0
     text: str = ""  # any held-back text released at the end
     extra: dict[str, float] = field(default_factory=dict)
+    decode_steps: int | None = None  # tokens sampled, when some were forced (typed decoding)
+    # Typed decoding: each output field's confidence (a choice's probability among the
+    # allowed values; the geometric-mean token probability of other values).
+    field_confidence: dict[str, float] | None = None
 
 
 class Backend(Protocol):

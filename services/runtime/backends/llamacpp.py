@@ -27,6 +27,13 @@ from services.runtime.backends.base import (
 )
 from services.runtime.backends.registry import BackendEntry, ModelSource, register
 from services.runtime.backends.text import StopStringBuffer
+from services.runtime.structured import (
+    OutputPlan,
+    PlanCursor,
+    Step,
+    constrain_logits,
+    json_value_grammar,
+)
 
 
 class ChatModel:
@@ -108,6 +115,19 @@ class ChatModelMethods:
     def validate_json_schema(self, schema: str) -> None:
         grammar_for(schema)
 
+    # -- what typed decoding asks (services/runtime/structured.py: Tokenizer) ---------------
+
+    def tokenize_text(self, text: str) -> list[int]:
+        with self._chat._tokenize_lock:
+            return list(self._chat.model.tokenize(text.encode("utf-8"), False, False))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes(self._chat.model.detokenize([token]))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._chat.model.n_vocab())
+
 
 class LlamaCppBackend(ChatModelMethods):
     """One llama.cpp model and context; generate() is called from one thread at a time."""
@@ -177,19 +197,26 @@ class LlamaCppBackend(ChatModelMethods):
         """The underlying llama_cpp.Llama (benchmarks compare against it directly)."""
         return self._llm
 
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """Put the longest reusable prefix of `tokens` in the context; how many it holds."""
+        llm = self._llm
+        held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        if not self._restore_prefix(tokens):  # evaluated for this call: not cached for it
+            held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        return min(held, len(tokens) - 1)  # the last prompt token is always re-evaluated
+
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
     ) -> Iterator[TokenPiece | Finished]:
         import llama_cpp
 
+        if prompt.plan is not None:
+            yield from self._generate_planned(prompt, prompt.plan, params, should_stop)
+            return
         llm = self._llm
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
-        if not self._restore_prefix(tokens):  # evaluated for this call: not cached for it
-            held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
-        cached = held
-        cached = min(cached, len(tokens) - 1)  # the last prompt token is always re-evaluated
+        cached = self._cached_prefix(tokens)
         grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)
@@ -237,6 +264,38 @@ class LlamaCppBackend(ChatModelMethods):
             text=buffer.flush() if reason != "cancelled" else "",
         )
 
+    def _generate_planned(
+        self, prompt: PreparedPrompt, plan: OutputPlan, params: GenerationParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[TokenPiece | Finished]:  # fmt: skip
+        """Typed decoding: sample only the values, force the scaffold (structured.py)."""
+        llm = self._llm
+        assert prompt.tokens is not None
+        tokens = list(prompt.tokens)
+        cached = self._cached_prefix(tokens)
+        llm.n_tokens = cached  # eval drops the context's cells from here on
+        answer = PlannedAnswer(self._chat.model, plan, params)
+        yield answer.piece(plan.header_text, None)
+        pending, reason = tokens[cached:], "length"
+        try:
+            while True:
+                if should_stop():
+                    reason = "cancelled"
+                    break
+                llm.eval(pending)
+                token, step, logprob = answer.sample(llm._ctx, -1)
+                yield answer.piece(step.text, logprob)
+                if step.done:
+                    reason = "stop"
+                    break
+                room = llm.n_ctx() - llm.n_tokens - 1 - len(step.forced)
+                if answer.steps >= params.max_tokens or room <= 0:
+                    break
+                pending = [token, *step.forced]
+        finally:
+            answer.close()
+        yield answer.finished(reason, len(tokens), cached)  # type: ignore[arg-type]
+
     def _logprob(self, token: int) -> float:
         return token_logprob(self._llm._ctx.ctx, -1, self._n_vocab, token)
 
@@ -252,6 +311,108 @@ def token_logprob(ctx: Any, index: int, n_vocab: int, token: int) -> float:
     logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
     peak = float(logits.max())
     return float(logits[token]) - (peak + float(np.log(np.exp(logits - peak).sum())))
+
+
+class PlannedAnswer:
+    """One typed-decoding answer on a llama.cpp context: its cursor and sampler chains.
+
+    Shared by both llama.cpp engines: each evaluates what `sample` asks (the sampled token
+    and the forced tokens after it), then calls `sample` on the new logits."""
+
+    def __init__(self, model: Any, plan: OutputPlan, params: GenerationParams) -> None:
+        self._model = model
+        self._params = params
+        self.cursor = PlanCursor(plan, lambda token: bytes(model.detokenize([token])))
+        self._chain = sampler_chain(model, params)
+        self._grammar_chain: tuple[str, Any] | None = None  # (schema, chain) of a JSON value
+        self._n_vocab = int(model.n_vocab())
+        self.steps = 0  # tokens sampled: decode steps
+        self.forced = 0  # tokens appended without sampling
+        self._shown = 0
+
+    def _sampler(self) -> Any:
+        schema = self.cursor.grammar()
+        if schema is None:
+            return self._chain
+        if self._grammar_chain is None or self._grammar_chain[0] != schema:
+            self._close_grammar()
+            grammar = value_grammar(schema, self._first_after_text())
+            self._grammar_chain = (schema, sampler_chain(self._model, self._params, grammar))
+        return self._grammar_chain[1]
+
+    def _first_after_text(self) -> str:
+        return bytes(self._model.detokenize([self.cursor.field.after[0]])).decode("utf-8")
+
+    def sample(self, ctx: Any, index: int) -> tuple[int, Step, float | None]:
+        """Constrain the logits at batch position `index`, sample, and advance the cursor."""
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        grammar_value = self.cursor.grammar() is not None
+        total, allowed_total = constrain_logits(logits, self.cursor.allowed())
+        token = int(self._sampler().sample(ctx, index))
+        self.steps += 1
+        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+            step = self.cursor.accept(token, 0.0, 0.0, eog=True)
+            logprob = None
+        else:
+            logprob = float(logits[token]) - total
+            step = self.cursor.accept(token, logprob, float(logits[token]) - allowed_total, False)
+        if grammar_value and self.cursor.grammar() is None:
+            self._close_grammar()
+        self.forced += len(step.forced)
+        return token, step, logprob
+
+    def piece(self, text: str, logprob: float | None) -> TokenPiece:
+        start, self._shown = self._shown, self._shown + len(text)
+        return TokenPiece(text=text, start=start, end=self._shown, logprob=logprob)
+
+    def finished(self, reason: FinishReason, prompt_tokens: int, cached: int) -> Finished:
+        return Finished(
+            reason=reason, prompt_tokens=prompt_tokens,
+            completion_tokens=self.steps + self.forced, cached_prompt_tokens=max(0, cached),
+            decode_steps=self.steps, field_confidence=dict(self.cursor.confidences),
+        )  # fmt: skip
+
+    def _close_grammar(self) -> None:
+        if self._grammar_chain is not None:
+            self._grammar_chain[1].close()
+            self._grammar_chain = None
+
+    def close(self) -> None:
+        self._close_grammar()
+        self._chain.close()
+
+
+def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> Any:
+    """The chain `Llama.generate` builds for these settings (its no-op stages left out)."""
+    from llama_cpp import _internals
+
+    sampler = _internals.LlamaSampler()
+    if grammar is None and params.json_schema:
+        grammar = grammar_for(params.json_schema)
+    if grammar is not None:
+        sampler.add_grammar(model, grammar)
+    if params.temperature <= 0.0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(40)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_min_p(0.05, 1)
+        sampler.add_temp(params.temperature)
+        sampler.add_dist(params.seed)
+    return sampler
+
+
+@lru_cache(maxsize=64)
+def value_grammar(schema: str, terminator: str) -> Any:
+    """A JSON value of `schema`, then `terminator` (what follows the value in the answer)."""
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    gbnf = json_value_grammar(json_schema_to_gbnf(schema), terminator)
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 @lru_cache(maxsize=64)

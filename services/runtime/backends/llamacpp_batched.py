@@ -42,7 +42,8 @@ from services.runtime.backends.base import (
 from services.runtime.backends.llamacpp import (
     ChatModel,
     ChatModelMethods,
-    grammar_for,
+    PlannedAnswer,
+    sampler_chain,
     token_logprob,
 )
 from services.runtime.backends.text import StopStringBuffer
@@ -66,6 +67,8 @@ class _Sequence:
     produced: int = 0
     logits_index: int = -1
     events: list[TokenPiece | Finished] = field(default_factory=list)
+    answer: PlannedAnswer | None = None  # typed decoding (the prompt has a plan)
+    announced: bool = False  # the plan's first header was shown
 
 
 class BatchedLlamaCpp(ChatModelMethods):
@@ -272,8 +275,11 @@ class BatchedLlamaCpp(ChatModelMethods):
                 llama_cpp.llama_memory_seq_rm(self._memory, seq_id, shared, -1)
             cached = shared
         self._slot_tokens[seq_id] = tokens[:cached]
+        answer = None
         try:
-            sampler = self._sampler(params)
+            if prompt.plan is not None:
+                answer = PlannedAnswer(self._model, prompt.plan, params)
+            sampler = sampler_chain(self._model, params) if answer is None else None
         except Exception:
             self._free.append(seq_id)
             raise
@@ -288,6 +294,7 @@ class BatchedLlamaCpp(ChatModelMethods):
                 sampler=sampler,
                 cached=cached,
                 buffer=StopStringBuffer(params.stop),
+                answer=answer,
             )
         )
 
@@ -327,8 +334,9 @@ class BatchedLlamaCpp(ChatModelMethods):
     def step(self) -> list[tuple[Any, TokenPiece | Finished]]:
         """One decoding row for every running request, then up to n_batch prompt tokens."""
         events: list[tuple[Any, TokenPiece | Finished]] = []
-        decoding = [s for s in self._active if s.n_past >= s.prompt_len]
-        prompts = [s for s in self._active if s.n_past < s.prompt_len]
+        # A decoding row is one sampled token; forced tokens after it go as a prompt piece.
+        decoding = [s for s in self._active if s.n_past >= s.prompt_len and len(s.pending) == 1]
+        prompts = [s for s in self._active if s not in decoding]
         if decoding:
             self._batch.reset()
             for sequence in decoding:
@@ -399,6 +407,8 @@ class BatchedLlamaCpp(ChatModelMethods):
         """Sample the sequence's next token from this step's logits and apply its limits."""
         import llama_cpp
 
+        if sequence.answer is not None:
+            return self._advance_planned(sequence, sequence.answer)
         token = int(sequence.sampler.sample(self._ctx, sequence.logits_index))
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             return [self._finish(sequence, "stop")]
@@ -417,9 +427,34 @@ class BatchedLlamaCpp(ChatModelMethods):
             sequence.pending = [token]
         return events
 
+    def _advance_planned(
+        self, sequence: _Sequence, answer: PlannedAnswer
+    ) -> list[TokenPiece | Finished]:
+        """Typed decoding: sample a value token; what the plan forces after it is fed next."""
+        events: list[TokenPiece | Finished] = []
+        if not sequence.announced:
+            sequence.announced = True
+            events.append(answer.piece(answer.cursor.plan.header_text, None))
+        token, step, logprob = answer.sample(self._ctx, sequence.logits_index)
+        sequence.produced = answer.steps
+        events.append(answer.piece(step.text, logprob))
+        if step.done:
+            events.append(self._finish(sequence, "stop"))
+        elif (
+            answer.steps >= sequence.params.max_tokens
+            or sequence.n_past + 1 + len(step.forced) >= self._n_ctx
+        ):
+            events.append(self._finish(sequence, "length"))
+        else:
+            sequence.pending = [token, *step.forced]
+        return events
+
     def _finish(self, sequence: _Sequence, reason: FinishReason) -> Finished:
         self._active.remove(sequence)
         self._free.append(sequence.seq_id)
+        if sequence.answer is not None:
+            sequence.answer.close()
+            return sequence.answer.finished(reason, sequence.prompt_len, sequence.cached)
         sequence.sampler.close()
         return Finished(
             reason=reason,
@@ -431,23 +466,6 @@ class BatchedLlamaCpp(ChatModelMethods):
 
     def _logprob(self, index: int, token: int) -> float:
         return token_logprob(self._ctx.ctx, index, self._n_vocab, token)
-
-    def _sampler(self, params: GenerationParams) -> Any:
-        """The same chain `Llama.generate` builds for these settings, one per request."""
-        from llama_cpp import _internals
-
-        sampler = _internals.LlamaSampler()
-        if params.json_schema:
-            sampler.add_grammar(self._model, grammar_for(params.json_schema))
-        if params.temperature <= 0.0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(40)
-            sampler.add_top_p(params.top_p, 1)
-            sampler.add_min_p(0.05, 1)
-            sampler.add_temp(params.temperature)
-            sampler.add_dist(params.seed)
-        return sampler
 
 
 def usable_cache(shared: int, last: int) -> int:

@@ -1,0 +1,337 @@
+"""Typed decoding of a Predict answer: the scaffold is forced, each value is decoded by its type.
+
+A ChatAdapter answer is each output field's header and value, then the completed marker (`[[ ##
+a ## ]]`, newline, value, blank line, `[[ ## b ## ]]`, ...). Only the values are the model's to
+choose. An `OutputPlan` (one per program and model) holds the first header's tokens (appended
+to the prompt) and, for each output field, how its value is constrained and the tokens that
+follow it (the next header, appended by the engine and evaluated as one prompt piece, never
+sampled):
+
+- choice (`Literal`, `bool`): the token sequences of the allowed values' texts, walked as a
+  trie; other tokens are masked, a unique continuation is forced without sampling;
+- number (`int`, `float`): tokens of number characters that keep the text a number's prefix;
+- json (lists, dicts, pydantic models): llama.cpp's JSON-schema grammar;
+- text (`str`): free, until the model starts the next header.
+
+A `PlanCursor` walks one answer through its plan: the engine asks it which tokens are allowed
+(or which grammar applies), samples, and hands the token back; the cursor says what text to
+show, which tokens to force next, and when the answer is complete. Pure: no llama.cpp here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from services.core.program import COMPLETED_MARKER, PromptCodec
+
+ValueKind = Literal["choice", "number", "json", "text"]
+# A free value ends where the model starts a header: a blank line, then `[[`.
+_HEADER_START = "\n\n[["
+_NUMBER_CHARS = frozenset("0123456789-+.eE")
+_PREFIX = {"int": re.compile(r"-?\d*"), "float": re.compile(r"-?(\d+(\.\d*)?([eE][-+]?\d*)?)?")}
+_FULL = {"int": re.compile(r"-?\d+"), "float": re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")}
+
+
+class Tokenizer(Protocol):
+    """What a plan needs from the model: its tokenizer, without special tokens or BOS."""
+
+    def tokenize_text(self, text: str) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    name: str
+    kind: ValueKind
+    after_text: str  # what follows the value: the next header, or the completed marker
+    after: tuple[int, ...]  # its tokens; after[0] is what a typed value ends by sampling
+    break_len: int  # a free value ends when its tokens end with after[:break_len]
+    last: bool
+    choices: tuple[tuple[int, ...], ...] = ()
+    choice_texts: tuple[str, ...] = ()
+    number: str = ""  # "int" or "float"
+    json_schema: str = ""
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    header_text: str  # the first field's header, appended to the prompt
+    header: tuple[int, ...]
+    fields: tuple[FieldPlan, ...]
+    number_tokens: tuple[tuple[int, str], ...] = ()  # vocabulary entries made of number chars
+
+
+def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
+    """The plan of a program's answers on one model."""
+    names = codec.output_names
+    fields = []
+    for index, name in enumerate(names):
+        last = index == len(names) - 1
+        after_text = "\n\n" + (COMPLETED_MARKER if last else _header(names[index + 1]))
+        after = tokens_after(tokenizer, "x", after_text)
+        info = codec.signature.output_fields[name]
+        breaks = _break_len(after, tokenizer)
+        fields.append(_field_plan(name, info, after_text, after, last, tokenizer, breaks))
+    numbers = any(f.kind == "number" for f in fields)
+    first = _header(names[0])
+    return OutputPlan(
+        header_text=first,
+        header=tuple(tokenizer.tokenize_text(first)),
+        fields=tuple(fields),
+        number_tokens=_number_tokens(tokenizer) if numbers else (),
+    )
+
+
+def tokens_after(tokenizer: Tokenizer, context: str, text: str) -> tuple[int, ...]:
+    """The tokens of `text` as the model sees it after `context` (a tokenizer that adds a
+    leading space, or merges across the boundary, tokenizes it differently on its own)."""
+    before = tokenizer.tokenize_text(context)
+    joined = tokenizer.tokenize_text(context + text)
+    if joined[: len(before)] == before:
+        return tuple(joined[len(before) :])
+    return tuple(tokenizer.tokenize_text(text))
+
+
+def _header(name: str) -> str:
+    return f"[[ ## {name} ## ]]\n"
+
+
+def _break_len(after: tuple[int, ...], tokenizer: Tokenizer) -> int:
+    for size in range(1, len(after) + 1):
+        text = b"".join(tokenizer.token_bytes(t) for t in after[:size]).decode("utf-8", "replace")
+        if text.startswith(_HEADER_START):
+            return size
+    return len(after)
+
+
+def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], last: bool,
+                tokenizer: Tokenizer, break_len: int) -> FieldPlan:  # fmt: skip
+    free = FieldPlan(name, "text", after_text, after, break_len, last)
+    texts = choice_texts(info)
+    if texts is not None:
+        header = _header(name)
+        tokens = tuple(tokens_after(tokenizer, header, text) for text in texts)
+        return replace(free, kind="choice", choices=tokens, choice_texts=texts)
+    annotation = info.annotation
+    if annotation in (int, float):
+        return replace(free, kind="number", number=annotation.__name__)
+    schema = json_schema_of(annotation)
+    if schema is not None:
+        return replace(free, kind="json", json_schema=schema)
+    return free
+
+
+def choice_texts(info: Any) -> tuple[str, ...] | None:
+    """The texts a Literal or bool field may take, as ChatAdapter writes them."""
+    from typing import get_args, get_origin
+
+    from dspy.adapters.utils import format_field_value
+
+    annotation = info.annotation
+    if annotation is bool:
+        values: tuple[Any, ...] = (True, False)
+    elif get_origin(annotation) is Literal:
+        values = get_args(annotation)
+    else:
+        return None
+    return tuple(str(format_field_value(field_info=info, value=v)) for v in values)
+
+
+def json_schema_of(annotation: Any) -> str | None:
+    """The JSON Schema of a list, dict, tuple or pydantic-model annotation, else None."""
+    from typing import get_origin
+
+    import pydantic
+
+    origin = get_origin(annotation) or annotation
+    is_model = isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
+    if not is_model and origin not in (list, dict, tuple):
+        return None
+    return json.dumps(pydantic.TypeAdapter(annotation).json_schema())
+
+
+def _number_tokens(tokenizer: Tokenizer) -> tuple[tuple[int, str], ...]:
+    found = []
+    for token in range(tokenizer.vocab_size):
+        try:
+            text = tokenizer.token_bytes(token).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text and set(text) <= _NUMBER_CHARS:
+            found.append((token, text))
+    return tuple(found)
+
+
+def json_value_grammar(gbnf: str, terminator: str) -> str:
+    """A JSON-schema grammar (GBNF with a `root` rule) whose root is followed by `terminator`:
+    the value's end is the model's to choose, and is then the token that starts what follows."""
+    renamed = re.sub(r"^root ::=", "json-value ::=", gbnf, count=1, flags=re.MULTILINE)
+    return f"{renamed}\nroot ::= json-value {json.dumps(terminator)}\n"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What accepting a sampled token means: text to show, tokens to force, completion."""
+
+    text: str
+    forced: tuple[int, ...] = ()
+    done: bool = False
+
+
+@dataclass
+class _Value:
+    """The value being decoded."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    choice_logprob: float = 0.0
+
+
+class PlanCursor:
+    """One answer's walk through its plan."""
+
+    def __init__(self, plan: OutputPlan, token_bytes: Callable[[int], bytes]) -> None:
+        self.plan = plan
+        self._token_bytes = token_bytes
+        self._index = 0
+        self._value = _Value()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.confidences: dict[str, float] = {}
+        self.done = False
+
+    @property
+    def field(self) -> FieldPlan:
+        return self.plan.fields[self._index]
+
+    def allowed(self) -> list[int] | None:
+        """The tokens the value may continue with; None when any may (text, or a grammar)."""
+        plan = self.field
+        if plan.kind == "choice":
+            return self._choice_next()
+        if plan.kind == "number":
+            text = self._value.text
+            pattern = _PREFIX[plan.number]
+            allowed = [t for t, s in self.plan.number_tokens if pattern.fullmatch(text + s)]
+            if _FULL[plan.number].fullmatch(text):
+                allowed.append(plan.after[0])
+            return allowed
+        return None
+
+    def grammar(self) -> str | None:
+        """The JSON schema constraining the current value, when it has one."""
+        return self.field.json_schema or None
+
+    def _choice_next(self) -> list[int]:
+        prefix = self._value.tokens
+        size = len(prefix)
+        matching = [c for c in self.field.choices if list(c[:size]) == prefix]
+        allowed = {c[size] for c in matching if len(c) > size}
+        if any(len(c) == size for c in matching):
+            allowed.add(self.field.after[0])  # a complete value that a longer one extends
+        return sorted(allowed)
+
+    def accept(self, token: int, logprob: float, constrained_logprob: float, eog: bool) -> Step:
+        """Take the sampled token. `logprob` is the model's, `constrained_logprob` the token's
+        among the allowed ones (the same for unconstrained values)."""
+        plan, value = self.field, self._value
+        if eog:
+            return self._end(plan.after)
+        if plan.kind != "text" and token == plan.after[0] and self._complete():
+            return self._end(plan.after[1:], shown=plan.after_text)
+        value.tokens.append(token)
+        piece = self._decoder.decode(self._token_bytes(token))
+        value.text += piece
+        value.logprobs.append(logprob)
+        value.choice_logprob += constrained_logprob
+        if plan.kind == "choice":
+            return self._after_choice_token(piece)
+        if plan.kind == "text":
+            return self._after_text_token(piece)
+        return Step(piece)
+
+    def _complete(self) -> bool:
+        plan, text = self.field, self._value.text
+        if plan.kind == "number":
+            return bool(_FULL[plan.number].fullmatch(text))
+        if plan.kind == "json":
+            try:
+                json.loads(text)
+            except ValueError:
+                return False
+        return True
+
+    def _after_choice_token(self, piece: str) -> Step:
+        prefix = self._value.tokens
+        matching = [i for i, c in enumerate(self.field.choices) if list(c[: len(prefix)]) == prefix]
+        if len(matching) != 1:
+            return Step(piece)
+        # One value left: its remaining tokens are forced, not sampled.
+        chosen = matching[0]
+        rest = self.field.choices[chosen][len(prefix) :]
+        rest_text = self.field.choice_texts[chosen][len(self._value.text) :]
+        self._value.text += rest_text
+        end = self._end(self.field.after)
+        forced = () if end.done else rest + end.forced
+        return Step(piece + rest_text + end.text, forced, end.done)
+
+    def _after_text_token(self, piece: str) -> Step:
+        plan, value = self.field, self._value
+        cut = plan.after[: plan.break_len]
+        if len(value.tokens) >= len(cut) and tuple(value.tokens[-len(cut) :]) == cut:
+            shown = b"".join(self._token_bytes(t) for t in cut).decode("utf-8", "replace")
+            del value.tokens[-len(cut) :], value.logprobs[-len(cut) :]
+            value.text = value.text.removesuffix(shown)
+            # the break tokens' text is already shown up to this piece: show the rest
+            end = self._end(plan.after[plan.break_len :], shown=plan.after_text[len(shown) :])
+            return Step(piece + end.text, end.forced, end.done)
+        if COMPLETED_MARKER in value.text:  # the model ended the answer its own way
+            self.done = True
+            return Step(piece, done=True)
+        return Step(piece)
+
+    def _end(self, forced: tuple[int, ...], shown: str | None = None) -> Step:
+        """The value is complete: record its confidence, move to the next field."""
+        plan, value = self.field, self._value
+        if plan.kind == "choice":
+            confidence = math.exp(value.choice_logprob)
+        elif value.logprobs:
+            confidence = math.exp(sum(value.logprobs) / len(value.logprobs))
+        else:
+            confidence = 1.0
+        self.confidences[plan.name] = max(0.0, min(1.0, confidence))
+        text = plan.after_text if shown is None else shown
+        if plan.last:
+            self.done = True
+            return Step(text, (), True)
+        self._index += 1
+        self._value = _Value()
+        return Step(text, forced)
+
+
+def constrain_logits(logits: np.ndarray, allowed: list[int] | None) -> tuple[float, float]:
+    """Mask `logits` in place to the allowed tokens; returns the log-normalisers over all
+    tokens and over the allowed ones (computed before masking)."""
+    peak = float(logits.max())
+    total = peak + float(np.log(np.exp(logits - peak).sum()))
+    if allowed is None:
+        return total, total
+    index = np.asarray(allowed, dtype=np.intp)
+    kept = logits[index].copy()
+    local_peak = float(kept.max())
+    allowed_total = local_peak + float(np.log(np.exp(kept - local_peak).sum()))
+    logits[:] = -np.inf
+    logits[index] = kept
+    return total, allowed_total

@@ -1,0 +1,356 @@
+"""Typed decoding (services/runtime/structured.py): the scaffold is forced, values are decoded by
+their types; typed outputs on the wire; the prefix-first prompt format.
+
+The cursor's rules are tested on a small stand-in tokenizer; the rest on the real SmolLM2 GGUF,
+real runtimes and routers on loopback."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+from services.core.program import ProgramSpec, PromptCodec
+from services.runtime.structured import OutputPlan, PlanCursor, build_plan, constrain_logits
+from testkit.bundles import CAPITALS_PROGRAM, make_bundle
+from testkit.openai_standin import OpenAIStandIn
+from testkit.processes import ServerProcess, start_router, start_runtime
+
+CATEGORIES = ["billing", "technical", "account", "shipping"]
+TRIAGE = {
+    "name": "triage",
+    "instructions": "Classify the support ticket.",
+    "inputs": [{"name": "ticket", "type": "str"}],
+    "outputs": [
+        {"name": "category", "type": f"Literal{CATEGORIES!r}"},
+        {"name": "urgent", "type": "bool"},
+    ],
+    "demos": [
+        {"ticket": "I was charged twice this month", "category": "billing", "urgent": True},
+        {"ticket": "My package never arrived", "category": "shipping", "urgent": False},
+        {"ticket": "The app crashes on start", "category": "technical", "urgent": True},
+    ],
+}
+TICKETS = [
+    "I cannot log in to my account", "The app crashes when I upload a photo",
+    "Where is my refund?", "My order is late", "Password reset link broken",
+    "Invoice shows wrong amount", "Screen freezes", "Box arrived damaged",
+]  # fmt: skip
+COUNTRIES = ["Germany", "Italy", "Spain", "Canada", "Egypt", "Peru", "Kenya", "Norway"]
+# Every output type the plan knows, for sampling and JSON checks.
+EVERY_TYPE = {
+    **TRIAGE,
+    "outputs": [
+        *TRIAGE["outputs"],  # type: ignore[list-item]
+        {"name": "priority", "type": "int"},
+        {"name": "tags", "type": "list[str]"},
+        {"name": "summary", "type": "str"},
+    ],
+    "demos": [
+        {**TRIAGE["demos"][0], "priority": 2, "tags": ["charge", "refund"],  # type: ignore[index]
+         "summary": "Double charge."},
+        {**TRIAGE["demos"][1], "priority": 3, "tags": ["delivery"],  # type: ignore[index]
+         "summary": "Lost package."},
+    ],
+}  # fmt: skip
+
+
+# -- the cursor, on a stand-in tokenizer -------------------------------------------------------
+
+
+class PieceTokenizer:
+    """Greedy longest match over a small vocabulary (a stand-in: the rules, not a model)."""
+
+    def __init__(self, extra: list[str]) -> None:
+        chars = [chr(c) for c in range(32, 127)] + ["\n"]
+        self.vocab = list(dict.fromkeys(["\n\n", "[[", " ##", " ]]", *extra, *chars]))
+
+    def tokenize_text(self, text: str) -> list[int]:
+        tokens, at = [], 0
+        while at < len(text):
+            best = max((v for v in self.vocab if text.startswith(v, at)), key=len)
+            tokens.append(self.vocab.index(best))
+            at += len(best)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.vocab[token].encode()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def plan_for(outputs: list[dict[str, str]], extra: list[str]) -> tuple[OutputPlan, PieceTokenizer]:
+    spec = ProgramSpec.model_validate(
+        {"instructions": "x", "inputs": [{"name": "q"}], "outputs": outputs}
+    )
+    tokenizer = PieceTokenizer(extra)
+    return build_plan(PromptCodec(spec), tokenizer), tokenizer
+
+
+def walk(plan: OutputPlan, tokenizer: PieceTokenizer, texts: list[str]) -> tuple[str, PlanCursor]:
+    """Feed sampled tokens (given as texts), checking each is allowed; the answer's text."""
+    cursor = PlanCursor(plan, tokenizer.token_bytes)
+    shown = plan.header_text
+    for text in texts:
+        token = tokenizer.vocab.index(text)
+        allowed = cursor.allowed()
+        assert allowed is None or token in allowed, (text, [tokenizer.vocab[t] for t in allowed])
+        step = cursor.accept(token, math.log(0.5), math.log(0.8), eog=False)
+        shown += step.text
+        assert tuple(step.forced) == () or not step.done
+    return shown, cursor
+
+
+def test_a_choice_is_masked_to_its_values_and_a_unique_rest_is_forced() -> None:
+    plan, tok = plan_for(
+        [{"name": "size", "type": "Literal['small', 'smaller', 'large']"}],
+        ["sm", "all", "er", "lar", "ge"],
+    )
+    cursor = PlanCursor(plan, tok.token_bytes)
+    assert sorted(tok.vocab[t] for t in cursor.allowed() or []) == ["lar", "sm"]
+    step = cursor.accept(tok.vocab.index("lar"), -1.0, math.log(0.9), eog=False)
+    # "large" is the only value left: "ge" is not sampled, and the answer is complete
+    assert step.done and step.text == "large\n\n[[ ## completed ## ]]" and step.forced == ()
+    assert cursor.confidences == {"size": pytest.approx(0.9)}
+
+    cursor = PlanCursor(plan, tok.token_bytes)
+    cursor.accept(tok.vocab.index("sm"), -1.0, math.log(0.9), eog=False)
+    cursor.accept(tok.vocab.index("all"), -1.0, math.log(0.5), eog=False)
+    # "small" is complete but "smaller" extends it: the value's end is a choice too
+    assert sorted(tok.vocab[t] for t in cursor.allowed() or []) == ["\n\n", "er"]
+    step = cursor.accept(tok.vocab.index("\n\n"), -1.0, math.log(0.5), eog=False)
+    assert step.done and cursor.confidences["size"] == pytest.approx(0.9 * 0.5)
+
+
+def test_scaffold_between_fields_is_forced_as_tokens_not_sampled() -> None:
+    plan, tok = plan_for(
+        [{"name": "ok", "type": "bool"}, {"name": "n", "type": "int"}, {"name": "why"}], []
+    )
+    cursor = PlanCursor(plan, tok.token_bytes)
+    step = cursor.accept(tok.vocab.index("T"), -0.1, -0.1, eog=False)  # True is the only T...
+    assert step.text == "True\n\n[[ ## n ## ]]\n" and not step.done
+    assert step.forced == tuple(tok.tokenize_text("rue")) + plan.fields[0].after
+    # int: digits and a leading minus only; the end only once a number is complete
+    allowed = {tok.vocab[t] for t in cursor.allowed() or []}
+    assert "-" in allowed and "7" in allowed and "a" not in allowed and "\n\n" not in allowed
+    cursor.accept(tok.vocab.index("4"), -0.1, -0.1, eog=False)
+    assert "\n\n" in {tok.vocab[t] for t in cursor.allowed() or []}
+    step = cursor.accept(tok.vocab.index("\n\n"), -0.1, -0.1, eog=False)
+    assert step.text == "\n\n[[ ## why ## ]]\n"  # the blank line was sampled, the rest forced
+    assert step.forced == plan.fields[1].after[1:]
+    # free text until the model starts a header: then the rest of it is the answer's end
+    shown, done = "", False
+    for text in ["b", "e", "c", "a", "u", "s", "e", "\n\n", "["]:
+        step = cursor.accept(tok.vocab.index(text), -0.2, -0.2, eog=False)
+        shown, done = shown + step.text, step.done
+    assert not done  # a lone bracket is text; the header starts with the `[[` token
+    shown += cursor.accept(tok.vocab.index("\n\n"), -0.2, -0.2, eog=False).text
+    step = cursor.accept(tok.vocab.index("[["), -0.2, -0.2, eog=False)
+    assert step.done and (shown + step.text).endswith("because\n\n[\n\n[[ ## completed ## ]]")
+    assert cursor.confidences["why"] == pytest.approx(math.exp(-0.2))
+
+
+def test_a_json_value_ends_only_where_it_parses() -> None:
+    plan, tok = plan_for([{"name": "tags", "type": "list[str]"}, {"name": "x"}], [])
+    cursor = PlanCursor(plan, tok.token_bytes)
+    schema = json.loads(cursor.grammar() or "null")
+    assert schema == {"items": {"type": "string"}, "type": "array"}
+    for text in ["[", '"', "a", '"']:
+        cursor.accept(tok.vocab.index(text), -0.1, -0.1, eog=False)
+    step = cursor.accept(tok.vocab.index("\n\n"), -0.1, -0.1, eog=False)
+    assert step.text == "\n\n" and cursor.grammar() is not None  # not ended: no valid JSON
+    cursor = PlanCursor(plan, tok.token_bytes)
+    for text in ["[", '"', "a", '"', "]"]:
+        cursor.accept(tok.vocab.index(text), -0.1, -0.1, eog=False)
+    step = cursor.accept(tok.vocab.index("\n\n"), -0.1, -0.1, eog=False)
+    assert step.text == "\n\n[[ ## x ## ]]\n" and cursor.grammar() is None
+
+
+def test_masking_renormalises_over_the_allowed_tokens() -> None:
+    import numpy as np
+
+    logits = np.log(np.array([0.5, 0.3, 0.1, 0.1], dtype=np.float32))
+    total, allowed_total = constrain_logits(logits, [1, 2])
+    assert math.exp(logits[1] - allowed_total) == pytest.approx(0.75, rel=1e-5)
+    assert math.exp(logits[1] - total) == pytest.approx(0.3, rel=1e-5)
+    assert np.isneginf(logits[0]) and np.isneginf(logits[3])
+
+
+# -- on the real model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(gguf_path: Path) -> Iterator[Any]:
+    from services.runtime.backends.llamacpp import LlamaCppBackend
+
+    engine = LlamaCppBackend(gguf_path, n_ctx=2048, n_threads=2)
+    yield engine
+    engine.close()
+
+
+def answer(backend: Any, program: dict[str, Any], inputs: dict[str, str], *, typed: bool,
+           temperature: float = 0.0, seed: int = 0, max_tokens: int = 96) -> Any:  # fmt: skip
+    from services.runtime.predict import predict_once, predict_params
+
+    codec = PromptCodec(ProgramSpec.model_validate(program))
+    params = predict_params(max_tokens, temperature=temperature, seed=seed)
+    return predict_once(backend, codec, inputs, params, typed=typed)
+
+
+def test_typed_greedy_equals_free_greedy_whenever_the_free_answer_was_valid(backend: Any) -> None:
+    compared = 0
+    for program, field, values in ((TRIAGE, "ticket", TICKETS),
+                                   (CAPITALS_PROGRAM, "country", COUNTRIES)):  # fmt: skip
+        for value in values:
+            free = answer(backend, program, {field: value}, typed=False)
+            typed = answer(backend, program, {field: value}, typed=True)
+            assert typed.outcome == "parsed"
+            if free.outcome == "parsed":
+                compared += 1
+                assert typed.outputs == free.outputs, value
+                assert typed.finished.decode_steps < free.finished.completion_tokens
+    assert compared >= 12
+
+
+def test_a_literal_never_leaves_its_set_and_json_always_parses_at_temperature_1_5(
+    backend: Any,
+) -> None:
+    seen = set()
+    for seed in range(24):
+        result = answer(backend, EVERY_TYPE, {"ticket": TICKETS[seed % len(TICKETS)]},
+                        typed=True, temperature=1.5, seed=seed, max_tokens=160)  # fmt: skip
+        assert result.outcome == "parsed", result.raw_text
+        values = json.loads(result.outputs_json)
+        assert list(values) == ["category", "urgent", "priority", "tags", "summary"]
+        assert values["category"] in CATEGORIES and isinstance(values["urgent"], bool)
+        assert isinstance(values["priority"], int) and isinstance(values["tags"], list)
+        assert all(isinstance(tag, str) for tag in values["tags"])
+        seen.add(values["category"])
+    assert len(seen) >= 2  # it does sample
+
+
+def test_batched_typed_decoding_equals_one_at_a_time(gguf_path: Path, backend: Any) -> None:
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.predict import predict_params, prepare_answer
+
+    codec = PromptCodec(ProgramSpec.model_validate(EVERY_TYPE))
+    params = predict_params(96, seed=0)
+    batched = BatchedLlamaCpp(gguf_path, n_ctx=1024, n_threads=2, parallel=3)
+    try:
+        prompts = {t: prepare_answer(batched, codec, codec.format_messages({"ticket": t}))
+                   for t in TICKETS[:3]}  # fmt: skip
+        for ticket, prompt in prompts.items():
+            batched.start(ticket, prompt, params)
+        texts = dict.fromkeys(prompts, "")
+        while batched.active:
+            for owner, event in batched.step():
+                texts[owner] += event.text
+    finally:
+        batched.close()
+    for ticket in prompts:
+        alone = answer(backend, EVERY_TYPE, {"ticket": ticket}, typed=True)
+        assert texts[ticket] == alone.raw_text
+
+
+# -- the wire ----------------------------------------------------------------------------------
+
+URGENT = {**TRIAGE, "outputs": [TRIAGE["outputs"][1]]}  # type: ignore[index]
+
+
+@pytest.fixture(scope="module")
+def urgent_bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
+    root = tmp_path_factory.mktemp("typed") / "bundle"
+    return make_bundle(root, gguf_path, {**URGENT, "prompt_format": "prefix-first"}, 0.5)
+
+
+@pytest.fixture(scope="module")
+def urgent_runtime(urgent_bundle: Path) -> Iterator[ServerProcess]:
+    server = start_runtime("--bundle", str(urgent_bundle), "--n-ctx", "2048")
+    yield server
+    server.terminate()
+
+
+def test_a_bool_arrives_as_a_json_boolean_from_the_runtime(urgent_runtime: ServerProcess) -> None:
+    with InferenceClient(urgent_runtime.target, timeout_s=60) as client:
+        reply = client.predict({"ticket": "The server room is on fire"})
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+    assert reply.outputs["urgent"] in ("True", "False")  # the text map is unchanged
+    assert json.loads(reply.outputs_json) == {"urgent": reply.outputs["urgent"] == "True"}
+    assert 0 < reply.usage.decode_steps < reply.usage.completion_tokens
+
+
+def test_a_bool_arrives_as_a_json_boolean_through_the_router(
+    urgent_bundle: Path, urgent_runtime: ServerProcess
+) -> None:
+    gold = {"The server room is on fire": "True"}
+    with OpenAIStandIn(gold, input_field="ticket", output_field="urgent") as api:
+        replies = []
+        for threshold in ("0.0", "1.01"):  # local, then every call to the API
+            router = start_router(urgent_bundle, urgent_runtime.target, "--threshold", threshold,
+                                  "--fallback-model", "openai/gold", "--fallback-api-base",
+                                  api.base_url)  # fmt: skip
+            try:
+                with InferenceClient(router.target, timeout_s=60) as client:
+                    replies.append(client.predict({"ticket": "The server room is on fire"}))
+            finally:
+                router.terminate()
+    local, fallback = replies
+    assert local.served_by == pb.SERVED_BY_LOCAL
+    assert isinstance(json.loads(local.outputs_json)["urgent"], bool)
+    assert fallback.served_by == pb.SERVED_BY_FALLBACK
+    assert fallback.outputs_json == '{"urgent": true}'
+
+
+def test_the_cli_prints_typed_values(urgent_runtime: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    from testkit.processes import REPO
+
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "predict", "--target", urgent_runtime.target,
+         "-i", "ticket=The server room is on fire", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert isinstance(json.loads(out)["outputs"]["urgent"], bool)
+
+
+# -- prompt formats ----------------------------------------------------------------------------
+
+
+def test_prefix_first_puts_every_fixed_part_before_the_inputs() -> None:
+    chat = PromptCodec(ProgramSpec.model_validate(TRIAGE))
+    first = PromptCodec(ProgramSpec.model_validate({**TRIAGE, "prompt_format": "prefix-first"}))
+    old = chat.format_messages({"ticket": "VPN down"})
+    new = first.format_messages({"ticket": "VPN down"})
+    assert old[:-1] == new[:-1]  # system and demos unchanged
+    assert old[-1]["content"].startswith("[[ ## ticket ## ]]\nVPN down\n\nRespond with")
+    assert new[-1]["content"].startswith("Respond with")
+    assert new[-1]["content"].endswith("[[ ## ticket ## ]]\nVPN down")
+    # the training record is the served prompt plus the answer, in both formats
+    record = first.format_finetune({"ticket": "VPN down"}, {"category": "technical",
+                                                            "urgent": True})  # fmt: skip
+    assert record["messages"][:-1] == new
+
+
+def test_an_old_format_program_still_serves(tmp_path: Path, gguf_path: Path) -> None:
+    """A program.json without prompt_format (bundles before it) is served as ChatAdapter."""
+    path = tmp_path / "program.json"
+    path.write_text(json.dumps(TRIAGE))
+    assert ProgramSpec.load(path).prompt_format == "chat"
+    server = start_runtime("--model", str(gguf_path), "--program", str(path), "--n-ctx", "2048")
+    try:
+        with InferenceClient(server.target, timeout_s=60) as client:
+            reply = client.predict({"ticket": "Invoice shows wrong amount"})
+    finally:
+        server.terminate()
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+    assert json.loads(reply.outputs_json)["category"] in CATEGORIES
