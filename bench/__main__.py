@@ -2,13 +2,14 @@
 
 import sys
 
-from bench import batching, load, router_quality, serving_overhead
+from bench import batching, load, router_quality, serving_overhead, typed_decoding
 
 BENCHES = {
     "serving": serving_overhead.main,
     "batching": batching.main,
     "router": router_quality.main,
     "load": load.main,
+    "typed": typed_decoding.main,
 }
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_unparsable_local_output_goes_to_the_api(
                               "--fallback-model", "openai/gold", "--fallback-api-base",
                               api.base_url)  # fmt: skip
         try:
-            reply = predict(router, "Spain", max_tokens=2)  # truncated: cannot parse
+            reply = predict(router, "Spain", max_tokens=1)  # truncated: cannot parse
         finally:
             router.terminate()
     assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "unparsed"

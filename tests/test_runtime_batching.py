@@ -115,7 +115,7 @@ def test_batched_greedy_outputs_are_token_for_token_the_serial_ones(
 
 
 def test_predict_reuses_the_program_prefix(servers: tuple[ServerProcess, ServerProcess]) -> None:
-    _, batched = servers
+    serial, batched = servers
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(batched.target))
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.parallel == 8
@@ -124,7 +124,9 @@ def test_predict_reuses_the_program_prefix(servers: tuple[ServerProcess, ServerP
     text, _, cached = answer(stub, request)
     # Every Predict starts from the warm prefix: only its own inputs are evaluated.
     assert cached == info.cached_prefix_tokens
-    assert "Rome" in text
+    # ... and answers as the whole prompt evaluated at once does (no prefix on the serial one)
+    assert text == answer(pb_grpc.InferenceStub(grpc.insecure_channel(serial.target)), request)[0]
+    assert text.startswith("[[ ## capital ## ]]\n") and len(text) > len("[[ ## capital ## ]]\n")
 
 
 def test_prefix_reuse_off_evaluates_the_whole_prompt(

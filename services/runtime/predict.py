@@ -86,7 +86,9 @@ def prepare_answer(
 def interpret(
     codec: PromptCodec, text: str, pieces: list[TokenPiece], finished: Finished
 ) -> Interpretation:
-    answer = codec.parse(text)
+    typed = finished.field_confidence is not None
+    # A typed answer is complete only where its plan ended it: cut short, a value is partial.
+    answer = None if typed and finished.reason == "length" else codec.parse(text)
     if answer is None:
         outcome: Outcome = "truncated" if finished.reason == "length" else "unparsed"
         return Interpretation(None, 0.0, outcome, "")
