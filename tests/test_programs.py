@@ -30,8 +30,9 @@ from services.core.pipeline import (
     SourceSpec,
     local_sources,
     predictor_specs,
+    read_program_file,
 )
-from services.core.program import FieldSpec
+from services.core.program import FieldSpec, PromptFormat
 from testkit.processes import REPO, ServerProcess, start_router, start_runtime
 
 SUPPORT = REPO / "examples" / "support_pipeline"
@@ -332,8 +333,11 @@ def test_the_served_program_runs_both_predictors(built: Path, served: ServerProc
     assert not list((built / "bundle").rglob("__pycache__"))  # the signed bundle stays as built
 
 
-def in_process_answers(gguf: Path, tickets: list[str]) -> list[dict[str, str] | None]:
-    """The same program run by DSPy itself, in this process, on llama-cpp-python."""
+def in_process_answers(
+    gguf: Path, tickets: list[str], prompt_format: PromptFormat
+) -> list[dict[str, str] | None]:
+    """The same program run by DSPy itself, in this process, on llama-cpp-python (the model
+    samples the whole answer: no typed decoding)."""
     import dspy
 
     from services.builder.dspy_integration import LlamaCppEngine
@@ -348,7 +352,7 @@ def in_process_answers(gguf: Path, tickets: list[str]) -> list[dict[str, str] | 
     try:
         for ticket in tickets:
             try:
-                with dspy.context(adapter=served_adapter()):
+                with dspy.context(adapter=served_adapter(prompt_format)):
                     prediction = program(ticket=ticket)
             except dspy.utils.exceptions.AdapterParseError:
                 answers.append(None)
@@ -374,8 +378,16 @@ def test_served_answers_equal_dspy_in_process_and_concurrent_equal_serial(
         with ThreadPoolExecutor(len(tickets)) as pool:
             concurrent = list(pool.map(lambda t: answer(client, t), tickets))
     assert concurrent == serial
-    gguf = Bundle.open(built / "bundle").model_path()
-    assert in_process_answers(gguf, tickets) == serial
+    bundle = Bundle.open(built / "bundle")
+    prompt_format = read_program_file(bundle.program_path).prompt_format
+    assert prompt_format == "prefix-first"
+    untyped = start_runtime("--bundle", str(built / "bundle"), "--no-typed-decoding")
+    try:
+        with InferenceClient(untyped.target) as client:
+            sampled_whole = [answer(client, t) for t in tickets]
+    finally:
+        untyped.terminate()
+    assert in_process_answers(bundle.model_path(), tickets, prompt_format) == sampled_whole
 
     # One call at a time (the default): each predictor's fixed prompt is restored, not
     # evaluated again, although the calls alternate predictors; the answers are the same.

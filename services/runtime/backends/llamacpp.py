@@ -275,7 +275,6 @@ class LlamaCppBackend(ChatModelMethods):
         cached = self._cached_prefix(tokens)
         llm.n_tokens = cached  # eval drops the context's cells from here on
         answer = PlannedAnswer(self._chat.model, plan, params)
-        yield answer.piece(plan.header_text, None)
         pending, reason = tokens[cached:], "length"
         try:
             while True:
@@ -329,6 +328,7 @@ class PlannedAnswer:
         self.steps = 0  # tokens sampled: decode steps
         self.forced = 0  # tokens appended without sampling
         self._shown = 0
+        self._header = plan.header_text  # shown with the first sampled token (its first piece)
 
     def _sampler(self) -> Any:
         schema = self.cursor.grammar()
@@ -365,6 +365,7 @@ class PlannedAnswer:
         return token, step, logprob
 
     def piece(self, text: str, logprob: float | None) -> TokenPiece:
+        text, self._header = self._header + text, ""
         start, self._shown = self._shown, self._shown + len(text)
         return TokenPiece(text=text, start=start, end=self._shown, logprob=logprob)
 

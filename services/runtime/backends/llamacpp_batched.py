@@ -68,7 +68,6 @@ class _Sequence:
     logits_index: int = -1
     events: list[TokenPiece | Finished] = field(default_factory=list)
     answer: PlannedAnswer | None = None  # typed decoding (the prompt has a plan)
-    announced: bool = False  # the plan's first header was shown
 
 
 class BatchedLlamaCpp(ChatModelMethods):
@@ -431,13 +430,9 @@ class BatchedLlamaCpp(ChatModelMethods):
         self, sequence: _Sequence, answer: PlannedAnswer
     ) -> list[TokenPiece | Finished]:
         """Typed decoding: sample a value token; what the plan forces after it is fed next."""
-        events: list[TokenPiece | Finished] = []
-        if not sequence.announced:
-            sequence.announced = True
-            events.append(answer.piece(answer.cursor.plan.header_text, None))
         token, step, logprob = answer.sample(self._ctx, sequence.logits_index)
         sequence.produced = answer.steps
-        events.append(answer.piece(step.text, logprob))
+        events: list[TokenPiece | Finished] = [answer.piece(step.text, logprob)]
         if step.done:
             events.append(self._finish(sequence, "stop"))
         elif (
