@@ -12,8 +12,10 @@ Measured per system on the ticket-triage dev set (120 rows: the build's calibrat
 parts): Predict latency p50/p95 at concurrency 1 (--parallel 1, the default), calls per second
 at concurrency 8 (--parallel 8), decode steps per call, UNPARSED answers, accuracy; in-process,
 the time to the first sampled token with the program prefix warm vs cold. Then the router:
-the same new model's confidence without and with typed decoding, each calibrated on the
-calibration part to the build's target, measured on the test part (calls sent to the API).
+the same new model's confidence without typed decoding (the geometric-mean probability of the
+label's tokens) and with it (the label's probability among the allowed labels), each
+calibrated on the calibration part to the build's target and to stricter ones, measured on the
+test part (calls sent to the API, system quality with the gold teacher).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ AFTER = REPO / "build" / "ticket-triage" / "bundle"
 VARIANT = "Q8_0"
 CONCURRENCY = 8
 CALLS_AT_CONCURRENCY = 64
-TTFT_PROMPTS = 12
+TTFT_PROMPTS = 24
+# Router targets, as fractions of the teacher's quality: the build's (0.95) and stricter ones,
+# where the local model alone falls short and calls must go to the API.
+ROUTER_TARGETS = (0.95, 0.97, 0.99, 1.0)
 
 
 @dataclass
@@ -163,15 +168,14 @@ def summary(answers: list[Answer]) -> dict[str, Any]:
     }
 
 
-def router_calibration(answers: list[Answer]) -> dict[str, Any]:
-    """The build's calibration (gold teacher) on these answers' confidences."""
+def router_calibration(answers: list[Answer], target: float) -> dict[str, Any]:
+    """The build's calibration (gold teacher) on these answers' confidences: the threshold is
+    chosen on the calibration part, the calls it sends to the API counted on the test part."""
     from services.builder.calibrate import calibrate
-    from services.builder.spec import load_spec
 
     student = [{"split": a.split, "score": a.score, "outcome": a.outcome,
                 "confidence": a.confidence} for a in answers]  # fmt: skip
     teacher = [{"split": a.split, "score": 1.0} for a in answers]
-    target = load_spec(SPEC).router.target_retention
     result = calibrate(student, teacher, target_retention=target, variant=VARIANT)
     return {key: result[key] for key in ("threshold", "target_retention", "calibration", "test")}
 
@@ -206,11 +210,9 @@ def main() -> None:
     console.print("running the new model without typed decoding (today's confidence) ...")
     free_after = serial(AFTER, rows, "--no-typed-decoding")
     router = {
-        "confidence before (geometric mean of the label's tokens, free decoding)":
-            router_calibration(free_after),
-        "confidence after (the label's probability among the six, typed decoding)":
-            router_calibration(answers["after"]),
-    }  # fmt: skip
+        "before": [router_calibration(free_after, t) for t in ROUTER_TARGETS],
+        "after": [router_calibration(answers["after"], t) for t in ROUTER_TARGETS],
+    }
     print_results(console, results, router)
     write_results(
         "typed_decoding",
@@ -234,7 +236,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def print_results(
-    console: Console, results: dict[str, dict[str, Any]], router: dict[str, dict[str, Any]]
+    console: Console, results: dict[str, dict[str, Any]], router: dict[str, list[dict[str, Any]]]
 ) -> None:
     table = Table(title=f"Predict, ticket-triage {VARIANT}, {results['after']['n']} dev rows")
     for column in ("", "before", "after", "after / before", "goal"):
@@ -289,15 +291,23 @@ def print_results(
     table.add_row(f"accuracy, test part (n={after['test_n']})", _accuracy(before),
                   _accuracy(after), "", "within before's interval")  # fmt: skip
     console.print(table)
-    for label, found in router.items():
-        test = found["test"]
-        lo, hi = test["fallback_interval"]
-        console.print(
-            f"router, {label}: threshold {found['threshold']:.4f} chosen on the calibration part "
-            f"(n={found['calibration']['n']}); test part (n={test['n']}): "
-            f"{test['fallback_rate']:.1%} [{lo:.1%}-{hi:.1%}] of calls to the API, "
-            f"system quality {test['system_quality']:.1%}"
-        )
+    console.print(router_table(router))
+
+
+def router_table(router: dict[str, list[dict[str, Any]]]) -> Table:
+    table = Table(title="Router on the new model: calls sent to the API, test part (n=60)")
+    for column in ("target (of teacher)", "confidence before: API calls", "system quality",
+                   "confidence after: API calls", "system quality"):  # fmt: skip
+        table.add_column(column)
+    for before, after in zip(router["before"], router["after"], strict=True):
+        cells = []
+        for found in (before, after):
+            test = found["test"]
+            lo, hi = test["fallback_interval"]
+            cells += [f"{test['fallback_rate']:.1%} [{lo:.1%}-{hi:.1%}]",
+                      f"{test['system_quality']:.1%}"]  # fmt: skip
+        table.add_row(f"{before['target_retention']:.0%}", *cells)
+    return table
 
 
 def _accuracy(result: dict[str, Any]) -> str:

@@ -208,9 +208,13 @@ def _program_answers(backend: Any, program: Any, path: Path, max_tokens: int) ->
 
 
 def _decode_speed(result: Any) -> list[float]:
+    """Sampled tokens per second after the first (typed decoding appends the scaffold without
+    sampling: a one-label answer has no decode speed to measure)."""
+    finished = result.finished
+    steps = finished.completion_tokens if finished.decode_steps is None else finished.decode_steps
     decode_s = result.latency_s - (result.first_token_s or 0.0)
-    if result.finished.completion_tokens > 1 and decode_s > 0:
-        return [(result.finished.completion_tokens - 1) / decode_s]
+    if steps > 1 and decode_s > 0:
+        return [(steps - 1) / decode_s]
     return []
 
 

@@ -59,7 +59,7 @@ def rows(evaluation: dict[str, Any]) -> list[list[str]]:
                 versus,
                 f"{kept:.0%}",
                 *latency_cells(variant),
-                f"{variant['generation_tokens_per_s'] or 0:.0f}",
+                _speed(variant["generation_tokens_per_s"]),
                 f"{variant['size_bytes'] / 1e6:.1f}",
                 f"{variant['peak_rss_mb']:.0f}",
             ]
@@ -315,3 +315,8 @@ def write_reports(
         f"<h2>Router calibration</h2><p>{html.escape(calibration_text)}</p>"
         f"<p>{html.escape(judge_line)}</p></body></html>\n"
     )
+
+
+def _speed(tokens_per_s: float | None) -> str:
+    """Blank when not measured (one sampled token per answer leaves no decode to time)."""
+    return "" if not tokens_per_s else f"{tokens_per_s:.0f}"
