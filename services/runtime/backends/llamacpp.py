@@ -326,8 +326,7 @@ class PlannedAnswer:
         self._grammar_chain: tuple[str, Any] | None = None  # (schema, chain) of a JSON value
         self._n_vocab = int(model.n_vocab())
         self.steps = 0  # tokens sampled: decode steps
-        self.forced = 0  # tokens appended without sampling
-        self._shown = 0
+        self._shown = ""
         self._header = plan.header_text  # shown with the first sampled token (its first piece)
 
     def _sampler(self) -> Any:
@@ -361,18 +360,23 @@ class PlannedAnswer:
             step = self.cursor.accept(token, logprob, float(logits[token]) - allowed_total, False)
         if grammar_value and self.cursor.grammar() is None:
             self._close_grammar()
-        self.forced += len(step.forced)
         return token, step, logprob
 
     def piece(self, text: str, logprob: float | None) -> TokenPiece:
         text, self._header = self._header + text, ""
-        start, self._shown = self._shown, self._shown + len(text)
-        return TokenPiece(text=text, start=start, end=self._shown, logprob=logprob)
+        start = len(self._shown)
+        self._shown += text
+        return TokenPiece(text=text, start=start, end=len(self._shown), logprob=logprob)
 
     def finished(self, reason: FinishReason, prompt_tokens: int, cached: int) -> Finished:
+        """Usage as if the model had written the whole answer: the first header counts as
+        completion, not prompt, and completion_tokens is the answer's length in tokens
+        (sampled, forced, or written without evaluation at the end); decode_steps the sampled."""
+        asked = prompt_tokens - len(self.cursor.plan.header)
+        answer = self._model.tokenize(self._shown.encode("utf-8"), False, False)
         return Finished(
-            reason=reason, prompt_tokens=prompt_tokens,
-            completion_tokens=self.steps + self.forced, cached_prompt_tokens=max(0, cached),
+            reason=reason, prompt_tokens=asked, completion_tokens=len(answer),
+            cached_prompt_tokens=max(0, min(cached, asked)),
             decode_steps=self.steps, field_confidence=dict(self.cursor.confidences),
         )  # fmt: skip
 
