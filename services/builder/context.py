@@ -25,7 +25,7 @@ from services.builder.data import (
     split_by_group,
 )
 from services.builder.spec import IMPORT_ROOTS, BuildSpec, SpecError, import_object
-from services.builder.student import StudentSource, resolve_student
+from services.builder.student import BASE_GGUF, StudentSource, resolve_student
 from services.core.pipeline import (
     PipelineSpec,
     ProgramRunner,
@@ -237,10 +237,11 @@ class BuildContext:
 
     @property
     def base_gguf(self) -> Path:
-        """The student's GGUF before tuning: given, or converted from Hugging Face weights."""
-        if self.student.gguf is not None:
+        """The student's GGUF before tuning: given, or written by the convert stage."""
+        if not self.student.needs_base_gguf:
+            assert self.student.gguf is not None
             return self.student.gguf
-        return self.dirs["convert"] / "base.F16.gguf"
+        return self.dirs["convert"] / BASE_GGUF
 
     @cached_property
     def base_gguf_sha256(self) -> str:

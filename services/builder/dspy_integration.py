@@ -145,7 +145,8 @@ class GGUFProvider(Provider):
         import os
 
         from services.builder import export, finetune
-        from services.builder.student import StudentSource, dense_hf_copy
+        from services.builder.student import dense_hf_copy, gguf_student
+        from services.core.gguf_metadata import chat_template
 
         base = _gguf_path(model)
         if not base.is_file():
@@ -161,16 +162,19 @@ class GGUFProvider(Provider):
         dataset = work / "dataset.jsonl"
         dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_data))
         if not (student_dir / "config.json").is_file():
-            dense_hf_copy(StudentSource(str(base), base, None), student_dir)
+            template = chat_template(base)
+            if not template:
+                raise ValueError(f"{model}: the GGUF has no chat template to fine-tune with")
+            dense_hf_copy(gguf_student(str(base), base), student_dir, template)
         threads = self.n_threads or os.cpu_count() or 1
         finetune.train_lora(
             base_dir=student_dir, dataset_path=dataset, lora=lora, device=self.device,
             seed=self.seed, n_threads=threads, out_dir=finetune_dir,
         )  # fmt: skip
-        merged = finetune.merge_adapter(student_dir, finetune_dir / "adapter")
         f16 = work / "student.F16.gguf"
-        export.write_gguf(merged, base, f16, name=f"{base.stem}-distilled")
-        export.self_check(merged, f16, [r["messages"][:-1] for r in train_data[:2]])
+        prompts = [r["messages"][:-1] for r in train_data[:2]]
+        name = f"{base.stem}-distilled"
+        export.export_student(student_dir, finetune_dir / "adapter", base, f16, name, prompts)
         if self.quantization == "F16":
             return PREFIX + str(f16.resolve())
         quantized = work / f"student.{self.quantization}.gguf"

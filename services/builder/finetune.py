@@ -320,11 +320,21 @@ def _epoch(examples: list[TrainExample], weights: list[float] | None) -> list[Tr
 
 
 def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
-    """End-of-turn tokens: the tokenizer's and the generation config's."""
-    stops = {tokenizer.eos_token_id}
+    """End-of-turn tokens: the tokenizer's, the generation config's, and the special token the
+    chat template closes an assistant turn with (Gemma's <end_of_turn> is not its eos)."""
+    stops = {tokenizer.eos_token_id, *turn_end_ids(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops |= set(configured) if isinstance(configured, list) else {configured}
     return {int(token) for token in stops if token is not None}
+
+
+def turn_end_ids(tokenizer: Any) -> set[int]:
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    prompt = _ids(tokenizer.apply_chat_template(turn[:1], tokenize=True,
+                                                add_generation_prompt=True))  # fmt: skip
+    after = _ids(tokenizer.apply_chat_template(turn, tokenize=True))[len(prompt) :]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return {next((t for t in after if t in special), tokenizer.eos_token_id)}
 
 
 def greedy_answers(

@@ -13,7 +13,8 @@ from services.builder.context import BuildContext
 from services.builder.data import file_sha256, label_counts, normalize
 from services.builder.probe import Probe, make_probe, make_program_probe, sample
 from services.builder.stages.base import Stage, progress_bar
-from services.builder.student import convert_hf_folder, dense_hf_copy
+from services.builder.student import BASE_GGUF, dense_hf_copy, write_base_gguf
+from services.core.gguf_metadata import chat_template
 
 
 def collect_traces(ctx: BuildContext, out: Path) -> None:
@@ -62,17 +63,17 @@ def hf_folder_hashes(ctx: BuildContext) -> dict[str, Any]:
     return {"source": ctx.student.description, "files": files}
 
 
-def convert_student(ctx: BuildContext, out: Path) -> None:
-    """A Hugging Face student without a GGUF, converted by llama.cpp (the export writes into
-    that layout, and it is the untuned baseline)."""
-    assert ctx.student.hf_dir is not None
-    convert_hf_folder(ctx.student.hf_dir, out / "base.F16.gguf")
+def base_inputs(ctx: BuildContext) -> dict[str, Any]:
+    """A given GGUF's hash, or the Hugging Face folder's files."""
+    if ctx.student.gguf is not None:
+        return {"source": ctx.student.description, "gguf": file_sha256(ctx.student.gguf)}
+    return hf_folder_hashes(ctx)
 
 
 def given_gguf(ctx: BuildContext) -> dict[str, Any]:
-    """The student's source and, when it is a GGUF, that file's hash (a converted one is
-    covered by the convert stage's key)."""
-    given = ctx.student.gguf is not None
+    """The student's source and, when it is used as given, that file's hash (one the build
+    wrote is covered by the convert stage's key)."""
+    given = not ctx.student.needs_base_gguf
     return {"source": ctx.student.description, "gguf": ctx.base_gguf_sha256 if given else None}
 
 
@@ -160,9 +161,6 @@ def probe_line(point: dict[str, Any]) -> str:
 
 def export_gguf(ctx: BuildContext, out: Path) -> None:
     """Merged weights -> F16 GGUF in the base's layout, checked against transformers."""
-    merged = finetune.merge_adapter(ctx.dirs["student"], ctx.dirs["finetune"] / "adapter")
-    gguf_path = out / f"{ctx.spec.name}.F16.gguf"
-    export.write_gguf(merged, ctx.base_gguf, gguf_path, ctx.spec.name)
     if ctx.pipeline:  # predictor prompts as trained
         records = (ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines()[:3]
         prompts = [json.loads(r)["messages"][:-1] for r in records]
@@ -170,21 +168,41 @@ def export_gguf(ctx: BuildContext, out: Path) -> None:
         inputs = ctx.codec.input_names
         prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs})
                    for e in ctx.calibset[:3]]  # fmt: skip
-    checks = export.self_check(merged, gguf_path, prompts)
+    checks, references = export.export_student(
+        ctx.dirs["student"], ctx.dirs["finetune"] / "adapter", ctx.base_gguf,
+        out / f"{ctx.spec.name}.F16.gguf", ctx.spec.name, prompts,
+    )  # fmt: skip
+    export.save_references(references, out / REFERENCES)
     (out / "self_check.json").write_text(json.dumps(checks, indent=2))
-    ctx.console.print(f"  self-check: llama.cpp and transformers agree on {len(checks)} prompts")
+    worst = max(c["max_logit_difference"] / c["logit_std"] for c in checks)
+    ctx.console.print(
+        f"  self-check: llama.cpp and transformers agree on {len(checks)} prompts (greedy "
+        f"tokens; every block, and the logits within {worst:.3f} standard deviations)"
+    )
+
+
+# The model's own hidden states and logits on the self-check prompts: every file is held to them.
+REFERENCES = "references.npz"
 
 
 def quantize(ctx: BuildContext, out: Path) -> None:
-    """Each configured type, with llama.cpp."""
+    """Each configured type, with llama.cpp, each checked against the model within its type's
+    bound."""
     f16 = ctx.dirs["export"] / f"{ctx.spec.name}.F16.gguf"
+    references = export.load_references(ctx.dirs["export"] / REFERENCES)
+    checks = []
     for quant in ctx.spec.quantizations:
         if quant == "F16":
             shutil.copy2(f16, out / f16.name)
             continue
         target = out / f"{ctx.spec.name}.{quant}.gguf"
         export.quantize(f16, target, quant, ctx.spec.n_threads)
-        ctx.console.print(f"  {quant}: {target.stat().st_size / 1e6:.1f} MB")
+        found = [export.compare(ref, target, quant, i) for i, ref in enumerate(references)]
+        checks += found
+        worst = max(c["max_logit_difference"] / c["logit_std"] for c in found)
+        ctx.console.print(f"  {quant}: {target.stat().st_size / 1e6:.1f} MB, logits within "
+                          f"{worst:.2f} standard deviations of the model's")  # fmt: skip
+    (out / "self_check.json").write_text(json.dumps(checks, indent=2))
 
 
 TRACES = Stage(
@@ -192,12 +210,13 @@ TRACES = Stage(
     inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings()},
 )  # fmt: skip
 DATASET = Stage("dataset", format_dataset, after=("traces",))
+# The base GGUF, when the build writes it (see StudentSource.needs_base_gguf).
 CONVERT = Stage(
-    "convert", convert_student, inputs=hf_folder_hashes,
-    applies=lambda ctx: ctx.student.gguf is None,
+    "convert", lambda ctx, out: write_base_gguf(ctx.student, out / BASE_GGUF),
+    inputs=base_inputs, applies=lambda ctx: ctx.student.needs_base_gguf,
 )  # fmt: skip
 STUDENT = Stage(
-    "student", lambda ctx, out: dense_hf_copy(ctx.student, out),
+    "student", lambda ctx, out: dense_hf_copy(ctx.student, out, chat_template(ctx.base_gguf)),
     after=("convert",), inputs=given_gguf,
 )  # fmt: skip
 FINETUNE = Stage(
@@ -206,7 +225,11 @@ FINETUNE = Stage(
     inputs=lambda ctx: {"lora": ctx.spec.lora.model_dump(), "seed": ctx.spec.seed,
                         "device": ctx.spec.device, "held_out": ctx.held_out_inputs()},
 )  # fmt: skip
-EXPORT = Stage("export", export_gguf, after=("finetune",))
+EXPORT = Stage(
+    "export", export_gguf, after=("finetune",),
+    # The layout's writer and the checks it passes: a file from an older export is redone.
+    inputs=lambda ctx: {"layout": "llama.cpp converter", "checks": "blocks, logits, greedy"},
+)  # fmt: skip
 QUANTIZE = Stage(
     "quantize", quantize, after=("export",),
     inputs=lambda ctx: {"quantizations": ctx.spec.quantizations},

@@ -68,6 +68,7 @@ class ChatModel:
         eos = self._token_text(model.token_eos())
         bos = self._token_text(model.token_bos())
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._bos_text = bos
         self._tokenize_lock = threading.Lock()
 
     def _token_text(self, token: int) -> str:
@@ -76,8 +77,10 @@ class ChatModel:
     def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
         rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
         text = rendered.prompt
+        # A template that writes the BOS itself (Gemma's) gets no second one from the tokenizer.
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
         with self._tokenize_lock:
-            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         return PreparedPrompt(
             messages=tuple((m["role"], m["content"]) for m in messages),
             text=text,
