@@ -413,6 +413,50 @@ output: {output}
 """
 
 
+def test_several_students_are_built_compared_and_the_rule_picks_one(
+    tiny: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    """students: [default, a randomly initialised llama]: both trained on the same traces,
+    exported, evaluated; the comparison is in the shipped bundle's report; the best score
+    ships, and a size budget the default does not meet ships the other."""
+    from testkit.tiny_models import smollm2_tokenizer, tiny_checkpoint
+
+    spec_path, tiny_build, _ = tiny
+    out = tmp_path / "build"
+    # The default student's candidate is the tiny build itself: same spec, same stage keys.
+    shutil.copytree(tiny_build, out / "students" / "default")
+    random_llama = tiny_checkpoint("llama", smollm2_tokenizer(tmp_path / "tok"), tmp_path / "rnd")
+    base_text = spec_path.read_text().replace(f"output: {tiny_build}", f"output: {out}")
+    spec = spec_path.with_name("students.yaml")
+    spec.write_text(base_text + f"students: [default, {random_llama}]\n")
+    proc = run_build(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+
+    bundle = Bundle.open(out / "bundle")  # verified
+    compared = json.loads((out / "bundle" / "students.json").read_text())
+    scores = {c["source"]: c["score"] for c in compared["candidates"]}
+    assert list(scores) == ["default", str(random_llama)]
+    assert compared["chosen"] == "default" and scores["default"] > scores[str(random_llama)]
+    assert bundle.manifest.provenance["base_model"]["source"].startswith("SmolLM2")
+    report = (out / "bundle" / "report.md").read_text()
+    assert "## Students compared" in report and str(random_llama) in report
+    # The teacher's traces were made once: the second candidate reused them (same key).
+    keys = [json.loads((out / "students" / name / "traces" / ".stage.json").read_text())["key"]
+            for name in ("default", "rnd")]  # fmt: skip
+    assert keys[0] == keys[1]
+
+    default_mb = next(c["size_mb"] for c in compared["candidates"] if c["source"] == "default")
+    spec.write_text(base_text + f"students: [default, {random_llama}]\n"
+                    f"choice: {{max_size_mb: {default_mb - 1}}}\n")  # fmt: skip
+    proc = run_build(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    compared = json.loads((out / "bundle" / "students.json").read_text())
+    assert compared["chosen"] == str(random_llama)
+    assert Bundle.open(out / "bundle").manifest.provenance["base_model"]["source"] == str(
+        random_llama
+    )
+
+
 def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     tiny: tuple[Path, Path, object], tmp_path: Path
 ) -> None:

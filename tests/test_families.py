@@ -7,31 +7,16 @@ convention undone is caught, naming the block."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from testkit.processes import smollm2_gguf
+from testkit.tiny_models import COMMON, FAMILIES, smollm2_tokenizer, tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-# Small but real shapes: 2 blocks, grouped-query attention where the family has it.
-COMMON = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
-FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
-    "mistral": ("MistralConfig", {"sliding_window": None}),
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),
-    "gemma3": (
-        "Gemma3TextConfig",
-        {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16},
-    ),
-    "phi3": ("Phi3Config", {"pad_token_id": 2}),
-}
 PROMPTS = [
     [{"role": "system", "content": "Sort the ticket."},
      {"role": "user", "content": "My laptop will not boot after the update."}],
@@ -41,38 +26,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's tokenizer (a BPE llama.cpp's converter recognises) with its ChatML template."""
-    from transformers import AutoTokenizer
-
-    gguf = smollm2_gguf()
-    folder = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
-
-
-def tiny_checkpoint(family: str, tokenizer_dir: Path, folder: Path) -> Path:
-    import torch
-    import transformers
-
-    config_class, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**COMMON, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):  # away from 1 (Gemma's from 0): offsets matter
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
-                param.mul_(20.0)  # peaked attention: the rotary layout matters
-    model.save_pretrained(folder, safe_serialization=True)
-    for item in tokenizer_dir.iterdir():
-        shutil.copy2(item, folder / item.name)
-    # SmolLM2's own class: llama.cpp's converter then recognises its pre-tokenizer (and
-    # converts a Phi BPE tokenizer only when it says so, as Phi-4's does).
-    config_path = folder / "tokenizer_config.json"
-    settings = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**settings, "tokenizer_class": "GPT2Tokenizer"}))
-    return folder
+    return smollm2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def tune(student_dir: Path, work: Path) -> Path:

@@ -113,6 +113,8 @@ class BuildContext:
     keys: dict[str, str] = field(default_factory=dict)  # finished stage -> its key
     pipeline: PipelineSpec | None = None  # a multi-step program's description
     sources: dict[str, Path] = field(default_factory=dict)  # its source files
+    # With several students: how they compared and which one this build ships (choice.py).
+    compared: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, spec: BuildSpec, console: Console) -> BuildContext:

@@ -24,12 +24,31 @@ _CHATML_TEMPLATE = (
 )
 
 
+# Gemma's turns as services/builder/families.py writes them: the system message opens the
+# first user turn.
+_GEMMA_TEMPLATE = (
+    '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}'
+    "{{ $system = .Content }}{{- end }}{{- end }}{{- $first := true }}"
+    '{{- range .Messages }}{{- if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ $first = false }}{{ end }}"
+    '{{ .Content }}<end_of_turn>\n{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
+    "{{ .Content }}<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n"
+)
+# Marker in the GGUF's template -> (Ollama TEMPLATE, its end-of-turn stop).
+_OLLAMA_TEMPLATES = {
+    "<|im_start|>": (_CHATML_TEMPLATE, "<|im_end|>"),
+    "<start_of_turn>": (_GEMMA_TEMPLATE, "<end_of_turn>"),
+}
+
+
 def modelfile(gguf_name: str, chat_template: str, n_ctx: int = 4096) -> str:
     """An Ollama Modelfile whose TEMPLATE and stop parameters match the GGUF's chat template."""
     lines = [f"FROM ./model/{gguf_name}"]
-    if "<|im_start|>" in chat_template:
-        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
-        lines.append('PARAMETER stop "<|im_end|>"')
+    known = next((v for marker, v in _OLLAMA_TEMPLATES.items() if marker in chat_template), None)
+    if known is not None:
+        template, stop = known
+        lines.append(f'TEMPLATE """{template}"""')
+        lines.append(f'PARAMETER stop "{stop}"')
     else:
         # Ollama reads the chat template from the GGUF itself when TEMPLATE is absent.
         lines.append("# TEMPLATE: taken by Ollama from the GGUF's tokenizer.chat_template")
@@ -39,6 +58,18 @@ def modelfile(gguf_name: str, chat_template: str, n_ctx: int = 4096) -> str:
         f"PARAMETER num_ctx {n_ctx}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def add_students(root: Path, compared: dict[str, Any]) -> None:
+    """students.json, and the comparison appended to both reports."""
+    from services.builder.report import students_section
+
+    (root / "students.json").write_text(json.dumps(compared, indent=2))
+    md, page = students_section(compared)
+    report_md = root / "report.md"
+    report_md.write_text(report_md.read_text() + md + "\n")
+    report_html = root / "report.html"
+    report_html.write_text(report_html.read_text().replace("</body>", page + "</body>"))
 
 
 def library_versions() -> dict[str, str]:
@@ -71,6 +102,7 @@ def write_bundle(
     evaluation_dir: Path,
     calibration: dict[str, Any] | None,
     provenance: dict[str, Any],
+    compared: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the bundle's files and its manifest into the (empty) folder `root`;
     `write_program(folder)` writes program/ (program.json, a multi-step program's source and
@@ -92,6 +124,8 @@ def write_bundle(
         shutil.copy2(evaluation_dir / report, root / report)
     if calibration is not None:
         (root / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    if compared is not None:
+        add_students(root, compared)
     manifest = write_manifest(
         root,
         Manifest(

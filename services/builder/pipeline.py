@@ -8,18 +8,22 @@ skipped on a rerun; see stages/base.py for how keys are derived and folders publ
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from services.builder import choice
 from services.builder.context import BuildContext, load_program
 from services.builder.data import imbalance, label_counts
-from services.builder.spec import BuildSpec
+from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 from services.core.logs import console_width
 
@@ -71,29 +75,107 @@ def describe_labels(ctx: BuildContext) -> None:
 def build(
     spec: BuildSpec, console: Console | None = None, stages: Sequence[Stage] = STAGES
 ) -> BuildResult:
+    """One student: every stage. Several (`students:`): see build_students."""
     console = console or log_friendly_console()
     if not console.is_terminal:
         quiet_libraries()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
+    if len(spec.students) > 1:
+        return build_students(spec, console, stages)
+    if spec.students:
+        spec = spec.model_copy(update={"student": StudentSpec(source=spec.students[0])})
     started = time.perf_counter()
+    ctx, runner = run_stages(spec, console, stages)
+    check_gate(ctx)
+    return BuildResult(bundle=ctx.dirs.get("package"), skipped=runner.skipped, ran=runner.ran,
+                       seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def run_stages(
+    spec: BuildSpec, console: Console, stages: Sequence[Stage],
+    compared: dict[str, Any] | None = None,
+) -> tuple[BuildContext, StageRunner]:  # fmt: skip
     ctx = BuildContext.load(spec, console)
+    ctx.compared = compared
     describe_labels(ctx)
     runner = StageRunner(spec.output, console)
     for stage in stages:
         runner.run(stage, ctx)
+    return ctx, runner
+
+
+def check_gate(ctx: BuildContext) -> None:
     verdict = ctx.verdict()
     if verdict is not None and not verdict["passed"]:
         raise QualityGateFailed(
             f"FAILED quality gate: distilled {ctx.default_quant} keeps "
             f"{verdict['retention']:.0%} of the teacher's quality, under "
-            f"quality_gate.min_retention={spec.quality_gate.min_retention:.0%}. "
+            f"quality_gate.min_retention={ctx.spec.quality_gate.min_retention:.0%}. "
             "Artifacts are kept in the build folder. To improve: add traces (more or more varied "
             "train examples, an API teacher), use a larger student, or serve in hybrid mode with "
             "the router so low-confidence requests go to the teacher."
         )
-    return BuildResult(
-        bundle=ctx.dirs.get("package"),
-        skipped=runner.skipped,
-        ran=runner.ran,
-        seconds=time.perf_counter() - started,
-    )
+
+
+def build_students(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -> BuildResult:
+    """Each student built and evaluated in BUILD/students/NAME (the teacher's traces and the
+    dataset made once), the one `choice` picks packaged with the comparison, and its bundle
+    published as BUILD/bundle."""
+    started = time.perf_counter()
+    unpackaged = [stage for stage in stages if stage.name != "package"]
+    candidates, ran, skipped = [], [], []
+    for source in spec.students:
+        console.rule(f"student {source}")
+        sub = candidate_spec(spec, source)
+        share_stages(spec.output / "students" / student_folder(spec.students[0]), sub.output)
+        ctx, runner = run_stages(sub, console, unpackaged)
+        ran += runner.ran
+        skipped += runner.skipped
+        verdict = ctx.verdict()
+        passed = verdict is None or bool(verdict["passed"])
+        candidates.append(choice.candidate(source, ctx.student.description, sub.output, passed))
+    if not any(c.passed_gate for c in candidates):
+        raise QualityGateFailed(
+            "FAILED quality gate: no student keeps quality_gate.min_retention="
+            f"{spec.quality_gate.min_retention:.0%} of the teacher's quality (each one's report "
+            f"is under {spec.output / 'students'}). Add traces, or try a larger student."
+        )
+    chosen = choice.choose(candidates, spec.choice)
+    compared = choice.comparison(candidates, chosen, spec.choice)
+    console.rule(f"shipping {chosen.source}")
+    ctx, runner = run_stages(candidate_spec(spec, chosen.source), console, stages, compared)
+    bundle = publish(ctx.dirs["package"], spec.output / "bundle")
+    console.print(f"bundle: {bundle} (student {chosen.source})")
+    return BuildResult(bundle=bundle, skipped=skipped + runner.skipped, ran=ran + runner.ran,
+                       seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def student_folder(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source).strip("-") or "student"
+
+
+def candidate_spec(spec: BuildSpec, source: str) -> BuildSpec:
+    return spec.model_copy(update={
+        "student": StudentSpec(source=source), "students": [],
+        "output": spec.output / "students" / student_folder(source),
+    })  # fmt: skip
+
+
+def share_stages(first: Path, build_dir: Path) -> None:
+    """The first candidate's traces and dataset, for the others: same keys, so the runner
+    skips them (an API teacher is not asked twice)."""
+    for name in ("traces", "dataset"):
+        source, target = first / name, build_dir / name
+        if source.is_dir() and first != build_dir and not target.exists():
+            build_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target)
+
+
+def publish(bundle: Path, target: Path) -> Path:
+    """The chosen bundle at BUILD/bundle (hard links: no second copy of the GGUFs)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(bundle, partial, copy_function=os.link)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target

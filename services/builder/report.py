@@ -317,6 +317,46 @@ def write_reports(
     )
 
 
+STUDENT_COLUMNS = ("student", "test score [95% CI]", "n", "p50 ms", "tokens/s", "size MB",
+                   "peak RSS MB", "training min", "")  # fmt: skip
+
+
+def student_rows(compared: dict[str, Any]) -> list[list[str]]:
+    """Each candidate's default quantization on the test part, and why it shipped or not."""
+    body = []
+    for c in compared["candidates"]:
+        low, high = c["interval"]
+        shipped = "shipped" if c["source"] == compared["chosen"] else ""
+        note = shipped or "; ".join(c["excluded"]) or "lower score"
+        body.append([
+            f"{c['source']} ({c['quantization']})",
+            f"{c['score']:.1%} [{low:.1%}–{high:.1%}]", str(c["n"]), f"{c['latency_p50_ms']:.0f}",
+            _speed(c["tokens_per_s"]), f"{c['size_mb']:.0f}",
+            "" if c["peak_rss_mb"] is None else f"{c['peak_rss_mb']:.0f}",
+            "" if c["training_s"] is None else f"{c['training_s'] / 60:.1f}", note,
+        ])  # fmt: skip
+    return body
+
+
+def students_section(compared: dict[str, Any]) -> tuple[str, str]:
+    """The comparison as a markdown section and as HTML, for the shipped bundle's reports."""
+    rule = compared["rule"]
+    budgets = [f"p50 ≤ {rule['max_latency_ms']:g} ms" if rule["max_latency_ms"] else "",
+               f"size ≤ {rule['max_size_mb']:g} MB" if rule["max_size_mb"] else ""]  # fmt: skip
+    within = " within " + " and ".join(b for b in budgets if b) if any(budgets) else ""
+    text = (
+        f"Each student trained on the same traces and evaluated on the same test part; the "
+        f"rule ships the best test score{within}, equal scores to the smaller file: "
+        f"{compared['chosen']}."
+    )
+    rows_ = student_rows(compared)
+    md = "\n".join(["", "## Students compared", "", text, "",
+                    *markdown_table(list(STUDENT_COLUMNS), rows_)])  # fmt: skip
+    page = (f"<h2>Students compared</h2><p>{html.escape(text)}</p>"
+            f"{html_table(list(STUDENT_COLUMNS), rows_)}")  # fmt: skip
+    return md, page
+
+
 def _speed(tokens_per_s: float | None) -> str:
     """Blank when not measured (one sampled token per answer leaves no decode to time)."""
     return "" if not tokens_per_s else f"{tokens_per_s:.0f}"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.core.program import BUILD_PROMPT_FORMAT, PromptFormat
 
@@ -56,6 +56,15 @@ class StudentSpec(_Strict):
     # Face model folder, or a hub id like "HuggingFaceTB/SmolLM2-360M-Instruct" (converted to
     # GGUF with llama.cpp's convert_hf_to_gguf.py unless a .gguf lies beside its weights).
     source: str = "default"
+
+
+class StudentChoice(_Strict):
+    """How the shipped student is chosen among `students`: the best test-part quality of the
+    default quantization within these budgets (none: no limit); equal scores go to the
+    smaller file."""
+
+    max_latency_ms: float | None = Field(None, gt=0)  # Predict p50 on the test part
+    max_size_mb: float | None = Field(None, gt=0)  # the default quantization's GGUF
 
 
 class LoraSpec(_Strict):
@@ -125,6 +134,10 @@ class BuildSpec(_Strict):
     metric_threshold: float | None = Field(None, ge=0, le=1)
     teacher: TeacherSpec = TeacherSpec()
     student: StudentSpec = StudentSpec()
+    # Several candidates (each a student.source): every one is trained, exported and evaluated,
+    # the report compares them, and `choice` picks the one shipped.
+    students: list[str] = Field(default_factory=list)
+    choice: StudentChoice = StudentChoice()
     lora: LoraSpec = LoraSpec()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -149,6 +162,21 @@ class BuildSpec(_Strict):
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError(f"{value!r} is not an import path like package.module:function")
         return value
+
+    @field_validator("students")
+    @classmethod
+    def _distinct_students(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each student is listed once")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_students(self) -> BuildSpec:
+        if self.students and "source" in self.student.model_fields_set:
+            raise ValueError(
+                "students and student.source are both set: list every candidate under students"
+            )
+        return self
 
     @field_validator("quantizations")
     @classmethod

@@ -146,6 +146,7 @@ def package(ctx: BuildContext, out: Path) -> None:
         evaluation_dir=ctx.dirs["calibrate"],
         calibration=ctx.read_json("calibrate", "calibration.json"),
         provenance=provenance(ctx),
+        compared=ctx.compared,
     )
 
 
@@ -174,6 +175,7 @@ def package_inputs(ctx: BuildContext) -> dict[str, Any]:
     return {
         "version": ctx.spec.version,
         "quality_gate": ctx.spec.quality_gate.model_dump(),
+        "compared": ctx.compared,
     }
 
 
