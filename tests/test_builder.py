@@ -432,12 +432,14 @@ def test_several_students_are_built_compared_and_the_rule_picks_one(
     proc = run_build(spec)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
 
-    bundle = Bundle.open(out / "bundle")  # verified
+    Bundle.open(out / "bundle")  # verified
     compared = json.loads((out / "bundle" / "students.json").read_text())
-    scores = {c["source"]: c["score"] for c in compared["candidates"]}
-    assert list(scores) == ["default", str(random_llama)]
-    assert compared["chosen"] == "default" and scores["default"] > scores[str(random_llama)]
-    assert bundle.manifest.provenance["base_model"]["source"].startswith("SmolLM2")
+    candidates = {c["source"]: c for c in compared["candidates"]}
+    assert list(candidates) == ["default", str(random_llama)]
+    # The tiny test part (6 rows) cannot tell the two apart: the rule, not the winner, is
+    # what is checked: the best score ships, equal scores to the smaller file.
+    best = max(candidates.values(), key=lambda c: (c["score"], -c["size_mb"]))
+    assert compared["chosen"] == best["source"]
     report = (out / "bundle" / "report.md").read_text()
     assert "## Students compared" in report and str(random_llama) in report
     # The teacher's traces were made once: the second candidate reused them (same key).
@@ -445,16 +447,22 @@ def test_several_students_are_built_compared_and_the_rule_picks_one(
             for name in ("default", "rnd")]  # fmt: skip
     assert keys[0] == keys[1]
 
-    default_mb = next(c["size_mb"] for c in compared["candidates"] if c["source"] == "default")
+    # A size budget the winner does not meet: the other ships if it fits, else the build
+    # says that none can (the stages are all kept: only the choice and the bundle rerun).
+    other = next(c for c in candidates.values() if c["source"] != best["source"])
+    budget = best["size_mb"] - 0.1
     spec.write_text(base_text + f"students: [default, {random_llama}]\n"
-                    f"choice: {{max_size_mb: {default_mb - 1}}}\n")  # fmt: skip
+                    f"choice: {{max_size_mb: {budget}}}\n")  # fmt: skip
     proc = run_build(spec)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    compared = json.loads((out / "bundle" / "students.json").read_text())
-    assert compared["chosen"] == str(random_llama)
-    assert Bundle.open(out / "bundle").manifest.provenance["base_model"]["source"] == str(
-        random_llama
-    )
+    if other["size_mb"] <= budget:
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        compared = json.loads((out / "bundle" / "students.json").read_text())
+        assert compared["chosen"] == other["source"]
+        shipped = Bundle.open(out / "bundle").manifest.provenance["base_model"]["source"]
+        assert shipped == other["description"]
+    else:
+        assert proc.returncode == 4
+        assert "no student can ship" in proc.stderr and "choice.max_size_mb" in proc.stderr
 
 
 def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(

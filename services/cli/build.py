@@ -36,6 +36,7 @@ def build(
     """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
     from pathlib import Path
 
+    from services.builder.choice import NoStudentFits
     from services.builder.export import ExportError
     from services.builder.pipeline import QualityGateFailed
     from services.builder.pipeline import build as run_build
@@ -61,6 +62,8 @@ def build(
         raise fail(str(err)) from None
     except QualityGateFailed as err:
         raise fail(str(err), code=4) from None
+    except NoStudentFits as err:
+        raise fail(f"choice: {err}", code=4) from None
     except TeacherError as err:
         raise fail(f"teacher: {err}", code=1) from None
     except ExportError as err:
