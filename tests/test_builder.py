@@ -391,6 +391,55 @@ def test_the_bundle_serves_predict(tiny: tuple[Path, Path, object]) -> None:
         }  # fmt: skip
 
 
+LABELS = {"network", "hardware", "software", "access", "security", "billing"}
+
+
+def test_a_gemma3_student_is_distilled_and_served_by_the_runtime_and_the_router(
+    tiny: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    """student.source: gemma3-270m, the real Gemma 3 270M base GGUF (no chat template) with the
+    tiny recipe: Gemma's turns are added to the base, trained with, written into the GGUF and
+    the Modelfile; the export (llama.cpp's gemma3 layout) passes the self-check; the bundle
+    answers Predict with a typed label through the runtime and through the router."""
+    from services.core.gguf_metadata import read_gguf_metadata
+    from testkit.processes import start_router
+
+    spec_path, tiny_build, _ = tiny
+    out = tmp_path / "build"
+    spec = spec_path.with_name("gemma.yaml")
+    spec.write_text(spec_path.read_text().replace(f"output: {tiny_build}", f"output: {out}")
+                    + "student: {source: gemma3-270m}\n")  # fmt: skip
+    proc = run_build(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+
+    base = read_gguf_metadata(out / "convert" / "base.gguf")
+    assert base["general.architecture"] == "gemma3"
+    assert "<start_of_turn>" in base["tokenizer.chat_template"]
+    exported = read_gguf_metadata(out / "export" / "tiny-triage.F16.gguf")
+    assert exported["tokenizer.chat_template"] == base["tokenizer.chat_template"]
+    checks = json.loads((out / "export" / "self_check.json").read_text())
+    assert all(c["max_hidden_difference"] < 0.01 for c in checks)
+    modelfile = (out / "bundle" / "Modelfile").read_text()
+    assert 'PARAMETER stop "<end_of_turn>"' in modelfile and "<start_of_turn>model" in modelfile
+
+    ticket = {"ticket": "I was charged twice for my subscription this month."}
+    runtime = start_runtime("--bundle", str(out / "bundle"), "--n-ctx", "1024")
+    try:
+        with InferenceClient(runtime.target, timeout_s=120) as client:
+            local = client.predict(ticket)
+        router = start_router(out / "bundle", runtime.target)
+        try:
+            with InferenceClient(router.target, timeout_s=120) as client:
+                routed = client.predict(ticket)
+        finally:
+            router.terminate()
+    finally:
+        runtime.terminate()
+    assert local.outcome == pb.PREDICT_OUTCOME_PARSED and local.outputs["category"] in LABELS
+    assert json.loads(local.outputs_json) == {"category": local.outputs["category"]}
+    assert routed.served_by == pb.SERVED_BY_LOCAL and routed.outputs_json == local.outputs_json
+
+
 QA_SPEC = """
 name: tiny-qa
 version: "0.0.1-test"
