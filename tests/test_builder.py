@@ -23,6 +23,7 @@ from services.core.api import pb
 from services.core.bundle import Bundle
 from services.core.client import InferenceClient
 from testkit.processes import REPO, smollm2_gguf, start_runtime
+from testkit.scratch import scratch
 
 TICKETS = REPO / "examples" / "ticket_triage"
 # Real fine-tunes on 2 CPU cores: minutes, not seconds.
@@ -81,14 +82,14 @@ output: {output}
 def tiny(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, Path, subprocess.CompletedProcess[str]]]:
-    root = tmp_path_factory.mktemp("tiny")
-    write_jsonl(root / "train.jsonl", balanced("train", 4))
-    write_jsonl(root / "dev.jsonl", balanced("dev", 2))
-    spec = root / "spec.yaml"
-    spec.write_text(TINY_SPEC.format(gate=0.0, output=root / "build"))
-    proc = run_build(spec)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    yield spec, root / "build", proc
+    with scratch(tmp_path_factory, "tiny") as root:
+        write_jsonl(root / "train.jsonl", balanced("train", 4))
+        write_jsonl(root / "dev.jsonl", balanced("dev", 2))
+        spec = root / "spec.yaml"
+        spec.write_text(TINY_SPEC.format(gate=0.0, output=root / "build"))
+        proc = run_build(spec)
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        yield spec, root / "build", proc
 
 
 def test_build_runs_every_stage_and_writes_a_verifiable_bundle(

@@ -96,6 +96,7 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
         sh("podman", "rmi", "-f", tag, check=False)
     archive.unlink()
     yield tar
+    shutil.rmtree(work, ignore_errors=True)  # the shipped tar is as large as the images
 
 
 @pytest.fixture()

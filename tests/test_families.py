@@ -7,12 +7,14 @@ convention undone is caught, naming the block."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from testkit.scratch import scratch
 from testkit.tiny_models import COMMON, FAMILIES, smollm2_tokenizer, tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -47,25 +49,25 @@ def tune(student_dir: Path, work: Path) -> Path:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def exported(request: pytest.FixtureRequest, tokenizer_dir: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # fmt: skip
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # fmt: skip
     from services.builder import export
     from services.builder.student import dense_hf_copy, resolve_student, write_base_gguf
     from services.core.gguf_metadata import chat_template
 
     family = request.param
-    work = tmp_path_factory.mktemp(family)
-    source = resolve_student(str(tiny_checkpoint(family, tokenizer_dir, work / "hf")))
-    base = work / "base.gguf"
-    write_base_gguf(source, base)
-    dense_hf_copy(source, work / "student", chat_template(base))
-    adapter = tune(work / "student", work)
-    out = work / f"{family}.F16.gguf"
-    # Not named after the family: llama.cpp looks up Phi-3's turn tokens in a file named phi3,
-    # and this vocabulary (SmolLM2's) has none.
-    checks, references = export.export_student(work / "student", adapter, base, out, "tiny",
-                                               PROMPTS)  # fmt: skip
-    return {"family": family, "source": source, "base": base, "out": out, "checks": checks,
-            "references": references, "work": work}  # fmt: skip
+    with scratch(tmp_path_factory, family) as work:
+        source = resolve_student(str(tiny_checkpoint(family, tokenizer_dir, work / "hf")))
+        base = work / "base.gguf"
+        write_base_gguf(source, base)
+        dense_hf_copy(source, work / "student", chat_template(base))
+        adapter = tune(work / "student", work)
+        out = work / f"{family}.F16.gguf"
+        # Not named after the family: llama.cpp looks up Phi-3's turn tokens in a file named phi3,
+        # and this vocabulary (SmolLM2's) has none.
+        checks, references = export.export_student(work / "student", adapter, base, out, "tiny",
+                                                   PROMPTS)  # fmt: skip
+        yield {"family": family, "source": source, "base": base, "out": out, "checks": checks,
+               "references": references, "work": work}  # fmt: skip
 
 
 def test_each_family_converts_tunes_exports_and_agrees(exported: dict[str, Any]) -> None:

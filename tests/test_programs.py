@@ -34,6 +34,7 @@ from services.core.pipeline import (
 )
 from services.core.program import FieldSpec, PromptFormat
 from testkit.processes import REPO, ServerProcess, start_router, start_runtime
+from testkit.scratch import scratch
 
 SUPPORT = REPO / "examples" / "support_pipeline"
 # A real (short) fine-tune on 2 CPU cores: minutes, not seconds.
@@ -261,18 +262,18 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A two-step program distilled with a short fine-tune; yields its build folder."""
-    root = tmp_path_factory.mktemp("two-step")
-    write_jsonl(root / "train.jsonl", support_rows("train", 4))
-    write_jsonl(root / "dev.jsonl", support_rows("dev", 2))
-    spec = root / "spec.yaml"
-    spec.write_text(TWO_STEP_SPEC.format(program=PROGRAM, output=root / "build"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "build", str(spec)],
-        cwd=REPO, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "classify: 24 calls kept, 0 rejected" in proc.stdout
-    yield root / "build"
+    with scratch(tmp_path_factory, "two-step") as root:
+        write_jsonl(root / "train.jsonl", support_rows("train", 4))
+        write_jsonl(root / "dev.jsonl", support_rows("dev", 2))
+        spec = root / "spec.yaml"
+        spec.write_text(TWO_STEP_SPEC.format(program=PROGRAM, output=root / "build"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.cli", "build", str(spec)],
+            cwd=REPO, capture_output=True, text=True, timeout=1500,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        assert "classify: 24 calls kept, 0 rejected" in proc.stdout
+        yield root / "build"
 
 
 @pytest.fixture(scope="module")

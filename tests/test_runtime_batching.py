@@ -13,6 +13,7 @@ from services.core.api import pb, pb_grpc
 from services.core.client import sampling
 from services.runtime.backends.llamacpp_batched import pick_slot, prompt_piece, usable_cache
 from testkit.processes import ServerProcess, start_runtime
+from testkit.scratch import scratch
 
 COUNTRIES = ["Italy", "Peru", "Kenya", "Norway", "Vietnam", "Chile", "Egypt", "Canada"]
 PROMPTS = [
@@ -37,16 +38,18 @@ def serve(gguf: Path, program: Path, *extra: str) -> ServerProcess:
 @pytest.fixture(scope="module", params=["Q4_1", "Q8_0"])
 def model(
     request: pytest.FixtureRequest, gguf_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+) -> Iterator[Path]:
     """The embedded SmolLM2 (Q4_1: llama.cpp multiplies row by row) and as Q8_0, the type the
     build ships (several rows go through one GEMM, so batched rows take another kernel)."""
     if request.param == "Q4_1":
-        return gguf_path
+        yield gguf_path
+        return
     from services.builder.export import quantize
 
-    path = tmp_path_factory.mktemp("q8") / "SmolLM2-135M-Instruct.Q8_0.gguf"
-    quantize(gguf_path, path, "Q8_0", 2)
-    return path
+    with scratch(tmp_path_factory, "q8") as folder:
+        path = folder / "SmolLM2-135M-Instruct.Q8_0.gguf"
+        quantize(gguf_path, path, "Q8_0", 2)
+        yield path
 
 
 @pytest.fixture(scope="module")
