@@ -125,7 +125,7 @@ def start_router(
 ) -> ServerProcess:
     server = ServerProcess(
         ["route", "--bundle", str(bundle), "--local", local, "--port", "0", "--metrics-port", "0",
-         "--health-interval-s", "0.5", *args],
+         *args],
         env={"EDGEDISTILL_ROUTER_API_BACKOFF_S": "0.05", **(env or {})},
     )  # fmt: skip
     server.wait_serving(30, status=status)

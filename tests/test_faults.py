@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,22 +27,22 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
     return make_bundle(tmp_path_factory.mktemp("faults") / "bundle", gguf_path, CAPITALS_PROGRAM)
 
 
-def runtime_on(port: int, bundle: Path) -> ServerProcess:
-    return start_runtime("--bundle", str(bundle), "--n-ctx", "1024", "--port", str(port))
+def runtime_on(port: int, bundle: Path, metrics_port: int = 0) -> ServerProcess:
+    return start_runtime("--bundle", str(bundle), "--n-ctx", "1024", "--port", str(port),
+                         "--metrics-port", str(metrics_port))  # fmt: skip
 
 
 def test_router_with_a_fallback_sees_a_runtime_that_just_came_up(bundle: Path) -> None:
     """A fallback makes the router SERVING before its runtime is up (install.sh then waits on
     the router's own LocalRuntime entry); with the API down, a call before the runtime is up
-    says why it failed, and a call right after it comes up is answered locally even though
-    the router's next health round is a minute away."""
+    says why it failed, and once it is up calls are answered locally within gRPC's reconnect
+    backoff (at most a second)."""
     from services.router.server import LOCAL_HEALTH_SERVICE
 
     port = free_port()
     router = start_router(bundle, f"127.0.0.1:{port}", "--mode", "hybrid", "--threshold", "0.0",
                           "--fallback-model", "openai/gold",
-                          "--fallback-api-base", f"http://127.0.0.1:{free_port()}/v1",
-                          "--health-interval-s", "60")  # fmt: skip
+                          "--fallback-api-base", f"http://127.0.0.1:{free_port()}/v1")  # fmt: skip
     runtime = None
     try:
         router.wait_serving(5, status=health_pb2.HealthCheckResponse.NOT_SERVING,
@@ -51,8 +53,8 @@ def test_router_with_a_fallback_sees_a_runtime_that_just_came_up(bundle: Path) -
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "API fallback failed" in (caught.value.details() or "")
             runtime = runtime_on(port, bundle)
+            router.wait_serving(2, service=LOCAL_HEALTH_SERVICE)
             assert client.predict({"country": "Italy"}).served_by == pb.SERVED_BY_LOCAL
-        router.wait_serving(5, service=LOCAL_HEALTH_SERVICE)
     finally:
         router.terminate()
         if runtime is not None:
@@ -142,4 +144,57 @@ def test_router_health_follows_its_runtime(bundle: Path) -> None:
     finally:
         router.terminate()
         if runtime is not None:
+            runtime.terminate()
+
+
+def predict_calls(metrics_port: int) -> int:
+    """Predict calls a runtime answered, from its Prometheus metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(
+        int(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "edgedistill_calls_total" and sample.labels["method"] == "Predict"
+    )
+
+
+def test_grpc_round_robin_spreads_calls_and_rides_out_a_killed_runtime(bundle: Path) -> None:
+    """An `ipv4:` target over three runtimes: gRPC's round_robin gives each a third of the
+    calls; one SIGKILLed costs no call after the first second; back on its port, it is used
+    again."""
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    runtimes = [runtime_on(port, bundle, metrics) for port, metrics in ports]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port, _ in ports)
+    router = start_router(bundle, target, "--mode", "local_only")
+    client = InferenceClient(router.target, timeout_s=60)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda _: client.predict({"country": "Peru"}), range(45)))
+        assert all(r.served_by == pb.SERVED_BY_LOCAL for r in replies)
+        shares = [predict_calls(metrics) / 45 for _, metrics in ports]
+        assert all(abs(share - 1 / 3) <= 0.15 / 3 for share in shares), shares
+
+        runtimes[0].proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        failures = []
+        while time.monotonic() - killed_at < 4:
+            try:
+                client.predict({"country": "Chile"})
+            except grpc.RpcError as err:
+                failures.append((time.monotonic() - killed_at, err.code()))
+        assert all(after < 1.0 for after, _ in failures), failures
+
+        port, metrics = ports[0]
+        runtimes[0] = runtime_on(port, bundle, metrics)
+        deadline = time.monotonic() + 10
+        while predict_calls(metrics) == 0:
+            assert time.monotonic() < deadline, "the router never went back to the runtime"
+            client.predict({"country": "Chile"})
+    finally:
+        client.close()
+        router.terminate()
+        for runtime in runtimes:
             runtime.terminate()

@@ -267,3 +267,19 @@ def test_self_check_confidence_follows_the_local_models_own_verdict(
             assert reply.served_by == pb.SERVED_BY_FALLBACK, country
             assert reply.route_reason == "low_confidence" and reply.confidence == 0.0
             assert reply.outputs["capital"] == gold[country]
+
+
+def test_local_targets_become_grpc_targets_balanced_by_grpc() -> None:
+    from services.router.upstream import channel_targets, service_config
+
+    assert channel_targets(["127.0.0.1:5001", "127.0.0.1:5002"]) == [
+        "ipv4:127.0.0.1:5001,127.0.0.1:5002"  # one channel: gRPC's round_robin spreads calls
+    ]
+    assert channel_targets(["[::1]:5001", "runtime:50051", "dns:///rt.ns.svc:50051"]) == [
+        "ipv6:[::1]:5001", "runtime:50051", "dns:///rt.ns.svc:50051"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="local: 'runtime' is neither HOST:PORT"):
+        channel_targets(["runtime"])
+    config = json.loads(service_config())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "edgedistill.v1.Inference"}

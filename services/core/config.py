@@ -207,7 +207,10 @@ class RouterSettings(TransportSettings):
         False, description="route for a bundle whose model failed the build's quality gate"
     )
     local: list[str] = Field(
-        min_length=1, description="runtime endpoints HOST:PORT (repeat; round-robin)"
+        min_length=1,
+        description="runtimes: HOST:PORT (repeat) or a gRPC target URI "
+        "(dns:///NAME:PORT, ipv4:ADDR:PORT,ADDR:PORT); gRPC balances round-robin over the "
+        "SERVING ones",
     )
     host: str = Field("127.0.0.1", description="address the router binds")
     port: int = Field(50052, ge=0, le=65535, description="router gRPC port (0 picks one)")
@@ -254,9 +257,6 @@ class RouterSettings(TransportSettings):
     budget_per_day: int | None = Field(None, ge=0, description="API calls allowed per day")
     local_timeout_s: float = Field(
         60.0, gt=0, le=600, description="timeout of one call to a runtime"
-    )
-    health_interval_s: float = Field(
-        2.0, gt=0, le=60, description="how often runtimes are health-checked"
     )
     local_tls_ca: Path | None = Field(
         None, description="CA (PEM) to verify the runtimes' certificates: TLS to the runtimes"

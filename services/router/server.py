@@ -292,7 +292,6 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
 
     local = LocalRuntimes(
         settings.local,
-        settings.health_interval_s,
         credentials=(
             security.channel_credentials(
                 settings.local_tls_ca, settings.local_tls_cert, settings.local_tls_key
