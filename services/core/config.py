@@ -143,6 +143,13 @@ class RuntimeSettings(TransportSettings):
     grace_period_s: float = Field(
         15.0, ge=0, le=600, description="on SIGTERM, how long in-flight calls may finish"
     )
+    max_connection_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="close client connections this old (after grace_period_s for their calls), "
+        "so gRPC clients re-resolve DNS and find new replicas (e.g. 60 behind a headless "
+        "Service)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = Field(False, description="log request and response contents")
 

@@ -280,6 +280,9 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         )
     metrics = RouterMetrics()
     health_servicer = health.aio.HealthServicer()
+    # The health service's own entry says only that the process answers: a liveness probe
+    # must not restart a router whose runtimes are down (its other entries say that).
+    await health_servicer.set(health.SERVICE_NAME, _serving_status(True))
 
     async def local_health_changed(any_healthy: bool) -> None:
         # SERVING means "can answer": a router with no runtime to reach and no fallback to

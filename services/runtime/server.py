@@ -463,13 +463,21 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
     # gRPC's own cap sits above ours, so a moderately oversize request gets our
     # INVALID_ARGUMENT naming the field rather than a bare RESOURCE_EXHAUSTED.
     hard_cap = settings.max_request_bytes * 4 + (64 << 10)
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", hard_cap),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s:
+        # gRPC's DNS resolver re-resolves when a connection closes, not on a timer: aged
+        # connections are how a balancing client notices replicas added since it dialled.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+        ]
     server = grpc.aio.server(
         interceptors=security.interceptors(settings),
-        options=[
-            ("grpc.max_receive_message_length", hard_cap),
-            ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=options,
         maximum_concurrent_rpcs=max(64, (settings.max_queue + 1) * 4),
     )
     add_inference_servicer(service, server)
