@@ -93,7 +93,10 @@ else
       --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
     tags+=("$tag")
   done
-  # One archive for both images: their shared base and venv layers travel once.
+  say "building localhost/edgedistill-model:$version (the bundle as an image, for registries)"
+  tags+=("$(CONTAINER_ENGINE=$ENGINE BASE_IMAGE=$base scripts/model-image.sh "$BUNDLE" \
+    "localhost/edgedistill-model:$version")")
+  # One archive for the three images: their shared base and venv layers travel once.
   rm -f dist/images/images.tar
   if [ "$ENGINE" = podman ]; then
     podman save --multi-image-archive --format docker-archive -o dist/images/images.tar "${tags[@]}"

@@ -6,11 +6,17 @@
 #   install-bundle.sh BUNDLE.tar            install (or no-op when this version is installed)
 #   install-bundle.sh --rollback NAME       switch back to the previously installed version
 #   install-bundle.sh --stop NAME           stop the services
+#   install-bundle.sh --registry HOST:PORT[/PATH] BUNDLE.tar
+#                                           verify, push the runtime, router and model images to
+#                                           the site's registry and write the Kubernetes overlay
+#                                           pinned to their digests (kubernetes/site); starts nothing
 #
 # Settings (environment): PREFIX (default /opt/edgedistill), CONTAINER_ENGINE (docker|podman,
 # may carry flags), PUBLIC_KEY (Ed25519 public key, PEM), RUNTIME_PORT (50051),
 # ROUTER_PORT (50052), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only),
-# ROUTER_MODE (local_only|hybrid|api_only), FALLBACK_MODEL, FALLBACK_API_BASE.
+# ROUTER_MODE (local_only|hybrid|api_only), FALLBACK_MODEL, FALLBACK_API_BASE; with --registry:
+# KUBE_OVERLAY (cpu|gpu, default cpu), KUBE_NAMESPACE, REGISTRY_TLS_VERIFY (1; 0 for a plain
+# HTTP registry, podman only: docker takes it from its daemon's insecure-registries).
 # Secrets are files on the host, mounted read-only and never copied under PREFIX (give them
 # again when restarting); they must be readable by the services' uid 10001:
 # FALLBACK_KEY_FILE (the router's API key), AUTH_TOKEN_FILE (bearer token both services ask
@@ -151,6 +157,66 @@ set_link() {
   fi
 }
 
+# Push one image; its registry digest goes to $work/digest (podman writes it, docker prints it).
+push_one() {
+  rm -f "$work/digest"
+  case $ENGINE in
+    *podman*)
+      # shellcheck disable=SC2086  # $2 is one flag or none
+      engine push -q $2 --digestfile "$work/digest" "$1" > "$work/pushed" 2>&1 ;;
+    *)
+      engine push "$1" > "$work/pushed" 2>&1 || return 1
+      sed -n 's/.*digest: \(sha256:[0-9a-f]\{64\}\).*/\1/p' "$work/pushed" > "$work/digest" ;;
+  esac
+}
+
+# Push the release's images to $REGISTRY; each digest goes to images/NAME.digest.
+push_images() {
+  staging=$1
+  tls=""
+  case $ENGINE in
+    *podman*) [ "${REGISTRY_TLS_VERIFY:-1}" = 1 ] || tls=--tls-verify=false ;;
+  esac
+  for image in runtime router model; do
+    [ -f "$staging/images/$image.ref" ] \
+      || refuse "the bundle has no $image image: rebuild it with make build-bundle, which makes all three"
+    remote=$REGISTRY/edgedistill-$image:$version
+    engine tag "$(cat "$staging/images/$image.ref")" "$remote"
+    push_one "$remote" "$tls" || { tail -5 "$work/pushed" >&2; refuse "pushing $remote failed"; }
+    grep -q '^sha256:[0-9a-f]\{64\}$' "$work/digest" || refuse "no digest came back for $remote"
+    cp "$work/digest" "$staging/images/$image.digest"
+    say "pushed $remote ($(cat "$work/digest"))"
+  done
+}
+
+# The site overlay: the shipped manifests with the pushed images pinned by digest.
+write_overlay() {
+  kube=$1/kubernetes
+  overlay=${KUBE_OVERLAY:-cpu}
+  [ -d "$kube/overlays/$overlay" ] || refuse "KUBE_OVERLAY=$overlay: no such overlay (cpu, gpu)"
+  {
+    printf '%s\n' "# Written by install.sh --registry: $name $version, images in $REGISTRY by digest." \
+      "# kubectl apply -k $release/kubernetes/site" \
+      "apiVersion: kustomize.config.k8s.io/v1beta1" "kind: Kustomization"
+    [ -z "${KUBE_NAMESPACE:-}" ] || printf 'namespace: %s\n' "$KUBE_NAMESPACE"
+    printf '%s\n' "resources:" "  - ../overlays/$overlay" "patches:" "  - path: resources.yaml" "images:"
+    for image in runtime router model; do
+      printf '  - name: localhost/edgedistill-%s\n    newName: %s/edgedistill-%s\n    digest: %s\n' \
+        "$image" "$REGISTRY" "$image" "$(cat "$1/images/$image.digest")"
+    done
+  } > "$kube/site/kustomization.yaml"
+}
+
+REGISTRY=""
+if [ "${1:-}" = --registry ]; then
+  REGISTRY=${2:?usage: install-bundle.sh --registry HOST:PORT[/PATH] BUNDLE.tar}
+  shift 2
+  START=0
+  case $REGISTRY in
+    */|*[[:space:]]*|*://*) refuse "--registry $REGISTRY: give HOST:PORT[/PATH], no scheme, no trailing slash" ;;
+  esac
+fi
+
 case "${1:-}" in
   --rollback)
     name=${2:?usage: install-bundle.sh --rollback NAME}
@@ -209,7 +275,7 @@ home=$PREFIX/$name
 release=$home/releases/$version
 
 # 4. Same version already installed: nothing to do.
-if [ -f "$release/manifest.json" ] && cmp -s "$release/manifest.json" "$root/manifest.json"; then
+if [ -z "$REGISTRY" ] && [ -f "$release/manifest.json" ] && cmp -s "$release/manifest.json" "$root/manifest.json"; then
   say "$name $version is already installed"
   exit 0
 fi
@@ -230,7 +296,16 @@ if [ -f "$staging/images/images.tar" ]; then
     [ -n "$ref" ] || refuse "the $image image is not in images/images.tar"
     printf '%s\n' "$ref" > "$staging/images/$image.ref"
   done
+  # The model image (bundles built before it existed have none) is for --registry.
+  ref=$(sed -n "s/^Loaded image[^:]*: *\(.*edgedistill-model:.*\)$/\1/p" "$work/loaded" | tail -1)
+  [ -z "$ref" ] || printf '%s\n' "$ref" > "$staging/images/model.ref"
   rm -f "$staging/images/images.tar"   # loaded into the engine; keep the host's disk free
+fi
+if [ -n "$REGISTRY" ]; then
+  [ -d "$staging/kubernetes/site" ] || refuse "the bundle carries no Kubernetes manifests: rebuild it with make build-bundle"
+  need_engine
+  push_images "$staging"
+  write_overlay "$staging"
 fi
 if [ -f "$staging/images/runtime.ref" ]; then
   # compose.yaml's variables for this release (no secrets): `compose up` runs what is installed.
@@ -246,6 +321,7 @@ if [ -n "$was_current" ] && [ "$was_current" != "$release" ]; then
 fi
 set_link current "$release"
 say "installed $name $version under $home (previous version kept for --rollback)"
+[ -z "$REGISTRY" ] || say "apply it: kubectl apply -k $release/kubernetes/site"
 
 if [ "$START" = 1 ] && [ -f "$release/images/runtime.ref" ] && ! start_services "$name" "$home/current"; then
   # Leave the host as it was: the release it had is current (and running) again, and this one

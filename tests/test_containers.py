@@ -7,6 +7,7 @@ logs and their metrics. Cleans up after itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,17 +88,51 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
     finally:
         for planted in PLANTED_FILES:
             planted.unlink(missing_ok=True)
+    # A threshold no answer reaches: every Predict tries the (unreachable) API with the key.
+    bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM, threshold=0.999)
+    tags.append(model_image(bundle, "localhost/edgedistill-model:e2e"))
     archive = work / "images.tar"
     sh("podman", "save", "--multi-image-archive", "--format", "docker-archive",
        "-o", str(archive), *tags)  # fmt: skip
-    # A threshold no answer reaches: every Predict tries the (unreachable) API with the key.
-    bundle = make_bundle(work / "bundle", gguf_path, CAPITALS_PROGRAM, threshold=0.999)
     tar = ship(bundle_dir=bundle, images={"images": archive}, out_dir=work / "dist")
     for tag in tags:  # the build host keeps no test images
         sh("podman", "rmi", "-f", tag, check=False)
     archive.unlink()
     yield tar
     shutil.rmtree(work, ignore_errors=True)  # the shipped tar is as large as the images
+
+
+def model_image(bundle: Path, tag: str) -> str:
+    env = {"CONTAINER_ENGINE": "podman", "BASE_IMAGE": BASE}
+    return sh("scripts/model-image.sh", str(bundle), tag, env=env).stdout.strip()
+
+
+def test_the_model_image_carries_the_bundle_for_an_init_container(
+    shipped: Path, gguf_path: Path, tmp_path: Path
+) -> None:
+    """As the Kubernetes init container runs it: unprivileged, read-only, no network, copying
+    into the pod's volume; the copy verifies against its manifest; labels name the bundle."""
+    from services.core.bundle import Bundle, sha256_file
+    from testkit.bundles import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle", gguf_path, CAPITALS_PROGRAM)
+    tag = model_image(bundle, "localhost/edgedistill-model:test")
+    try:
+        labels = json.loads(sh("podman", "image", "inspect", "--format", "{{json .Labels}}",
+                               tag).stdout)  # fmt: skip
+        manifest = Bundle.open(bundle).manifest
+        assert labels["io.edgedistill.bundle.version"] == manifest.version
+        assert labels["io.edgedistill.bundle.manifest-sha256"] == sha256_file(
+            bundle / "manifest.json"
+        )
+        copy = tmp_path / "copy"
+        copy.mkdir(mode=0o777)
+        copy.chmod(0o777)
+        sh("podman", "run", "--rm", "--read-only", "--cap-drop=ALL", "--network=none",
+           "--user", "10001:10001", "-v", f"{copy}:/copy", tag)  # fmt: skip
+        assert Bundle.open(copy).manifest.version == manifest.version  # every file verified
+    finally:
+        sh("podman", "rmi", "-f", tag, check=False)
 
 
 @pytest.fixture()
@@ -132,14 +168,14 @@ def offline_host(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def install(
-    tar: Path, env: dict[str, str], shipped: Path | None = None
+    tar: Path, env: dict[str, str], shipped: Path | None = None, *options: str
 ) -> subprocess.CompletedProcess[str]:
     """Run the install.sh shipped inside the (good) bundle on `tar`."""
     with tarfile.open(shipped or tar) as archive:
         member = next(m for m in archive.getmembers() if m.name.endswith("/install.sh"))
         script = tar.with_name("install.sh")
         script.write_bytes(archive.extractfile(member).read())  # type: ignore[union-attr]
-    return sh("sh", str(script), str(tar), env=env, check=False, timeout=900)
+    return sh("sh", str(script), *options, str(tar), env=env, check=False, timeout=900)
 
 
 def test_install_offline_serve_and_refuse_tampering(
@@ -166,6 +202,8 @@ def test_install_offline_serve_and_refuse_tampering(
         assert no.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     scan_for_planted_secrets(shipped, offline_host)
+    release = Path(offline_host["PREFIX"]) / "capitals" / "current"
+    assert (release / "images" / "model.ref").read_text().startswith("localhost/edgedistill-model")
 
     again = install(shipped, offline_host)
     assert again.returncode == 0 and "already installed" in again.stdout
@@ -343,3 +381,75 @@ def scan_for_planted_secrets(shipped: Path, host: dict[str, str]) -> None:
     for place, content in places.items():
         for secret in (PLANTED_KEY, PLANTED_TOKEN):
             assert secret.encode() not in content, f"{secret} found in {place}"
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Iterator[str]:
+    """The open-source distribution registry (Debian's docker-registry) on loopback."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.skip("needs Debian's docker-registry (.ci/run installs it)")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'storage'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the registry did not start"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def registry_digest(registry: str, repository: str, tag: str) -> str:
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{repository}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": ", ".join([
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.oci.image.manifest.v1+json",
+        ])},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return str(reply.headers["Docker-Content-Digest"])
+
+
+def test_install_pushes_to_the_site_registry_and_pins_the_overlay_by_digest(
+    shipped: Path, offline_host: dict[str, str], registry: str
+) -> None:
+    import kubernetes_validate
+    import yaml
+
+    env = {**offline_host, "REGISTRY_TLS_VERIFY": "0", "KUBE_NAMESPACE": "edge"}
+    pushed = install(shipped, env, None, "--registry", f"{registry}/edge")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "checksums verified" in pushed.stdout and "SERVING" not in pushed.stdout
+    engine = offline_host["CONTAINER_ENGINE"].split()
+    assert sh(*engine, "ps", "-q").stdout.strip() == ""  # nothing started
+
+    site = Path(offline_host["PREFIX"]) / "capitals" / "current" / "kubernetes" / "site"
+    out = sh("kubectl", "kustomize", str(site)).stdout
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    images = {}
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            assert obj["metadata"]["namespace"] == "edge"
+            spec = obj["spec"]["template"]["spec"]
+            for container in spec["containers"] + spec["initContainers"]:
+                images[container["image"].split("@")[0]] = container["image"].split("@")[1]
+        kubernetes_validate.validate(obj, "1.29.0", strict=True)
+    for image in ("runtime", "router", "model"):
+        repository = f"edge/edgedistill-{image}"
+        digest = registry_digest(registry, repository, "2026.11.29-1")
+        assert images[f"{registry}/{repository}"] == digest  # pinned to what the registry holds

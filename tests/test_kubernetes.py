@@ -159,3 +159,33 @@ def test_the_gpu_overlay_gives_each_runtime_a_gpu() -> None:
     assert env["EDGEDISTILL_N_GPU_LAYERS"] == "-1"
     (router,) = pod(objects, ROUTER)["containers"]
     assert "nvidia.com/gpu" not in router["resources"]["limits"]
+
+
+def test_the_runtime_memory_follows_the_bundles_measured_peak(tmp_path: Path) -> None:
+    import json
+
+    from services.builder.kube import BASE_MEMORY, memory_from_peak, write_manifests
+    from services.core.bundle import Bundle
+    from testkit.bundles import CAPITALS_PROGRAM, make_bundle
+    from testkit.processes import smollm2_gguf
+
+    assert memory_from_peak(363.3) == ("576Mi", "768Mi")
+    assert memory_from_peak(2000) == ("3008Mi", "4032Mi")
+    (runtime,) = pod(render(KUBE / "overlays" / "cpu"), RUNTIME)["containers"]
+    base = runtime["resources"]
+    assert (base["requests"]["memory"], base["limits"]["memory"]) == BASE_MEMORY
+
+    bundle = make_bundle(tmp_path / "bundle", smollm2_gguf(), CAPITALS_PROGRAM)
+    quant = next(iter(Bundle.open(bundle).manifest.models), "Q4_1")
+    rows = [
+        {"label": "untuned student", "quantization": quant, "peak_rss_mb": 9000},
+        {"label": f"distilled {quant}", "quantization": quant, "peak_rss_mb": 1000},
+    ]
+    (bundle / "eval.json").write_text(json.dumps({"students": rows}))
+    site = write_manifests(bundle, tmp_path / "kubernetes") / "site"
+    (site / "kustomization.yaml").write_text(
+        "resources: [../overlays/cpu]\npatches: [{path: resources.yaml}]\n"
+    )
+    (runtime,) = pod(render(site), RUNTIME)["containers"]
+    assert runtime["resources"]["requests"]["memory"] == "1536Mi"
+    assert runtime["resources"]["limits"] == {"cpu": "2", "memory": "2048Mi"}

@@ -5,8 +5,10 @@
       manifest.json.sig    Ed25519 signature of manifest.json (when a signing key is given)
       install.sh           scripts/install-bundle.sh: POSIX sh + tar + sha256sum + docker/podman
       compose.yaml         runtime + router
+      kubernetes/...       deploy/kubernetes + site/resources.yaml (memory from the bundle's peak)
       bundle/...           the model bundle (GGUF, program, calibration, report)
-      images/images.tar    runtime + router images in one docker-archive (shared layers once)
+      images/images.tar    runtime, router and model images in one docker-archive (shared
+                           layers once)
 
 manifest.json is written one file per line so that install.sh can check it with sed and
 sha256sum alone, without Python or jq.
@@ -22,6 +24,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.builder.kube import write_manifests
 from services.core.bundle import Bundle, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,6 +108,7 @@ def ship(
                 _link_or_copy(str(archive), str(root / "images" / f"{image_name}.tar"))
         shutil.copy2(REPO / "scripts" / "install-bundle.sh", root / "install.sh")
         shutil.copy2(REPO / "docker" / "compose.yaml", root / "compose.yaml")
+        write_manifests(bundle_dir, root / "kubernetes")
         manifest = write_manifest_lines(root, name, version)
         if signing_key is not None:
             sign(manifest, signing_key)
