@@ -2,7 +2,14 @@
 
 import sys
 
-from bench import batching, load, router_quality, serving_overhead, typed_decoding
+from bench import (
+    batching,
+    load,
+    router_capacity,
+    router_quality,
+    serving_overhead,
+    typed_decoding,
+)
 
 BENCHES = {
     "serving": serving_overhead.main,
@@ -10,6 +17,7 @@ BENCHES = {
     "router": router_quality.main,
     "load": load.main,
     "typed": typed_decoding.main,
+    "capacity": router_capacity.main,
 }
 
 if __name__ == "__main__":
