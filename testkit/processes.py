@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -130,3 +131,19 @@ def start_router(
     )  # fmt: skip
     server.wait_serving(30, status=status)
     return server
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
+    """Until `url` answers; kills `proc` and raises when it exits or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.2)

@@ -3,14 +3,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testkit.bundles import CAPITALS_PROGRAM
-from testkit.processes import ServerProcess, free_port, smollm2_gguf, start_runtime
+from testkit.processes import ServerProcess, free_port, smollm2_gguf, start_runtime, wait_http
 
 
 @pytest.fixture(scope="session")
@@ -55,18 +54,7 @@ def openai_server() -> Iterator[str]:
          "--n_ctx", "1024", "--n_threads", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("llama_cpp.server did not start") from None
-            time.sleep(0.3)
+    wait_http(f"http://127.0.0.1:{port}/v1/models", proc, "llama_cpp.server")
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(10)

@@ -25,7 +25,7 @@ import pytest
 from services.core.api import pb
 from services.core.client import InferenceClient
 from testkit.bundles import CAPITALS_PROGRAM
-from testkit.processes import REPO, free_port
+from testkit.processes import REPO, free_port, wait_http
 
 pytestmark = [
     pytest.mark.containers,
@@ -398,14 +398,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the registry did not start"
-                time.sleep(0.2)
+        wait_http(f"http://127.0.0.1:{port}/v2/", proc, "the registry", timeout=30)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
