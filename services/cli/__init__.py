@@ -6,7 +6,7 @@ import importlib
 from services.cli.common import app
 
 # Importing a group registers its commands; `--help` lists them in this order.
-COMMAND_GROUPS = ("serve", "route", "build", "keys", "client")
+COMMAND_GROUPS = ("serve", "route", "build", "keys", "client", "harvest")
 for _group in COMMAND_GROUPS:
     importlib.import_module(f"services.cli.{_group}")
 

@@ -277,10 +277,29 @@ class RouterSettings(TransportSettings):
         description="file holding the runtimes' bearer token "
         "(or the variable EDGEDISTILL_ROUTER_LOCAL_TOKEN)",
     )
+    harvest: Path | None = Field(
+        None,
+        description="record every fallback (inputs, local and API answers) in this folder for "
+        "retraining: it STORES REQUEST CONTENTS on this host (files 0600; never keys or tokens)",
+    )
+    harvest_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="with --harvest, also record this fraction of local answers"
+    )
+    harvest_max_file_mb: float = Field(
+        16.0, gt=0, le=4096, description="with --harvest, start a new file past this size"
+    )
+    harvest_max_records: int | None = Field(
+        100_000, ge=1, description="with --harvest, remove the oldest files past this many records"
+    )
+    harvest_max_age_days: float | None = Field(
+        None, gt=0, description="with --harvest, remove files older than this"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
     def _fallback_complete(self) -> RouterSettings:
+        if self.harvest is None and self.harvest_sample_rate > 0:
+            raise ValueError("harvest_sample_rate: set --harvest DIR to record samples")
         if not self.bundle.is_dir():
             raise ValueError(f"bundle: {self.bundle} is not a directory")
         if self.mode == "api_only" and not self.fallback_model:

@@ -58,5 +58,17 @@ class RouterMetrics:
             registry=r,
         )
 
+        self.harvested = Counter(
+            "edgedistill_router_harvested",
+            "Records written to the harvest, by kind (fallback, sample)",
+            ["kind"],
+            registry=r,
+        )
+        self.harvest_on_disk = Gauge(
+            "edgedistill_router_harvest_records",
+            "Harvest records on disk after retention",
+            registry=r,
+        )
+
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -8,7 +8,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -20,12 +20,15 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
 from services.core.config import RouterSettings
+from services.core.harvest import HarvestRecord
+from services.core.harvest import now as harvest_now
 from services.core.pipeline import PipelineSpec, read_program_file
 from services.core.program import ProgramSpec
 from services.core.registration import add_inference_servicer
 from services.core.validation import RpcFailure
 from services.router.decision import Action, Gates, LocalAnswer, after_api_error, decide
 from services.router.fallback import ApiError, FallbackModel
+from services.router.harvest import HarvestWriter
 from services.router.metrics import RouterMetrics
 from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
 from services.router.upstream import LocalRuntimes, LocalUnavailable
@@ -50,8 +53,12 @@ class RouterService(pb_grpc.InferenceServicer):
         local: LocalRuntimes,
         fallback: FallbackModel | None,
         metrics: RouterMetrics,
+        harvest: HarvestWriter | None = None,
+        bundle_id: str = "",
     ) -> None:
         self._settings = settings
+        self._harvest = harvest
+        self._bundle_id = bundle_id
         self._program = program
         self._threshold = threshold
         self._local = local
@@ -133,6 +140,7 @@ class RouterService(pb_grpc.InferenceServicer):
         if decided.action is Action.FALLBACK:
             fallback = await self._try_fallback(inputs, decided.reason)
             if fallback is not None:
+                self._harvest_record("fallback", inputs, local, fallback, decided.reason)
                 if local is not None:
                     fallback.confidence = local.confidence
                     fallback.usage.CopyFrom(local.usage)
@@ -140,6 +148,8 @@ class RouterService(pb_grpc.InferenceServicer):
             decided = after_api_error(decided, answer)  # the failure is recorded already
         elif decided.action is not Action.FAIL:
             self._rate_cap.record(False)
+            if self._harvest is not None and self._harvest.wants_sample():
+                self._harvest_record("sample", inputs, local, None, decided.reason or "local")
         if decided.action is Action.FAIL:
             raise RpcFailure(grpc.StatusCode[decided.status], decided.message)
         assert local is not None
@@ -149,6 +159,25 @@ class RouterService(pb_grpc.InferenceServicer):
             local.degraded = True
             local.route_reason = decided.reason
         return local
+
+    def _harvest_record(
+        self,
+        kind: Literal["fallback", "sample"],
+        inputs: dict[str, str],
+        local: pb.PredictResponse | None,
+        api: pb.PredictResponse | None,
+        reason: str,
+    ) -> None:
+        if self._harvest is None:
+            return
+        self._harvest.write(HarvestRecord(
+            time=harvest_now(), kind=kind, bundle=self._bundle_id, inputs=inputs,
+            local_outputs=dict(local.outputs) if local is not None else None,
+            local_confidence=local.confidence if local is not None else None,
+            local_outcome=pb.PredictOutcome.Name(local.outcome) if local is not None else None,
+            api_outputs=dict(api.outputs) if api is not None else None, route_reason=reason,
+        ))  # fmt: skip
+        self._metrics.harvested.labels(kind).inc()
 
     async def _ask_local(
         self, request: pb.PredictRequest, context: Any
@@ -253,6 +282,19 @@ def calibrated_threshold(bundle: Bundle, override: float | None, mode: str = "hy
     return float(calibration["threshold"])
 
 
+def harvest_writer(settings: RouterSettings) -> HarvestWriter | None:
+    if settings.harvest is None:
+        return None
+    days = settings.harvest_max_age_days
+    return HarvestWriter(
+        settings.harvest,
+        max_file_bytes=int(settings.harvest_max_file_mb * 2**20),
+        max_records=settings.harvest_max_records,
+        max_age_s=days * 86400 if days is not None else None,
+        sample_rate=settings.harvest_sample_rate,
+    )
+
+
 def _serving_status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
     if ok:
         return health_pb2.HealthCheckResponse.SERVING
@@ -306,7 +348,11 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         on_change=local_health_changed,
     )
     await local.start()
-    service = RouterService(settings, program, threshold, local, fallback, metrics)
+    harvest = harvest_writer(settings)
+    if harvest is not None:
+        metrics.harvest_on_disk.set_function(harvest.records_on_disk)
+    service = RouterService(settings, program, threshold, local, fallback, metrics, harvest,
+                            f"{bundle.manifest.name}@{bundle.manifest.version}")  # fmt: skip
 
     server = grpc.aio.server(
         interceptors=security.interceptors(settings),
