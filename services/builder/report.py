@@ -290,6 +290,9 @@ def write_reports(
     md += ["", "## Decision", "", f"**{verdict}**", ""]
     md += markdown_table(decision_header, decision_rows(decision))
     md += ["", "## Router calibration", "", calibration_text]
+    harvest = harvest_line(evaluation.get("harvest"))
+    if harvest:
+        md += ["", "## Harvested inputs", "", harvest]
     if judge_line:
         md += ["", judge_line]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
@@ -313,8 +316,27 @@ def write_reports(
         f"<h2>Decision</h2><p><b>{html.escape(verdict)}</b></p>"
         f"{html_table(decision_header, decision_rows(decision))}"
         f"<h2>Router calibration</h2><p>{html.escape(calibration_text)}</p>"
-        f"<p>{html.escape(judge_line)}</p></body></html>\n"
+        + (f"<h2>Harvested inputs</h2><p>{html.escape(harvest)}</p>" if harvest else "")
+        + f"<p>{html.escape(judge_line)}</p></body></html>\n"
     )
+
+
+def harvest_line(harvest: dict[str, Any] | None) -> str:
+    """The edge's hard cases, added as traces: how the served model and this one answer them."""
+    if not harvest:
+        return ""
+    before, after = harvest["before"], harvest["after"]
+    return (
+        f"{harvest['n']} inputs from edge harvests, scored against the API's answers: the model "
+        f"that served them {interval_text(before)}, this model {interval_text(after)} (these "
+        "inputs are in this model's training data: the second figure says it learned them, "
+        "not how it generalises; the test part above says that)."
+    )
+
+
+def interval_text(result: dict[str, Any]) -> str:
+    low, high = result["interval"]["low"], result["interval"]["high"]
+    return f"{result['score']:.1%} [{low:.1%}–{high:.1%}]"
 
 
 STUDENT_COLUMNS = ("student", "test score [95% CI]", "n", "p50 ms", "tokens/s", "size MB",

@@ -34,6 +34,14 @@ class DataSpec(_Strict):
     calibration_fraction: float = Field(0.5, gt=0, lt=1)
 
 
+class TracesSpec(_Strict):
+    # Harvests from the edge (`edgedistill harvest export`): their API answers become teacher
+    # traces (`edgedistill build SPEC --add-traces harvest.tar`). Relative to the spec's folder.
+    added: list[Path] = Field(default_factory=list)
+    # Ed25519 public key (PEM) every added harvest must be signed with.
+    public_key: Path | None = None
+
+
 class TeacherSpec(_Strict):
     # "gold": the dataset's labels are the teacher's outputs. Otherwise a DSPy model string.
     model: str = "gold"
@@ -133,6 +141,7 @@ class BuildSpec(_Strict):
     # A trace is kept when its score reaches this (default: 1.0 for exact_match, else 0.5).
     metric_threshold: float | None = Field(None, ge=0, le=1)
     teacher: TeacherSpec = TeacherSpec()
+    traces: TracesSpec = TracesSpec()
     student: StudentSpec = StudentSpec()
     # Several candidates (each a student.source): every one is trained, exported and evaluated,
     # the report compares them, and `choice` picks the one shipped.
@@ -230,7 +239,11 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
     data = spec.data.model_copy(
         update={key: resolve(getattr(spec.data, key), f"data.{key}") for key in files}
     )
-    return spec.model_copy(update={"data": data})
+    traces = spec.traces.model_copy(update={
+        "added": [resolve(p, f"traces.added[{i}]") for i, p in enumerate(spec.traces.added)],
+        "public_key": resolve(spec.traces.public_key, "traces.public_key"),
+    })  # fmt: skip
+    return spec.model_copy(update={"data": data, "traces": traces})
 
 
 # Where `program:` and metric import paths are looked up first: the spec's folder and the

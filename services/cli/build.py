@@ -32,6 +32,17 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="prefix-first (default) or chat: DSPy's ChatAdapter as is"),
     ] = None,
+    add_traces: Annotated[
+        list[str],
+        typer.Option(
+            help="a harvest from `edgedistill harvest export` (repeat): its API "
+            "answers become teacher traces"
+        ),
+    ] = [],  # noqa: B006
+    traces_public_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Ed25519 public key (PEM) the added harvests must be signed with"),
+    ] = None,
 ) -> None:
     """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
     from pathlib import Path
@@ -43,6 +54,7 @@ def build(
     from services.builder.spec import SpecError, load_spec
     from services.builder.student import ConversionError
     from services.builder.teacher import TeacherError
+    from services.core.harvest import HarvestError
 
     try:
         build_spec = load_spec(
@@ -55,11 +67,18 @@ def build(
                 "version": version,
                 "lora.epochs": epochs,
                 "prompt_format": prompt_format,
+                # relative to the working directory, as typed (the spec's own are to its folder)
+                "traces.added": [str(Path(p).resolve()) for p in add_traces] or None,
+                "traces.public_key": str(Path(traces_public_key).resolve())
+                if traces_public_key
+                else None,
             },
         )
         result = run_build(build_spec)
     except SpecError as err:
         raise fail(str(err)) from None
+    except HarvestError as err:
+        raise fail(str(err), code=1) from None
     except QualityGateFailed as err:
         raise fail(str(err), code=4) from None
     except NoStudentFits as err:

@@ -11,10 +11,12 @@ from typing import Any
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
 from services.builder.data import file_sha256, label_counts, normalize
+from services.builder.harvested import harvested_traces, input_key
 from services.builder.probe import Probe, make_probe, make_program_probe, sample
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import BASE_GGUF, dense_hf_copy, write_base_gguf
 from services.core.gguf_metadata import chat_template
+from services.core.harvest import HarvestError, read_harvest
 
 
 def collect_traces(ctx: BuildContext, out: Path) -> None:
@@ -34,6 +36,42 @@ def collect_traces(ctx: BuildContext, out: Path) -> None:
     per_predictor = json.loads((out / "counts.json").read_text()).get("predictors", {})
     for name, calls in per_predictor.items():
         ctx.console.print(f"  {name}: {calls['kept']} calls kept, {calls['rejected']} rejected")
+    if ctx.spec.traces.added:
+        add_harvest(ctx, out)
+
+
+def add_harvest(ctx: BuildContext, out: Path) -> None:
+    """The API's answers from edge harvests, appended to the teacher's traces; never an input
+    of the held-out data. harvest.jsonl keeps what the edge answered, for the report."""
+    if ctx.pipeline:
+        raise HarvestError(
+            "traces.added: a harvest holds the program's final answers, which cannot train "
+            "the calls of a multi-step program; add its inputs to data.train with an API "
+            "teacher instead"
+        )
+    spec = ctx.spec.traces
+    records = [r for path in spec.added for r in read_harvest(path, spec.public_key)]
+    traces_path = out / "traces.jsonl"
+    taken = {input_key(json.loads(line)["inputs"]) for line in traces_path.read_text().splitlines()}
+    try:
+        kept, counts = harvested_traces(
+            records, input_names=ctx.input_names, output_names=ctx.output_names,
+            held_out={input_key(dict(e.inputs())) for e in ctx.calibset + ctx.testset},
+            taken=taken, labelled={input_key(dict(e.inputs())): e for e in ctx.trainset},
+            metric=ctx.metric, threshold=ctx.threshold,
+        )  # fmt: skip
+    except ValueError as err:
+        raise HarvestError(f"traces.added: {err}") from None
+    with traces_path.open("a") as handle:
+        for trace in kept:
+            handle.write(json.dumps({"inputs": trace["inputs"], "outputs": trace["outputs"],
+                                     "source": "harvest"}, ensure_ascii=False) + "\n")  # fmt: skip
+    (out / "harvest.jsonl").write_text("".join(json.dumps(t) + "\n" for t in kept))
+    (out / "harvest.json").write_text(json.dumps(counts, indent=2))
+    dropped = ", ".join(f"{why.replace('_', ' ')} {n}" for why, n in counts.items()
+                        if why not in ("records", "kept"))  # fmt: skip
+    ctx.console.print(f"  harvest: {counts['kept']} of {counts['records']} records kept as "
+                      f"traces" + (f" (dropped: {dropped})" if dropped else ""))  # fmt: skip
 
 
 def trace_records(ctx: BuildContext, trace: dict[str, Any]) -> list[dict[str, Any]]:
@@ -207,7 +245,10 @@ def quantize(ctx: BuildContext, out: Path) -> None:
 
 TRACES = Stage(
     "traces", collect_traces,
-    inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings()},
+    inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings(),
+                        # held-out inputs decide which harvested records may be used
+                        **({"added": [file_sha256(p) for p in ctx.spec.traces.added],
+                            "held_out": ctx.held_out_inputs()} if ctx.spec.traces.added else {})},
 )  # fmt: skip
 DATASET = Stage("dataset", format_dataset, after=("traces",))
 # The base GGUF, when the build writes it (see StudentSource.needs_base_gguf).

@@ -14,6 +14,7 @@ from services.builder.package import write_bundle
 from services.builder.stages.base import Stage, progress_bar
 from services.core.config import RuntimeSettings
 from services.core.gguf_metadata import chat_template, quantization_name, read_gguf_metadata
+from services.core.stats import score_interval
 
 
 def serving_max_tokens(ctx: BuildContext) -> int:
@@ -84,8 +85,33 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         "teacher": teacher_result,
         "students": results,
         "judge": judge_summary(ctx),
+        "harvest": harvest_before_after(ctx, program_path),
     }  # fmt: skip
     evaluate.write_eval(out / "eval.json", evaluation)
+
+
+def harvest_before_after(ctx: BuildContext, program_path: Path) -> dict[str, Any] | None:
+    """Harvested inputs (now traces), against the API's answers: as the edge's model answered
+    them (recorded in the harvest) and as the default quantization of this build does."""
+    path = ctx.dirs["traces"] / "harvest.jsonl"
+    kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not kept:
+        return None
+    import dspy
+
+    examples = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
+                for t in kept]  # fmt: skip
+    threads = ctx.spec.teacher.num_threads
+    before = evaluate.score_all(ctx.metric, examples, [t["local_outputs"] for t in kept], threads)
+    after = evaluate.evaluate_gguf(
+        label="harvested inputs", gguf_path=ctx.ggufs[ctx.default_quant],
+        program_path=program_path, examples=examples, splits=["test"] * len(examples),
+        input_names=ctx.input_names, metric=ctx.metric, max_tokens=serving_max_tokens(ctx),
+        n_threads=ctx.spec.n_threads, num_threads=threads,
+    )  # fmt: skip
+    return {"n": len(kept), "before": {"score": sum(before) / len(before),
+                                       "interval": score_interval(before)},
+            "after": {"score": after["score"], "interval": after["interval"]}}  # fmt: skip
 
 
 def judge_summary(ctx: BuildContext) -> dict[str, Any] | None:
