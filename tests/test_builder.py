@@ -335,6 +335,77 @@ def test_a_new_gate_threshold_repackages_with_the_new_verdict(
         assert verdict["passed"] is passed and verdict["min_retention"] == threshold
 
 
+def test_a_harvest_adds_traces_never_from_held_out_inputs_and_is_reported(
+    tmp_path: Path,
+) -> None:
+    """`--add-traces harvest.tar`: the API's answers become traces; the held-out input, a
+    duplicate, an answer the train label contradicts and a record without an API answer are
+    dropped; no trace shares an input with the calibration or test part (by input hash); the
+    report scores the harvested inputs before (the edge's answers) and after (this model)."""
+    from services.builder.harvested import input_key
+    from services.core.harvest import HarvestRecord, pack
+    from services.router.harvest import HarvestWriter
+
+    train, dev = balanced("train", 4), balanced("dev", 2)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", dev)
+    fresh = [r for r in rows("train") if r not in train][:3]
+    writer = HarvestWriter(tmp_path / "edge", max_file_bytes=1 << 20, max_records=None,
+                           max_age_s=None, sample_rate=0.0)  # fmt: skip
+
+    def harvest(ticket: str, api: str | None) -> None:
+        writer.write(HarvestRecord(
+            time="2026-12-03T10:00:00+00:00", kind="fallback", bundle="tiny-triage@0.0.1",
+            inputs={"ticket": ticket}, local_outputs={"category": "billing"},
+            local_confidence=0.3, local_outcome="PREDICT_OUTCOME_PARSED",
+            api_outputs={"category": api} if api else None, route_reason="low_confidence",
+        ))  # fmt: skip
+
+    for row in fresh:
+        harvest(row["ticket"], row["category"])
+    harvest(fresh[0]["ticket"].upper(), fresh[0]["category"])  # a duplicate
+    harvest(dev[0]["ticket"], dev[0]["category"])  # a held-out input
+    wrong = next(c for c in ("billing", "network") if c != train[0]["category"])
+    harvest(train[0]["ticket"], wrong)  # contradicts its train label
+    harvest("Printer on floor 3 is jammed", None)  # no API answer
+    tar = tmp_path / "harvest.tar"
+    pack(tmp_path / "edge", tar)
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY_SPEC.format(gate=0.0, output=tmp_path / "build"))
+    proc = run_build(spec, "--add-traces", str(tar))
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    build = tmp_path / "build"
+    counts = json.loads((build / "traces" / "harvest.json").read_text())
+    assert counts == {"records": 7, "kept": 3, "duplicate": 1, "held_out_input": 1,
+                      "rejected_by_metric": 1, "no_api_answer": 1}  # fmt: skip
+    assert "harvest: 3 of 7 records kept as traces" in proc.stdout
+    traces = read_jsonl(build / "traces" / "traces.jsonl")
+    assert sum(t.get("source") == "harvest" for t in traces) == 3 and len(traces) == 27
+    held_out = {input_key({"ticket": r["ticket"]}) for r in dev}
+    assert not held_out & {input_key(t["inputs"]) for t in traces}
+    assert len((build / "dataset" / "dataset.jsonl").read_text().splitlines()) == 27
+
+    evaluation = json.loads((build / "bundle" / "eval.json").read_text())
+    assert evaluation["harvest"]["n"] == 3
+    assert evaluation["harvest"]["before"]["score"] == pytest.approx(
+        sum(r["category"] == "billing" for r in fresh) / 3
+    )
+    assert 0 <= evaluation["harvest"]["after"]["score"] <= 1
+    assert "## Harvested inputs" in (build / "bundle" / "report.md").read_text()
+
+    other = tmp_path / "other"
+    other_writer = HarvestWriter(other, max_file_bytes=1 << 20, max_records=None,
+                                 max_age_s=None, sample_rate=0.0)  # fmt: skip
+    other_writer.write(HarvestRecord.model_validate({**json.loads(
+        (tmp_path / "edge").glob("harvest-*.jsonl").__next__().read_text().splitlines()[0]),
+        "inputs": {"country": "Peru"}}))  # fmt: skip
+    pack(other, tmp_path / "other.tar")
+    refused = run_build(spec, "--add-traces", str(tmp_path / "other.tar"))
+    assert refused.returncode == 1
+    assert "from another program" in refused.stderr and "traces.added" in refused.stderr
+
+
 def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) -> None:
     """A toy stage appended to the declarations: keyed by its upstream stage and its own input
     file, skipped when neither changed, run again when its input changes; build() unchanged."""

@@ -170,3 +170,34 @@ def test_the_router_harvests_fallbacks_and_samples_without_credentials(
     missing = subprocess.run([*cli, "export", str(tmp_path / "nowhere"), str(out)], cwd=REPO,
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "give the router's --harvest DIR" in missing.stderr
+
+
+def test_the_intake_keeps_new_api_answers_and_never_a_held_out_input() -> None:
+    import dspy
+
+    from services.builder.data import exact_match
+    from services.builder.harvested import harvested_traces, input_key
+
+    def rec(country: str, api: str | None, local: str = "?") -> HarvestRecord:
+        return record(0).model_copy(update={
+            "inputs": {"country": country}, "local_outputs": {"capital": local},
+            "api_outputs": {"capital": api} if api else None,
+        })  # fmt: skip
+
+    train = dspy.Example(country="Peru", capital="Lima").with_inputs("country")
+    records = [rec("Chile", "Santiago"), rec("  chile ", "Santiago"),  # the same input
+               rec("Kenya", "Nairobi"), rec("Peru", "Cusco"), rec("Japan", None),
+               rec("Norway", "Oslo", local="Oslo")]  # fmt: skip
+    kept, counts = harvested_traces(
+        records, input_names=["country"], output_names=["capital"],
+        held_out={input_key({"country": "Kenya"})}, taken=set(),
+        labelled={input_key({"country": "Peru"}): train}, metric=exact_match, threshold=1.0,
+    )  # fmt: skip
+    assert [t["inputs"]["country"] for t in kept] == ["Chile", "Norway"]
+    assert counts == {"records": 6, "kept": 2, "duplicate": 1, "held_out_input": 1,
+                      "rejected_by_metric": 1, "no_api_answer": 1}  # fmt: skip
+    assert kept[1]["local_outputs"] == {"capital": "Oslo"}
+    with pytest.raises(ValueError, match="from another program"):
+        harvested_traces([record(1).model_copy(update={"inputs": {"city": "x"}})],
+                         input_names=["country"], output_names=["capital"], held_out=set(),
+                         taken=set(), labelled={}, metric=exact_match, threshold=1.0)  # fmt: skip

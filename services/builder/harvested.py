@@ -72,8 +72,8 @@ def drop_reason(
         return "no_api_answer"
     if key in held_out:
         return "held_out_input"
-    if key in seen:
-        return "duplicate"
     if key in labelled and score(metric, labelled[key], record.api_outputs) < threshold:
         return "rejected_by_metric"
+    if key in seen:
+        return "duplicate"
     return None
