@@ -9,6 +9,8 @@
 #                   bookworm; built locally with debootstrap when no registry is reachable)
 #   BUILDER_BASE_IMAGE  base for the builder image (default: a CUDA base on GPU hosts)
 #   SIGNING_KEY     Ed25519 private key (PEM) to sign the manifest
+#   MODEL_ONLY      1: the tar carries the bundle and the runtime and router image IDs, not the
+#                   images (for hosts that installed a full tar of the same images before)
 #   TEACHER_MODEL, TEACHER_API_BASE, TEACHER_API_KEY_ENV  distill from an API model
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,14 +98,22 @@ else
   say "building localhost/edgedistill-model:$version (the bundle as an image, for registries)"
   tags+=("$(CONTAINER_ENGINE=$ENGINE BASE_IMAGE=$base scripts/model-image.sh "$BUNDLE" \
     "localhost/edgedistill-model:$version")")
-  # One archive for the three images: their shared base and venv layers travel once.
-  rm -f dist/images/images.tar
-  if [ "$ENGINE" = podman ]; then
-    podman save --multi-image-archive --format docker-archive -o dist/images/images.tar "${tags[@]}"
+  if [ "${MODEL_ONLY:-0}" = 1 ]; then
+    # The same build inputs give the same image IDs: the site's images are these.
+    images+=(--model-only)
+    for image in runtime router; do
+      images+=(--requires "$image=$("$ENGINE" image inspect --format '{{.Id}}' "localhost/edgedistill-$image:$version")")
+    done
   else
-    "$ENGINE" save -o dist/images/images.tar "${tags[@]}"
+    # One archive for the three images: their shared base and venv layers travel once.
+    rm -f dist/images/images.tar
+    if [ "$ENGINE" = podman ]; then
+      podman save --multi-image-archive --format docker-archive -o dist/images/images.tar "${tags[@]}"
+    else
+      "$ENGINE" save -o dist/images/images.tar "${tags[@]}"
+    fi
+    images+=(--image "images=dist/images/images.tar")
   fi
-  images+=(--image "images=dist/images/images.tar")
 fi
 
 # 3. One verifiable file to carry.

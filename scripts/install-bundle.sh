@@ -3,7 +3,9 @@
 # docker or podman (openssl only to check a signature). Nothing is loaded or changed on the
 # host until every checksum (and the signature, when PUBLIC_KEY is given) has been verified.
 #
-#   install-bundle.sh BUNDLE.tar            install (or no-op when this version is installed)
+#   install-bundle.sh BUNDLE.tar            install (or no-op when this version is installed);
+#                                           a model-only tar (make build-bundle MODEL_ONLY=1)
+#                                           installs only where its images already are
 #   install-bundle.sh --rollback NAME       switch back to the previously installed version
 #   install-bundle.sh --stop NAME           stop the services
 #   install-bundle.sh --registry HOST:PORT[/PATH] BUNDLE.tar
@@ -280,6 +282,16 @@ if [ -z "$REGISTRY" ] && [ -f "$release/manifest.json" ] && cmp -s "$release/man
   exit 0
 fi
 
+# A model-only release runs on images an earlier full install loaded (same IDs): refuse
+# before anything changes when the host lacks one.
+if [ -f "$root/images/requires" ] && [ ! -f "$root/images/images.tar" ]; then
+  need_engine
+  while read -r image id; do
+    engine image inspect "$id" >/dev/null 2>&1 || refuse "this model-only release runs on the $image image $id, which this host does not hold: install the full tar of this build (make build-bundle without MODEL_ONLY) instead"
+  done < "$root/images/requires"
+  say "model-only release: its runtime and router images are on this host"
+fi
+
 # 5. Load the images, then install the release and switch to it.
 mkdir -p "$home/releases"
 staging=$home/releases/.$version.partial
@@ -300,6 +312,10 @@ if [ -f "$staging/images/images.tar" ]; then
   ref=$(sed -n "s/^Loaded image[^:]*: *\(.*edgedistill-model:.*\)$/\1/p" "$work/loaded" | tail -1)
   [ -z "$ref" ] || printf '%s\n' "$ref" > "$staging/images/model.ref"
   rm -f "$staging/images/images.tar"   # loaded into the engine; keep the host's disk free
+elif [ -f "$staging/images/requires" ]; then
+  while read -r image id; do
+    printf '%s\n' "$id" > "$staging/images/$image.ref"
+  done < "$staging/images/requires"
 fi
 if [ -n "$REGISTRY" ]; then
   [ -d "$staging/kubernetes/site" ] || refuse "the bundle carries no Kubernetes manifests: rebuild it with make build-bundle"

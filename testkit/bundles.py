@@ -20,7 +20,11 @@ CAPITALS_PROGRAM = {
 
 
 def make_bundle(
-    root: Path, gguf_path: Path, program: dict[str, object], threshold: float | None = None
+    root: Path,
+    gguf_path: Path,
+    program: dict[str, object],
+    threshold: float | None = None,
+    version: str = "2026.11.29-1",
 ) -> Path:
     """A bundle around a GGUF and a program (with a router calibration when `threshold`)."""
     from services.core.bundle import Manifest, write_manifest
@@ -35,7 +39,7 @@ def make_bundle(
         root,
         Manifest(
             name="capitals",
-            version="2026.11.29-1",
+            version=version,
             default_model="model/student.Q4_1.gguf",
             models={"Q4_1": "model/student.Q4_1.gguf"},
             calibration="calibration.json" if threshold is not None else None,

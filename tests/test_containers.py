@@ -446,3 +446,50 @@ def test_install_pushes_to_the_site_registry_and_pins_the_overlay_by_digest(
         repository = f"edge/edgedistill-{image}"
         digest = registry_digest(registry, repository, "2026.11.29-1")
         assert images[f"{registry}/{repository}"] == digest  # pinned to what the registry holds
+
+
+def test_a_model_only_release_installs_where_its_images_are_and_rolls_back(
+    shipped: Path, offline_host: dict[str, str], gguf_path: Path, tmp_path: Path
+) -> None:
+    """A retrained model ships without the images: it installs as a new release on a host
+    holding the images (checked by ID), is refused elsewhere with what to ship instead, and
+    rollback returns to the full release."""
+    from services.builder.ship import ship
+    from testkit.bundles import make_bundle
+
+    full = install(shipped, {**offline_host, "START": "0"})
+    assert full.returncode == 0, full.stdout + full.stderr
+    engine = offline_host["CONTAINER_ENGINE"].split()
+    release = Path(offline_host["PREFIX"]) / "capitals" / "current"
+    ids = {image: sh(*engine, "image", "inspect", "--format", "{{.Id}}",
+                     (release / "images" / f"{image}.ref").read_text().strip()).stdout.strip()
+           for image in ("runtime", "router")}  # fmt: skip
+    bundle = make_bundle(tmp_path / "bundle", gguf_path, CAPITALS_PROGRAM, threshold=0.999,
+                         version="2026.11.29-2")  # fmt: skip
+    model_only = ship(bundle_dir=bundle, images={}, out_dir=tmp_path / "dist", requires=ids)
+    assert model_only.stat().st_size < shipped.stat().st_size / 3  # no images inside
+
+    missing = ship(bundle_dir=make_bundle(tmp_path / "b3", gguf_path, CAPITALS_PROGRAM,
+                                          version="2026.11.29-3"),
+                   images={}, out_dir=tmp_path / "dist3",
+                   requires={**ids, "runtime": "f" * 64})  # fmt: skip
+    prefix = Path(offline_host["PREFIX"])
+    before = sorted(str(p) for p in prefix.rglob("*"))
+    refused = install(missing, offline_host, shipped)
+    assert refused.returncode != 0 and "does not hold" in refused.stderr
+    assert "install the full tar" in refused.stderr
+    assert sorted(str(p) for p in prefix.rglob("*")) == before
+
+    installed = install(model_only, offline_host, shipped)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert "model-only release" in installed.stdout and "SERVING" in installed.stdout
+    runtime = f"127.0.0.1:{offline_host['RUNTIME_PORT']}"
+    with InferenceClient(runtime, timeout_s=120, token=PLANTED_TOKEN) as client:
+        assert client.info().bundle_version == "2026.11.29-2"
+
+    script = model_only.with_name("install.sh")
+    back = sh("sh", str(script), "--rollback", "capitals", env=offline_host, check=False,
+              timeout=900)  # fmt: skip
+    assert back.returncode == 0, back.stdout + back.stderr
+    with InferenceClient(runtime, timeout_s=120, token=PLANTED_TOKEN) as client:
+        assert client.info().bundle_version == "2026.11.29-1"

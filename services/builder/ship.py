@@ -8,7 +8,8 @@
       kubernetes/...       deploy/kubernetes + site/resources.yaml (memory from the bundle's peak)
       bundle/...           the model bundle (GGUF, program, calibration, report)
       images/images.tar    runtime, router and model images in one docker-archive (shared
-                           layers once)
+                           layers once); or, in a model-only tar,
+      images/requires      "NAME IMAGE_ID" per line: the images the host must already hold
 
 manifest.json is written one file per line so that install.sh can check it with sed and
 sha256sum alone, without Python or jq.
@@ -92,8 +93,13 @@ def ship(
     images: dict[str, Path],
     out_dir: Path,
     signing_key: Path | None = None,
+    requires: dict[str, str] | None = None,
 ) -> Path:
-    """Pack the bundle (and image archives) into out_dir/<name>-<version>.tar, atomically."""
+    """Pack the bundle (and image archives) into out_dir/<name>-<version>.tar, atomically.
+    `requires` (image name -> image ID) makes a model-only tar: no images, only the IDs of
+    those the host must already hold."""
+    if requires and images:
+        raise ValueError("a model-only tar carries image IDs, not images: give one or the other")
     bundle = Bundle.open(bundle_dir)  # refuse to ship a bundle that does not verify
     name, version = bundle.manifest.name, bundle.manifest.version
     top = f"{name}-{version}"
@@ -106,6 +112,12 @@ def ship(
             (root / "images").mkdir()
             for image_name, archive in images.items():
                 _link_or_copy(str(archive), str(root / "images" / f"{image_name}.tar"))
+        if requires:
+            (root / "images").mkdir()
+            (root / "images" / "requires").write_text(
+                "".join(f"{name} {image_id.removeprefix('sha256:')}\n"
+                        for name, image_id in sorted(requires.items()))
+            )  # fmt: skip
         shutil.copy2(REPO / "scripts" / "install-bundle.sh", root / "install.sh")
         shutil.copy2(REPO / "docker" / "compose.yaml", root / "compose.yaml")
         write_manifests(bundle_dir, root / "kubernetes")

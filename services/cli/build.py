@@ -118,6 +118,16 @@ def ship(
         Optional[str],  # noqa: UP045
         typer.Option(help="Ed25519 private key (PEM) to sign the manifest"),
     ] = None,
+    model_only: Annotated[
+        bool, typer.Option(help="no images: the host already holds them (give --requires)")
+    ] = False,
+    requires: Annotated[
+        list[str],
+        typer.Option(
+            help="with --model-only: an image the host must hold, as name=IMAGE_ID "
+            "(runtime and router)"
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Pack a bundle (and image archives) into one verifiable <name>-<version>.tar."""
     from pathlib import Path
@@ -131,12 +141,21 @@ def ship(
         if not sep or not Path(path).is_file():
             raise fail(f"--image {item!r}: write it as name=path.tar with an existing file")
         images[name] = Path(path)
+    required = dict(item.partition("=")[::2] for item in requires)
+    if model_only and (images or not {"runtime", "router"} <= set(required)):
+        raise fail(
+            "--model-only ships no images: give --requires runtime=ID --requires router=ID "
+            "(e.g. from `podman image inspect --format {{.Id}} TAG`) and no --image"
+        )
+    if required and not model_only:
+        raise fail("--requires goes with --model-only")
     try:
         shipped = pack(
             bundle_dir=Path(bundle),
             images=images,
             out_dir=Path(out),
             signing_key=Path(signing_key) if signing_key else None,
+            requires=required or None,
         )
     except (BundleError, ValueError, OSError) as err:
         raise fail(f"cannot ship: {err}") from None
