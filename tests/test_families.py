@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from testkit.scratch import scratch
-from testkit.tiny_models import COMMON, FAMILIES, smollm2_tokenizer, tiny_checkpoint
+from testkit.tiny_models import (
+    COMMON,
+    FAMILIES,
+    OWN_TOKENIZER,
+    smollm2_tokenizer,
+    tiny_checkpoint,
+    vocab_tokenizer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -56,6 +63,8 @@ def exported(request: pytest.FixtureRequest, tokenizer_dir: Path,
 
     family = request.param
     with scratch(tmp_path_factory, family) as work:
+        if family in OWN_TOKENIZER:
+            tokenizer_dir = vocab_tokenizer(OWN_TOKENIZER[family], work / "tokenizer")
         source = resolve_student(str(tiny_checkpoint(family, tokenizer_dir, work / "hf")))
         base = work / "base.gguf"
         write_base_gguf(source, base)
@@ -164,4 +173,4 @@ def test_an_unknown_family_fails_before_training_naming_the_known_ones(tmp_path:
         resolve_student(str(tmp_path))
     message = str(caught.value)
     assert "GPTNeoXForCausalLM" in message
-    assert "llama, mistral, qwen3, gemma3, phi3" in message
+    assert "llama, mistral, qwen2, qwen3, gemma3, phi3" in message

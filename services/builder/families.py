@@ -58,6 +58,8 @@ FAMILIES = {
                ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
         Family("mistral", ("MistralForCausalLM", "mistral"), "llama", _CHATML_TEMPLATE,
                ("<|im_start|>", "<|im_end|>")),
+        Family("qwen2", ("Qwen2ForCausalLM", "qwen2"), "qwen2", _CHATML_TEMPLATE,
+               ("<|im_start|>", "<|im_end|>")),
         Family("qwen3", ("Qwen3ForCausalLM", "qwen3"), "qwen3", _CHATML_TEMPLATE,
                ("<|im_start|>", "<|im_end|>")),
         Family("gemma3", ("Gemma3ForCausalLM", "gemma3_text"), "gemma3", _GEMMA_TEMPLATE,
