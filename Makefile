@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/gen-proto.sh proto/edgedistill
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 lint: setup
 	$(PY) -m ruff check services tests bench testkit
