@@ -4,6 +4,7 @@ import sys
 
 from bench import (
     batching,
+    edge_loop,
     load,
     router_capacity,
     router_quality,
@@ -18,6 +19,7 @@ BENCHES = {
     "load": load.main,
     "typed": typed_decoding.main,
     "capacity": router_capacity.main,
+    "edge": edge_loop.main,
 }
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
   teacher: a one-line reasoning naming the question's subject before the label. Asked as
   DSPy's SemanticF1 judge (ground_truth, system_response), it rates recall and precision by
   shared words — a stand-in for an LM judge. `usage` counts words, not a tokenizer's tokens;
+  Asked to write a new input (a signature whose output is the program's input field, as the
+  retrain loop's writer asks), it answers with an unused ticket of `pool` whose gold label is
+  that of the first example shown: the stand-in for a strong LM writing a ticket like the
+  ones the student got wrong, whose answer it knows; a `wavering` ticket gets another label
+  when sampled at temperature 1 (an answer the teacher is unsure of);
 - `slow`: answers after `delay_s` (timeouts);
 - `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
   key must still never leak).
@@ -13,6 +18,7 @@ Runs in a thread of the test or bench process; `mode` can be switched while it r
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -36,8 +42,15 @@ class OpenAIStandIn:
         mode: str = "gold",
         delay_s: float = 0.0,
         reasoning: bool = False,
+        pool: list[str] | None = None,
+        wavering: set[str] | None = None,
     ) -> None:
         self.gold = gold or {}
+        self.pool = list(pool or [])
+        # Tickets whose label it changes when sampled at temperature 1 or more.
+        self.wavering = set(wavering or ())
+        self.written: list[str] = []
+        self._pool_lock = threading.Lock()
         self.input_field = input_field
         self.output_field = output_field
         self.mode = mode
@@ -58,7 +71,7 @@ class OpenAIStandIn:
         self._server.shutdown()
         self._server.server_close()
 
-    def answer(self, messages: list[dict[str, Any]]) -> str:
+    def answer(self, messages: list[dict[str, Any]], temperature: float = 0.0) -> str:
         user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         if isinstance(user, list):
             user = "".join(part.get("text", "") for part in user)
@@ -67,6 +80,8 @@ class OpenAIStandIn:
             return judge(fields["ground_truth"], fields["system_response"])
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         wanted = [name for name in _OUTPUTS.findall(str(system)) if name not in fields]
+        if self.input_field in wanted:
+            return f"[[ ## {self.input_field} ## ]]\n{self.write(fields)}\n\n[[ ## completed ## ]]"
         if wanted and self.output_field not in wanted:
             # Another signature (a prompt optimizer's own: proposed instructions, summaries):
             # a plain sentence for each field it asks for.
@@ -74,11 +89,27 @@ class OpenAIStandIn:
             return "".join(parts) + "[[ ## completed ## ]]"
         asked = fields.get(self.input_field, "").strip()
         label = self.gold.get(asked, "unknown")
+        if asked in self.wavering and temperature >= 1:
+            label = next(v for v in sorted(set(self.gold.values())) if v != label)
         answer = f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
         if self.reasoning:
             subject = " ".join(asked.rstrip("?").split()[-3:])
             answer = f"[[ ## reasoning ## ]]\nThis asks about {subject}.\n\n" + answer
         return answer
+
+    def write(self, fields: dict[str, str]) -> str:
+        """An unused pool ticket with the first example's label (any unused one if none has
+        it); the first example itself once the pool is spent."""
+        shown = [json.loads(line) for line in fields.get("example_inputs", "").splitlines()
+                 if line.strip().startswith("{")]  # fmt: skip
+        first = str(shown[0].get(self.input_field, "")) if shown else ""
+        wanted = self.gold.get(first)
+        with self._pool_lock:
+            unused = [t for t in self.pool if t not in self.written]
+            alike = [t for t in unused if self.gold.get(t) == wanted]
+            ticket = (alike or unused or [first])[0]
+            self.written.append(ticket)
+        return ticket
 
     def _handler(self) -> type[JsonHandler]:
         standin = self
@@ -98,7 +129,7 @@ class OpenAIStandIn:
                 if standin.mode == "slow":
                     time.sleep(standin.delay_s)
                 messages = body.get("messages", [])
-                content = standin.answer(messages)
+                content = standin.answer(messages, float(body.get("temperature") or 0))
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in messages)
                 self.send_json(
                     200,

@@ -342,7 +342,7 @@ def test_a_harvest_adds_traces_never_from_held_out_inputs_and_is_reported(
     duplicate, an answer the train label contradicts and a record without an API answer are
     dropped; no trace shares an input with the calibration or test part (by input hash); the
     report scores the harvested inputs before (the edge's answers) and after (this model)."""
-    from services.builder.harvested import input_key
+    from services.builder.data import input_key
     from services.core.harvest import HarvestRecord, pack
     from services.router.harvest import HarvestWriter
 

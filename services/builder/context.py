@@ -16,6 +16,7 @@ from rich.console import Console
 from services.builder.data import (
     REASONING,
     file_sha256,
+    input_key,
     label_fields,
     labelled,
     load_examples,
@@ -98,6 +99,21 @@ def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) 
 
 
 @dataclass
+class RoundInputs:
+    """A round of the retrain loop: the train rows it asks the teacher about, the traces it
+    carries from the round before, and the teacher's calibration answers (asked once)."""
+
+    number: int
+    rows: list[Any]
+    carried: list[Path] = field(default_factory=list)
+    teacher_calibration: dict[str, Any] | None = None
+
+    def key(self) -> dict[str, Any]:
+        return {"rows": [input_key(dict(e.inputs())) for e in self.rows],
+                "carried": [file_sha256(p) for p in self.carried]}  # fmt: skip
+
+
+@dataclass
 class BuildContext:
     spec: BuildSpec
     console: Console
@@ -115,6 +131,10 @@ class BuildContext:
     sources: dict[str, Path] = field(default_factory=dict)  # its source files
     # With several students: how they compared and which one this build ships (choice.py).
     compared: dict[str, Any] | None = None
+    # In the retrain loop: this round's rows and carried traces; and, for the last round's
+    # package, every round's summary (loop.py).
+    round: RoundInputs | None = None
+    rounds: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, spec: BuildSpec, console: Console) -> BuildContext:
@@ -158,6 +178,11 @@ class BuildContext:
             threshold=threshold, student=resolve_student(spec.student.source),
             pipeline=pipeline, sources=sources,
         )  # fmt: skip
+
+    @property
+    def traced_rows(self) -> list[Any]:
+        """The rows the teacher answers in this build (or this round)."""
+        return self.round.rows if self.round is not None else self.trainset
 
     @property
     def input_names(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -167,6 +168,13 @@ def score(metric: Metric, example: Any, outputs: dict[str, Any] | None) -> float
         return 0.0
     value = metric(example, dspy.Prediction(**outputs))
     return float(value)
+
+
+def input_key(inputs: dict[str, Any]) -> str:
+    """The same for inputs that differ only in case and spacing: how the build tells whether
+    a trace's inputs are among the held-out ones."""
+    canonical = json.dumps({k: normalize(v) for k, v in inputs.items()}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

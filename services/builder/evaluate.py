@@ -36,9 +36,11 @@ def evaluate_gguf(
     max_tokens: int,
     n_threads: int,
     num_threads: int = 4,
+    summarised: str = "test",
 ) -> dict[str, Any]:
     """Serves every example in a child process (spawn, so its peak memory is its own), then
-    scores the answers here (an LM-judged metric needs this process's judge)."""
+    scores the answers here (an LM-judged metric needs this process's judge). The summary's
+    figures are the `summarised` split's."""
     rows = [{k: str(e[k]) for k in input_names} for e in examples]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
@@ -51,7 +53,7 @@ def evaluate_gguf(
         {"split": split, "score": value, **answer}
         for split, value, answer in zip(splits, scores, answers, strict=True)
     ]
-    return {"label": label, **result, **summary(result["examples"])}
+    return {"label": label, **result, **summary(result["examples"], summarised)}
 
 
 def score_all(
@@ -238,6 +240,7 @@ def evaluate_teacher(
     splits: list[str],
     metric: Metric,
     output_names: list[str],
+    summarised: str = "test",
 ) -> dict[str, Any]:
     """The teacher on the held-out rows, timed per call, with the tokens it spent. With `gold`
     the labels are the answers: a perfect score, and nothing to time."""
@@ -247,7 +250,7 @@ def evaluate_teacher(
             for split, e in zip(splits, examples, strict=True)
         ]
         return {"label": "teacher (gold labels)", "gold": True, "examples": per_example,
-                **summary(per_example)}  # fmt: skip
+                **summary(per_example, summarised)}  # fmt: skip
     import dspy
 
     from services.builder.judge import lm_usage
@@ -284,7 +287,7 @@ def evaluate_teacher(
         "completion_tokens_per_call": usage["completion_tokens"] / calls,
         "failures": sum("error" in e for e in per_example),
         "examples": per_example,
-        **summary(per_example),
+        **summary(per_example, summarised),
     }
 
 

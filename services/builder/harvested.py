@@ -9,19 +9,11 @@ answer passes the metric against that label.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from typing import Any
 
-from services.builder.data import Metric, normalize, score
+from services.builder.data import Metric, input_key, score
 from services.core.harvest import HarvestRecord
-
-
-def input_key(inputs: dict[str, Any]) -> str:
-    """The same for inputs that differ only in case and spacing."""
-    canonical = json.dumps({k: normalize(v) for k, v in inputs.items()}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def harvested_traces(

@@ -60,12 +60,10 @@ def modelfile(gguf_name: str, chat_template: str, n_ctx: int = 4096) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_students(root: Path, compared: dict[str, Any]) -> None:
-    """students.json, and the comparison appended to both reports."""
-    from services.builder.report import students_section
-
-    (root / "students.json").write_text(json.dumps(compared, indent=2))
-    md, page = students_section(compared)
+def add_section(root: Path, name: str, data: dict[str, Any], section: tuple[str, str]) -> None:
+    """NAME.json, and its section (markdown, HTML) appended to both reports."""
+    (root / f"{name}.json").write_text(json.dumps(data, indent=2))
+    md, page = section
     report_md = root / "report.md"
     report_md.write_text(report_md.read_text() + md + "\n")
     report_html = root / "report.html"
@@ -103,6 +101,7 @@ def write_bundle(
     calibration: dict[str, Any] | None,
     provenance: dict[str, Any],
     compared: dict[str, Any] | None = None,
+    rounds: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the bundle's files and its manifest into the (empty) folder `root`;
     `write_program(folder)` writes program/ (program.json, a multi-step program's source and
@@ -124,8 +123,12 @@ def write_bundle(
         shutil.copy2(evaluation_dir / report, root / report)
     if calibration is not None:
         (root / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    from services.builder.report import rounds_section, students_section
+
+    if rounds is not None:
+        add_section(root, "rounds", rounds, rounds_section(rounds))
     if compared is not None:
-        add_students(root, compared)
+        add_section(root, "students", compared, students_section(compared))
     manifest = write_manifest(
         root,
         Manifest(

@@ -23,6 +23,7 @@ from rich.console import Console
 from services.builder import choice
 from services.builder.context import BuildContext, load_program
 from services.builder.data import imbalance, label_counts
+from services.builder.loop import run_loop
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 from services.core.logs import console_width
@@ -84,6 +85,8 @@ def build(
         return build_students(spec, console, stages)
     if spec.students:
         spec = spec.model_copy(update={"student": StudentSpec(source=spec.students[0])})
+    if spec.loop.max_rounds > 1 or spec.traces.initial is not None:
+        return build_rounds(spec, console, stages)
     started = time.perf_counter()
     ctx, runner = run_stages(spec, console, stages)
     check_gate(ctx)
@@ -115,6 +118,21 @@ def check_gate(ctx: BuildContext) -> None:
             "train examples, an API teacher), use a larger student, or serve in hybrid mode with "
             "the router so low-confidence requests go to the teacher."
         )
+
+
+def build_rounds(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -> BuildResult:
+    """The retrain loop (loop.py): rounds in BUILD/rounds/N, the last one's bundle published
+    as BUILD/bundle."""
+    started = time.perf_counter()
+    describe_labels(BuildContext.load(spec, console))
+    result = run_loop(spec, console, stages)
+    bundle = result.ctx.dirs.get("package")
+    if bundle is not None:
+        bundle = publish(bundle, spec.output / "bundle")
+        console.print(f"bundle: {bundle}")
+    check_gate(result.ctx)
+    return BuildResult(bundle=bundle, skipped=result.skipped, ran=result.ran,
+                       seconds=time.perf_counter() - started)  # fmt: skip
 
 
 def build_students(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -> BuildResult:

@@ -382,3 +382,32 @@ def students_section(compared: dict[str, Any]) -> tuple[str, str]:
 def _speed(tokens_per_s: float | None) -> str:
     """Blank when not measured (one sampled token per answer leaves no decode to time)."""
     return "" if not tokens_per_s else f"{tokens_per_s:.0f}"
+
+
+ROUND_COLUMNS = ("round", "traces added", "traces", "calibration score [95% CI]", "n",
+                 "retention", "gate")  # fmt: skip
+
+
+def rounds_section(loop: dict[str, Any]) -> tuple[str, str]:
+    """The retrain loop's rounds: what each added and its score on the calibration part (the
+    gate's part; the test part is only this report's tables above)."""
+    body = []
+    for r in loop["rounds"]:
+        gate = r["calibration"]
+        low, high = gate["interval"]["low"], gate["interval"]["high"]
+        added = ", ".join(f"{n} {source}" for source, n in r["added"].items()) or "none"
+        verdict = "passed" if gate["passed"] else "under"
+        body.append([str(r["round"]), added, str(r["traces"]),
+                     f"{gate['score']:.1%} [{low:.1%}–{high:.1%}]", str(gate["n"]),
+                     f"{gate['retention']:.0%}", verdict])  # fmt: skip
+    gate = loop["rounds"][-1]["calibration"]
+    text = (
+        f"Each round trained from the base on every trace so far; the gate is "
+        f"min_retention {gate['min_retention']:.0%} of the teacher's score on the calibration "
+        f"part. The loop stopped: {loop['stopped']} (loop.max_rounds {loop['max_rounds']}); "
+        f"this bundle is round {loop['rounds'][-1]['round']}'s."
+    )
+    md = "\n".join(["", "## Rounds", "", text, "", *markdown_table(list(ROUND_COLUMNS), body)])
+    page = (f"<h2>Rounds</h2><p>{html.escape(text)}</p>"
+            f"{html_table(list(ROUND_COLUMNS), body)}")  # fmt: skip
+    return md, page

@@ -40,6 +40,28 @@ class TracesSpec(_Strict):
     added: list[Path] = Field(default_factory=list)
     # Ed25519 public key (PEM) every added harvest must be signed with.
     public_key: Path | None = None
+    # Train rows the first round uses (a seeded sample; default: all). With `loop`, later
+    # rounds add the rest `loop.traces_per_round` at a time.
+    initial: int | None = Field(None, ge=1)
+
+
+TraceSource = Literal["train", "teacher"]
+
+
+def default_sources() -> list[TraceSource]:
+    return ["train", "teacher"]
+
+
+class LoopSpec(_Strict):
+    """Add traces and retrain from the base until the default quantization keeps
+    quality_gate.min_retention on the calibration part, or `max_rounds` have run."""
+
+    max_rounds: int = Field(1, ge=1, le=20)  # 1: one round, no loop
+    traces_per_round: int = Field(48, ge=1, le=100_000)
+    # Where a round's new traces come from, in order; the first with any left is used.
+    # train: rows of data.train not used yet; teacher: inputs the API teacher writes like the
+    # train rows the student got wrong, kept when the teacher agrees with itself.
+    sources: list[TraceSource] = Field(default_factory=default_sources, min_length=1)
 
 
 class TeacherSpec(_Strict):
@@ -142,6 +164,7 @@ class BuildSpec(_Strict):
     metric_threshold: float | None = Field(None, ge=0, le=1)
     teacher: TeacherSpec = TeacherSpec()
     traces: TracesSpec = TracesSpec()
+    loop: LoopSpec = LoopSpec()
     student: StudentSpec = StudentSpec()
     # Several candidates (each a student.source): every one is trained, exported and evaluated,
     # the report compares them, and `choice` picks the one shipped.
@@ -185,6 +208,19 @@ class BuildSpec(_Strict):
             raise ValueError(
                 "students and student.source are both set: list every candidate under students"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loop_fits(self) -> BuildSpec:
+        looping = self.loop.max_rounds > 1 or self.traces.initial is not None
+        if looping and self.students:
+            raise ValueError("loop (or traces.initial) and students are both set: choose the "
+                             "student first, then run the loop with student.source")  # fmt: skip
+        if len(set(self.loop.sources)) != len(self.loop.sources):
+            raise ValueError("loop.sources: each source is listed once")
+        if self.loop.sources == ["teacher"] and self.teacher.is_gold:
+            raise ValueError("loop.sources: teacher-written inputs need an API teacher to "
+                             "write and answer them; set teacher.model or add `train`")  # fmt: skip
         return self
 
     @field_validator("quantizations")

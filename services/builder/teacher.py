@@ -92,6 +92,7 @@ def collect_traces(
     out_dir: Path,
     runner: ProgramRunner | None = None,
     progress: Callable[[int], None] = lambda n: None,
+    require_kept: bool = True,
 ) -> TraceCounts:
     """Writes traces.jsonl (kept: inputs + outputs, and a multi-step program's predictor
     calls), rejected.jsonl, failed.jsonl, counts.json."""
@@ -154,7 +155,7 @@ def collect_traces(
             f"the teacher failed on {counts.failed} of {counts.total} examples, over "
             f"teacher.max_failure_fraction={teacher.max_failure_fraction}; first error: {first}"
         )
-    if counts.kept == 0:
+    if counts.kept == 0 and require_kept:
         raise TeacherError(
             f"no teacher trace passed the metric ({counts.rejected} rejected, {counts.failed} "
             "failed): check the teacher model, the metric, or lower metric_threshold"

@@ -10,8 +10,8 @@ from typing import Any
 
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
-from services.builder.data import file_sha256, label_counts, normalize
-from services.builder.harvested import harvested_traces, input_key
+from services.builder.data import file_sha256, input_key, label_counts, normalize
+from services.builder.harvested import harvested_traces
 from services.builder.probe import Probe, make_probe, make_program_probe, sample
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import BASE_GGUF, dense_hf_copy, write_base_gguf
@@ -20,12 +20,28 @@ from services.core.harvest import HarvestError, read_harvest
 
 
 def collect_traces(ctx: BuildContext, out: Path) -> None:
-    """The teacher's answers on the train set that pass the metric."""
+    """The teacher's answers on the train set that pass the metric; in a round of the retrain
+    loop, on the round's new rows, after the traces the round before carries."""
+    rows = ctx.traced_rows
+    if rows or ctx.round is None:
+        ask_teacher(ctx, out, rows)
+    else:  # a round whose new traces the teacher wrote: no train rows to ask about
+        for name in ("traces", "rejected", "failed"):
+            (out / f"{name}.jsonl").write_text("")
+        (out / "counts.json").write_text(json.dumps(
+            {"total": 0, "kept": 0, "rejected": 0, "failed": 0}, indent=2))  # fmt: skip
+    if ctx.round is not None and ctx.round.carried:
+        carry_traces(ctx.round.carried, out)
+    elif ctx.spec.traces.added:
+        add_harvest(ctx, out)
+
+
+def ask_teacher(ctx: BuildContext, out: Path, rows: list[Any]) -> None:
     spec = ctx.spec
     with progress_bar(ctx.console) as bar:
-        task = bar.add_task("teacher", total=len(ctx.trainset), note=spec.teacher.model)
+        task = bar.add_task("teacher", total=len(rows), note=spec.teacher.model)
         counts = teacher.collect_traces(
-            program=ctx.program, teacher=spec.teacher, trainset=ctx.trainset, metric=ctx.metric,
+            program=ctx.program, teacher=spec.teacher, trainset=rows, metric=ctx.metric,
             threshold=ctx.threshold, output_names=ctx.output_names, out_dir=out,
             runner=ctx.runner if ctx.pipeline else None, progress=lambda n: bar.advance(task, n),
         )  # fmt: skip
@@ -36,8 +52,22 @@ def collect_traces(ctx: BuildContext, out: Path) -> None:
     per_predictor = json.loads((out / "counts.json").read_text()).get("predictors", {})
     for name, calls in per_predictor.items():
         ctx.console.print(f"  {name}: {calls['kept']} calls kept, {calls['rejected']} rejected")
-    if ctx.spec.traces.added:
-        add_harvest(ctx, out)
+
+
+def carry_traces(carried: list[Path], out: Path) -> None:
+    """The earlier rounds' traces first, then this round's; the harvest's record of what the
+    edge answered goes along (the report's before and after)."""
+    traces = out / "traces.jsonl"
+    lines = [line for path in carried for line in path.read_text().splitlines()]
+    lines += traces.read_text().splitlines()
+    traces.write_text("".join(line + "\n" for line in lines))
+    counts = json.loads((out / "counts.json").read_text())
+    counts["carried"] = len(lines) - counts["kept"]
+    (out / "counts.json").write_text(json.dumps(counts, indent=2))
+    for name in ("harvest.jsonl", "harvest.json"):
+        earlier = carried[0].parent / name
+        if earlier.is_file():
+            shutil.copy2(earlier, out / name)
 
 
 def add_harvest(ctx: BuildContext, out: Path) -> None:
@@ -246,6 +276,7 @@ def quantize(ctx: BuildContext, out: Path) -> None:
 TRACES = Stage(
     "traces", collect_traces,
     inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings(),
+                        **({"round": ctx.round.key()} if ctx.round else {}),
                         # held-out inputs decide which harvested records may be used
                         **({"added": [file_sha256(p) for p in ctx.spec.traces.added],
                             "held_out": ctx.held_out_inputs()} if ctx.spec.traces.added else {})},

@@ -173,6 +173,7 @@ def package(ctx: BuildContext, out: Path) -> None:
         calibration=ctx.read_json("calibrate", "calibration.json"),
         provenance=provenance(ctx),
         compared=ctx.compared,
+        rounds=ctx.rounds,
     )
 
 
@@ -202,6 +203,7 @@ def package_inputs(ctx: BuildContext) -> dict[str, Any]:
         "version": ctx.spec.version,
         "quality_gate": ctx.spec.quality_gate.model_dump(),
         "compared": ctx.compared,
+        **({"rounds": ctx.rounds} if ctx.rounds else {}),
     }
 
 
