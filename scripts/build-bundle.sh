@@ -11,6 +11,8 @@
 #   SIGNING_KEY     Ed25519 private key (PEM) to sign the manifest
 #   MODEL_ONLY      1: the tar carries the bundle and the runtime and router image IDs, not the
 #                   images (for hosts that installed a full tar of the same images before)
+#   ADD_TRACES      harvest tars from edge routers (`edgedistill harvest export`), separated by
+#                   spaces: their API answers become teacher traces (--add-traces)
 #   TEACHER_MODEL, TEACHER_API_BASE, TEACHER_API_KEY_ENV  distill from an API model
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,20 @@ fi
 OUTPUT=$(.venv/bin/python -c "from pathlib import Path; from services.builder.spec import load_spec; print(load_spec(Path('$SPEC')).output)")
 started=$(date +%s)
 
+# Harvests, as the venv sees them and as the builder container sees them (mounted read-only).
+venv_traces=(); container_traces=(); harvest_mounts=()
+n=0
+for tar in ${ADD_TRACES:-}; do
+  if [ ! -f "$tar" ]; then
+    echo "build-bundle: ADD_TRACES: $tar is not a file (give harvest tars from 'edgedistill harvest export')" >&2
+    exit 2
+  fi
+  venv_traces+=(--add-traces "$tar")
+  container_traces+=(--add-traces "/harvest/$n.tar")
+  harvest_mounts+=(-v "$(realpath "$tar"):/harvest/$n.tar:ro")
+  n=$((n + 1))
+done
+
 # 1. The model bundle.
 if [ "$BUILDER" = container ]; then
   say "building the builder image ($ENGINE)"
@@ -64,12 +80,14 @@ if [ "$BUILDER" = container ]; then
   # come from here; the container runs as the calling user so /out stays theirs.
   "$ENGINE" run --rm --init "${gpu[@]}" --user "$(id -u):$(id -g)" \
     -v "$PWD:/src:ro" -w /src -e PYTHONPATH=/src -v "$(realpath "$OUTPUT"):/out" \
+    ${harvest_mounts[@]+"${harvest_mounts[@]}"} \
     -e TEACHER_MODEL -e TEACHER_API_BASE -e TEACHER_API_KEY_ENV \
     ${TEACHER_API_KEY_ENV:+-e "$TEACHER_API_KEY_ENV"} \
-    localhost/edgedistill-builder:latest "$SPEC" --output /out
+    localhost/edgedistill-builder:latest "$SPEC" --output /out \
+    ${container_traces[@]+"${container_traces[@]}"}
 else
   say "running the build pipeline in .venv"
-  .venv/bin/edgedistill build "$SPEC"
+  .venv/bin/edgedistill build "$SPEC" ${venv_traces[@]+"${venv_traces[@]}"}
 fi
 BUNDLE=$OUTPUT/bundle
 
