@@ -69,12 +69,11 @@ def run_loop(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -> Loop
                       "input and are not used", highlight=False)  # fmt: skip
     inputs = RoundInputs(number=1, rows=plan.rows[: plan.used])
     history: list[dict[str, Any]] = []
-    ran: list[str] = []
-    skipped: list[str] = []
+    runners: list[StageRunner] = []
     while True:
         console.rule(f"round {inputs.number}")
         ctx, runner = run_round(spec, console, round_stages, inputs)
-        ran, skipped = ran + runner.ran, skipped + runner.skipped
+        runners.append(runner)
         history.append(round_summary(ctx, inputs))
         following, stop = next_round(ctx, runner, plan, inputs)
         if following is None:
@@ -83,12 +82,10 @@ def run_loop(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -> Loop
     console.print(f"loop: {stop} (round {inputs.number})", highlight=False)
     ctx.rounds = {"rounds": history, "stopped": stop, "max_rounds": spec.loop.max_rounds,
                   "held_out_train_rows": plan.held_out}  # fmt: skip
-    before = (len(runner.ran), len(runner.skipped))
     for stage in final_stages:
         runner.run(stage, ctx)
-    ran += runner.ran[before[0] :]
-    skipped += runner.skipped[before[1] :]
-    return LoopResult(ctx, ran, skipped)
+    return LoopResult(ctx, ran=[name for r in runners for name in r.ran],
+                      skipped=[name for r in runners for name in r.skipped])  # fmt: skip
 
 
 def run_round(
@@ -135,7 +132,7 @@ def round_summary(ctx: BuildContext, inputs: RoundInputs) -> dict[str, Any]:
               (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
     carried = sum(len(p.read_text().splitlines()) for p in inputs.carried)
     added: dict[str, int] = {}
-    for trace in traces[carried:] if inputs.carried else traces:
+    for trace in traces[carried:]:
         source = trace.get("source", "train")
         added[source] = added.get(source, 0) + 1
     if inputs.carried:  # the round before's teacher-written traces are this round's addition
