@@ -221,6 +221,11 @@ class BuildContext:
         return path
 
     @cached_property
+    def held_out_keys(self) -> set[str]:
+        """The calibration and test parts' input keys: no trace may have one."""
+        return {input_key(dict(e.inputs())) for e in self.calibset + self.testset}
+
+    @cached_property
     def label_names(self) -> list[str]:
         """The output fields that are labels (few distinct values in train), not free text."""
         return label_fields(self.trainset, labelled(self.output_names))
@@ -283,6 +288,11 @@ class BuildContext:
         """The quantized files, the default first."""
         folder = self.dirs["quantize"]
         return {q: folder / f"{self.spec.name}.{q}.gguf" for q in self.spec.quantizations}
+
+    def traces(self) -> list[dict[str, Any]]:
+        """The kept traces of the traces stage (this build's, or this round's)."""
+        path = self.dirs["traces"] / "traces.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
 
     def read_json(self, stage: str, name: str) -> Any:
         return json.loads((self.dirs[stage] / name).read_text())

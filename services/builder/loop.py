@@ -11,12 +11,8 @@ BUILD/bundle with every round in its report. Held-out inputs never enter trainin
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +22,7 @@ from services.builder.context import BuildContext, RoundInputs
 from services.builder.data import input_key
 from services.builder.spec import BuildSpec
 from services.builder.stages import Stage, StageRunner
+from services.builder.stages.base import share_stages
 from services.builder.stages.rounds import GATE, WRITE
 
 
@@ -39,9 +36,8 @@ class RowPlan:
 
     @classmethod
     def make(cls, ctx: BuildContext) -> RowPlan:
-        held_out = {input_key(dict(e.inputs())) for e in ctx.calibset + ctx.testset}
         ordered = [ctx.trainset[i] for i in rounds.row_order(len(ctx.trainset), ctx.spec.seed)]
-        kept = [e for e in ordered if input_key(dict(e.inputs())) not in held_out]
+        kept = [e for e in ordered if input_key(dict(e.inputs())) not in ctx.held_out_keys]
         used = rounds.initial_count(len(kept), ctx.spec.traces.initial)
         return cls(rows=kept, used=used, held_out=len(ordered) - len(kept))
 
@@ -92,7 +88,8 @@ def run_round(
     spec: BuildSpec, console: Console, stages: Sequence[Stage], inputs: RoundInputs
 ) -> tuple[BuildContext, StageRunner]:
     folder = spec.output / "rounds" / str(inputs.number)
-    share_student(spec.output / "rounds" / "1", folder)
+    # Round 1's base checkpoint (and converted GGUF) serve every round.
+    share_stages(spec.output / "rounds" / "1", folder, ("convert", "student"))
     ctx = BuildContext.load(spec.model_copy(update={"output": folder}), console)
     ctx.round = inputs
     runner = StageRunner(folder, console)
@@ -128,8 +125,7 @@ def next_round(
 
 def round_summary(ctx: BuildContext, inputs: RoundInputs) -> dict[str, Any]:
     """What the round added, by source, and its gate on the calibration part."""
-    traces = [json.loads(line) for line in
-              (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
+    traces = ctx.traces()
     carried = sum(len(p.read_text().splitlines()) for p in inputs.carried)
     added: dict[str, int] = {}
     for trace in traces[carried:]:
@@ -142,13 +138,3 @@ def round_summary(ctx: BuildContext, inputs: RoundInputs) -> dict[str, Any]:
     gate = ctx.read_json("gate", "gate.json")
     return {"round": inputs.number, "added": added, "traces": len(traces),
             "folder": f"rounds/{inputs.number}", "calibration": gate}  # fmt: skip
-
-
-def share_student(first: Path, folder: Path) -> None:
-    """Round 1's base checkpoint (and converted GGUF) for the others: same key, so the runner
-    skips them; hard links, no copy of the weights."""
-    for name in ("convert", "student"):
-        source, target = first / name, folder / name
-        if source.is_dir() and first != folder and not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, target, copy_function=os.link)

@@ -26,6 +26,7 @@ from services.builder.data import imbalance, label_counts
 from services.builder.loop import run_loop
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
+from services.builder.stages.base import share_stages
 from services.core.logs import console_width
 
 __all__ = ["STAGES", "BuildResult", "QualityGateFailed", "build", "load_program"]
@@ -145,7 +146,9 @@ def build_students(spec: BuildSpec, console: Console, stages: Sequence[Stage]) -
     for source in spec.students:
         console.rule(f"student {source}")
         sub = candidate_spec(spec, source)
-        share_stages(spec.output / "students" / student_folder(spec.students[0]), sub.output)
+        # The first candidate's traces and dataset: the teacher is asked once.
+        first = spec.output / "students" / student_folder(spec.students[0])
+        share_stages(first, sub.output, ("traces", "dataset"))
         ctx, runner = run_stages(sub, console, unpackaged)
         ran += runner.ran
         skipped += runner.skipped
@@ -177,16 +180,6 @@ def candidate_spec(spec: BuildSpec, source: str) -> BuildSpec:
         "student": StudentSpec(source=source), "students": [],
         "output": spec.output / "students" / student_folder(source),
     })  # fmt: skip
-
-
-def share_stages(first: Path, build_dir: Path) -> None:
-    """The first candidate's traces and dataset, for the others: same keys, so the runner
-    skips them (an API teacher is not asked twice)."""
-    for name in ("traces", "dataset"):
-        source, target = first / name, build_dir / name
-        if source.is_dir() and first != build_dir and not target.exists():
-            build_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, target)
 
 
 def publish(bundle: Path, target: Path) -> Path:

@@ -113,6 +113,17 @@ class StageRunner:
         return seconds
 
 
+def share_stages(first: Path, build_dir: Path, names: tuple[str, ...]) -> None:
+    """Another build's finished stage folders, for this one: same keys, so the runner skips
+    them (an API teacher is not asked twice, weights are not converted twice). Hard links: no
+    second copy; stages never write into a published folder."""
+    for name in names:
+        source, target = first / name, build_dir / name
+        if source.is_dir() and first != build_dir and not target.exists():
+            build_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target, copy_function=os.link)
+
+
 def _publish(staging: Path, final: Path) -> None:
     """Put `staging` in place of `final`; readers see the old folder or the new one."""
     if not final.exists():

@@ -86,7 +86,7 @@ def add_harvest(ctx: BuildContext, out: Path) -> None:
     try:
         kept, counts = harvested_traces(
             records, input_names=ctx.input_names, output_names=ctx.output_names,
-            held_out={input_key(dict(e.inputs())) for e in ctx.calibset + ctx.testset},
+            held_out=ctx.held_out_keys,
             taken=taken, labelled={input_key(dict(e.inputs())): e for e in ctx.trainset},
             metric=ctx.metric, threshold=ctx.threshold,
         )  # fmt: skip
@@ -153,8 +153,7 @@ def train_lora(ctx: BuildContext, out: Path) -> None:
     """LoRA on the dense student, the loss on the answers' values; the checkpoint best on the
     calibration part is kept."""
     spec, console = ctx.spec, ctx.console
-    traces = [json.loads(line) for line in
-              (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
+    traces = ctx.traces()
     records = len((ctx.dirs["dataset"] / "dataset.jsonl").read_text().splitlines())
     examples = min(records, spec.lora.max_examples or records)  # a multi-step trace: several
     console.print(f"  {examples} examples, {finetune.optimizer_steps(examples, spec.lora)} "

@@ -64,8 +64,7 @@ def write_traces(ctx: BuildContext, out: Path) -> None:
     """New inputs the teacher writes like the train rows this round's model gets wrong,
     answered by the teacher and kept where it agrees with itself (writer.py)."""
     spec, wanted = ctx.spec, ctx.spec.loop.traces_per_round
-    traces = [json.loads(line) for line in
-              (ctx.dirs["traces"] / "traces.jsonl").read_text().splitlines()]  # fmt: skip
+    traces = ctx.traces()
     seeds, wrong = wrong_rows(ctx, traces)
     hot = spec.teacher.model_copy(update={"temperature": writer.SECOND_SAMPLE_TEMPERATURE})
     lm = teacher.teacher_lm(hot)
@@ -77,11 +76,9 @@ def write_traces(ctx: BuildContext, out: Path) -> None:
         first_variation=100_000 * (ctx.round.number if ctx.round else 0) + spec.seed,
         num_threads=spec.teacher.num_threads,
     )  # fmt: skip
-    held_out = {input_key(dict(e.inputs())) for e in ctx.calibset + ctx.testset}
     taken = {input_key(dict(e.inputs())) for e in ctx.trainset}
-    fresh, counts = writer.new_inputs(
-        candidates, held_out=held_out, taken=taken | {input_key(t["inputs"]) for t in traces}
-    )
+    taken |= {input_key(t["inputs"]) for t in traces}
+    fresh, counts = writer.new_inputs(candidates, held_out=ctx.held_out_keys, taken=taken)
     agreed, answered = agreeing_answers(ctx, lm, fresh, out / "agreement")
     counts.update(seeds=len(seeds), seeds_wrong=wrong, agreed=len(agreed),
                   disagreed=answered["rejected"],
