@@ -233,7 +233,7 @@ version: "0.0.1-test"
 program: {program}
 data: {{train: train.jsonl, dev: dev.jsonl}}
 metric: exact_match
-lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 2, patience: 0,
+lora: {{epochs: 3, batch_size: 4, min_steps: 0, checkpoints: 0, patience: 0,
         scaffold_weight: 1.0}}
 quantizations: [Q8_0]
 quality_gate: {{min_retention: 0.0}}
