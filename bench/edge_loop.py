@@ -11,9 +11,12 @@
    `after` over `before`, which stays for rollback.
 4. A fresh batch B of the same kind (other problems again) flows through the installed
    `after` and, side by side, through `before`: the share of calls sent to the API and the
-   system's quality, each with its Wilson interval.
+   system's quality, each with its Wilson interval, at each bundle's own calibrated
+   threshold. Each model also answers batch B alone (its local accuracy), and from those
+   answers the share each would send to reach the same system quality on B: an analysis of
+   the two models, not a threshold either bundle could have chosen.
 
-Writes bench/results/edge_loop.json. About 25 minutes on 2 cores (two builds).
+Writes bench/results/edge_loop.json. About 45 minutes on 2 cores (two builds).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.results import write_results
+from services.builder.calibrate import choose_threshold, fallback_curve
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.stats import wilson_interval
@@ -40,14 +44,13 @@ from testkit.processes import REPO, ServerProcess, start_runtime
 
 TICKETS = REPO / "examples" / "ticket_triage"
 BEFORE_ROWS = 36  # six per queue: a start that leaves the router work to do
-BATCH = 120  # tickets per batch (A, then B)
+BATCH_A, BATCH_B = 200, 120  # 36 + 200 + 120 of the 360 train tickets
 SPEC = """
 name: edge-loop
 program: examples.ticket_triage.program:build
 data: {{train: train.jsonl, dev: {dev}}}
 metric: exact_match
 baselines: {{few_shot_k: 0}}
-lora: {{min_steps: 60, checkpoints: 4}}  # the default recipe's 150 steps, cut for time
 router: {{target_retention: 0.95}}
 output: {output}
 """
@@ -66,7 +69,7 @@ def split_rows() -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[
         start += [r for r in rows if r["category"] == category][: BEFORE_ROWS // 6]
     rest = [r for r in rows if r not in start]
     random.Random(0).shuffle(rest)
-    return start, rest[:BATCH], rest[BATCH : 2 * BATCH]
+    return start, rest[:BATCH_A], rest[BATCH_A : BATCH_A + BATCH_B]
 
 
 def cli(*args: str, cwd: Path = REPO) -> str:
@@ -77,13 +80,33 @@ def cli(*args: str, cwd: Path = REPO) -> str:
     return proc.stdout
 
 
+def local_answers(target: str, batch: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The model alone on each ticket, in the shape the calibrate stage reads."""
+    answers = []
+    with InferenceClient(target, timeout_s=120) as client:
+        for row in batch:
+            reply = client.predict({"ticket": row["ticket"]})
+            parsed = reply.outcome == pb.PREDICT_OUTCOME_PARSED
+            answers.append({"outcome": "parsed" if parsed else "unparsed",
+                            "confidence": reply.confidence,
+                            "score": float(reply.outputs.get("category", "").strip()
+                                           == row["category"])})  # fmt: skip
+    return answers
+
+
 def flow(
-    bundle: Path, batch: list[dict[str, str]], api: str, harvest: Path | None
+    bundle: Path,
+    batch: list[dict[str, str]],
+    api: str,
+    harvest: Path | None,
+    local_only: bool = False,
 ) -> dict[str, Any]:
-    """A batch through a runtime and a hybrid router at the bundle's own threshold."""
+    """A batch through a runtime and a hybrid router at the bundle's own threshold; with
+    `local_only`, first through the runtime alone."""
     threshold = json.loads((bundle / "calibration.json").read_text())["threshold"]
     # A small start may be under its quality gate: the router is what serves it here.
     runtime = start_runtime("--bundle", str(bundle), "--n-ctx", "2048", "--allow-failed-gate")
+    answers = local_answers(runtime.target, batch) if local_only else None
     extra = ["--allow-failed-gate", *(["--harvest", str(harvest)] if harvest else [])]
     router = ServerProcess(["route", "--bundle", str(bundle), "--local", runtime.target,
                             "--port", "0", "--metrics-port", "0", "--mode", "hybrid",
@@ -101,9 +124,25 @@ def flow(
         router.terminate()
         runtime.terminate()
     n = len(batch)
-    return {"n": n, "threshold": threshold,
-            "fallback_rate": fell_back / n, "fallback_interval": wilson_interval(fell_back, n),
-            "quality": correct / n, "quality_interval": wilson_interval(correct, n)}  # fmt: skip
+    result = {"n": n, "threshold": threshold,
+              "fallback_rate": fell_back / n, "fallback_interval": wilson_interval(fell_back, n),
+              "quality": correct / n, "quality_interval": wilson_interval(correct, n)}  # fmt: skip
+    if answers is not None:
+        right = round(sum(a["score"] for a in answers))
+        result |= {"local_answers": answers, "local_accuracy": right / n,
+                   "local_interval": wilson_interval(right, n)}  # fmt: skip
+    return result
+
+
+def fallback_for_quality(answers: list[dict[str, Any]], quality: float) -> dict[str, Any]:
+    """The fewest calls a model must send to the (always right) API for the system to reach
+    `quality` on these answers, and the threshold that does it."""
+    gold = [{"score": 1.0} for _ in answers]
+    point = choose_threshold(fallback_curve(answers, gold), 1.0, quality)
+    sent = round(point["fallback_rate"] * len(answers))
+    return {"quality": point["system_quality"], "threshold": point["threshold"],
+            "fallback_rate": point["fallback_rate"],
+            "fallback_interval": wilson_interval(sent, len(answers))}  # fmt: skip
 
 
 def install(tar: Path, prefix: Path) -> Path:
@@ -146,8 +185,8 @@ def main() -> None:
             installed = install(work / "dist" / "edge-loop-1.1.0.tar", prefix)
             releases = sorted(p.name for p in (prefix / "edge-loop" / "releases").iterdir())
             console.print(f"edge loop: batch B ({len(batch_b)} tickets) through both")
-            before_b = flow(work / "before" / "bundle", batch_b, api.base_url, None)
-            after_b = flow(installed, batch_b, api.base_url, None)
+            before_b = flow(work / "before" / "bundle", batch_b, api.base_url, None, True)
+            after_b = flow(installed, batch_b, api.base_url, None, True)
         harvest = json.loads((work / "after" / "traces" / "harvest.json").read_text())
         shutil.rmtree(work / "before", ignore_errors=True)
     results = {
@@ -156,9 +195,14 @@ def main() -> None:
         "batch_a_before": first, "batch_b_before": before_b, "batch_b_after": after_b,
         "fallback_ratio_after_over_before": (after_b["fallback_rate"] / before_b["fallback_rate"]
                                              if before_b["fallback_rate"] else None),
+        # Same system quality on B for both: the quality `before` reached there.
+        "matched_quality_b": {
+            name: fallback_for_quality(r["local_answers"], before_b["quality"])
+            for name, r in (("before", before_b), ("after", after_b))
+        },
     }  # fmt: skip
-    settings = {"before_rows": len(start), "batch": BATCH, "api": "gold-label stand-in",
-                "spec": SPEC.strip()}  # fmt: skip
+    settings = {"before_rows": len(start), "batch_a": BATCH_A, "batch_b": BATCH_B,
+                "api": "gold-label stand-in", "spec": SPEC.strip()}  # fmt: skip
     write_results("edge_loop", settings, results)
     show(console, results)
 
@@ -175,6 +219,11 @@ def show(console: Console, results: dict[str, Any]) -> None:
         table.add_row(label, str(r["n"]), f"{r['fallback_rate']:.1%} [{fb[0]:.1%}–{fb[1]:.1%}]",
                       f"{r['quality']:.1%} [{q[0]:.1%}–{q[1]:.1%}]")  # fmt: skip
     console.print(table)
+    for name in ("before", "after"):
+        r, m = results[f"batch_b_{name}"], results["matched_quality_b"][name]
+        lo, hi = r["local_interval"]
+        console.print(f"B / {name} alone: {r['local_accuracy']:.1%} [{lo:.1%}–{hi:.1%}]; to "
+                      f"reach {m['quality']:.1%} it sends {m['fallback_rate']:.1%}")  # fmt: skip
     console.print(f"model-only tar of `after`: {results['model_only_tar_mb']:.0f} MB")
 
 
