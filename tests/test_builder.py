@@ -414,6 +414,15 @@ def test_a_harvest_adds_traces_never_from_held_out_inputs_and_is_reported(
     assert refused.returncode == 1
     assert "from another program" in refused.stderr and "traces.added" in refused.stderr
 
+    tampered = tmp_path / "tampered.tar"
+    data = bytearray(tar.read_bytes())
+    at = data.find(fresh[1]["ticket"].encode())
+    data[at] ^= 0x20  # one letter's case, inside a record
+    tampered.write_bytes(bytes(data))
+    refused = run_build(spec, "--add-traces", str(tampered), "--output", str(tmp_path / "new"))
+    assert refused.returncode == 1 and "does not match its checksum" in refused.stderr
+    assert "traces.added" in refused.stderr and not (tmp_path / "new").exists()
+
 
 def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) -> None:
     """A toy stage appended to the declarations: keyed by its upstream stage and its own input

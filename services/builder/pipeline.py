@@ -27,6 +27,7 @@ from services.builder.loop import run_loop
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 from services.builder.stages.base import share_stages
+from services.core.harvest import HarvestError, read_harvest
 from services.core.logs import console_width
 
 __all__ = ["STAGES", "BuildResult", "QualityGateFailed", "build", "load_program"]
@@ -82,6 +83,7 @@ def build(
     if not console.is_terminal:
         quiet_libraries()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
+    verify_harvests(spec)
     if len(spec.students) > 1:
         return build_students(spec, console, stages)
     if spec.students:
@@ -93,6 +95,19 @@ def build(
     check_gate(ctx)
     return BuildResult(bundle=ctx.dirs.get("package"), skipped=runner.skipped, ran=runner.ran,
                        seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def verify_harvests(spec: BuildSpec) -> None:
+    """Every added harvest's checksums (and signature) verified before any stage runs: a
+    tampered or truncated tar costs no minutes of training."""
+    for path in spec.traces.added:
+        try:
+            read_harvest(path, spec.traces.public_key)
+        except HarvestError as err:
+            raise HarvestError(
+                f"traces.added: {err}; export it again on the edge host "
+                "(`edgedistill harvest export`) and carry the new tar"
+            ) from None
 
 
 def run_stages(
