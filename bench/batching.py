@@ -325,9 +325,9 @@ def memory_bandwidth_gb_s(threads: int = THREADS, megabytes: int = 512) -> float
 
 def model_bytes_per_token(gguf: Path) -> int:
     """Bytes a decode step reads: every weight tensor once (the KV cache is small here)."""
-    import gguf as gguf_py
+    from services.core.gguf_metadata import open_gguf
 
-    reader = gguf_py.GGUFReader(gguf)
+    reader = open_gguf(gguf)
     return sum(int(t.n_bytes) for t in reader.tensors)
 
 

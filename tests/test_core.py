@@ -106,3 +106,48 @@ def test_stop_string_buffer(
             break
     out += buffer.flush()
     assert out == released and buffer.stopped == stopped
+
+
+def same_reading(path: Path) -> None:
+    """The fast reader's fields (names, types, offsets, contents, string parts) and tensors
+    are gguf-py's own."""
+    import gguf
+
+    from services.core.gguf_metadata import open_gguf
+
+    fast, reference = open_gguf(path), gguf.GGUFReader(path)
+    assert list(fast.fields) == list(reference.fields)
+    for name, ours in fast.fields.items():
+        theirs = reference.fields[name]
+        assert (ours.offset, ours.types) == (theirs.offset, theirs.types), name
+        assert ours.contents() == theirs.contents(), name
+        assert [bytes(ours.parts[i]) for i in ours.data if ours.types[-1] == 8] == [
+            bytes(theirs.parts[i]) for i in theirs.data if theirs.types[-1] == 8
+        ], name
+    assert [(t.name, t.data_offset, t.n_bytes) for t in fast.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in reference.tensors
+    ]
+
+
+def test_the_fast_gguf_reader_reads_every_array_kind_as_gguf_py_does(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from testkit.processes import smollm2_gguf
+
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_array("t.strings", ["a", "", "ünï", "x" * 300])
+    writer.add_array("t.empty", [])
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, 1.5])
+    writer.add_array("t.bools", [True, False])
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_string("t.after", "still read at the right offset")
+    writer.add_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    same_reading(path)
+    same_reading(smollm2_gguf())  # a real 49k-token vocabulary

@@ -22,6 +22,7 @@ import numpy as np
 
 from services.builder.layer_trace import trace_forward
 from services.builder.student import converter_tree, run_converter
+from services.core.gguf_metadata import open_gguf
 
 # Keys the writer sets itself, or that describe the old file rather than the model.
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
@@ -40,7 +41,7 @@ def write_gguf(merged_dir: Path, base_gguf: Path, out_path: Path, name: str) -> 
         converted_path = Path(scratch) / "tensors.gguf"
         run_converter(_TENSORS_SCRIPT, str(tree), str(merged_dir), str(converted_path),
                       what=f"lay out the tensors of {merged_dir}")  # fmt: skip
-        base, converted = gguf.GGUFReader(base_gguf), gguf.GGUFReader(converted_path)
+        base, converted = open_gguf(base_gguf), open_gguf(converted_path)
         tensors = _matching_tensors(base, converted)
         writer = gguf.GGUFWriter(out_path, arch=str(base.fields["general.architecture"].contents()))
         _copy_metadata(base, writer, name)

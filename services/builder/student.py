@@ -29,7 +29,7 @@ from pathlib import Path
 
 from services.builder.families import Family, base_chat_template, family_of_gguf, family_of_hf
 from services.builder.spec import SpecError
-from services.core.gguf_metadata import chat_template
+from services.core.gguf_metadata import chat_template, open_gguf
 
 # Where `make setup` keeps llama-cpp-python's sdist, next to the wheel it built from it:
 # $EDGEDISTILL_WHEELHOUSE when set (as scripts/llama-wheel.env reads it), else one folder per
@@ -166,9 +166,7 @@ def write_base_gguf(student: StudentSource, out_path: Path) -> None:
 
 
 def gguf_vocabulary(path: Path) -> set[str]:
-    import gguf
-
-    field = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    field = open_gguf(path).fields["tokenizer.ggml.tokens"]
     return {bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data}
 
 
@@ -176,7 +174,7 @@ def rewrite_gguf(path: Path, strings: dict[str, str]) -> None:
     """Rewrite a GGUF in place with string keys added or replaced; tensors copied as they are."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     partial = path.with_suffix(".partial")
     writer = gguf.GGUFWriter(partial, arch=str(reader.fields["general.architecture"].contents()))
     for key, field in reader.fields.items():

@@ -23,7 +23,8 @@ err_console = Console(stderr=True, width=console_width(sys.stderr))
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line whatever the width: a log or a script greps an error by its words.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
