@@ -5,6 +5,7 @@ import sys
 from bench import (
     batching,
     edge_loop,
+    gguf_read,
     load,
     router_capacity,
     router_quality,
@@ -20,6 +21,7 @@ BENCHES = {
     "typed": typed_decoding.main,
     "capacity": router_capacity.main,
     "edge": edge_loop.main,
+    "gguf": gguf_read.main,
 }
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ n_threads: 2
 eval_max_tokens: 24
 output: {output}
 """
-# A start of 6 tickets cannot learn six queues; 48 can learn most of them (docs/building.md).
-INITIAL, PER_ROUND, GATE = 6, 42, 0.5
+# A start of 6 tickets cannot learn six queues (about 25% on the calibration part); 48 learn
+# about half of them (docs/building.md). The gate sits between, several tickets from each on
+# 24 calibration rows: the test checks the loop, not a score at the edge of the noise.
+INITIAL, PER_ROUND, GATE = 6, 42, 0.4
 
 
 def test_rows_enter_in_a_seeded_order_and_a_subset_is_the_first_of_it() -> None:
@@ -83,7 +85,7 @@ def test_written_inputs_never_repeat_a_split_row_or_each_other() -> None:
 
 
 def loop_data(root: Path, train_rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    dev = balanced("dev", 4)
+    dev = balanced("dev", 8)
     write_jsonl(root / "train.jsonl", train_rows)
     write_jsonl(root / "dev.jsonl", dev)
     return dev
