@@ -8,6 +8,7 @@ from bench import (
     gguf_read,
     load,
     router_capacity,
+    router_confidence,
     router_quality,
     serving_overhead,
     typed_decoding,
@@ -22,6 +23,7 @@ BENCHES = {
     "capacity": router_capacity.main,
     "edge": edge_loop.main,
     "gguf": gguf_read.main,
+    "confidence": router_confidence.main,
 }
 
 if __name__ == "__main__":

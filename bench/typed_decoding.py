@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.results import write_results
+from bench.router_confidence import ROUTER_TARGETS, router_calibration, router_table
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.stats import percentile, wilson_interval
@@ -43,9 +44,6 @@ VARIANT = "Q8_0"
 CONCURRENCY = 8
 CALLS_AT_CONCURRENCY = 64
 TTFT_PROMPTS = 24
-# Router targets, as fractions of the teacher's quality: the build's (0.95) and stricter ones,
-# where the local model alone falls short and calls must go to the API.
-ROUTER_TARGETS = (0.95, 0.97, 0.99, 1.0)
 
 
 @dataclass
@@ -168,18 +166,6 @@ def summary(answers: list[Answer]) -> dict[str, Any]:
     }
 
 
-def router_calibration(answers: list[Answer], target: float) -> dict[str, Any]:
-    """The build's calibration (gold teacher) on these answers' confidences: the threshold is
-    chosen on the calibration part, the calls it sends to the API counted on the test part."""
-    from services.builder.calibrate import calibrate
-
-    student = [{"split": a.split, "score": a.score, "outcome": a.outcome,
-                "confidence": a.confidence} for a in answers]  # fmt: skip
-    teacher = [{"split": a.split, "score": 1.0} for a in answers]
-    result = calibrate(student, teacher, target_retention=target, variant=VARIANT)
-    return {key: result[key] for key in ("threshold", "target_retention", "calibration", "test")}
-
-
 def main() -> None:
     console = Console()
     missing = [b for b in (BEFORE, AFTER) if not (b / "manifest.json").is_file()]
@@ -210,8 +196,8 @@ def main() -> None:
     console.print("running the new model without typed decoding (today's confidence) ...")
     free_after = serial(AFTER, rows, "--no-typed-decoding")
     router = {
-        "before": [router_calibration(free_after, t) for t in ROUTER_TARGETS],
-        "after": [router_calibration(answers["after"], t) for t in ROUTER_TARGETS],
+        "before": [router_calibration(list(free_after), t, VARIANT) for t in ROUTER_TARGETS],
+        "after": [router_calibration(list(answers["after"]), t, VARIANT) for t in ROUTER_TARGETS],
     }
     print_results(console, results, router)
     write_results(
@@ -291,23 +277,7 @@ def print_results(
     table.add_row(f"accuracy, test part (n={after['test_n']})", _accuracy(before),
                   _accuracy(after), "", "within before's interval")  # fmt: skip
     console.print(table)
-    console.print(router_table(router))
-
-
-def router_table(router: dict[str, list[dict[str, Any]]]) -> Table:
-    table = Table(title="Router on the new model: calls sent to the API, test part (n=60)")
-    for column in ("target (of teacher)", "confidence before: API calls", "system quality",
-                   "confidence after: API calls", "system quality"):  # fmt: skip
-        table.add_column(column)
-    for before, after in zip(router["before"], router["after"], strict=True):
-        cells = []
-        for found in (before, after):
-            test = found["test"]
-            lo, hi = test["fallback_interval"]
-            cells += [f"{test['fallback_rate']:.1%} [{lo:.1%}-{hi:.1%}]",
-                      f"{test['system_quality']:.1%}"]  # fmt: skip
-        table.add_row(f"{before['target_retention']:.0%}", *cells)
-    return table
+    console.print(router_table(router, f"Router on the new model, ticket-triage {VARIANT}"))
 
 
 def _accuracy(result: dict[str, Any]) -> str:

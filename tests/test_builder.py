@@ -733,6 +733,42 @@ def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> Non
     assert message.replace("Value error, ", "") in " ".join(proc.stderr.split()), proc.stderr
 
 
+# Chat-template tokens around a record's three messages (SmolLM2: 5 per message), with room.
+TEMPLATE_ALLOWANCE = 32
+
+
+@pytest.mark.parametrize(
+    "spec_path", sorted(REPO.glob("examples/*/spec.yaml")), ids=lambda p: p.parent.name
+)
+def test_every_example_loads_and_its_gold_traces_fit_the_default_recipe(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shipped example builds on a first try: its spec, program and data load and split, and
+    (gold teacher, one predictor) every training record fits lora.max_length in the default
+    student's tokens. A signature with eight Literal labels once made every record longer than
+    the old 512, so the build had nothing to train on."""
+    import llama_cpp
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    monkeypatch.setenv("OPENAI_API_KEY", "unused: loading a spec calls no model")
+    spec = load_spec(spec_path)
+    ctx = BuildContext.load(spec, Console(quiet=True))
+    assert ctx.trainset and ctx.calibset and ctx.testset
+    if not spec.teacher.is_gold or ctx.pipeline is not None:
+        return  # an API teacher's answers, or several predictors' calls: known at build time
+    vocab = llama_cpp.Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
+    longest = 0
+    for example in ctx.trainset:
+        outputs = {name: example[name] for name in ctx.output_names}
+        record = ctx.codec.format_finetune(dict(example.inputs()), outputs)
+        text = "".join(message["content"] for message in record["messages"])
+        longest = max(longest, len(vocab.tokenize(text.encode(), add_bos=False)))
+    assert longest + TEMPLATE_ALLOWANCE <= spec.lora.max_length, longest
+
+
 def test_a_program_beside_its_spec_imports_without_being_a_package(tmp_path: Path) -> None:
     """A user's folder with spec.yaml and inbox_prog.py (no __init__.py, nothing installed):
     the spec's folder is on the import path; a wrong module name says where it looked."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from services.builder.data import imbalance
 from services.builder.probe import Probe, ProbeResult
-from services.builder.spec import LoraSpec
+from services.builder.spec import LoraSpec, SpecError
 from services.core.tokens import common_prefix_length
 
 IGNORE = -100
@@ -222,7 +222,10 @@ def train_lora(
     chats = chats[: lora.max_examples] if lora.max_examples else chats
     examples, kept = tokenize_chats(tokenizer, chats, lora.max_length, lora.scaffold_weight)
     if not examples:
-        raise ValueError(f"every example is longer than lora.max_length={lora.max_length}")
+        raise SpecError(
+            f"lora.max_length: every example is longer than {lora.max_length} tokens; raise "
+            "`lora: {max_length: N}` in the spec"
+        )
     weights = [sample_weights[i] for i in kept] if sample_weights else None
     total_steps = optimizer_steps(len(examples), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -109,7 +109,9 @@ class LoraSpec(_Strict):
     # small dataset needs more passes for the labels, not just the format, to be learned).
     epochs: float = Field(3.0, gt=0, le=100)
     min_steps: int = Field(150, ge=0, le=100_000)
-    max_length: int = Field(512, ge=32, le=8192)
+    # Tokens per training example; longer ones are left out (the build says how many). Room
+    # for a long signature (eight Literal labels are listed three times in DSPy's prompt).
+    max_length: int = Field(2048, ge=32, le=8192)
     max_examples: int | None = Field(None, ge=1)
     # Loss weight of the answer's fixed scaffold (field headers, `[[ ## completed ## ]]`)
     # against its values (1.0): below 1 the loss is spent on what the program decides.

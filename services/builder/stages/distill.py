@@ -183,6 +183,10 @@ def train_lora(ctx: BuildContext, out: Path) -> None:
         f"  {summary['steps']} steps on {summary['device']}, {summary['tokens_per_second']} "
         f"tokens/s, final loss {summary['final_loss']:.3f}; kept step {summary['chosen_step']}"
     )
+    if summary["dropped_too_long"]:
+        console.print(f"  [yellow]warning:[/] {summary['dropped_too_long']} examples longer than "
+                      f"lora.max_length={spec.lora.max_length} tokens were left out; raise "
+                      "`lora: {max_length: N}` to train on them", highlight=False)  # fmt: skip
     if summary["train_probe"]:
         console.print(f"  on {summary['train_probe']['n']} train rows: "
                       f"{probe_line(summary['train_probe'])}", highlight=False)  # fmt: skip
