@@ -11,11 +11,18 @@ over all held-out rows: how well each confidence ranks right answers above wrong
 with a bootstrap interval), and its mean on right answers by the answer's length in tokens,
 which the geometric mean depends on and the label's probability does not.
 
+The two runs differ in their answers as well as in their scores. So, in-process, the typed
+answers are also scored four ways by teacher-forcing every allowed value (only the rule
+differs): the label's probability among the allowed tokens at each choice (served), its
+posterior among the whole allowed values, the geometric mean of its tokens' probabilities
+(served before), and its joint probability.
+
     python -m bench confidence      # the specs below whose bundle is built
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import defaultdict
@@ -29,6 +36,7 @@ from rich.table import Table
 from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
+from services.core.tokens import common_prefix_length
 from testkit.processes import REPO, start_runtime
 
 SPECS = (
@@ -198,10 +206,14 @@ def compare(spec_path: Path, console: Console) -> dict[str, Any] | None:
                for name, found in answers.items()}  # fmt: skip
     console.print(router_table(router, f"{spec.name} {variant}"))
     console.print(ranking_table(ranking))
+    records = scored_by_rules(bundle, variant, rows)
+    rules = compare_rules(records, targets, variant)
+    console.print(rules_table(rules, len(records), sum(r["correct"] for r in records)))
     return {
         "spec": str(spec_path.relative_to(REPO)), "bundle": str(bundle.relative_to(REPO)),
-        "variant": variant, "router": router, "ranking": ranking,
+        "variant": variant, "router": router, "ranking": ranking, "rules": rules,
         "answers": {name: [asdict(a) for a in found] for name, found in answers.items()},
+        "scored_typed_answers": records,
     }  # fmt: skip
 
 
@@ -218,6 +230,143 @@ def ranking_table(ranking: dict[str, dict[str, Any]]) -> Table:
         lengths = ", ".join(f"{n}: {v['mean']:.3f} (n={v['n']})"
                             for n, v in found["right_by_answer_tokens"].items())  # fmt: skip
         table.add_row(name, f"{found['right']} / {found['n']}", score, lengths)
+    return table
+
+
+# The scoring rules compared on the same typed answers, by their records' keys.
+RULES = {
+    "label among allowed tokens (served)": "renormalised",
+    "label posterior among whole values": "posterior",
+    "geometric mean of its tokens (before)": "geometric_mean",
+    "joint probability of its tokens": "joint",
+}
+
+
+def scored_by_rules(
+    bundle: Path, variant: str, rows: list[tuple[str, Any]]
+) -> list[dict[str, Any]]:
+    """The typed answer to each row (greedy over the allowed values) and its score under
+    each rule, from every allowed value's token log-probabilities (teacher-forced)."""
+    import llama_cpp
+
+    from services.core.bundle import Bundle
+    from services.core.program import PromptCodec, program_from_file
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
+    from services.runtime.predict import prepare_answer
+
+    opened = Bundle.open(bundle)
+    codec = PromptCodec(program_from_file(opened.program_path))
+    model = str(opened.model_path(variant))
+    engine = BatchedLlamaCpp(opened.model_path(variant), n_ctx=2048, n_threads=2, parallel=1)
+    scorer = llama_cpp.Llama(model, n_ctx=2048, logits_all=True, n_threads=2, verbose=False)
+    name = codec.output_names[0]
+    try:
+        records = []
+        for split, example in rows:
+            messages = codec.format_messages(dict(example.inputs()))
+            prompt = prepare_answer(engine, codec, messages, typed=True)
+            assert prompt.plan is not None and prompt.tokens is not None
+            plan = prompt.plan.fields[0]
+            if plan.kind != "choice":
+                raise ValueError(f"{name}: the first output is not a Literal or bool")
+            value_logprobs = teacher_forced(scorer, list(prompt.tokens), plan.choices)
+            chosen, renormalised = typed_choice(plan.choices, value_logprobs)
+            text = plan.choice_texts[chosen]
+            records.append({
+                "split": split, "answer": text, "answer_tokens": len(plan.choices[chosen]),
+                "correct": normalize(text) == normalize(example[name]),
+                **rule_scores(value_logprobs, chosen, renormalised),
+            })  # fmt: skip
+        return records
+    finally:
+        engine.close()
+
+
+def normalize(text: Any) -> str:
+    return " ".join(str(text).strip().lower().split())
+
+
+def teacher_forced(
+    scorer: Any, prompt: list[int], values: tuple[tuple[int, ...], ...]
+) -> list[list[float]]:
+    """Each value's tokens' log-probabilities after the prompt (its prefix evaluated once)."""
+    import numpy as np
+
+    # llama-cpp-python drops the KV cache past n_tokens on eval: keep the shared prefix
+    shared = common_prefix_length([scorer.input_ids[: scorer.n_tokens].tolist(), prompt])
+    scorer.n_tokens = min(shared, len(prompt) - 1)
+    scorer.eval(prompt[scorer.n_tokens :])
+    found = []
+    for tokens in values:
+        scorer.n_tokens = len(prompt)
+        scorer.eval(list(tokens))
+        logits = np.asarray(scorer.scores[len(prompt) - 1 : len(prompt) - 1 + len(tokens)])
+        peak = logits.max(axis=1, keepdims=True)
+        norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+        found.append([float(logits[i, t] - norm[i]) for i, t in enumerate(tokens)])
+    return found
+
+
+def typed_choice(
+    values: tuple[tuple[int, ...], ...], logprobs: list[list[float]]
+) -> tuple[int, float]:
+    """What typed decoding picks greedily (the best allowed token at each step that chooses)
+    and the log of its served confidence (the chosen tokens renormalised over the allowed)."""
+    alive, step, renormalised = list(range(len(values))), 0, 0.0
+    while len(alive) > 1:
+        nexts: dict[int, list[int]] = defaultdict(list)
+        for index in alive:
+            nexts[values[index][step]].append(index)
+        if len(nexts) > 1:
+            options = {t: logprobs[ks[0]][step] for t, ks in nexts.items()}
+            best = max(options, key=lambda t: options[t])
+            renormalised += options[best] - math.log(sum(math.exp(v) for v in options.values()))
+        else:
+            best = next(iter(nexts))
+        alive, step = nexts[best], step + 1
+    return alive[0], renormalised
+
+
+def rule_scores(logprobs: list[list[float]], chosen: int, renormalised: float) -> dict[str, float]:
+    joints = [sum(found) for found in logprobs]
+    peak = max(joints)
+    total = peak + math.log(sum(math.exp(j - peak) for j in joints))
+    return {
+        "renormalised": math.exp(renormalised),
+        "posterior": math.exp(joints[chosen] - total),
+        "geometric_mean": math.exp(joints[chosen] / len(logprobs[chosen])),
+        "joint": math.exp(joints[chosen]),
+    }
+
+
+def compare_rules(
+    records: list[dict[str, Any]], targets: list[float], variant: str
+) -> dict[str, Any]:
+    """Per rule, on the same answers: the ranking (AUROC) and the router's calls at each target."""
+    found = {}
+    for label, key in RULES.items():
+        answers = [Answer(r["split"], "parsed", r["correct"], r[key], r["answer_tokens"])
+                   for r in records]  # fmt: skip
+        found[label] = {
+            "auroc": auroc(answers), "interval": auroc_interval(answers),
+            "router": [router_calibration(list(answers), t, variant) for t in targets],
+        }  # fmt: skip
+    return found
+
+
+def rules_table(rules: dict[str, Any], n: int, right: int) -> Table:
+    title = f"The same typed answers ({right} of {n} right), scored by each rule"
+    table = Table(title=title)
+    targets = [r["target_retention"] for r in next(iter(rules.values()))["router"]]
+    test_n = next(iter(rules.values()))["router"][0]["test"]["n"]
+    for column in ("rule", "AUROC [95% bootstrap]",
+                   *(f"API calls at {t:.0%} (test, n={test_n})" for t in targets)):  # fmt: skip
+        table.add_column(column)
+    for label, found in rules.items():
+        lo, hi = found["interval"] or (math.nan, math.nan)
+        calls = [f"{r['test']['fallback_rate']:.1%} -> {r['test']['system_quality']:.1%}"
+                 for r in found["router"]]  # fmt: skip
+        table.add_row(label, f"{found['auroc']:.3f} [{lo:.3f}-{hi:.3f}]", *calls)
     return table
 
 
