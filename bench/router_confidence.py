@@ -223,10 +223,7 @@ def ranking_table(ranking: dict[str, dict[str, Any]]) -> Table:
                    "mean on right answers, by answer tokens"):  # fmt: skip
         table.add_column(column)
     for name, found in ranking.items():
-        interval = found["interval"]
-        score = "n/a" if found["auroc"] is None else f"{found['auroc']:.3f}"
-        if interval:
-            score += f" [{interval[0]:.3f}-{interval[1]:.3f}]"
+        score = auroc_text(found)
         lengths = ", ".join(f"{n}: {v['mean']:.3f} (n={v['n']})"
                             for n, v in found["right_by_answer_tokens"].items())  # fmt: skip
         table.add_row(name, f"{found['right']} / {found['n']}", score, lengths)
@@ -249,6 +246,7 @@ def scored_by_rules(
     each rule, from every allowed value's token log-probabilities (teacher-forced)."""
     import llama_cpp
 
+    from services.builder.data import normalize
     from services.core.bundle import Bundle
     from services.core.program import PromptCodec, program_from_file
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
@@ -256,9 +254,10 @@ def scored_by_rules(
 
     opened = Bundle.open(bundle)
     codec = PromptCodec(program_from_file(opened.program_path))
-    model = str(opened.model_path(variant))
-    engine = BatchedLlamaCpp(opened.model_path(variant), n_ctx=2048, n_threads=2, parallel=1)
-    scorer = llama_cpp.Llama(model, n_ctx=2048, logits_all=True, n_threads=2, verbose=False)
+    model = opened.model_path(variant)
+    # the runtime's engine builds each prompt and typed plan; a second copy scores them
+    engine = BatchedLlamaCpp(model, n_ctx=2048, n_threads=2, parallel=1)
+    scorer = llama_cpp.Llama(str(model), n_ctx=2048, logits_all=True, n_threads=2, verbose=False)
     name = codec.output_names[0]
     try:
         records = []
@@ -280,10 +279,7 @@ def scored_by_rules(
         return records
     finally:
         engine.close()
-
-
-def normalize(text: Any) -> str:
-    return " ".join(str(text).strip().lower().split())
+        scorer.close()
 
 
 def teacher_forced(
@@ -363,11 +359,19 @@ def rules_table(rules: dict[str, Any], n: int, right: int) -> Table:
                    *(f"API calls at {t:.0%} (test, n={test_n})" for t in targets)):  # fmt: skip
         table.add_column(column)
     for label, found in rules.items():
-        lo, hi = found["interval"] or (math.nan, math.nan)
         calls = [f"{r['test']['fallback_rate']:.1%} -> {r['test']['system_quality']:.1%}"
                  for r in found["router"]]  # fmt: skip
-        table.add_row(label, f"{found['auroc']:.3f} [{lo:.3f}-{hi:.3f}]", *calls)
+        table.add_row(label, auroc_text(found), *calls)
     return table
+
+
+def auroc_text(found: dict[str, Any]) -> str:
+    """An AUROC with its interval; n/a where every answer is right (or every one wrong)."""
+    if found["auroc"] is None:
+        return "n/a"
+    interval = found["interval"]
+    text = f"{found['auroc']:.3f}"
+    return text + f" [{interval[0]:.3f}-{interval[1]:.3f}]" if interval else text
 
 
 def main() -> None:
