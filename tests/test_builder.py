@@ -769,6 +769,90 @@ def test_every_example_loads_and_its_gold_traces_fit_the_default_recipe(
     assert longest + TEMPLATE_ALLOWANCE <= spec.lora.max_length, longest
 
 
+ORDERS_PROGRAM = '''
+import enum
+
+import dspy
+from pydantic import BaseModel
+
+
+class Line(BaseModel):
+    item: str
+    quantity: int
+
+
+class Size(enum.Enum):
+    SMALL = "small"
+    LARGE = "large"
+
+
+class ParseOrder(dspy.Signature):
+    """Extract the order."""
+
+    message: str = dspy.InputField()
+    line: Line = dspy.OutputField()
+    size: Size = dspy.OutputField()
+    tags: list[str] = dspy.OutputField()
+    priority: int = dspy.OutputField()
+    gift: bool = dspy.OutputField()
+
+
+def build():
+    return dspy.Predict(ParseOrder)
+'''
+
+
+def order_rows(count: int, start: int) -> list[dict[str, Any]]:
+    items = [("mug", "kitchen"), ("lamp", "home"), ("pen", "office"), ("scarf", "clothing")]
+    out = []
+    for n in range(start, start + count):
+        item, tag = items[n % 4]
+        size = "large" if n % 3 == 0 else "small"
+        out.append({"message": f"{n % 5 + 1} {item}s in a {size} box, order {n}",
+                    "line": {"item": item, "quantity": n % 5 + 1}, "size": size, "tags": [tag],
+                    "priority": n % 3 + 1, "gift": n % 2 == 0})  # fmt: skip
+    return out
+
+
+def test_a_program_with_models_and_enums_trains_on_what_it_serves(tmp_path: Path) -> None:
+    """A single Predict with a pydantic model, an Enum, a list, an int and a bool: the gold
+    traces pass exact_match (the typed teacher answer equals the JSON row), and the runtime's
+    codec, rebuilt from program.json alone, parses every training answer back to its row."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.data import canonical
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+    from services.core.program import ProgramSpec, PromptCodec
+
+    (tmp_path / "orders_prog.py").write_text(ORDERS_PROGRAM)
+    train = order_rows(8, 0)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", order_rows(8, 100))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "name: orders\nprogram: orders_prog:build\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    spec = load_spec(spec_path)
+    result = build(spec, Console(file=io.StringIO()), stages=STAGES[:2])
+    assert result.ran == ["traces", "dataset"]
+    counts = json.loads((tmp_path / "build" / "traces" / "counts.json").read_text())
+    assert counts["kept"] == 8 and counts["rejected"] == 0, counts
+    records = (tmp_path / "build" / "dataset" / "dataset.jsonl").read_text().splitlines()
+    described = BuildContext.load(spec, Console(quiet=True)).program_spec.model_dump_json()
+    served = PromptCodec(ProgramSpec.model_validate_json(described))
+    assert [f.type for f in served.spec.outputs][:3] == ["Line", "Size", "list[str]"]
+    for line, row in zip(records, train, strict=True):
+        answer = json.loads(line)["messages"][-1]["content"]
+        parsed = served.parse(answer)
+        assert parsed is not None, answer
+        values = json.loads(parsed.outputs_json)
+        assert all(canonical(values[k]) == canonical(row[k]) for k in values), (values, row)
+        assert isinstance(values["gift"], bool) and isinstance(values["priority"], int)
+
+
 def test_a_program_beside_its_spec_imports_without_being_a_package(tmp_path: Path) -> None:
     """A user's folder with spec.yaml and inbox_prog.py (no __init__.py, nothing installed):
     the spec's folder is on the import path; a wrong module name says where it looked."""

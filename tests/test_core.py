@@ -1,11 +1,16 @@
 """The shared core: program format, prompt codec, bundle verification, stop-string buffer."""
 
+from __future__ import annotations
+
+import enum
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
+from pydantic import BaseModel, Field
+from pydantic_core import to_jsonable_python
 
 from services.core.bundle import Bundle, BundleError, Manifest, write_manifest
 from services.core.program import (
@@ -37,6 +42,99 @@ def test_program_round_trips_through_dspy_signature() -> None:
     assert codec.format_messages({"ticket": "VPN down"}) == dspy.ChatAdapter().format(
         Triage, [], {"ticket": "VPN down"}
     )
+
+
+class Size(enum.Enum):
+    SMALL = "small"
+    LARGE = "large"
+
+
+class Line(BaseModel):
+    item: str
+    quantity: int = Field(ge=1)
+
+
+class Order(BaseModel):
+    lines: list[Line]
+    note: str | None = None
+
+
+class Node(BaseModel):
+    children: list[Node] = []
+
+
+def order_signature() -> Any:
+    import dspy
+
+    class ParseOrder(dspy.Signature):
+        """Extract the order."""
+
+        message: str = dspy.InputField()
+        first: Line = dspy.OutputField()
+        order: Order = dspy.OutputField()
+        size: Size = dspy.OutputField()
+        counts: dict[str, int] = dspy.OutputField()
+        gift_note: str | None = dspy.OutputField()
+
+    return ParseOrder
+
+
+def test_models_enums_dicts_and_optionals_round_trip_through_program_json() -> None:
+    import dspy
+
+    signature = order_signature()
+    spec = ProgramSpec.from_signature(signature, name="orders", prompt_format="prefix-first")
+    again = ProgramSpec.model_validate_json(spec.model_dump_json())
+    types = {f.name: f.type for f in again.outputs}
+    assert types == {"first": "Line", "order": "Order", "size": "Size",
+                     "counts": "dict[str, int]", "gift_note": "Union[str, NoneType]"}  # fmt: skip
+    assert again.outputs[2].enum_values == ["small", "large"]
+    assert "$ref" not in json.dumps(again.outputs[1].json_schema)  # Line is inlined
+    codec = PromptCodec(again)
+    # Where no reference was inlined, the prompt is DSPy's own on the original signature.
+    simple = ProgramSpec.from_signature(
+        signature.delete("order"), prompt_format="chat"
+    ).model_dump_json()
+    assert PromptCodec(ProgramSpec.model_validate_json(simple)).format_messages(
+        {"message": "2 mugs"}
+    ) == dspy.ChatAdapter().format(signature.delete("order"), [], {"message": "2 mugs"})
+    values = {
+        "first": Line(item="mug", quantity=2),
+        "order": Order(lines=[Line(item="mug", quantity=2)], note="wrap it"),
+        "size": Size.SMALL, "counts": {"mug": 2}, "gift_note": None,
+    }  # fmt: skip
+    answer = codec.format_assistant(values)
+    parsed = codec.parse(answer)
+    assert parsed is not None
+    # The values DSPy's own parser gives on the original signature (an Optional[str] keeps
+    # the text "None", as DSPy does), as JSON.
+    original = dspy.ChatAdapter().parse(signature, answer)
+    assert json.loads(parsed.outputs_json) == to_jsonable_python(original)
+    assert json.loads(parsed.outputs_json)["order"] == {
+        "lines": [{"item": "mug", "quantity": 2}],
+        "note": "wrap it",
+    }
+
+
+def test_a_value_outside_its_schema_does_not_parse() -> None:
+    codec = PromptCodec(ProgramSpec.from_signature(order_signature()))
+    good = {"first": {"item": "mug", "quantity": 2}, "order": {"lines": []},
+            "size": "large", "counts": {}, "gift_note": "x"}  # fmt: skip
+    assert codec.parse(codec.format_assistant(good)) is not None
+    for field, bad in (("first", {"item": "mug", "quantity": 0}), ("first", {"item": "mug"}),
+                       ("order", {"lines": [{"quantity": 1}]}), ("size", "medium")):  # fmt: skip
+        assert codec.parse(codec.format_assistant({**good, field: bad})) is None, (field, bad)
+
+
+def test_a_recursive_type_is_refused_naming_it() -> None:
+    import dspy
+
+    class Tree(dspy.Signature):
+        text: str = dspy.InputField()
+        tree: Node = dspy.OutputField()
+
+    with pytest.raises(ProgramFormatError, match="'Node' is recursive"):
+        ProgramSpec.from_signature(Tree)
 
 
 def test_codec_parses_with_value_spans_and_rejects_bad_labels() -> None:

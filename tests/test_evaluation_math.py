@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from services.builder.calibrate import calibrate, choose_threshold, fallback_curve
 from services.builder.cost import (
@@ -269,3 +270,65 @@ def test_split_by_group_keeps_each_labels_share_when_stratified() -> None:
         assert [labels[i] for i in calibration].count("a") == 6
         assert [labels[i] for i in calibration].count("b") == 2
         assert not {groups[i] for i in calibration} & {groups[i] for i in test}
+
+
+# -- comparing typed answers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gold", "answer", "equal"),
+    [
+        (3, "3", True), (3, "3.0", True), (3, "4", False), (True, "True", True),
+        (False, "true", False), (["Home", "light"], '["home", "light"]', True),
+        (["home"], "['home']", True), (["home", "light"], '["light", "home"]', False),
+        ({"item": "Mug", "quantity": 2}, '{"quantity": 2, "item": "mug"}', True),
+        ({"item": "mug", "quantity": 2}, '{"item": "mug", "quantity": 3}', False),
+        ("Account  Access", "account access", True), ("billing", "[billing", False),
+    ],
+)  # fmt: skip
+def test_answers_compare_as_data_without_case_or_spacing(
+    gold: Any, answer: str, equal: bool
+) -> None:
+    import dspy
+
+    from services.builder.data import exact_match
+
+    example = dspy.Example(q="x", out=gold).with_inputs("q")
+    assert exact_match(example, dspy.Prediction(out=answer)) is equal
+
+
+class OrderLine(BaseModel):
+    item: str
+    quantity: int
+
+
+def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
+    """A student's answer reaches the build as text; the metric gets the program's types, as a
+    teacher's DSPy prediction has them."""
+    import dspy
+
+    from services.builder.data import TypedMetric, output_annotations, score
+
+    class Extract(dspy.Signature):
+        message: str = dspy.InputField()
+        line: OrderLine = dspy.OutputField()
+        priority: int = dspy.OutputField()
+        urgent: bool = dspy.OutputField()
+
+    def metric(example: Any, prediction: Any, trace: Any = None) -> bool:
+        same_line = prediction.line.quantity == example.line["quantity"]
+        return bool(same_line and prediction.priority == example.priority
+                    and prediction.urgent is False)  # fmt: skip
+
+    example = dspy.Example(message="2 mugs", line={"item": "mug", "quantity": 2}, priority=3,
+                           urgent=False).with_inputs("message")  # fmt: skip
+    text = {"line": '{"item": "mug", "quantity": 2}', "priority": "3", "urgent": "False"}
+    typed = TypedMetric(metric, output_annotations(dspy.Predict(Extract)))
+    assert score(typed, example, text) == 1.0
+    assert score(typed, example, {**text, "priority": "2"}) == 0.0
+    with pytest.raises(AttributeError):  # the text alone: no .quantity on a str
+        score(metric, example, text)
+    teacher = dspy.Prediction(line=OrderLine(item="mug", quantity=2), priority=3, urgent=False)
+    assert typed(example, teacher) is True
+    with pytest.raises(AttributeError):  # what does not parse reaches the metric as it came
+        score(typed, example, {**text, "line": "not json"})

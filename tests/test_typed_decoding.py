@@ -6,6 +6,7 @@ real runtimes and routers on loopback."""
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -239,6 +241,42 @@ def test_a_literal_never_leaves_its_set_and_json_always_parses_at_temperature_1_
         assert all(isinstance(tag, str) for tag in values["tags"])
         seen.add(values["category"])
     assert len(seen) >= 2  # it does sample
+
+
+class Line(BaseModel):
+    item: str
+    quantity: int
+
+
+class Size(enum.Enum):
+    SMALL = "small"
+    LARGE = "large"
+
+
+def test_models_and_enums_decode_to_their_types_at_temperature_1_5(backend: Any) -> None:
+    """A pydantic model, an Enum and a dict, stored in program.json as a schema, a choice and a
+    type text: every sampled answer parses, and validates as the author's own types."""
+    import dspy
+
+    class ParseOrder(dspy.Signature):
+        """Extract the order line."""
+
+        message: str = dspy.InputField()
+        line: Line = dspy.OutputField()
+        size: Size = dspy.OutputField()
+        counts: dict[str, int] = dspy.OutputField()
+
+    program = ProgramSpec.from_signature(ParseOrder, prompt_format="prefix-first").model_dump()
+    sizes = set()
+    for seed in range(8):
+        result = answer(backend, program, {"message": f"{seed + 2} blue mugs, small box"},
+                        typed=True, temperature=1.5, seed=seed, max_tokens=160)  # fmt: skip
+        assert result.outcome == "parsed", result.raw_text
+        values = json.loads(result.outputs_json)
+        Line.model_validate(values["line"])
+        sizes.add(Size(values["size"]))
+        assert all(isinstance(k, str) and type(v) is int for k, v in values["counts"].items())
+    assert sizes
 
 
 def test_batched_typed_decoding_equals_one_at_a_time(gguf_path: Path, backend: Any) -> None:

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from services.builder.data import (
     REASONING,
+    TypedMetric,
     file_sha256,
     input_key,
     label_fields,
@@ -22,6 +23,7 @@ from services.builder.data import (
     load_examples,
     load_grouped,
     normalize,
+    output_annotations,
     resolve_metric,
     split_by_group,
 )
@@ -46,6 +48,17 @@ def load_program(path: str) -> Any:
         return make_module(factory)
     except ProgramFormatError:
         raise SpecError(f"program: {path} did not return a dspy.Module") from None
+
+
+def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
+    """A single-predictor program's program.json: its signature, which the runtime rebuilds
+    from this description alone."""
+    try:
+        return ProgramSpec.from_signature(
+            predictor.signature, name=spec.name, prompt_format=spec.prompt_format
+        )
+    except ProgramFormatError as err:
+        raise SpecError(f"program: {spec.program}: {err}") from None
 
 
 def describe_pipeline(
@@ -144,9 +157,7 @@ class BuildContext:
         pipeline: PipelineSpec | None = None
         sources: dict[str, Path] = {}
         if len(predictors) == 1:
-            program_spec = ProgramSpec.from_signature(
-                predictors[0].signature, name=spec.name, prompt_format=spec.prompt_format
-            )
+            program_spec = describe_predictor(spec, predictors[0])
             codec = PromptCodec(program_spec)
             inputs, outputs = codec.input_names, codec.output_names
         else:
@@ -174,7 +185,9 @@ class BuildContext:
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
             trainset=trainset, calibset=calibset, testset=testset,
-            metric=resolve_metric(spec.metric, judge_spec(spec)),
+            metric=TypedMetric(
+                resolve_metric(spec.metric, judge_spec(spec)), output_annotations(program)
+            ),
             threshold=threshold, student=resolve_student(spec.student.source),
             pipeline=pipeline, sources=sources,
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -114,9 +115,50 @@ def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 
 
+def canonical(value: Any) -> Any:
+    """A value as answers are compared: JSON data, strings without case or extra spacing, and a
+    string that holds JSON (a number, true/false, a list or object, as the wire writes typed
+    values) as that JSON. So `3`, `"3"` and `3.0` are equal, as are a pydantic model, its dict
+    and its JSON text."""
+    from pydantic_core import to_jsonable_python
+
+    value = to_jsonable_python(value, fallback=str)
+    if isinstance(value, str):
+        text = normalize(value)
+        parsed = _literal(text)
+        return text if parsed is None or isinstance(parsed, str) else canonical(parsed)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dict):
+        return {normalize(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical(item) for item in value]
+    return value
+
+
+def _literal(text: str) -> Any:
+    """JSON text, or a Python literal (a multi-step program's outputs are Python's str() of
+    its values); None when it is neither."""
+    import ast
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if text[:1] in "[{(":
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return None
+
+
 def field_matches(example: Any, outputs: Any, name: str) -> bool:
-    """One output field answered as labelled, ignoring case and spacing (no answer: False)."""
-    return outputs is not None and normalize(example[name]) == normalize(outputs.get(name, ""))
+    """One output field answered as labelled, ignoring case and spacing, typed values compared
+    as data (no answer: False)."""
+    return outputs is not None and canonical(example[name]) == canonical(outputs.get(name, ""))
 
 
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
@@ -143,6 +185,49 @@ def field_f1(gold_text: Any, guess_text: Any) -> float:
 
 
 BUILTIN_METRICS: dict[str, Metric] = {"exact_match": exact_match, "token_f1": token_f1}
+
+
+class TypedMetric:
+    """The spec's metric, handed predictions typed as the program's own signature declares
+    (an `int` field an int, a pydantic model the model), whoever answered: a student's answer
+    reaches the build as text, a teacher's through DSPy already typed. A value that does not
+    parse as its type is passed as it came."""
+
+    def __init__(self, metric: Metric, annotations: dict[str, Any]) -> None:
+        self.metric = metric
+        self.annotations = annotations
+
+    def __call__(self, example: Any, prediction: Any, trace: Any = None) -> Any:
+        typed = typed_prediction(prediction, self.annotations)
+        if trace is None:
+            return self.metric(example, typed)
+        return self.metric(example, typed, trace)
+
+    def __getattr__(self, name: str) -> Any:  # the judge's `lm` and `failures`
+        if name in ("metric", "annotations"):  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.metric, name)
+
+
+def typed_prediction(prediction: Any, annotations: dict[str, Any]) -> Any:
+    import dspy
+    from dspy.adapters.utils import parse_value
+
+    values = dict(prediction.items())
+    for name, annotation in annotations.items():
+        if name in values and annotation is not str:
+            with contextlib.suppress(Exception):  # unparsed: the metric sees it as it came
+                values[name] = parse_value(values[name], annotation)
+    return dspy.Prediction(**values)
+
+
+def output_annotations(program: Any) -> dict[str, Any]:
+    """Each output field's type, from the predictor that first produces it."""
+    found: dict[str, Any] = {}
+    for predictor in program.predictors():
+        for name, info in predictor.signature.output_fields.items():
+            found.setdefault(name, info.annotation)
+    return found
 
 
 def resolve_metric(name: str, judge: Any = None) -> Metric:

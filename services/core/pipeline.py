@@ -138,7 +138,10 @@ def predictor_specs(module: Any) -> list[ProgramSpec]:
     """Each predictor's signature and demos, named by its path in the module."""
     return [
         ProgramSpec.from_signature(
-            predictor.signature, name=path, demos=[dict(d.items()) for d in predictor.demos]
+            predictor.signature,
+            name=path,
+            demos=[dict(d.items()) for d in predictor.demos],
+            standalone=False,
         )
         for path, predictor in module.named_predictors()
     ]

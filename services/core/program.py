@@ -15,10 +15,12 @@ Prompt formats (`prompt_format` in program.json):
 from __future__ import annotations
 
 import ast
+import copy
+import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field
 
@@ -37,8 +39,41 @@ class ProgramFormatError(ValueError):
 class FieldSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     description: str = ""
-    # The annotation as text: str, int, float, bool, list[str], Literal['a', 'b'], ...
+    # The annotation as text: str, int, float, bool, list[str], Literal['a', 'b'], Order, ...
     type: str = "str"
+    # A type the text cannot rebuild (it names a class: a pydantic model, a TypedDict, ...):
+    # its JSON Schema with references inlined; its values are served as JSON of that schema.
+    json_schema: dict[str, Any] | None = None
+    # An Enum: its members' values, served as a choice among them.
+    enum_values: list[str | int | float | bool] | None = None
+
+    @classmethod
+    def describe(cls, name: str, info: Any, standalone: bool = True) -> FieldSpec:
+        """A DSPy signature field (its pydantic FieldInfo) as LM-free JSON."""
+        annotation = info.annotation
+        text = _annotation_to_text(annotation)
+        described = cls(
+            name=name, description=str((info.json_schema_extra or {}).get("desc", "")), type=text
+        )
+        if _text_rebuilds(text):
+            return described
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            return described.model_copy(update={"enum_values": [m.value for m in annotation]})
+        try:
+            schema = inlined_json_schema(annotation, text)
+        except ProgramFormatError:
+            if standalone:
+                raise
+            return described
+        return described.model_copy(update={"json_schema": schema})
+
+    def annotation(self) -> Any:
+        """The type this field's values are parsed as (and its prompt describes)."""
+        if self.enum_values is not None:
+            return enum.Enum(self.type, [(str(v), v) for v in self.enum_values])
+        if self.json_schema is not None:
+            return schema_type(self.type, self.json_schema)
+        return _annotation_from_text(self.type)
 
 
 class ProgramSpec(BaseModel):
@@ -66,17 +101,15 @@ class ProgramSpec(BaseModel):
     @classmethod
     def from_signature(
         cls, signature: Any, *, name: str = "program", demos: list[dict[str, Any]] | None = None,
-        prompt_format: PromptFormat = "chat",
+        prompt_format: PromptFormat = "chat", standalone: bool = True,
     ) -> ProgramSpec:  # fmt: skip
-        """Describe a dspy.Signature class (types kept as text)."""
+        """Describe a dspy.Signature class. `standalone`: the description alone must rebuild
+        it (a single-predictor program); a multi-step program's predictors run from their
+        source, and a type the description cannot carry is kept as its text only."""
 
         def fields(items: dict[str, Any]) -> list[FieldSpec]:
             return [
-                FieldSpec(
-                    name=field_name,
-                    description=str((info.json_schema_extra or {}).get("desc", "")),
-                    type=_annotation_to_text(info.annotation),
-                )
+                FieldSpec.describe(field_name, info, standalone)
                 for field_name, info in items.items()
             ]
 
@@ -95,15 +128,9 @@ class ProgramSpec(BaseModel):
 
         spec: dict[str, Any] = {}
         for field in self.inputs:
-            spec[field.name] = (
-                _annotation_from_text(field.type),
-                dspy.InputField(desc=field.description),
-            )
+            spec[field.name] = (field.annotation(), dspy.InputField(desc=field.description))
         for field in self.outputs:
-            spec[field.name] = (
-                _annotation_from_text(field.type),
-                dspy.OutputField(desc=field.description),
-            )
+            spec[field.name] = (field.annotation(), dspy.OutputField(desc=field.description))
         return dspy.make_signature(spec, self.instructions, signature_name=_class_name(self.name))
 
 
@@ -148,7 +175,7 @@ class PromptCodec:
     ) -> PromptCodec:
         """A predictor's own signature (its real types, not their text) and demos: the
         prompts a multi-step program's predictor sends when DSPy runs it."""
-        spec = ProgramSpec.from_signature(signature, prompt_format=prompt_format)
+        spec = ProgramSpec.from_signature(signature, prompt_format=prompt_format, standalone=False)
         codec = cls(spec, signature)
         codec.demos = list(demos)
         return codec
@@ -247,13 +274,95 @@ def _class_name(name: str) -> str:
     return cleaned if cleaned and cleaned[0].isalpha() else "Program"
 
 
-_SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool}
+_SIMPLE_TYPES: dict[str, Any] = {
+    "str": str, "int": int, "float": float, "bool": bool, "NoneType": type(None), "Any": Any,
+    "list": list, "dict": dict,
+}  # fmt: skip
+_SUPPORTED = (
+    "str, int, float, bool, Literal, list, dict, tuple, Optional/Union, Enum, pydantic models"
+)
+
+
+class SchemaValue:
+    """Base of the types rebuilt from a stored JSON Schema (`schema_type`): the structured
+    decoder constrains their values with llama.cpp's JSON-schema grammar."""
+
+    json_schema: ClassVar[dict[str, Any]] = {}
+
+
+def schema_type(name: str, json_schema: dict[str, Any]) -> type[SchemaValue]:
+    """A type named `name` (as DSPy prints it in prompts) whose values are JSON valid against
+    `json_schema`, and whose JSON Schema (what ChatAdapter shows the model) is `json_schema`."""
+    import jsonschema
+    from pydantic_core import core_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema)
+
+    def validate(value: Any) -> Any:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if error is not None:
+            raise ValueError(f"not a {name}: {error.message}")
+        return value
+
+    def core(cls: type, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_plain_validator_function(validate)
+
+    def schema(cls: type, core_schema_: Any, handler: Any) -> dict[str, Any]:
+        return copy.deepcopy(json_schema)
+
+    namespace = {
+        "json_schema": json_schema,
+        "__get_pydantic_core_schema__": classmethod(core),
+        "__get_pydantic_json_schema__": classmethod(schema),
+    }
+    return type(name, (SchemaValue,), namespace)
+
+
+def inlined_json_schema(annotation: Any, text: str) -> dict[str, Any]:
+    """The JSON Schema of an annotation with its `$defs` references inlined (pydantic keeps
+    references in the document's root, which a rebuilt field type cannot carry)."""
+    from pydantic import TypeAdapter
+
+    try:
+        document = TypeAdapter(annotation).json_schema()
+    except Exception as err:
+        raise ProgramFormatError(
+            f"field type {text!r} has no JSON Schema ({type(err).__name__}: {err}); "
+            f"use one of: {_SUPPORTED}"
+        ) from err
+    definitions = document.get("$defs", {})
+
+    def inline(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            name = str(node["$ref"]).rsplit("/", 1)[-1]
+            if name in seen or name not in definitions:
+                raise ProgramFormatError(
+                    f"field type {text!r} is recursive ({name} contains itself): a served value "
+                    "needs a finite schema; use a type without self-reference"
+                )
+            return inline(definitions[name], (*seen, name))
+        return {key: inline(value, seen) for key, value in node.items() if key != "$defs"}
+
+    inlined: dict[str, Any] = inline(document, ())
+    return inlined
 
 
 def _annotation_to_text(annotation: Any) -> str:
     from dspy.adapters.utils import get_annotation_name
 
     return str(get_annotation_name(annotation))
+
+
+def _text_rebuilds(text: str) -> bool:
+    try:
+        _annotation_from_text(text)
+    except ProgramFormatError:
+        return False
+    return True
 
 
 def _annotation_from_text(text: str) -> Any:
@@ -277,8 +386,15 @@ def _annotation_from_node(node: ast.expr, text: str) -> Any:
                     raise ProgramFormatError(f"field type {text!r}: Literal takes constants only")
                 values.append(arg.value)
             return Literal[tuple(values)]
-        if node.value.id == "list" and len(args) == 1:
-            return list[_annotation_from_node(args[0], text)]  # type: ignore[misc]
-    raise ProgramFormatError(
-        f"field type {text!r} is not supported (str, int, float, bool, list[...], Literal[...])"
-    )
+        inner = tuple(_annotation_from_node(arg, text) for arg in args)
+        generic = _GENERICS.get(node.value.id)
+        if generic is not None and _GENERIC_ARITY[node.value.id](len(inner)):
+            return generic[inner if len(inner) > 1 else inner[0]]
+    raise ProgramFormatError(f"field type {text!r} is not supported ({_SUPPORTED})")
+
+
+_GENERICS: dict[str, Any] = {"list": list, "dict": dict, "tuple": tuple, "Union": Union}
+_GENERIC_ARITY: dict[str, Any] = {
+    "list": lambda n: n == 1, "dict": lambda n: n == 2, "tuple": lambda n: n >= 1,
+    "Union": lambda n: n >= 2,
+}  # fmt: skip

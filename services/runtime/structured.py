@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from services.core.program import COMPLETED_MARKER, PromptCodec
+from services.core.program import COMPLETED_MARKER, PromptCodec, SchemaValue
 
 ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
@@ -134,7 +134,8 @@ def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], l
 
 
 def choice_texts(info: Any) -> tuple[str, ...] | None:
-    """The texts a Literal or bool field may take, as ChatAdapter writes them."""
+    """The texts a Literal, Enum or bool field may take, as ChatAdapter writes them."""
+    import enum
     from typing import get_args, get_origin
 
     from dspy.adapters.utils import format_field_value
@@ -142,6 +143,8 @@ def choice_texts(info: Any) -> tuple[str, ...] | None:
     annotation = info.annotation
     if annotation is bool:
         values: tuple[Any, ...] = (True, False)
+    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = tuple(annotation)
     elif get_origin(annotation) is Literal:
         values = get_args(annotation)
     else:
@@ -150,13 +153,15 @@ def choice_texts(info: Any) -> tuple[str, ...] | None:
 
 
 def json_schema_of(annotation: Any) -> str | None:
-    """The JSON Schema of a list, dict, tuple or pydantic-model annotation, else None."""
+    """The JSON Schema of a list, dict, tuple, pydantic-model or stored-schema annotation,
+    else None."""
     from typing import get_origin
 
     import pydantic
 
     origin = get_origin(annotation) or annotation
-    is_model = isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
+    structured = (pydantic.BaseModel, SchemaValue)
+    is_model = isinstance(annotation, type) and issubclass(annotation, structured)
     if not is_model and origin not in (list, dict, tuple):
         return None
     return json.dumps(pydantic.TypeAdapter(annotation).json_schema())
