@@ -137,6 +137,26 @@ def test_a_recursive_type_is_refused_naming_it() -> None:
         ProgramSpec.from_signature(Tree)
 
 
+def test_typed_inputs_read_the_wire_text_as_json_and_prompt_like_a_training_row() -> None:
+    import dspy
+
+    class Pick(dspy.Signature):
+        """Pick one."""
+
+        options: list[str] = dspy.InputField()
+        limit: int = dspy.InputField()
+        note: str = dspy.InputField()
+        choice: str = dspy.OutputField()
+
+    codec = PromptCodec(ProgramSpec.from_signature(Pick))
+    row = codec.format_messages({"options": ["tea", "café"], "limit": 2, "note": "[1, 2]"})
+    for wire in ('["tea", "café"]', '["tea","caf\\u00e9"]'):
+        assert codec.format_messages({"options": wire, "limit": "2", "note": "[1, 2]"}) == row
+    assert "[1, 2]" in row[-1]["content"]  # a str field keeps its text as written
+    unparsable = codec.format_messages({"options": "tea or coffee", "limit": "2", "note": ""})
+    assert "tea or coffee" in unparsable[-1]["content"]
+
+
 def test_codec_parses_with_value_spans_and_rejects_bad_labels() -> None:
     spec = ProgramSpec(
         instructions="x",

@@ -21,6 +21,7 @@ from typing import Any
 from services.builder.data import Metric, field_f1, field_matches, score
 from services.builder.spec import TeacherSpec
 from services.core.pipeline import ProgramFailed
+from services.core.program import input_text
 from services.core.stats import percentile, score_interval
 
 
@@ -41,7 +42,7 @@ def evaluate_gguf(
     """Serves every example in a child process (spawn, so its peak memory is its own), then
     scores the answers here (an LM-judged metric needs this process's judge). The summary's
     figures are the `summarised` split's."""
-    rows = [{k: str(e[k]) for k in input_names} for e in examples]
+    rows = [{k: input_text(e[k]) for k in input_names} for e in examples]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         result: dict[str, Any] = pool.apply(

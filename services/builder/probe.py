@@ -17,7 +17,7 @@ from typing import Any
 
 from services.builder.data import Metric, field_matches, score
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, RunResult
-from services.core.program import PromptCodec
+from services.core.program import PromptCodec, input_text
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def make_probe(
 ) -> Probe:
     """A probe over `examples`; `fields` are the label fields counted one by one."""
     inputs = codec.input_names
-    prompts = [codec.format_messages({k: str(e[k]) for k in inputs}) for e in examples]
+    prompts = [codec.format_messages({k: input_text(e[k]) for k in inputs}) for e in examples]
 
     def answer(ask: Ask) -> ProbeResult:
         parsed = [codec.parse(text) for text in ask(prompts)]

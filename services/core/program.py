@@ -180,9 +180,21 @@ class PromptCodec:
         codec.demos = list(demos)
         return codec
 
-    def format_messages(self, inputs: dict[str, str]) -> list[dict[str, str]]:
-        messages = self._adapter.format(self.signature, self.demos, inputs)
+    def format_messages(self, inputs: dict[str, Any]) -> list[dict[str, str]]:
+        messages = self._adapter.format(self.signature, self.demos, self.decode_inputs(inputs))
         return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+
+    def decode_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A call's inputs as the wire carries them (text) to the values DSPy formats: a field
+        typed other than `str` reads its text as JSON where it parses (`["a", "b"]` a list,
+        `3` a number), so a client's JSON and a training row's value give the same prompt."""
+        fields = self.signature.input_fields
+        decoded: dict[str, Any] = {}
+        for name, value in inputs.items():
+            text = input_text(value)
+            typed = name in fields and fields[name].annotation is not str
+            decoded[name] = _json_or_text(text) if typed else text
+        return decoded
 
     def format_finetune(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
         """A chat-format training record: the serving prompt plus the answer to learn."""
@@ -226,6 +238,26 @@ class PromptCodec:
             return None
         ordered = {name: outputs[name] for name in self.output_names}
         return ParsedAnswer(outputs=ordered, spans=spans, values=values)
+
+
+def input_text(value: Any) -> str:
+    """An input value as the wire carries it: text as is, anything else as JSON."""
+    import json
+
+    from pydantic_core import to_jsonable_python
+
+    if isinstance(value, str):
+        return value
+    return json.dumps(to_jsonable_python(value), ensure_ascii=False)
+
+
+def _json_or_text(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def chat_adapter(prompt_format: PromptFormat) -> Any:

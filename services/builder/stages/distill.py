@@ -17,6 +17,7 @@ from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import BASE_GGUF, dense_hf_copy, write_base_gguf
 from services.core.gguf_metadata import chat_template
 from services.core.harvest import HarvestError, read_harvest
+from services.core.program import input_text
 
 
 def collect_traces(ctx: BuildContext, out: Path) -> None:
@@ -108,7 +109,8 @@ def trace_records(ctx: BuildContext, trace: dict[str, Any]) -> list[dict[str, An
     """A kept trace's training records: one per predictor call, formatted with that
     predictor's signature and demos exactly as it is prompted when served."""
     if "calls" not in trace:
-        return [ctx.codec.format_finetune(trace["inputs"], trace["outputs"])]
+        inputs = ctx.codec.decode_inputs(trace["inputs"])  # as the runtime reads the wire's
+        return [ctx.codec.format_finetune(inputs, trace["outputs"])]
     codecs = ctx.runner.codecs
     return [codecs[c["predictor"]].format_finetune(c["inputs"], c["outputs"])
             for c in trace["calls"]]  # fmt: skip
@@ -237,7 +239,7 @@ def export_gguf(ctx: BuildContext, out: Path) -> None:
         prompts = [json.loads(r)["messages"][:-1] for r in records]
     else:
         inputs = ctx.codec.input_names
-        prompts = [ctx.codec.format_messages({k: str(e[k]) for k in inputs})
+        prompts = [ctx.codec.format_messages({k: input_text(e[k]) for k in inputs})
                    for e in ctx.calibset[:3]]  # fmt: skip
     checks, references = export.export_student(
         ctx.dirs["student"], ctx.dirs["finetune"] / "adapter", ctx.base_gguf,
