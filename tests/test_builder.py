@@ -896,6 +896,50 @@ def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:
     assert "line 1: missing field 'category'" in " ".join(proc.stderr.split())
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_dataset_is_jsonl_a_json_array_or_csv(tmp_path: Path, suffix: str) -> None:
+    """The same rows in each format load as the same examples and groups; a broken file names
+    where it broke and the formats that are read."""
+    import csv
+
+    from services.builder.data import canonical, load_grouped
+
+    rows = [{"ticket": f"t{n}", "category": "billing" if n % 2 else "account",
+             "group": "g1" if n < 2 else ""} for n in range(4)]  # fmt: skip
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    else:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    examples, groups = load_grouped(path, ["ticket"], ["category"], "data.train")
+    assert [canonical(dict(e)) for e in examples] == [
+        canonical({k: v for k, v in r.items() if k != "group"}) for r in rows
+    ]
+    assert groups[:2] == ["g1", "g1"] and len(set(groups[2:])) == 2 and "" not in groups
+
+
+def test_a_broken_dataset_file_says_where_and_how(tmp_path: Path) -> None:
+    from services.builder.data import load_examples
+    from services.builder.spec import SpecError
+
+    cases = {
+        "a.jsonl": ('{"ticket": "x", "category": "a"}\n{"ticket": "y",\n', "line 2: not JSON"),
+        "b.json": ('{"ticket": "x"}', "a .json dataset is an array of row objects"),
+        "c.json": ('[{"ticket": "x", "category": "a"}, 3]', "item 2: a row is a JSON object"),
+        "d.csv": ("ticket,category\nx,billing\ny\n", "row 3: its values do not match"),
+        "e.csv": ("ticket\nx\n", "row 2: missing field 'category'"),
+    }  # fmt: skip
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SpecError, match=message):
+            load_examples(tmp_path / name, ["ticket"], ["category"], "data.train")
+
+
 def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
     openai_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import random
@@ -42,25 +43,58 @@ def load_grouped(
 
     examples: list[Any] = []
     groups: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SpecError(f"{key}: {path} line {number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise SpecError(f"{key}: {path} line {number}: a row is a JSON object")
+    for where, row in read_rows(path, key):
         for name in input_names + labelled(output_names):
             if name not in row:
-                raise SpecError(f"{key}: {path} line {number}: missing field {name!r}")
+                raise SpecError(f"{key}: {path} {where}: missing field {name!r}")
         group = None if GROUP in input_names + output_names else row.pop(GROUP, None)
         example = dspy.Example(**row).with_inputs(*input_names)
         examples.append(example)
-        groups.append(str(group) if group is not None else f"{key}:{number}")
+        own = f"{key}:{where.rsplit(' ', 1)[-1]}"  # a JSONL row's: `data.train:12`, as always
+        groups.append(own if group in (None, "") else str(group))
     if not examples:
         raise SpecError(f"{key}: {path} has no examples")
     return examples, groups
+
+
+def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """A dataset's rows, each with where it is in the file: JSONL (one object per line), a
+    JSON array of objects (`.json`), or CSV with a header row (`.csv`, every value text)."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
+        for where, row in rows:  # DictReader pads a short row with None, keys a long one None
+            if None in row or None in row.values():
+                raise SpecError(
+                    f"{key}: {path} {where}: its values do not match the header's "
+                    f"{len(reader.fieldnames or [])} columns"
+                )
+        return rows
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{key}: {path}: not JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(items, list):
+            raise SpecError(f"{key}: {path}: a .json dataset is an array of row objects")
+        rows = [(f"item {n}", item) for n, item in enumerate(items, 1)]
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise SpecError(
+                        f"{key}: {path} line {n}: not JSON ({err.msg}); a .jsonl dataset is "
+                        "one JSON object per line (or give a .json array or a .csv)"
+                    ) from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise SpecError(f"{key}: {path} {where}: a row is a JSON object")
+    return rows
 
 
 def split_by_group(
