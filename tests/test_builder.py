@@ -853,6 +853,34 @@ def test_a_program_with_models_and_enums_trains_on_what_it_serves(tmp_path: Path
         assert isinstance(values["gift"], bool) and isinstance(values["priority"], int)
 
 
+def test_a_program_with_demos_trains_on_the_prompt_it_is_served_with(tmp_path: Path) -> None:
+    """A saved, optimized program loaded by its factory keeps its demos: the training records
+    and the bundle's program.json prompt with them alike."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+    from services.core.program import ProgramSpec, PromptCodec
+
+    (tmp_path / "saved_prog.py").write_text(
+        "import dspy\nfrom examples.ticket_triage.program import build as triage\n\n"
+        "def build():\n    program = triage()\n"
+        "    program.demos = [dspy.Example(ticket='I was billed twice', category='billing')]\n"
+        "    return program\n"
+    )
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    (tmp_path / "spec.yaml").write_text(
+        "name: saved\nprogram: saved_prog:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    served = PromptCodec(ProgramSpec.load(ctx.write_program(tmp_path / "program")))
+    inputs = {"ticket": "My card was declined"}
+    trained = ctx.codec.format_finetune(inputs, {"category": "billing"})["messages"][:-1]
+    assert served.format_messages(inputs) == trained
+    assert "I was billed twice" in json.dumps(trained)
+
+
 def test_a_program_beside_its_spec_imports_without_being_a_package(tmp_path: Path) -> None:
     """A user's folder with spec.yaml and inbox_prog.py (no __init__.py, nothing installed):
     the spec's folder is on the import path; a wrong module name says where it looked."""

@@ -53,9 +53,10 @@ def load_program(path: str) -> Any:
 def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
     """A single-predictor program's program.json: its signature, which the runtime rebuilds
     from this description alone."""
+    demos = [dict(d.items()) for d in predictor.demos]  # trained with, as served with
     try:
         return ProgramSpec.from_signature(
-            predictor.signature, name=spec.name, prompt_format=spec.prompt_format
+            predictor.signature, name=spec.name, demos=demos, prompt_format=spec.prompt_format
         )
     except ProgramFormatError as err:
         raise SpecError(f"program: {spec.program}: {err}") from None
