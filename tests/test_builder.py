@@ -922,6 +922,16 @@ def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:
     proc = run_build(spec)
     assert proc.returncode == 2
     assert "line 1: missing field 'category'" in " ".join(proc.stderr.split())
+    # A label the Literal does not allow: the served model could never answer it.
+    write_jsonl(
+        tmp_path / "train.jsonl", [*balanced("train", 1), {"ticket": "b", "category": "Refunds"}]
+    )
+    proc = run_build(spec)
+    message = " ".join(proc.stderr.split())
+    assert (
+        proc.returncode == 2 and "line 7: category 'Refunds' is not a value of the field" in message
+    )
+    assert "one of: network, hardware" in message
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])

@@ -16,6 +16,7 @@ from rich.console import Console
 from services.builder.data import (
     REASONING,
     TypedMetric,
+    check_labels,
     file_sha256,
     input_key,
     label_fields,
@@ -168,6 +169,11 @@ class BuildContext:
             inputs, outputs = pipeline.input_names, pipeline.output_names
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train")
         calibset, testset = held_out(spec, inputs, outputs)
+        types = {n: t for n, t in output_annotations(program).items() if n in outputs}
+        for key, path in (("data.train", spec.data.train), ("data.dev", spec.data.dev),
+                          ("data.test", spec.data.test)):  # fmt: skip
+            if path is not None:
+                check_labels(path, key, types)
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
         if (

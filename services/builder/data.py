@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from services.builder.spec import SpecError, import_object
 
@@ -55,6 +55,38 @@ def load_grouped(
     if not examples:
         raise SpecError(f"{key}: {path} has no examples")
     return examples, groups
+
+
+def check_labels(path: Path, key: str, types: dict[str, Any]) -> None:
+    """Every labelled output value is one its field's type accepts, as DSPy parses answers (a
+    Literal's label among its values, an int a number): a label the served model could never
+    give would be trained on and scored against, silently."""
+    from dspy.adapters.utils import parse_value
+
+    for where, row in read_rows(path, key):
+        for name, annotation in types.items():
+            if name == REASONING or name not in row or annotation is str:
+                continue
+            try:
+                parse_value(row[name], annotation)
+            except Exception:  # whatever DSPy's parser refuses, it would refuse from the model
+                raise SpecError(
+                    f"{key}: {path} {where}: {name} {row[name]!r} is not a "
+                    f"{_type_text(annotation)}; fix the row, or the field's type in the signature"
+                ) from None
+
+
+def _type_text(annotation: Any) -> str:
+    import enum
+    from typing import get_args, get_origin
+
+    from dspy.adapters.utils import get_annotation_name
+
+    if get_origin(annotation) is Literal:
+        return "value of the field (one of: " + ", ".join(map(str, get_args(annotation))) + ")"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "value of the field (one of: " + ", ".join(str(m.value) for m in annotation) + ")"
+    return f"valid {get_annotation_name(annotation)}"
 
 
 def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
