@@ -770,20 +770,9 @@ def test_every_example_loads_and_its_gold_traces_fit_the_default_recipe(
 
 
 ORDERS_PROGRAM = '''
-import enum
-
 import dspy
-from pydantic import BaseModel
 
-
-class Line(BaseModel):
-    item: str
-    quantity: int
-
-
-class Size(enum.Enum):
-    SMALL = "small"
-    LARGE = "large"
+from testkit.structured import Line, Size
 
 
 class ParseOrder(dspy.Signature):

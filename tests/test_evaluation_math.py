@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from services.builder.calibrate import calibrate, choose_threshold, fallback_curve
 from services.builder.cost import (
@@ -24,6 +23,7 @@ from services.builder.spec import CostSpec
 from services.core.stats import bootstrap_interval, compare, score_interval, wilson_interval
 from services.runtime.backends import TokenPiece
 from services.runtime.predict import confidence
+from testkit.structured import Line
 
 
 @pytest.mark.parametrize(
@@ -297,11 +297,6 @@ def test_answers_compare_as_data_without_case_or_spacing(
     assert exact_match(example, dspy.Prediction(out=answer)) is equal
 
 
-class OrderLine(BaseModel):
-    item: str
-    quantity: int
-
-
 def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
     """A student's answer reaches the build as text; the metric gets the program's types, as a
     teacher's DSPy prediction has them."""
@@ -311,7 +306,7 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
 
     class Extract(dspy.Signature):
         message: str = dspy.InputField()
-        line: OrderLine = dspy.OutputField()
+        line: Line = dspy.OutputField()
         priority: int = dspy.OutputField()
         urgent: bool = dspy.OutputField()
 
@@ -328,7 +323,7 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
     assert score(typed, example, {**text, "priority": "2"}) == 0.0
     with pytest.raises(AttributeError):  # the text alone: no .quantity on a str
         score(metric, example, text)
-    teacher = dspy.Prediction(line=OrderLine(item="mug", quantity=2), priority=3, urgent=False)
+    teacher = dspy.Prediction(line=Line(item="mug", quantity=2), priority=3, urgent=False)
     assert typed(example, teacher) is True
     with pytest.raises(AttributeError):  # what does not parse reaches the metric as it came
         score(typed, example, {**text, "line": "not json"})

@@ -6,7 +6,6 @@ real runtimes and routers on loopback."""
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -23,6 +21,7 @@ from services.runtime.structured import OutputPlan, PlanCursor, build_plan, cons
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 from testkit.openai_standin import OpenAIStandIn
 from testkit.processes import ServerProcess, start_router, start_runtime
+from testkit.structured import Line, Size
 
 CATEGORIES = ["billing", "technical", "account", "shipping"]
 TRIAGE = {
@@ -241,16 +240,6 @@ def test_a_literal_never_leaves_its_set_and_json_always_parses_at_temperature_1_
         assert all(isinstance(tag, str) for tag in values["tags"])
         seen.add(values["category"])
     assert len(seen) >= 2  # it does sample
-
-
-class Line(BaseModel):
-    item: str
-    quantity: int
-
-
-class Size(enum.Enum):
-    SMALL = "small"
-    LARGE = "large"
 
 
 def test_models_and_enums_decode_to_their_types_at_temperature_1_5(backend: Any) -> None:
