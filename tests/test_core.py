@@ -101,6 +101,20 @@ def test_models_enums_dicts_and_optionals_round_trip_through_program_json() -> N
     }
 
 
+def test_an_output_value_is_written_as_chat_adapter_writes_it() -> None:
+    """`outputs` text of a multi-step program's or the API's typed values equals a served
+    answer's: JSON for lists, dicts and models (not Python's repr), the text of the rest."""
+    from dspy.adapters.utils import format_field_value
+    from pydantic.fields import FieldInfo
+
+    from services.core.program import value_text
+
+    line = Line(item="café", quantity=2)
+    for value in (line, [line], {"a": 1}, ["x", "y"], True, 3, 2.5, Size.LARGE, "text", None):
+        assert value_text(value) == format_field_value(FieldInfo(annotation=Any), value)
+    assert value_text([line]) == '[{"item": "café", "quantity": 2}]'
+
+
 def test_a_value_outside_its_schema_does_not_parse() -> None:
     codec = PromptCodec(ProgramSpec.from_signature(order_signature()))
     good = {"first": {"item": "mug", "quantity": 2}, "order": {"lines": []},

@@ -34,6 +34,7 @@ from services.core.program import (
     PromptFormat,
     chat_adapter,
     typed_json,
+    value_text,
 )
 
 PIPELINE_FORMAT_VERSION: Literal[2] = 2
@@ -402,6 +403,6 @@ class ProgramRunner:
         names = self.spec.output_names
         values = {name: prediction.get(name) for name in names}
         return RunResult(
-            {name: str(values[name]) for name in names}, "parsed", run.calls,
+            {name: value_text(values[name]) for name in names}, "parsed", run.calls,
             outputs_json=typed_json(values, names),
         )  # fmt: skip

@@ -147,6 +147,17 @@ class ParsedAnswer:
         return typed_json(self.values, list(self.outputs))
 
 
+def value_text(value: Any) -> str:
+    """An output value as ChatAdapter writes it in an answer, what `outputs` carries: lists,
+    dicts and models as JSON, anything else as its text (`True`, `3`, an Enum's value)."""
+    import json
+
+    from pydantic_core import to_jsonable_python
+
+    data = to_jsonable_python(value, fallback=str)
+    return json.dumps(data, ensure_ascii=False) if isinstance(data, dict | list) else str(data)
+
+
 def typed_json(values: dict[str, Any], names: list[str]) -> str:
     """Output values as one JSON object in the signature's order, each typed (bool as
     true/false, numbers, lists and models as JSON), as the wire's `outputs_json` carries them."""

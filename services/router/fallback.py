@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
-from services.core.program import ProgramSpec, typed_json
+from services.core.program import ProgramSpec, typed_json, value_text
 
 # Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
 # (three attempts, ~10 s) before the router could start.
@@ -93,7 +93,7 @@ class FallbackModel:
             return result.outputs, result.outputs_json
         prediction = self._predictor(**inputs)
         values = {name: prediction.get(name, "") for name in self._output_names}
-        texts = {name: str(value) for name, value in values.items()}
+        texts = {name: value_text(value) for name, value in values.items()}
         return texts, typed_json(values, self._output_names)
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
