@@ -327,3 +327,18 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
     assert typed(example, teacher) is True
     with pytest.raises(AttributeError):  # what does not parse reaches the metric as it came
         score(typed, example, {**text, "line": "not json"})
+
+
+def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
+    """A row's other columns (an id) and intermediate labels are not compared; a prediction
+    that answers none of the labels scores 0, not a vacuous 1."""
+    import dspy
+
+    from services.builder.data import exact_match, token_f1
+
+    row = dspy.Example(q="x", topic="net", reply="We are on it", id=7).with_inputs("q")
+    assert exact_match(row, dspy.Prediction(reply="we are  on it")) is True
+    assert exact_match(row, dspy.Prediction(reply="we are on it", topic="hw")) is False
+    assert exact_match(row, dspy.Prediction()) is False
+    assert token_f1(row, dspy.Prediction(reply="we are")) == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert token_f1(row, dspy.Prediction(other="x")) == 0.0

@@ -7,6 +7,7 @@ runtime on loopback."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -257,6 +258,31 @@ def support_rows(name: str, per_category: int) -> list[dict[str, str]]:
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_an_intermediate_label_is_answered_by_gold_but_is_not_an_output(tmp_path: Path) -> None:
+    """A forward that returns only its last step's prediction, rows labelling every step (as a
+    gold teacher needs) and an id column: the program's output is the reply alone, and every
+    gold trace passes exact_match (the category and the id are not compared)."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+
+    rows = [{**row, "id": n} for n, row in enumerate(support_rows("train", 1))]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", support_rows("dev", 1))
+    (tmp_path / "spec.yaml").write_text(
+        "name: last-step\nprogram: tests.programs.two_step:build_last_step\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    spec = load_spec(tmp_path / "spec.yaml")
+    ctx = BuildContext.load(spec, Console(quiet=True))
+    assert ctx.pipeline is not None and ctx.pipeline.output_names == ["reply"]
+    build(spec, Console(file=io.StringIO()), stages=STAGES[:1])
+    counts = json.loads((tmp_path / "build" / "traces" / "counts.json").read_text())
+    assert (counts["total"], counts["kept"]) == (len(rows), len(rows)), counts
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def describe_pipeline(
     """A multi-step program's program.json and the source files that go with it.
 
     Inputs are `forward`'s parameters; outputs, the predictors' output fields that the train
-    rows label (the final prediction's fields, for a program that passes them through)."""
+    rows label and the final prediction carries (a gold teacher needs every predictor's
+    fields labelled, so one gold run tells the intermediate ones apart)."""
     path, name = spec.program, spec.name
     inputs = forward_inputs(module)
     if not inputs:
@@ -97,7 +98,35 @@ def describe_pipeline(
         source=SourceSpec(module=module_name, attr=attr, files=sorted(sources)),
         prompt_format=spec.prompt_format,
     )  # fmt: skip
+    if spec.teacher.is_gold:
+        pipeline = without_intermediate_fields(pipeline, module, trainset_row, path)
     return pipeline, sources
+
+
+def without_intermediate_fields(
+    pipeline: PipelineSpec, module: Any, row: dict[str, Any], path: str
+) -> PipelineSpec:
+    """The program's outputs less the labelled fields its final prediction does not carry
+    (a predictor's answer the next step reads), found by one gold run of the first row."""
+    from services.builder.teacher import gold_answers
+
+    if any(f.name not in row for p in pipeline.predictors for f in p.outputs):
+        return pipeline  # not every call labelled: check_gold_labels names what is missing
+    runner = ProgramRunner(module.deepcopy(), pipeline)
+    inputs = {name: row[name] for name in pipeline.input_names if name in row}
+    try:
+        prediction, _ = runner.forward(inputs, gold_answers(runner, row))
+    except Exception:  # the teacher stage runs it again and reports the program's error
+        return pipeline
+    if prediction is None:
+        return pipeline
+    carried = [f for f in pipeline.outputs if prediction.get(f.name) is not None]
+    if not carried:
+        raise SpecError(
+            f"program: {path}: its forward's prediction carries none of the labelled fields "
+            f"({', '.join(pipeline.output_names)}); return them in a dspy.Prediction"
+        )
+    return pipeline.model_copy(update={"outputs": carried})
 
 
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:

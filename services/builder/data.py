@@ -227,16 +227,25 @@ def field_matches(example: Any, outputs: Any, name: str) -> bool:
     return outputs is not None and canonical(example[name]) == canonical(outputs.get(name, ""))
 
 
+def answered_labels(example: Any, prediction: Any) -> list[str]:
+    """The row's labelled fields the prediction answers, in its order: the program's outputs.
+    A row's other columns (an id, a note) and a multi-step program's intermediate labels
+    (what a gold teacher answers a middle step with) are not the program's to answer."""
+    labels = set(labelled(list(example.labels())))
+    return [name for name in prediction.keys() if name in labels]  # noqa: SIM118 - without dspy_ keys
+
+
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
-    """Every labelled output field equals the prediction's, ignoring case and spacing."""
-    fields = labelled(list(example.labels()))
-    return all(field_matches(example, prediction, k) for k in fields)
+    """Every output field equals its label, ignoring case and spacing (typed values compared
+    as data)."""
+    fields = answered_labels(example, prediction)
+    return bool(fields) and all(field_matches(example, prediction, k) for k in fields)
 
 
 def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
-    """SQuAD-style token F1 on the last labelled output field."""
-    field = labelled(list(example.labels()))[-1]
-    return field_f1(example[field], prediction.get(field, ""))
+    """SQuAD-style token F1 on the last output field."""
+    fields = answered_labels(example, prediction)
+    return field_f1(example[fields[-1]], prediction.get(fields[-1], "")) if fields else 0.0
 
 
 def field_f1(gold_text: Any, guess_text: Any) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 from services.builder.data import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
-from services.core.pipeline import LmCall, ProgramRunner
+from services.core.pipeline import Complete, LmCall, ProgramRunner
 
 
 class TeacherError(RuntimeError):
@@ -179,16 +179,22 @@ def teacher_answers(
     return lambda example: teacher_program(**example.inputs()), names
 
 
+def gold_answers(runner: ProgramRunner, row: Any) -> Complete:
+    """Each predictor's call answered with the row's labels for its output fields."""
+
+    def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
+        codec = runner.codecs[name]
+        text = codec.format_assistant({k: row[k] for k in codec.output_names})
+        return LmCall(predictor=name, text=text, confidence=1.0, outcome="parsed")
+
+    return complete
+
+
 def gold_run(runner: ProgramRunner, example: Any) -> Any:
     """The program's forward on one row, each predictor answering the row's labels."""
     import dspy
 
-    def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
-        codec = runner.codecs[name]
-        text = codec.format_assistant({k: example[k] for k in codec.output_names})
-        return LmCall(predictor=name, text=text, confidence=1.0, outcome="parsed")
-
-    result = runner.run(dict(example.inputs()), complete)
+    result = runner.run(dict(example.inputs()), gold_answers(runner, example))
     if result.outputs is None:
         raise ValueError("a gold answer did not parse")
     return dspy.Prediction(**result.outputs)

@@ -378,24 +378,11 @@ class ProgramRunner:
         """Run `forward`; an answer that does not parse ends the run as UNPARSED/TRUNCATED,
         what Complete raised is raised again, anything else the program raised is
         ProgramFailed."""
-        import dspy
-
-        run = _Run(complete)
-        token = _CURRENT.set(run)
-        try:
-            adapter = served_adapter(self.spec.prompt_format)
-            with dspy.context(adapter=adapter, disable_history=True):
-                prediction = self.module(**inputs)
-        except dspy.utils.exceptions.AdapterParseError:
+        prediction, run = self.forward(inputs, complete)
+        if prediction is None:
             last = run.calls[-1].outcome if run.calls else "unparsed"
             outcome = "truncated" if last == "truncated" else "unparsed"
             return RunResult(None, outcome, run.calls)
-        except BaseException as err:
-            if run.failure is not None:
-                raise run.failure from None
-            raise ProgramFailed(err, run.calls) from err
-        finally:
-            _CURRENT.reset(token)
         missing = [n for n in self.spec.output_names if prediction.get(n) is None]
         if missing:
             error = ValueError(f"forward's prediction has no {', '.join(map(repr, missing))}")
@@ -406,3 +393,23 @@ class ProgramRunner:
             {name: value_text(values[name]) for name in names}, "parsed", run.calls,
             outputs_json=typed_json(values, names),
         )  # fmt: skip
+
+    def forward(self, inputs: dict[str, Any], complete: Complete) -> tuple[Any, _Run]:
+        """The program's own final prediction (None when an answer did not parse) and the
+        run's calls; errors as `run` says."""
+        import dspy
+
+        run = _Run(complete)
+        token = _CURRENT.set(run)
+        try:
+            adapter = served_adapter(self.spec.prompt_format)
+            with dspy.context(adapter=adapter, disable_history=True):
+                return self.module(**inputs), run
+        except dspy.utils.exceptions.AdapterParseError:
+            return None, run
+        except BaseException as err:
+            if run.failure is not None:
+                raise run.failure from None
+            raise ProgramFailed(err, run.calls) from err
+        finally:
+            _CURRENT.reset(token)

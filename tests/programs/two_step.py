@@ -32,3 +32,15 @@ class TwoStep(dspy.Module):
 
 def build() -> dspy.Module:
     return TwoStep()
+
+
+class LastStepOnly(TwoStep):
+    """Returns the last predictor's prediction: the category is an intermediate answer."""
+
+    def forward(self, ticket: str) -> dspy.Prediction:
+        category = self.classify(ticket=ticket).category
+        return self.draft(ticket=ticket, category=category)
+
+
+def build_last_step() -> dspy.Module:
+    return LastStepOnly()
