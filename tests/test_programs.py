@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -283,6 +284,34 @@ def test_an_intermediate_label_is_answered_by_gold_but_is_not_an_output(tmp_path
     build(spec, Console(file=io.StringIO()), stages=STAGES[:1])
     counts = json.loads((tmp_path / "build" / "traces" / "counts.json").read_text())
     assert (counts["total"], counts["kept"]) == (len(rows), len(rows)), counts
+
+
+def test_a_forward_parameter_with_a_default_is_an_optional_input(tmp_path: Path) -> None:
+    """Rows and requests may leave out `tone` (forward's default is used); a missing ticket or
+    an unknown field is still refused, naming it."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+    from services.core.validation import RpcFailure, predict_inputs
+
+    write_jsonl(tmp_path / "train.jsonl", support_rows("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", support_rows("dev", 1))
+    (tmp_path / "spec.yaml").write_text(
+        "name: tone\nprogram: tests.programs.two_step:build_with_tone\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    assert ctx.pipeline is not None and ctx.pipeline.optional_inputs == ["tone"]
+    fields = ctx.pipeline.inputs
+    assert predict_inputs(pb.PredictRequest(inputs={"ticket": "VPN down"}), fields) == {
+        "ticket": "VPN down"
+    }
+    assert predict_inputs(pb.PredictRequest(inputs={"ticket": "x", "tone": "kind"}), fields)
+    for inputs, named in (({"tone": "kind"}, "inputs['ticket']"), ({"ticket": "x", "mood": "y"},
+                          "inputs['mood']")):  # fmt: skip
+        with pytest.raises(RpcFailure, match=re.escape(named)):
+            predict_inputs(pb.PredictRequest(inputs=inputs), fields)
 
 
 @pytest.fixture(scope="module")

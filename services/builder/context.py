@@ -34,6 +34,7 @@ from services.core.pipeline import (
     PipelineSpec,
     ProgramRunner,
     SourceSpec,
+    forward_defaults,
     forward_inputs,
     local_sources,
     make_module,
@@ -73,6 +74,7 @@ def describe_pipeline(
     fields labelled, so one gold run tells the intermediate ones apart)."""
     path, name = spec.program, spec.name
     inputs = forward_inputs(module)
+    defaults = forward_defaults(module)
     if not inputs:
         raise SpecError(
             f"program: {path}: its forward takes no named inputs; write them as parameters "
@@ -93,7 +95,8 @@ def describe_pipeline(
     sources = local_sources(module_name, IMPORT_ROOTS)
     pipeline = PipelineSpec(
         name=name, instructions=(type(module).__doc__ or "").strip(),
-        inputs=[fields.get(n, FieldSpec(name=n)) for n in inputs],
+        inputs=[fields.get(n, FieldSpec(name=n)).model_copy(update={"required": n not in defaults})
+                for n in inputs],
         outputs=[fields[n] for n in outputs], predictors=predictors,
         source=SourceSpec(module=module_name, attr=attr, files=sorted(sources)),
         prompt_format=spec.prompt_format,
@@ -196,8 +199,9 @@ class BuildContext:
             pipeline, sources = describe_pipeline(spec, program, first)
             program_spec = pipeline.predictors[0]
             inputs, outputs = pipeline.input_names, pipeline.output_names
-        trainset = load_examples(spec.data.train, inputs, outputs, "data.train")
-        calibset, testset = held_out(spec, inputs, outputs)
+        optional = pipeline.optional_inputs if pipeline is not None else []
+        trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
+        calibset, testset = held_out(spec, inputs, outputs, optional)
         types = {n: t for n, t in output_annotations(program).items() if n in outputs}
         for key, path in (("data.train", spec.data.train), ("data.dev", spec.data.dev),
                           ("data.test", spec.data.test)):  # fmt: skip
@@ -353,11 +357,13 @@ class BuildContext:
         return gate(self.read_json("evaluate", "eval.json"), self.spec, self.default_quant)
 
 
-def held_out(spec: BuildSpec, inputs: list[str], outputs: list[str]) -> tuple[list[Any], list[Any]]:
+def held_out(
+    spec: BuildSpec, inputs: list[str], outputs: list[str], optional: list[str]
+) -> tuple[list[Any], list[Any]]:
     """The calibration and test parts: data.dev split by group, or data.dev and data.test."""
-    dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev")
+    dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev", optional)
     if spec.data.test is not None:
-        return dev, load_examples(spec.data.test, inputs, outputs, "data.test")
+        return dev, load_examples(spec.data.test, inputs, outputs, "data.test", optional)
     # Stratified by the label fields' values together, so both parts keep the label mix.
     labels = label_fields(dev, labelled(outputs))
     strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]

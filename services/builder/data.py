@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,15 +29,18 @@ def labelled(output_names: list[str]) -> list[str]:
 
 
 def load_examples(
-    path: Path, input_names: list[str], output_names: list[str], key: str
-) -> list[Any]:
-    """dspy.Examples from JSONL; every row needs the program's input and labelled output fields."""
-    return load_grouped(path, input_names, output_names, key)[0]
+    path: Path, input_names: list[str], output_names: list[str], key: str,
+    optional: Collection[str] = (),
+) -> list[Any]:  # fmt: skip
+    """dspy.Examples from the rows; every row needs the program's input and labelled output
+    fields, but for the `optional` inputs (forward's parameters with defaults)."""
+    return load_grouped(path, input_names, output_names, key, optional)[0]
 
 
 def load_grouped(
-    path: Path, input_names: list[str], output_names: list[str], key: str
-) -> tuple[list[Any], list[str]]:
+    path: Path, input_names: list[str], output_names: list[str], key: str,
+    optional: Collection[str] = (),
+) -> tuple[list[Any], list[str]]:  # fmt: skip
     """The examples and each row's group (its `group` value, or a group of its own)."""
     import dspy
 
@@ -45,7 +48,7 @@ def load_grouped(
     groups: list[str] = []
     for where, row in read_rows(path, key):
         for name in input_names + labelled(output_names):
-            if name not in row:
+            if name not in row and name not in optional:
                 raise SpecError(f"{key}: {path} {where}: missing field {name!r}")
         group = None if GROUP in input_names + output_names else row.pop(GROUP, None)
         example = dspy.Example(**row).with_inputs(*input_names)

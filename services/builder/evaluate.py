@@ -42,7 +42,7 @@ def evaluate_gguf(
     """Serves every example in a child process (spawn, so its peak memory is its own), then
     scores the answers here (an LM-judged metric needs this process's judge). The summary's
     figures are the `summarised` split's."""
-    rows = [{k: input_text(e[k]) for k in input_names} for e in examples]
+    rows = [{k: input_text(e[k]) for k in input_names if k in e} for e in examples]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         result: dict[str, Any] = pool.apply(

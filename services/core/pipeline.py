@@ -77,6 +77,10 @@ class PipelineSpec(BaseModel):
     def output_names(self) -> list[str]:
         return [f.name for f in self.outputs]
 
+    @property
+    def optional_inputs(self) -> list[str]:
+        return [f.name for f in self.inputs if not f.required]
+
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")
 
@@ -133,6 +137,15 @@ def forward_inputs(module: Any) -> list[str]:
         return []
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in parameters if p.kind in named]
+
+
+def forward_defaults(module: Any) -> set[str]:
+    """The program's optional inputs: `forward`'s parameters with a default."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError, AttributeError):
+        return set()
+    return {p.name for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def predictor_specs(module: Any) -> list[ProgramSpec]:

@@ -46,6 +46,9 @@ class FieldSpec(BaseModel):
     json_schema: dict[str, Any] | None = None
     # An Enum: its members' values, served as a choice among them.
     enum_values: list[str | int | float | bool] | None = None
+    # An input a request may leave out: a multi-step program's `forward` parameter with a
+    # default (the default is then used).
+    required: bool = True
 
     @classmethod
     def describe(cls, name: str, info: Any, standalone: bool = True) -> FieldSpec:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from services.core.api import pb
+from services.core.program import FieldSpec
 from services.core.sampling import GenerationParams
 
 ROLES = ("system", "user", "assistant")
@@ -98,7 +100,9 @@ def sampling_params(
     )
 
 
-def predict_inputs(request: pb.PredictRequest, expected: list[str]) -> dict[str, str]:
+def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> dict[str, str]:
+    """The request's inputs: each one the program takes, every required one given."""
+    expected = [f.name for f in fields]
     given = dict(request.inputs)
     unknown = sorted(set(given) - set(expected))
     if unknown:
@@ -106,7 +110,7 @@ def predict_inputs(request: pb.PredictRequest, expected: list[str]) -> dict[str,
             f"inputs[{unknown[0][:40]!r}]",
             f"unknown input field; the program takes {', '.join(expected)}",
         )
-    missing = [name for name in expected if name not in given]
+    missing = [f.name for f in fields if f.required and f.name not in given]
     if missing:
         raise invalid(
             f"inputs[{missing[0]!r}]", f"missing; the program takes {', '.join(expected)}"

@@ -67,7 +67,7 @@ class RouterService(pb_grpc.InferenceServicer):
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self._budget = CallBudget(settings.budget_per_minute, settings.budget_per_day)
         self._rate_cap = FallbackRateCap(settings.max_fallback_rate, settings.fallback_rate_window)
-        self._input_names = [f.name for f in program.inputs]
+        self._inputs = list(program.inputs)
         self._update_gauges()
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class RouterService(pb_grpc.InferenceServicer):
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         check.check_size(request, 1 << 20)
-        inputs = check.predict_inputs(request, self._input_names)
+        inputs = check.predict_inputs(request, self._inputs)
         mode = self._settings.mode
         local = None if mode == "api_only" else await self._ask_local(request, context)
         answer = None

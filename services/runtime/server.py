@@ -125,7 +125,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "no program is loaded; serve with --bundle DIR or --model X --program program.json",
             )
-        inputs = check.predict_inputs(request, model.codec.input_names)
+        inputs = check.predict_inputs(request, model.codec.spec.inputs)
         params = _predict_params(request, limits)
         prompt = self._prepare(model.codec, model.codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
@@ -167,7 +167,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         """A multi-step program's `forward`, on a worker thread; each predictor call goes
         through the scheduler like any Predict (batched, deadline and cancellation kept)."""
         model, _, limits = self._ready()
-        inputs = check.predict_inputs(request, runner.spec.input_names)
+        inputs = check.predict_inputs(request, runner.spec.inputs)
         params = _predict_params(request, limits)
         if self._settings.log_requests:
             log.info("predict request", extra={"inputs": inputs})

@@ -44,3 +44,14 @@ class LastStepOnly(TwoStep):
 
 def build_last_step() -> dspy.Module:
     return LastStepOnly()
+
+
+class WithTone(TwoStep):
+    """A forward parameter with a default: an input rows and requests may leave out."""
+
+    def forward(self, ticket: str, tone: str = "plain") -> dspy.Prediction:
+        return super().forward(ticket if tone == "plain" else f"{ticket} ({tone})")
+
+
+def build_with_tone() -> dspy.Module:
+    return WithTone()
