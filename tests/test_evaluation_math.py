@@ -342,3 +342,16 @@ def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
     assert exact_match(row, dspy.Prediction()) is False
     assert token_f1(row, dspy.Prediction(reply="we are")) == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert token_f1(row, dspy.Prediction(other="x")) == 0.0
+
+
+def test_a_two_parameter_metric_is_not_handed_the_optimizers_trace() -> None:
+    import dspy
+
+    from services.builder.data import TypedMetric, exact_match
+
+    def loose(example: Any, prediction: Any) -> bool:
+        return bool(prediction.answer)
+
+    row = dspy.Example(q="x", answer="4").with_inputs("q")
+    assert TypedMetric(loose, {})(row, dspy.Prediction(answer="4"), trace=[("call",)]) is True
+    assert TypedMetric(exact_match, {"answer": int})(row, dspy.Prediction(answer="4"), [1])

@@ -269,22 +269,36 @@ class TypedMetric:
     """The spec's metric, handed predictions typed as the program's own signature declares
     (an `int` field an int, a pydantic model the model), whoever answered: a student's answer
     reaches the build as text, a teacher's through DSPy already typed. A value that does not
-    parse as its type is passed as it came."""
+    parse as its type is passed as it came. A metric of two parameters `(example, prediction)`
+    is never handed the trace DSPy's optimizers pass."""
 
     def __init__(self, metric: Metric, annotations: dict[str, Any]) -> None:
         self.metric = metric
         self.annotations = annotations
+        self.takes_trace = _takes_trace(metric)
 
     def __call__(self, example: Any, prediction: Any, trace: Any = None) -> Any:
         typed = typed_prediction(prediction, self.annotations)
-        if trace is None:
+        if trace is None or not self.takes_trace:
             return self.metric(example, typed)
         return self.metric(example, typed, trace)
 
     def __getattr__(self, name: str) -> Any:  # the judge's `lm` and `failures`
-        if name in ("metric", "annotations"):  # not set yet (a copy being made)
+        if name in ("metric", "annotations", "takes_trace"):  # not set yet (a copy being made)
             raise AttributeError(name)
         return getattr(self.metric, name)
+
+
+def _takes_trace(metric: Metric) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(metric).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = [p.kind for p in parameters]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(k in positional for k in kinds) >= 3
 
 
 def typed_prediction(prediction: Any, annotations: dict[str, Any]) -> Any:
