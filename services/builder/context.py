@@ -132,6 +132,15 @@ def without_intermediate_fields(
     return pipeline.model_copy(update={"outputs": carried})
 
 
+def check_data_labels(spec: BuildSpec, types: dict[str, Any]) -> None:
+    """Every data file's labels, by the types of the fields the program's predictors produce
+    (a multi-step program's intermediate labels too)."""
+    files = {"data.train": spec.data.train, "data.dev": spec.data.dev, "data.test": spec.data.test}
+    for key, path in files.items():
+        if path is not None:
+            check_labels(path, key, types)
+
+
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
     """A gold teacher answers each predictor from the row: every output it has is labelled."""
     for predictor in pipeline.predictors:
@@ -202,11 +211,7 @@ class BuildContext:
         optional = pipeline.optional_inputs if pipeline is not None else []
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
         calibset, testset = held_out(spec, inputs, outputs, optional)
-        types = {n: t for n, t in output_annotations(program).items() if n in outputs}
-        for key, path in (("data.train", spec.data.train), ("data.dev", spec.data.dev),
-                          ("data.test", spec.data.test)):  # fmt: skip
-            if path is not None:
-                check_labels(path, key, types)
+        check_data_labels(spec, output_annotations(program))
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
         if (
