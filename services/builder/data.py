@@ -96,39 +96,51 @@ def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     """A dataset's rows, each with where it is in the file: JSONL (one object per line), a
     JSON array of objects (`.json`), or CSV with a header row (`.csv`, every value text)."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
-        for where, row in rows:  # DictReader pads a short row with None, keys a long one None
-            if None in row or None in row.values():
-                raise SpecError(
-                    f"{key}: {path} {where}: its values do not match the header's "
-                    f"{len(reader.fieldnames or [])} columns"
-                )
-        return rows
+        return _csv_rows(path, key)
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SpecError(f"{key}: {path}: not JSON ({err.msg}, line {err.lineno})") from None
-        if not isinstance(items, list):
-            raise SpecError(f"{key}: {path}: a .json dataset is an array of row objects")
-        rows = [(f"item {n}", item) for n, item in enumerate(items, 1)]
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise SpecError(
-                        f"{key}: {path} line {n}: not JSON ({err.msg}); a .jsonl dataset is "
-                        "one JSON object per line (or give a .json array or a .csv)"
-                    ) from None
+    is_array = path.suffix.lower() == ".json" or text.lstrip().startswith("[")
+    rows = _json_rows(text, path, key) if is_array else _jsonl_rows(text, path, key)
     for where, row in rows:
         if not isinstance(row, dict):
             raise SpecError(f"{key}: {path} {where}: a row is a JSON object")
+    return rows
+
+
+def _csv_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
+    for where, row in rows:  # DictReader pads a short row with None, keys a long one None
+        if None in row or None in row.values():
+            raise SpecError(
+                f"{key}: {path} {where}: its values do not match the header's "
+                f"{len(reader.fieldnames or [])} columns"
+            )
+    return rows
+
+
+def _json_rows(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{key}: {path}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(items, list):
+        raise SpecError(f"{key}: {path}: a .json dataset is an array of row objects")
+    return [(f"item {n}", item) for n, item in enumerate(items, 1)]
+
+
+def _jsonl_rows(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise SpecError(
+                f"{key}: {path} line {n}: not JSON ({err.msg}); a .jsonl dataset is one JSON "
+                "object per line (or give a .json array or a .csv)"
+            ) from None
     return rows
 
 
