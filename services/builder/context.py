@@ -211,7 +211,8 @@ class BuildContext:
         optional = pipeline.optional_inputs if pipeline is not None else []
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
         calibset, testset = held_out(spec, inputs, outputs, optional)
-        check_data_labels(spec, output_annotations(program))
+        types = output_annotations(program)
+        check_data_labels(spec, types)
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
         if (
@@ -230,9 +231,7 @@ class BuildContext:
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
             trainset=trainset, calibset=calibset, testset=testset,
-            metric=TypedMetric(
-                resolve_metric(spec.metric, judge_spec(spec)), output_annotations(program)
-            ),
+            metric=TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types),
             threshold=threshold, student=resolve_student(spec.student.source),
             pipeline=pipeline, sources=sources,
         )  # fmt: skip

@@ -131,21 +131,20 @@ def make_module(factory: Any) -> Any:
 
 def forward_inputs(module: Any) -> list[str]:
     """The program's input fields: the named parameters of its `forward`."""
-    try:  # through the class: DSPy warns when an instance's forward is looked up directly
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError, AttributeError):
-        return []
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters if p.kind in named]
+    return [p.name for p in _forward_parameters(module) if p.kind in named]
 
 
 def forward_defaults(module: Any) -> set[str]:
     """The program's optional inputs: `forward`'s parameters with a default."""
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    return {p.name for p in _forward_parameters(module) if p.default is not p.empty}
+
+
+def _forward_parameters(module: Any) -> list[inspect.Parameter]:
+    try:  # through the class: DSPy warns when an instance's forward is looked up directly
+        return list(inspect.signature(type(module).forward).parameters.values())[1:]
     except (TypeError, ValueError, AttributeError):
-        return set()
-    return {p.name for p in parameters if p.default is not inspect.Parameter.empty}
+        return []
 
 
 def predictor_specs(module: Any) -> list[ProgramSpec]:

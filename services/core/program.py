@@ -433,14 +433,14 @@ def _annotation_from_node(node: ast.expr, text: str) -> Any:
                 values.append(arg.value)
             return Literal[tuple(values)]
         inner = tuple(_annotation_from_node(arg, text) for arg in args)
-        generic = _GENERICS.get(node.value.id)
-        if generic is not None and _GENERIC_ARITY[node.value.id](len(inner)):
+        generic, arity_ok = _GENERICS.get(node.value.id, (None, None))
+        if generic is not None and arity_ok(len(inner)):
             return generic[inner if len(inner) > 1 else inner[0]]
     raise ProgramFormatError(f"field type {text!r} is not supported ({_SUPPORTED})")
 
 
-_GENERICS: dict[str, Any] = {"list": list, "dict": dict, "tuple": tuple, "Union": Union}
-_GENERIC_ARITY: dict[str, Any] = {
-    "list": lambda n: n == 1, "dict": lambda n: n == 2, "tuple": lambda n: n >= 1,
-    "Union": lambda n: n >= 2,
+# Each generic the text may name, with the number of arguments it takes.
+_GENERICS: dict[str, tuple[Any, Any]] = {
+    "list": (list, lambda n: n == 1), "dict": (dict, lambda n: n == 2),
+    "tuple": (tuple, lambda n: n >= 1), "Union": (Union, lambda n: n >= 2),
 }  # fmt: skip
