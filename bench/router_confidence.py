@@ -148,7 +148,7 @@ def answer_all(
     bundle: Path, variant: str, rows: list[tuple[str, Any]], *flags: str
 ) -> list[Answer]:
     """Every row once, one call at a time, on a --parallel 1 runtime."""
-    from services.builder.data import exact_match
+    from services.builder.metrics import exact_match
 
     server = start_runtime("--bundle", str(bundle), "--variant", variant, "--parallel", "1",
                            *flags)  # fmt: skip

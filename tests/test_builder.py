@@ -810,7 +810,7 @@ def test_a_program_with_models_and_enums_trains_on_what_it_serves(tmp_path: Path
     from rich.console import Console
 
     from services.builder.context import BuildContext
-    from services.builder.data import canonical
+    from services.builder.metrics import canonical
     from services.builder.pipeline import STAGES, build
     from services.builder.spec import load_spec
     from services.core.program import ProgramSpec, PromptCodec
@@ -929,7 +929,8 @@ def test_a_dataset_is_jsonl_a_json_array_or_csv(tmp_path: Path, suffix: str) -> 
     where it broke and the formats that are read."""
     import csv
 
-    from services.builder.data import canonical, load_grouped
+    from services.builder.data import load_grouped
+    from services.builder.metrics import canonical
 
     rows = [{"ticket": f"t{n}", "category": "billing" if n % 2 else "account",
              "group": "g1" if n < 2 else ""} for n in range(4)]  # fmt: skip
@@ -972,7 +973,8 @@ def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
 ) -> None:
     import dspy
 
-    from services.builder.data import exact_match, load_examples
+    from services.builder.data import load_examples
+    from services.builder.metrics import exact_match
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import TeacherError, collect_traces
@@ -1025,8 +1027,8 @@ def test_api_teacher_evaluation_is_timed_tokened_and_priced(
     SmolLM2): per-call latency, the server's own token counts, and the cost they come to at
     the spec's price."""
     from services.builder.cost import api_cost_per_1k
-    from services.builder.data import exact_match
     from services.builder.evaluate import evaluate_teacher
+    from services.builder.metrics import exact_match
     from services.builder.pipeline import load_program
     from services.builder.spec import CostSpec, TeacherSpec
 
@@ -1207,7 +1209,8 @@ def test_bootstrap_fewshot_teacher_keeps_only_demos_over_the_threshold(
     OpenAI-compatible STAND-IN, partly right on the first three questions."""
     import dspy
 
-    from services.builder.data import load_examples, token_f1
+    from services.builder.data import load_examples
+    from services.builder.metrics import token_f1
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import make_teacher
@@ -1249,7 +1252,8 @@ def test_mipro_light_teacher_runs_against_the_api(
     """teacher.optimize=mipro_light end to end against an OpenAI-compatible API (the STAND-IN:
     it answers the optimizer's own prompts with a plain instruction): proposals and trials run
     on the teacher LM and the optimized program answers."""
-    from services.builder.data import load_examples, token_f1
+    from services.builder.data import load_examples
+    from services.builder.metrics import token_f1
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import make_teacher

@@ -44,6 +44,22 @@ def test_program_round_trips_through_dspy_signature() -> None:
     )
 
 
+def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
+    import dspy
+
+    from services.core.api import pb
+    from services.runtime.server import describe_signature
+
+    spec = ProgramSpec.from_signature(dspy.Signature("review -> sentiment"), name="reviews")
+    # DSPy's placeholder stays in program.json (the prompt is DSPy's own) ...
+    assert spec.inputs[0].description == "${review}"
+    described = pb.ProgramSignature()
+    describe_signature(described, spec)
+    # ... but GetModelInfo says what the author wrote: nothing.
+    assert [f.description for f in described.input_fields] == [""]
+    assert [f.description for f in described.output_fields] == [""]
+
+
 class Node(BaseModel):
     children: list[Node] = []
 

@@ -291,7 +291,7 @@ def test_answers_compare_as_data_without_case_or_spacing(
 ) -> None:
     import dspy
 
-    from services.builder.data import exact_match
+    from services.builder.metrics import exact_match
 
     example = dspy.Example(q="x", out=gold).with_inputs("q")
     assert exact_match(example, dspy.Prediction(out=answer)) is equal
@@ -302,7 +302,7 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
     teacher's DSPy prediction has them."""
     import dspy
 
-    from services.builder.data import TypedMetric, output_annotations, score
+    from services.builder.metrics import TypedMetric, output_annotations, score
 
     class Extract(dspy.Signature):
         message: str = dspy.InputField()
@@ -325,8 +325,43 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
         score(metric, example, text)
     teacher = dspy.Prediction(line=Line(item="mug", quantity=2), priority=3, urgent=False)
     assert typed(example, teacher) is True
-    with pytest.raises(AttributeError):  # what does not parse reaches the metric as it came
-        score(typed, example, {**text, "line": "not json"})
+    # What does not parse reaches the metric as it came; the metric's error scores 0, as in
+    # DSPy's Evaluate, and is kept for the stage's warning and the report.
+    assert score(typed, example, {**text, "line": "not json"}) == 0.0
+    assert typed.errors_since(0) == {
+        "count": 1, "first": "AttributeError: 'str' object has no attribute 'quantity'"
+    }  # fmt: skip
+    assert typed.errors_since(1) is None
+
+
+def test_a_user_metric_is_checked_on_the_labels_before_the_build() -> None:
+    """A metric that raises on a train row's own labels is broken: the build stops before
+    the teacher and the fine-tune. One scoring every label under the threshold is warned of."""
+    import dspy
+
+    from services.builder.metrics import TypedMetric, check_metric
+    from services.builder.spec import SpecError
+
+    rows = [dspy.Example(q=f"{i}", stars=i % 5 + 1).with_inputs("q") for i in range(10)]
+
+    def typo(example: Any, prediction: Any) -> bool:
+        return bool(prediction.star == example.stars)
+
+    def close(example: Any, prediction: Any) -> float:
+        return 1 - abs(prediction.stars - int(example.stars)) / 4
+
+    def harsh(example: Any, prediction: Any) -> float:
+        return 0.3 * close(example, prediction)
+
+    def check(metric: Any, threshold: float = 0.5) -> str | None:
+        return check_metric(TypedMetric(metric, {"stars": int}), "m:f", rows, ["stars"], threshold)
+
+    with pytest.raises(SpecError, match=r"metric: m:f raised AttributeError.*row 1"):
+        check(typo)
+    assert check(close) is None  # handed ints, as typed
+    assert "at most 0.3, under metric_threshold 0.5" in (check(harsh) or "")
+    assert check(harsh, threshold=0.3) is None
+    assert check_metric(TypedMetric(typo, {}), "exact_match", rows, ["stars"], 1.0) is None
 
 
 def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
@@ -334,7 +369,7 @@ def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
     that answers none of the labels scores 0, not a vacuous 1."""
     import dspy
 
-    from services.builder.data import exact_match, token_f1
+    from services.builder.metrics import exact_match, token_f1
 
     row = dspy.Example(q="x", topic="net", reply="We are on it", id=7).with_inputs("q")
     assert exact_match(row, dspy.Prediction(reply="we are  on it")) is True
@@ -347,7 +382,7 @@ def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
 def test_a_two_parameter_metric_is_not_handed_the_optimizers_trace() -> None:
     import dspy
 
-    from services.builder.data import TypedMetric, exact_match
+    from services.builder.metrics import TypedMetric, exact_match
 
     def loose(example: Any, prediction: Any) -> bool:
         return bool(prediction.answer)

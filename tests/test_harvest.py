@@ -175,8 +175,9 @@ def test_the_router_harvests_fallbacks_and_samples_without_credentials(
 def test_the_intake_keeps_new_api_answers_and_never_a_held_out_input() -> None:
     import dspy
 
-    from services.builder.data import exact_match, input_key
+    from services.builder.data import input_key
     from services.builder.harvested import harvested_traces
+    from services.builder.metrics import exact_match
 
     def rec(country: str, api: str | None, local: str = "?") -> HarvestRecord:
         return record(0).model_copy(update={

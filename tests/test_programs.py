@@ -27,10 +27,12 @@ from services.core.client import InferenceClient
 from services.core.pipeline import (
     LmCall,
     PipelineSpec,
+    ProgramCodeError,
     ProgramFailed,
     ProgramRunner,
     SourceSpec,
     local_sources,
+    make_module,
     predictor_specs,
     read_program_file,
 )
@@ -79,6 +81,18 @@ def test_the_program_ships_with_its_own_local_modules_and_not_installed_ones() -
         "tests/programs/two_step.py", "tests/programs/signatures.py",  # imported by two_step
     }  # fmt: skip
     assert files["tests/programs/signatures.py"] == REPO / "tests/programs/signatures.py"
+
+
+def test_program_names_a_module_object_its_class_or_a_factory() -> None:
+    """`program: pkg.mod:TwoStep` (the class) is instantiated like a factory: a dspy.Module
+    subclass has `named_predictors` too, and was taken for a module object."""
+    from tests.programs import two_step
+
+    for given in (two_step.TwoStep, two_step.build, two_step.build()):
+        module = make_module(given)
+        assert isinstance(module, two_step.TwoStep) and len(module.predictors()) == 2
+    with pytest.raises(ProgramCodeError, match=r"did not give a dspy\.Module"):
+        make_module(dict)
 
 
 def test_a_run_chains_the_predictors_and_its_confidence_is_the_weakest_call() -> None:
@@ -155,7 +169,7 @@ def test_probes_answer_every_row_in_one_batch_per_step() -> None:
 def test_gold_traces_give_every_predictor_its_labelled_values(tmp_path: Path) -> None:
     import dspy
 
-    from services.builder.data import exact_match
+    from services.builder.metrics import exact_match
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import collect_traces
 

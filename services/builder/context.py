@@ -15,7 +15,6 @@ from rich.console import Console
 
 from services.builder.data import (
     REASONING,
-    TypedMetric,
     check_labels,
     file_sha256,
     input_key,
@@ -24,9 +23,13 @@ from services.builder.data import (
     load_examples,
     load_grouped,
     normalize,
+    split_by_group,
+)
+from services.builder.metrics import (
+    TypedMetric,
+    check_metric,
     output_annotations,
     resolve_metric,
-    split_by_group,
 )
 from services.builder.spec import IMPORT_ROOTS, BuildSpec, SpecError, import_object
 from services.builder.student import BASE_GGUF, StudentSource, resolve_student
@@ -228,10 +231,13 @@ class BuildContext:
         threshold = spec.metric_threshold
         if threshold is None:
             threshold = 1.0 if spec.metric == "exact_match" else 0.5
+        metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
+        warning = check_metric(metric, spec.metric, trainset, outputs, threshold)
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
-            trainset=trainset, calibset=calibset, testset=testset,
-            metric=TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types),
+            trainset=trainset, calibset=calibset, testset=testset, metric=metric,
             threshold=threshold, student=resolve_student(spec.student.source),
             pipeline=pipeline, sources=sources,
         )  # fmt: skip
@@ -350,6 +356,18 @@ class BuildContext:
         """The kept traces of the traces stage (this build's, or this round's)."""
         path = self.dirs["traces"] / "traces.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def metric_errors_since(self, start: int, answers: str) -> dict[str, Any] | None:
+        """What the metric raised on since `start`, printed as a warning: those answers scored
+        0, and a metric that cannot read them may be scoring the model unfairly."""
+        errors = self.metric.errors_since(start)
+        if errors:
+            self.console.print(
+                f"  [yellow]warning:[/] the metric raised on {errors['count']} {answers} "
+                f"(scored 0); first: {errors['first']}",
+                highlight=False,
+            )
+        return errors
 
     def read_json(self, stage: str, name: str) -> Any:
         return json.loads((self.dirs[stage] / name).read_text())

@@ -1,21 +1,18 @@
-"""Datasets (JSONL of field -> value) and metrics."""
+"""Datasets: rows of field -> value read from JSONL, JSON or CSV, checked, keyed and split."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import random
-import re
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
-from services.builder.spec import SpecError, import_object
+from services.builder.spec import SpecError
 
-Metric = Callable[..., Any]
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
 # A row's optional problem id: rows restating one problem stay on one side of a split. Not a
@@ -194,169 +191,6 @@ def imbalance(counts: Counter[str], values: int) -> str | None:
 
 def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
-
-
-def canonical(value: Any) -> Any:
-    """A value as answers are compared: JSON data, strings without case or extra spacing, and a
-    string that holds JSON (a number, true/false, a list or object, as the wire writes typed
-    values) as that JSON. So `3`, `"3"` and `3.0` are equal, as are a pydantic model, its dict
-    and its JSON text."""
-    from pydantic_core import to_jsonable_python
-
-    value = to_jsonable_python(value, fallback=str)
-    if isinstance(value, str):
-        text = normalize(value)
-        parsed = _literal(text)
-        return text if parsed is None or isinstance(parsed, str) else canonical(parsed)
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, dict):
-        return {normalize(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [canonical(item) for item in value]
-    return value
-
-
-def _literal(text: str) -> Any:
-    """JSON text, or a Python literal (a multi-step program's outputs are Python's str() of
-    its values); None when it is neither."""
-    import ast
-
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    if text[:1] in "[{(":
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            return None
-    return None
-
-
-def field_matches(example: Any, outputs: Any, name: str) -> bool:
-    """One output field answered as labelled, ignoring case and spacing, typed values compared
-    as data (no answer: False)."""
-    return outputs is not None and canonical(example[name]) == canonical(outputs.get(name, ""))
-
-
-def answered_labels(example: Any, prediction: Any) -> list[str]:
-    """The row's labelled fields the prediction answers, in its order: the program's outputs.
-    A row's other columns (an id, a note) and a multi-step program's intermediate labels
-    (what a gold teacher answers a middle step with) are not the program's to answer."""
-    labels = set(labelled(list(example.labels())))
-    return [name for name in prediction.keys() if name in labels]  # noqa: SIM118 - without dspy_ keys
-
-
-def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
-    """Every output field equals its label, ignoring case and spacing (typed values compared
-    as data)."""
-    fields = answered_labels(example, prediction)
-    return bool(fields) and all(field_matches(example, prediction, k) for k in fields)
-
-
-def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
-    """SQuAD-style token F1 on the last output field."""
-    fields = answered_labels(example, prediction)
-    return field_f1(example[fields[-1]], prediction.get(fields[-1], "")) if fields else 0.0
-
-
-def field_f1(gold_text: Any, guess_text: Any) -> float:
-    """SQuAD-style token F1 between two texts."""
-    gold = re.findall(r"\w+", normalize(gold_text))
-    guess = re.findall(r"\w+", normalize(guess_text))
-    common = sum((Counter(gold) & Counter(guess)).values())
-    if not gold or not guess or common == 0:
-        return 0.0
-    precision, recall = common / len(guess), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-BUILTIN_METRICS: dict[str, Metric] = {"exact_match": exact_match, "token_f1": token_f1}
-
-
-class TypedMetric:
-    """The spec's metric, handed predictions typed as the program's own signature declares
-    (an `int` field an int, a pydantic model the model), whoever answered: a student's answer
-    reaches the build as text, a teacher's through DSPy already typed. A value that does not
-    parse as its type is passed as it came. A metric of two parameters `(example, prediction)`
-    is never handed the trace DSPy's optimizers pass."""
-
-    def __init__(self, metric: Metric, annotations: dict[str, Any]) -> None:
-        self.metric = metric
-        self.annotations = annotations
-        self.takes_trace = _takes_trace(metric)
-
-    def __call__(self, example: Any, prediction: Any, trace: Any = None) -> Any:
-        typed = typed_prediction(prediction, self.annotations)
-        if trace is None or not self.takes_trace:
-            return self.metric(example, typed)
-        return self.metric(example, typed, trace)
-
-    def __getattr__(self, name: str) -> Any:  # the judge's `lm` and `failures`
-        if name in ("metric", "annotations", "takes_trace"):  # not set yet (a copy being made)
-            raise AttributeError(name)
-        return getattr(self.metric, name)
-
-
-def _takes_trace(metric: Metric) -> bool:
-    import inspect
-
-    try:
-        parameters = inspect.signature(metric).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    kinds = [p.kind for p in parameters]
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(k in positional for k in kinds) >= 3
-
-
-def typed_prediction(prediction: Any, annotations: dict[str, Any]) -> Any:
-    import dspy
-    from dspy.adapters.utils import parse_value
-
-    values = dict(prediction.items())
-    for name, annotation in annotations.items():
-        if name in values and annotation is not str:
-            with contextlib.suppress(Exception):  # unparsed: the metric sees it as it came
-                values[name] = parse_value(values[name], annotation)
-    return dspy.Prediction(**values)
-
-
-def output_annotations(program: Any) -> dict[str, Any]:
-    """Each output field's type, from the predictor that first produces it."""
-    found: dict[str, Any] = {}
-    for predictor in program.predictors():
-        for name, info in predictor.signature.output_fields.items():
-            found.setdefault(name, info.annotation)
-    return found
-
-
-def resolve_metric(name: str, judge: Any = None) -> Metric:
-    """A built-in metric, `semantic_f1` judged by `judge` (a TeacherSpec), or an import path."""
-    if name in BUILTIN_METRICS:
-        return BUILTIN_METRICS[name]
-    if name == "semantic_f1":
-        from services.builder.judge import SemanticF1Judge
-        from services.builder.teacher import teacher_lm
-
-        return SemanticF1Judge(teacher_lm(judge))
-    metric = import_object(name, "metric")
-    if not callable(metric):
-        raise SpecError(f"metric: {name} is not callable")
-    return metric
-
-
-def score(metric: Metric, example: Any, outputs: dict[str, Any] | None) -> float:
-    """The metric as a number in 0..1; no outputs (unparsed) scores 0."""
-    import dspy
-
-    if outputs is None:
-        return 0.0
-    value = metric(example, dspy.Prediction(**outputs))
-    return float(value)
 
 
 def input_key(inputs: dict[str, Any]) -> str:

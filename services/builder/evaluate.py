@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, field_f1, field_matches, score
+from services.builder.metrics import Metric, field_f1, field_matches, score
 from services.builder.spec import TeacherSpec
 from services.core.pipeline import ProgramFailed
 from services.core.program import input_text

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from services.builder.data import Metric, input_key, score
+from services.builder.data import input_key
+from services.builder.metrics import Metric, score
 from services.core.harvest import HarvestRecord
 
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from services.builder.data import Metric, field_matches, score
+from services.builder.metrics import Metric, field_matches, score
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, RunResult
 from services.core.program import PromptCodec, input_text
 

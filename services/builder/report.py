@@ -277,6 +277,12 @@ def write_reports(
             f"{judge['prompt_tokens']} prompt and {judge['completion_tokens']} completion "
             f"tokens, {judge['failures']} unparseable verdicts (scored 0)."
         )
+    errors = evaluation.get("metric_errors")
+    if errors:
+        judge_line = (
+            f"{judge_line} The metric raised on {errors['count']} answers, scored 0 (first: "
+            f"`{errors['first']}`)."
+        ).strip()
     decision_header = ["", "API (teacher)", f"local ({decision['variant']})", "hybrid (router)"]
     verdict = verdict_line(decision)
     calibration_text = calibration_line(calibration, gold)

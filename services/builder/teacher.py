@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.builder.data import Metric, score
+from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
 from services.core.pipeline import Complete, LmCall, ProgramRunner
 

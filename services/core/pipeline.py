@@ -123,7 +123,9 @@ def dump_signature_json(program: ProgramSpec | PipelineSpec) -> str:
 
 def make_module(factory: Any) -> Any:
     """A dspy.Module from what `program:` names: a module object, a class or a factory."""
-    module = factory() if callable(factory) and not hasattr(factory, "predictors") else factory
+    # A dspy.Module subclass has `named_predictors` too (unbound): it is called like a factory.
+    given = hasattr(factory, "named_predictors") and not isinstance(factory, type)
+    module = factory() if callable(factory) and not given else factory
     if not hasattr(module, "named_predictors"):
         raise ProgramCodeError(f"{factory!r} did not give a dspy.Module")
     return module

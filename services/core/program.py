@@ -70,6 +70,12 @@ class FieldSpec(BaseModel):
             return described
         return described.model_copy(update={"json_schema": schema})
 
+    @property
+    def stated_description(self) -> str:
+        """The description its author wrote: "" for DSPy's placeholder `${name}`, which DSPy
+        gives a field declared without one (kept in `description` so prompts stay DSPy's)."""
+        return "" if self.description == f"${{{self.name}}}" else self.description
+
     def annotation(self) -> Any:
         """The type this field's values are parsed as (and its prompt describes)."""
         if self.enum_values is not None:

@@ -287,10 +287,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             reply.parallel = model.backend.slots
             reply.cached_prefix_tokens = model.backend.prefix_tokens
         if model.program is not None:
-            _describe(reply.signature, model.program)
+            describe_signature(reply.signature, model.program)
         if isinstance(model.program, PipelineSpec):
             for predictor in model.program.predictors:
-                _describe(reply.predictors.add(name=predictor.name).signature, predictor)
+                describe_signature(reply.predictors.add(name=predictor.name).signature, predictor)
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -385,12 +385,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
 
 
-def _describe(signature: pb.ProgramSignature, program: ProgramSpec | PipelineSpec) -> None:
+def describe_signature(signature: pb.ProgramSignature, program: ProgramSpec | PipelineSpec) -> None:
     signature.instructions = program.instructions
     for field in program.inputs:
-        signature.input_fields.add(name=field.name, description=field.description, type=field.type)
+        signature.input_fields.add(
+            name=field.name, description=field.stated_description, type=field.type
+        )
     for field in program.outputs:
-        signature.output_fields.add(name=field.name, description=field.description, type=field.type)
+        signature.output_fields.add(
+            name=field.name, description=field.stated_description, type=field.type
+        )
 
 
 def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:

@@ -39,6 +39,7 @@ def collect_traces(ctx: BuildContext, out: Path) -> None:
 
 def ask_teacher(ctx: BuildContext, out: Path, rows: list[Any]) -> None:
     spec = ctx.spec
+    raised = len(ctx.metric.errors)
     with progress_bar(ctx.console) as bar:
         task = bar.add_task("teacher", total=len(rows), note=spec.teacher.model)
         counts = teacher.collect_traces(
@@ -50,6 +51,7 @@ def ask_teacher(ctx: BuildContext, out: Path, rows: list[Any]) -> None:
         f"  kept {counts.kept}, rejected {counts.rejected}, failed {counts.failed} "
         f"of {counts.total}"
     )
+    ctx.metric_errors_since(raised, "teacher answers")
     per_predictor = json.loads((out / "counts.json").read_text()).get("predictors", {})
     for name, calls in per_predictor.items():
         ctx.console.print(f"  {name}: {calls['kept']} calls kept, {calls['rejected']} rejected")

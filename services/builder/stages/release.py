@@ -49,6 +49,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         k = spec.baselines.few_shot_k
         targets.append((f"untuned student ({untuned}), {k}-shot", ctx.base_gguf, few_shot))
     targets += [(f"distilled {q}", path, program_path) for q, path in ctx.ggufs.items()]
+    raised = len(ctx.metric.errors)
     with progress_bar(ctx.console) as bar:
         task = bar.add_task("evaluate", total=len(targets) + 1, note="teacher")
         teacher_result = evaluate.evaluate_teacher(
@@ -86,6 +87,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         "students": results,
         "judge": judge_summary(ctx),
         "harvest": harvest_before_after(ctx, program_path),
+        "metric_errors": ctx.metric_errors_since(raised, "answers"),
     }  # fmt: skip
     evaluate.write_eval(out / "eval.json", evaluation)
 
