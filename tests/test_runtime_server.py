@@ -65,6 +65,23 @@ def test_generate_is_repeatable_greedy_and_with_a_seed(runtime: ServerProcess) -
     assert run(temperature=1.0, seed=7) == run(temperature=1.0, seed=7)
 
 
+def test_generate_takes_llama_cpps_sampling_options(runtime: ServerProcess) -> None:
+    """top_k=1, or min_p=1, leaves only the likeliest token: any temperature and seed give the
+    greedy text. A repeat penalty changes the greedy text of an answer that repeats itself."""
+
+    def run(**kw: float | int) -> str:
+        prompt = [("user", "List the numbers: 1, 1, 1, 1, 1, 1, 1,")]
+        with InferenceClient(runtime.target) as client:
+            return "".join(c.text for c in client.generate(prompt, max_tokens=24, **kw))
+
+    greedy = run(temperature=0)
+    assert greedy.count("1,") >= 5, greedy
+    assert run(temperature=1.5, seed=3, top_k=1) == greedy
+    assert run(temperature=1.5, seed=5, min_p=1.0) == greedy
+    penalised = run(temperature=0, repeat_penalty=1.8)
+    assert penalised.count("1,") < greedy.count("1,"), penalised
+
+
 def test_generate_stop_string_is_honoured(runtime: ServerProcess) -> None:
     with InferenceClient(runtime.target) as client:
         chunks = list(
@@ -194,6 +211,20 @@ BAD_REQUESTS = [
             messages=[pb.ChatMessage(role="user", content="hi")], options=sampling(temperature=7)
         ),
         "options.temperature",
+    ),
+    (
+        "min_p over 1",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], options=sampling(min_p=1.5)
+        ),
+        "options.min_p",
+    ),
+    (
+        "repeat_penalty zero",
+        "Predict",
+        pb.PredictRequest(inputs={"country": "Peru"}, options=sampling(repeat_penalty=0.0)),
+        "options.repeat_penalty",
     ),
     (
         "temperature NaN",

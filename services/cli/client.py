@@ -106,6 +106,11 @@ def generate(
     max_tokens: Annotated[Optional[int], typer.Option(help="most tokens to generate")] = None,  # noqa: UP045
     temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
     top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None,  # noqa: UP045
+    top_k: Annotated[Optional[int], typer.Option(help="k likeliest tokens; 0: all")] = None,  # noqa: UP045
+    min_p: Annotated[Optional[float], typer.Option(help="least share of the top")] = None,  # noqa: UP045
+    repeat_penalty: Annotated[
+        Optional[float], typer.Option(help="penalise the last 64 tokens; 1 is off")  # noqa: UP045
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,  # noqa: UP045
     stop: Annotated[list[str], typer.Option(help="stop string (repeat)")] = [],  # noqa: B006
     json_schema: Annotated[
@@ -134,6 +139,9 @@ def generate(
                 max_tokens=max_tokens,
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                repeat_penalty=repeat_penalty,
                 seed=seed,
                 stop=stop,
                 json_schema=schema,

@@ -71,15 +71,20 @@ class InferenceClient:
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
         json_schema: str = "",
     ) -> Iterator[pb.GenerateChunk]:
+        options = sampling(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+        )  # fmt: skip
         request = pb.GenerateRequest(
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
-            options=sampling(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-            ),
+            options=options,
             stop=list(stop),
             json_schema=json_schema,
         )

@@ -11,6 +11,10 @@ class GenerationParams:
     temperature: float
     top_p: float
     seed: int
+    # llama.cpp's sampling defaults (as `Llama.generate` and Ollama use them).
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict

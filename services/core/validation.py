@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -78,26 +78,33 @@ def sampling_params(
                 "options.max_tokens",
                 f"{max_tokens} is out of range; use 1..{limits.max_tokens_limit}",
             )
-    temperature = default_temperature
-    if options.HasField("temperature"):
-        temperature = options.temperature
-        if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
-            raise invalid("options.temperature", f"{temperature} is out of range; use 0..2")
-    top_p = 0.95
-    if options.HasField("top_p"):
-        top_p = options.top_p
-        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-            raise invalid("options.top_p", f"{top_p} is out of range; use (0, 1]")
     seed = options.seed if options.HasField("seed") else secrets.randbelow(2**31)
     return GenerationParams(
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        temperature=_bounded(
+            options, "temperature", default_temperature, lambda v: 0.0 <= v <= 2.0, "0..2"
+        ),
+        top_p=_bounded(options, "top_p", 0.95, lambda v: 0.0 < v <= 1.0, "(0, 1]"),
         seed=seed,
+        top_k=options.top_k if options.HasField("top_k") else 40,
+        min_p=_bounded(options, "min_p", 0.05, lambda v: 0.0 <= v <= 1.0, "0..1"),
+        repeat_penalty=_bounded(options, "repeat_penalty", 1.0, lambda v: 0.0 < v <= 2.0, "(0, 2]"),
         stop=stop,
         json_schema=json_schema,
         logprobs=logprobs,
     )
+
+
+def _bounded(
+    options: pb.SamplingOptions, name: str, default: float, fits: Callable[[float], bool], span: str
+) -> float:
+    """An optional float option: its default when unset, INVALID_ARGUMENT outside `span`."""
+    if not options.HasField(name):
+        return default
+    value: float = getattr(options, name)
+    if not (math.isfinite(value) and fits(value)):
+        raise invalid(f"options.{name}", f"{value:g} is out of range; use {span}")
+    return value
 
 
 def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> dict[str, str]:

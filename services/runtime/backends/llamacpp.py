@@ -232,9 +232,9 @@ class LlamaCppBackend(ChatModelMethods):
                 tokens,
                 temp=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p,
-                top_k=0 if greedy else 40,
-                min_p=0.0 if greedy else 0.05,
-                repeat_penalty=1.0,
+                top_k=0 if greedy else params.top_k,
+                min_p=0.0 if greedy else params.min_p,
+                repeat_penalty=params.repeat_penalty,
                 grammar=grammar,
             )
         except Exception as err:
@@ -398,6 +398,8 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
     from llama_cpp import _internals
 
     sampler = _internals.LlamaSampler()
+    if params.repeat_penalty != 1.0:  # over the last 64 tokens, as Llama.generate's default
+        sampler.add_penalties(model.n_vocab(), 64, params.repeat_penalty, 0.0, 0.0)
     if grammar is None and params.json_schema:
         grammar = grammar_for(params.json_schema)
     if grammar is not None:
@@ -405,9 +407,9 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
     if params.temperature <= 0.0:
         sampler.add_greedy()
     else:
-        sampler.add_top_k(40)
+        sampler.add_top_k(params.top_k)
         sampler.add_top_p(params.top_p, 1)
-        sampler.add_min_p(0.05, 1)
+        sampler.add_min_p(params.min_p, 1)
         sampler.add_temp(params.temperature)
         sampler.add_dist(params.seed)
     return sampler

@@ -83,6 +83,9 @@ class OllamaBackend:
             "num_predict": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
+            "top_k": params.top_k,
+            "min_p": params.min_p,
+            "repeat_penalty": params.repeat_penalty,
             "seed": params.seed,
             "num_ctx": self._n_ctx,
         }
