@@ -65,6 +65,9 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 "max_tokens": options.get("num_predict", 128),
                 "temperature": options.get("temperature", 0.8),
                 "top_p": options.get("top_p", 0.9),
+                "top_k": options.get("top_k", 40),
+                "min_p": options.get("min_p", 0.0),
+                "repeat_penalty": options.get("repeat_penalty", 1.1),
                 "stop": options.get("stop") or None,
                 "stream": True,
             }
