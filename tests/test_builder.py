@@ -923,6 +923,29 @@ def test_missing_spec_file_and_bad_rows_are_clear(tmp_path: Path) -> None:
     assert "one of: network, hardware" in message
 
 
+def test_a_row_whose_typed_input_the_runtime_would_refuse_stops_the_build(
+    tmp_path: Path,
+) -> None:
+    """A data row's typed input is checked as a request's is: a CSV's `3` is an int, `three`
+    is not, and the build says which row before anything runs."""
+    from services.builder.data import check_values
+    from services.builder.spec import SpecError
+    from services.core.program import FieldSpec
+
+    fields = [FieldSpec(name="text"), FieldSpec(name="max_stars", type="int"),
+              FieldSpec(name="tags", type="list[str]")]  # fmt: skip
+    path = tmp_path / "train.csv"
+    path.write_text('text,max_stars,tags,stars\na,3,"[""x""]",1\nb,three,[],2\n')
+    with pytest.raises(SpecError, match=r"row 3: input max_stars 'three' is not of type int"):
+        check_values(path, "data.train", {"stars": int}, fields)
+    path.write_text('text,max_stars,tags,stars\na,3,"[""x""]",1\n')
+    check_values(path, "data.train", {"stars": int}, fields)
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "max_stars": 3, "tags": ["x"]},
+                                           {"text": "b", "max_stars": 3, "tags": "x"}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"line 2: input tags 'x' is not of type list\[str\]"):
+        check_values(tmp_path / "train.jsonl", "data.train", {}, fields)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_a_dataset_is_jsonl_a_json_array_or_csv(tmp_path: Path, suffix: str) -> None:
     """The same rows in each format load as the same examples and groups; a broken file names

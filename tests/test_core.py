@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,38 @@ def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
     # ... but GetModelInfo says what the author wrote: nothing.
     assert [f.description for f in described.input_fields] == [""]
     assert [f.description for f in described.output_fields] == [""]
+
+
+def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> None:
+    """Text sent to an `int`, `list[str]`, Literal or model input is read as the codec reads
+    it (JSON where it parses); a value of another type is INVALID_ARGUMENT, not a prompt."""
+    import dspy
+
+    from services.core.api import pb
+    from services.core.validation import RpcFailure, predict_inputs
+
+    class Rate(dspy.Signature):
+        review: str = dspy.InputField()
+        max_stars: int = dspy.InputField()
+        keywords: list[str] = dspy.InputField()
+        tone: Literal["formal", "casual"] = dspy.InputField()
+        order: Order = dspy.InputField()
+        stars: int = dspy.OutputField()
+
+    fields = ProgramSpec.from_signature(Rate, name="rate").inputs
+    good = {"review": "{not json", "max_stars": "5", "keywords": '["a", "b"]', "tone": "casual",
+            "order": '{"lines": [{"item": "mug", "quantity": 2}]}'}  # fmt: skip
+    assert predict_inputs(pb.PredictRequest(inputs=good), fields) == good
+    for name, bad, said in (
+        ("max_stars", "five", "'five' is not of type int"),
+        ("max_stars", "4.5", "fractional part"),
+        ("keywords", "a, b", "'a, b' is not of type list[str]"),
+        ("tone", "angry", "Input should be 'formal' or 'casual'"),
+        ("order", '{"lines": 3}', "is not of type Order"),
+    ):
+        with pytest.raises(RpcFailure, match=re.escape(f"inputs[{name!r}]: ")) as raised:
+            predict_inputs(pb.PredictRequest(inputs={**good, name: bad}), fields)
+        assert said in raised.value.message, raised.value.message
 
 
 class Node(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from services.builder.data import (
     REASONING,
-    check_labels,
+    check_values,
     file_sha256,
     input_key,
     label_fields,
@@ -135,13 +136,15 @@ def without_intermediate_fields(
     return pipeline.model_copy(update={"outputs": carried})
 
 
-def check_data_labels(spec: BuildSpec, types: dict[str, Any]) -> None:
+def check_data_values(
+    spec: BuildSpec, types: dict[str, Any], inputs: Sequence[FieldSpec] = ()
+) -> None:
     """Every data file's labels, by the types of the fields the program's predictors produce
-    (a multi-step program's intermediate labels too)."""
+    (a multi-step program's intermediate labels too), and its typed inputs."""
     files = {"data.train": spec.data.train, "data.dev": spec.data.dev, "data.test": spec.data.test}
     for key, path in files.items():
         if path is not None:
-            check_labels(path, key, types)
+            check_values(path, key, types, inputs)
 
 
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
@@ -215,7 +218,7 @@ class BuildContext:
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
         calibset, testset = held_out(spec, inputs, outputs, optional)
         types = output_annotations(program)
-        check_data_labels(spec, types)
+        check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
         if (

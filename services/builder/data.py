@@ -7,11 +7,12 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from services.builder.spec import SpecError
+from services.core.program import FieldSpec, input_text
 
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
@@ -57,23 +58,39 @@ def load_grouped(
     return examples, groups
 
 
-def check_labels(path: Path, key: str, types: dict[str, Any]) -> None:
+def check_values(
+    path: Path, key: str, types: dict[str, Any], inputs: Sequence[FieldSpec] = ()
+) -> None:
     """Every labelled output value is one its field's type accepts, as DSPy parses answers (a
     Literal's label among its values, an int a number): a label the served model could never
-    give would be trained on and scored against, silently."""
-    from dspy.adapters.utils import parse_value
-
+    give would be trained on and scored against, silently. Every typed input is a value the
+    runtime accepts (a request with it would be INVALID_ARGUMENT)."""
     for where, row in read_rows(path, key):
+        for field in inputs:
+            problem = field.input_error(input_text(row[field.name])) if field.name in row else None
+            if problem:
+                raise SpecError(
+                    f"{key}: {path} {where}: input {field.name} {problem}; fix the row, or the "
+                    "field's type in the signature"
+                )
         for name, annotation in types.items():
-            if name == REASONING or name not in row or annotation is str:
-                continue
-            try:
-                parse_value(row[name], annotation)
-            except Exception:  # whatever DSPy's parser refuses, it would refuse from the model
+            if name != REASONING and name in row and not _parses(row[name], annotation):
                 raise SpecError(
                     f"{key}: {path} {where}: {name} {row[name]!r} is not a "
                     f"{_type_text(annotation)}; fix the row, or the field's type in the signature"
-                ) from None
+                )
+
+
+def _parses(value: Any, annotation: Any) -> bool:
+    from dspy.adapters.utils import parse_value
+
+    if annotation is str:
+        return True
+    try:
+        parse_value(value, annotation)
+    except Exception:  # whatever DSPy's parser refuses, it would refuse from the model
+        return False
+    return True
 
 
 def _type_text(annotation: Any) -> str:

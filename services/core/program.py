@@ -19,6 +19,7 @@ import copy
 import enum
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
@@ -83,6 +84,38 @@ class FieldSpec(BaseModel):
         if self.json_schema is not None:
             return schema_type(self.type, self.json_schema)
         return _annotation_from_text(self.type)
+
+    def input_error(self, text: str) -> str | None:
+        """Why a call's input `text` is not a value of this field's type, read as the codec
+        reads it (JSON where it parses, else the text); None when it is. Any text is a `str`."""
+        if self.type == "str" and self.json_schema is None and self.enum_values is None:
+            return None
+        from pydantic import ValidationError
+
+        adapter = _type_adapter(self.model_dump_json())
+        problem = ""
+        for value in (_json_or_text(text), text):
+            try:
+                adapter.validate_python(value)
+                return None
+            except (ValidationError, ValueError) as err:
+                problem = problem or _first_error(err)
+        return f"{text[:60]!r} is not of type {self.type} ({problem}); send the value as JSON"
+
+
+@lru_cache(maxsize=256)
+def _type_adapter(field_json: str) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(FieldSpec.model_validate_json(field_json).annotation())
+
+
+def _first_error(err: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return str(err.errors()[0]["msg"])
+    return str(err)
 
 
 class ProgramSpec(BaseModel):

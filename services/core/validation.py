@@ -108,7 +108,8 @@ def _bounded(
 
 
 def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> dict[str, str]:
-    """The request's inputs: each one the program takes, every required one given."""
+    """The request's inputs: each one the program takes, every required one given, each a
+    value of its field's type."""
     expected = [f.name for f in fields]
     given = dict(request.inputs)
     unknown = sorted(set(given) - set(expected))
@@ -125,6 +126,10 @@ def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> d
     for name, value in given.items():
         if "\x00" in value:
             raise invalid(f"inputs[{name!r}]", "contains a NUL character")
+    for field in fields:
+        problem = field.input_error(given[field.name]) if field.name in given else None
+        if problem:
+            raise invalid(f"inputs[{field.name!r}]", problem)
     return given
 
 
