@@ -946,6 +946,37 @@ def test_a_row_whose_typed_input_the_runtime_would_refuse_stops_the_build(
         check_values(tmp_path / "train.jsonl", "data.train", {}, fields)
 
 
+def test_a_choice_of_many_values_is_a_label_and_its_rare_values_are_split(tmp_path: Path) -> None:
+    """A Literal of 30 codes is a label field (exact match per field, stratified split,
+    balance) whatever the row count; values held by one dev row share a stratum, so they are
+    split like the rest instead of all falling to the test part."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    codes = [f"c{n:02d}" for n in range(30)]
+    (tmp_path / "codes.py").write_text(
+        "from typing import Literal\nimport dspy\n\nclass Code(dspy.Signature):\n"
+        f"    text: str = dspy.InputField()\n    code: Literal{codes!r} = dspy.OutputField()\n\n"
+        "def build():\n    return dspy.Predict(Code)\n"
+    )
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{n}", "code": codes[n % 30]}
+                                           for n in range(40)])  # fmt: skip
+    twice, once = codes[:10] * 2, codes[10:20]
+    write_jsonl(tmp_path / "dev.jsonl", [{"text": f"d{n}", "code": code}
+                                         for n, code in enumerate(twice + once)])  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(
+        "name: codes\nprogram: codes:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+        f"output: {tmp_path / 'build'}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    assert ctx.label_names == ["code"] and ctx.free_text_names == []
+    calibration = [e.code for e in ctx.calibset]
+    assert sorted(set(calibration) & set(codes[:10])) == codes[:10]  # one of each pair
+    assert 3 <= len(set(calibration) & set(once)) <= 7, calibration
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_a_dataset_is_jsonl_a_json_array_or_csv(tmp_path: Path, suffix: str) -> None:
     """The same rows in each format load as the same examples and groups; a broken file names

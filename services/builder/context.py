@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +17,7 @@ from rich.console import Console
 from services.builder.data import (
     REASONING,
     check_values,
+    choice_fields,
     file_sha256,
     input_key,
     label_fields,
@@ -216,8 +217,8 @@ class BuildContext:
             inputs, outputs = pipeline.input_names, pipeline.output_names
         optional = pipeline.optional_inputs if pipeline is not None else []
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
-        calibset, testset = held_out(spec, inputs, outputs, optional)
         types = output_annotations(program)
+        calibset, testset = held_out(spec, inputs, outputs, optional, choice_fields(types))
         check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
@@ -293,8 +294,10 @@ class BuildContext:
 
     @cached_property
     def label_names(self) -> list[str]:
-        """The output fields that are labels (few distinct values in train), not free text."""
-        return label_fields(self.trainset, labelled(self.output_names))
+        """The output fields that are labels (typed as a choice, or few distinct values in
+        train), not free text."""
+        choices = choice_fields(output_annotations(self.program))
+        return label_fields(self.trainset, labelled(self.output_names), choices)
 
     @cached_property
     def free_text_names(self) -> list[str]:
@@ -383,20 +386,24 @@ class BuildContext:
 
 
 def held_out(
-    spec: BuildSpec, inputs: list[str], outputs: list[str], optional: list[str]
-) -> tuple[list[Any], list[Any]]:
+    spec: BuildSpec, inputs: list[str], outputs: list[str], optional: list[str],
+    choices: Collection[str] = (),
+) -> tuple[list[Any], list[Any]]:  # fmt: skip
     """The calibration and test parts: data.dev split by group, or data.dev and data.test."""
     dev, groups = load_grouped(spec.data.dev, inputs, outputs, "data.dev", optional)
     if spec.data.test is not None:
         return dev, load_examples(spec.data.test, inputs, outputs, "data.test", optional)
     # Stratified by the label fields' values together, so both parts keep the label mix.
-    labels = label_fields(dev, labelled(outputs))
+    labels = label_fields(dev, labelled(outputs), choices)
     strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]
-    while len(labels) > 1 and min(Counter(dict(zip(groups, strata, strict=True)).values())
-                                  .values()) < 2:  # fmt: skip
+    while len(labels) > 1 and min(groups_per_stratum(groups, strata).values()) < 2:
         # A stratum of one group cannot be split: stratify by fewer label fields.
         labels = labels[:-1]
         strata = [" | ".join(normalize(e[name]) for name in labels) for e in dev]
+    # Still one group to a value (many labels, few rows): those groups share one stratum, so
+    # they are split like the rest rather than all falling to the test part.
+    shared = groups_per_stratum(groups, strata)
+    strata = [stratum if shared[stratum] > 1 else "\x00rare" for stratum in strata]
     calibration, test = split_by_group(groups, spec.data.calibration_fraction, spec.seed, strata)
     if not calibration or not test:
         raise SpecError(
@@ -404,6 +411,10 @@ def held_out(
             "calibration and a test part; add held-out rows or name data.test"
         )
     return [dev[i] for i in calibration], [dev[i] for i in test]
+
+
+def groups_per_stratum(groups: list[str], strata: list[str]) -> Counter[str]:
+    return Counter(dict(zip(groups, strata, strict=True)).values())
 
 
 def judge_spec(spec: BuildSpec) -> Any:

@@ -185,11 +185,28 @@ def split_by_group(
     return calibration, test
 
 
-def label_fields(train: list[Any], fields: list[str], max_values: int = 20) -> list[str]:
-    """The output fields that are labels, not free text: few distinct values in train, each
-    repeated on average."""
-    limit = min(max_values, len(train) // 2)
-    return [name for name in fields if 0 < len({normalize(e[name]) for e in train}) <= limit]
+def label_fields(
+    rows: list[Any], fields: list[str], choices: Collection[str] = (), max_values: int = 20
+) -> list[str]:
+    """The output fields that are labels, not free text: a field typed as a choice (`choices`:
+    a Literal, an Enum, a bool) however many values it has, or one with few distinct values in
+    `rows`, each repeated on average."""
+    limit = min(max_values, len(rows) // 2)
+    return [name for name in fields
+            if name in choices or 0 < len({normalize(e[name]) for e in rows}) <= limit]  # fmt: skip
+
+
+def choice_fields(types: dict[str, Any]) -> list[str]:
+    """The fields whose type is a choice among fixed values: Literal, Enum, bool."""
+    import enum
+    from typing import get_origin
+
+    def is_choice(annotation: Any) -> bool:
+        if get_origin(annotation) is Literal or annotation is bool:
+            return True
+        return isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+
+    return [name for name, annotation in types.items() if is_choice(annotation)]
 
 
 def label_counts(examples: list[Any], name: str) -> Counter[str]:
