@@ -803,6 +803,53 @@ def order_rows(count: int, start: int) -> list[dict[str, Any]]:
     return out
 
 
+def parse_line_signature() -> Any:
+    import dspy
+
+    from testkit.structured import Line
+
+    fields = {"message": (str, dspy.InputField()), "line": (Line, dspy.OutputField())}
+    return dspy.Signature(fields, "Extract the order line.")
+
+
+def test_an_api_teachers_model_answer_is_traced_as_its_json_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teacher's typed answer (a pydantic model, through DSPy from an OpenAI-compatible API:
+    the gold STAND-IN) is written to traces.jsonl as the JSON data a label row holds, and the
+    training record answers it as JSON; Python's repr there would teach the student a form
+    typed decoding never lets it write."""
+    import dspy
+
+    from services.builder.data import load_examples
+    from services.builder.metrics import TypedMetric, exact_match, output_annotations
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces
+    from services.core.program import ProgramSpec, PromptCodec
+    from testkit.openai_standin import OpenAIStandIn
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    rows = [{"message": f"{n} mugs please", "line": {"item": "mug", "quantity": n}}
+            for n in (2, 3)]  # fmt: skip
+    trainset = load_examples(write_jsonl(tmp_path / "train.jsonl", rows), ["message"], ["line"],
+                             "data.train")  # fmt: skip
+    program = dspy.Predict(parse_line_signature())
+    gold = {row["message"]: json.dumps(row["line"]) for row in rows}
+    with OpenAIStandIn(gold, input_field="message", output_field="line") as api:
+        counts = collect_traces(
+            program=program, trainset=trainset, threshold=1.0, output_names=["line"],
+            teacher=TeacherSpec(model="openai/standin", api_base=api.base_url, num_threads=1),
+            metric=TypedMetric(exact_match, output_annotations(program)),
+            out_dir=tmp_path, runner=None, progress=lambda n: None,
+        )  # fmt: skip
+    assert counts.kept == 2
+    traces = read_jsonl(tmp_path / "traces.jsonl")
+    assert [t["outputs"]["line"] for t in traces] == [row["line"] for row in rows]
+    codec = PromptCodec(ProgramSpec.from_signature(program.signature))
+    answer = codec.format_finetune(traces[0]["inputs"], traces[0]["outputs"])["messages"][-1]
+    assert '{"item": "mug", "quantity": 2}' in answer["content"], answer
+
+
 def test_a_program_with_models_and_enums_trains_on_what_it_serves(tmp_path: Path) -> None:
     """A single Predict with a pydantic model, an Enum, a list, an int and a bool: the gold
     traces pass exact_match (the typed teacher answer equals the JSON row), and the runtime's

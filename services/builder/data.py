@@ -227,6 +227,17 @@ def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """A trace as a JSONL line: a typed value (a pydantic model a teacher answered) as its
+    JSON data, as a label row holds it, not Python's repr of it."""
+    from pydantic_core import to_jsonable_python
+
+    def jsonable(value: Any) -> Any:
+        return to_jsonable_python(value, fallback=str)
+
+    return json.dumps(record, ensure_ascii=False, default=jsonable) + "\n"
+
+
 def input_key(inputs: dict[str, Any]) -> str:
     """The same for inputs that differ only in case and spacing: how the build tells whether
     a trace's inputs are among the held-out ones."""

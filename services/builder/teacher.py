@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.builder.data import json_line
 from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
 from services.core.pipeline import Complete, LmCall, ProgramRunner
@@ -144,7 +145,7 @@ def collect_traces(
     for name, rows in (("traces", kept), ("rejected", rejected), ("failed", failed)):
         with (out_dir / f"{name}.jsonl").open("w") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                handle.write(json_line(row))
     summary = asdict(counts)
     if runner is not None:
         summary["predictors"] = predictor_counts(kept, rejected, list(runner.predictors))

@@ -9,7 +9,7 @@ from typing import Any
 
 from services.builder import evaluate, rounds, teacher, writer
 from services.builder.context import BuildContext
-from services.builder.data import input_key
+from services.builder.data import input_key, json_line
 from services.builder.probe import sample
 from services.builder.stages.base import Stage
 from services.builder.stages.release import serving_max_tokens
@@ -87,8 +87,7 @@ def write_traces(ctx: BuildContext, out: Path) -> None:
     counts["kept"] = len(kept)
     with (out / "written.jsonl").open("w") as handle:
         for trace in kept:
-            handle.write(json.dumps({**trace, "source": "teacher-written"}, ensure_ascii=False,
-                                    default=str) + "\n")  # fmt: skip
+            handle.write(json_line({**trace, "source": "teacher-written"}))
     (out / "written.json").write_text(json.dumps(dict(counts), indent=2))
     dropped = ", ".join(f"{why.replace('_', ' ')} {n}" for why, n in counts.items()
                         if why in DROPPED and n)  # fmt: skip
