@@ -889,6 +889,56 @@ def test_a_program_with_models_and_enums_trains_on_what_it_serves(tmp_path: Path
         assert isinstance(values["gift"], bool) and isinstance(values["priority"], int)
 
 
+CHAT_PROGRAM = """
+import dspy
+
+
+class Chat(dspy.Signature):
+    \"\"\"Answer the user's IT question, taking the conversation so far into account.\"\"\"
+
+    question: str = dspy.InputField()
+    history: dspy.History = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+def build():
+    return dspy.Predict(Chat)
+"""
+
+
+def test_a_chat_program_trains_on_its_history_as_earlier_turns(tmp_path: Path) -> None:
+    """A dspy.History input in the rows (its JSON, or the bare list of turns) is trained as
+    DSPy prompts it, earlier user and assistant turns before the question; a row whose history
+    is not one stops the build naming it."""
+    from rich.console import Console
+
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import SpecError, load_spec
+
+    (tmp_path / "chat_prog.py").write_text(CHAT_PROGRAM)
+    turns = [{"question": "My VPN drops.", "answer": "Update the VPN client."}]
+    rows = [{"question": f"Still dropping, try {n}?", "answer": f"Reinstall it ({n}).",
+             "history": turns if n % 2 else {"messages": turns}} for n in range(6)]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", rows[:4])
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "name: chat\nprogram: chat_prog:build\nmetric: token_f1\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    build(load_spec(spec_path), Console(file=io.StringIO()), stages=STAGES[:2])
+    records = read_jsonl(tmp_path / "build" / "dataset" / "dataset.jsonl")
+    assert len(records) == 6
+    for record in records:
+        roles = [m["role"] for m in record["messages"]]
+        assert roles == ["system", "user", "assistant", "user", "assistant"], roles
+        assert "My VPN drops." in record["messages"][1]["content"]
+        assert "Update the VPN client." in record["messages"][2]["content"]
+    write_jsonl(tmp_path / "train.jsonl", [*rows, {**rows[0], "history": "My VPN drops."}])
+    with pytest.raises(SpecError, match=r"line 7: input history 'My VPN drops.' is not of type"):
+        build(load_spec(spec_path), Console(file=io.StringIO()), stages=STAGES[:2])
+
+
 def test_a_program_with_demos_trains_on_the_prompt_it_is_served_with(tmp_path: Path) -> None:
     """A saved, optimized program loaded by its factory keeps its demos: the training records
     and the bundle's program.json prompt with them alike."""

@@ -45,6 +45,29 @@ def test_program_round_trips_through_dspy_signature() -> None:
     )
 
 
+def test_a_history_input_is_prompted_as_dspys_conversation_turns() -> None:
+    """A dspy.History input (a chat program's conversation so far) survives program.json and
+    is prompted as DSPy prompts it, as earlier user and assistant turns, from its JSON or the
+    bare list of turns; anything else is refused naming the field's type."""
+    import dspy
+
+    fields = {"question": (str, dspy.InputField()), "history": (dspy.History, dspy.InputField()),
+              "answer": (str, dspy.OutputField())}  # fmt: skip
+    chat = dspy.Signature(fields, "Answer, taking the conversation so far into account.")
+    spec = ProgramSpec.model_validate_json(ProgramSpec.from_signature(chat).model_dump_json())
+    turns = [{"question": "What is DNS?", "answer": "It maps names to addresses."}]
+    theirs = dspy.ChatAdapter().format(
+        chat, [], {"question": "And DHCP?", "history": dspy.History(messages=turns)}
+    )
+    codec = PromptCodec(spec)
+    for sent in (json.dumps({"messages": turns}), json.dumps(turns)):
+        assert codec.format_messages({"question": "And DHCP?", "history": sent}) == theirs
+    assert [m["role"] for m in theirs] == ["system", "user", "assistant", "user"]
+    history = spec.inputs[1]
+    assert history.type == "History" and history.input_error(json.dumps(turns)) is None
+    assert "is not of type History" in (history.input_error("What is DNS?") or "")
+
+
 def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
     import dspy
 

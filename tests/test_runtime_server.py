@@ -300,6 +300,41 @@ def test_expired_deadline_then_next_call_is_served(runtime: ServerProcess) -> No
     assert time.monotonic() - started < 15
 
 
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_chat_program_takes_its_history_as_json(
+    gguf_path: Path, tmp_path: Path, parallel: str
+) -> None:
+    """A program with a dspy.History input serves (its fixed prefix rendered with an empty
+    conversation): a request's turns are prompted before its question; text that is not a
+    conversation is INVALID_ARGUMENT naming the field."""
+    import dspy
+
+    from services.core.program import ProgramSpec
+
+    fields = {"question": (str, dspy.InputField()), "history": (dspy.History, dspy.InputField()),
+              "answer": (str, dspy.OutputField())}  # fmt: skip
+    chat = dspy.Signature(fields, "Answer, taking the conversation so far into account.")
+    program = tmp_path / "program.json"
+    program.write_text(ProgramSpec.from_signature(chat, name="chat").model_dump_json())
+    server = start_runtime("--model", str(gguf_path), "--program", str(program),
+                           "--n-ctx", "1024", "--parallel", parallel)  # fmt: skip
+    turns = json.dumps([{"question": "My name is Ada.", "answer": "Hello Ada!"}])
+    try:
+        with InferenceClient(server.target) as client:
+            reply = client.predict({"question": "What is my name?", "history": turns},
+                                   max_tokens=24, include_raw_text=True)  # fmt: skip
+            alone = client.predict({"question": "What is my name?", "history": "[]"},
+                                   max_tokens=24)  # fmt: skip
+            with pytest.raises(grpc.RpcError) as refused:
+                client.predict({"question": "What is my name?", "history": "Ada"})
+    finally:
+        server.terminate()
+    # The earlier turn is in the prompt: its user and assistant messages, with their markers.
+    assert reply.usage.prompt_tokens > alone.usage.prompt_tokens + 20 and reply.raw_text
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs['history']: 'Ada' is not of type History" in str(refused.value.details())
+
+
 def test_metrics_count_calls_and_tokens(gguf_path: Path, program_path: Path) -> None:
     metrics_port = free_port()
     server = start_runtime(

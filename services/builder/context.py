@@ -45,7 +45,13 @@ from services.core.pipeline import (
     make_module,
     predictor_specs,
 )
-from services.core.program import FieldSpec, ProgramFormatError, ProgramSpec, PromptCodec
+from services.core.program import (
+    FieldSpec,
+    ProgramFormatError,
+    ProgramSpec,
+    PromptCodec,
+    as_history,
+)
 
 
 def load_program(path: str) -> Any:
@@ -220,6 +226,8 @@ class BuildContext:
         types = output_annotations(program)
         calibset, testset = held_out(spec, inputs, outputs, optional, choice_fields(types))
         check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
+        if pipeline is None:  # DSPy (the teacher, its optimizers) takes a History, not its JSON
+            with_histories(trainset + calibset + testset, program_spec.inputs)
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
         if (
@@ -411,6 +419,15 @@ def held_out(
             "calibration and a test part; add held-out rows or name data.test"
         )
     return [dev[i] for i in calibration], [dev[i] for i in test]
+
+
+def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:
+    """Each dspy.History input of the rows as a dspy.History (a row holds its JSON)."""
+    names = [field.name for field in inputs if field.type == "History"]
+    for example in examples:
+        for name in names:
+            if name in example:
+                example[name] = as_history(example[name])
 
 
 def groups_per_stratum(groups: list[str], strata: list[str]) -> Counter[str]:

@@ -240,8 +240,10 @@ def json_line(record: dict[str, Any]) -> str:
 
 def input_key(inputs: dict[str, Any]) -> str:
     """The same for inputs that differ only in case and spacing: how the build tells whether
-    a trace's inputs are among the held-out ones."""
-    canonical = json.dumps({k: normalize(v) for k, v in inputs.items()}, sort_keys=True)
+    a trace's inputs are among the held-out ones. A typed value is keyed as the wire carries
+    it (JSON), so a row's list and a request's JSON text of it are the same input."""
+    canonical = json.dumps({k: normalize(input_text(v)) for k, v in inputs.items()},
+                           sort_keys=True)  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -94,7 +94,10 @@ class FieldSpec(BaseModel):
 
         adapter = _type_adapter(self.model_dump_json())
         problem = ""
-        for value in (_json_or_text(text), text):
+        parsed = _json_or_text(text)
+        if self.type == "History" and isinstance(parsed, list):
+            parsed = {"messages": parsed}
+        for value in (parsed, text):
             try:
                 adapter.validate_python(value)
                 return None
@@ -237,6 +240,11 @@ class PromptCodec:
         messages = self._adapter.format(self.signature, self.demos, self.decode_inputs(inputs))
         return [{"role": m["role"], "content": str(m["content"])} for m in messages]
 
+    def placeholder_inputs(self, text: str) -> dict[str, str]:
+        """Inputs of any value, to render the prompt's fixed part: `text` in every field, an
+        empty conversation in a History."""
+        return {f.name: "[]" if f.type == "History" else text for f in self.spec.inputs}
+
     def decode_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A call's inputs as the wire carries them (text) to the values DSPy formats: a field
         typed other than `str` reads its text as JSON where it parses (`["a", "b"]` a list,
@@ -245,8 +253,10 @@ class PromptCodec:
         decoded: dict[str, Any] = {}
         for name, value in inputs.items():
             text = input_text(value)
-            typed = name in fields and fields[name].annotation is not str
-            decoded[name] = _json_or_text(text) if typed else text
+            annotation = fields[name].annotation if name in fields else str
+            decoded[name] = text if annotation is str else _json_or_text(text)
+            if is_history(annotation):  # ChatAdapter formats it as the turns before this one
+                decoded[name] = as_history(decoded[name])
         return decoded
 
     def format_finetune(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +312,23 @@ def input_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(to_jsonable_python(value), ensure_ascii=False)
+
+
+def is_history(annotation: Any) -> bool:
+    """A dspy.History field: the conversation so far, formatted by ChatAdapter as turns."""
+    return getattr(annotation, "__name__", "") == "History" and "dspy" in getattr(
+        annotation, "__module__", ""
+    )
+
+
+def as_history(value: Any) -> Any:
+    """A dspy.History from what a row or a request holds: one already, `{"messages": [...]}`,
+    or the list of turns itself (each a dict of the signature's fields)."""
+    import dspy
+
+    if isinstance(value, dspy.History):
+        return value
+    return dspy.History.model_validate({"messages": value} if isinstance(value, list) else value)
 
 
 def _json_or_text(text: str) -> Any:
@@ -364,7 +391,8 @@ _SIMPLE_TYPES: dict[str, Any] = {
     "list": list, "dict": dict,
 }  # fmt: skip
 _SUPPORTED = (
-    "str, int, float, bool, Literal, list, dict, tuple, Optional/Union, Enum, pydantic models"
+    "str, int, float, bool, Literal, list, dict, tuple, Optional/Union, Enum, pydantic models, "
+    "dspy.History"
 )
 
 
@@ -462,6 +490,10 @@ def _annotation_from_text(text: str) -> Any:
 def _annotation_from_node(node: ast.expr, text: str) -> Any:
     if isinstance(node, ast.Name) and node.id in _SIMPLE_TYPES:
         return _SIMPLE_TYPES[node.id]
+    if isinstance(node, ast.Name) and node.id == "History":
+        import dspy
+
+        return dspy.History
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
         args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         if node.value.id == "Literal":

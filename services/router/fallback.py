@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
-from services.core.program import ProgramSpec, typed_json, value_text
+from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 
 # Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
 # (three attempts, ~10 s) before the router could start.
@@ -73,7 +73,8 @@ class FallbackModel:
             # The whole program runs on the API model, each predictor prompted as served.
             self._runner = ProgramRunner.load(program_path, program)
         else:
-            self._predictor = dspy.Predict(program.to_signature())
+            self._codec = PromptCodec(program)
+            self._predictor = dspy.Predict(self._codec.signature)
             self._predictor.demos = [dspy.Example(**demo) for demo in program.demos]
             self._predictor.set_lm(self._lm)
 
@@ -91,7 +92,7 @@ class FallbackModel:
             if result.outputs is None:
                 raise ValueError(f"the API model's answer did not parse ({result.outcome})")
             return result.outputs, result.outputs_json
-        prediction = self._predictor(**inputs)
+        prediction = self._predictor(**self._codec.decode_inputs(inputs))  # typed, as served
         values = {name: prediction.get(name, "") for name in self._output_names}
         texts = {name: value_text(value) for name, value in values.items()}
         return texts, typed_json(values, self._output_names)

@@ -118,9 +118,7 @@ class BatchingBackend(Backend, Protocol):
 
 def program_prefix(backend: Backend, codec: PromptCodec) -> list[int]:
     """The prompt tokens every Predict of this program starts with, whatever its inputs."""
-    renders = [
-        backend.prepare(codec.format_messages({name: value for name in codec.input_names}))
-        for value in ("a", "zq 7")
-    ]
+    renders = [backend.prepare(codec.format_messages(codec.placeholder_inputs(value)))
+               for value in ("a", "zq 7")]  # fmt: skip
     tokens = [r.tokens for r in renders if r.tokens is not None]
     return list(tokens[0][: common_prefix_length(tokens)]) if len(tokens) == 2 else []
