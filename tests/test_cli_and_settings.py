@@ -89,6 +89,15 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
         malformed = run_cli("predict", "--target", server.target, "--input", "Norway")
         assert malformed.returncode == 2 and "name=value" in malformed.stderr
 
+        document = program_path.parent / "country.txt"
+        document.write_text("Norway")
+        from_file = run_cli("predict", "--target", server.target, "--input-file",
+                            f"country={document}")  # fmt: skip
+        assert from_file.stdout == predicted.stdout, from_file.stderr
+        missing = run_cli("predict", "--target", server.target, "--input-file", "country=nope.txt")
+        said = " ".join(missing.stderr.split())
+        assert missing.returncode == 2 and "--input-file country=nope.txt: No such file" in said
+
         generated = run_cli(
             "generate", "--target", server.target, "--max-tokens", "8", "--temperature", "0", "Hi"
         )

@@ -49,6 +49,9 @@ def predict(
     inputs: Annotated[
         list[str], typer.Option("--input", "-i", help="an input field as name=value (repeat)")
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    input_files: Annotated[
+        list[str], typer.Option("--input-file", help="an input field read from a file: name=path")
+    ] = [],  # noqa: B006
     max_tokens: Annotated[Optional[int], typer.Option(help="most tokens to generate")] = None,  # noqa: UP045
     temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
     raw: Annotated[bool, typer.Option("--raw", help="also print the model's raw text")] = False,
@@ -59,12 +62,7 @@ def predict(
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    values: dict[str, str] = {}
-    for item in inputs:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise fail(f"--input {item!r}: write it as name=value, e.g. --input ticket='VPN down'")
-        values[name] = value
+    values = {**named_values(inputs, "--input"), **file_values(input_files)}
     try:
         with _client(target, timeout) as client:
             reply = client.predict(
@@ -96,6 +94,30 @@ def predict(
     if reply.raw_text:
         err_console.print("[dim]raw:[/]", highlight=False)
         print(reply.raw_text)
+
+
+def named_values(items: list[str], flag: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise fail(f"{flag} {item!r}: write it as name=value, e.g. --input ticket='VPN down'")
+        values[name] = value
+    return values
+
+
+def file_values(items: list[str]) -> dict[str, str]:
+    """`--input-file name=path`: the field's value is the file's text (a long document, a
+    conversation's JSON)."""
+    values = named_values(items, "--input-file")
+    for name, path in values.items():
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values[name] = handle.read()
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise fail(f"--input-file {name}={path}: {why}") from None
+    return values
 
 
 @app.command("generate")
