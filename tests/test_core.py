@@ -67,6 +67,15 @@ def test_a_history_input_is_prompted_as_dspys_conversation_turns() -> None:
     assert history.type == "History" and history.input_error(json.dumps(turns)) is None
     assert "is not of type History" in (history.input_error("What is DNS?") or "")
 
+    class History(BaseModel):  # a user's own model of that name is not dspy.History
+        events: list[str]
+
+    own = dspy.Signature({"history": (History, dspy.InputField()),
+                          "answer": (str, dspy.OutputField())}, "Summarise.")  # fmt: skip
+    field = ProgramSpec.from_signature(own).inputs[0]
+    assert not field.is_history and field.json_schema is not None
+    assert field.input_error('{"events": ["login"]}') is None
+
 
 def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
     import dspy

@@ -423,7 +423,7 @@ def held_out(
 
 def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:
     """Each dspy.History input of the rows as a dspy.History (a row holds its JSON)."""
-    names = [field.name for field in inputs if field.type == "History"]
+    names = [field.name for field in inputs if field.is_history]
     for example in examples:
         for name in names:
             if name in example:

@@ -59,7 +59,7 @@ class FieldSpec(BaseModel):
         described = cls(
             name=name, description=str((info.json_schema_extra or {}).get("desc", "")), type=text
         )
-        if _text_rebuilds(text):
+        if _text_rebuilds(text, annotation):
             return described
         if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
             return described.model_copy(update={"enum_values": [m.value for m in annotation]})
@@ -85,6 +85,11 @@ class FieldSpec(BaseModel):
             return schema_type(self.type, self.json_schema)
         return _annotation_from_text(self.type)
 
+    @property
+    def is_history(self) -> bool:
+        """A dspy.History input (not a user's own model of that name, which has a schema)."""
+        return self.type == "History" and self.json_schema is None
+
     def input_error(self, text: str) -> str | None:
         """Why a call's input `text` is not a value of this field's type, read as the codec
         reads it (JSON where it parses, else the text); None when it is. Any text is a `str`."""
@@ -95,8 +100,8 @@ class FieldSpec(BaseModel):
         adapter = _type_adapter(self.model_dump_json())
         problem = ""
         parsed = _json_or_text(text)
-        if self.type == "History" and isinstance(parsed, list):
-            parsed = {"messages": parsed}
+        if self.is_history:
+            parsed = _history_data(parsed)
         for value in (parsed, text):
             try:
                 adapter.validate_python(value)
@@ -243,7 +248,7 @@ class PromptCodec:
     def placeholder_inputs(self, text: str) -> dict[str, str]:
         """Inputs of any value, to render the prompt's fixed part: `text` in every field, an
         empty conversation in a History."""
-        return {f.name: "[]" if f.type == "History" else text for f in self.spec.inputs}
+        return {f.name: "[]" if f.is_history else text for f in self.spec.inputs}
 
     def decode_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A call's inputs as the wire carries them (text) to the values DSPy formats: a field
@@ -328,7 +333,11 @@ def as_history(value: Any) -> Any:
 
     if isinstance(value, dspy.History):
         return value
-    return dspy.History.model_validate({"messages": value} if isinstance(value, list) else value)
+    return dspy.History.model_validate(_history_data(value))
+
+
+def _history_data(value: Any) -> Any:
+    return {"messages": value} if isinstance(value, list) else value
 
 
 def _json_or_text(text: str) -> Any:
@@ -470,12 +479,13 @@ def _annotation_to_text(annotation: Any) -> str:
     return str(get_annotation_name(annotation))
 
 
-def _text_rebuilds(text: str) -> bool:
+def _text_rebuilds(text: str, annotation: Any) -> bool:
+    """Whether the text alone rebuilds this very type (a user's own model named `History` is
+    not dspy.History)."""
     try:
-        _annotation_from_text(text)
+        return bool(_annotation_from_text(text) == annotation)
     except ProgramFormatError:
         return False
-    return True
 
 
 def _annotation_from_text(text: str) -> Any:
