@@ -75,6 +75,11 @@ def test_a_history_input_is_prompted_as_dspys_conversation_turns() -> None:
     field = ProgramSpec.from_signature(own).inputs[0]
     assert not field.is_history and field.json_schema is not None
     assert field.input_error('{"events": ["login"]}') is None
+    from typing import List  # noqa: UP035 - as older programs write it
+
+    written = {"q": (str, dspy.InputField()), "tags": (List[str], dspy.OutputField())}  # noqa: UP006
+    older = ProgramSpec.from_signature(dspy.Signature(written))
+    assert (older.outputs[0].type, older.outputs[0].json_schema) == ("list[str]", None)
 
 
 def test_a_field_declared_without_a_description_is_described_as_empty() -> None:

@@ -480,12 +480,13 @@ def _annotation_to_text(annotation: Any) -> str:
 
 
 def _text_rebuilds(text: str, annotation: Any) -> bool:
-    """Whether the text alone rebuilds this very type (a user's own model named `History` is
-    not dspy.History)."""
+    """Whether the text alone rebuilds the type (`List[str]` as `list[str]`, alike); `History`
+    only when it is dspy.History, not a user's own model of that name."""
     try:
-        return bool(_annotation_from_text(text) == annotation)
+        rebuilt = _annotation_from_text(text)
     except ProgramFormatError:
         return False
+    return "History" not in text or bool(rebuilt == annotation)
 
 
 def _annotation_from_text(text: str) -> Any:
