@@ -194,6 +194,7 @@ class BuildContext:
     metric: Any
     threshold: float
     student: StudentSource
+    choices: list[str] = field(default_factory=list)  # outputs typed Literal, Enum or bool
     dirs: dict[str, Path] = field(default_factory=dict)  # finished stage -> its folder
     keys: dict[str, str] = field(default_factory=dict)  # finished stage -> its key
     pipeline: PipelineSpec | None = None  # a multi-step program's description
@@ -224,7 +225,8 @@ class BuildContext:
         optional = pipeline.optional_inputs if pipeline is not None else []
         trainset = load_examples(spec.data.train, inputs, outputs, "data.train", optional)
         types = output_annotations(program)
-        calibset, testset = held_out(spec, inputs, outputs, optional, choice_fields(types))
+        choices = choice_fields(types)
+        calibset, testset = held_out(spec, inputs, outputs, optional, choices)
         check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
         if pipeline is None:  # DSPy (the teacher, its optimizers) takes a History, not its JSON
             with_histories(trainset + calibset + testset, program_spec.inputs)
@@ -251,7 +253,7 @@ class BuildContext:
             spec=spec, console=console, program=program, program_spec=program_spec,
             trainset=trainset, calibset=calibset, testset=testset, metric=metric,
             threshold=threshold, student=resolve_student(spec.student.source),
-            pipeline=pipeline, sources=sources,
+            choices=choices, pipeline=pipeline, sources=sources,
         )  # fmt: skip
 
     @property
@@ -304,8 +306,7 @@ class BuildContext:
     def label_names(self) -> list[str]:
         """The output fields that are labels (typed as a choice, or few distinct values in
         train), not free text."""
-        choices = choice_fields(output_annotations(self.program))
-        return label_fields(self.trainset, labelled(self.output_names), choices)
+        return label_fields(self.trainset, labelled(self.output_names), self.choices)
 
     @cached_property
     def free_text_names(self) -> list[str]:

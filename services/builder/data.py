@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.builder.spec import SpecError
-from services.core.program import FieldSpec, input_text
+from services.core.program import FieldSpec, choice_values, input_text
 
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
@@ -198,15 +198,7 @@ def label_fields(
 
 def choice_fields(types: dict[str, Any]) -> list[str]:
     """The fields whose type is a choice among fixed values: Literal, Enum, bool."""
-    import enum
-    from typing import get_origin
-
-    def is_choice(annotation: Any) -> bool:
-        if get_origin(annotation) is Literal or annotation is bool:
-            return True
-        return isinstance(annotation, type) and issubclass(annotation, enum.Enum)
-
-    return [name for name, annotation in types.items() if is_choice(annotation)]
+    return [name for name, annotation in types.items() if choice_values(annotation) is not None]
 
 
 def label_counts(examples: list[Any], name: str) -> Counter[str]:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field
 
@@ -317,6 +317,18 @@ def input_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(to_jsonable_python(value), ensure_ascii=False)
+
+
+def choice_values(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a choice type allows (a Literal's, an Enum's members, a bool's True and
+    False); None for any other type."""
+    if annotation is bool:
+        return (True, False)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(annotation)
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return None
 
 
 def is_history(annotation: Any) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from services.core.program import COMPLETED_MARKER, PromptCodec, SchemaValue
+from services.core.program import COMPLETED_MARKER, PromptCodec, SchemaValue, choice_values
 
 ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
@@ -135,19 +135,10 @@ def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], l
 
 def choice_texts(info: Any) -> tuple[str, ...] | None:
     """The texts a Literal, Enum or bool field may take, as ChatAdapter writes them."""
-    import enum
-    from typing import get_args, get_origin
-
     from dspy.adapters.utils import format_field_value
 
-    annotation = info.annotation
-    if annotation is bool:
-        values: tuple[Any, ...] = (True, False)
-    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        values = tuple(annotation)
-    elif get_origin(annotation) is Literal:
-        values = get_args(annotation)
-    else:
+    values = choice_values(info.annotation)
+    if values is None:
         return None
     return tuple(str(format_field_value(field_info=info, value=v)) for v in values)
 
