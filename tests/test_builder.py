@@ -1111,12 +1111,31 @@ def test_a_broken_dataset_file_says_where_and_how(tmp_path: Path) -> None:
         "b.json": ('{"ticket": "x"}', "a .json dataset is an array of row objects"),
         "c.json": ('[{"ticket": "x", "category": "a"}, 3]', "item 2: a row is a JSON object"),
         "d.csv": ("ticket,category\nx,billing\ny\n", "row 3: its values do not match"),
-        "e.csv": ("ticket\nx\n", "row 2: missing field 'category'"),
+        "e.csv": ("ticket\nx\n", "row 2: missing field 'category' \\(the row has 'ticket'\\)"),
+        "f.csv": ("ticket, category\nx,billing\n", "the row has 'ticket', ' category'"),
+        "g.csv": ("ticket,category\ncaf\xe9,billing\n", "line 2: not UTF-8 .*as UTF-8"),
     }  # fmt: skip
     for name, (text, message) in cases.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
         with pytest.raises(SpecError, match=message):
             load_examples(tmp_path / name, ["ticket"], ["category"], "data.train")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_dataset_saved_with_a_byte_order_mark_loads(tmp_path: Path, suffix: str) -> None:
+    """Spreadsheets and some editors write UTF-8 with a byte-order mark; it is not part of the
+    first column's name or of the first JSON row."""
+    from services.builder.data import load_examples
+
+    text = {
+        ".jsonl": '{"ticket": "caf\u00e9", "category": "billing"}\n',
+        ".json": '[{"ticket": "caf\u00e9", "category": "billing"}]',
+        ".csv": "ticket,category\r\ncaf\u00e9,billing\r\n",
+    }[suffix]
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(text.encode("utf-8-sig"))
+    [example] = load_examples(path, ["ticket"], ["category"], "data.train")
+    assert (example.ticket, example.category) == ("caf\u00e9", "billing")
 
 
 def test_api_teacher_traces_are_metric_filtered_and_failures_counted(

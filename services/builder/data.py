@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections import Counter
@@ -47,7 +48,11 @@ def load_grouped(
     for where, row in read_rows(path, key):
         for name in input_names + labelled(output_names):
             if name not in row and name not in optional:
-                raise SpecError(f"{key}: {path} {where}: missing field {name!r}")
+                raise SpecError(
+                    f"{key}: {path} {where}: missing field {name!r} (the row has "
+                    f"{', '.join(map(repr, row)) or 'no fields'}); every row carries the "
+                    f"program's fields: {', '.join(input_names + labelled(output_names))}"
+                )
         group = None if GROUP in input_names + output_names else row.pop(GROUP, None)
         example = dspy.Example(**row).with_inputs(*input_names)
         examples.append(example)
@@ -109,9 +114,9 @@ def _type_text(annotation: Any) -> str:
 def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     """A dataset's rows, each with where it is in the file: JSONL (one object per line), a
     JSON array of objects (`.json`), or CSV with a header row (`.csv`, every value text)."""
+    text = _utf8_text(path, key)
     if path.suffix.lower() == ".csv":
-        return _csv_rows(path, key)
-    text = path.read_text(encoding="utf-8")
+        return _csv_rows(text, path, key)
     is_array = path.suffix.lower() == ".json" or text.lstrip().startswith("[")
     rows = _json_rows(text, path, key) if is_array else _jsonl_rows(text, path, key)
     for where, row in rows:
@@ -120,10 +125,22 @@ def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def _csv_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
+def _utf8_text(path: Path, key: str) -> str:
+    """The file's text; a byte-order mark (as spreadsheets write) is not part of it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(
+            f"{key}: {path} line {line}: not UTF-8 (byte {data[err.start]:#04x}); save the file "
+            "as UTF-8 (a spreadsheet's 'CSV UTF-8')"
+        ) from None
+
+
+def _csv_rows(text: str, path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
     for where, row in rows:  # DictReader pads a short row with None, keys a long one None
         if None in row or None in row.values():
             raise SpecError(
