@@ -258,6 +258,27 @@ def test_codec_parses_with_value_spans_and_rejects_bad_labels() -> None:
     assert codec.parse("no header at all") is None
 
 
+def test_a_field_name_is_any_python_identifier(tmp_path: Path) -> None:
+    """`reseña` is a field name to Python and to DSPy: it round-trips and prompts as one; a
+    name no signature could have is refused naming it."""
+    from typing import Literal
+
+    import dspy
+
+    signature = dspy.Signature(
+        {"reseña": (str, dspy.InputField()),
+         "idioma": (Literal["español", "日本語"], dspy.OutputField())}, "Clasifica.")  # fmt: skip
+    path = tmp_path / "program.json"
+    ProgramSpec.from_signature(signature).save(path)
+    codec = PromptCodec(program_from_file(path))
+    assert "[[ ## reseña ## ]]\nhola" in codec.format_messages({"reseña": "hola"})[-1]["content"]
+    parsed = codec.parse("[[ ## idioma ## ]]\n日本語\n\n[[ ## completed ## ]]")
+    assert parsed is not None and parsed.outputs == {"idioma": "日本語"}
+    path.write_text(path.read_text().replace("reseña", "two words"))
+    with pytest.raises(ProgramFormatError, match="'two words' is not a field name"):
+        program_from_file(path)
+
+
 def test_program_file_errors_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "program.json"
     bad.write_text(

@@ -4,8 +4,9 @@ calibration/test split, the retention bands, and cost per 1K calls."""
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -377,6 +378,37 @@ def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
     assert exact_match(row, dspy.Prediction()) is False
     assert token_f1(row, dspy.Prediction(reply="we are")) == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert token_f1(row, dspy.Prediction(other="x")) == 0.0
+
+
+def test_a_none_label_of_an_optional_field_matches_the_answer_trained_on_it() -> None:
+    """ChatAdapter writes None as `None` (the student is trained on that text) and DSPy's
+    parser keeps it as the text for `str | None`: answered `None`, the value is None on the
+    wire, to a user's metric and to the built-in ones; a real product is not None."""
+    import dspy
+
+    from services.builder.metrics import TypedMetric, exact_match, output_annotations
+    from services.core.program import ProgramSpec, PromptCodec
+
+    signature = dspy.Signature(
+        {"review": (str, dspy.InputField()), "product": (Optional[str], dspy.OutputField()),  # noqa: UP045
+         "stars": (int | None, dspy.OutputField())}, "Extract.")  # fmt: skip
+    codec = PromptCodec(ProgramSpec.from_signature(signature))
+    trained = codec.format_assistant({"product": None, "stars": None})
+    parsed = codec.parse(trained)
+    assert parsed is not None and json.loads(parsed.outputs_json) == {
+        "product": None,
+        "stars": None,
+    }
+    row = dspy.Example(review="meh", product=None, stars=None).with_inputs("review")
+    seen = []
+    typed = TypedMetric(lambda e, p: seen.append(p.product) or p.product == e.product,
+                        output_annotations(dspy.Predict(signature)))  # fmt: skip
+    assert typed(row, dspy.Prediction(**parsed.outputs)) is True and seen == [None]
+    assert exact_match(row, dspy.Prediction(**parsed.outputs)) is True
+    assert exact_match(row, dspy.Prediction(product="mug", stars="None")) is False
+    assert (
+        exact_match(row.copy(product="mug"), dspy.Prediction(product="None", stars="None")) is False
+    )
 
 
 def test_a_two_parameter_metric_is_not_handed_the_optimizers_trace() -> None:

@@ -192,6 +192,50 @@ def test_masking_renormalises_over_the_allowed_tokens() -> None:
 # -- on the real model -------------------------------------------------------------------------
 
 
+class ByteTokenizer(PieceTokenizer):
+    """Byte-level pieces, as a BPE vocabulary has: one token may hold part of a character."""
+
+    def __init__(self, extra: list[bytes]) -> None:
+        singles = [bytes([b]) for b in range(256)]
+        self.bytes_vocab = list(dict.fromkeys([b"\n\n", b"[[", b" ##", b" ]]", *extra, *singles]))
+        self.vocab = [piece.decode("latin-1") for piece in self.bytes_vocab]
+
+    def tokenize_text(self, text: str) -> list[int]:
+        data, tokens, at = text.encode(), [], 0
+        while at < len(data):
+            best = max((v for v in self.bytes_vocab if data.startswith(v, at)), key=len)
+            tokens.append(self.bytes_vocab.index(best))
+            at += len(best)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.bytes_vocab[token]
+
+
+def test_a_value_chosen_by_part_of_a_character_leaves_nothing_in_the_next_field() -> None:
+    """A label of multi-byte characters decided by a token holding part of one (日 is three
+    bytes): the forced rest completes it, and the next field's text starts clean."""
+    spec = ProgramSpec.model_validate(
+        {
+            "instructions": "x",
+            "inputs": [{"name": "q"}],
+            "outputs": [
+                {"name": "idioma", "type": "Literal['español', '日本語']"},
+                {"name": "producto"},
+            ],
+        }
+    )
+    tok = ByteTokenizer(["日".encode()[:2]])
+    plan = build_plan(PromptCodec(spec), tok)
+    cursor = PlanCursor(plan, tok.token_bytes)
+    shown = cursor.accept(tok.bytes_vocab.index("日".encode()[:2]), -0.1, -0.1, eog=False).text
+    assert shown == "日本語\n\n[[ ## producto ## ]]\n"
+    for piece in ["ラ".encode(), b"\n\n", b"[["]:
+        for token in tok.tokenize_text(piece.decode()):
+            shown += cursor.accept(token, -0.1, -0.1, eog=False).text
+    assert shown == "日本語\n\n[[ ## producto ## ]]\nラ\n\n[[ ## completed ## ]]"
+
+
 @pytest.fixture(scope="module")
 def backend(gguf_path: Path) -> Iterator[Any]:
     from services.runtime.backends.llamacpp import LlamaCppBackend

@@ -12,6 +12,7 @@ from typing import Any
 
 from services.builder.data import labelled, normalize
 from services.builder.spec import SpecError, import_object
+from services.core.program import typed_value
 
 Metric = Callable[..., Any]
 
@@ -20,12 +21,14 @@ def canonical(value: Any) -> Any:
     """A value as answers are compared: JSON data, strings without case or extra spacing, and a
     string that holds JSON (a number, true/false, a list or object, as the wire writes typed
     values) as that JSON. So `3`, `"3"` and `3.0` are equal, as are a pydantic model, its dict
-    and its JSON text."""
+    and its JSON text, and None, `null` and `None` (ChatAdapter's text of None)."""
     from pydantic_core import to_jsonable_python
 
     value = to_jsonable_python(value, fallback=str)
     if isinstance(value, str):
         text = normalize(value)
+        if text == "none":
+            return None
         parsed = _literal(text)
         return text if parsed is None or isinstance(parsed, str) else canonical(parsed)
     if isinstance(value, bool) or value is None:
@@ -181,13 +184,12 @@ def _takes_trace(metric: Metric) -> bool:
 
 def typed_prediction(prediction: Any, annotations: dict[str, Any]) -> Any:
     import dspy
-    from dspy.adapters.utils import parse_value
 
     values = dict(prediction.items())
     for name, annotation in annotations.items():
         if name in values and annotation is not str:
             with contextlib.suppress(Exception):  # unparsed: the metric sees it as it came
-                values[name] = parse_value(values[name], annotation)
+                values[name] = typed_value(values[name], annotation)
     return dspy.Prediction(**values)
 
 

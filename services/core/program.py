@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 PROGRAM_FORMAT_VERSION = 1
 PromptFormat = Literal["chat", "prefix-first"]
@@ -38,7 +38,7 @@ class ProgramFormatError(ValueError):
 
 
 class FieldSpec(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: str
     description: str = ""
     # The annotation as text: str, int, float, bool, list[str], Literal['a', 'b'], Order, ...
     type: str = "str"
@@ -50,6 +50,14 @@ class FieldSpec(BaseModel):
     # An input a request may leave out: a multi-step program's `forward` parameter with a
     # default (the default is then used).
     required: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _is_identifier(cls, name: str) -> str:
+        # A Python identifier, as a signature's fields are: `reseña` too, as DSPy allows.
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a field name (a Python identifier)")
+        return name
 
     @classmethod
     def describe(cls, name: str, info: Any, standalone: bool = True) -> FieldSpec:
@@ -289,6 +297,8 @@ class PromptCodec:
             values = self._adapter.parse(self.signature, completion)
         except dspy.utils.exceptions.AdapterParseError:
             return None
+        for name, info in self.signature.output_fields.items():
+            values[name] = none_as_written(values[name], info.annotation)
         outputs: dict[str, str] = {}
         spans: dict[str, tuple[int, int]] = {}
         headers = list(_FIELD_HEADER.finditer(completion))
@@ -306,6 +316,21 @@ class PromptCodec:
             return None
         ordered = {name: outputs[name] for name in self.output_names}
         return ParsedAnswer(outputs=ordered, spans=spans, values=values)
+
+
+def none_as_written(value: Any, annotation: Any) -> Any:
+    """None for a value of a type that admits None (`str | None`) holding `None`, the text
+    ChatAdapter writes for None in demos and training; DSPy's parser keeps it as that text."""
+    if value == "None" and type(None) in get_args(annotation):
+        return None
+    return value
+
+
+def typed_value(value: Any, annotation: Any) -> Any:
+    """An answer's value read as its type, as DSPy's parser reads it (None as written)."""
+    from dspy.adapters.utils import parse_value
+
+    return none_as_written(parse_value(value, annotation), annotation)
 
 
 def input_text(value: Any) -> str:

@@ -314,6 +314,8 @@ class PlanCursor:
             return Step(text, (), True)
         self._index += 1
         self._value = _Value()
+        # a forced value's sampled part may have ended inside a character: its bytes are done
+        self._decoder.reset()
         return Step(text, forced)
 
 
