@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,12 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
         assert '"quantization": "Q4_1"' in info.stdout
     finally:
         server.terminate()
+
+
+def test_json_output_keeps_characters_readable(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--json` (predict, info, harvest inspect) prints `日本語` as such: still JSON."""
+    from services.cli.common import print_json
+
+    print_json({"idioma": "日本語", "producto": None})
+    out = capsys.readouterr().out
+    assert '"idioma": "日本語"' in out and json.loads(out) == {"idioma": "日本語", "producto": None}

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.common import TargetOption, TimeoutOption, app, err_console, fail
+from services.cli.common import TargetOption, TimeoutOption, app, err_console, fail, print_json
 
 
 def _client(target: str, timeout: float) -> Any:
@@ -76,10 +76,11 @@ def predict(
         if typed is not None:  # typed values in the signature's order, not the text map
             data.pop("outputs_json")
             data["outputs"] = typed
-        print(json.dumps(data, indent=2))
+        print_json(data)
         return
     for name, value in (typed or dict(reply.outputs)).items():
-        print(f"{name}: {value if isinstance(value, str) else json.dumps(value)}")
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(f"{name}: {text}")
     from services.core.api import pb
 
     outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()
@@ -195,7 +196,7 @@ def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0
             reply = client.info()
     except grpc.RpcError as err:
         raise _rpc_error(err) from None
-    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    print_json(MessageToDict(reply, preserving_proto_field_name=True))
 
 
 @app.command("health")

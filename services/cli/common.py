@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -20,6 +21,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True, width=console_width(sys.stderr))
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout as people read it: `日本語`, not `\\u65e5\\u672c\\u8a9e` (both are JSON)."""
+    print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

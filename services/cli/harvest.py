@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.common import app, fail
+from services.cli.common import app, fail, print_json
 
 harvest_app = typer.Typer(
     help="Pack the router's --harvest records for the build host, or summarise a pack.",
@@ -59,7 +58,7 @@ def inspect_pack(
     except HarvestError as err:
         raise fail(str(err)) from None
     if as_json:
-        print(json.dumps(facts, indent=2))
+        print_json(facts)
         return
     table = Table(title=f"{pack_path}: checksums verified", show_header=False)
     table.add_row("records", str(facts["records"]))
