@@ -39,7 +39,26 @@ fi
 if [ -z "${BUILDER:-}" ]; then
   if [ -n "$ENGINE" ] && command -v nvidia-smi >/dev/null 2>&1; then BUILDER=container; else BUILDER=venv; fi
 fi
-OUTPUT=$(.venv/bin/python -c "from pathlib import Path; from services.builder.spec import load_spec; print(load_spec(Path('$SPEC')).output)")
+# The build folder, and the folders the spec reads (its own: the program module; the data's;
+# the harvests' and key's), which the builder container mounts where they are on the host.
+spec_facts=$(.venv/bin/python - "$SPEC" <<'PY'
+import sys
+from pathlib import Path
+from services.builder.spec import SpecError, load_spec
+try:
+    spec = load_spec(Path(sys.argv[1]))
+except SpecError as err:
+    sys.exit(f"build-bundle: {err}")
+files = [spec.data.train, spec.data.dev, spec.data.test, *spec.traces.added, spec.traces.public_key]
+folders = {Path(sys.argv[1]).resolve().parent, *(Path(f).resolve().parent for f in files if f)}
+print(spec.output)
+print("\n".join(sorted(map(str, folders))))
+PY
+)
+mapfile -t SPEC_FACTS <<<"$spec_facts"
+OUTPUT=${SPEC_FACTS[0]}
+spec_mounts=()
+for folder in "${SPEC_FACTS[@]:1}"; do spec_mounts+=(-v "$folder:$folder:ro"); done
 started=$(date +%s)
 
 # Harvests, as the venv sees them and as the builder container sees them (mounted read-only).
@@ -76,14 +95,15 @@ if [ "$BUILDER" = container ]; then
   fi
   mkdir -p "$OUTPUT"
   say "running the build pipeline in the builder container"
-  # The source tree is mounted read-only so the spec, its data and the user's program module
-  # come from here; the container runs as the calling user so /out stays theirs.
+  # The source tree is mounted read-only, and the spec's, its data's and its program's folders
+  # where they are (a spec outside this tree too); the container runs as the calling user so
+  # /out stays theirs.
   "$ENGINE" run --rm --init "${gpu[@]}" --user "$(id -u):$(id -g)" \
     -v "$PWD:/src:ro" -w /src -e PYTHONPATH=/src -v "$(realpath "$OUTPUT"):/out" \
-    ${harvest_mounts[@]+"${harvest_mounts[@]}"} \
+    "${spec_mounts[@]}" ${harvest_mounts[@]+"${harvest_mounts[@]}"} \
     -e TEACHER_MODEL -e TEACHER_API_BASE -e TEACHER_API_KEY_ENV \
     ${TEACHER_API_KEY_ENV:+-e "$TEACHER_API_KEY_ENV"} \
-    localhost/edgedistill-builder:latest "$SPEC" --output /out \
+    localhost/edgedistill-builder:latest "$(realpath "$SPEC")" --output /out \
     ${container_traces[@]+"${container_traces[@]}"}
 else
   say "running the build pipeline in .venv"
