@@ -39,6 +39,10 @@ fi
 if [ -z "${BUILDER:-}" ]; then
   if [ -n "$ENGINE" ] && command -v nvidia-smi >/dev/null 2>&1; then BUILDER=container; else BUILDER=venv; fi
 fi
+if [ "$BUILDER" = container ] && [ -z "$ENGINE" ]; then
+  echo "build-bundle: BUILDER=container needs docker or podman (install one, or set CONTAINER_ENGINE); BUILDER=venv runs the build without" >&2
+  exit 2
+fi
 # The build folder, and the folders the spec reads (its own: the program module; the data's;
 # the harvests' and key's), which the builder container mounts where they are on the host.
 spec_facts=$(.venv/bin/python - "$SPEC" <<'PY'
