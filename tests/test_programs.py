@@ -133,6 +133,18 @@ def test_an_unparsed_step_ends_the_run_and_a_raising_forward_is_the_programs_fai
     with pytest.raises(ProgramFailed, match="TypeError"):  # forward() given a wrong input
         runner.run({"tickets": "x"}, scripted(runner, answers, []))
 
+    # A value the program's own code set to None is an answer (null), not a missing field.
+    import dspy
+
+    forward = runner.forward
+    runner.forward = lambda inputs, complete: (  # type: ignore[method-assign]
+        dspy.Prediction(category="network", reply=None),
+        forward(inputs, complete)[1],
+    )
+    result = runner.run({"ticket": "x"}, scripted(runner, answers, []))
+    assert result.outcome == "parsed" and json.loads(result.outputs_json)["reply"] is None
+    runner.forward = forward  # type: ignore[method-assign]
+
     # A declared output the final prediction lacks is the program's error, never "".
     runner.spec.outputs.append(FieldSpec(name="team"))
     with pytest.raises(ProgramFailed, match="prediction has no 'team'"):

@@ -397,7 +397,7 @@ class ProgramRunner:
             last = run.calls[-1].outcome if run.calls else "unparsed"
             outcome = "truncated" if last == "truncated" else "unparsed"
             return RunResult(None, outcome, run.calls)
-        missing = [n for n in self.spec.output_names if prediction.get(n) is None]
+        missing = [n for n in self.spec.output_names if n not in prediction]
         if missing:
             error = ValueError(f"forward's prediction has no {', '.join(map(repr, missing))}")
             raise ProgramFailed(error, run.calls)
