@@ -1043,6 +1043,30 @@ def test_a_row_whose_typed_input_the_runtime_would_refuse_stops_the_build(
         check_values(tmp_path / "train.jsonl", "data.train", {}, fields)
 
 
+def test_an_image_field_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """A student here reads and writes text: a `dspy.Image` input (or a list of them) is named
+    at load, not met as a type error in the data or a prompt of a URL."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import SpecError, load_spec
+
+    (tmp_path / "photos.py").write_text(
+        "import dspy\n\nclass Caption(dspy.Signature):\n"
+        "    photos: list[dspy.Image] = dspy.InputField()\n"
+        "    caption: str = dspy.OutputField()\n\n"
+        "def build():\n    return dspy.Predict(Caption)\n"
+    )
+    rows = [{"photos": ["https://example.com/a.png"], "caption": "a cat"}] * 4
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", rows)
+    (tmp_path / "spec.yaml").write_text(
+        "name: photos\nprogram: photos:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    with pytest.raises(SpecError, match=r"field 'photos' is list\[Image\]: the students are text"):
+        BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+
+
 def test_a_choice_of_many_values_is_a_label_and_its_rare_values_are_split(tmp_path: Path) -> None:
     """A Literal of 30 codes is a label field (exact match per field, stratified split,
     balance) whatever the row count; values held by one dev row share a stratum, so they are

@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from rich.console import Console
 
@@ -61,6 +61,30 @@ def load_program(path: str) -> Any:
         return make_module(factory)
     except ProgramFormatError:
         raise SpecError(f"program: {path} did not return a dspy.Module") from None
+
+
+def check_text_fields(path: str, program: Any) -> None:
+    """Every field is one a text model can read and write: a `dspy.Image`, `Audio` or `File`
+    (also inside a list) is content no student here takes, refused before anything runs."""
+    import dspy
+    from dspy.adapters.utils import get_annotation_name
+
+    media = (dspy.Image, dspy.Audio, dspy.File)
+
+    def holds_media(annotation: Any) -> bool:
+        if isinstance(annotation, type) and issubclass(annotation, media):
+            return True
+        return any(holds_media(arg) for arg in get_args(annotation))
+
+    for name, predictor in program.named_predictors():
+        for field_name, info in predictor.signature.fields.items():
+            if holds_media(info.annotation):
+                owner = "" if name == "self" else f"{name}'s "
+                raise SpecError(
+                    f"program: {path}: {owner}field {field_name!r} is "
+                    f"{get_annotation_name(info.annotation)}: the students are text models; "
+                    "give the program a text field instead (a caption, a transcript, the text)"
+                )
 
 
 def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
@@ -210,6 +234,7 @@ class BuildContext:
     def load(cls, spec: BuildSpec, console: Console) -> BuildContext:
         """Read and check everything the stages need before any of them runs."""
         program = load_program(spec.program)
+        check_text_fields(spec.program, program)
         predictors = program.predictors()
         pipeline: PipelineSpec | None = None
         sources: dict[str, Path] = {}
