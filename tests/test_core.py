@@ -177,14 +177,43 @@ def test_models_enums_dicts_and_optionals_round_trip_through_program_json() -> N
     answer = codec.format_assistant(values)
     parsed = codec.parse(answer)
     assert parsed is not None
-    # The values DSPy's own parser gives on the original signature (an Optional[str] keeps
-    # the text "None", as DSPy does), as JSON.
+    # The values DSPy's own parser gives on the original signature, as JSON; but None, which
+    # ChatAdapter writes as `None` and its parser keeps as that text for an Optional[str].
     original = dspy.ChatAdapter().parse(signature, answer)
-    assert json.loads(parsed.outputs_json) == to_jsonable_python(original)
+    assert original["gift_note"] == "None"
+    assert json.loads(parsed.outputs_json) == {**to_jsonable_python(original), "gift_note": None}
     assert json.loads(parsed.outputs_json)["order"] == {
         "lines": [{"item": "mug", "quantity": 2}],
         "note": "wrap it",
     }
+
+
+def test_a_code_field_is_text_as_dspy_writes_it() -> None:
+    """`dspy.Code["sql"]` (text-to-SQL, code generation) is the code itself in the answer, as
+    ChatAdapter writes and parses it (a fenced block too): it round-trips by its language, the
+    prompt is DSPy's, and it is decoded as text, not by its model's JSON schema."""
+    import dspy
+
+    from services.runtime.structured import json_schema_of
+
+    signature = dspy.Signature(
+        {"question": (str, dspy.InputField()), "tables": (dspy.Code["sql"], dspy.InputField()),
+         "sql": (dspy.Code["sql"], dspy.OutputField())}, "Write the query.")  # fmt: skip
+    spec = ProgramSpec.from_signature(signature)
+    again = ProgramSpec.model_validate_json(spec.model_dump_json())
+    assert [f.type for f in again.outputs] == ["Code['sql']"] and again.outputs[
+        0
+    ].json_schema is None
+    codec = PromptCodec(again)
+    inputs = {"question": "how many?", "tables": "CREATE TABLE t (id int)"}
+    assert codec.format_messages(inputs) == dspy.ChatAdapter().format(signature, [], inputs)
+    assert codec.format_assistant({"sql": "SELECT 1"}).startswith("[[ ## sql ## ]]\nSELECT 1\n")
+    for written in ("SELECT count(*) FROM t", "```sql\nSELECT count(*) FROM t\n```"):
+        parsed = codec.parse(f"[[ ## sql ## ]]\n{written}\n\n[[ ## completed ## ]]")
+        assert parsed is not None
+        assert json.loads(parsed.outputs_json) == {"sql": "SELECT count(*) FROM t"}
+    assert json_schema_of(codec.signature.output_fields["sql"].annotation) is None
+    assert again.inputs[1].input_error("SELECT 1") is None
 
 
 def test_an_output_value_is_written_as_chat_adapter_writes_it() -> None:

@@ -363,6 +363,14 @@ def is_history(annotation: Any) -> bool:
     )
 
 
+def is_code(annotation: Any) -> bool:
+    """A `dspy.Code[...]` field: code as text, which ChatAdapter writes as the code itself
+    (its parser also takes a fenced block), not as JSON of its model."""
+    import dspy
+
+    return isinstance(annotation, type) and issubclass(annotation, dspy.Code)
+
+
 def as_history(value: Any) -> Any:
     """A dspy.History from what a row or a request holds: one already, `{"messages": [...]}`,
     or the list of turns itself (each a dict of the signature's fields)."""
@@ -438,7 +446,7 @@ _SIMPLE_TYPES: dict[str, Any] = {
 }  # fmt: skip
 _SUPPORTED = (
     "str, int, float, bool, Literal, list, dict, tuple, Optional/Union, Enum, pydantic models, "
-    "dspy.History"
+    "dspy.History, dspy.Code"
 )
 
 
@@ -513,6 +521,8 @@ def inlined_json_schema(annotation: Any, text: str) -> dict[str, Any]:
 def _annotation_to_text(annotation: Any) -> str:
     from dspy.adapters.utils import get_annotation_name
 
+    if is_code(annotation):
+        return f"Code[{annotation.language!r}]"
     return str(get_annotation_name(annotation))
 
 
@@ -523,6 +533,8 @@ def _text_rebuilds(text: str, annotation: Any) -> bool:
         rebuilt = _annotation_from_text(text)
     except ProgramFormatError:
         return False
+    if is_code(rebuilt):  # dspy.Code[...] makes a new class each time: same language
+        return is_code(annotation) and rebuilt.language == annotation.language
     return "History" not in text or bool(rebuilt == annotation)
 
 
@@ -544,6 +556,10 @@ def _annotation_from_node(node: ast.expr, text: str) -> Any:
         return dspy.History
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
         args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if node.value.id == "Code" and len(args) == 1 and isinstance(args[0], ast.Constant):
+            import dspy
+
+            return dspy.Code[str(args[0].value)]
         if node.value.id == "Literal":
             values = []
             for arg in args:

@@ -30,7 +30,13 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from services.core.program import COMPLETED_MARKER, PromptCodec, SchemaValue, choice_values
+from services.core.program import (
+    COMPLETED_MARKER,
+    PromptCodec,
+    SchemaValue,
+    choice_values,
+    is_code,
+)
 
 ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
@@ -150,6 +156,8 @@ def json_schema_of(annotation: Any) -> str | None:
 
     import pydantic
 
+    if is_code(annotation):  # written as the code itself
+        return None
     origin = get_origin(annotation) or annotation
     structured = (pydantic.BaseModel, SchemaValue)
     is_model = isinstance(annotation, type) and issubclass(annotation, structured)
