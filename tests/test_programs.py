@@ -95,6 +95,31 @@ def test_program_names_a_module_object_its_class_or_a_factory() -> None:
         make_module(dict)
 
 
+def test_a_react_agent_takes_its_signatures_inputs_and_needs_an_api_teacher(
+    tmp_path: Path,
+) -> None:
+    """DSPy's ReAct has `forward(**input_args)`: its inputs are its signature's. A gold teacher
+    cannot label its steps (thought, tool, arguments), which the build says before running."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import SpecError, load_spec
+    from services.core.pipeline import forward_inputs
+    from tests.programs.react import build
+
+    assert forward_inputs(build()) == ["question"]
+    rows = "".join(json.dumps({"question": f"a mug and {n} lamps?", "total": 8 + 25 * n}) + "\n"
+                   for n in range(4))  # fmt: skip
+    (tmp_path / "train.jsonl").write_text(rows)
+    (tmp_path / "dev.jsonl").write_text(rows)
+    (tmp_path / "spec.yaml").write_text(
+        "name: quote\nprogram: tests.programs.react:build\n"
+        "data: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    with pytest.raises(SpecError, match=r"lack its output 'next_thought'.*use an API teacher"):
+        BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+
+
 def test_a_run_chains_the_predictors_and_its_confidence_is_the_weakest_call() -> None:
     runner = two_step_runner()
     seen: list[Any] = []

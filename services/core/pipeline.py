@@ -132,9 +132,16 @@ def make_module(factory: Any) -> Any:
 
 
 def forward_inputs(module: Any) -> list[str]:
-    """The program's input fields: the named parameters of its `forward`."""
+    """The program's input fields: the named parameters of its `forward`; for a `forward(**kw)`
+    (DSPy's ReAct, ProgramOfThought), those of the signature the module declares."""
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in _forward_parameters(module) if p.kind in named]
+    parameters = _forward_parameters(module)
+    found = [p.name for p in parameters if p.kind in named]
+    signature = getattr(module, "signature", None)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if not found and takes_any and hasattr(signature, "input_fields"):
+        return list(signature.input_fields)
+    return found
 
 
 def forward_defaults(module: Any) -> set[str]:
