@@ -137,11 +137,9 @@ def forward_inputs(module: Any) -> list[str]:
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     parameters = _forward_parameters(module)
     found = [p.name for p in parameters if p.kind in named]
-    signature = getattr(module, "signature", None)
+    declared: dict[str, Any] = getattr(getattr(module, "signature", None), "input_fields", {})
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    if not found and takes_any and hasattr(signature, "input_fields"):
-        return list(signature.input_fields)
-    return found
+    return list(declared) if not found and takes_any else found
 
 
 def forward_defaults(module: Any) -> set[str]:
