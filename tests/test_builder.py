@@ -1043,6 +1043,43 @@ def test_a_row_whose_typed_input_the_runtime_would_refuse_stops_the_build(
         check_values(tmp_path / "train.jsonl", "data.train", {}, fields)
 
 
+def test_labels_are_trained_and_scored_as_their_types_values(tmp_path: Path) -> None:
+    """A spreadsheet's `yes`/`no` for a bool, `3.0` for an int, ` high ` for a Literal are the
+    values DSPy's parser reads them as: the student is trained to write `True` (what typed
+    decoding lets it write) and its `True` matches the row's `yes`."""
+    import dspy
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.metrics import exact_match
+    from services.builder.spec import load_spec
+
+    (tmp_path / "alerts.py").write_text(
+        "from typing import Literal\nimport dspy\n\nclass Alert(dspy.Signature):\n"
+        "    text: str = dspy.InputField()\n    urgent: bool = dspy.OutputField()\n"
+        "    level: Literal['low', 'high'] = dspy.OutputField()\n"
+        "    count: int = dspy.OutputField()\n\n"
+        "def build():\n    return dspy.Predict(Alert)\n"
+    )
+    rows = [{"text": f"t{n}", "urgent": "yes" if n % 2 else "no",
+             "level": " high " if n % 2 else "low", "count": "3.0"} for n in range(8)]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", rows)
+    (tmp_path / "spec.yaml").write_text(
+        "name: alerts\nprogram: alerts:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    first = next(e for e in ctx.trainset if e.text == "t1")
+    assert (first.urgent, first.level, first.count) == (True, "high", 3)
+    answer = ctx.codec.format_finetune(dict(first.inputs()), dict(first.labels()))
+    assert (
+        "[[ ## urgent ## ]]\nTrue\n\n[[ ## level ## ]]\nhigh\n\n[[ ## count ## ]]\n3\n"
+        in (answer["messages"][-1]["content"])
+    )
+    held = next(e for e in ctx.calibset + ctx.testset if e.urgent)
+    assert exact_match(held, dspy.Prediction(urgent="True", level="high", count="3"))
+
+
 def test_an_image_field_is_refused_before_anything_runs(tmp_path: Path) -> None:
     """A student here reads and writes text: a `dspy.Image` input (or a list of them) is named
     at load, not met as a type error in the data or a prompt of a URL."""

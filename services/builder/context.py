@@ -51,6 +51,7 @@ from services.core.program import (
     ProgramSpec,
     PromptCodec,
     as_history,
+    typed_value,
 )
 
 
@@ -253,6 +254,7 @@ class BuildContext:
         choices = choice_fields(types)
         calibset, testset = held_out(spec, inputs, outputs, optional, choices)
         check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
+        with_typed_labels(trainset + calibset + testset, types)
         if pipeline is None:  # DSPy (the teacher, its optimizers) takes a History, not its JSON
             with_histories(trainset + calibset + testset, program_spec.inputs)
         if pipeline is not None and spec.teacher.is_gold:
@@ -445,6 +447,17 @@ def held_out(
             "calibration and a test part; add held-out rows or name data.test"
         )
     return [dev[i] for i in calibration], [dev[i] for i in test]
+
+
+def with_typed_labels(examples: list[Any], types: dict[str, Any]) -> None:
+    """Each labelled output as its type's value, as DSPy's parser reads an answer (`yes` for a
+    bool is True, `3.0` for an int 3, ` A ` for a Literal 'A'): training then writes, and the
+    metrics compare, what the served model can answer (`True`), not the row's spelling."""
+    typed = {name: t for name, t in types.items() if t is not str and name != REASONING}
+    for example in examples:
+        for name, annotation in typed.items():
+            if name in example:
+                example[name] = typed_value(example[name], annotation)
 
 
 def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:

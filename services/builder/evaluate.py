@@ -293,4 +293,7 @@ def evaluate_teacher(
 
 
 def write_eval(path: Path, evaluation: dict[str, Any]) -> None:
-    path.write_text(json.dumps(evaluation, indent=2, default=str))
+    """eval.json; typed answers (a model, an Enum) as their JSON data, not Python's repr."""
+    from pydantic_core import to_jsonable_python
+
+    path.write_text(json.dumps(to_jsonable_python(evaluation, fallback=str), indent=2))

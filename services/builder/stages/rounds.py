@@ -36,7 +36,7 @@ def gate_round(ctx: BuildContext, out: Path) -> None:
         ctx.spec.quality_gate.min_retention,
     )  # fmt: skip
     (out / "gate.json").write_text(json.dumps({"round": ctx.round.number, **verdict}, indent=2))
-    (out / "teacher.json").write_text(json.dumps(teacher_result, indent=2, default=str))
+    evaluate.write_eval(out / "teacher.json", teacher_result)
 
 
 def answer_rows(ctx: BuildContext, rows: list[Any], splits: list[str], program: Path) -> Any:
