@@ -1507,3 +1507,46 @@ def test_mipro_light_teacher_runs_against_the_api(
         prediction = compiled(question=questions[0]["question"])
     assert prediction.answer == questions[0]["answer"]
     assert api.requests > 2 * len(questions)  # instruction proposals and trials, not one pass
+
+
+@pytest.mark.parametrize("has_data_filter", [True, False])
+def test_the_converter_unpacks_on_pythons_without_tarfiles_data_filter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_data_filter: bool
+) -> None:
+    """Debian 12's Python 3.11.2 (the CPU builder image's) has no `filter=` for extractall:
+    the converter's files still unpack there, and a member leaving the folder is refused."""
+    import io
+    import tarfile
+
+    from services.builder.student import ConversionError, _unpack_converter
+
+    if not has_data_filter:  # as Python 3.11.2's tarfile is
+        monkeypatch.delattr(tarfile, "data_filter")
+        extractall = tarfile.TarFile.extractall
+
+        def without_filter(self: Any, path: Any = ".", members: Any = None, **kw: Any) -> None:
+            if kw:
+                raise TypeError(
+                    f"extractall() got an unexpected keyword argument {next(iter(kw))!r}"
+                )
+            extractall(self, path, members)
+
+        monkeypatch.setattr(tarfile.TarFile, "extractall", without_filter)
+
+    def sdist(path: Path, names: list[str]) -> Path:
+        with tarfile.open(path, "w:gz") as archive:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 3
+                archive.addfile(info, io.BytesIO(b"x=1"))
+        return path
+
+    root = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    good = sdist(tmp_path / "good.tar.gz", [root + "convert_hf_to_gguf.py", root + "README.md"])
+    tree = _unpack_converter(good, tmp_path / "out")
+    assert sorted(p.name for p in tree.iterdir()) == ["convert_hf_to_gguf.py"]
+    bad = sdist(tmp_path / "bad.tar.gz", [root + "convert_hf_to_gguf.py",
+                                          root + "gguf-py/../../../../../evil.py"])  # fmt: skip
+    with pytest.raises((ConversionError, tarfile.TarError)):
+        _unpack_converter(bad, tmp_path / "out2")
+    assert not (tmp_path / "evil.py").exists()

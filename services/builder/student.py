@@ -263,8 +263,21 @@ def _unpack_converter(source: Path, into: Path) -> Path:
         ]
         if not members:
             raise ConversionError(f"{source} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-        archive.extractall(into, members=members, filter="data")
+        _extract_data(archive, into, members)
     return next(into.glob("*/vendor/llama.cpp"))
+
+
+def _extract_data(archive: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo]) -> None:
+    """Extract plain files and folders only, inside `into`: tarfile's "data" filter, which
+    Pythons before 3.11.4 (Debian 12's 3.11.2, the CPU builder image's) lack, done by hand."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(into, members=members, filter="data")
+        return
+    for member in members:
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+            raise ConversionError(f"the llama.cpp sdist holds an unsafe member {member.name!r}")
+    archive.extractall(into, members=members)
 
 
 @contextmanager
