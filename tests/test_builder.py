@@ -704,6 +704,17 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
     [
         ("program: not-an-import-path", "program: 'not-an-import-path' is not an import path"),
         ("program: examples.nowhere:build", "program: cannot import 'examples.nowhere'"),
+        (
+            "program: examples/ticket_triage/program.py",
+            "'examples/ticket_triage/program.py' is "
+            "not an import path like package.module:function",
+        ),
+        (
+            "program: examples.ticket_triage.program:TicketTriage",
+            "TicketTriage is a signature, "
+            "not a program; name a module, e.g. a function `def build(): return "
+            "dspy.Predict(TicketTriage)`",
+        ),
         ("quantizations: [Q3_X]", "quantizations: Value error, 'Q3_X' is not one of"),
         ("lora: {rank: 0}", "lora.rank: Input should be greater than or equal to 1"),
         (
@@ -731,6 +742,27 @@ def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> Non
     proc = run_build(spec)
     assert proc.returncode == 2, proc.stderr
     assert message.replace("Value error, ", "") in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_a_program_may_be_named_by_its_file(tmp_path: Path) -> None:
+    """`program: app/main.py:build` (or `./program.py:build`), as people write a file, is the
+    module `app.main`, looked up beside the spec like any import path."""
+    import yaml
+
+    from services.builder.spec import load_spec
+
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    for written, module in (("./program.py:build", "program:build"),
+                            ("app/main.py:Pipeline", "app.main:Pipeline"),
+                            ("metrics.py:score", "metrics:score")):  # fmt: skip
+        key = "metric" if written.startswith("metrics") else "program"
+        other = {"program": "program:build"} if key == "metric" else {}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+            "name": "x", key: written, **other,
+            "data": {"train": "train.jsonl", "dev": "dev.jsonl"},
+        }))  # fmt: skip
+        assert getattr(load_spec(tmp_path / "spec.yaml"), key) == module
 
 
 # Chat-template tokens around a record's three messages (SmolLM2: 5 per message), with room.

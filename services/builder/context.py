@@ -60,8 +60,8 @@ def load_program(path: str) -> Any:
     factory = import_object(path, "program")
     try:
         return make_module(factory)
-    except ProgramFormatError:
-        raise SpecError(f"program: {path} did not return a dspy.Module") from None
+    except ProgramFormatError as err:
+        raise SpecError(f"program: {path}: {err}") from None
 
 
 def check_text_fields(path: str, program: Any) -> None:

@@ -193,6 +193,9 @@ class BuildSpec(_Strict):
     def _import_path(cls, value: str, info: Any) -> str:
         if info.field_name == "metric" and value in ("exact_match", "token_f1", "semantic_f1"):
             return value
+        file, colon, attr = value.partition(":")
+        if colon and file.endswith(".py") and not file.startswith("/"):  # `app/main.py:build`
+            value = file.removeprefix("./").removesuffix(".py").replace("/", ".") + colon + attr
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError(f"{value!r} is not an import path like package.module:function")
         return value

@@ -123,6 +123,12 @@ def dump_signature_json(program: ProgramSpec | PipelineSpec) -> str:
 
 def make_module(factory: Any) -> Any:
     """A dspy.Module from what `program:` names: a module object, a class or a factory."""
+    if isinstance(factory, type) and hasattr(factory, "input_fields"):  # a dspy.Signature
+        name = factory.__name__
+        raise ProgramCodeError(
+            f"{name} is a signature, not a program; name a module, e.g. a function "
+            f"`def build(): return dspy.Predict({name})`"
+        )
     # A dspy.Module subclass has `named_predictors` too (unbound): it is called like a factory.
     given = hasattr(factory, "named_predictors") and not isinstance(factory, type)
     module = factory() if callable(factory) and not given else factory
