@@ -1,9 +1,11 @@
 """A STAND-IN for an Ollama server (no Ollama can run on this machine).
 
 It speaks the parts of Ollama's documented HTTP API the runtime's Ollama backend uses —
-GET /api/version, GET /api/tags, POST /api/show, POST /api/chat (NDJSON streaming, options,
-format, logprobs) — and answers with a real model through llama-cpp-python, as Ollama itself
-runs llama.cpp. Run: python -m testkit.ollama_standin --model X.gguf --name NAME --port P
+GET /api/version, GET /api/tags, POST /api/show, POST /api/chat (NDJSON streaming, or one
+object with `"stream": false` as LiteLLM's `ollama_chat/` asks; options, format, logprobs),
+POST /v1/chat/completions (the OpenAI-compatible endpoint, which DSPy's `ollama_chat/` calls) —
+and answers with a real model through llama-cpp-python, as Ollama itself runs llama.cpp.
+Run: python -m testkit.ollama_standin --model X.gguf --name NAME --port P
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 )
             elif self.path == "/api/chat":
                 self._chat(body)
+            elif self.path == "/v1/chat/completions":
+                self._openai_chat(body)
             else:
                 self.send_json(404, {"error": "not found"})
 
@@ -78,6 +82,9 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 kwargs["top_logprobs"] = 1
             if isinstance(body.get("format"), dict):
                 kwargs["response_format"] = {"type": "json_object", "schema": body["format"]}
+            if body.get("stream") is False:  # one JSON object, as Ollama answers then
+                self._chat_whole(body, kwargs)
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Transfer-Encoding", "chunked")
@@ -118,6 +125,33 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                     }
                 )
             self.wfile.write(b"0\r\n\r\n")
+
+        def _openai_chat(self, body: dict[str, Any]) -> None:
+            """Ollama's OpenAI-compatible endpoint (DSPy's `ollama_chat/` calls it), unstreamed."""
+            if body.get("model") not in (name, f"{name}:latest"):
+                self.send_json(
+                    404, {"error": {"message": f"model '{body.get('model')}' not found"}}
+                )
+                return
+            keys = ("max_tokens", "temperature", "top_p", "stop", "seed")
+            kwargs = {k: body[k] for k in keys if body.get(k) is not None}
+            with lock:
+                reply = llm.create_chat_completion(body.get("messages", []), **kwargs)
+            self.send_json(200, {**reply, "model": name})
+
+        def _chat_whole(self, body: dict[str, Any], kwargs: dict[str, Any]) -> None:
+            with lock:
+                reply = llm.create_chat_completion(
+                    body.get("messages", []), **{**kwargs, "stream": False}
+                )
+            choice, usage = reply["choices"][0], reply["usage"]
+            reason = "length" if choice["finish_reason"] == "length" else "stop"
+            self.send_json(200, {
+                "model": name, "created_at": datetime.now(UTC).isoformat(),
+                "message": {"role": "assistant", "content": choice["message"]["content"] or ""},
+                "done": True, "done_reason": reason, "prompt_eval_count": usage["prompt_tokens"],
+                "eval_count": usage["completion_tokens"],
+            })  # fmt: skip
 
         def _send_line(self, payload: dict[str, Any]) -> bool:
             data = json.dumps(payload).encode() + b"\n"

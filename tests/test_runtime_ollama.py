@@ -6,6 +6,7 @@ answers with the real SmolLM2 GGUF through llama.cpp.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -91,3 +92,37 @@ def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None
     )  # fmt: skip
     assert proc.returncode == 3
     assert "cannot serve" in proc.stderr and "Ollama" in proc.stderr
+
+
+def test_an_ollama_server_is_a_teacher_at_its_root_url(
+    ollama_standin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`teacher: {model: ollama_chat/NAME, api_base: http://host:11434}`, as DSPy's docs write
+    it: DSPy 3.4 calls Ollama's OpenAI-compatible API, under `/v1`, which the root is given."""
+    import dspy
+
+    from services.builder.metrics import exact_match
+    from services.builder.pipeline import load_program
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import api_base, collect_traces
+
+    assert api_base("ollama_chat/llama3", "http://h:11434/") == "http://h:11434/v1"
+    assert api_base("ollama/llama3", "http://h:11434/v1") == "http://h:11434/v1"
+    assert api_base("openai/gpt", "http://h:8000") == "http://h:8000"
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    rows = [{"ticket": "VPN drops every hour", "category": "network"},
+            {"ticket": "Printer jams on page two", "category": "hardware"}]  # fmt: skip
+    trainset = [dspy.Example(**row).with_inputs("ticket") for row in rows]
+    teacher = TeacherSpec(model="ollama_chat/smol", api_base=ollama_standin,
+                          max_failure_fraction=1.0, max_tokens=48)  # fmt: skip
+    counts = collect_traces(
+        program=load_program("examples.ticket_triage.program:build"), teacher=teacher,
+        trainset=trainset, metric=exact_match, threshold=1.0, output_names=["category"],
+        out_dir=tmp_path, require_kept=False,
+    )  # fmt: skip
+    assert counts.total == 2
+    # Every call was answered by the model (the untuned one may answer off its labels, which
+    # DSPy's parser refuses); none failed to reach it.
+    failed = (tmp_path / "failed.jsonl").read_text().splitlines()
+    errors = [json.loads(line)["error"] for line in failed]
+    assert all(e.startswith("AdapterParseError") for e in errors), errors
