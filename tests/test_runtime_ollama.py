@@ -104,11 +104,12 @@ def test_an_ollama_server_is_a_teacher_at_its_root_url(
     from services.builder.metrics import exact_match
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
-    from services.builder.teacher import api_base, collect_traces
+    from services.builder.teacher import collect_traces
+    from services.core.lm_connection import api_base_for
 
-    assert api_base("ollama_chat/llama3", "http://h:11434/") == "http://h:11434/v1"
-    assert api_base("ollama/llama3", "http://h:11434/v1") == "http://h:11434/v1"
-    assert api_base("openai/gpt", "http://h:8000") == "http://h:8000"
+    assert api_base_for("ollama_chat/llama3", "http://h:11434/") == "http://h:11434/v1"
+    assert api_base_for("ollama/llama3", "http://h:11434/v1") == "http://h:11434/v1"
+    assert api_base_for("openai/gpt", "http://h:8000") == "http://h:8000"
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     rows = [{"ticket": "VPN drops every hour", "category": "network"},
             {"ticket": "Printer jams on page two", "category": "hardware"}]  # fmt: skip

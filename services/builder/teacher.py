@@ -18,6 +18,7 @@ from typing import Any
 from services.builder.data import json_line
 from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
+from services.core.lm_connection import connection
 from services.core.pipeline import Complete, LmCall, ProgramRunner
 
 
@@ -43,29 +44,15 @@ def teacher_lm(teacher: TeacherSpec, *, name_suffix: str = "") -> Any:
         "cache": False,  # DSPy's cache key ignores api_base: never serve one teacher's answers
         "num_retries": 2,
     }
-    if teacher.api_base:
-        kwargs["api_base"] = api_base(teacher.model, teacher.api_base)
+    key = None
     if teacher.api_key_env:
         key = os.environ.get(teacher.api_key_env)
         if not key:
             raise SpecError(
                 f"teacher.api_key_env: environment variable {teacher.api_key_env} is not set"
             )
-        kwargs["api_key"] = key
-    elif teacher.api_base:
-        kwargs["api_key"] = "EMPTY"  # a keyless OpenAI-compatible server (vLLM's convention)
+    kwargs.update(connection(teacher.model, teacher.api_base, key))
     return dspy.LM(teacher.model, **kwargs)
-
-
-def api_base(model: str, base: str) -> str:
-    """The base URL DSPy's client calls `<base>/chat/completions` under. For an Ollama server
-    (`ollama_chat/`, `ollama/`) people give its root, `http://host:11434`, as DSPy's docs show;
-    DSPy 3.4's own engine calls it through Ollama's OpenAI-compatible API, which is under
-    `/v1`, so the root gets `/v1`."""
-    base = base.rstrip("/")
-    if model.split("/", 1)[0] in ("ollama", "ollama_chat") and not base.endswith("/v1"):
-        return base + "/v1"
-    return base
 
 
 def make_teacher(

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from services.core.lm_connection import connection
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 
@@ -61,12 +62,8 @@ class FallbackModel:
             "timeout": timeout_s,
             "temperature": 0.0,
         }
-        if api_base:
-            kwargs["api_base"] = api_base
-        if api_key is not None:
-            kwargs["api_key"] = api_key.get_secret_value()
-        elif api_base:
-            kwargs["api_key"] = "EMPTY"  # a keyless OpenAI-compatible server (vLLM's convention)
+        key = None if api_key is None else api_key.get_secret_value()
+        kwargs.update(connection(model, api_base, key))
         self._lm = dspy.LM(model, **kwargs)
         self._runner: ProgramRunner | None = None
         if isinstance(program, PipelineSpec):
