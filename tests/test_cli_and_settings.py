@@ -54,6 +54,13 @@ def test_serve_without_a_model_says_what_to_give() -> None:
     assert "--model" in proc.stderr and "--bundle" in proc.stderr
 
 
+def test_route_names_its_own_variables() -> None:
+    """The router's settings read EDGEDISTILL_ROUTER_*, and its errors say so (once)."""
+    proc = run_cli("route", "--port", "0", "--fallback-model", "openai/x")
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "local (--local / EDGEDISTILL_ROUTER_LOCAL)" in said, said
+
+
 def test_serve_rejects_bad_env_setting(gguf_path: Path) -> None:
     proc = run_cli("serve", "--model", str(gguf_path), env={"EDGEDISTILL_N_THREADS": "0"})
     assert proc.returncode == 2

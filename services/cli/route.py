@@ -32,7 +32,7 @@ def route(overrides: dict[str, Any]) -> None:
         settings = load_settings(RouterSettings, **overrides)
         settings.fallback_key()  # fail at start, not at the first fallback
     except SettingsError as err:
-        raise fail(str(err).replace("EDGEDISTILL_", "EDGEDISTILL_ROUTER_")) from None
+        raise fail(str(err)) from None
     from services.core import logs
     from services.core.bundle import BundleError
     from services.core.program import ProgramFormatError
