@@ -70,26 +70,31 @@ EVERY_TYPE = {
 
 
 class PieceTokenizer:
-    """Greedy longest match over a small vocabulary (a stand-in: the rules, not a model)."""
+    """Greedy longest match over a small vocabulary of byte pieces (a stand-in: the rules, not
+    a model); `vocab` is each piece as text."""
 
     def __init__(self, extra: list[str]) -> None:
         chars = [chr(c) for c in range(32, 127)] + ["\n"]
-        self.vocab = list(dict.fromkeys(["\n\n", "[[", " ##", " ]]", *extra, *chars]))
+        self._use([p.encode() for p in ["\n\n", "[[", " ##", " ]]", *extra, *chars]])
+
+    def _use(self, pieces: list[bytes]) -> None:
+        self.pieces = list(dict.fromkeys(pieces))
+        self.vocab = [piece.decode("latin-1") for piece in self.pieces]
 
     def tokenize_text(self, text: str) -> list[int]:
-        tokens, at = [], 0
-        while at < len(text):
-            best = max((v for v in self.vocab if text.startswith(v, at)), key=len)
-            tokens.append(self.vocab.index(best))
+        data, tokens, at = text.encode(), [], 0
+        while at < len(data):
+            best = max((v for v in self.pieces if data.startswith(v, at)), key=len)
+            tokens.append(self.pieces.index(best))
             at += len(best)
         return tokens
 
     def token_bytes(self, token: int) -> bytes:
-        return self.vocab[token].encode()
+        return self.pieces[token]
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return len(self.pieces)
 
 
 def plan_for(outputs: list[dict[str, str]], extra: list[str]) -> tuple[OutputPlan, PieceTokenizer]:
@@ -197,19 +202,7 @@ class ByteTokenizer(PieceTokenizer):
 
     def __init__(self, extra: list[bytes]) -> None:
         singles = [bytes([b]) for b in range(256)]
-        self.bytes_vocab = list(dict.fromkeys([b"\n\n", b"[[", b" ##", b" ]]", *extra, *singles]))
-        self.vocab = [piece.decode("latin-1") for piece in self.bytes_vocab]
-
-    def tokenize_text(self, text: str) -> list[int]:
-        data, tokens, at = text.encode(), [], 0
-        while at < len(data):
-            best = max((v for v in self.bytes_vocab if data.startswith(v, at)), key=len)
-            tokens.append(self.bytes_vocab.index(best))
-            at += len(best)
-        return tokens
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.bytes_vocab[token]
+        self._use([b"\n\n", b"[[", b" ##", b" ]]", *extra, *singles])
 
 
 def test_a_value_chosen_by_part_of_a_character_leaves_nothing_in_the_next_field() -> None:
@@ -228,7 +221,7 @@ def test_a_value_chosen_by_part_of_a_character_leaves_nothing_in_the_next_field(
     tok = ByteTokenizer(["日".encode()[:2]])
     plan = build_plan(PromptCodec(spec), tok)
     cursor = PlanCursor(plan, tok.token_bytes)
-    shown = cursor.accept(tok.bytes_vocab.index("日".encode()[:2]), -0.1, -0.1, eog=False).text
+    shown = cursor.accept(tok.pieces.index("日".encode()[:2]), -0.1, -0.1, eog=False).text
     assert shown == "日本語\n\n[[ ## producto ## ]]\n"
     for piece in ["ラ".encode(), b"\n\n", b"[["]:
         for token in tok.tokenize_text(piece.decode()):
