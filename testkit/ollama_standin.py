@@ -35,8 +35,7 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
         def do_POST(self) -> None:
             body = self.read_json()
             if self.path == "/api/show":
-                if body.get("model") not in (name, f"{name}:latest"):
-                    self.send_json(404, {"error": f"model '{body.get('model')}' not found"})
+                if self._unknown_model(body):
                     return
                 self.send_json(
                     200,
@@ -61,8 +60,7 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 self.send_json(404, {"error": "not found"})
 
         def _chat(self, body: dict[str, Any]) -> None:
-            if body.get("model") not in (name, f"{name}:latest"):
-                self.send_json(404, {"error": f"model '{body.get('model')}' not found"})
+            if self._unknown_model(body):
                 return
             options = body.get("options") or {}
             kwargs: dict[str, Any] = {
@@ -126,12 +124,17 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 )
             self.wfile.write(b"0\r\n\r\n")
 
+        def _unknown_model(self, body: dict[str, Any], openai: bool = False) -> bool:
+            """Answers 404 for a model this server does not have, in the API's error shape."""
+            if body.get("model") in (name, f"{name}:latest"):
+                return False
+            message = f"model '{body.get('model')}' not found"
+            self.send_json(404, {"error": {"message": message} if openai else message})
+            return True
+
         def _openai_chat(self, body: dict[str, Any]) -> None:
             """Ollama's OpenAI-compatible endpoint (DSPy's `ollama_chat/` calls it), unstreamed."""
-            if body.get("model") not in (name, f"{name}:latest"):
-                self.send_json(
-                    404, {"error": {"message": f"model '{body.get('model')}' not found"}}
-                )
+            if self._unknown_model(body, openai=True):
                 return
             keys = ("max_tokens", "temperature", "top_p", "stop", "seed")
             kwargs = {k: body[k] for k in keys if body.get(k) is not None}
