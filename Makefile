@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast lint bench build-bundle clean
+.PHONY: setup test test-fast lint bench build-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ SPEC ?= examples/ticket_triage/spec.yaml
 # lists the knobs). TEACHER_MODEL=openai/gpt-4o (and its key) distills from an API model.
 build-bundle: setup
 	SPEC=$(SPEC) scripts/build-bundle.sh
+
+# The build host check on a CUDA GPU (scripts/gpu-check.sh; DEVICE=cpu for the reference).
+gpu-check: setup
+	scripts/gpu-check.sh
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache services/core/api/edgedistill

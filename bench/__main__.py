@@ -1,9 +1,14 @@
-"""`make bench`: every benchmark in one run; or some: python -m bench batching load."""
+"""`make bench`: every CPU benchmark in one run; or some: python -m bench batching load.
+`cuda` runs only when named: it needs llama-cpp-python built with CUDA and a GPU."""
 
 import sys
 
+if "cuda" in sys.argv[1:]:
+    import llama_cpp  # noqa: F401  (before numpy: see services/cli/__init__.py)
+
 from bench import (
     batching,
+    cuda_runtime,
     edge_loop,
     gguf_read,
     load,
@@ -24,10 +29,12 @@ BENCHES = {
     "edge": edge_loop.main,
     "gguf": gguf_read.main,
     "confidence": router_confidence.main,
+    "cuda": cuda_runtime.main,
 }
+GPU_ONLY = {"cuda"}
 
 if __name__ == "__main__":
-    chosen = sys.argv[1:] or list(BENCHES)
+    chosen = sys.argv[1:] or [name for name in BENCHES if name not in GPU_ONLY]
     unknown = [name for name in chosen if name not in BENCHES]
     if unknown:
         names = ", ".join(BENCHES)

@@ -85,6 +85,7 @@ class LevelResult:
     p50_s: float
     p95_s: float
     ttft_p50_s: float
+    calls_per_s: float = 0.0
 
 
 def ticket_messages(count: int) -> tuple[PromptCodec, list[list[dict[str, str]]]]:
@@ -112,6 +113,7 @@ def run_level(
         p50_s=percentile(latencies, 0.5),
         p95_s=percentile(latencies, 0.95),
         ttft_p50_s=percentile([t.first_token_s for t in timings], 0.5),
+        calls_per_s=len(timings) / wall,
     )
 
 
@@ -119,15 +121,15 @@ def story_chat(topic: str) -> Chat:
     return [{"role": "user", "content": f"Write a short story about {topic}."}]
 
 
-def workloads() -> tuple[PromptCodec, list[Workload]]:
+def workloads(levels: tuple[int, ...] = CONCURRENCY) -> tuple[PromptCodec, list[Workload]]:
     def predict_calls(concurrency: int) -> int:
         return max(8, 3 * concurrency)
 
     def chat_calls(concurrency: int) -> int:
         return max(4, 2 * concurrency)
 
-    codec, tickets = ticket_messages(predict_calls(max(CONCURRENCY)))
-    topics = CHAT_TOPICS * -(-chat_calls(max(CONCURRENCY)) // len(CHAT_TOPICS))
+    codec, tickets = ticket_messages(predict_calls(max(levels)))
+    topics = CHAT_TOPICS * -(-chat_calls(max(levels)) // len(CHAT_TOPICS))
     return codec, [
         Workload("predict", tickets, MAX_TOKENS, predict_calls),
         Workload("chat", [story_chat(t) for t in topics], CHAT_MAX_TOKENS, chat_calls),
@@ -138,15 +140,14 @@ Results = dict[str, list[LevelResult]]  # per workload, one result per concurren
 
 
 def run_workloads(
-    make_call: Callable[[int], Callable[[Chat], CallTiming]], loads: list[Workload]
-) -> Results:
+    make_call: Callable[[int], Callable[[Chat], CallTiming]], loads: list[Workload],
+    levels: tuple[int, ...] = CONCURRENCY,
+) -> Results:  # fmt: skip
     results: Results = {}
     for load in loads:
         call = make_call(load.max_tokens)
         call(load.prompts[0])  # warm-up
-        results[load.name] = [
-            run_level(call, load.prompts[: load.requests(c)], c) for c in CONCURRENCY
-        ]
+        results[load.name] = [run_level(call, load.prompts[: load.requests(c)], c) for c in levels]
     return results
 
 
@@ -191,11 +192,14 @@ def bench_llama_cpp_server(gguf: Path, loads: list[Workload]) -> Results:
         proc.wait(30)
 
 
-def bench_runtime(gguf: Path, program: Path, parallel: int, loads: list[Workload]) -> Results:
+def bench_runtime(
+    gguf: Path, program: Path, parallel: int, loads: list[Workload],
+    levels: tuple[int, ...] = CONCURRENCY, n_gpu_layers: int = 0,
+) -> Results:  # fmt: skip
     server = start_runtime(
         "--model", str(gguf), "--program", str(program), "--n-ctx", str(N_CTX),
-        "--parallel", str(parallel), "--max-queue", "64",
-        env={"EDGEDISTILL_N_THREADS": str(THREADS)},
+        "--parallel", str(parallel), "--max-queue", str(max(64, 2 * max(levels))),
+        "--n-gpu-layers", str(n_gpu_layers), env={"EDGEDISTILL_N_THREADS": str(THREADS)},
     )  # fmt: skip
     try:
         client = InferenceClient(server.target, timeout_s=600)
@@ -217,7 +221,7 @@ def bench_runtime(gguf: Path, program: Path, parallel: int, loads: list[Workload
 
             return call
 
-        results = run_workloads(make_call, loads)
+        results = run_workloads(make_call, loads, levels)
         client.close()
         return results
     finally:
@@ -255,13 +259,15 @@ def prefix_ttft(
         engine.close()
 
 
-def decode_tokens_per_s(gguf: Path, tokens: int = 128) -> float:
+def decode_tokens_per_s(gguf: Path, tokens: int = 128, n_gpu_layers: int = 0) -> float:
     """One stream's decode speed in-process: tokens after the first over the time they took."""
     from services.core.sampling import GenerationParams
     from services.runtime.backends import TokenPiece
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
-    engine = BatchedLlamaCpp(gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1)
+    engine = BatchedLlamaCpp(
+        gguf, n_ctx=N_CTX, n_threads=THREADS, parallel=1, n_gpu_layers=n_gpu_layers
+    )
     params = GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=(),
                               logprobs=False)  # fmt: skip
     story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

@@ -5,6 +5,7 @@ A plain PyTorch loop: short enough to read, and it runs the same on CPU and CUDA
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -361,7 +362,7 @@ def greedy_answers(
         prefix = DynamicCache(config=core.config)
         if prefix_len:
             core.model(input_ids=torch.tensor([rows[0][:prefix_len]], device=device),
-                       cache=prefix, use_cache=True)  # fmt: skip
+                       use_cache=True, **cache_argument(core.model, prefix))  # fmt: skip
         for start in range(0, len(rows), batch_size):
             tails = [row[prefix_len:] for row in rows[start : start + batch_size]]
             tokens = _greedy_batch(core, prefix, prefix_len, tails, max_new_tokens, stops, device)
@@ -395,7 +396,8 @@ def _greedy_batch(
     done = [False] * rows
     for _ in range(max_new_tokens):
         hidden = core.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                            cache=cache, use_cache=True).last_hidden_state  # fmt: skip
+                            use_cache=True, **cache_argument(core.model, cache)
+                            ).last_hidden_state  # fmt: skip
         chosen = core.lm_head(hidden[:, -1]).argmax(-1)
         for row, token in enumerate(chosen.tolist()):
             done[row] = done[row] or token in stops
@@ -441,7 +443,7 @@ def shared_prefix_loss(
 
         prefix = torch.tensor([batch[0].input_ids[:prefix_len]], device=device)
         past = DynamicCache(config=core.config)
-        core.model(input_ids=prefix, cache=past, use_cache=True)
+        core.model(input_ids=prefix, use_cache=True, **cache_argument(core.model, past))
         past.batch_repeat_interleave(rows)
     attention = torch.cat(
         [torch.ones((rows, prefix_len), dtype=tail_attention.dtype, device=device), tail_attention],
@@ -452,8 +454,8 @@ def shared_prefix_loss(
         input_ids=ids,
         attention_mask=attention,
         position_ids=positions,
-        cache=past,
         use_cache=past is not None,
+        **cache_argument(core.model, past),
     ).last_hidden_state
     # Position t predicts token t+1; every label sits in the tail, after the first tail token.
     targets = labels[:, 1:]
@@ -463,6 +465,15 @@ def shared_prefix_loss(
     weights = token_weights[:, 1:][mask]
     loss = (losses * weights).sum() / weights.sum()
     return loss, prefix_len + int(tail_attention.sum().item())
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as the keyword `model.forward` takes: transformers renamed
+    `past_key_values` to `cache` (5.17 knows only the old name, 5.25 the new one). A name the
+    forward does not know is swallowed by its **kwargs and the cache silently ignored."""
+    # signature() follows the deprecation wrapper to the real parameters
+    parameters = inspect.signature(model.forward).parameters
+    return {("cache" if "cache" in parameters else "past_key_values"): cache}
 
 
 def _length_grouped_batches(examples: list[TrainExample], size: int) -> list[list[TrainExample]]:

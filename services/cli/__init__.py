@@ -2,6 +2,13 @@
 lazily, so `predict` never loads llama.cpp and `serve` never loads torch."""
 
 import importlib
+import sys
+
+if sys.argv[1:2] == ["serve"]:
+    # llama.cpp's libraries before any other native library: a CUDA build of llama-cpp-python
+    # segfaulted creating its context in a process that had loaded numpy and pydantic-core
+    # first (seen on an H200; docs/building.md). A CPU build does not mind the order.
+    import llama_cpp  # noqa: F401
 
 from services.cli.common import app
 
