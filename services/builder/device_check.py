@@ -1,4 +1,4 @@
-"""The build host check: the embedded spec's student, finetune and export stages on one device
+"""The build host check: the embedded spec's stages through quantize on one device
 (`cuda` on a GPU host, `cpu` for the reference), measured, and the exported model's greedy
 answers on the dev tickets compared with another device's run of the same seed.
 
@@ -31,7 +31,7 @@ def device_spec(spec_path: Path, device: str, out: Path) -> BuildSpec:
 
 
 def check(spec: BuildSpec, max_tokens: int = 64) -> dict[str, Any]:
-    """Run the stages through the export, then answer every dev row with the F16 GGUF."""
+    """Run the stages through THROUGH, then answer every dev row with the F16 export."""
     import torch
 
     from services.builder.pipeline import log_friendly_console, run_stages
