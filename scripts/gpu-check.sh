@@ -4,11 +4,12 @@
 # time, peak GPU memory, final loss, the export self-check, and the exported model's greedy
 # answers on the dev tickets. With a CPU run of the same spec and seed beside it
 # (DEVICE=cpu, or build/device-check/cpu.json copied from another host) it prints how many
-# dev tickets the two models answer alike. docs/building.md ("On a GPU") has the figures.
+# dev tickets the two models answer alike (agreement.json lists the ones that differ).
+# docs/building.md ("On a GPU") has the figures.
 #
-#   DEVICE   cuda (default), cpu (the reference) or auto
+#   DEVICE    cuda (default), cpu (the reference) or auto
 #   CHECK_DIR where the build folders and <device>.json go (default build/device-check)
-#   PYTHON   the interpreter with torch, transformers and peft (default .venv's, else python3)
+#   PYTHON    the interpreter with torch, transformers and peft (default .venv's, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +22,6 @@ mkdir -p "$CHECK_DIR"
 "$PYTHON" -m services.builder.device_check --device "$DEVICE" --out "$CHECK_DIR"
 other=$([ "$DEVICE" = cpu ] && echo cuda || echo cpu)
 if [ -f "$CHECK_DIR/$other.json" ]; then
-  "$PYTHON" -m services.builder.device_check --compare "$CHECK_DIR/cpu.json" "$CHECK_DIR/cuda.json"
+  "$PYTHON" -m services.builder.device_check --compare "$CHECK_DIR/cpu.json" "$CHECK_DIR/cuda.json" \
+    --record "$CHECK_DIR/agreement.json"
 fi

@@ -94,3 +94,15 @@ def test_the_kv_cache_goes_under_the_name_the_installed_transformers_takes() -> 
     kv = object()
     assert cache_argument(Older(), kv) == {"past_key_values": kv}
     assert cache_argument(Newer(), kv) == {"cache": kv}
+
+
+def test_a_cuda_check_without_a_gpu_stops_at_once_saying_what_to_do(tmp_path, capsys) -> None:
+    import torch
+
+    from services.builder.device_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    assert main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "DEVICE=cpu" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no stage ran

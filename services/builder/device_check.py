@@ -108,6 +108,12 @@ def greedy_answers(
     return answers
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def agreement(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[str, Any]:
     """How many rows two runs answered alike (every output field equal); rows are matched by
     their inputs, and both runs must have answered the same rows."""
@@ -144,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = [{k: v for k, v in run.items() if k != "answers"} for run in (first, second)]
             args.record.write_text(json.dumps({"runs": runs, "agreement": result}, indent=2))
         return 0
+    if args.device == "cuda" and not cuda_available():
+        hint = "run it on a GPU host, or DEVICE=cpu make gpu-check for the CPU reference"
+        print(f"device_check: torch sees no CUDA device here; {hint}", file=sys.stderr)
+        return 2
     spec = device_spec(args.spec, args.device, args.out)
     result = check(spec)
     path = args.out / f"{args.device}.json"
