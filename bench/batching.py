@@ -85,7 +85,7 @@ class LevelResult:
     p50_s: float
     p95_s: float
     ttft_p50_s: float
-    calls_per_s: float = 0.0
+    calls_per_s: float
 
 
 def ticket_messages(count: int) -> tuple[PromptCodec, list[list[dict[str, str]]]]:

@@ -38,12 +38,13 @@ def check(spec: BuildSpec, max_tokens: int = 64) -> dict[str, Any]:
     from services.builder.stages import STAGES
 
     stages = STAGES[: [s.name for s in STAGES].index(THROUGH) + 1]
-    if torch.cuda.is_available():
+    on_gpu = cuda_available()
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     ctx, runner = run_stages(spec, log_friendly_console(), stages)
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    peak = torch.cuda.max_memory_allocated() if on_gpu else None
     loss = json.loads((ctx.dirs["finetune"] / "loss.json").read_text())
     self_check = json.loads((ctx.dirs["export"] / "self_check.json").read_text())
     f16 = ctx.dirs["export"] / f"{spec.name}.F16.gguf"
@@ -66,7 +67,7 @@ def host_facts() -> dict[str, Any]:
     import torch
     import transformers
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = torch.cuda.get_device_name(0) if cuda_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "gpu": gpu, "cuda": torch.version.cuda}  # fmt: skip
@@ -87,23 +88,26 @@ def training_figures(loss: dict[str, Any]) -> dict[str, Any]:
 
 def self_check_summary(checks: list[dict[str, Any]]) -> dict[str, Any]:
     worst = max(c["max_logit_difference"] / c["logit_std"] for c in checks)
+    # passed: the export stage raises on a failed check, so a finished export passed it
     return {"prompts": len(checks), "worst_logit_difference_sd": round(worst, 4), "passed": True}
 
 
 def greedy_answers(
     gguf: Path, ctx: Any, rows: list[Any], max_tokens: int, n_threads: int
 ) -> list[dict[str, Any]]:
-    """Each row's outputs as the runtime serves them (greedy, typed decoding)."""
+    """Each row's outputs as the runtime serves them (greedy, typed decoding), answered as the
+    evaluate stage answers a single-predictor program."""
+    from services.builder.evaluate import predict_answers
     from services.runtime.backends.llamacpp import LlamaCppBackend
-    from services.runtime.predict import predict_once, predict_params
 
     backend = LlamaCppBackend(gguf, n_ctx=4096, n_threads=n_threads)
-    params = predict_params(max_tokens, seed=0)
+    answer = predict_answers(backend, ctx.program_spec, max_tokens)
     answers = []
     for row in rows:
         inputs = {name: row[name] for name in ctx.input_names}
-        result = predict_once(backend, ctx.codec, inputs, params)
-        answers.append({"inputs": inputs, "outputs": result.outputs, "outcome": result.outcome})
+        served, _ = answer(inputs)
+        answers.append({"inputs": inputs, "outputs": served["outputs"],
+                        "outcome": served["outcome"]})  # fmt: skip
     backend.close()
     return answers
 
@@ -121,8 +125,8 @@ def agreement(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict
     theirs = {key(a): a["outputs"] for a in second}
     if sorted(theirs) != sorted(key(a) for a in first):
         raise ValueError("the two runs answered different rows: compare runs of one spec")
-    same = sum(a["outputs"] == theirs[key(a)] for a in first)
     differing = [a["inputs"] for a in first if a["outputs"] != theirs[key(a)]]
+    same = len(first) - len(differing)
     return {"n": len(first), "same": same, "share": round(same / len(first), 4) if first else None,
             "differing": differing}  # fmt: skip
 

@@ -124,7 +124,7 @@ def _serve_in_child(
     answer = (
         _program_answers(backend, program, Path(program_path), max_tokens)
         if isinstance(program, PipelineSpec)
-        else _predict_answers(backend, program, max_tokens)
+        else predict_answers(backend, program, max_tokens)
     )
     answers: list[dict[str, Any]] = []
     tokens_per_s: list[float] = []
@@ -148,7 +148,7 @@ def _serve_in_child(
 Answer = Callable[[dict[str, str]], tuple[dict[str, Any], list[float]]]
 
 
-def _predict_answers(backend: Any, program: Any, max_tokens: int) -> Answer:
+def predict_answers(backend: Any, program: Any, max_tokens: int) -> Answer:
     """One Predict per row, as the runtime answers a single-predictor program."""
     from services.core.program import PromptCodec
     from services.runtime.predict import predict_once, predict_params

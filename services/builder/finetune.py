@@ -394,10 +394,10 @@ def _greedy_batch(
     positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
     out: list[list[int]] = [[] for _ in tails]
     done = [False] * rows
+    kv = cache_argument(core.model, cache)  # the one cache, filled in place step by step
     for _ in range(max_new_tokens):
         hidden = core.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                            use_cache=True, **cache_argument(core.model, cache)
-                            ).last_hidden_state  # fmt: skip
+                            use_cache=True, **kv).last_hidden_state  # fmt: skip
         chosen = core.lm_head(hidden[:, -1]).argmax(-1)
         for row, token in enumerate(chosen.tolist()):
             done[row] = done[row] or token in stops
