@@ -82,8 +82,23 @@ def test_corrupt_gguf_is_refused_at_start(gguf_path: Path, tmp_path: Path, damag
     assert "cannot serve" in proc.stderr and "bad.gguf" in proc.stderr
 
 
+def test_serve_takes_the_model_or_bundle_as_its_argument(tmp_path: Path, gguf_path: Path) -> None:
+    """`edgedistill serve build/bundle` or `serve model.gguf`, as `ollama run` takes its model."""
+    from services.cli.serve import served_path
+
+    assert served_path(str(tmp_path), {}) == {"bundle": str(tmp_path)}
+    assert served_path(str(gguf_path), {"bundle": None}) == {"model": str(gguf_path)}
+    with pytest.raises(SettingsError, match="give the bundle or model once"):
+        served_path(str(gguf_path), {"model": str(gguf_path)})
+    missing = run_cli("serve", str(tmp_path / "nope.gguf"), "--port", "0")
+    assert missing.returncode == 2
+    assert "nope.gguf: no such file or directory" in " ".join(missing.stderr.split())
+    twice = run_cli("route", str(tmp_path), "--bundle", str(tmp_path), "--port", "0")
+    assert twice.returncode == 2 and "as PATH or as --bundle" in twice.stderr
+
+
 def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> None:
-    server = start_runtime("--model", str(gguf_path), "--program", str(program_path))
+    server = start_runtime(str(gguf_path), "--program", str(program_path))
     try:
         predicted = run_cli("predict", "--target", server.target, "--input", "country=Norway")
         assert predicted.returncode == 0, predicted.stderr

@@ -35,16 +35,24 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def settings_options(
-    settings_cls: type[BaseSettings],
+    settings_cls: type[BaseSettings], path_help: str | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command one --flag per setting, so flags and EDGEDISTILL_* never drift apart.
 
-    The command receives the flags that were given as a dict in `overrides`.
+    The command receives the flags that were given as a dict in `overrides`; with `path_help`
+    it also takes an optional positional PATH (`edgedistill serve build/bundle`), passed as
+    `path`.
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         params = []
         annotations: dict[str, Any] = {}
+        if path_help is not None:
+            argument = typer.Argument(None, help=path_help, metavar="PATH", show_default=False)
+            params.append(
+                inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY, default=argument)
+            )
+            annotations["path"] = Optional[str]  # noqa: UP045
         for name, field in settings_cls.model_fields.items():
             flag = "--" + name.replace("_", "-")
             annotation: Any = Optional[str]  # noqa: UP045 - typer needs Optional at runtime
@@ -61,9 +69,9 @@ def settings_options(
             annotations[name] = annotation
 
         def command(**kwargs: Any) -> Any:
-            return func(
-                overrides={k: (v or None) if isinstance(v, list) else v for k, v in kwargs.items()}
-            )
+            extra = {"path": kwargs.pop("path")} if path_help is not None else {}
+            overrides = {k: (v or None) if isinstance(v, list) else v for k, v in kwargs.items()}
+            return func(overrides=overrides, **extra)
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = annotations

@@ -16,9 +16,17 @@ def _router_settings_cls() -> type[BaseSettings]:
     return RouterSettings
 
 
+def routed_bundle(path: str, overrides: dict[str, Any]) -> dict[str, str]:
+    from services.core.config import SettingsError
+
+    if overrides.get("bundle") is not None:
+        raise SettingsError(f"PATH {path}: give the bundle once, as PATH or as --bundle")
+    return {"bundle": path}
+
+
 @app.command("route")
-@settings_options(_router_settings_cls())
-def route(overrides: dict[str, Any]) -> None:
+@settings_options(_router_settings_cls(), path_help="the bundle directory (or --bundle)")
+def route(overrides: dict[str, Any], path: str | None) -> None:
     """Route Predict calls: local runtimes first, an API model for low-confidence answers.
 
     Every flag also reads EDGEDISTILL_ROUTER_<NAME>. The API key comes from
@@ -29,6 +37,8 @@ def route(overrides: dict[str, Any]) -> None:
     from services.core.config import RouterSettings, SettingsError, load_settings
 
     try:
+        if path is not None:
+            overrides = {**overrides, **routed_bundle(path, overrides)}
         settings = load_settings(RouterSettings, **overrides)
         settings.fallback_key()  # fail at start, not at the first fallback
     except SettingsError as err:
