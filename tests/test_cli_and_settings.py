@@ -140,3 +140,12 @@ def test_json_output_keeps_characters_readable(capsys: pytest.CaptureFixture[str
     print_json({"idioma": "日本語", "producto": None})
     out = capsys.readouterr().out
     assert '"idioma": "日本語"' in out and json.loads(out) == {"idioma": "日本語", "producto": None}
+
+
+def test_errors_quoting_a_type_print_it_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    """`list[str]` in a message is text: rich markup would have eaten `[str]`."""
+    from services.cli.common import fail
+
+    fail("inputs['tags']: '[1]' is not of type list[str] ([bold] stays too)")
+    said = " ".join(capsys.readouterr().err.split())
+    assert "is not of type list[str] ([bold] stays too)" in said, said

@@ -128,6 +128,8 @@ def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> 
         with pytest.raises(RpcFailure, match=re.escape(f"inputs[{name!r}]: ")) as raised:
             predict_inputs(pb.PredictRequest(inputs={**good, name: bad}), fields)
         assert said in raised.value.message, raised.value.message
+        # JSON is the fix for a list or a model; a choice's fix is one of its values.
+        assert ("send the value as JSON" in raised.value.message) == (name in ("keywords", "order"))
 
 
 class Node(BaseModel):

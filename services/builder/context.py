@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from rich.console import Console
+from rich.markup import escape
 
 from services.builder.data import (
     REASONING,
@@ -275,7 +276,7 @@ class BuildContext:
         metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
         warning = check_metric(metric, spec.metric, trainset, outputs, threshold)
         if warning:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
             trainset=trainset, calibset=calibset, testset=testset, metric=metric,
@@ -406,7 +407,7 @@ class BuildContext:
         if errors:
             self.console.print(
                 f"  [yellow]warning:[/] the metric raised on {errors['count']} {answers} "
-                f"(scored 0); first: {errors['first']}",
+                f"(scored 0); first: {escape(str(errors['first']))}",
                 highlight=False,
             )
         return errors

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from services.builder import choice
 from services.builder.context import BuildContext, load_program
@@ -68,10 +69,10 @@ def describe_labels(ctx: BuildContext) -> None:
         for part, rows in parts.items():
             counts = label_counts(rows, name)
             shown = ", ".join(f"{value} {n}" for value, n in counts.most_common())
-            ctx.console.print(f"  {name} in {part}: {shown}", highlight=False)
+            ctx.console.print(f"  {name} in {part}: {escape(shown)}", highlight=False)
             problem = imbalance(counts, values)
             if problem:
-                ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: {problem}",
+                ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: {escape(problem)}",
                                   highlight=False)  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic_settings import BaseSettings
 from rich.console import Console
+from rich.markup import escape
 
 from services.core.logs import console_width
 
@@ -30,7 +31,8 @@ def print_json(data: Any) -> None:
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     # One line whatever the width: a log or a script greps an error by its words.
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message quoting a type (`list[str]`) is text, not rich markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

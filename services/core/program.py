@@ -116,7 +116,11 @@ class FieldSpec(BaseModel):
                 return None
             except (ValidationError, ValueError) as err:
                 problem = problem or _first_error(err)
-        return f"{text[:60]!r} is not of type {self.type} ({problem}); send the value as JSON"
+        # JSON is how a list, dict or model is sent; a number or a choice is sent as written.
+        annotation = self.annotation()
+        scalar = annotation in (int, float) or choice_values(annotation) is not None
+        hint = "" if scalar else "; send the value as JSON"
+        return f"{text[:60]!r} is not of type {self.type} ({problem}){hint}"
 
 
 @lru_cache(maxsize=256)
