@@ -262,6 +262,18 @@ def test_label_fields_and_imbalance_warnings() -> None:
     assert imbalance(label_counts(rows[:1], "label"), 3) == "'a' is 100% of the rows"
 
 
+def test_a_held_out_label_no_train_row_has_is_named() -> None:
+    from collections import Counter
+
+    from services.builder.data import unseen_in_train
+
+    train = Counter({"pos": 6, "neg": 6})
+    said = unseen_in_train(Counter({"neu": 1, "neg": 1, "mixed": 2}), train)
+    assert said is not None and said.startswith("'mixed', 'neu' (3 of 4 rows) in no train row")
+    assert unseen_in_train(Counter({"neg": 3}), train) is None
+    assert unseen_in_train(Counter({"neu": 1}), Counter()) is None  # train unlabelled: API teacher
+
+
 def test_split_by_group_keeps_each_labels_share_when_stratified() -> None:
     # 8 problems told twice: 6 labelled "a" (12 rows), 2 labelled "b" (4 rows).
     groups = [f"p{i}" for i in range(8) for _ in range(2)]

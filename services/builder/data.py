@@ -232,6 +232,18 @@ def imbalance(counts: Counter[str], values: int) -> str | None:
     return None
 
 
+def unseen_in_train(counts: Counter[str], train: Counter[str]) -> str | None:
+    """A warning when held-out rows carry a label no train row has: the student is never
+    shown it, so those rows are scored against an answer it cannot have learned."""
+    unseen = [value for value in counts if value not in train]
+    if not train or not unseen:
+        return None
+    rows = sum(counts[value] for value in unseen)
+    shown = ", ".join(repr(value) for value in sorted(unseen))
+    return (f"{shown} ({rows} of {sum(counts.values())} rows) in no train row: the student never "
+            f"sees it; add train rows with it")  # fmt: skip
+
+
 def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 

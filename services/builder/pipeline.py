@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from services.builder import choice
 from services.builder.context import BuildContext, load_program
-from services.builder.data import imbalance, label_counts
+from services.builder.data import imbalance, label_counts, unseen_in_train
 from services.builder.loop import run_loop
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
@@ -62,18 +62,19 @@ def quiet_libraries() -> None:
 
 def describe_labels(ctx: BuildContext) -> None:
     """Each label field's distribution in train, calibration and test, with a warning where
-    one value dominates (the model can learn to always say it)."""
+    one value dominates (the model can learn to always say it) or a held-out label is in no
+    train row."""
     parts = {"train": ctx.trainset, "calibration": ctx.calibset, "test": ctx.testset}
     for name in ctx.label_names:
-        values = len(label_counts(ctx.trainset, name))
+        train = label_counts(ctx.trainset, name)
         for part, rows in parts.items():
             counts = label_counts(rows, name)
             shown = ", ".join(f"{value} {n}" for value, n in counts.most_common())
             ctx.console.print(f"  {name} in {part}: {escape(shown)}", highlight=False)
-            problem = imbalance(counts, values)
-            if problem:
-                ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: {escape(problem)}",
-                                  highlight=False)  # fmt: skip
+            for problem in (imbalance(counts, len(train)), unseen_in_train(counts, train)):
+                if problem:
+                    ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: "
+                                      f"{escape(problem)}", highlight=False)  # fmt: skip
 
 
 def build(
