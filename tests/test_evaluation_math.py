@@ -248,6 +248,35 @@ def test_decision_puts_api_local_and_hybrid_side_by_side() -> None:
     assert table["runs offline"][:2] == ["no", "yes"]
 
 
+def test_a_teacher_that_scores_zero_leaves_no_retention_to_report() -> None:
+    """A misconfigured teacher (or metric) scores 0: the build says to check them, rather
+    than "keeps 0%, use a larger student"."""
+    from services.builder.context import gate
+    from services.builder.report import verdict_line
+    from services.builder.spec import BuildSpec
+
+    report = evaluation([0.0] * 10, [0.0] * 10)
+    report["teacher"] |= {
+        "score": 0.0,
+        "examples": [{"score": 0.0}] * 10,
+        "interval": score_interval([0.0] * 10),
+    }
+    report["students"][1] |= {"n": 10, "interval": score_interval([0.0] * 10),
+                              "latency_mean_ms": 5.0}  # fmt: skip
+    calibration = {"variant": "Q8_0", "threshold": 0.0, "test": {
+        "system_quality": 0.0, "system_interval": score_interval([0.0] * 10),
+        "fallback_rate": 0.0, "fallback_interval": wilson_interval(0, 10),
+        "latency_p50_ms": 5.0, "latency_p95_ms": 6.0}}  # fmt: skip
+    decision = decide(report, calibration, prices=CostSpec(), teacher_model="openai/x")
+    assert decision["band"] == "no teacher quality"
+    assert verdict_line(decision).startswith("retention: none to measure, n=10: check the teacher")
+    assert [row[3] for row in rows(report)] == ["—", "—", "—"]
+    spec = BuildSpec.model_validate({"name": "t", "program": "p:q",
+                                     "data": {"train": "t.jsonl", "dev": "d.jsonl"}})  # fmt: skip
+    verdict = gate(report, spec, "Q8_0")
+    assert verdict["teacher_score"] == 0.0 and not verdict["passed"]
+
+
 def test_label_fields_and_imbalance_warnings() -> None:
     import dspy
 

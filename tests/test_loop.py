@@ -66,10 +66,13 @@ def test_the_gate_is_retention_of_the_teachers_score_on_the_same_rows() -> None:
     assert rounds.round_verdict([1, 1, 1, 0], [1, 1, 1, 0], 0.75)["passed"]
     with pytest.raises(ValueError, match="same rows"):
         rounds.round_verdict([1, 0], [1], 0.5)
-    assert rounds.stop_reason(True, 1, 3, "train") == "passed the gate"
-    assert "max_rounds=3" in str(rounds.stop_reason(False, 3, 3, "train"))
-    assert "no traces left" in str(rounds.stop_reason(False, 1, 3, None))
-    assert rounds.stop_reason(False, 1, 3, "teacher") is None
+    passed, under = {"passed": True, "teacher_score": 1.0}, {"passed": False, "teacher_score": 1.0}
+    assert rounds.stop_reason(passed, 1, 3, "train") == "passed the gate"
+    assert "max_rounds=3" in str(rounds.stop_reason(under, 3, 3, "train"))
+    assert "no traces left" in str(rounds.stop_reason(under, 1, 3, None))
+    assert rounds.stop_reason(under, 1, 3, "teacher") is None
+    nothing_to_keep = {"passed": False, "teacher_score": 0.0}  # more traces cannot help
+    assert "teacher scores 0" in str(rounds.stop_reason(nothing_to_keep, 1, 3, "train"))
 
 
 def test_written_inputs_never_repeat_a_split_row_or_each_other() -> None:

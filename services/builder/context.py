@@ -15,6 +15,7 @@ from typing import Any, get_args
 from rich.console import Console
 from rich.markup import escape
 
+from services.builder import decision
 from services.builder.data import (
     REASONING,
     check_values,
@@ -493,8 +494,9 @@ def gate(evaluation: dict[str, Any], spec: BuildSpec, quant: str) -> dict[str, A
     student_score = next(
         s["score"] for s in evaluation["students"] if s["label"] == f"distilled {quant}"
     )
-    retention = student_score / teacher_score if teacher_score else 0.0
+    retention = decision.retention(student_score, teacher_score)
     return {
+        "teacher_score": teacher_score,
         "retention": retention,
         "min_retention": spec.quality_gate.min_retention,
         "passed": retention >= spec.quality_gate.min_retention,

@@ -7,6 +7,7 @@ the measured serial throughput (0 by default: the host is already paid for).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from services.builder.spec import CostSpec
@@ -14,6 +15,8 @@ from services.builder.spec import CostSpec
 
 def litellm_token_prices(model: str) -> tuple[float, float] | None:
     """(input, output) price per token from LiteLLM's offline map, or None if it has no entry."""
+    # Offline whoever calls: without this, importing litellm fetches the map from GitHub.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     for name in (model, model.split("/", 1)[-1]):

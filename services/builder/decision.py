@@ -22,7 +22,17 @@ BANDS = (
 )  # fmt: skip
 
 
-def retention_band(retention: float) -> dict[str, str]:
+# A teacher that scores 0 leaves nothing to retain: no band says anything about the student.
+NO_TEACHER_QUALITY = {
+    "band": "no teacher quality",
+    "next_step": "check the teacher and the metric: the teacher scores 0 on the test part "
+    "(its answers are in traces/traces.jsonl and the evaluate stage's folder)",
+}
+
+
+def retention_band(retention: float, teacher_score: float = 1.0) -> dict[str, str]:
+    if not teacher_score:
+        return NO_TEACHER_QUALITY
     for floor, band, next_step in BANDS:
         if retention >= floor:
             return {"band": band, "next_step": next_step}
@@ -62,7 +72,7 @@ def decide(
             retention(interval["low"], teacher["score"]),
             retention(interval["high"], teacher["score"]),
         ],
-        **retention_band(kept),
+        **retention_band(kept, teacher["score"]),
         "api": api,
         "local": {
             "quality": local["score"],

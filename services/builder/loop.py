@@ -106,7 +106,7 @@ def next_round(
     gate = ctx.read_json("gate", "gate.json")
     source = rounds.next_source(spec.loop.sources, len(plan.rows) - plan.used,
                                 api_teacher=not spec.teacher.is_gold)  # fmt: skip
-    stop = rounds.stop_reason(gate["passed"], inputs.number, spec.loop.max_rounds, source)
+    stop = rounds.stop_reason(gate, inputs.number, spec.loop.max_rounds, source)
     if stop is not None:
         return None, stop
     carried = [ctx.dirs["traces"] / "traces.jsonl"]

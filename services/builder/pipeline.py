@@ -127,6 +127,12 @@ def run_stages(
 
 def check_gate(ctx: BuildContext) -> None:
     verdict = ctx.verdict()
+    if verdict is not None and not verdict["teacher_score"]:
+        raise QualityGateFailed(
+            "FAILED quality gate: the teacher scores 0 on the test part, so there is no quality "
+            "to keep. Check the teacher (teacher.model, its answers in traces/traces.jsonl), "
+            "the metric, and the held-out labels; the build folder keeps everything."
+        )
     if verdict is not None and not verdict["passed"]:
         raise QualityGateFailed(
             f"FAILED quality gate: distilled {ctx.default_quant} keeps "

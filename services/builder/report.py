@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from services.builder.decision import retention
 from services.core.stats import compare, score_interval
 
 COLUMNS = (
@@ -45,10 +46,13 @@ def rows(evaluation: dict[str, Any]) -> list[list[str]]:
     two 95% intervals do not overlap."""
     teacher = evaluation["teacher"]
     baseline = best_untuned(evaluation)
-    out = [[teacher["label"], score_cell(teacher), "", "100%",
+
+    def kept(score: float) -> str:  # none to keep when the teacher scores 0
+        return f"{retention(score, teacher['score']):.0%}" if teacher["score"] else "—"
+
+    out = [[teacher["label"], score_cell(teacher), "", kept(teacher["score"]),
             *latency_cells(teacher), "", "", ""]]  # fmt: skip
     for variant in evaluation["students"]:
-        kept = variant["score"] / teacher["score"] if teacher["score"] else 0.0
         versus = ""
         if baseline is not None and not variant["label"].startswith("untuned"):
             versus = compare(interval(variant), interval(baseline))
@@ -57,7 +61,7 @@ def rows(evaluation: dict[str, Any]) -> list[list[str]]:
                 variant["label"],
                 score_cell(variant),
                 versus,
-                f"{kept:.0%}",
+                kept(variant["score"]),
                 *latency_cells(variant),
                 _speed(variant["generation_tokens_per_s"]),
                 f"{variant['size_bytes'] / 1e6:.1f}",
@@ -115,6 +119,8 @@ def decision_rows(decision: dict[str, Any]) -> list[list[str]]:
 
 def verdict_line(decision: dict[str, Any]) -> str:
     low, high = decision["retention_range"]
+    if not decision["api"]["quality"]:
+        return f"retention: none to measure, n={decision['n']}: {decision['next_step']}"
     return (
         f"retention {decision['retention']:.0%} (95% range {low:.0%}–{high:.0%}, n="
         f"{decision['n']}): {decision['band']}; next step: {decision['next_step']}"

@@ -55,10 +55,14 @@ def round_verdict(
     }
 
 
-def stop_reason(passed: bool, number: int, max_rounds: int, source: str | None) -> str | None:
+def stop_reason(
+    verdict: dict[str, Any], number: int, max_rounds: int, source: str | None
+) -> str | None:
     """Why the loop ends after round `number` (None: it goes on)."""
-    if passed:
+    if verdict["passed"]:
         return "passed the gate"
+    if not verdict["teacher_score"]:
+        return "the teacher scores 0 on the calibration part: check the teacher and the metric"
     if number >= max_rounds:
         return f"under the gate after loop.max_rounds={max_rounds}"
     if source is None:
