@@ -14,6 +14,7 @@ from pydantic_core import to_jsonable_python
 
 from services.core.bundle import Bundle, BundleError, Manifest, write_manifest
 from services.core.program import (
+    FieldSpec,
     ProgramFormatError,
     ProgramSpec,
     PromptCodec,
@@ -96,6 +97,21 @@ def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
     # ... but GetModelInfo says what the author wrote: nothing.
     assert [f.description for f in described.input_fields] == [""]
     assert [f.description for f in described.output_fields] == [""]
+
+
+def test_forward_gets_an_input_as_a_jsonl_row_holds_it_whatever_it_came_as() -> None:
+    from pydantic.fields import FieldInfo
+
+    def value(annotation: Any, given: Any) -> Any:
+        return FieldSpec.describe("x", FieldInfo(annotation=annotation)).forward_value(given)
+
+    assert value(int, "3") == 3 and value(int, 3) == 3 and value(float, "2.5") == 2.5
+    assert value(bool, "true") is True and value(bool, "False") is False
+    assert value(Literal["1", "2"], "1") == "1" and value(Literal[1, 2], "2") == 2
+    assert value(Size, "large") == "large"
+    assert value(list[str], '["a", "b"]') == ["a", "b"] and value(list[str], ["a"]) == ["a"]
+    assert value(dict[str, int], '{"a": 1}') == {"a": 1}
+    assert value(str, "3") == "3"
 
 
 def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> None:

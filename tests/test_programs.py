@@ -337,22 +337,28 @@ def test_an_intermediate_label_is_answered_by_gold_but_is_not_an_output(tmp_path
     assert (counts["total"], counts["kept"]) == (len(rows), len(rows)), counts
 
 
-def test_a_forward_parameter_with_a_default_is_an_optional_input(tmp_path: Path) -> None:
-    """Rows and requests may leave out `tone` (forward's default is used); a missing ticket or
-    an unknown field is still refused, naming it."""
+def two_step_context(folder: Path, factory: str) -> Any:
+    """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console
 
     from services.builder.context import BuildContext
     from services.builder.spec import load_spec
+
+    write_jsonl(folder / "train.jsonl", support_rows("train", 1))
+    write_jsonl(folder / "dev.jsonl", support_rows("dev", 1))
+    (folder / "spec.yaml").write_text(
+        f"name: variant\nprogram: tests.programs.two_step:{factory}\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {folder / 'build'}\n"
+    )
+    return BuildContext.load(load_spec(folder / "spec.yaml"), Console(quiet=True))
+
+
+def test_a_forward_parameter_with_a_default_is_an_optional_input(tmp_path: Path) -> None:
+    """Rows and requests may leave out `tone` (forward's default is used); a missing ticket or
+    an unknown field is still refused, naming it."""
     from services.core.validation import RpcFailure, predict_inputs
 
-    write_jsonl(tmp_path / "train.jsonl", support_rows("train", 1))
-    write_jsonl(tmp_path / "dev.jsonl", support_rows("dev", 1))
-    (tmp_path / "spec.yaml").write_text(
-        "name: tone\nprogram: tests.programs.two_step:build_with_tone\n"
-        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
-    )
-    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    ctx = two_step_context(tmp_path, "build_with_tone")
     assert ctx.pipeline is not None and ctx.pipeline.optional_inputs == ["tone"]
     fields = ctx.pipeline.inputs
     assert predict_inputs(pb.PredictRequest(inputs={"ticket": "VPN down"}), fields) == {
@@ -363,6 +369,27 @@ def test_a_forward_parameter_with_a_default_is_an_optional_input(tmp_path: Path)
                           "inputs['mood']")):  # fmt: skip
         with pytest.raises(RpcFailure, match=re.escape(named)):
             predict_inputs(pb.PredictRequest(inputs=inputs), fields)
+
+
+def test_a_typed_forward_parameter_is_checked_and_handed_over_typed(tmp_path: Path) -> None:
+    """`max_words: int` (no predictor takes it) is an int input: "abc" is refused naming it,
+    and `forward` gets 3, not "3", as it did from the row when the teacher ran."""
+    from services.core.validation import RpcFailure, predict_inputs
+    from tests.programs.two_step import build_with_length
+
+    ctx = two_step_context(tmp_path, "build_with_length")
+    assert ctx.pipeline is not None
+    fields = ctx.pipeline.inputs
+    assert [(f.name, f.type, f.required) for f in fields] == [
+        ("ticket", "str", True), ("max_words", "int", False)]  # fmt: skip
+    with pytest.raises(
+        RpcFailure, match=re.escape("inputs['max_words']: 'abc' is not of type int")
+    ):
+        predict_inputs(pb.PredictRequest(inputs={"ticket": "x", "max_words": "abc"}), fields)
+    runner = ProgramRunner(build_with_length(), ctx.pipeline)
+    answers = {"classify": {"category": "network"}, "draft": {"reply": "We are on it now."}}
+    result = runner.run({"ticket": "VPN down", "max_words": "3"}, scripted(runner, answers, []))
+    assert result.outputs == {"category": "network", "reply": "We are on"}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, get_args
 
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 
@@ -41,6 +42,7 @@ from services.core.pipeline import (
     PipelineSpec,
     ProgramRunner,
     SourceSpec,
+    forward_annotations,
     forward_defaults,
     forward_inputs,
     local_sources,
@@ -112,7 +114,7 @@ def describe_pipeline(
     fields labelled, so one gold run tells the intermediate ones apart)."""
     path, name = spec.program, spec.name
     inputs = forward_inputs(module)
-    defaults = forward_defaults(module)
+    defaults = forward_defaults(module)  # optional inputs
     if not inputs:
         raise SpecError(
             f"program: {path}: its forward takes no named inputs; write them as parameters "
@@ -122,6 +124,10 @@ def describe_pipeline(
         p.model_copy(update={"prompt_format": spec.prompt_format}) for p in predictor_specs(module)
     ]
     fields = {f.name: f for p in predictors for f in p.inputs + p.outputs}
+    annotated = forward_annotations(module)
+    for name in inputs:  # a parameter no predictor takes (`max_words: int`): typed by forward
+        if name not in fields and name in annotated:
+            fields[name] = FieldSpec.describe(name, FieldInfo(annotation=annotated[name]), False)
     produced = [f.name for p in predictors for f in p.outputs if f.name != REASONING]
     outputs = [n for i, n in enumerate(produced) if n in trainset_row and n not in produced[:i]]
     if not outputs:
@@ -301,6 +307,10 @@ class BuildContext:
     @cached_property
     def codec(self) -> PromptCodec:
         return PromptCodec(self.program_spec)
+
+    def forward_arguments(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A row's inputs as the served program's `forward` gets them (typed by its fields)."""
+        return self.runner.forward_arguments(inputs) if self.pipeline else inputs
 
     @cached_property
     def runner(self) -> ProgramRunner:

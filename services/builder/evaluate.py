@@ -242,9 +242,11 @@ def evaluate_teacher(
     metric: Metric,
     output_names: list[str],
     summarised: str = "test",
+    arguments: Callable[[dict[str, Any]], dict[str, Any]] = dict,
 ) -> dict[str, Any]:
     """The teacher on the held-out rows, timed per call, with the tokens it spent. With `gold`
-    the labels are the answers: a perfect score, and nothing to time."""
+    the labels are the answers: a perfect score, and nothing to time. `arguments` types a
+    row's inputs as the served program's `forward` gets them."""
     if teacher.is_gold:
         per_example = [
             {"split": split, "score": 1.0, "outputs": {k: e.get(k) for k in output_names}}
@@ -264,7 +266,7 @@ def evaluate_teacher(
     def run(example: Any) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            prediction = teacher_program(**example.inputs())
+            prediction = teacher_program(**arguments(dict(example.inputs())))
         except Exception as err:
             return {"outputs": None, "error": f"{type(err).__name__}: {err}"[:300],
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip

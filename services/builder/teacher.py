@@ -175,7 +175,8 @@ def teacher_answers(
         return lambda example: gold_run(runner, example), names
     teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
     names = {id(p): name for name, p in teacher_program.named_predictors()}
-    return lambda example: teacher_program(**example.inputs()), names
+    typed = runner.forward_arguments if runner is not None else dict  # as served
+    return lambda example: teacher_program(**typed(dict(example.inputs()))), names
 
 
 def gold_answers(runner: ProgramRunner, row: Any) -> Complete:

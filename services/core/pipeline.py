@@ -148,6 +148,16 @@ def forward_inputs(module: Any) -> list[str]:
     return list(declared) if not found and takes_any else found
 
 
+def forward_annotations(module: Any) -> dict[str, Any]:
+    """`forward`'s parameter annotations (`max_words: int`), resolved; {} where they cannot be."""
+    import typing
+
+    try:
+        return typing.get_type_hints(type(module).forward)
+    except Exception:  # a name only the author's type checker knows: typed as text
+        return {}
+
+
 def forward_defaults(module: Any) -> set[str]:
     """The program's optional inputs: `forward`'s parameters with a default."""
     return {p.name for p in _forward_parameters(module) if p.default is not p.empty}
@@ -419,6 +429,14 @@ class ProgramRunner:
             outputs_json=typed_json(values, names),
         )  # fmt: skip
 
+    def forward_arguments(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs typed as the program's fields are (a request's `"3"` an int `3`)."""
+        fields = {f.name: f for f in self.spec.inputs}
+        return {
+            name: fields[name].forward_value(value) if name in fields else value
+            for name, value in inputs.items()
+        }
+
     def forward(self, inputs: dict[str, Any], complete: Complete) -> tuple[Any, _Run]:
         """The program's own final prediction (None when an answer did not parse) and the
         run's calls; errors as `run` says."""
@@ -429,7 +447,7 @@ class ProgramRunner:
         try:
             adapter = served_adapter(self.spec.prompt_format)
             with dspy.context(adapter=adapter, disable_history=True):
-                return self.module(**inputs), run
+                return self.module(**self.forward_arguments(inputs)), run
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
         except BaseException as err:

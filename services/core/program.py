@@ -98,6 +98,24 @@ class FieldSpec(BaseModel):
         """A dspy.History input (not a user's own model of that name, which has a schema)."""
         return self.type == "History" and self.json_schema is None
 
+    def forward_value(self, value: Any) -> Any:
+        """The value a program's `forward` is handed for this input, alike whether it came
+        from a JSONL row, a CSV cell or a request's text: a `str` as is, a number or bool as
+        one, a choice as its value, any other type as its JSON data (`["a"]`, `{"item": ...}`)
+        as a JSONL row holds it. The Python between a program's calls sees in serving what
+        it saw when the teacher ran."""
+        annotation = self.annotation()
+        if annotation is str and self.json_schema is None:
+            return value
+        text = input_text(value)
+        if annotation in (int, float, bool):
+            return _type_adapter(self.model_dump_json()).validate_python(_json_or_text(text))
+        choices = choice_values(annotation)
+        if choices is not None:
+            values = [c.value if isinstance(c, enum.Enum) else c for c in choices]
+            return next((v for v in values if input_text(v) == text), text)
+        return _json_or_text(text)
+
     def input_error(self, text: str) -> str | None:
         """Why a call's input `text` is not a value of this field's type, read as the codec
         reads it (JSON where it parses, else the text); None when it is. Any text is a `str`."""

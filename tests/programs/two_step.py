@@ -55,3 +55,17 @@ class WithTone(TwoStep):
 
 def build_with_tone() -> dspy.Module:
     return WithTone()
+
+
+class WithLength(TwoStep):
+    """A typed forward parameter no predictor takes, used by the Python between the calls."""
+
+    def forward(self, ticket: str, max_words: int = 40) -> dspy.Prediction:
+        found = super().forward(ticket)
+        return dspy.Prediction(
+            category=found.category, reply=" ".join(found.reply.split()[:max_words])
+        )
+
+
+def build_with_length() -> dspy.Module:
+    return WithLength()

@@ -54,7 +54,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
         task = bar.add_task("evaluate", total=len(targets) + 1, note="teacher")
         teacher_result = evaluate.evaluate_teacher(
             program=ctx.program, teacher=spec.teacher, examples=held_out, splits=splits,
-            metric=ctx.metric, output_names=ctx.output_names,
+            metric=ctx.metric, output_names=ctx.output_names, arguments=ctx.forward_arguments,
         )  # fmt: skip
         teacher_result["fields"] = evaluate.field_scores(
             held_out, teacher_result["examples"], ctx.label_names, ctx.free_text_names

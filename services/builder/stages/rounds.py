@@ -30,6 +30,7 @@ def gate_round(ctx: BuildContext, out: Path) -> None:
     teacher_result = ctx.round.teacher_calibration or evaluate.evaluate_teacher(
         program=ctx.program, teacher=ctx.spec.teacher, examples=rows, splits=splits,
         metric=ctx.metric, output_names=ctx.output_names, summarised="calibration",
+        arguments=ctx.forward_arguments,
     )  # fmt: skip
     verdict = rounds.round_verdict(
         [e["score"] for e in student["examples"]], [e["score"] for e in teacher_result["examples"]],
