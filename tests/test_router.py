@@ -208,6 +208,7 @@ def test_a_planted_api_key_never_leaks(bundle: Path, local_runtime: ServerProces
         finally:
             router.terminate()
     assert all(r.degraded for r in replies)
+    assert "internal error for" in router.stderr  # the log says why, the key redacted
     assert PLANTED_KEY not in router.stderr
     assert PLANTED_KEY not in metrics
     assert all(PLANTED_KEY not in MessageToJson(r) for r in replies)

@@ -117,6 +117,7 @@ class FallbackModel:
                 last = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
             last.attempts = attempt + 1
             log.warning(
-                "fallback API call failed", extra={"attempt": attempt + 1, "kind": last.kind}
+                "fallback API call failed",
+                extra={"attempt": attempt + 1, "kind": last.kind, "error": str(last)},
             )
         raise last

@@ -238,7 +238,9 @@ class RouterService(pb_grpc.InferenceServicer):
             self._breaker.record_failure()
             self._metrics.api_errors.labels(err.kind).inc(err.attempts)
             self._rate_cap.record(False)
-            log.warning("fallback failed", extra={"reason": reason, "kind": err.kind})
+            log.warning(
+                "fallback failed", extra={"reason": reason, "kind": err.kind, "error": str(err)}
+            )
             return None
         self._breaker.record_success()
         self._metrics.api_latency.observe(seconds)
