@@ -114,7 +114,7 @@ def describe_pipeline(
     fields labelled, so one gold run tells the intermediate ones apart)."""
     path, name = spec.program, spec.name
     inputs = forward_inputs(module)
-    defaults = forward_defaults(module)  # optional inputs
+    defaults = forward_defaults(module)
     if not inputs:
         raise SpecError(
             f"program: {path}: its forward takes no named inputs; write them as parameters "
