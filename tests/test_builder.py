@@ -719,8 +719,13 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
         ("lora: {rank: 0}", "lora.rank: Input should be greater than or equal to 1"),
         (
             "teacher: {model: gold, flavour: spicy}",
-            "teacher.flavour: Extra inputs are not permitted",
+            "teacher.flavour: not a key the spec has; the keys here are model, api_base,",
         ),
+        (
+            "quantization: [Q8_0]",
+            "quantization: not a key the spec has; did you mean 'quantizations'?",
+        ),  # fmt: skip
+        ("lora: {rnak: 8}", "lora.rnak: not a key the spec has; did you mean 'rank'?"),
         ("data: {train: missing.jsonl, dev: dev.jsonl}", "data.train:"),
     ],
 )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -237,6 +238,28 @@ class BuildSpec(_Strict):
         return value
 
 
+def unknown_key(loc: tuple[int | str, ...]) -> str:
+    """What to write instead of a key the spec does not have: the nearest key where it
+    stands (`quantization` → `quantizations`), or the keys there are."""
+    model: Any = BuildSpec
+    for key in loc[:-1]:
+        if isinstance(key, int):  # an item of a list: the list's own model
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return "not a key the spec has"
+        outer = get_args(field.annotation) or (field.annotation,)  # Optional[Model] -> Model
+        kinds = [k for a in outer for k in (get_args(a) or (a,))]  # list[Model] -> Model
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if model is None:
+            return "not a key the spec has"
+    keys = list(model.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if near:
+        return f"not a key the spec has; did you mean {near[0]!r}?"
+    return f"not a key the spec has; the keys here are {', '.join(keys)}"
+
+
 def load_spec(path: Path, **overrides: Any) -> BuildSpec:
     """Read and validate a spec. Relative data and output paths resolve against the spec's
     folder (data) and the working directory (output). `overrides` set dotted keys, e.g.
@@ -263,7 +286,10 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
         lines = []
         for problem in err.errors():
             where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-            lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+            said = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "extra_forbidden":
+                said = unknown_key(problem["loc"])
+            lines.append(f"{where}: {said}")
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
     make_importable(base)
