@@ -724,7 +724,7 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
         (
             "quantization: [Q8_0]",
             "quantization: not a key the spec has; did you mean 'quantizations'?",
-        ),  # fmt: skip
+        ),
         ("lora: {rnak: 8}", "lora.rnak: not a key the spec has; did you mean 'rank'?"),
         ("data: {train: missing.jsonl, dev: dev.jsonl}", "data.train:"),
     ],
