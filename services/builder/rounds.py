@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from services.builder import decision
 from services.core.stats import score_interval
 
 
@@ -43,7 +44,7 @@ def round_verdict(
         raise ValueError("the gate needs the student's and the teacher's score on the same rows")
     score = sum(student) / len(student)
     teacher_score = sum(teacher) / len(teacher)
-    retention = score / teacher_score if teacher_score else 0.0
+    retention = decision.retention(score, teacher_score)
     return {
         "n": len(student),
         "score": score,

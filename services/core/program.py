@@ -98,15 +98,20 @@ class FieldSpec(BaseModel):
         """A dspy.History input (not a user's own model of that name, which has a schema)."""
         return self.type == "History" and self.json_schema is None
 
+    @property
+    def is_text(self) -> bool:
+        """A plain `str` field: any text is one of its values, taken as is."""
+        return self.type == "str" and self.json_schema is None and self.enum_values is None
+
     def forward_value(self, value: Any) -> Any:
         """The value a program's `forward` is handed for this input, alike whether it came
         from a JSONL row, a CSV cell or a request's text: a `str` as is, a number or bool as
         one, a choice as its value, any other type as its JSON data (`["a"]`, `{"item": ...}`)
         as a JSONL row holds it. The Python between a program's calls sees in serving what
         it saw when the teacher ran."""
-        annotation = self.annotation()
-        if annotation is str and self.json_schema is None:
+        if self.is_text:  # before annotation(): this runs per input of every request
             return value
+        annotation = self.annotation()
         text = input_text(value)
         if annotation in (int, float, bool):
             return _type_adapter(self.model_dump_json()).validate_python(_json_or_text(text))
@@ -119,7 +124,7 @@ class FieldSpec(BaseModel):
     def input_error(self, text: str) -> str | None:
         """Why a call's input `text` is not a value of this field's type, read as the codec
         reads it (JSON where it parses, else the text); None when it is. Any text is a `str`."""
-        if self.type == "str" and self.json_schema is None and self.enum_values is None:
+        if self.is_text:
             return None
         from pydantic import ValidationError
 
