@@ -1587,3 +1587,23 @@ def test_the_converter_unpacks_on_pythons_without_tarfiles_data_filter(
     with pytest.raises((ConversionError, tarfile.TarError)):
         _unpack_converter(bad, tmp_path / "out2")
     assert not (tmp_path / "evil.py").exists()
+
+
+def test_a_blank_reasoning_is_no_reasoning_to_teach(tmp_path: Path) -> None:
+    """A ChainOfThought with a gold teacher needs a reasoning in every train row: a blank one
+    (a CSV's empty column) would train the student to skip it, so it is refused like a
+    missing one, with the count."""
+    rows = [json.loads(line) for line in (REPO / "examples/technical_qa/train.jsonl")
+            .read_text().splitlines()[:6]]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl",
+                [{**row, "reasoning": "" if i else "Port 443 is HTTPS's."}
+                 for i, row in enumerate(rows)])  # fmt: skip
+    write_jsonl(tmp_path / "dev.jsonl", rows[:4])
+    (tmp_path / "spec.yaml").write_text(
+        "name: x\nprogram: examples.technical_qa.program:build\nmetric: token_f1\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    refused = run_build(tmp_path / "spec.yaml")
+    assert refused.returncode == 2, refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "gold has no 'reasoning' to teach" in said and "5 of 6 rows" in said, said

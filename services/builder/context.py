@@ -29,6 +29,7 @@ from services.builder.data import (
     load_grouped,
     normalize,
     split_by_group,
+    unreasoned_rows,
 )
 from services.builder.metrics import (
     TypedMetric,
@@ -267,15 +268,13 @@ class BuildContext:
             with_histories(trainset + calibset + testset, program_spec.inputs)
         if pipeline is not None and spec.teacher.is_gold:
             check_gold_labels(pipeline, trainset, spec.data.train)
-        if (
-            REASONING in outputs
-            and spec.teacher.is_gold
-            and any(REASONING not in e for e in trainset)
-        ):
+        unlabelled = unreasoned_rows(trainset) if REASONING in outputs else 0
+        if unlabelled and spec.teacher.is_gold:
             raise SpecError(
                 f"teacher: gold has no {REASONING!r} to teach (the program is a ChainOfThought "
-                f"and {spec.data.train} does not label it); use an API teacher (teacher.model) "
-                f"or add a {REASONING!r} field to every training row"
+                f"and {unlabelled} of {len(trainset)} rows of {spec.data.train} leave it out "
+                "or blank); use an API teacher (teacher.model) or write a "
+                f"{REASONING!r} in every training row"
             )
         threshold = spec.metric_threshold
         if threshold is None:

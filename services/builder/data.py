@@ -27,6 +27,12 @@ def labelled(output_names: list[str]) -> list[str]:
     return [name for name in output_names if name != REASONING]
 
 
+def unreasoned_rows(rows: list[Any]) -> int:
+    """Rows that leave the reasoning out or blank: a gold teacher would train the student to
+    skip its ChainOfThought's reasoning on them."""
+    return sum(not str(row.get(REASONING) or "").strip() for row in rows)
+
+
 def load_examples(
     path: Path, input_names: list[str], output_names: list[str], key: str,
     optional: Collection[str] = (),
