@@ -337,14 +337,14 @@ def test_an_intermediate_label_is_answered_by_gold_but_is_not_an_output(tmp_path
     assert (counts["total"], counts["kept"]) == (len(rows), len(rows)), counts
 
 
-def two_step_context(folder: Path, factory: str) -> Any:
+def two_step_context(folder: Path, factory: str, more_train: list[dict[str, str]] = ()) -> Any:
     """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console
 
     from services.builder.context import BuildContext
     from services.builder.spec import load_spec
 
-    write_jsonl(folder / "train.jsonl", support_rows("train", 1))
+    write_jsonl(folder / "train.jsonl", support_rows("train", 1) + list(more_train))
     write_jsonl(folder / "dev.jsonl", support_rows("dev", 1))
     (folder / "spec.yaml").write_text(
         f"name: variant\nprogram: tests.programs.two_step:{factory}\n"
@@ -611,3 +611,19 @@ def test_a_low_confidence_answer_falls_back_to_the_whole_program_on_the_api(
     # other field, writes a fixed sentence): the program's own forward, not one signature.
     assert dict(reply.outputs) == {"category": "security", "reply": "Answer precisely and briefly."}
     assert requests == 2
+
+
+def test_a_label_the_programs_python_writes_may_be_outside_the_predictors_type(
+    tmp_path: Path,
+) -> None:
+    """`category: none` on a row whose forward never asks the classifier is the program's own
+    answer, not a label the model could never give: the build takes it as written. On a row
+    the classifier answers, the same value is still refused, naming the row."""
+    from services.builder.spec import SpecError
+
+    spam = {"ticket": "SPAM win a cruise", "category": "none", "reply": "", "group": "spam"}
+    ctx = two_step_context(tmp_path, "build_skips_spam", [spam])
+    assert [e.category for e in ctx.trainset if e.ticket.startswith("SPAM")] == ["none"]
+    wrong = {**spam, "ticket": "my VPN is down"}
+    with pytest.raises(SpecError, match=r"train.jsonl line \d+: category 'none' is not a value"):
+        two_step_context(tmp_path, "build_skips_spam", [wrong])

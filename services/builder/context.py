@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +28,7 @@ from services.builder.data import (
     load_examples,
     load_grouped,
     normalize,
+    parses,
     split_by_group,
     unreasoned_rows,
 )
@@ -178,14 +179,39 @@ def without_intermediate_fields(
 
 
 def check_data_values(
-    spec: BuildSpec, types: dict[str, Any], inputs: Sequence[FieldSpec] = ()
-) -> None:
+    spec: BuildSpec, types: dict[str, Any], inputs: Sequence[FieldSpec] = (),
+    unanswered: Callable[[dict[str, Any]], Collection[str]] = lambda row: (),
+) -> None:  # fmt: skip
     """Every data file's labels, by the types of the fields the program's predictors produce
-    (a multi-step program's intermediate labels too), and its typed inputs."""
+    (a multi-step program's intermediate labels too, but where no predictor answers them), and
+    its typed inputs."""
     files = {"data.train": spec.data.train, "data.dev": spec.data.dev, "data.test": spec.data.test}
     for key, path in files.items():
         if path is not None:
-            check_values(path, key, types, inputs)
+            check_values(path, key, types, inputs, unanswered)
+
+
+def unanswered_fields(pipeline: PipelineSpec, module: Any) -> Callable[[dict[str, Any]], set[str]]:
+    """A row's output fields that no predictor answers when the program runs on it, each call
+    answered from the row's labels: the program's Python writes them (`team="none"` on a branch
+    that never asks the router). Nothing when that run cannot be made (a label missing)."""
+    from services.builder.teacher import gold_answers
+
+    runner = ProgramRunner(module.deepcopy(), pipeline)
+    produced = {p.name: {f.name for f in p.outputs} for p in pipeline.predictors}
+
+    def unanswered(row: dict[str, Any]) -> set[str]:
+        inputs = {name: row[name] for name in pipeline.input_names if name in row}
+        try:
+            prediction, run = runner.forward(inputs, gold_answers(runner, row))
+        except Exception:  # a label missing, or the program's own error: the teacher stage's
+            return set()
+        if prediction is None:  # a label its predictor's answer cannot hold
+            return set()
+        answered = set().union(*(produced[call.predictor] for call in run.calls))
+        return set(pipeline.output_names) - answered
+
+    return unanswered
 
 
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
@@ -262,7 +288,10 @@ class BuildContext:
         types = output_annotations(program)
         choices = choice_fields(types)
         calibset, testset = held_out(spec, inputs, outputs, optional, choices)
-        check_data_values(spec, types, program_spec.inputs if pipeline is None else ())
+        if pipeline is None:
+            check_data_values(spec, types, program_spec.inputs)
+        else:
+            check_data_values(spec, types, unanswered=unanswered_fields(pipeline, program))
         with_typed_labels(trainset + calibset + testset, types)
         if pipeline is None:  # DSPy (the teacher, its optimizers) takes a History, not its JSON
             with_histories(trainset + calibset + testset, program_spec.inputs)
@@ -467,7 +496,8 @@ def with_typed_labels(examples: list[Any], types: dict[str, Any]) -> None:
     typed = {name: t for name, t in types.items() if t is not str and name != REASONING}
     for example in examples:
         for name, annotation in typed.items():
-            if name in example:
+            # a value its type refuses passed the checks as one the program's Python writes
+            if name in example and parses(example[name], annotation):
                 example[name] = typed_value(example[name], annotation)
 
 

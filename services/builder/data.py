@@ -8,7 +8,7 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,12 +70,14 @@ def load_grouped(
 
 
 def check_values(
-    path: Path, key: str, types: dict[str, Any], inputs: Sequence[FieldSpec] = ()
-) -> None:
+    path: Path, key: str, types: dict[str, Any], inputs: Sequence[FieldSpec] = (),
+    unanswered: Callable[[dict[str, Any]], Collection[str]] = lambda row: (),
+) -> None:  # fmt: skip
     """Every labelled output value is one its field's type accepts, as DSPy parses answers (a
     Literal's label among its values, an int a number): a label the served model could never
     give would be trained on and scored against, silently. Every typed input is a value the
-    runtime accepts (a request with it would be INVALID_ARGUMENT)."""
+    runtime accepts (a request with it would be INVALID_ARGUMENT). A row's `unanswered` fields
+    are exempt: no predictor answers them there (a multi-step program's Python writes them)."""
     for where, row in read_rows(path, key):
         for field in inputs:
             problem = field.input_error(input_text(row[field.name])) if field.name in row else None
@@ -85,14 +87,16 @@ def check_values(
                     "field's type in the signature"
                 )
         for name, annotation in types.items():
-            if name != REASONING and name in row and not _parses(row[name], annotation):
+            if name == REASONING or name not in row or parses(row[name], annotation):
+                continue
+            if name not in unanswered(row):
                 raise SpecError(
                     f"{key}: {path} {where}: {name} {row[name]!r} is not a "
                     f"{_type_text(annotation)}; fix the row, or the field's type in the signature"
                 )
 
 
-def _parses(value: Any, annotation: Any) -> bool:
+def parses(value: Any, annotation: Any) -> bool:
     from dspy.adapters.utils import parse_value
 
     if annotation is str:
