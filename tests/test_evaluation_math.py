@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Optional
 
 import pytest
@@ -404,6 +405,26 @@ def test_a_user_metric_is_checked_on_the_labels_before_the_build() -> None:
     assert "at most 0.3, under metric_threshold 0.5" in (check(harsh) or "")
     assert check(harsh, threshold=0.3) is None
     assert check_metric(TypedMetric(typo, {}), "exact_match", rows, ["stars"], 1.0) is None
+
+    # A field named like a method of dspy.Example: `example.items` is the method.
+    listed = [dspy.Example(q="x", items=["mug"]).with_inputs("q")]
+
+    def reads_items(example: Any, prediction: Any) -> float:
+        return float(sorted(example.items) == sorted(prediction.items))
+
+    def compares_items(example: Any, prediction: Any) -> float:
+        return float(example.items == prediction.items)
+
+    hint = "'items' also names a method of dspy.Example and dspy.Prediction"
+    with pytest.raises(
+        SpecError, match=re.escape(hint) + r".*read the field as example\['items'\]"
+    ):
+        check_metric(TypedMetric(reads_items, {}), "m:f", listed, ["items"], 1.0)
+    assert hint in (check_metric(TypedMetric(compares_items, {}), "m:f", listed, ["items"], 1.0)
+                    or "")  # fmt: skip
+    with pytest.raises(SpecError) as raised:
+        check(typo)
+    assert "Note:" not in str(raised.value)  # no field shadows a method
 
 
 def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:

@@ -159,6 +159,7 @@ def check_metric(
                 f"metric: {name} raised {metric.errors.pop()} scoring data.train row {number} "
                 "against its own labels; fix the metric (it is handed a dspy.Example and a "
                 "dspy.Prediction whose fields have the signature's types)"
+                + shadowed_fields_hint(output_names)
             )
         scores.append(float(value))
     if scores and max(scores) < threshold:
@@ -166,8 +167,26 @@ def check_metric(
             f"metric: {name} scores the first train rows' own labels at most {max(scores):g}, "
             f"under metric_threshold {threshold:g}: an API teacher's answers would all be "
             "rejected; check the metric or lower metric_threshold"
+            + shadowed_fields_hint(output_names)
         )
     return None
+
+
+def shadowed_fields_hint(names: list[str]) -> str:
+    """Fields named like a method of dspy.Example (`items`, `keys`, `copy`): `example.items`
+    is the method, not the field, a mistake a metric makes without raising."""
+    import dspy
+
+    shadowed = [n for n in names if hasattr(dspy.Example, n) or hasattr(dspy.Prediction, n)]
+    if not shadowed:
+        return ""
+    first = shadowed[0]
+    return (
+        f". Note: {', '.join(map(repr, shadowed))} also "
+        f"{'names a method' if len(shadowed) == 1 else 'name methods'} of dspy.Example and "
+        f"dspy.Prediction, so `example.{first}` is the method: read the field as "
+        f"example[{first!r}]"
+    )
 
 
 def _takes_trace(metric: Metric) -> bool:
