@@ -1607,3 +1607,20 @@ def test_a_blank_reasoning_is_no_reasoning_to_teach(tmp_path: Path) -> None:
     assert refused.returncode == 2, refused.stderr
     said = " ".join(refused.stderr.split())
     assert "gold has no 'reasoning' to teach" in said and "5 of 6 rows" in said, said
+
+
+def test_quantizing_keeps_llama_cpps_per_tensor_log_to_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """SmolLM2's rows of 576 values are no whole number of Q4_K_M's 256-value blocks: llama.cpp
+    logs a line per tensor (180 of them) as it falls back. The build prints one line for all."""
+    from services.builder.export import quantize
+    from testkit.processes import smollm2_gguf
+
+    note = quantize(smollm2_gguf(), tmp_path / "m.Q4_K_M.gguf", "Q4_K_M", 2)
+    assert note is not None and re.fullmatch(
+        r"\d+ of \d+ tensors quantized as [a-z0-9_, ]+ \(rows of 576 are no multiple of 256\)", note
+    ), note
+    said = capfd.readouterr()
+    assert "not divisible" not in said.err + said.out
+    assert quantize(smollm2_gguf(), tmp_path / "m.Q8_0.gguf", "Q8_0", 2) is None

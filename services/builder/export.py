@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,8 +279,10 @@ def load_references(path: Path) -> list[Reference]:
         ]
 
 
-def quantize(source: Path, out_path: Path, quant: str, n_threads: int) -> None:
-    """llama.cpp's quantizer (llama_model_quantize), in-process."""
+def quantize(source: Path, out_path: Path, quant: str, n_threads: int) -> str | None:
+    """llama.cpp's quantizer (llama_model_quantize), in-process. Its log (a line per tensor
+    that falls back to another type) is kept from the terminal; returned is a one-line note of
+    the fallbacks, if any."""
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}", None)
@@ -288,12 +292,49 @@ def quantize(source: Path, out_path: Path, quant: str, n_threads: int) -> None:
     params.ftype = ftype
     params.nthread = n_threads
     params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(out_path).encode(), ctypes.byref(params)
-    )
+    with llama_log_captured() as log:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(out_path).encode(), ctypes.byref(params)
+        )
     if status != 0:
         out_path.unlink(missing_ok=True)  # llama.cpp leaves a partial file behind
         free = shutil.disk_usage(out_path.parent).free
         if free < source.stat().st_size:  # llama.cpp reports no errno: the likely cause
             raise OSError(errno.ENOSPC, f"quantizing to {quant} ran out of space", str(out_path))
-        raise ExportError(f"llama_model_quantize to {quant} failed (status {status})")
+        said = " ".join(line.strip() for line in log[-3:])
+        raise ExportError(f"llama_model_quantize to {quant} failed (status {status}): {said}")
+    return fallback_note(log)
+
+
+def fallback_note(log: list[str]) -> str | None:
+    """What llama.cpp's quantizer says of tensors it could not give the asked type (a row of
+    576 values is no whole number of q4_K's 256-value blocks), in a line."""
+    text = "".join(log)
+    counted = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    if counted is None:
+        return None
+    used = sorted(set(re.findall(r"falling back to\s+(\w+)", text)))
+    widths = sorted(set(re.findall(r"ncols\s+(\d+) not divisible by (\d+)", text)))
+    why = "; ".join(f"rows of {n} are no multiple of {b}" for n, b in widths)
+    return (f"{counted[1]} of {counted[2]} tensors quantized as {', '.join(used) or 'another type'}"
+            + (f" ({why})" if why else ""))  # fmt: skip
+
+
+@contextmanager
+def llama_log_captured() -> Iterator[list[str]]:
+    """llama.cpp's log lines while in the block, instead of on stderr; llama-cpp-python's own
+    handler is restored after."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

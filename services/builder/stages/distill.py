@@ -271,12 +271,13 @@ def quantize(ctx: BuildContext, out: Path) -> None:
             shutil.copy2(f16, out / f16.name)
             continue
         target = out / f"{ctx.spec.name}.{quant}.gguf"
-        export.quantize(f16, target, quant, ctx.spec.n_threads)
+        fallbacks = export.quantize(f16, target, quant, ctx.spec.n_threads)
         found = [export.compare(ref, target, quant, i) for i, ref in enumerate(references)]
         checks += found
         worst = max(c["max_logit_difference"] / c["logit_std"] for c in found)
         ctx.console.print(f"  {quant}: {target.stat().st_size / 1e6:.1f} MB, logits within "
-                          f"{worst:.2f} standard deviations of the model's")  # fmt: skip
+                          f"{worst:.2f} standard deviations of the model's"
+                          + (f"; {fallbacks}" if fallbacks else ""), highlight=False)  # fmt: skip
     (out / "self_check.json").write_text(json.dumps(checks, indent=2))
 
 
