@@ -1624,3 +1624,33 @@ def test_quantizing_keeps_llama_cpps_per_tensor_log_to_one_line(
     said = capfd.readouterr()
     assert "not divisible" not in said.err + said.out
     assert quantize(smollm2_gguf(), tmp_path / "m.Q8_0.gguf", "Q8_0", 2) is None
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def build(:\n    pass\n",
+         r"importing '{m}' raised SyntaxError: invalid syntax \(at .*{m}\.py:1\)"),
+        ("import surely_not_installed_pkg\n", r"'{m}' imports 'surely_not_installed_pkg', which is "
+         r"not installed in this environment \(.*\): pip install it here \(at .*{m}\.py:1\)"),
+        ("from dspy import NotAThing\n", r"importing '{m}' raised ImportError: cannot import name "
+         r"'NotAThing' from 'dspy' .*\(at .*{m}\.py:1\)"),
+        ("def build():\n    raise RuntimeError('no key set')\n",
+         r"program: {m}:build raised RuntimeError: no key set \(at .*{m}\.py:2\)"),
+        ("def build():\n    return 42\n", r"build did not give a dspy\.Module \(it gave int 42\)"),
+    ],
+)  # fmt: skip
+def test_a_program_that_fails_to_load_is_named_at_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str
+) -> None:
+    """The user's code failing as it is imported or built is said in one line with where in
+    their file, not as the CLI's traceback; a dependency it imports that is missing is not
+    mistaken for the program file not being found."""
+    from services.builder.context import load_program
+    from services.builder.spec import SpecError
+
+    module = f"prog_{abs(hash(source))}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpecError, match=message.format(m=module)):
+        load_program(f"{module}:build")

@@ -38,7 +38,13 @@ from services.builder.metrics import (
     output_annotations,
     resolve_metric,
 )
-from services.builder.spec import IMPORT_ROOTS, BuildSpec, SpecError, import_object
+from services.builder.spec import (
+    IMPORT_ROOTS,
+    BuildSpec,
+    SpecError,
+    import_object,
+    user_code_location,
+)
 from services.builder.student import BASE_GGUF, StudentSource, resolve_student
 from services.core.pipeline import (
     PipelineSpec,
@@ -68,6 +74,10 @@ def load_program(path: str) -> Any:
         return make_module(factory)
     except ProgramFormatError as err:
         raise SpecError(f"program: {path}: {err}") from None
+    except Exception as err:  # the user's factory failed: say where, not our stack
+        raise SpecError(
+            f"program: {path} raised {type(err).__name__}: {err}" + user_code_location(err)
+        ) from err
 
 
 def check_text_fields(path: str, program: Any) -> None:

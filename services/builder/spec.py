@@ -330,15 +330,46 @@ def import_object(path: str, what: str) -> Any:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        roots = ", ".join(str(folder) for folder in IMPORT_ROOTS) or str(Path.cwd())
-        file = module_name.replace(".", "/") + ".py"
+    except ModuleNotFoundError as err:
+        looked_for = err.name or ""
+        if not (module_name + ".").startswith(looked_for + "."):  # found; its import is not
+            raise SpecError(
+                f"{what}: {module_name!r} imports {looked_for!r}, which is not installed in "
+                f"this environment ({sys.executable}): pip install it here"
+                + user_code_location(err)
+            ) from err
+        raise not_importable(what, module_name, err) from err
+    except Exception as err:  # the user's module failed as it ran: say where, not our stack
+        said = err.msg if isinstance(err, SyntaxError) else str(err)
         raise SpecError(
-            f"{what}: cannot import {module_name!r} ({err}); looked in {roots} and the "
-            f"installed packages: put {file} under one of those folders (a package folder "
-            "needs no __init__.py), or install it (pip install -e .)"
+            f"{what}: importing {module_name!r} raised {type(err).__name__}: {said}"
+            + user_code_location(err)
         ) from err
     try:
         return getattr(module, attr)
     except AttributeError:
         raise SpecError(f"{what}: {module_name!r} has no {attr!r}") from None
+
+
+def user_code_location(err: BaseException) -> str:
+    """Where in the user's files an error was raised: the innermost frame outside the
+    installed packages and this project's services (a SyntaxError's own line)."""
+    import traceback
+
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" (at {err.filename}:{err.lineno})"
+    ours = str(Path(__file__).resolve().parents[1])
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "site-packages" not in f.filename and not f.filename.startswith(ours)
+              and not f.filename.startswith("<frozen")]  # fmt: skip
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def not_importable(what: str, module_name: str, err: ModuleNotFoundError) -> SpecError:
+    roots = ", ".join(str(folder) for folder in IMPORT_ROOTS) or str(Path.cwd())
+    file = module_name.replace(".", "/") + ".py"
+    return SpecError(
+        f"{what}: cannot import {module_name!r} ({err}); looked in {roots} and the "
+        f"installed packages: put {file} under one of those folders (a package folder "
+        "needs no __init__.py), or install it (pip install -e .)"
+    )

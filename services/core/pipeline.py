@@ -133,7 +133,9 @@ def make_module(factory: Any) -> Any:
     given = hasattr(factory, "named_predictors") and not isinstance(factory, type)
     module = factory() if callable(factory) and not given else factory
     if not hasattr(module, "named_predictors"):
-        raise ProgramCodeError(f"{factory!r} did not give a dspy.Module")
+        name = getattr(factory, "__qualname__", None) or repr(factory)
+        given_text = f"{type(module).__name__} {module!r}"[:80]
+        raise ProgramCodeError(f"{name} did not give a dspy.Module (it gave {given_text})")
     return module
 
 
