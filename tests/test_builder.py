@@ -768,6 +768,8 @@ def test_a_program_may_be_named_by_its_file(tmp_path: Path) -> None:
             "data": {"train": "train.jsonl", "dev": "dev.jsonl"},
         }))  # fmt: skip
         assert getattr(load_spec(tmp_path / "spec.yaml"), key) == module
+    # no `output:`: the build folder is the spec's own, never one another spec writes to
+    assert load_spec(tmp_path / "spec.yaml").output == Path("build/x")
 
 
 # Chat-template tokens around a record's three messages (SmolLM2: 5 per message), with room.

@@ -187,7 +187,15 @@ class BuildSpec(_Strict):
     # fixed before the inputs; "chat" is DSPy's ChatAdapter as is (bundles before it).
     prompt_format: PromptFormat = BUILD_PROMPT_FORMAT
     n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
-    output: Path = Path("build")
+    output: Path  # default build/NAME: two specs never share (and overwrite) one folder
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_per_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("output") is None:
+            name = raw.get("name")
+            return {**raw, "output": Path("build") / (name if isinstance(name, str) else "")}
+        return raw
 
     @field_validator("program", "metric")
     @classmethod
