@@ -1174,25 +1174,27 @@ def test_a_choice_of_many_values_is_a_label_and_its_rare_values_are_split(tmp_pa
     assert 3 <= len(set(calibration) & set(once)) <= 7, calibration
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".csv;", ".tsv"])
 def test_a_dataset_is_jsonl_a_json_array_or_csv(tmp_path: Path, suffix: str) -> None:
-    """The same rows in each format load as the same examples and groups; a broken file names
-    where it broke and the formats that are read."""
+    """The same rows in each format load as the same examples and groups (a CSV separated by
+    commas, by semicolons as a spreadsheet in a decimal-comma locale saves it, or by tabs); a
+    broken file names where it broke and the formats that are read."""
     import csv
 
     from services.builder.data import load_grouped
     from services.builder.metrics import canonical
 
-    rows = [{"ticket": f"t{n}", "category": "billing" if n % 2 else "account",
+    rows = [{"ticket": f"t{n}, again", "category": "billing" if n % 2 else "account",
              "group": "g1" if n < 2 else ""} for n in range(4)]  # fmt: skip
-    path = tmp_path / f"train{suffix}"
+    path = tmp_path / f"train{suffix.rstrip(';')}"
     if suffix == ".jsonl":
         write_jsonl(path, rows)
     elif suffix == ".json":
         path.write_text(json.dumps(rows, indent=2))
     else:
+        delimiter = {".csv": ",", ".csv;": ";", ".tsv": "\t"}[suffix]
         with path.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]), delimiter=delimiter)
             writer.writeheader()
             writer.writerows(rows)
     examples, groups = load_grouped(path, ["ticket"], ["category"], "data.train")

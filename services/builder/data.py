@@ -123,9 +123,10 @@ def _type_text(annotation: Any) -> str:
 
 def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
     """A dataset's rows, each with where it is in the file: JSONL (one object per line), a
-    JSON array of objects (`.json`), or CSV with a header row (`.csv`, every value text)."""
+    JSON array of objects (`.json`), or CSV with a header row (`.csv` or `.tsv`, every value
+    text)."""
     text = _utf8_text(path, key)
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in (".csv", ".tsv"):
         return _csv_rows(text, path, key)
     is_array = path.suffix.lower() == ".json" or text.lstrip().startswith("[")
     rows = _json_rows(text, path, key) if is_array else _jsonl_rows(text, path, key)
@@ -149,7 +150,7 @@ def _utf8_text(path: Path, key: str) -> str:
 
 
 def _csv_rows(text: str, path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
     rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
     for where, row in rows:  # DictReader pads a short row with None, keys a long one None
         if None in row or None in row.values():
@@ -158,6 +159,18 @@ def _csv_rows(text: str, path: Path, key: str) -> list[tuple[str, dict[str, Any]
                 f"{len(reader.fieldnames or [])} columns"
             )
     return rows
+
+
+def csv_delimiter(text: str) -> str:
+    """`,`; or `;` or a tab where the header row has that and no comma (a spreadsheet saved in
+    a locale whose decimal mark is the comma writes `;`). The header holds field names, so
+    unlike the values it has no comma of its own."""
+    header = text.split("\n", 1)[0]
+    if "," not in header:
+        for other in (";", "\t"):
+            if other in header:
+                return other
+    return ","
 
 
 def _json_rows(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
