@@ -1658,3 +1658,24 @@ def test_a_program_that_fails_to_load_is_named_at_its_line(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SpecError, match=message.format(m=module)):
         load_program(f"{module}:build")
+
+
+def test_a_data_path_written_from_the_working_directory_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data/train.jsonl` in specs/spec.yaml is looked up as specs/data/train.jsonl; when the
+    file is where the command was run from, the error says how to write it."""
+    from services.builder.spec import SpecError, load_spec
+
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", balanced("train", 1))
+    (tmp_path / "specs" / "spec.yaml").write_text(
+        "name: x\nprogram: examples.ticket_triage.program:build\n"
+        "data: {train: data/train.jsonl, dev: data/train.jsonl}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=r"data.train: specs/data/train.jsonl does not exist; "
+                       r"paths in a spec are relative to its folder \(specs\): write "
+                       r"/.*/data/train.jsonl or \.\./data/train.jsonl"):  # fmt: skip
+        load_spec(Path("specs/spec.yaml"))

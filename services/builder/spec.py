@@ -305,9 +305,14 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
     def resolve(file: Path | None, key: str) -> Path | None:
         if file is None:
             return None
-        file = file if file.is_absolute() else base / file
+        given, file = file, file if file.is_absolute() else base / file
         if not file.is_file():
-            raise SpecError(f"{path}: {key}: {file} does not exist")
+            hint = ""
+            if not given.is_absolute() and given.is_file():  # the user meant the working dir
+                meant = given.resolve()
+                hint = (f"; paths in a spec are relative to its folder ({base}): write "
+                        f"{meant} or {os.path.relpath(meant, base)}")  # fmt: skip
+            raise SpecError(f"{path}: {key}: {file} does not exist{hint}")
         return file
 
     files = ("train", "dev", "test")
