@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1285,6 +1286,16 @@ def test_api_teacher_traces_are_metric_filtered_and_failures_counted(
     with pytest.raises(TeacherError, match=r"max_failure_fraction=0\.2"):
         collect_traces(  # the overlong tickets alone: every call fails
             program=program, teacher=strict, trainset=trainset[2:], metric=exact_match,
+            threshold=1.0, output_names=["category"], out_dir=tmp_path,
+        )  # fmt: skip
+    # A server that is not there fails every call: the first one stops the build alone.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    unreachable = teacher.model_copy(update={"api_base": closed})
+    with pytest.raises(TeacherError, match=r"first call failed: LMTransportError.*nothing else"):
+        collect_traces(
+            program=program, teacher=unreachable, trainset=trainset, metric=exact_match,
             threshold=1.0, output_names=["category"], out_dir=tmp_path,
         )  # fmt: skip
     # The key never lands on disk.

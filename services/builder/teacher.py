@@ -115,7 +115,8 @@ def collect_traces(
                     prediction = answer(example)
                     trace = list(dspy.settings.trace)
             except Exception as err:  # one bad example never sinks the build
-                return "failed", {"inputs": inputs, "error": f"{type(err).__name__}: {err}"[:500]}
+                error = f"{type(err).__name__}: {err}"[:500]
+                return "failed", {"inputs": inputs, "error": error, "every_call": every_call(err)}
             if runner is None and len(trace) != 1:
                 return "failed", {
                     "inputs": inputs,
@@ -134,10 +135,21 @@ def collect_traces(
                 ]  # fmt: skip
             return ("kept" if value >= threshold else "rejected"), record
 
+        def take(verdict: str, record: dict[str, Any]) -> None:
+            {"kept": kept, "rejected": rejected, "failed": failed}[verdict].append(record)
+            progress(1)
+
+        # The first call alone: an error every call would meet (no connection, a bad key) stops
+        # the build now, not after the whole train set has failed with retries.
+        take(*run(trainset[0])) if trainset else None
+        if failed and failed[0]["every_call"]:
+            raise TeacherError(
+                f"the teacher's first call failed: {failed[0]['error']}; nothing else was sent. "
+                "Check teacher.model, teacher.api_base and the key teacher.api_key_env names"
+            )
         with ThreadPoolExecutor(max_workers=teacher.num_threads) as pool:
-            for verdict, record in pool.map(run, trainset):
-                {"kept": kept, "rejected": rejected, "failed": failed}[verdict].append(record)
-                progress(1)
+            for verdict, record in pool.map(run, trainset[1:]):
+                take(verdict, record)
 
     counts = TraceCounts(len(trainset), len(kept), len(rejected), len(failed))
     for name, rows in (("traces", kept), ("rejected", rejected), ("failed", failed)):
@@ -160,6 +172,17 @@ def collect_traces(
             "failed): check the teacher model, the metric, or lower metric_threshold"
         )
     return counts
+
+
+def every_call(err: Exception) -> bool:
+    """An error no other call would escape: the server unreachable, the key or the billing
+    refused, the model unknown or the client misconfigured (not a rate limit, a timeout or one
+    answer that did not parse)."""
+    from dspy.utils import exceptions as lm
+
+    fatal = (lm.LMTransportError, lm.LMAuthError, lm.LMBillingError, lm.LMConfigurationError,
+             lm.LMUnsupportedModelError)  # fmt: skip
+    return isinstance(err, fatal)
 
 
 def teacher_answers(
