@@ -82,6 +82,27 @@ def test_corrupt_gguf_is_refused_at_start(gguf_path: Path, tmp_path: Path, damag
     assert "cannot serve" in proc.stderr and "bad.gguf" in proc.stderr
 
 
+def test_a_port_another_process_holds_is_named_with_the_fix(gguf_path: Path) -> None:
+    """A second server on a taken gRPC or metrics port says which port, what the OS said and
+    what to pass, before the model loads (not gRPC's 'Failed to bind' traceback)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        grpc_port = run_cli("serve", str(gguf_path), "--port", port, "--metrics-port", "0")
+        metrics_port = run_cli("serve", str(gguf_path), "--port", "0", "--metrics-port", port)
+    said = " ".join(grpc_port.stderr.split())
+    assert grpc_port.returncode == 3, said
+    assert f"port: cannot listen on 127.0.0.1:{port} (Address already in use)" in said, said
+    assert "choose another --port" in said and "Traceback" not in said
+    said = " ".join(metrics_port.stderr.split())
+    assert metrics_port.returncode == 3, said
+    assert f"metrics_port: cannot listen on 127.0.0.1:{port} (Address already in use)" in said
+    assert "or 0 to turn metrics off" in said and "Traceback" not in said
+
+
 def test_serve_takes_the_model_or_bundle_as_its_argument(tmp_path: Path, gguf_path: Path) -> None:
     """`edgedistill serve build/bundle` or `serve model.gguf`, as `ollama run` takes its model."""
     from services.cli.serve import served_path

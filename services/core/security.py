@@ -112,16 +112,45 @@ def interceptors(settings: Any) -> list[grpc.aio.ServerInterceptor]:
 def add_port(server: grpc.aio.Server, settings: Any) -> int:
     """Bind host:port, with TLS (or mutual TLS) when a certificate is configured."""
     address = f"{settings.host}:{settings.port}"
-    if settings.tls_cert is not None:
-        credentials = server_credentials(
-            settings.tls_cert, settings.tls_key, settings.tls_client_ca
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if settings.tls_cert is not None:
+            credentials = server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind": the OS says why
+        port = 0
     if port == 0:
-        raise OSError(f"port: cannot bind {address}")
+        why = bind_problem(settings.host, settings.port)
+        raise OSError(f"port: cannot listen on {address} ({why}); check --host, or choose "
+                      "another --port (0 picks a free one)")  # fmt: skip
     return port
+
+
+def bind_problem(host: str, port: int) -> str:
+    """Why the OS will not let host:port be listened on (in use, no such address here)."""
+    import socket
+
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as err:
+        return err.strerror or str(err)
+    return "gRPC refused it"
+
+
+def serve_metrics(registry: Any, host: str, port: int) -> None:
+    """Prometheus' /metrics on host:port; a port it cannot take is named with the fix."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise OSError(f"metrics_port: cannot listen on {host}:{port} ({err.strerror}); choose "
+                      "another --metrics-port, or 0 to turn metrics off") from None  # fmt: skip
 
 
 def channel(

@@ -358,17 +358,18 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
 
     server = grpc.aio.server(
         interceptors=security.interceptors(settings),
-        options=[("grpc.max_receive_message_length", 8 << 20)],
+        # no SO_REUSEPORT: a second router on a taken port is an error, not a silent share
+        options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)],
     )
     add_inference_servicer(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = security.add_port(server, settings)
-    await server.start()
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
+    port = security.add_port(server, settings)
+    await server.start()
     log.info(
         "routing",
         extra={"port": port, "mode": settings.mode, "threshold": threshold,

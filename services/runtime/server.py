@@ -492,12 +492,12 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if settings.metrics_port:  # both ports taken, or neither: nothing half-started
+        metrics.serve(settings.host, settings.metrics_port)
     port = security.add_port(server, settings)
     await server.start()
     if ready is not None:
         ready(port)  # health says NOT_SERVING until the model is loaded
-    if settings.metrics_port:
-        metrics.serve(settings.host, settings.metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
