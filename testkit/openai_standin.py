@@ -130,6 +130,8 @@ class OpenAIStandIn:
                     time.sleep(standin.delay_s)
                 messages = body.get("messages", [])
                 content = standin.answer(messages, float(body.get("temperature") or 0))
+                if standin.mode == "unparsable":  # a model that ignores the answer format
+                    content = "I am not sure, sorry."
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in messages)
                 self.send_json(
                     200,

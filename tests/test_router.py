@@ -151,6 +151,27 @@ def test_api_faults_give_flagged_local_answers_and_the_breaker_opens_then_closes
             router.terminate()
 
 
+def test_an_api_answer_that_does_not_parse_is_not_asked_again(
+    bundle: Path, local_runtime: ServerProcess
+) -> None:
+    """At temperature 0 the API would answer alike: retrying an answer that did not parse pays
+    for the same failure again. One attempt (DSPy's own JSON retry included), then the local
+    answer, flagged."""
+    with OpenAIStandIn({"Chile": "Santiago"}, input_field="country", output_field="capital",
+                       mode="unparsable") as api:  # fmt: skip
+        router = start_router(bundle, local_runtime.target, "--threshold", "1.01",
+                              "--fallback-model", "openai/gold", "--fallback-api-base",
+                              api.base_url, "--api-retries", "2")  # fmt: skip
+        try:
+            reply = predict(router, "Chile")
+        finally:
+            router.terminate()
+        asked = api.requests
+    assert reply.served_by == pb.SERVED_BY_LOCAL and reply.degraded
+    assert reply.route_reason == "low_confidence:api_error"
+    assert 1 <= asked <= 2, asked  # three attempts would be 3 to 6
+
+
 def test_budget_exhausted_answers_locally(bundle: Path, local_runtime: ServerProcess) -> None:
     with OpenAIStandIn({"Chile": "Santiago"}, input_field="country", output_field="capital") as api:
         router = start_router(bundle, local_runtime.target, "--threshold", "1.01",

@@ -87,7 +87,7 @@ class FallbackModel:
         if self._runner is not None:
             result = self._runner.run(inputs, self._api_call)
             if result.outputs is None:
-                raise ValueError(f"the API model's answer did not parse ({result.outcome})")
+                raise UnparsedAnswer(f"the API model's answer did not parse ({result.outcome})")
             return result.outputs, result.outputs_json
         prediction = self._predictor(**self._codec.decode_inputs(inputs))  # typed, as served
         values = {name: prediction.get(name, "") for name in self._output_names}
@@ -113,11 +113,33 @@ class FallbackModel:
                 return outputs, time.perf_counter() - started
             except TimeoutError:
                 last = ApiError("timeout", f"no answer within {self._timeout_s} s")
-            except Exception as err:  # any provider error: counted, retried, never leaked
+                again = True
+            except Exception as err:  # any provider error: counted, maybe retried, never leaked
                 last = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
+                again = retryable(err)
             last.attempts = attempt + 1
             log.warning(
                 "fallback API call failed",
-                extra={"attempt": attempt + 1, "kind": last.kind, "error": str(last)},
-            )
+                extra={"attempt": attempt + 1, "kind": last.kind, "error": str(last),
+                       "retried": again and attempt < self._retries},
+            )  # fmt: skip
+            if not again:
+                break
         raise last
+
+
+def retryable(err: Exception) -> bool:
+    """Whether the same call could succeed again: not when the answer did not parse (the API
+    is asked at temperature 0, it would answer alike) or the request, key or billing was
+    refused; yes for a dropped connection, a rate limit, a provider timeout or server error."""
+    import dspy
+    from dspy.utils import exceptions as lm
+
+    refused = (lm.LMAuthError, lm.LMBillingError, lm.LMInvalidRequestError,
+               lm.LMConfigurationError, dspy.utils.exceptions.AdapterParseError,
+               UnparsedAnswer)  # fmt: skip
+    return not isinstance(err, refused)
+
+
+class UnparsedAnswer(ValueError):
+    """A multi-step program's API answer that did not parse."""
