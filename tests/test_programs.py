@@ -627,3 +627,18 @@ def test_a_label_the_programs_python_writes_may_be_outside_the_predictors_type(
     wrong = {**spam, "ticket": "my VPN is down"}
     with pytest.raises(SpecError, match=r"train.jsonl line \d+: category 'none' is not a value"):
         two_step_context(tmp_path, "build_skips_spam", [wrong])
+
+
+def test_gold_refuses_a_predictor_called_on_two_inputs_in_one_row(tmp_path: Path) -> None:
+    """The row has one `category` label; a program that classifies two texts per row would
+    have both calls taught it. The traces stage says so and points to an API teacher."""
+    from rich.console import Console
+
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+    from services.builder.teacher import TeacherError
+
+    ctx = two_step_context(tmp_path, "build_asks_twice")
+    assert ctx.pipeline is not None
+    with pytest.raises(TeacherError, match=r"calls it 2 times on different inputs.*API teacher"):
+        build(load_spec(tmp_path / "spec.yaml"), Console(file=io.StringIO()), stages=STAGES[:1])

@@ -151,6 +151,8 @@ def collect_traces(
             for verdict, record in pool.map(run, trainset[1:]):
                 take(verdict, record)
 
+    if teacher.is_gold and runner is not None:
+        check_one_label_per_call(kept + rejected)
     counts = TraceCounts(len(trainset), len(kept), len(rejected), len(failed))
     for name, rows in (("traces", kept), ("rejected", rejected), ("failed", failed)):
         with (out_dir / f"{name}.jsonl").open("w") as handle:
@@ -221,6 +223,24 @@ def gold_run(runner: ProgramRunner, example: Any) -> Any:
     if result.outputs is None:
         raise ValueError("a gold answer did not parse")
     return dspy.Prediction(**result.outputs)
+
+
+def check_one_label_per_call(records: list[dict[str, Any]]) -> None:
+    """A gold teacher answers a predictor's every call in a row with the row's one label: a
+    predictor the program calls more than once on different inputs (once per item of a list)
+    would be taught the same answer for all of them."""
+    for record in records:
+        asked: dict[str, list[dict[str, Any]]] = {}
+        for call in record.get("calls", []):
+            asked.setdefault(call["predictor"], []).append(call["inputs"])
+        for name, inputs in asked.items():
+            if len({json_line(i) for i in inputs}) > 1:
+                raise TeacherError(
+                    f"gold answers predictor {name!r} from the row's labels, but the program "
+                    f"calls it {len(inputs)} times on different inputs for one row (inputs "
+                    f"{record['inputs']}): every call would be taught the same answer. Use an "
+                    "API teacher (teacher.model), which answers each call"
+                )
 
 
 def predictor_counts(

@@ -82,3 +82,15 @@ class SkipsSpam(TwoStep):
 
 def build_skips_spam() -> dspy.Module:
     return SkipsSpam()
+
+
+class AsksTwice(TwoStep):
+    """Classifies the ticket and its first sentence: one predictor, two inputs per row."""
+
+    def forward(self, ticket: str) -> dspy.Prediction:
+        self.classify(ticket=ticket.split(".")[0] + " (first sentence)")
+        return super().forward(ticket)
+
+
+def build_asks_twice() -> dspy.Module:
+    return AsksTwice()
