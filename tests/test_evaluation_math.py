@@ -484,3 +484,19 @@ def test_a_two_parameter_metric_is_not_handed_the_optimizers_trace() -> None:
     row = dspy.Example(q="x", answer="4").with_inputs("q")
     assert TypedMetric(loose, {})(row, dspy.Prediction(answer="4"), trace=[("call",)]) is True
     assert TypedMetric(exact_match, {"answer": int})(row, dspy.Prediction(answer="4"), [1])
+
+
+def test_exact_match_on_a_free_text_output_is_warned_of() -> None:
+    """A reply that is a sentence of its own in every row is free text: exact_match would
+    score a paraphrase 0. A label field (a Literal, or few values repeated) is not warned of."""
+    import dspy
+
+    from services.builder.context import exact_match_on_free_text
+
+    rows = [dspy.Example(q=f"{n}", topic="net" if n % 2 else "hw", reply=f"We fixed ticket {n}.")
+            for n in range(12)]  # fmt: skip
+    said = exact_match_on_free_text("exact_match", rows, ["topic", "reply"], [])
+    assert said is not None and "compares 'reply' (free text" in said and "token_f1" in said
+    assert "'topic'" not in said
+    assert exact_match_on_free_text("token_f1", rows, ["topic", "reply"], []) is None
+    assert exact_match_on_free_text("exact_match", rows, ["topic"], []) is None

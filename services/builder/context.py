@@ -224,6 +224,25 @@ def unanswered_fields(pipeline: PipelineSpec, module: Any) -> Callable[[dict[str
     return unanswered
 
 
+def exact_match_on_free_text(
+    metric: str, rows: list[Any], outputs: list[str], choices: Collection[str]
+) -> str | None:
+    """exact_match on a free-text output (a summary, a reply) scores a right answer worded
+    otherwise 0, which the report would read as a weak student."""
+    if metric != "exact_match":
+        return None
+    fields = labelled(outputs)
+    free = [name for name in fields if name not in label_fields(rows, fields, choices)]
+    if not free:
+        return None
+    return (
+        f"metric: exact_match compares {', '.join(map(repr, free))} (free text: most train "
+        "rows hold a value of their own) character for character, so an answer worded "
+        "otherwise scores 0; metric: token_f1 (word overlap) or semantic_f1 (an LM judge) "
+        "scores text, or write a metric of your own"
+    )
+
+
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
     """A gold teacher answers each predictor from the row: every output it has is labelled."""
     for predictor in pipeline.predictors:
@@ -319,8 +338,9 @@ class BuildContext:
         if threshold is None:
             threshold = 1.0 if spec.metric == "exact_match" else 0.5
         metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
-        warning = check_metric(metric, spec.metric, trainset, outputs, threshold)
-        if warning:
+        warnings = [check_metric(metric, spec.metric, trainset, outputs, threshold),
+                    exact_match_on_free_text(spec.metric, trainset, outputs, choices)]  # fmt: skip
+        for warning in filter(None, warnings):
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         return cls(
             spec=spec, console=console, program=program, program_spec=program_spec,
