@@ -141,7 +141,8 @@ def collect_traces(
 
         # The first call alone: an error every call would meet (no connection, a bad key) stops
         # the build now, not after the whole train set has failed with retries.
-        take(*run(trainset[0])) if trainset else None
+        if trainset:
+            take(*run(trainset[0]))
         if failed and failed[0]["every_call"]:
             raise TeacherError(
                 f"the teacher's first call failed: {failed[0]['error']}; nothing else was sent. "

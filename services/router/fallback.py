@@ -132,12 +132,10 @@ def retryable(err: Exception) -> bool:
     """Whether the same call could succeed again: not when the answer did not parse (the API
     is asked at temperature 0, it would answer alike) or the request, key or billing was
     refused; yes for a dropped connection, a rate limit, a provider timeout or server error."""
-    import dspy
     from dspy.utils import exceptions as lm
 
     refused = (lm.LMAuthError, lm.LMBillingError, lm.LMInvalidRequestError,
-               lm.LMConfigurationError, dspy.utils.exceptions.AdapterParseError,
-               UnparsedAnswer)  # fmt: skip
+               lm.LMConfigurationError, lm.AdapterParseError, UnparsedAnswer)  # fmt: skip
     return not isinstance(err, refused)
 
 
