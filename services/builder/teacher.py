@@ -144,9 +144,11 @@ def collect_traces(
         if trainset:
             take(*run(trainset[0]))
         if failed and failed[0]["every_call"]:
+            said = failed[0]["error"].split("\n\n")[0].rstrip(".")  # not DSPy's advice on dspy.LM()
             raise TeacherError(
-                f"the teacher's first call failed: {failed[0]['error']}; nothing else was sent. "
-                "Check teacher.model, teacher.api_base and the key teacher.api_key_env names"
+                f"the teacher's first call failed: {said}; nothing else was sent. Check "
+                "teacher.model, teacher.api_base and teacher.api_key_env (the name of the "
+                "environment variable that holds the key)"
             )
         with ThreadPoolExecutor(max_workers=teacher.num_threads) as pool:
             for verdict, record in pool.map(run, trainset[1:]):
