@@ -500,3 +500,22 @@ def test_exact_match_on_a_free_text_output_is_warned_of() -> None:
     assert "'topic'" not in said
     assert exact_match_on_free_text("token_f1", rows, ["topic", "reply"], []) is None
     assert exact_match_on_free_text("exact_match", rows, ["topic"], []) is None
+
+
+def test_a_retention_range_over_several_bands_says_the_rows_are_too_few() -> None:
+    """36% kept on 11 test rows (15%–65%) is no verdict on the student: the line names the
+    bands the range reaches. A range within one band reads as before."""
+    from services.builder.decision import bands_spanned
+    from services.builder.report import verdict_line
+
+    assert bands_spanned(0.15, 0.65) == ["re-distill", "larger model or hybrid"]
+    assert bands_spanned(0.91, 1.0) == ["deploy"]
+    wide = {"retention": 0.36, "retention_range": [0.15, 0.65], "n": 11,
+            "api": {"quality": 1.0}, "band": "larger model or hybrid",
+            "next_step": "distill into a larger student, or serve hybrid"}  # fmt: skip
+    assert (
+        "larger model or hybrid (the range reaches from larger model or hybrid to "
+        "re-distill: more held-out rows would settle the band); next step"
+    ) in verdict_line(wide)
+    narrow = {**wide, "retention": 0.95, "retention_range": [0.91, 1.0], "band": "deploy"}
+    assert "settle" not in verdict_line(narrow)

@@ -39,6 +39,12 @@ def retention_band(retention: float, teacher_score: float = 1.0) -> dict[str, st
     return {"band": BANDS[-1][1], "next_step": BANDS[-1][2]}
 
 
+def bands_spanned(low: float, high: float) -> list[str]:
+    """The bands a retention interval reaches, highest first: more than one, and the held-out
+    rows are too few to say which band the student is in."""
+    return list(dict.fromkeys(retention_band(r)["band"] for r in (high, low)))
+
+
 def retention(score: float, teacher_score: float) -> float:
     return score / teacher_score if teacher_score else 0.0
 

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from services.builder.decision import retention
+from services.builder.decision import bands_spanned, retention
 from services.core.stats import compare, score_interval
 
 COLUMNS = (
@@ -121,9 +121,14 @@ def verdict_line(decision: dict[str, Any]) -> str:
     low, high = decision["retention_range"]
     if not decision["api"]["quality"]:
         return f"retention: none to measure, n={decision['n']}: {decision['next_step']}"
+    spanned = bands_spanned(low, high)
+    unsettled = (
+        f" (the range reaches from {spanned[-1]} to {spanned[0]}: more held-out rows would "
+        "settle the band)" if len(spanned) > 1 else ""
+    )  # fmt: skip
     return (
         f"retention {decision['retention']:.0%} (95% range {low:.0%}–{high:.0%}, n="
-        f"{decision['n']}): {decision['band']}; next step: {decision['next_step']}"
+        f"{decision['n']}): {decision['band']}{unsettled}; next step: {decision['next_step']}"
     )
 
 
