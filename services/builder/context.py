@@ -8,7 +8,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, get_args
 
@@ -162,23 +162,32 @@ def describe_pipeline(
     return pipeline, sources
 
 
+def gold_forward(runner: ProgramRunner, row: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The program's forward on one row, each predictor call answered from the row's labels:
+    its prediction and the calls it made; None when that run cannot be made (a label missing
+    or one its predictor's answer cannot hold, or the program's own error, which the teacher
+    stage runs into again and reports)."""
+    from services.builder.teacher import gold_answers
+
+    inputs = {name: row[name] for name in runner.spec.input_names if name in row}
+    try:
+        prediction, run = runner.forward(inputs, gold_answers(runner, row))
+    except Exception:
+        return None
+    return None if prediction is None else (prediction, run)
+
+
 def without_intermediate_fields(
     pipeline: PipelineSpec, module: Any, row: dict[str, Any], path: str
 ) -> PipelineSpec:
     """The program's outputs less the labelled fields its final prediction does not carry
     (a predictor's answer the next step reads), found by one gold run of the first row."""
-    from services.builder.teacher import gold_answers
-
     if any(f.name not in row for p in pipeline.predictors for f in p.outputs):
         return pipeline  # not every call labelled: check_gold_labels names what is missing
-    runner = ProgramRunner(module.deepcopy(), pipeline)
-    inputs = {name: row[name] for name in pipeline.input_names if name in row}
-    try:
-        prediction, _ = runner.forward(inputs, gold_answers(runner, row))
-    except Exception:  # the teacher stage runs it again and reports the program's error
+    ran = gold_forward(ProgramRunner(module.deepcopy(), pipeline), row)
+    if ran is None:
         return pipeline
-    if prediction is None:
-        return pipeline
+    prediction, _ = ran
     carried = [f for f in pipeline.outputs if prediction.get(f.name) is not None]
     if not carried:
         raise SpecError(
@@ -205,20 +214,17 @@ def unanswered_fields(pipeline: PipelineSpec, module: Any) -> Callable[[dict[str
     """A row's output fields that no predictor answers when the program runs on it, each call
     answered from the row's labels: the program's Python writes them (`team="none"` on a branch
     that never asks the router). Nothing when that run cannot be made (a label missing)."""
-    from services.builder.teacher import gold_answers
-
-    runner = ProgramRunner(module.deepcopy(), pipeline)
     produced = {p.name: {f.name for f in p.outputs} for p in pipeline.predictors}
 
+    @cache
+    def runner() -> ProgramRunner:  # a copy of the module, made only if a label needs it
+        return ProgramRunner(module.deepcopy(), pipeline)
+
     def unanswered(row: dict[str, Any]) -> set[str]:
-        inputs = {name: row[name] for name in pipeline.input_names if name in row}
-        try:
-            prediction, run = runner.forward(inputs, gold_answers(runner, row))
-        except Exception:  # a label missing, or the program's own error: the teacher stage's
+        ran = gold_forward(runner(), row)
+        if ran is None:
             return set()
-        if prediction is None:  # a label its predictor's answer cannot hold
-            return set()
-        answered = set().union(*(produced[call.predictor] for call in run.calls))
+        answered = set().union(*(produced[call.predictor] for call in ran[1].calls))
         return set(pipeline.output_names) - answered
 
     return unanswered

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.core.pipeline import missing_dependency
 from services.core.program import BUILD_PROMPT_FORMAT, PromptFormat
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1")
@@ -344,12 +345,11 @@ def import_object(path: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        looked_for = err.name or ""
-        if not (module_name + ".").startswith(looked_for + "."):  # found; its import is not
+        missing = missing_dependency(module_name, err)
+        if missing:  # the module was found; a module it imports was not
             raise SpecError(
-                f"{what}: {module_name!r} imports {looked_for!r}, which is not installed in "
-                f"this environment ({sys.executable}): pip install it here"
-                + user_code_location(err)
+                f"{what}: {missing} in this environment ({sys.executable}): pip install it "
+                "here" + user_code_location(err)
             ) from err
         raise not_importable(what, module_name, err) from err
     except Exception as err:  # the user's module failed as it ran: say where, not our stack

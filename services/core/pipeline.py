@@ -185,6 +185,15 @@ def predictor_specs(module: Any) -> list[ProgramSpec]:
     ]
 
 
+def missing_dependency(module_name: str, err: ModuleNotFoundError) -> str | None:
+    """`M imports N, which is not installed` when importing M failed on a module M imports;
+    None when M itself is the one not found."""
+    looked_for = err.name or ""
+    if (module_name + ".").startswith(looked_for + "."):
+        return None
+    return f"{module_name!r} imports {looked_for!r}, which is not installed"
+
+
 def load_module(folder: Path, spec: PipelineSpec) -> Any:
     """Import the program from a bundle's program folder, instantiate it and load its state.
     A module its code imports that is not installed here is named."""
@@ -196,10 +205,13 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
     try:
         code = importlib.import_module(spec.source.module)
     except ModuleNotFoundError as err:
+        missing = missing_dependency(spec.source.module, err)
         raise ProgramCodeError(
-            f"program: the program's code ({spec.source.module}, in {root}) imports module "
-            f"{err.name!r}, which is not installed here; install it in the serving image or "
-            "remove the import"
+            f"program: {missing} here (the program's code is in {root}); install it in the "
+            "serving image or remove the import"
+            if missing
+            else f"program: {root} holds no module {spec.source.module!r}: the bundle's "
+            "program folder is incomplete"
         ) from err
     except Exception as err:  # a network call or any error at import time
         raise ProgramCodeError(
