@@ -10,6 +10,7 @@ import re
 from typing import Any, Optional
 
 import pytest
+from pydantic import BaseModel
 
 from services.builder.calibrate import calibrate, choose_threshold, fallback_curve
 from services.builder.cost import (
@@ -426,6 +427,21 @@ def test_a_user_metric_is_checked_on_the_labels_before_the_build() -> None:
         check(typo)
     assert "Note:" not in str(raised.value)  # no field shadows a method
 
+    # A model label read as DSPy hands a row's JSON (a dict): the build hands the model.
+    class Item(BaseModel):
+        product: str
+        quantity: int
+
+    ordered = [dspy.Example(q="x", items=[Item(product="mug", quantity=2)]).with_inputs("q")]
+
+    def reads_dicts(example: Any, prediction: Any) -> float:
+        return float({i["product"] for i in example["items"]} == {"mug"})
+
+    with pytest.raises(SpecError) as raised:
+        check_metric(TypedMetric(reads_dicts, {"items": list[Item]}), "m:f", ordered, ["items"], 1)
+    assert "The labels of 'items' are Item objects" in str(raised.value)
+    assert "`value.product`" in str(raised.value) and "Note:" not in str(raised.value)
+
 
 def test_the_builtin_metrics_score_the_fields_the_program_answers() -> None:
     """A row's other columns (an id) and intermediate labels are not compared; a prediction
@@ -519,3 +535,29 @@ def test_a_retention_range_over_several_bands_says_the_rows_are_too_few() -> Non
     ) in verdict_line(wide)
     narrow = {**wide, "retention": 0.95, "retention_range": [0.91, 1.0], "band": "deploy"}
     assert "settle" not in verdict_line(narrow)
+
+
+def test_a_typed_free_field_is_scored_by_its_data_not_its_python_repr() -> None:
+    """A list of models labelled in the row (typed as the signature says) and the same list
+    answered (JSON data, as eval.json keeps it) are the same words: the gold teacher's own
+    labels score 1 per field, a wrong quantity less."""
+    import dspy
+
+    from services.builder.evaluate import field_scores
+    from services.builder.metrics import token_f1
+
+    class Item(BaseModel):
+        product: str
+        quantity: int
+
+    gold = [dspy.Example(q="x", items=[Item(product="mug", quantity=2)]).with_inputs("q")]
+    same = [{"split": "test", "outputs": {"items": [{"product": "mug", "quantity": 2}]}}]
+    other = [{"split": "test", "outputs": {"items": [{"product": "mug", "quantity": 3}]}}]
+    assert field_scores(gold, same, [], free_text=["items"])["items"]["score"] == 1.0
+    assert field_scores(gold, other, [], free_text=["items"])["items"]["score"] < 1.0
+    answered = dspy.Prediction(items=[{"product": "mug", "quantity": 2}])
+    assert token_f1(gold[0], answered) == 1.0
+    none = [dspy.Example(q="y", items=[]).with_inputs("q")]
+    assert token_f1(none[0], dspy.Prediction(items="[]")) == 1.0  # no order, none answered
+    assert token_f1(none[0], dspy.Prediction(items="{}")) == 0.0
+    assert token_f1(none[0], answered) == 0.0

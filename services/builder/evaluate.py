@@ -109,7 +109,7 @@ def field_value(gold: Any, outputs: dict[str, Any] | None, name: str, measure: s
         return float(field_matches(gold, outputs, name))
     if not outputs:
         return 0.0
-    return field_f1(str(gold[name]), str(outputs.get(name, "")))
+    return field_f1(gold[name], outputs.get(name, ""))
 
 
 def _serve_in_child(

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel
+
 from services.builder.data import labelled, normalize
 from services.builder.spec import SpecError, import_object
 from services.core.program import typed_value
@@ -87,14 +89,26 @@ def token_f1(example: Any, prediction: Any, trace: Any = None) -> float:
 
 
 def field_f1(gold_text: Any, guess_text: Any) -> float:
-    """SQuAD-style token F1 between two texts."""
-    gold = re.findall(r"\w+", normalize(gold_text))
-    guess = re.findall(r"\w+", normalize(guess_text))
+    """SQuAD-style token F1 between two texts; a typed value (a model, a list) as its JSON, so
+    a model and its dict are the same words. Two texts without words (`[]`, ``) score 1 when
+    they are the same text."""
+    gold_text, guess_text = normalize(as_text(gold_text)), normalize(as_text(guess_text))
+    gold, guess = re.findall(r"\w+", gold_text), re.findall(r"\w+", guess_text)
+    if not gold and not guess:
+        return float(gold_text == guess_text)
     common = sum((Counter(gold) & Counter(guess)).values())
     if not gold or not guess or common == 0:
         return 0.0
     precision, recall = common / len(guess), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def as_text(value: Any) -> str:
+    from pydantic_core import to_jsonable_python
+
+    if isinstance(value, str):
+        return value
+    return json.dumps(to_jsonable_python(value, fallback=str), ensure_ascii=False)
 
 
 BUILTIN_METRICS: dict[str, Metric] = {"exact_match": exact_match, "token_f1": token_f1}
@@ -155,11 +169,13 @@ def check_metric(
         raised = len(metric.errors)
         value = metric(row, dspy.Prediction(**{field: row[field] for field in output_names}))
         if len(metric.errors) > raised:
+            error = metric.errors.pop()
             raise SpecError(
-                f"metric: {name} raised {metric.errors.pop()} scoring data.train row {number} "
+                f"metric: {name} raised {error} scoring data.train row {number} "
                 "against its own labels; fix the metric (it is handed a dspy.Example and a "
                 "dspy.Prediction whose fields have the signature's types)"
-                + shadowed_fields_hint(output_names)
+                + model_labels_hint(error, metric.annotations)
+                + (shadowed_fields_hint(output_names) if "'method'" in error else "")
             )
         scores.append(float(value))
     if scores and max(scores) < threshold:
@@ -185,8 +201,34 @@ def shadowed_fields_hint(names: list[str]) -> str:
         f". Note: {', '.join(map(repr, shadowed))} also "
         f"{'names a method' if len(shadowed) == 1 else 'name methods'} of dspy.Example and "
         f"dspy.Prediction, so `example.{first}` is the method: read the field as "
-        f"example[{first!r}]"
+        f"example[{first!r}] (prediction[{first!r}])"
     )
+
+
+def model_labels_hint(error: str, annotations: dict[str, Any]) -> str:
+    """A metric reading a label typed as a pydantic model like a dict (`item["product"]`, as
+    DSPy hands it a row's JSON): the build hands it the model, as the signature types it."""
+    if "not subscriptable" not in error:
+        return ""
+    for name, annotation in annotations.items():
+        for model in pydantic_models(annotation):
+            if f"'{model.__name__}' object" in error:
+                field = next(iter(model.model_fields), "name")
+                return (
+                    f". The labels of {name!r} are {model.__name__} objects, as the signature "
+                    f"types them: read a field as an attribute (`value.{field}`), or "
+                    "`value.model_dump()` for its dict"
+                )
+    return ""
+
+
+def pydantic_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic model classes an annotation holds (`list[Item]`, `Item | None`)."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in pydantic_models(arg)]
 
 
 def _takes_trace(metric: Metric) -> bool:
