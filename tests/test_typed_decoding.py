@@ -171,7 +171,7 @@ def test_scaffold_between_fields_is_forced_as_tokens_not_sampled() -> None:
 def test_a_json_value_ends_only_where_it_parses() -> None:
     plan, tok = plan_for([{"name": "tags", "type": "list[str]"}, {"name": "x"}], [])
     cursor = PlanCursor(plan, tok.token_bytes)
-    schema = json.loads(cursor.grammar() or "null")
+    schema = json.loads((cursor.grammar() or ("null", False))[0])
     assert schema == {"items": {"type": "string"}, "type": "array"}
     for text in ["[", '"', "a", '"']:
         cursor.accept(tok.vocab.index(text), -0.1, -0.1, eog=False)
@@ -182,6 +182,33 @@ def test_a_json_value_ends_only_where_it_parses() -> None:
         cursor.accept(tok.vocab.index(text), -0.1, -0.1, eog=False)
     step = cursor.accept(tok.vocab.index("\n\n"), -0.1, -0.1, eog=False)
     assert step.text == "\n\n[[ ## x ## ]]\n" and cursor.grammar() is None
+
+
+def test_an_optional_type_allows_none_as_chatadapter_writes_it() -> None:
+    """`int | None`, `Optional[bool]`, `Optional[list[str]]`: the type's own plan, plus `None`
+    (ChatAdapter's text of None, which DSPy's parser reads as None), and nothing else."""
+    from services.runtime.structured import json_value_grammar
+
+    outputs = [{"name": "age", "type": "Union[int, NoneType]"},
+               {"name": "ok", "type": "Union[bool, NoneType]"},
+               {"name": "tags", "type": "Union[list[str], NoneType]"}]  # fmt: skip
+    plan, tok = plan_for(outputs, [])
+    shown, cursor = walk(plan, tok, ["N", "o", "n", "e", "\n\n", "N", "N", "o", "n", "e"])
+    assert shown.startswith("[[ ## age ## ]]\nNone\n\n[[ ## ok ## ]]\nNone\n\n[[ ## tags")
+    assert cursor.grammar() is not None and cursor.grammar()[1]  # type: ignore[index]
+    step = cursor.accept(tok.vocab.index("\n\n"), -0.1, -0.1, eog=False)
+    assert step.done and step.text == "\n\n[[ ## completed ## ]]"
+
+    cursor = PlanCursor(plan, tok.token_bytes)
+    cursor.accept(tok.vocab.index("N"), -0.1, -0.1, eog=False)
+    assert {tok.vocab[t] for t in cursor.allowed() or []} == {"o"}  # no digit after N
+    cursor = PlanCursor(plan, tok.token_bytes)
+    cursor.accept(tok.vocab.index("4"), -0.1, -0.1, eog=False)
+    assert "N" not in {tok.vocab[t] for t in cursor.allowed() or []}
+    assert plan.fields[1].choice_texts == ("True", "False", "None")
+    assert '(json-value | "None")' in json_value_grammar('root ::= "[]"', "\n\n", True)
+    plain, _ = plan_for([{"name": "age", "type": "int"}], [])
+    assert "N" not in {tok.vocab[t] for t in PlanCursor(plain, tok.token_bytes).allowed() or []}
 
 
 def test_masking_renormalises_over_the_allowed_tokens() -> None:
@@ -281,7 +308,8 @@ def test_a_literal_never_leaves_its_set_and_json_always_parses_at_temperature_1_
 
 def test_models_and_enums_decode_to_their_types_at_temperature_1_5(backend: Any) -> None:
     """A pydantic model, an Enum and a dict, stored in program.json as a schema, a choice and a
-    type text: every sampled answer parses, and validates as the author's own types."""
+    type text, and optional ones (None written `None`, as ChatAdapter writes it): every sampled
+    answer parses, and validates as the author's own types."""
     import dspy
 
     class ParseOrder(dspy.Signature):
@@ -291,17 +319,23 @@ def test_models_and_enums_decode_to_their_types_at_temperature_1_5(backend: Any)
         line: Line = dspy.OutputField()
         size: Size = dspy.OutputField()
         counts: dict[str, int] = dspy.OutputField()
+        gift: Line | None = dspy.OutputField()
+        box: Size | None = dspy.OutputField()
+        floor: int | None = dspy.OutputField()
 
     program = ProgramSpec.from_signature(ParseOrder, prompt_format="prefix-first").model_dump()
     sizes = set()
     for seed in range(8):
         result = answer(backend, program, {"message": f"{seed + 2} blue mugs, small box"},
-                        typed=True, temperature=1.5, seed=seed, max_tokens=160)  # fmt: skip
+                        typed=True, temperature=1.5, seed=seed, max_tokens=240)  # fmt: skip
         assert result.outcome == "parsed", result.raw_text
         values = json.loads(result.outputs_json)
         Line.model_validate(values["line"])
         sizes.add(Size(values["size"]))
         assert all(isinstance(k, str) and type(v) is int for k, v in values["counts"].items())
+        assert values["gift"] is None or Line.model_validate(values["gift"])
+        assert values["box"] is None or Size(values["box"])
+        assert values["floor"] is None or type(values["floor"]) is int
     assert sizes
 
 

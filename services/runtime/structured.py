@@ -13,6 +13,9 @@ sampled):
 - json (lists, dicts, pydantic models): llama.cpp's JSON-schema grammar;
 - text (`str`): free, until the model starts the next header.
 
+An optional type (`int | None`, `Optional[Literal[...]]`) is its type's plan that also allows
+`None`, the text ChatAdapter writes for None and DSPy's parser reads back as None.
+
 A `PlanCursor` walks one answer through its plan: the engine asks it which tokens are allowed
 (or which grammar applies), samples, and hands the token back; the cursor says what text to
 show, which tokens to force next, and when the answer is complete. Pure: no llama.cpp here.
@@ -42,6 +45,7 @@ ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
 _HEADER_START = "\n\n[["
 _NUMBER_CHARS = frozenset("0123456789-+.eE")
+_NONE = "None"  # ChatAdapter's text of None
 _PREFIX = {"int": re.compile(r"-?\d*"), "float": re.compile(r"-?(\d+(\.\d*)?([eE][-+]?\d*)?)?")}
 _FULL = {"int": re.compile(r"-?\d+"), "float": re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")}
 
@@ -69,6 +73,7 @@ class FieldPlan:
     choice_texts: tuple[str, ...] = ()
     number: str = ""  # "int" or "float"
     json_schema: str = ""
+    nullable: bool = False  # `None` is a value too (an optional type)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class OutputPlan:
     header: tuple[int, ...]
     fields: tuple[FieldPlan, ...]
     number_tokens: tuple[tuple[int, str], ...] = ()  # vocabulary entries made of number chars
+    none_tokens: tuple[tuple[int, str], ...] = ()  # entries that are pieces of `None`
 
 
 def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
@@ -91,12 +97,14 @@ def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
         breaks = _break_len(after, tokenizer)
         fields.append(_field_plan(name, info, after_text, after, last, tokenizer, breaks))
     numbers = any(f.kind == "number" for f in fields)
+    nullable_numbers = any(f.kind == "number" and f.nullable for f in fields)
     first = _header(names[0])
     return OutputPlan(
         header_text=first,
         header=tuple(tokenizer.tokenize_text(first)),
         fields=tuple(fields),
-        number_tokens=_number_tokens(tokenizer) if numbers else (),
+        number_tokens=_vocabulary(tokenizer, lambda s: set(s) <= _NUMBER_CHARS) if numbers else (),
+        none_tokens=_vocabulary(tokenizer, lambda s: s in _NONE) if nullable_numbers else (),
     )
 
 
@@ -124,26 +132,67 @@ def _break_len(after: tuple[int, ...], tokenizer: Tokenizer) -> int:
 
 def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], last: bool,
                 tokenizer: Tokenizer, break_len: int) -> FieldPlan:  # fmt: skip
+    annotation, nullable = optional_inner(info.annotation)
     free = FieldPlan(name, "text", after_text, after, break_len, last)
-    texts = choice_texts(info)
+    typed = replace(free, nullable=nullable)
+    texts = choice_texts(info, annotation)
     if texts is not None:
-        header = _header(name)
-        tokens = tuple(tokens_after(tokenizer, header, text) for text in texts)
-        return replace(free, kind="choice", choices=tokens, choice_texts=texts)
-    annotation = info.annotation
+        return _field_plan_of_texts(typed, texts, tokenizer)
     if annotation in (int, float):
-        return replace(free, kind="number", number=annotation.__name__)
-    schema = json_schema_of(annotation)
-    if schema is not None:
-        return replace(free, kind="json", json_schema=schema)
-    return free
+        return replace(typed, kind="number", number=annotation.__name__)
+    stored = json_schema_of(annotation)
+    if stored is None:
+        return free
+    # A type stored as its schema (a model, an Enum) that may be None: `None`, as trained on
+    schema, nullable = without_null(json.loads(stored), nullable)
+    texts = enum_texts(schema)
+    if texts is not None:  # an Enum is written as its value, not as a JSON string
+        return _field_plan_of_texts(replace(free, nullable=nullable), texts, tokenizer)
+    return replace(free, kind="json", json_schema=json.dumps(schema), nullable=nullable)
 
 
-def choice_texts(info: Any) -> tuple[str, ...] | None:
+def _field_plan_of_texts(plan: FieldPlan, texts: tuple[str, ...], tokenizer: Tokenizer
+                         ) -> FieldPlan:  # fmt: skip
+    texts += (_NONE,) if plan.nullable else ()
+    tokens = tuple(tokens_after(tokenizer, _header(plan.name), text) for text in texts)
+    return replace(plan, kind="choice", choices=tokens, choice_texts=texts)
+
+
+def without_null(schema: dict[str, Any], nullable: bool) -> tuple[dict[str, Any], bool]:
+    """A schema `anyOf: [X, null]` as X (its `$defs` kept) and nullable."""
+    members = schema.get("anyOf")
+    if not isinstance(members, list) or {"type": "null"} not in members:
+        return schema, nullable
+    rest = [member for member in members if member != {"type": "null"}]
+    outer = {key: value for key, value in schema.items() if key != "anyOf"}
+    return (outer | rest[0] if len(rest) == 1 else outer | {"anyOf": rest}), True
+
+
+def enum_texts(schema: dict[str, Any]) -> tuple[str, ...] | None:
+    values = schema.get("enum")
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        return tuple(values)
+    return None
+
+
+def optional_inner(annotation: Any) -> tuple[Any, bool]:
+    """`X | None` (Optional[X]) as X and True; any other annotation as itself and False."""
+    from types import NoneType, UnionType
+    from typing import Union, get_args, get_origin
+
+    if get_origin(annotation) not in (Union, UnionType):
+        return annotation, False
+    others = [arg for arg in get_args(annotation) if arg is not NoneType]
+    if len(others) != 1 or len(others) == len(get_args(annotation)):
+        return annotation, False
+    return others[0], True
+
+
+def choice_texts(info: Any, annotation: Any) -> tuple[str, ...] | None:
     """The texts a Literal, Enum or bool field may take, as ChatAdapter writes them."""
     from dspy.adapters.utils import format_field_value
 
-    values = choice_values(info.annotation)
+    values = choice_values(annotation)
     if values is None:
         return None
     return tuple(str(format_field_value(field_info=info, value=v)) for v in values)
@@ -166,23 +215,26 @@ def json_schema_of(annotation: Any) -> str | None:
     return json.dumps(pydantic.TypeAdapter(annotation).json_schema())
 
 
-def _number_tokens(tokenizer: Tokenizer) -> tuple[tuple[int, str], ...]:
+def _vocabulary(tokenizer: Tokenizer, keep: Callable[[str], bool]) -> tuple[tuple[int, str], ...]:
+    """The vocabulary entries whose (non-empty) text `keep` accepts."""
     found = []
     for token in range(tokenizer.vocab_size):
         try:
             text = tokenizer.token_bytes(token).decode("utf-8")
         except UnicodeDecodeError:
             continue
-        if text and set(text) <= _NUMBER_CHARS:
+        if text and keep(text):
             found.append((token, text))
     return tuple(found)
 
 
-def json_value_grammar(gbnf: str, terminator: str) -> str:
+def json_value_grammar(gbnf: str, terminator: str, nullable: bool = False) -> str:
     """A JSON-schema grammar (GBNF with a `root` rule) whose root is followed by `terminator`:
-    the value's end is the model's to choose, and is then the token that starts what follows."""
+    the value's end is the model's to choose, and is then the token that starts what follows.
+    Nullable: `None` may stand for the value."""
     renamed = re.sub(r"^root ::=", "json-value ::=", gbnf, count=1, flags=re.MULTILINE)
-    return f"{renamed}\nroot ::= json-value {json.dumps(terminator)}\n"
+    value = f"(json-value | {json.dumps(_NONE)})" if nullable else "json-value"
+    return f"{renamed}\nroot ::= {value} {json.dumps(terminator)}\n"
 
 
 @dataclass(frozen=True)
@@ -229,14 +281,17 @@ class PlanCursor:
             text = self._value.text
             pattern = _PREFIX[plan.number]
             allowed = [t for t, s in self.plan.number_tokens if pattern.fullmatch(text + s)]
-            if _FULL[plan.number].fullmatch(text):
+            if plan.nullable:
+                allowed += [t for t, s in self.plan.none_tokens if _NONE.startswith(text + s)]
+            if self._complete():
                 allowed.append(plan.after[0])
             return allowed
         return None
 
-    def grammar(self) -> str | None:
-        """The JSON schema constraining the current value, when it has one."""
-        return self.field.json_schema or None
+    def grammar(self) -> tuple[str, bool] | None:
+        """The JSON schema constraining the current value, and whether `None` may stand for
+        it, when it has one."""
+        return (self.field.json_schema, self.field.nullable) if self.field.json_schema else None
 
     def _choice_next(self) -> list[int]:
         prefix = self._value.tokens
@@ -268,6 +323,8 @@ class PlanCursor:
 
     def _complete(self) -> bool:
         plan, text = self.field, self._value.text
+        if plan.nullable and text == _NONE:
+            return True
         if plan.kind == "number":
             return bool(_FULL[plan.number].fullmatch(text))
         if plan.kind == "json":

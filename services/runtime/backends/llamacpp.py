@@ -326,7 +326,7 @@ class PlannedAnswer:
         self._params = params
         self.cursor = PlanCursor(plan, lambda token: bytes(model.detokenize([token])))
         self._chain = sampler_chain(model, params)
-        self._grammar_chain: tuple[str, Any] | None = None  # (schema, chain) of a JSON value
+        self._grammar_chain: tuple[tuple[str, bool], Any] | None = None  # of a JSON value
         self._n_vocab = int(model.n_vocab())
         self.steps = 0  # tokens sampled: decode steps
         self._shown = ""
@@ -338,7 +338,7 @@ class PlannedAnswer:
             return self._chain
         if self._grammar_chain is None or self._grammar_chain[0] != schema:
             self._close_grammar()
-            grammar = value_grammar(schema, self._first_after_text())
+            grammar = value_grammar(*schema, self._first_after_text())
             self._grammar_chain = (schema, sampler_chain(self._model, self._params, grammar))
         return self._grammar_chain[1]
 
@@ -416,12 +416,13 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
 
 
 @lru_cache(maxsize=64)
-def value_grammar(schema: str, terminator: str) -> Any:
-    """A JSON value of `schema`, then `terminator` (what follows the value in the answer)."""
+def value_grammar(schema: str, nullable: bool, terminator: str) -> Any:
+    """A JSON value of `schema` (or `None`, nullable), then `terminator` (what follows the
+    value in the answer)."""
     from llama_cpp import LlamaGrammar
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    gbnf = json_value_grammar(json_schema_to_gbnf(schema), terminator)
+    gbnf = json_value_grammar(json_schema_to_gbnf(schema), terminator, nullable)
     return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
