@@ -728,6 +728,7 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
         ),
         ("lora: {rnak: 8}", "lora.rnak: not a key the spec has; did you mean 'rank'?"),
         ("data: {train: missing.jsonl, dev: dev.jsonl}", "data.train:"),
+        ("data: {train: train.jsonl, test: dev.jsonl}", "data.dev: required: held-out rows the"),
     ],
 )
 def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> None:

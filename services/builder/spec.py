@@ -247,6 +247,20 @@ class BuildSpec(_Strict):
         return value
 
 
+# What each required key holds, for a spec that leaves it out.
+REQUIRED_KEYS = {
+    "name": "the bundle's name (lower-case letters, digits, '.', '_', '-'), e.g. name: my-task",
+    "program": "the DSPy program as module:attribute, a dspy.Module or a function returning one "
+    "(program: my_program:build, for my_program.py next to the spec)",
+    "data": "the rows to train on and to hold out (data: {train: train.jsonl, dev: dev.jsonl})",
+    "data.train": "the rows the teacher answers and the student trains on (JSONL, JSON, CSV or "
+    "TSV, one column per field)",
+    "data.dev": "held-out rows the student never trains on, in the same format as data.train "
+    "(a fifth of your rows is usual): the router's threshold and the checkpoint are chosen on "
+    "them, and the report scores them, unless data.test names the rows to report on",
+}
+
+
 def unknown_key(loc: tuple[int | str, ...]) -> str:
     """What to write instead of a key the spec does not have: the nearest key where it
     stands (`quantization` → `quantizations`), or the keys there are."""
@@ -298,6 +312,8 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
             said = problem["msg"].removeprefix("Value error, ")
             if problem["type"] == "extra_forbidden":
                 said = unknown_key(problem["loc"])
+            if problem["type"] == "missing" and where in REQUIRED_KEYS:
+                said = f"required: {REQUIRED_KEYS[where]}"
             lines.append(f"{where}: {said}")
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
