@@ -1691,3 +1691,20 @@ def test_a_data_path_written_from_the_working_directory_is_named_with_the_fix(
                        r"paths in a spec are relative to its folder \(specs\): write "
                        r"/.*/data/train.jsonl or \.\./data/train.jsonl"):  # fmt: skip
         load_spec(Path("specs/spec.yaml"))
+
+
+def test_a_blank_csv_cell_of_an_optional_field_is_none(tmp_path: Path) -> None:
+    """CSV has no null: an empty `age` cell of an `int | None` field is the label None (checked
+    and trained as None); of a plain `int` it is still refused."""
+    from services.builder.context import with_typed_labels
+    from services.builder.data import check_values, load_examples
+    from services.builder.spec import SpecError
+
+    path = tmp_path / "train.csv"
+    path.write_text("text,age\nI am Ana.,\nI am Ben at 27.,27\n")
+    check_values(path, "data.train", {"age": int | None})
+    examples = load_examples(path, ["text"], ["age"], "data.train")
+    with_typed_labels(examples, {"age": int | None})
+    assert [e.age for e in examples] == [None, 27]
+    with pytest.raises(SpecError, match=r"row 2: age '' is not"):
+        check_values(path, "data.train", {"age": int})

@@ -516,6 +516,12 @@ def test_exact_match_on_a_free_text_output_is_warned_of() -> None:
     assert "'topic'" not in said
     assert exact_match_on_free_text("token_f1", rows, ["topic", "reply"], []) is None
     assert exact_match_on_free_text("exact_match", rows, ["topic"], []) is None
+    # a number or an optional number of its own per row is data, not wording
+    aged = [dspy.Example(q=f"{n}", age=n, floor=None if n % 3 else n) for n in range(12)]
+    types = {"age": int, "floor": int | None, "reply": str | None}
+    assert exact_match_on_free_text("exact_match", aged, ["age", "floor"], [], types) is None
+    said = exact_match_on_free_text("exact_match", rows, ["reply"], [], types)
+    assert said is not None and "'reply'" in said
 
 
 def test_a_retention_range_over_several_bands_says_the_rows_are_too_few() -> None:
@@ -557,6 +563,11 @@ def test_a_typed_free_field_is_scored_by_its_data_not_its_python_repr() -> None:
     assert field_scores(gold, other, [], free_text=["items"])["items"]["score"] < 1.0
     answered = dspy.Prediction(items=[{"product": "mug", "quantity": 2}])
     assert token_f1(gold[0], answered) == 1.0
+    # an optional number answered None (the text `None`, as served) is its None label
+    ages = [dspy.Example(q="x", age=None), dspy.Example(q="y", age=51)]
+    answers = [{"split": "test", "outputs": {"age": "None"}},
+               {"split": "test", "outputs": {"age": "51"}}]  # fmt: skip
+    assert field_scores(ages, answers, [], free_text=["age"])["age"]["score"] == 1.0
     none = [dspy.Example(q="y", items=[]).with_inputs("q")]
     assert token_f1(none[0], dspy.Prediction(items="[]")) == 1.0  # no order, none answered
     assert token_f1(none[0], dspy.Prediction(items="{}")) == 0.0

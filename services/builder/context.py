@@ -63,6 +63,7 @@ from services.core.program import (
     ProgramSpec,
     PromptCodec,
     as_history,
+    blank_as_none,
     typed_value,
 )
 
@@ -231,13 +232,15 @@ def unanswered_fields(pipeline: PipelineSpec, module: Any) -> Callable[[dict[str
 
 
 def exact_match_on_free_text(
-    metric: str, rows: list[Any], outputs: list[str], choices: Collection[str]
-) -> str | None:
+    metric: str, rows: list[Any], outputs: list[str], choices: Collection[str],
+    types: dict[str, Any] | None = None,
+) -> str | None:  # fmt: skip
     """exact_match on a free-text output (a summary, a reply) scores a right answer worded
-    otherwise 0, which the report would read as a weak student."""
+    otherwise 0, which the report would read as a weak student. A typed value (a number, a
+    list) has no other wording: exact_match compares it as data."""
     if metric != "exact_match":
         return None
-    fields = labelled(outputs)
+    fields = [name for name in labelled(outputs) if is_text((types or {}).get(name, str))]
     free = [name for name in fields if name not in label_fields(rows, fields, choices)]
     if not free:
         return None
@@ -247,6 +250,11 @@ def exact_match_on_free_text(
         "otherwise scores 0; metric: token_f1 (word overlap) or semantic_f1 (an LM judge) "
         "scores text, or write a metric of your own"
     )
+
+
+def is_text(annotation: Any) -> bool:
+    """`str`, or `str | None`."""
+    return annotation is str or set(get_args(annotation)) == {str, type(None)}
 
 
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:
@@ -344,8 +352,10 @@ class BuildContext:
         if threshold is None:
             threshold = 1.0 if spec.metric == "exact_match" else 0.5
         metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
-        warnings = [check_metric(metric, spec.metric, trainset, outputs, threshold),
-                    exact_match_on_free_text(spec.metric, trainset, outputs, choices)]  # fmt: skip
+        warnings = [
+            check_metric(metric, spec.metric, trainset, outputs, threshold),
+            exact_match_on_free_text(spec.metric, trainset, outputs, choices, types),
+        ]
         for warning in filter(None, warnings):
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         return cls(
@@ -533,8 +543,9 @@ def with_typed_labels(examples: list[Any], types: dict[str, Any]) -> None:
     for example in examples:
         for name, annotation in typed.items():
             # a value its type refuses passed the checks as one the program's Python writes
-            if name in example and parses(example[name], annotation):
-                example[name] = typed_value(example[name], annotation)
+            value = blank_as_none(example.get(name), annotation)
+            if name in example and parses(value, annotation):
+                example[name] = typed_value(value, annotation)
 
 
 def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.builder.spec import SpecError
-from services.core.program import FieldSpec, choice_values, input_text
+from services.core.program import FieldSpec, blank_as_none, choice_values, input_text
 
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
@@ -102,7 +102,7 @@ def parses(value: Any, annotation: Any) -> bool:
     if annotation is str:
         return True
     try:
-        parse_value(value, annotation)
+        parse_value(blank_as_none(value, annotation), annotation)
     except Exception:  # whatever DSPy's parser refuses, it would refuse from the model
         return False
     return True

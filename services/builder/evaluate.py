@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services.builder.metrics import Metric, field_f1, field_matches, score
+from services.builder.metrics import Metric, canonical, field_f1, field_matches, score
 from services.builder.spec import TeacherSpec
 from services.core.pipeline import ProgramFailed
 from services.core.program import input_text
@@ -109,7 +109,8 @@ def field_value(gold: Any, outputs: dict[str, Any] | None, name: str, measure: s
         return float(field_matches(gold, outputs, name))
     if not outputs:
         return 0.0
-    return field_f1(gold[name], outputs.get(name, ""))
+    # as data: an answered `None` is the label None, `51` the label 51
+    return field_f1(canonical(gold[name]), canonical(outputs.get(name, "")))
 
 
 def _serve_in_child(

@@ -353,6 +353,14 @@ def none_as_written(value: Any, annotation: Any) -> Any:
     return value
 
 
+def blank_as_none(value: Any, annotation: Any) -> Any:
+    """None for a blank label (a CSV's empty cell: CSV has no null) of a type that admits
+    None (`int | None`)."""
+    if isinstance(value, str) and not value.strip() and type(None) in get_args(annotation):
+        return None
+    return value
+
+
 def typed_value(value: Any, annotation: Any) -> Any:
     """An answer's value read as its type, as DSPy's parser reads it (None as written)."""
     from dspy.adapters.utils import parse_value
