@@ -170,6 +170,19 @@ def test_an_api_answer_that_does_not_parse_is_not_asked_again(
     assert reply.served_by == pb.SERVED_BY_LOCAL and reply.degraded
     assert reply.route_reason == "low_confidence:api_error"
     assert 1 <= asked <= 2, asked  # three attempts would be 3 to 6
+    # With no local answer to fall back on, the client is told how the API failed.
+    with OpenAIStandIn({"Chile": "Santiago"}, input_field="country", output_field="capital",
+                       mode="unparsable") as api:  # fmt: skip
+        router = start_router(bundle, local_runtime.target, "--mode", "api_only",
+                              "--fallback-model", "openai/gold", "--fallback-api-base",
+                              api.base_url)  # fmt: skip
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                predict(router, "Chile")
+        finally:
+            router.terminate()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.details().startswith("the API model failed (AdapterParseError: ")
 
 
 def test_budget_exhausted_answers_locally(bundle: Path, local_runtime: ServerProcess) -> None:

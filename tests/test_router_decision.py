@@ -123,6 +123,11 @@ def test_api_only_without_a_usable_api_fails(
 def test_api_only_with_a_failed_api_call_fails() -> None:
     decided = after_api_error(route(None, mode="api_only"), None)
     assert (decided.status, decided.message) == ("UNAVAILABLE", "the API model failed")
+    said = "AdapterParseError: Failed to parse field age"
+    decided = after_api_error(route(None, mode="api_only"), None, said)
+    assert decided.message == f"the API model failed ({said})"
+    decided = after_api_error(route(None), None, said)
+    assert decided.message.endswith(f"the API fallback failed ({said})")
 
 
 def test_asking_the_breaker_takes_no_probe() -> None:

@@ -82,13 +82,14 @@ def decide(
     return Decision(Action.FALLBACK, reason)
 
 
-def after_api_error(decision: Decision, local: LocalAnswer | None) -> Decision:
-    """What a FALLBACK decision becomes when the API call fails."""
+def after_api_error(decision: Decision, local: LocalAnswer | None, error: str = "") -> Decision:
+    """What a FALLBACK decision becomes when the API call fails (`error`: how, in a line)."""
     if local is not None:
         return Decision(Action.DEGRADED, f"{decision.reason}:api_error")
+    said = f" ({error})" if error else ""
     if decision.reason == "api_only":
-        return _fail("UNAVAILABLE", "the API model failed")
-    return _fail("UNAVAILABLE", "no local runtime is available and the API fallback failed")
+        return _fail("UNAVAILABLE", f"the API model failed{said}")
+    return _fail("UNAVAILABLE", f"no local runtime is available and the API fallback failed{said}")
 
 
 def _api_only(has_fallback: bool, gates: Gates) -> Decision:

@@ -30,6 +30,12 @@ class ApiError(Exception):
         self.kind = kind
         self.attempts = attempts
 
+    @property
+    def summary(self) -> str:
+        """The error's first line, short enough for a client's status message."""
+        line = str(self).strip().splitlines()[0] if str(self).strip() else self.kind
+        return line if len(line) <= 160 else line[:157] + "..."
+
 
 class FallbackModel:
     def __init__(

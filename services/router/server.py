@@ -139,13 +139,13 @@ class RouterService(pb_grpc.InferenceServicer):
         )  # fmt: skip
         if decided.action is Action.FALLBACK:
             fallback = await self._try_fallback(inputs, decided.reason)
-            if fallback is not None:
+            if not isinstance(fallback, ApiError):
                 self._harvest_record("fallback", inputs, local, fallback, decided.reason)
                 if local is not None:
                     fallback.confidence = local.confidence
                     fallback.usage.CopyFrom(local.usage)
                 return fallback
-            decided = after_api_error(decided, answer)  # the failure is recorded already
+            decided = after_api_error(decided, answer, fallback.summary)  # recorded already
         elif decided.action is not Action.FAIL:
             self._rate_cap.record(False)
             if self._harvest is not None and self._harvest.wants_sample():
@@ -227,8 +227,10 @@ class RouterService(pb_grpc.InferenceServicer):
             budget_left=self._budget.has_room(),
         )
 
-    async def _try_fallback(self, inputs: dict[str, str], reason: str) -> pb.PredictResponse | None:
-        """Send the call to the API (the decision said it may go); None when it fails."""
+    async def _try_fallback(
+        self, inputs: dict[str, str], reason: str
+    ) -> pb.PredictResponse | ApiError:
+        """Send the call to the API (the decision said it may go); its error when it fails."""
         assert self._fallback is not None
         self._breaker.allow()  # half-open: this call is the probe
         self._budget.try_spend()
@@ -241,7 +243,7 @@ class RouterService(pb_grpc.InferenceServicer):
             log.warning(
                 "fallback failed", extra={"reason": reason, "kind": err.kind, "error": str(err)}
             )
-            return None
+            return err
         self._breaker.record_success()
         self._metrics.api_latency.observe(seconds)
         self._metrics.fallbacks.labels(reason).inc()
