@@ -337,6 +337,27 @@ def test_an_intermediate_label_is_answered_by_gold_but_is_not_an_output(tmp_path
     assert (counts["total"], counts["kept"]) == (len(rows), len(rows)), counts
 
 
+def test_a_blank_optional_intermediate_label_is_its_none(tmp_path: Path) -> None:
+    """The first row's gold run, which finds the intermediate fields, reads a blank `int |
+    None` label (a CSV's empty cell) as None, as training does: `affected` is not an output."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    rows = [{**row, "affected": "" if n % 2 == 0 else n} for n, row in
+            enumerate(support_rows("train", 1))]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", support_rows("dev", 1))
+    (tmp_path / "spec.yaml").write_text(
+        "name: estimate\nprogram: tests.programs.two_step:build_estimate_then_draft\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    assert ctx.pipeline is not None and ctx.pipeline.output_names == ["reply"]
+    assert [e.affected for e in ctx.trainset[:2]] == [None, 1]
+
+
 def two_step_context(folder: Path, factory: str, more_train: list[dict[str, str]] = ()) -> Any:
     """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console

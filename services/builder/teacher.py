@@ -20,6 +20,7 @@ from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
 from services.core.lm_connection import connection
 from services.core.pipeline import Complete, LmCall, ProgramRunner
+from services.core.program import blank_as_none
 
 
 class TeacherError(RuntimeError):
@@ -212,7 +213,10 @@ def gold_answers(runner: ProgramRunner, row: Any) -> Complete:
 
     def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
         codec = runner.codecs[name]
-        text = codec.format_assistant({k: row[k] for k in codec.output_names})
+        types = codec.signature.output_fields
+        text = codec.format_assistant(
+            {k: blank_as_none(row[k], types[k].annotation) for k in codec.output_names}
+        )
         return LmCall(predictor=name, text=text, confidence=1.0, outcome="parsed")
 
     return complete

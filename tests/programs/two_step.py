@@ -94,3 +94,27 @@ class AsksTwice(TwoStep):
 
 def build_asks_twice() -> dspy.Module:
     return AsksTwice()
+
+
+class Estimate(dspy.Signature):
+    """Estimate how many people the ticket's problem affects, if it says."""
+
+    ticket: str = dspy.InputField()
+    affected: int | None = dspy.OutputField()
+
+
+class EstimateThenDraft(dspy.Module):
+    """An optional number as the intermediate answer; the reply is the only output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.estimate = dspy.Predict(Estimate)
+        self.draft = dspy.Predict(Draft)
+
+    def forward(self, ticket: str) -> dspy.Prediction:
+        affected = self.estimate(ticket=ticket).affected
+        return self.draft(ticket=ticket, category=f"{affected or 'unknown'} affected")
+
+
+def build_estimate_then_draft() -> dspy.Module:
+    return EstimateThenDraft()
