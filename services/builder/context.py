@@ -105,6 +105,14 @@ def check_text_fields(path: str, program: Any) -> None:
                 )
 
 
+def runs_own_code(program: Any) -> bool:
+    """A module of the author's own whose `forward` names its inputs: the Python around its
+    one call (inputs joined, an answer normalised) is part of the program, so it is shipped
+    and run like a multi-step program's. DSPy's own modules (Predict, ChainOfThought) are
+    served from their signature alone."""
+    return not type(program).__module__.startswith("dspy") and bool(forward_inputs(program))
+
+
 def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
     """A single-predictor program's program.json: its signature, which the runtime rebuilds
     from this description alone."""
@@ -189,7 +197,7 @@ def without_intermediate_fields(
     if ran is None:
         return pipeline
     prediction, _ = ran
-    carried = [f for f in pipeline.outputs if prediction.get(f.name) is not None]
+    carried = [f for f in pipeline.outputs if f.name in prediction]  # None is a value too
     if not carried:
         raise SpecError(
             f"program: {path}: its forward's prediction carries none of the labelled fields "
@@ -317,7 +325,7 @@ class BuildContext:
         predictors = program.predictors()
         pipeline: PipelineSpec | None = None
         sources: dict[str, Path] = {}
-        if len(predictors) == 1:
+        if len(predictors) == 1 and not runs_own_code(program):
             program_spec = describe_predictor(spec, predictors[0])
             codec = PromptCodec(program_spec)
             inputs, outputs = codec.input_names, codec.output_names

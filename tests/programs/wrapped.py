@@ -1,0 +1,50 @@
+"""One predictor inside a module of the author's own: Python around the call."""
+
+import dspy
+
+from tests.programs.two_step import Classify, Estimate
+
+
+class Joined(dspy.Module):
+    """The request's subject and body are joined into the ticket the predictor reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+
+    def forward(self, subject: str, body: str) -> dspy.Prediction:
+        return self.classify(ticket=f"{subject}\n{body}")
+
+
+def build() -> dspy.Module:
+    return Joined()
+
+
+class Bare(dspy.Module):
+    """A wrapper that takes whatever it is given: served from the predictor's signature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+
+    def forward(self, **kwargs: str) -> dspy.Prediction:
+        return self.classify(**kwargs)
+
+
+def build_bare() -> dspy.Module:
+    return Bare()
+
+
+class JoinedEstimate(dspy.Module):
+    """Its one output is optional: the first row's None is an answer it carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.estimate = dspy.Predict(Estimate)
+
+    def forward(self, subject: str, body: str) -> dspy.Prediction:
+        return self.estimate(ticket=f"{subject}\n{body}")
+
+
+def build_estimate() -> dspy.Module:
+    return JoinedEstimate()
