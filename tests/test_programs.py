@@ -401,6 +401,37 @@ def test_one_predictor_in_a_module_of_its_own_is_served_through_its_forward(
     assert ctx.pipeline is not None and ctx.pipeline.output_names == ["affected"]
 
 
+def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path) -> None:
+    """A forward returning `queue` and `escalate` beside the predictor's `category`: the run
+    (as the runtime and the router's fallback make it) carries them after the outputs, as text
+    and typed, in the prediction's order."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+    from services.builder.teacher import gold_answers
+    from services.core.pipeline import ProgramRunner
+
+    rows = [{"subject": "Help", "body": r["ticket"], "category": r["category"]}
+            for r in support_rows("train", 1)]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", rows)
+    (tmp_path / "spec.yaml").write_text(
+        "name: queue\nprogram: tests.programs.wrapped:build_with_queue\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    assert ctx.pipeline is not None and ctx.pipeline.output_names == ["category"]
+    runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+    row = next(r for r in rows if r["category"] == "security")
+    result = runner.run({"subject": "Help", "body": row["body"]}, gold_answers(runner, row))
+    assert result.outputs == {"category": "security", "queue": "team-security",
+                              "escalate": "True"}  # fmt: skip
+    assert json.loads(result.outputs_json) == {"category": "security", "queue": "team-security",
+                                               "escalate": True}  # fmt: skip
+    assert list(json.loads(result.outputs_json)) == ["category", "queue", "escalate"]
+
+
 def two_step_context(folder: Path, factory: str, more_train: list[dict[str, str]] = ()) -> Any:
     """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console

@@ -393,6 +393,13 @@ def served_adapter(prompt_format: PromptFormat = "chat") -> Any:
     return chat_adapter(prompt_format)
 
 
+def carried_outputs(prediction: Any, declared: list[str]) -> list[str]:
+    """The program's outputs, then any other field its final prediction carries (a value its
+    Python computed, `adult=age >= 18`; a ChainOfThought step's reasoning), in its order: the
+    response holds what the author's program returns."""
+    return declared + [name for name in prediction.keys() if name not in declared]  # noqa: SIM118
+
+
 class ProgramRunner:
     """A loaded multi-step program; `run` is thread-safe (each run has its own calls)."""
 
@@ -436,7 +443,7 @@ class ProgramRunner:
         if missing:
             error = ValueError(f"forward's prediction has no {', '.join(map(repr, missing))}")
             raise ProgramFailed(error, run.calls)
-        names = self.spec.output_names
+        names = carried_outputs(prediction, self.spec.output_names)
         values = {name: prediction.get(name) for name in names}
         return RunResult(
             {name: value_text(values[name]) for name in names}, "parsed", run.calls,

@@ -250,7 +250,7 @@ def typed_json(values: dict[str, Any], names: list[str]) -> str:
 
     from pydantic_core import to_jsonable_python
 
-    return json.dumps({name: to_jsonable_python(values[name]) for name in names})
+    return json.dumps({name: to_jsonable_python(values[name], fallback=str) for name in names})
 
 
 class PromptCodec:

@@ -48,3 +48,16 @@ class JoinedEstimate(dspy.Module):
 
 def build_estimate() -> dspy.Module:
     return JoinedEstimate()
+
+
+class WithQueue(Joined):
+    """Returns fields its Python computes beside the predictor's answer."""
+
+    def forward(self, subject: str, body: str) -> dspy.Prediction:
+        category = super().forward(subject, body).category
+        return dspy.Prediction(category=category, queue=f"team-{category}",
+                               escalate=category == "security")  # fmt: skip
+
+
+def build_with_queue() -> dspy.Module:
+    return WithQueue()
