@@ -358,46 +358,44 @@ def test_a_blank_optional_intermediate_label_is_its_none(tmp_path: Path) -> None
     assert [e.affected for e in ctx.trainset[:2]] == [None, 1]
 
 
+def wrapped_context(folder: Path, factory: str, rows: list[dict[str, Any]]) -> Any:
+    """The build's context (no stage run) of a tests/programs/wrapped.py program on `rows`."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "dev.jsonl", rows)
+    (folder / "spec.yaml").write_text(
+        f"name: wrapped\nprogram: tests.programs.wrapped:{factory}\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {folder / 'build'}\n"
+    )
+    return BuildContext.load(load_spec(folder / "spec.yaml"), Console(quiet=True))
+
+
+def subject_rows(label: str = "category") -> list[dict[str, Any]]:
+    """Support rows asked as a subject and a body; `affected`: an optional number, blank on
+    the first row."""
+    return [{"subject": "Help", "body": r["ticket"],
+             label: r["category"] if label == "category" else n or ""}
+            for n, r in enumerate(support_rows("train", 1))]  # fmt: skip
+
+
 def test_one_predictor_in_a_module_of_its_own_is_served_through_its_forward(
     tmp_path: Path,
 ) -> None:
     """A module whose forward joins `subject` and `body` into the one predictor's `ticket`
     takes subject and body, as its author calls it, and its code is shipped; a wrapper taking
     `**kwargs` (no inputs of its own) is served from the predictor's signature."""
-    from rich.console import Console
-
-    from services.builder.context import BuildContext
-    from services.builder.spec import load_spec
-
-    rows = [{"subject": "Help", "body": r["ticket"], "category": r["category"]}
-            for r in support_rows("train", 1)]  # fmt: skip
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "dev.jsonl", rows)
-    for factory, inputs in [("build", ["subject", "body"]), ("build_bare", None)]:
-        (tmp_path / "spec.yaml").write_text(
-            f"name: joined\nprogram: tests.programs.wrapped:{factory}\n"
-            f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
-        )
-        if inputs is None:
-            write_jsonl(tmp_path / "train.jsonl", support_rows("train", 1))
-            write_jsonl(tmp_path / "dev.jsonl", support_rows("dev", 1))
-        ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
-        if inputs is None:
-            assert ctx.pipeline is None and [f.name for f in ctx.program_spec.inputs] == ["ticket"]
-            continue
-        assert ctx.pipeline is not None and ctx.pipeline.input_names == inputs
-        assert ctx.pipeline.output_names == ["category"]
-        assert "tests/programs/wrapped.py" in ctx.sources
+    ctx = wrapped_context(tmp_path, "build", subject_rows())
+    assert ctx.pipeline is not None and ctx.pipeline.input_names == ["subject", "body"]
+    assert ctx.pipeline.output_names == ["category"]
+    assert "tests/programs/wrapped.py" in ctx.sources
+    ctx = wrapped_context(tmp_path, "build_bare", support_rows("train", 1))
+    assert ctx.pipeline is None and [f.name for f in ctx.program_spec.inputs] == ["ticket"]
     # an optional output whose first row is None is still an output the program carries
-    estimated = [{"subject": "Help", "body": r["ticket"], "affected": n or ""}
-                 for n, r in enumerate(support_rows("train", 1))]  # fmt: skip
-    write_jsonl(tmp_path / "train.jsonl", estimated)
-    write_jsonl(tmp_path / "dev.jsonl", estimated)
-    (tmp_path / "spec.yaml").write_text(
-        "name: joined\nprogram: tests.programs.wrapped:build_estimate\n"
-        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
-    )
-    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    ctx = wrapped_context(tmp_path, "build_estimate", subject_rows("affected"))
     assert ctx.pipeline is not None and ctx.pipeline.output_names == ["affected"]
 
 
@@ -405,22 +403,11 @@ def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path)
     """A forward returning `queue` and `escalate` beside the predictor's `category`: the run
     (as the runtime and the router's fallback make it) carries them after the outputs, as text
     and typed, in the prediction's order."""
-    from rich.console import Console
-
-    from services.builder.context import BuildContext
-    from services.builder.spec import load_spec
     from services.builder.teacher import gold_answers
     from services.core.pipeline import ProgramRunner
 
-    rows = [{"subject": "Help", "body": r["ticket"], "category": r["category"]}
-            for r in support_rows("train", 1)]  # fmt: skip
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "dev.jsonl", rows)
-    (tmp_path / "spec.yaml").write_text(
-        "name: queue\nprogram: tests.programs.wrapped:build_with_queue\n"
-        f"data: {{train: train.jsonl, dev: dev.jsonl}}\noutput: {tmp_path / 'build'}\n"
-    )
-    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    rows = subject_rows()
+    ctx = wrapped_context(tmp_path, "build_with_queue", rows)
     assert ctx.pipeline is not None and ctx.pipeline.output_names == ["category"]
     runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
     row = next(r for r in rows if r["category"] == "security")
