@@ -64,6 +64,7 @@ from services.core.program import (
     PromptCodec,
     as_history,
     blank_as_none,
+    optional_inner,
     typed_value,
 )
 
@@ -262,7 +263,7 @@ def exact_match_on_free_text(
 
 def is_text(annotation: Any) -> bool:
     """`str`, or `str | None`."""
-    return annotation is str or set(get_args(annotation)) == {str, type(None)}
+    return optional_inner(annotation)[0] is str
 
 
 def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) -> None:

@@ -10,11 +10,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
-
 from services.builder.data import labelled, normalize
 from services.builder.spec import SpecError, import_object
-from services.core.program import typed_value
+from services.core.program import pydantic_models, typed_value
 
 Metric = Callable[..., Any]
 
@@ -220,15 +218,6 @@ def model_labels_hint(error: str, annotations: dict[str, Any]) -> str:
                     "`value.model_dump()` for its dict"
                 )
     return ""
-
-
-def pydantic_models(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic model classes an annotation holds (`list[Item]`, `Item | None`)."""
-    from typing import get_args
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [model for arg in get_args(annotation) for model in pydantic_models(arg)]
 
 
 def _takes_trace(metric: Metric) -> bool:

@@ -8,13 +8,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.core.pipeline import missing_dependency
-from services.core.program import BUILD_PROMPT_FORMAT, PromptFormat
+from services.core.program import BUILD_PROMPT_FORMAT, PromptFormat, pydantic_models
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1")
 
@@ -271,9 +271,7 @@ def unknown_key(loc: tuple[int | str, ...]) -> str:
         field = model.model_fields.get(key)
         if field is None:
             return "not a key the spec has"
-        outer = get_args(field.annotation) or (field.annotation,)  # Optional[Model] -> Model
-        kinds = [k for a in outer for k in (get_args(a) or (a,))]  # list[Model] -> Model
-        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        model = next(iter(pydantic_models(field.annotation)), None)  # Optional[list[M]] -> M
         if model is None:
             return "not a key the spec has"
     keys = list(model.model_fields)

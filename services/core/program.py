@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import NoneType, UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, field_validator
@@ -345,10 +346,30 @@ class PromptCodec:
         return ParsedAnswer(outputs=ordered, spans=spans, values=values)
 
 
+def admits_none(annotation: Any) -> bool:
+    """A union with None among its members (`int | None`, `Optional[str]`)."""
+    return get_origin(annotation) in (Union, UnionType) and NoneType in get_args(annotation)
+
+
+def optional_inner(annotation: Any) -> tuple[Any, bool]:
+    """`X | None` (Optional[X]) as X and True; any other annotation as itself and False."""
+    others = [arg for arg in get_args(annotation) if arg is not NoneType]
+    if not admits_none(annotation) or len(others) != 1:
+        return annotation, False
+    return others[0], True
+
+
+def pydantic_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic model classes an annotation holds (`list[Item]`, `Item | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in pydantic_models(arg)]
+
+
 def none_as_written(value: Any, annotation: Any) -> Any:
     """None for a value of a type that admits None (`str | None`) holding `None`, the text
     ChatAdapter writes for None in demos and training; DSPy's parser keeps it as that text."""
-    if value == "None" and type(None) in get_args(annotation):
+    if value == "None" and admits_none(annotation):
         return None
     return value
 
@@ -356,7 +377,7 @@ def none_as_written(value: Any, annotation: Any) -> Any:
 def blank_as_none(value: Any, annotation: Any) -> Any:
     """None for a blank label (a CSV's empty cell: CSV has no null) of a type that admits
     None (`int | None`)."""
-    if isinstance(value, str) and not value.strip() and type(None) in get_args(annotation):
+    if isinstance(value, str) and not value.strip() and admits_none(annotation):
         return None
     return value
 

@@ -39,6 +39,7 @@ from services.core.program import (
     SchemaValue,
     choice_values,
     is_code,
+    optional_inner,
 )
 
 ValueKind = Literal["choice", "number", "json", "text"]
@@ -173,19 +174,6 @@ def enum_texts(schema: dict[str, Any]) -> tuple[str, ...] | None:
     if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
         return tuple(values)
     return None
-
-
-def optional_inner(annotation: Any) -> tuple[Any, bool]:
-    """`X | None` (Optional[X]) as X and True; any other annotation as itself and False."""
-    from types import NoneType, UnionType
-    from typing import Union, get_args, get_origin
-
-    if get_origin(annotation) not in (Union, UnionType):
-        return annotation, False
-    others = [arg for arg in get_args(annotation) if arg is not NoneType]
-    if len(others) != 1 or len(others) == len(get_args(annotation)):
-        return annotation, False
-    return others[0], True
 
 
 def choice_texts(info: Any, annotation: Any) -> tuple[str, ...] | None:
