@@ -707,8 +707,14 @@ def test_chain_of_thought_program_from_an_api_teacher_on_a_hugging_face_student(
         ("program: examples.nowhere:build", "program: cannot import 'examples.nowhere'"),
         (
             "program: examples/ticket_triage/program.py",
-            "'examples/ticket_triage/program.py' is "
-            "not an import path like package.module:function",
+            "'examples/ticket_triage/program.py' is not an import path like "
+            "package.module:function; name the program in examples/ticket_triage/program.py "
+            "after a colon, e.g. examples.ticket_triage.program:build",
+        ),
+        (
+            "program: optimized_program/",
+            "optimized_program/ is a saved program: name a function that returns it, e.g. "
+            "`def build(): return dspy.load('optimized_program/', allow_pickle=True)`",
         ),
         (
             "program: examples.ticket_triage.program:TicketTriage",

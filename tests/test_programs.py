@@ -419,6 +419,67 @@ def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path)
     assert list(json.loads(result.outputs_json)) == ["category", "queue", "escalate"]
 
 
+OPTIMIZED_PROGRAM = """
+from pathlib import Path
+
+from tests.programs.two_step import TwoStep
+
+TEAMS = (Path(__file__).parent / "teams.txt").read_text().split()  # read as it is imported
+
+
+def build():
+    program = TwoStep()
+    program.load("optimized.json")  # what the optimizer found, saved where the build runs
+    return program
+"""
+
+
+def test_files_the_programs_import_and_factory_read_ship_with_its_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory that load()s its optimized state from the working folder and a module that
+    reads a file beside it at import: both files ship with the code, and the program is made
+    from the bundle wherever the server runs."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+    from tests.programs.two_step import TwoStep
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "optimized_two_step.py").write_text(OPTIMIZED_PROGRAM)
+    (project / "teams.txt").write_text("network hardware software")
+    optimized = TwoStep()
+    optimized.classify.signature = optimized.classify.signature.with_instructions("Pick a team.")
+    optimized.save(str(project / "optimized.json"))
+    write_jsonl(project / "train.jsonl", support_rows("train", 1))
+    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
+    (project / "spec.yaml").write_text(
+        "name: optimized\nprogram: optimized_two_step:build\n"
+        "data: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    monkeypatch.chdir(project)
+    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    assert {"optimized_two_step.py", "optimized.json", "teams.txt"} <= set(ctx.sources)
+    assert not {"train.jsonl", "spec.yaml"} & set(ctx.sources)  # read by the build, not by it
+    program_json = ctx.write_program(tmp_path / "bundle" / "program")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "optimized_two_step")  # imported again, from the bundle
+    runner = ProgramRunner.load(program_json, ctx.pipeline)
+    assert runner.predictors["classify"].signature.instructions == "Pick a team."
+    assert Path.cwd() == tmp_path
+    shutil.rmtree(tmp_path / "bundle" / "program" / "source")
+    (tmp_path / "bundle" / "program" / "source").mkdir()
+    (tmp_path / "bundle" / "program" / "source" / "optimized_two_step.py").write_text(
+        OPTIMIZED_PROGRAM.replace('"teams.txt"', '"other.txt"').replace("TEAMS = ", "X = 1 #")
+    )
+    monkeypatch.delitem(sys.modules, "optimized_two_step")
+    with pytest.raises(ProgramCodeError, match=r"optimized_two_step:build raised "
+                       r"FileNotFoundError: .*optimized\.json.* \(run in "):  # fmt: skip
+        ProgramRunner.load(program_json, ctx.pipeline)
+
+
 def two_step_context(folder: Path, factory: str, more_train: list[dict[str, str]] = ()) -> Any:
     """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console

@@ -38,6 +38,7 @@ from services.builder.metrics import (
     output_annotations,
     resolve_metric,
 )
+from services.builder.program_files import program_files, recording_reads
 from services.builder.spec import (
     IMPORT_ROOTS,
     BuildSpec,
@@ -127,9 +128,10 @@ def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
 
 
 def describe_pipeline(
-    spec: BuildSpec, module: Any, trainset_row: dict[str, Any]
+    spec: BuildSpec, module: Any, trainset_row: dict[str, Any], reads: set[str]
 ) -> tuple[PipelineSpec, dict[str, Path]]:
-    """A multi-step program's program.json and the source files that go with it.
+    """A multi-step program's program.json and the files that go with it: its source and the
+    files its import and factory read (`reads`).
 
     Inputs are `forward`'s parameters; outputs, the predictors' output fields that the train
     rows label and the final prediction carries (a gold teacher needs every predictor's
@@ -158,7 +160,7 @@ def describe_pipeline(
             f"({', '.join(dict.fromkeys(produced))}); label the program's final outputs"
         )
     module_name, _, attr = path.partition(":")
-    sources = local_sources(module_name, IMPORT_ROOTS)
+    sources = {**program_files(reads, IMPORT_ROOTS), **local_sources(module_name, IMPORT_ROOTS)}
     pipeline = PipelineSpec(
         name=name, instructions=(type(module).__doc__ or "").strip(),
         inputs=[fields.get(n, FieldSpec(name=n)).model_copy(update={"required": n not in defaults})
@@ -321,7 +323,8 @@ class BuildContext:
     @classmethod
     def load(cls, spec: BuildSpec, console: Console) -> BuildContext:
         """Read and check everything the stages need before any of them runs."""
-        program = load_program(spec.program)
+        with recording_reads(spec.program) as reads:
+            program = load_program(spec.program)
         check_text_fields(spec.program, program)
         predictors = program.predictors()
         pipeline: PipelineSpec | None = None
@@ -332,7 +335,7 @@ class BuildContext:
             inputs, outputs = codec.input_names, codec.output_names
         else:
             first = load_examples(spec.data.train, [], [], "data.train")[0]
-            pipeline, sources = describe_pipeline(spec, program, first)
+            pipeline, sources = describe_pipeline(spec, program, first, reads)
             program_spec = pipeline.predictors[0]
             inputs, outputs = pipeline.input_names, pipeline.output_names
         optional = pipeline.optional_inputs if pipeline is not None else []

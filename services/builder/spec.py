@@ -207,7 +207,9 @@ class BuildSpec(_Strict):
         if colon and file.endswith(".py") and not file.startswith("/"):  # `app/main.py:build`
             value = file.removeprefix("./").removesuffix(".py").replace("/", ".") + colon + attr
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            raise ValueError(f"{value!r} is not an import path like package.module:function")
+            raise ValueError(f"{value!r} is not an import path like package.module:function"
+                             + (saved_program_hint(value) if info.field_name == "program"
+                                else ""))  # fmt: skip
         return value
 
     @field_validator("students")
@@ -245,6 +247,24 @@ class BuildSpec(_Strict):
             if quant not in QUANT_TYPES:
                 raise ValueError(f"{quant!r} is not one of {', '.join(QUANT_TYPES)}")
         return value
+
+
+def saved_program_hint(value: str) -> str:
+    """What to write for a file where `program:` takes module:attribute."""
+    if value.endswith(".py"):
+        module = value.removeprefix("./").removesuffix(".py").replace("/", ".")
+        return (
+            f"; name the program in {value} after a colon, e.g. {module}:build (a dspy.Module, "
+            "or a function returning one)"
+        )
+    if value.endswith((".json", ".pkl", "/")) or Path(value).is_dir():
+        return (
+            f"; {value} is a saved program: name a function that returns it, e.g. "
+            f"`def build(): return dspy.load({value!r}, allow_pickle=True)` for a folder "
+            "saved with save_program=True, or one that makes the module and load()s its "
+            ".json state (the files it reads ship with its code)"
+        )
+    return ""
 
 
 # What each required key holds, for a spec that leaves it out.

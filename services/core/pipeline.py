@@ -12,6 +12,7 @@ trained on.
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
 import importlib
 import importlib.util
@@ -198,12 +199,34 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
     """Import the program from a bundle's program folder, instantiate it and load its state.
     A module its code imports that is not installed here is named."""
     root = (folder / spec.source.root).resolve()
+    state = (folder / spec.state).resolve()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    # The code runs from its folder, as it ran from the build's: the files its import or its
+    # factory read there (`program.load("optimized.json")`) are shipped beside it.
+    with contextlib.chdir(root):
+        code = _import_program(root, spec)
+        factory = getattr(code, spec.source.attr, None)
+        if factory is None:
+            raise ProgramCodeError(f"program: {spec.source.module} has no {spec.source.attr!r}")
+        try:
+            module = make_module(factory)
+        except ProgramCodeError:
+            raise
+        except Exception as err:  # the author's factory failed here
+            raise ProgramCodeError(
+                f"program: {spec.source.module}:{spec.source.attr} raised "
+                f"{type(err).__name__}: {err} (run in {root})"
+            ) from err
+    module.load(str(state))
+    return module
+
+
+def _import_program(root: Path, spec: PipelineSpec) -> Any:
     writes_bytecode = sys.dont_write_bytecode
     sys.dont_write_bytecode = True  # no __pycache__ in the bundle: it stays as signed
     try:
-        code = importlib.import_module(spec.source.module)
+        return importlib.import_module(spec.source.module)
     except ModuleNotFoundError as err:
         missing = missing_dependency(spec.source.module, err)
         raise ProgramCodeError(
@@ -220,12 +243,6 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
         ) from err
     finally:
         sys.dont_write_bytecode = writes_bytecode
-    factory = getattr(code, spec.source.attr, None)
-    if factory is None:
-        raise ProgramCodeError(f"program: {spec.source.module} has no {spec.source.attr!r}")
-    module = make_module(factory)
-    module.load(str(folder / spec.state))
-    return module
 
 
 def local_sources(module_name: str, roots: list[Path]) -> dict[str, Path]:
