@@ -387,14 +387,22 @@ def test_one_predictor_in_a_module_of_its_own_is_served_through_its_forward(
 ) -> None:
     """A module whose forward joins `subject` and `body` into the one predictor's `ticket`
     takes subject and body, as its author calls it, and its code is shipped; a wrapper taking
-    `**kwargs` (no inputs of its own) is served from the predictor's signature."""
+    `**kwargs` (no inputs of its own), or DSPy's Refine, is served from the predictor's
+    signature, and the build says what of it is not served."""
+    from services.builder.context import served_as_its_predictor
+    from tests.programs.wrapped import build_refined
+
     ctx = wrapped_context(tmp_path, "build", subject_rows())
     assert ctx.pipeline is not None and ctx.pipeline.input_names == ["subject", "body"]
     assert ctx.pipeline.output_names == ["category"]
     assert "tests/programs/wrapped.py" in ctx.sources
     ctx = wrapped_context(tmp_path, "build_bare", support_rows("train", 1))
     assert ctx.pipeline is None and [f.name for f in ctx.program_spec.inputs] == ["ticket"]
+    assert "Bare around one predictor" in (served_as_its_predictor(ctx.program) or "")
     # an optional output whose first row is None is still an output the program carries
+    refined = served_as_its_predictor(build_refined()) or ""
+    assert "Refine around one predictor" in refined and "retries" in refined
+    assert served_as_its_predictor(ctx.program.predictors()[0]) is None  # a Predict is served whole
     ctx = wrapped_context(tmp_path, "build_estimate", subject_rows("affected"))
     assert ctx.pipeline is not None and ctx.pipeline.output_names == ["affected"]
 

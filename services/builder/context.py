@@ -115,6 +115,23 @@ def runs_own_code(program: Any) -> bool:
     return not type(program).__module__.startswith("dspy") and bool(forward_inputs(program))
 
 
+def served_as_its_predictor(program: Any) -> str | None:
+    """A module around one predictor that is served as that predictor (DSPy's Refine or
+    BestOfN, a `forward(**kwargs)` wrapper): what the module adds around the call runs for the
+    teacher but is not served, which its author should read before shipping."""
+    import dspy
+
+    if isinstance(program, dspy.Predict) or type(program) is dspy.ChainOfThought:
+        return None
+    name = type(program).__name__
+    return (
+        f"program: {name} around one predictor: the teacher runs it as written, the student "
+        f"learns the predictor's answer and serves one call of it per request ({name}'s own "
+        "Python around that call, its retries or its choice among attempts, is not served; "
+        "the router sends low-confidence answers to the API)"
+    )
+
+
 def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
     """A single-predictor program's program.json: its signature, which the runtime rebuilds
     from this description alone."""
@@ -366,6 +383,7 @@ class BuildContext:
         metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
         warnings = [
             check_metric(metric, spec.metric, trainset, outputs, threshold),
+            served_as_its_predictor(program) if pipeline is None else None,
             exact_match_on_free_text(spec.metric, trainset, outputs, choices, types),
         ]
         for warning in filter(None, warnings):

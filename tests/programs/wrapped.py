@@ -61,3 +61,12 @@ class WithQueue(Joined):
 
 def build_with_queue() -> dspy.Module:
     return WithQueue()
+
+
+def a_known_team(args: dict[str, str], prediction: dspy.Prediction) -> float:
+    return float(prediction.category != "billing")
+
+
+def build_refined() -> dspy.Module:
+    """DSPy's Refine around the predictor: up to three attempts, kept by a reward."""
+    return dspy.Refine(module=dspy.Predict(Classify), N=3, reward_fn=a_known_team, threshold=1.0)
