@@ -28,8 +28,8 @@ from typing import Any
 from testkit.json_http import JsonHandler
 
 _FIELD = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n|\Z)", re.S)
-# ChatAdapter's system message: "Your output fields are:\n1. `name` (type): ..."
-_OUTPUTS = re.compile(r"^\d+\. `(\w+)`", re.M)
+# ChatAdapter's system message: "Your output fields are:\n1. `name` (type): ..." (inputs too)
+_OUTPUTS = re.compile(r"^\d+\. `(\w+)` \(([^)]*)\)", re.M)
 
 
 class OpenAIStandIn:
@@ -79,13 +79,17 @@ class OpenAIStandIn:
         if {"ground_truth", "system_response"} <= fields.keys():
             return judge(fields["ground_truth"], fields["system_response"])
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        wanted = [name for name in _OUTPUTS.findall(str(system)) if name not in fields]
+        types = dict(_OUTPUTS.findall(str(system)))
+        wanted = [name for name in types if name not in fields]
         if self.input_field in wanted:
             return f"[[ ## {self.input_field} ## ]]\n{self.write(fields)}\n\n[[ ## completed ## ]]"
         if wanted and self.output_field not in wanted:
-            # Another signature (a prompt optimizer's own: proposed instructions, summaries):
-            # a plain sentence for each field it asks for.
-            parts = [f"[[ ## {name} ## ]]\nAnswer precisely and briefly.\n\n" for name in wanted]
+            # Another signature (a prompt optimizer's own: proposed instructions, summaries;
+            # Refine's advice per module): a plain sentence for each field it asks for, an
+            # empty object for a dict.
+            parts = [f"[[ ## {name} ## ]]\n"
+                     + ("{}" if types[name].startswith("dict") else "Answer precisely and briefly.")
+                     + "\n\n" for name in wanted]  # fmt: skip
             return "".join(parts) + "[[ ## completed ## ]]"
         asked = fields.get(self.input_field, "").strip()
         label = self.gold.get(asked, "unknown")

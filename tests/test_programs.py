@@ -266,6 +266,40 @@ def test_an_api_teacher_runs_the_whole_program_and_every_call_is_traced(tmp_path
     assert summary["draft"] == {"kept": 1, "rejected": 1}
 
 
+def test_an_api_teacher_runs_refine_as_written_and_its_chosen_answer_is_the_trace(
+    tmp_path: Path,
+) -> None:
+    """dspy.Refine around the predictor: at temperature 1 the stand-in answers the wavering
+    ticket "billing", which the reward refuses; Refine asks the teacher LM for advice (a call
+    of its own, in the trace) and tries again. The answer Refine keeps is the row's trace."""
+    import dspy
+
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces
+    from testkit.openai_standin import OpenAIStandIn
+    from tests.programs.wrapped import build_refined
+
+    rows = [{"ticket": "VPN down", "category": "network"},
+            {"ticket": "Laptop screen cracked", "category": "hardware"}]  # fmt: skip
+    trainset = [dspy.Example(**r).with_inputs("ticket") for r in rows]
+
+    def category_only(example: Any, prediction: Any, trace: Any = None) -> bool:
+        return bool(example.category == prediction.category)
+
+    gold = {r["ticket"]: r["category"] for r in rows} | {"x": "billing"}
+    with OpenAIStandIn(gold, wavering={"Laptop screen cracked"}) as api:
+        teacher = TeacherSpec(model="openai/teacher", api_base=api.base_url, num_threads=1)
+        counts = collect_traces(
+            program=build_refined(), teacher=teacher, trainset=trainset, metric=category_only,
+            threshold=1.0, output_names=["category"], out_dir=tmp_path,
+        )  # fmt: skip
+        requests = api.requests
+    assert (counts.kept, counts.rejected, counts.failed) == (1, 1, 0)
+    assert requests == 1 + 3 + 2  # one attempt; three attempts with advice between them
+    rejected = json.loads((tmp_path / "rejected.jsonl").read_text())
+    assert rejected["outputs"] == {"category": "billing"}
+
+
 def test_a_gold_teacher_needs_every_predictors_outputs_labelled(tmp_path: Path) -> None:
     import dspy
 

@@ -106,6 +106,7 @@ def collect_traces(
             progress(1)
     else:
         answer, names = teacher_answers(program, teacher, trainset, metric, threshold, runner)
+        predictor = program.predictors()[0]
 
         def run(example: Any) -> tuple[str, dict[str, Any]]:
             import dspy
@@ -118,13 +119,12 @@ def collect_traces(
             except Exception as err:  # one bad example never sinks the build
                 error = f"{type(err).__name__}: {err}"[:500]
                 return "failed", {"inputs": inputs, "error": error, "every_call": every_call(err)}
-            if runner is None and len(trace) != 1:
-                return "failed", {
-                    "inputs": inputs,
-                    "error": f"{len(trace)} predictor calls, want 1",
-                }
-            if runner is None:
-                _, inputs, prediction = trace[0]
+            if runner is None:  # the program's one predictor (not Refine's advice, say)
+                own = [call for call in trace if same_fields(call[0], predictor)]
+                if len(own) != 1:
+                    error = f"{len(own)} calls of the program's predictor, want 1"
+                    return "failed", {"inputs": inputs, "error": error}
+                _, inputs, prediction = own[0]
             outputs = {k: prediction.get(k) for k in output_names}
             value = score(metric, example, outputs)
             record = {"inputs": dict(inputs), "outputs": outputs, "score": value}
@@ -180,6 +180,16 @@ def collect_traces(
     return counts
 
 
+def same_fields(called: Any, predictor: Any) -> bool:
+    """A traced predictor is the program's own, or a copy of it (an optimizer's, Refine's
+    attempts): the same input and output fields."""
+    ours, theirs = predictor.signature, called.signature
+    return bool(
+        list(ours.input_fields) == list(theirs.input_fields)
+        and list(ours.output_fields) == list(theirs.output_fields)
+    )
+
+
 def every_call(err: Exception) -> bool:
     """An error no other call would escape: the server unreachable, the key or the billing
     refused, the model unknown or the client misconfigured (not a rate limit, a timeout or one
@@ -202,10 +212,19 @@ def teacher_answers(
         assert runner is not None
         names = {id(p): name for name, p in runner.predictors.items()}
         return lambda example: gold_run(runner, example), names
+    import dspy
+
     teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
     names = {id(p): name for name, p in teacher_program.named_predictors()}
     typed = runner.forward_arguments if runner is not None else dict  # as served
-    return lambda example: teacher_program(**typed(dict(example.inputs()))), names
+
+    def answer(example: Any) -> Any:
+        # The teacher LM is also the context's, as `dspy.configure(lm=...)` makes it where the
+        # program was written: a predictor made as it runs (Refine's advice) calls it too.
+        with dspy.context(lm=teacher_program.get_lm()):
+            return teacher_program(**typed(dict(example.inputs())))
+
+    return answer, names
 
 
 def gold_answers(runner: ProgramRunner, row: Any) -> Complete:
