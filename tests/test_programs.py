@@ -300,6 +300,41 @@ def test_an_api_teacher_runs_refine_as_written_and_its_chosen_answer_is_the_trac
     assert rejected["outputs"] == {"category": "billing"}
 
 
+def test_a_predictor_made_inside_forward_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    """`dspy.Predict("ticket -> note")(...)` inside forward is no attribute of the module: no
+    student learns it and the runtime has nothing to answer it with. The gold run at load
+    refuses it; an API teacher's run of it fails the row, naming the fix, not the build."""
+    import dspy
+
+    from services.builder.spec import SpecError, TeacherSpec
+    from services.builder.teacher import collect_traces
+    from testkit.openai_standin import OpenAIStandIn
+    from tests.programs.two_step import build_inline_note
+
+    with pytest.raises(SpecError, match=r"not an attribute of the module \(outputs note\).*"
+                       r"make it one in __init__"):  # fmt: skip
+        two_step_context(tmp_path, "build_inline_note")
+    module = build_inline_note()
+    spec = PipelineSpec(
+        name="inline", inputs=[FieldSpec(name="ticket")], outputs=[FieldSpec(name="category")],
+        predictors=predictor_specs(module),
+        source=SourceSpec(module="tests.programs.two_step", attr="build_inline_note"),
+    )  # fmt: skip
+    runner = ProgramRunner(module, spec)
+    trainset = [dspy.Example(ticket="VPN down", category="network").with_inputs("ticket")]
+    with OpenAIStandIn({"VPN down": "network"}) as api:
+        teacher = TeacherSpec(model="openai/teacher", api_base=api.base_url,
+                              max_failure_fraction=1.0)  # fmt: skip
+        counts = collect_traces(
+            program=module, teacher=teacher, trainset=trainset, metric=lambda e, p, t=None: 1.0,
+            threshold=1.0, output_names=["category"], out_dir=tmp_path, runner=runner,
+            require_kept=False,
+        )  # fmt: skip
+    assert counts.failed == 1
+    failed = json.loads((tmp_path / "failed.jsonl").read_text())
+    assert "not an attribute of the module (outputs note)" in failed["error"]
+
+
 def test_a_gold_teacher_needs_every_predictors_outputs_labelled(tmp_path: Path) -> None:
     import dspy
 

@@ -51,6 +51,7 @@ from services.core.pipeline import (
     PipelineSpec,
     ProgramRunner,
     SourceSpec,
+    UnboundPredictor,
     forward_annotations,
     forward_defaults,
     forward_inputs,
@@ -201,6 +202,8 @@ def gold_forward(runner: ProgramRunner, row: dict[str, Any]) -> tuple[Any, Any] 
     inputs = {name: row[name] for name in runner.spec.input_names if name in row}
     try:
         prediction, run = runner.forward(inputs, gold_answers(runner, row))
+    except UnboundPredictor as err:  # no teacher could make it servable
+        raise SpecError(f"program: {runner.spec.source.module}: {err}") from None
     except Exception:
         return None
     return None if prediction is None else (prediction, run)

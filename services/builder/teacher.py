@@ -106,7 +106,7 @@ def collect_traces(
             progress(1)
     else:
         answer, names = teacher_answers(program, teacher, trainset, metric, threshold, runner)
-        predictor = program.predictors()[0]
+        single = program.predictors()[0]
 
         def run(example: Any) -> tuple[str, dict[str, Any]]:
             import dspy
@@ -119,21 +119,19 @@ def collect_traces(
             except Exception as err:  # one bad example never sinks the build
                 error = f"{type(err).__name__}: {err}"[:500]
                 return "failed", {"inputs": inputs, "error": error, "every_call": every_call(err)}
-            if runner is None:  # the program's one predictor (not Refine's advice, say)
-                own = [call for call in trace if same_fields(call[0], predictor)]
-                if len(own) != 1:
-                    error = f"{len(own)} calls of the program's predictor, want 1"
-                    return "failed", {"inputs": inputs, "error": error}
-                _, inputs, prediction = own[0]
+            if runner is None:
+                call = own_call(trace, single)
+                if isinstance(call, str):
+                    return "failed", {"inputs": inputs, "error": call}
+                _, inputs, prediction = call
+            calls = named_calls(trace, names) if runner is not None else []
+            if isinstance(calls, str):
+                return "failed", {"inputs": inputs, "error": calls}
             outputs = {k: prediction.get(k) for k in output_names}
             value = score(metric, example, outputs)
             record = {"inputs": dict(inputs), "outputs": outputs, "score": value}
             if runner is not None:
-                record["calls"] = [
-                    {"predictor": names[id(predictor)], "inputs": dict(call_inputs),
-                     "outputs": dict(call_outputs.items())}
-                    for predictor, call_inputs, call_outputs in trace
-                ]  # fmt: skip
+                record["calls"] = calls
             return ("kept" if value >= threshold else "rejected"), record
 
         def take(verdict: str, record: dict[str, Any]) -> None:
@@ -144,7 +142,7 @@ def collect_traces(
         # the build now, not after the whole train set has failed with retries.
         if trainset:
             take(*run(trainset[0]))
-        if failed and failed[0]["every_call"]:
+        if failed and failed[0].get("every_call"):
             said = failed[0]["error"].split("\n\n")[0].rstrip(".")  # not DSPy's advice on dspy.LM()
             raise TeacherError(
                 f"the teacher's first call failed: {said}; nothing else was sent. Check "
@@ -178,6 +176,26 @@ def collect_traces(
             "failed): check the teacher model, the metric, or lower metric_threshold"
         )
     return counts
+
+
+def own_call(trace: list[Any], predictor: Any) -> Any:
+    """The one call of a single-predictor program's predictor in a teacher run's trace (not
+    Refine's advice, say), or what is wrong."""
+    own = [call for call in trace if same_fields(call[0], predictor)]
+    return own[0] if len(own) == 1 else f"{len(own)} calls of the program's predictor, want 1"
+
+
+def named_calls(trace: list[Any], names: dict[int, str]) -> list[dict[str, Any]] | str:
+    """A multi-step program's calls, each by its predictor's name; or what is wrong: a call of
+    a predictor made as forward ran, which no student learns and nothing serves."""
+    unbound = [predictor for predictor, _, _ in trace if id(predictor) not in names]
+    if unbound:
+        fields = ", ".join(unbound[0].signature.output_fields)
+        return (f"forward called a predictor that is not an attribute of the module (outputs "
+                f"{fields}); make it one in __init__")  # fmt: skip
+    return [{"predictor": names[id(predictor)], "inputs": dict(inputs),
+             "outputs": dict(outputs.items())}
+            for predictor, inputs, outputs in trace]  # fmt: skip
 
 
 def same_fields(called: Any, predictor: Any) -> bool:

@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -405,6 +406,34 @@ class _PredictorEngine:
         pass
 
 
+class UnboundPredictor(ProgramCodeError):
+    """`forward` called a predictor the module does not hold (made as it ran): no student
+    learns it and nothing serves it."""
+
+
+class _UnboundEngine(_PredictorEngine):
+    """The context's LM during a run: only a predictor made inside `forward` reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def complete(self, request: Any) -> Any:
+        system = next(
+            (m["content"] for m in request_messages(request) if m["role"] == "system"), ""
+        )
+        asked = system.partition("Your output fields are:")[2]
+        outputs = re.findall(r"^\d+\. `(\w+)`", asked, re.M)
+        error = UnboundPredictor(
+            f"forward called a predictor that is not an attribute of the module (outputs "
+            f"{', '.join(outputs) or 'unknown'}), made as it ran; make it one in __init__ "
+            "(self.step = dspy.Predict(...)) so it is distilled and served with the others"
+        )
+        run = _CURRENT.get()
+        if run is not None:
+            run.failure = error
+        raise error
+
+
 def served_adapter(prompt_format: PromptFormat = "chat") -> Any:
     """The adapter every predictor is trained and served with."""
     return chat_adapter(prompt_format)
@@ -484,7 +513,9 @@ class ProgramRunner:
         token = _CURRENT.set(run)
         try:
             adapter = served_adapter(self.spec.prompt_format)
-            with dspy.context(adapter=adapter, disable_history=True):
+            unbound = dspy.LM("edgedistill/unbound", engine=_UnboundEngine(), cache=False,
+                              num_retries=0)  # fmt: skip
+            with dspy.context(adapter=adapter, disable_history=True, lm=unbound):
                 return self.module(**self.forward_arguments(inputs)), run
         except dspy.utils.exceptions.AdapterParseError:
             return None, run

@@ -118,3 +118,20 @@ class EstimateThenDraft(dspy.Module):
 
 def build_estimate_then_draft() -> dspy.Module:
     return EstimateThenDraft()
+
+
+class InlineNote(dspy.Module):
+    """A second predictor made inside forward, not held by the module: nothing could serve it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+
+    def forward(self, ticket: str) -> dspy.Prediction:
+        category = self.classify(ticket=ticket).category
+        note = dspy.Predict("ticket -> note")(ticket=ticket).note
+        return dspy.Prediction(category=category, note=note)
+
+
+def build_inline_note() -> dspy.Module:
+    return InlineNote()
