@@ -502,6 +502,7 @@ from pathlib import Path
 from tests.programs.two_step import TwoStep
 
 TEAMS = (Path(__file__).parent / "teams.txt").read_text().split()  # read as it is imported
+KEYS = Path(".env").read_text() if Path(".env").exists() else ""  # as load_dotenv(): not shipped
 
 
 def build():
@@ -527,6 +528,7 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
     project.mkdir()
     (project / "optimized_two_step.py").write_text(OPTIMIZED_PROGRAM)
     (project / "teams.txt").write_text("network hardware software")
+    (project / ".env").write_text("OPENAI_API_KEY=sk-not-a-real-key")
     optimized = TwoStep()
     optimized.classify.signature = optimized.classify.signature.with_instructions("Pick a team.")
     optimized.save(str(project / "optimized.json"))
@@ -539,7 +541,7 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
     monkeypatch.chdir(project)
     ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
     assert {"optimized_two_step.py", "optimized.json", "teams.txt"} <= set(ctx.sources)
-    assert not {"train.jsonl", "spec.yaml"} & set(ctx.sources)  # read by the build, not by it
+    assert not {"train.jsonl", "spec.yaml", ".env"} & set(ctx.sources)  # not read by it, hidden
     program_json = ctx.write_program(tmp_path / "bundle" / "program")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "optimized_two_step")  # imported again, from the bundle
@@ -549,7 +551,7 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
     shutil.rmtree(tmp_path / "bundle" / "program" / "source")
     (tmp_path / "bundle" / "program" / "source").mkdir()
     (tmp_path / "bundle" / "program" / "source" / "optimized_two_step.py").write_text(
-        OPTIMIZED_PROGRAM.replace('"teams.txt"', '"other.txt"').replace("TEAMS = ", "X = 1 #")
+        OPTIMIZED_PROGRAM.replace("TEAMS = ", "X = 1 #").replace("KEYS = ", "Y = 1 #")
     )
     monkeypatch.delitem(sys.modules, "optimized_two_step")
     with pytest.raises(ProgramCodeError, match=r"optimized_two_step:build raised "

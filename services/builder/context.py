@@ -356,6 +356,10 @@ class BuildContext:
         else:
             first = load_examples(spec.data.train, [], [], "data.train")[0]
             pipeline, sources = describe_pipeline(spec, program, first, reads)
+            data = sorted(rel for rel in sources if not rel.endswith(".py"))
+            if data:
+                console.print(f"  program: ships {', '.join(data)} with its code (read as it "
+                              "was imported and made)", highlight=False)  # fmt: skip
             program_spec = pipeline.predictors[0]
             inputs, outputs = pipeline.input_names, pipeline.output_names
         optional = pipeline.optional_inputs if pipeline is not None else []

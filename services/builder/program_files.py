@@ -55,9 +55,9 @@ def recording_reads(program: str) -> Iterator[set[str]]:
 
 
 def program_files(reads: set[str], roots: list[Path]) -> dict[str, Path]:
-    """Each file read under one of `roots` that is not code nor an installed package's: its
-    path in the shipped folder (as the program wrote it when relative, else under its root)
-    -> the file."""
+    """Each file read under one of `roots` that is not code, an installed package's or hidden
+    (a `.env` of keys, a tool's `.cache`): its path in the shipped folder (as the program wrote
+    it when relative, else under its root) -> the file."""
     found: dict[str, Path] = {}
     for read in sorted(reads):
         file = Path(read).resolve()
@@ -66,9 +66,10 @@ def program_files(reads: set[str], roots: list[Path]) -> dict[str, Path]:
         root = next((r.resolve() for r in roots if file.is_relative_to(r.resolve())), None)
         if root is None:
             continue
-        found[Path(read).as_posix() if _portable(read) else file.relative_to(root).as_posix()] = (
-            file
-        )
+        where = Path(read) if _portable(read) else file.relative_to(root)
+        if any(part.startswith(".") for part in where.parts):  # .env, .cache: never shipped
+            continue
+        found[where.as_posix()] = file
     return found
 
 
