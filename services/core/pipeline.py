@@ -467,6 +467,9 @@ class ProgramRunner:
             predictor.lm = dspy.LM(
                 f"edgedistill/{name}", engine=_PredictorEngine(name), cache=False, num_retries=0
             )
+        # The context's LM in a run: only a predictor made inside forward calls it.
+        self.unbound = dspy.LM("edgedistill/unbound", engine=_UnboundEngine(), cache=False,
+                               num_retries=0)  # fmt: skip
         self.codecs = {
             name: PromptCodec.for_signature(p.signature, p.demos, spec.prompt_format)
             for name, p in self.predictors.items()
@@ -513,9 +516,7 @@ class ProgramRunner:
         token = _CURRENT.set(run)
         try:
             adapter = served_adapter(self.spec.prompt_format)
-            unbound = dspy.LM("edgedistill/unbound", engine=_UnboundEngine(), cache=False,
-                              num_retries=0)  # fmt: skip
-            with dspy.context(adapter=adapter, disable_history=True, lm=unbound):
+            with dspy.context(adapter=adapter, disable_history=True, lm=self.unbound):
                 return self.module(**self.forward_arguments(inputs)), run
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
