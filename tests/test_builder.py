@@ -1714,3 +1714,38 @@ def test_a_blank_csv_cell_of_an_optional_field_is_none(tmp_path: Path) -> None:
     assert [e.age for e in examples] == [None, 27]
     with pytest.raises(SpecError, match=r"row 2: age '' is not"):
         check_values(path, "data.train", {"age": int})
+
+
+def test_a_metric_of_the_users_own_that_asks_an_lm_is_judged_by_metric_lm(tmp_path: Path) -> None:
+    """A judge predictor inside the user's metric calls the context's LM, as
+    `dspy.configure(lm=...)` gave it where the metric was written: the build's is metric_lm.
+    Without one (and a gold teacher) the check on the train labels names the fix."""
+    import dspy
+    import yaml
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import SpecError, load_spec
+    from testkit.openai_standin import OpenAIStandIn
+
+    rows = balanced("train", 1)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    spec = {"name": "judged", "program": "examples.ticket_triage.program:build",
+            "metric": "tests.programs.judged:metric", "output": str(tmp_path / "build"),
+            "data": {"train": "train.jsonl", "dev": "dev.jsonl"}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=r"No LM is loaded.*The metric calls an LM \(a judge\): "
+                       r"set metric_lm"):  # fmt: skip
+        BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    teams = {r["category"]: "True" for r in rows}
+    with OpenAIStandIn(teams, input_field="answer", output_field="correct") as api:
+        spec["metric_lm"] = {"model": "openai/judge", "api_base": api.base_url}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+        asked = api.requests
+        assert asked >= 1  # the labels were checked through the judge
+        assert ctx.metric(ctx.trainset[0], dspy.Prediction(category="network")) == 1.0
+        assert ctx.metric(ctx.trainset[0], dspy.Prediction(category="nowhere")) == 0.0
+        assert api.requests > asked + 1  # each answer asked of the judge
+    assert dspy.settings.lm is None  # never made the global LM

@@ -33,6 +33,7 @@ from services.builder.data import (
     unreasoned_rows,
 )
 from services.builder.metrics import (
+    BUILTIN_METRICS,
     TypedMetric,
     check_metric,
     output_annotations,
@@ -387,7 +388,8 @@ class BuildContext:
         threshold = spec.metric_threshold
         if threshold is None:
             threshold = 1.0 if spec.metric == "exact_match" else 0.5
-        metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types)
+        metric = TypedMetric(resolve_metric(spec.metric, judge_spec(spec)), types,
+                             metric_judge(spec))  # fmt: skip
         warnings = [
             check_metric(metric, spec.metric, trainset, outputs, threshold),
             served_as_its_predictor(program) if pipeline is None else None,
@@ -596,6 +598,17 @@ def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:
 
 def groups_per_stratum(groups: list[str], strata: list[str]) -> Counter[str]:
     return Counter(dict(zip(groups, strata, strict=True)).values())
+
+
+def metric_judge(spec: BuildSpec) -> Any:
+    """The LM a metric of the user's own may call (a judge predictor inside it): metric_lm,
+    else an API teacher; none beside a gold teacher."""
+    from services.builder.teacher import teacher_lm
+
+    if spec.metric in BUILTIN_METRICS or spec.metric == "semantic_f1":
+        return None
+    judge = spec.metric_lm or (None if spec.teacher.is_gold else spec.teacher)
+    return teacher_lm(judge) if judge is not None else None
 
 
 def judge_spec(spec: BuildSpec) -> Any:

@@ -122,18 +122,25 @@ class TypedMetric:
     An answer the metric raises on (a malformed value, a missing field) scores 0, as in DSPy's
     Evaluate, and the error is kept in `errors` for the stage's summary and the report."""
 
-    def __init__(self, metric: Metric, annotations: dict[str, Any]) -> None:
+    def __init__(self, metric: Metric, annotations: dict[str, Any], context_lm: Any = None) -> None:
         self.metric = metric
         self.annotations = annotations
         self.takes_trace = _takes_trace(metric)
         self.errors: list[str] = []
+        # The LM a judge inside the metric calls, as `dspy.configure(lm=...)` gave it where the
+        # metric was written (metric_lm, or an API teacher).
+        self.context_lm = context_lm
 
     def __call__(self, example: Any, prediction: Any, trace: Any = None) -> Any:
+        import dspy
+
         typed = typed_prediction(prediction, self.annotations)
+        lm = dspy.context(lm=self.context_lm) if self.context_lm else contextlib.nullcontext()
         try:
-            if trace is None or not self.takes_trace:
-                return self.metric(example, typed)
-            return self.metric(example, typed, trace)
+            with lm:
+                if trace is None or not self.takes_trace:
+                    return self.metric(example, typed)
+                return self.metric(example, typed, trace)
         except Exception as err:  # one unreadable answer never sinks the build
             self.errors.append(f"{type(err).__name__}: {err}"[:300])
             return 0.0
@@ -144,7 +151,7 @@ class TypedMetric:
         return {"count": len(raised), "first": raised[0]} if raised else None
 
     def __getattr__(self, name: str) -> Any:  # the judge's `lm` and `failures`
-        if name in ("metric", "annotations", "takes_trace", "errors"):  # a copy being made
+        if name in ("metric", "annotations", "takes_trace", "errors", "context_lm"):  # a copy
             raise AttributeError(name)
         return getattr(self.metric, name)
 
@@ -173,6 +180,7 @@ def check_metric(
                 "against its own labels; fix the metric (it is handed a dspy.Example and a "
                 "dspy.Prediction whose fields have the signature's types)"
                 + model_labels_hint(error, metric.annotations)
+                + (NO_JUDGE_HINT if "No LM is loaded" in error else "")
                 + (shadowed_fields_hint(output_names) if "'method'" in error else "")
             )
         scores.append(float(value))
@@ -184,6 +192,12 @@ def check_metric(
             + shadowed_fields_hint(output_names)
         )
     return None
+
+
+NO_JUDGE_HINT = (
+    ". The metric calls an LM (a judge): set metric_lm: {model, api_base, api_key_env} in the "
+    "spec, or use an API teacher (teacher.model), which then judges too"
+)
 
 
 def shadowed_fields_hint(names: list[str]) -> str:
