@@ -559,6 +559,42 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
         ProgramRunner.load(program_json, ctx.pipeline)
 
 
+def test_a_program_saved_whole_ships_the_modules_its_pickle_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dspy.load("saved_program/", allow_pickle=True)` in the factory: the folder ships, and
+    so does `steps.py`, which the pickle imports by name though no shipped module imports it."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "steps.py").write_text(
+        "from tests.programs.two_step import TwoStep\n\n\nclass Steps(TwoStep):\n    pass\n"
+    )
+    (project / "saved.py").write_text(
+        'import dspy\n\n\ndef build():\n    return dspy.load("saved_program/", allow_pickle=True)\n'
+    )
+    monkeypatch.syspath_prepend(str(project))
+    import steps  # type: ignore[import-not-found]
+
+    steps.Steps().save(str(project / "saved_program"), save_program=True)
+    write_jsonl(project / "train.jsonl", support_rows("train", 1))
+    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
+    (project / "spec.yaml").write_text(
+        "name: saved\nprogram: saved:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    monkeypatch.chdir(project)
+    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    assert {"saved.py", "steps.py", "saved_program/program.pkl"} <= set(ctx.sources)
+    program_json = ctx.write_program(tmp_path / "bundle" / "program")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "saved")
+    assert type(ProgramRunner.load(program_json, ctx.pipeline).module).__name__ == "Steps"
+
+
 def two_step_context(folder: Path, factory: str, more_train: list[dict[str, str]] = ()) -> Any:
     """The build's context (no stage run) of a two-step program variant on support rows."""
     from rich.console import Console

@@ -179,7 +179,9 @@ def describe_pipeline(
             f"({', '.join(dict.fromkeys(produced))}); label the program's final outputs"
         )
     module_name, _, attr = path.partition(":")
-    sources = {**program_files(reads, IMPORT_ROOTS), **local_sources(module_name, IMPORT_ROOTS)}
+    sources = program_files(reads, IMPORT_ROOTS)
+    for code in [module_name, *defining_modules(module)]:
+        sources |= local_sources(code, IMPORT_ROOTS)
     pipeline = PipelineSpec(
         name=name, instructions=(type(module).__doc__ or "").strip(),
         inputs=[fields.get(n, FieldSpec(name=n)).model_copy(update={"required": n not in defaults})
@@ -191,6 +193,14 @@ def describe_pipeline(
     if spec.teacher.is_gold:
         pipeline = without_intermediate_fields(pipeline, module, trainset_row, path)
     return pipeline, sources
+
+
+def defining_modules(module: Any) -> list[str]:
+    """The modules that define the program's classes and signatures: where a program unpickled
+    by `dspy.load` (which imports them by name) or made through importlib is written."""
+    modules = [type(sub).__module__ for _, sub in module.named_sub_modules()]
+    modules += [p.signature.__module__ for p in module.predictors()]
+    return list(dict.fromkeys(modules))
 
 
 def gold_forward(runner: ProgramRunner, row: dict[str, Any]) -> tuple[Any, Any] | None:
