@@ -1749,3 +1749,25 @@ def test_a_metric_of_the_users_own_that_asks_an_lm_is_judged_by_metric_lm(tmp_pa
         assert ctx.metric(ctx.trainset[0], dspy.Prediction(category="nowhere")) == 0.0
         assert api.requests > asked + 1  # each answer asked of the judge
     assert dspy.settings.lm is None  # never made the global LM
+
+
+def test_a_program_file_named_like_a_module_python_has_says_rename_it(tmp_path: Path) -> None:
+    """`dspy.py` importing dspy imports itself; `types.py` is never imported (Python's `types`
+    already is): each build stops naming the file and the fix, not a circular-import puzzle or
+    a missing attribute."""
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    program = "import dspy\n\n\nclass Triage(dspy.Signature):\n    '''x'''\n"
+    for name, said in (
+        ("dspy", "dspy.py imports the package it is named like"),
+        ("types", "types.py is not what was imported: 'types' is already a module"),
+    ):
+        (tmp_path / f"{name}.py").write_text(program)
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(f"name: x\nprogram: {name}:build\n"
+                        "data: {train: train.jsonl, dev: dev.jsonl}\n")  # fmt: skip
+        proc = run_build(spec)
+        message = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and said in message, proc.stderr
+        assert "rename" in message and f"(e.g. my_{name}.py)" in message
+        (tmp_path / f"{name}.py").unlink()

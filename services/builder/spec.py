@@ -391,11 +391,47 @@ def import_object(path: str, what: str) -> Any:
         raise SpecError(
             f"{what}: importing {module_name!r} raised {type(err).__name__}: {said}"
             + user_code_location(err)
-        ) from err
+            + (f"; {module_name}.py imports the package it is named like ({installed}), so it "
+               f"imports itself: rename it (e.g. my_{module_name}.py)"
+               if f"partially initialized module '{module_name}'" in said
+               and (installed := installed_elsewhere(module_name)) else "")
+        ) from err  # fmt: skip
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise SpecError(f"{what}: {module_name!r} has no {attr!r}") from None
+        raise SpecError(
+            f"{what}: {module_name!r} has no {attr!r}" + shadowed_module_hint(module)
+        ) from None
+
+
+def installed_elsewhere(module_name: str) -> str | None:
+    """Where Python or an installed package has a top-level module of this name, outside the
+    user's folders."""
+    own = {str(root) for root in IMPORT_ROOTS}
+    for entry in sys.path:
+        if not entry or entry in own:
+            continue
+        for candidate in (
+            Path(entry) / module_name / "__init__.py",
+            Path(entry) / f"{module_name}.py",
+        ):
+            if candidate.is_file():
+                return str(candidate.parent if candidate.name == "__init__.py" else candidate)
+    return None
+
+
+def shadowed_module_hint(module: Any) -> str:
+    """A file of the user's own named like a module Python or a package already has (`code.py`,
+    `test.py`): the import found that module, never the file."""
+    loaded = getattr(module, "__file__", None) or "Python itself"
+    own = [root / (module.__name__.replace(".", "/") + ".py") for root in IMPORT_ROOTS]
+    shadowed = [file for file in own if file.is_file() and str(file) != loaded]
+    if not shadowed:
+        return ""
+    return (
+        f"; {shadowed[0]} is not what was imported: {module.__name__!r} is already a module "
+        f"({loaded}), so rename your file (e.g. my_{module.__name__.rpartition('.')[2]}.py)"
+    )
 
 
 def user_code_location(err: BaseException) -> str:
