@@ -274,6 +274,7 @@ def test_an_api_teacher_runs_refine_as_written_and_its_chosen_answer_is_the_trac
     of its own, in the trace) and tries again. The answer Refine keeps is the row's trace."""
     import dspy
 
+    from services.builder.evaluate import evaluate_teacher
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import collect_traces
     from testkit.openai_standin import OpenAIStandIn
@@ -294,10 +295,16 @@ def test_an_api_teacher_runs_refine_as_written_and_its_chosen_answer_is_the_trac
             threshold=1.0, output_names=["category"], out_dir=tmp_path,
         )  # fmt: skip
         requests = api.requests
+        evaluated = evaluate_teacher(
+            program=build_refined(), teacher=teacher, examples=trainset, splits=["test"] * 2,
+            metric=category_only, output_names=["category"],
+        )  # fmt: skip
+        evaluating = api.requests - requests
     assert (counts.kept, counts.rejected, counts.failed) == (1, 1, 0)
     assert requests == 1 + 3 + 2  # one attempt; three attempts with advice between them
     rejected = json.loads((tmp_path / "rejected.jsonl").read_text())
     assert rejected["outputs"] == {"category": "billing"}
+    assert evaluating == requests and evaluated["failures"] == 0  # its held-out answers alike
 
 
 def test_a_predictor_made_inside_forward_is_refused_naming_the_fix(tmp_path: Path) -> None:

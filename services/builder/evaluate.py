@@ -267,7 +267,8 @@ def evaluate_teacher(
     def run(example: Any) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            prediction = teacher_program(**arguments(dict(example.inputs())))
+            with dspy.context(lm=lm):  # the context's LM too, as where the traces were made
+                prediction = teacher_program(**arguments(dict(example.inputs())))
         except Exception as err:
             return {"outputs": None, "error": f"{type(err).__name__}: {err}"[:300],
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
