@@ -617,7 +617,7 @@ def metric_judge(spec: BuildSpec) -> Any:
 
     if spec.metric in BUILTIN_METRICS or spec.metric == "semantic_f1":
         return None
-    judge = spec.metric_lm or (None if spec.teacher.is_gold else spec.teacher)
+    judge = _judge_of(spec)
     return teacher_lm(judge) if judge is not None else None
 
 
@@ -625,14 +625,18 @@ def judge_spec(spec: BuildSpec) -> Any:
     """The LM judging an LM-judged metric: metric_lm, else an API teacher."""
     if spec.metric != "semantic_f1":
         return None
-    if spec.metric_lm is not None:
-        return spec.metric_lm
-    if spec.teacher.is_gold:
+    judge = _judge_of(spec)
+    if judge is None:
         raise SpecError(
             "metric: semantic_f1 is judged by an LM; set metric_lm (model, api_base, "
             "api_key_env) or an API teacher (teacher.model)"
         )
-    return spec.teacher
+    return judge
+
+
+def _judge_of(spec: BuildSpec) -> Any:
+    """metric_lm, else an API teacher; None beside a gold teacher."""
+    return spec.metric_lm or (None if spec.teacher.is_gold else spec.teacher)
 
 
 def gate(evaluation: dict[str, Any], spec: BuildSpec, quant: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from services.core.pipeline import installed
+
 _RECORDING: ContextVar[list[str] | None] = ContextVar("_RECORDING", default=None)
 _HOOKED: list[bool] = []  # an audit hook cannot be removed: it is added once, then gated
 # What each program path's reads were: its module is imported once per process, so a second
@@ -61,7 +63,7 @@ def program_files(reads: set[str], roots: list[Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for read in sorted(reads):
         file = Path(read).resolve()
-        if not file.is_file() or file.suffix in _CODE or _installed(file):
+        if not file.is_file() or file.suffix in _CODE or installed(file):
             continue
         root = next((r.resolve() for r in roots if file.is_relative_to(r.resolve())), None)
         if root is None:
@@ -71,11 +73,6 @@ def program_files(reads: set[str], roots: list[Path]) -> dict[str, Path]:
             continue
         found[where.as_posix()] = file
     return found
-
-
-def _installed(file: Path) -> bool:
-    services = Path(__file__).resolve().parents[1]
-    return "site-packages" in file.parts or file.is_relative_to(services)
 
 
 def _portable(path: str) -> bool:

@@ -205,7 +205,7 @@ class BuildSpec(_Strict):
             return value
         file, colon, attr = value.partition(":")
         if colon and file.endswith(".py") and not file.startswith("/"):  # `app/main.py:build`
-            value = file.removeprefix("./").removesuffix(".py").replace("/", ".") + colon + attr
+            value = module_of_file(file) + colon + attr
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError(f"{value!r} is not an import path like package.module:function"
                              + (saved_program_hint(value) if info.field_name == "program"
@@ -249,10 +249,15 @@ class BuildSpec(_Strict):
         return value
 
 
+def module_of_file(path: str) -> str:
+    """The module a relative .py path names: `app/main.py` -> `app.main`."""
+    return path.removeprefix("./").removesuffix(".py").replace("/", ".")
+
+
 def saved_program_hint(value: str) -> str:
     """What to write for a file where `program:` takes module:attribute."""
     if value.endswith(".py"):
-        module = value.removeprefix("./").removesuffix(".py").replace("/", ".")
+        module = module_of_file(value)
         return (
             f"; name the program in {value} after a colon, e.g. {module}:build (a dspy.Module, "
             "or a function returning one)"

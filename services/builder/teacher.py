@@ -19,7 +19,7 @@ from services.builder.data import json_line
 from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
 from services.core.lm_connection import connection
-from services.core.pipeline import Complete, LmCall, ProgramRunner
+from services.core.pipeline import Complete, LmCall, ProgramRunner, unbound_predictor_message
 from services.core.program import blank_as_none
 
 
@@ -190,9 +190,7 @@ def named_calls(trace: list[Any], names: dict[int, str]) -> list[dict[str, Any]]
     a predictor made as forward ran, which no student learns and nothing serves."""
     unbound = [predictor for predictor, _, _ in trace if id(predictor) not in names]
     if unbound:
-        fields = ", ".join(unbound[0].signature.output_fields)
-        return (f"forward called a predictor that is not an attribute of the module (outputs "
-                f"{fields}); make it one in __init__")  # fmt: skip
+        return unbound_predictor_message(list(unbound[0].signature.output_fields))
     return [{"predictor": names[id(predictor)], "inputs": dict(inputs),
              "outputs": dict(outputs.items())}
             for predictor, inputs, outputs in trace]  # fmt: skip

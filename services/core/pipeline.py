@@ -256,7 +256,7 @@ def local_sources(module_name: str, roots: list[Path]) -> dict[str, Path]:
     while pending:
         name = pending.pop()
         origin = _module_file(name)
-        if origin is None or _installed(origin):
+        if origin is None or installed(origin):
             continue
         depth = name.count(".") + (2 if origin.name == "__init__.py" else 1)
         root = origin.parents[depth - 1]
@@ -282,7 +282,8 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin).resolve()
 
 
-def _installed(path: Path) -> bool:
+def installed(path: Path) -> bool:
+    """A file of an installed package or of edgedistill itself: never the user's program."""
     services = Path(__file__).resolve().parents[1]
     return "site-packages" in path.parts or path.is_relative_to(services)
 
@@ -411,6 +412,16 @@ class UnboundPredictor(ProgramCodeError):
     learns it and nothing serves it."""
 
 
+def unbound_predictor_message(outputs: list[str]) -> str:
+    """What is wrong with a predictor made as forward ran, which no student learns and
+    nothing serves, named by its outputs."""
+    return (
+        f"forward called a predictor that is not an attribute of the module (outputs "
+        f"{', '.join(outputs) or 'unknown'}), made as it ran; make it one in __init__ "
+        "(self.step = dspy.Predict(...)) so it is distilled and served with the others"
+    )
+
+
 class _UnboundEngine(_PredictorEngine):
     """The context's LM during a run: only a predictor made inside `forward` reaches it."""
 
@@ -423,11 +434,7 @@ class _UnboundEngine(_PredictorEngine):
         )
         asked = system.partition("Your output fields are:")[2]
         outputs = re.findall(r"^\d+\. `(\w+)`", asked, re.M)
-        error = UnboundPredictor(
-            f"forward called a predictor that is not an attribute of the module (outputs "
-            f"{', '.join(outputs) or 'unknown'}), made as it ran; make it one in __init__ "
-            "(self.step = dspy.Predict(...)) so it is distilled and served with the others"
-        )
+        error = UnboundPredictor(unbound_predictor_message(outputs))
         run = _CURRENT.get()
         if run is not None:
             run.failure = error
