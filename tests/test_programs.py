@@ -907,3 +907,65 @@ def test_gold_refuses_a_predictor_called_on_two_inputs_in_one_row(tmp_path: Path
     assert ctx.pipeline is not None
     with pytest.raises(TeacherError, match=r"calls it 2 times on different inputs.*API teacher"):
         build(load_spec(tmp_path / "spec.yaml"), Console(file=io.StringIO()), stages=STAGES[:1])
+
+
+PYTHON_DATA_PROGRAM = """
+import json
+from pathlib import Path
+
+import dspy
+
+from tests.programs.two_step import TwoStep
+
+TEAMS = (Path(__file__).parent / "teams.txt").read_text().split()  # read as it is imported
+ROWS = [json.loads(line) for line in Path("rows.jsonl").read_text().splitlines()]
+trainset = [dspy.Example(**row).with_inputs("ticket") for row in ROWS[:6]]
+
+
+def devset():
+    return [dict(row) for row in ROWS[6:]]
+
+
+def build():
+    return TwoStep()
+"""
+
+
+def test_rows_a_dspy_user_keeps_in_python_are_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data.train: "module:trainset"` (a list of dspy.Example) and `data.dev: "module:devset"`
+    (a function returning dicts) are read in their order, written once as JSONL under the build
+    folder; taking them from the program's own module still ships the files it reads at import.
+    What is not rows is refused naming the key and what to write."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import SpecError, load_spec
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "python_data_program.py").write_text(PYTHON_DATA_PROGRAM)
+    (project / "teams.txt").write_text("network hardware software")
+    rows = support_rows("train", 1) + support_rows("dev", 1)
+    write_jsonl(project / "rows.jsonl", rows)
+    (project / "spec.yaml").write_text(
+        "name: pydata\nprogram: python_data_program:build\n"
+        "data: {train: 'python_data_program:trainset', dev: 'python_data_program:devset'}\n"
+    )
+    monkeypatch.chdir(project)
+    spec = load_spec(project / "spec.yaml")
+    assert spec.data.train == Path("build/pydata/data/train.jsonl")
+    assert [json.loads(line) for line in spec.data.train.read_text().splitlines()] == rows[:6]
+    assert [json.loads(line) for line in spec.data.dev.read_text().splitlines()] == rows[6:]
+    ctx = BuildContext.load(spec, Console(quiet=True))
+    assert [row.ticket for row in ctx.trainset] == [row["ticket"] for row in rows[:6]]
+    # The module reads both as it is imported, as the runtime will import it: both ship.
+    assert {"python_data_program.py", "teams.txt", "rows.jsonl"} <= set(ctx.sources)
+    (project / "spec.yaml").write_text(
+        "name: pydata\nprogram: python_data_program:build\n"
+        "data: {train: 'python_data_program:TEAMS', dev: 'python_data_program:nothing'}\n"
+    )
+    with pytest.raises(SpecError, match=r"data.train: python_data_program:TEAMS item 1 is a "
+                       r"str; a row is a dspy.Example"):  # fmt: skip
+        load_spec(project / "spec.yaml")

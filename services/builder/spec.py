@@ -279,7 +279,7 @@ REQUIRED_KEYS = {
     "(program: my_program:build, for my_program.py next to the spec)",
     "data": "the rows to train on and to hold out (data: {train: train.jsonl, dev: dev.jsonl})",
     "data.train": "the rows the teacher answers and the student trains on (JSONL, JSON, CSV or "
-    "TSV, one column per field)",
+    "TSV, one column per field; or module:trainset, a list of dspy.Example in Python)",
     "data.dev": "held-out rows the student never trains on, in the same format as data.train "
     "(a fifth of your rows is usual): the router's threshold and the checkpoint are chosen on "
     "them, and the report scores them, unless data.test names the rows to report on",
@@ -341,11 +341,15 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
     make_importable(base)
+    from services.builder.python_data import names_python_rows, write_python_rows
 
     def resolve(file: Path | None, key: str) -> Path | None:
         if file is None:
             return None
         given, file = file, file if file.is_absolute() else base / file
+        if not file.is_file() and key.startswith("data.") and names_python_rows(given):
+            out = Path(spec.output) / "data" / f"{key.removeprefix('data.')}.jsonl"
+            return write_python_rows(str(given), key, spec.program, out)
         if not file.is_file():
             hint = ""
             if not given.is_absolute() and given.is_file():  # the user meant the working dir
