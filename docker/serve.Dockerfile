@@ -6,10 +6,16 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS install
+# Packages the bundle's program code imports beyond edgedistill's own (its program.json's
+# `requires`, pinned), e.g. "rapidfuzz==3.9.0"; empty for most programs.
+ARG PROGRAM_REQUIRES=""
 COPY dist/wheelhouse /wheels
 # --no-index: every package comes from the wheelhouse; nothing is fetched during the build.
+# PROGRAM_REQUIRES is a list of requirements: split on spaces.
+# hadolint ignore=SC2086
 RUN python3 -m venv /opt/edgedistill \
  && /opt/edgedistill/bin/pip install --no-cache-dir --no-index --find-links /wheels edgedistill \
+    $PROGRAM_REQUIRES \
  && find /opt/edgedistill -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/edgedistill/bin/python -m compileall -q /opt/edgedistill/lib
 

@@ -121,7 +121,11 @@ if [ -z "$ENGINE" ]; then
   say "no docker or podman found: the container images were SKIPPED."
   say "the model bundle is in $BUNDLE; install docker or podman (or set CONTAINER_ENGINE) and rerun 'make build-bundle' to add the images"
 else
-  scripts/wheelhouse.sh dist/wheelhouse >/dev/null
+  # Packages the program's code imports beyond edgedistill's own go into both images.
+  program_requires=$(.venv/bin/python -c 'import json, sys
+print(" ".join(json.load(open(sys.argv[1])).get("requires", [])))' "$BUNDLE/program/program.json")
+  if [ -n "$program_requires" ]; then say "the program's code also needs: $program_requires"; fi
+  REQUIRES=$program_requires scripts/wheelhouse.sh dist/wheelhouse >/dev/null
   base=${BASE_IMAGE:-python:3.11-slim-bookworm}
   if ! "$ENGINE" image inspect "$base" >/dev/null 2>&1 && ! "$ENGINE" pull -q "$base" >/dev/null 2>&1; then
     say "$base cannot be pulled (no registry?): building a local Debian base with debootstrap"
@@ -134,7 +138,8 @@ else
     tag=localhost/edgedistill-$image:$version
     say "building $tag"
     "$ENGINE" build "${BUILD_FLAGS[@]}" -f docker/serve.Dockerfile --target "$image" \
-      --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
+      --build-arg BASE_IMAGE="$base" --build-arg PROGRAM_REQUIRES="$program_requires" \
+      -t "$tag" . >/dev/null
     tags+=("$tag")
   done
   say "building localhost/edgedistill-model:$version (the bundle as an image, for registries)"

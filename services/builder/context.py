@@ -40,6 +40,7 @@ from services.builder.metrics import (
     resolve_metric,
 )
 from services.builder.program_files import program_files, recording_reads
+from services.builder.requirements import program_requirements
 from services.builder.spec import (
     IMPORT_ROOTS,
     BuildSpec,
@@ -146,6 +147,19 @@ def describe_predictor(spec: BuildSpec, predictor: Any) -> ProgramSpec:
         raise SpecError(f"program: {spec.program}: {err}") from None
 
 
+def say_what_ships(pipeline: PipelineSpec, sources: dict[str, Path], console: Console) -> None:
+    """The files and packages a program's code needs where it is served, beside its code."""
+    data = sorted(rel for rel in sources if not rel.endswith(".py"))
+    if data:
+        console.print(f"  program: ships {', '.join(data)} with its code (read as it was "
+                      "imported and made)", highlight=False)  # fmt: skip
+    if pipeline.requires:
+        console.print(f"  program: its code imports {', '.join(pipeline.requires)}, beyond "
+                      "what edgedistill serves with: the images build-bundle makes install "
+                      "it; a host of your own needs it beside edgedistill",
+                      highlight=False)  # fmt: skip
+
+
 def describe_pipeline(
     spec: BuildSpec, module: Any, trainset_row: dict[str, Any], reads: set[str]
 ) -> tuple[PipelineSpec, dict[str, Path]]:
@@ -188,7 +202,7 @@ def describe_pipeline(
                 for n in inputs],
         outputs=[fields[n] for n in outputs], predictors=predictors,
         source=SourceSpec(module=module_name, attr=attr, files=sorted(sources)),
-        prompt_format=spec.prompt_format,
+        prompt_format=spec.prompt_format, requires=program_requirements(sources),
     )  # fmt: skip
     if spec.teacher.is_gold:
         pipeline = without_intermediate_fields(pipeline, module, trainset_row, path)
@@ -367,10 +381,7 @@ class BuildContext:
         else:
             first = load_examples(spec.data.train, [], [], "data.train")[0]
             pipeline, sources = describe_pipeline(spec, program, first, reads)
-            data = sorted(rel for rel in sources if not rel.endswith(".py"))
-            if data:
-                console.print(f"  program: ships {', '.join(data)} with its code (read as it "
-                              "was imported and made)", highlight=False)  # fmt: skip
+            say_what_ships(pipeline, sources, console)
             program_spec = pipeline.predictors[0]
             inputs, outputs = pipeline.input_names, pipeline.output_names
         optional = pipeline.optional_inputs if pipeline is not None else []

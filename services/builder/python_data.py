@@ -37,8 +37,10 @@ def write_python_rows(where: str, key: str, program: str, out: Path) -> Path:
     rows = [_row(item, n, where, key) for n, item in enumerate(_items(found, where, key), 1)]
     if not rows:
         raise SpecError(f"{key}: {where} holds no rows")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not out.is_file() or out.read_text() != text:  # unchanged: not written (a read-only mount)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     return out
 
 

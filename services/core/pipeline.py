@@ -15,6 +15,7 @@ import ast
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -70,6 +71,9 @@ class PipelineSpec(BaseModel):
     source: SourceSpec
     state: str = "state.json"
     prompt_format: PromptFormat = "chat"  # absent from older bundles (program.py)
+    # Distributions the code imports beyond edgedistill's own (`rapidfuzz==3.9.0`): the serving
+    # images install them; a host without them is told at start.
+    requires: list[str] = Field(default_factory=list)
 
     @property
     def input_names(self) -> list[str]:
@@ -205,6 +209,13 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
         sys.path.insert(0, str(root))
     # The code runs from its folder, as it ran from the build's: the files its import or its
     # factory read there (`program.load("optimized.json")`) are shipped beside it.
+    missing = not_installed(spec.requires)
+    if missing:
+        wanted = " ".join(f"'{r}'" for r in missing)
+        raise ProgramCodeError(
+            f"program: its code imports {', '.join(missing)}, not installed here; pip install "
+            f"{wanted} beside edgedistill (the images `make build-bundle` builds hold them)"
+        )
     with contextlib.chdir(root):
         code = _import_program(root, spec)
         factory = getattr(code, spec.source.attr, None)
@@ -221,6 +232,17 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
             ) from err
     module.load(str(state))
     return module
+
+
+def not_installed(requires: list[str]) -> list[str]:
+    """The `dist==version` requirements whose distribution is not installed (any version)."""
+    missing = []
+    for requirement in requires:
+        try:
+            importlib.metadata.version(requirement.partition("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement)
+    return missing
 
 
 def _import_program(root: Path, spec: PipelineSpec) -> Any:
