@@ -1771,3 +1771,44 @@ def test_a_program_file_named_like_a_module_python_has_says_rename_it(tmp_path: 
         assert proc.returncode == 2 and said in message, proc.stderr
         assert "rename" in message and f"(e.g. my_{name}.py)" in message
         (tmp_path / f"{name}.py").unlink()
+
+
+def test_build_check_reads_everything_asks_the_teacher_once_and_trains_nothing(
+    tmp_path: Path,
+) -> None:
+    """`edgedistill build --check`: the spec, program, rows and labels checked and summarised,
+    an API teacher asked the first train row (one request), nothing written under the build
+    folder; a teacher that cannot be reached fails it (exit 1) naming the error, a bad row
+    fails it (exit 2) as the build would."""
+    from testkit.openai_standin import OpenAIStandIn
+
+    train = balanced("train", 2)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 2))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY_SPEC.format(gate=0.0, output=tmp_path / "build"))
+    checked = run_build(spec, "--check")
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    said = re.sub(r"\s+", " ", checked.stdout + checked.stderr)
+    assert "ticket -> category" in said and "rows: 12 train, 6 calibration, 6 test" in said
+    assert "checked" in said and not (tmp_path / "build").exists()
+
+    gold = {row["ticket"]: row["category"] for row in train}
+    with OpenAIStandIn(gold) as api:
+        asked = run_build(spec, "--check", "--teacher-model", "openai/standin",
+                          "--teacher-api-base", api.base_url)  # fmt: skip
+        assert api.requests == 1
+    said = re.sub(r"\s+", " ", asked.stdout + asked.stderr)
+    assert asked.returncode == 0, said[-2000:]
+    assert f"answers train row 1: {{'category': '{train[0]['category']}'}}" in said
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    unreachable = run_build(spec, "--check", "--teacher-model", "openai/standin",
+                            "--teacher-api-base", f"http://127.0.0.1:{dead}/v1")  # fmt: skip
+    said = re.sub(r"\s+", " ", unreachable.stderr)
+    assert unreachable.returncode == 1 and "openai/standin cannot be asked" in said, said
+
+    write_jsonl(tmp_path / "train.jsonl", [*train, {"ticket": "x", "category": "printer"}])
+    refused = run_build(spec, "--check")
+    assert refused.returncode == 2 and "printer" in refused.stderr

@@ -28,6 +28,7 @@ from services.builder.loop import run_loop
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 from services.builder.stages.base import share_stages
+from services.builder.teacher import ask_once
 from services.core.harvest import HarvestError, read_harvest
 from services.core.logs import console_width
 
@@ -81,10 +82,7 @@ def build(
     spec: BuildSpec, console: Console | None = None, stages: Sequence[Stage] = STAGES
 ) -> BuildResult:
     """One student: every stage. Several (`students:`): see build_students."""
-    console = console or log_friendly_console()
-    if not console.is_terminal:
-        quiet_libraries()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
+    console = build_console(console)
     verify_harvests(spec)
     if len(spec.students) > 1:
         return build_students(spec, console, stages)
@@ -97,6 +95,43 @@ def build(
     check_gate(ctx)
     return BuildResult(bundle=ctx.dirs.get("package"), skipped=runner.skipped, ran=runner.ran,
                        seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def build_console(console: Console | None) -> Console:
+    """The build's console; libraries kept quiet in a log, and offline about prices."""
+    console = console or log_friendly_console()
+    if not console.is_terminal:
+        quiet_libraries()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
+    return console
+
+
+def check(spec: BuildSpec, console: Console | None = None) -> BuildContext:
+    """What a build reads, checked as the build checks it before any stage runs (the spec,
+    the program, every data row, the metric on the train labels, the harvests), and an API
+    teacher asked one train row. Nothing is trained, and no stage folder is written."""
+    console = build_console(console)
+    verify_harvests(spec)
+    if spec.students:
+        spec = spec.model_copy(update={"student": StudentSpec(source=spec.students[0])})
+    ctx = BuildContext.load(spec, console)
+    describe_labels(ctx)
+    steps = len(ctx.pipeline.predictors) if ctx.pipeline else 1
+    console.print(f"  program: {spec.program}, {steps} predictor(s): "
+                  f"{', '.join(ctx.input_names)} -> {', '.join(ctx.output_names)}",
+                  highlight=False)  # fmt: skip
+    console.print(f"  rows: {len(ctx.trainset)} train, {len(ctx.calibset)} calibration, "
+                  f"{len(ctx.testset)} test", highlight=False)  # fmt: skip
+    if not spec.teacher.is_gold:
+        answer = ask_once(ctx.program, spec.teacher, ctx.trainset[0], ctx.forward_arguments)
+        if isinstance(answer, str):
+            console.print(f"  [yellow]warning:[/] teacher {spec.teacher.model} answered, but "
+                          f"train row 1 failed: {escape(answer)}", highlight=False)  # fmt: skip
+        else:
+            shown = {name: answer.get(name) for name in ctx.output_names}
+            console.print(f"  teacher {spec.teacher.model} answers train row 1: "
+                          f"{escape(str(shown))}", highlight=False)  # fmt: skip
+    return ctx
 
 
 def verify_harvests(spec: BuildSpec) -> None:

@@ -243,6 +243,25 @@ def teacher_answers(
     return answer, names
 
 
+def ask_once(program: Any, teacher: TeacherSpec, example: Any, typed: Callable[..., Any]) -> Any:
+    """The API teacher's prediction on one row, as a traced run asks it (not optimized), or
+    what went wrong with that row (an answer that did not parse, which a build counts and
+    goes on from). An error every call would meet (no server, a refused key) is raised."""
+    import dspy
+
+    lm = teacher_lm(teacher)
+    teacher_program = program.deepcopy()
+    teacher_program.set_lm(lm)
+    try:
+        with dspy.context(lm=lm):
+            return teacher_program(**typed(dict(example.inputs())))
+    except Exception as err:
+        said = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        if every_call(err):
+            raise TeacherError(f"{teacher.model} cannot be asked: {said}") from err
+        return said
+
+
 def gold_answers(runner: ProgramRunner, row: Any) -> Complete:
     """Each predictor's call answered with the row's labels for its output fields."""
 

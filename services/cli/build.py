@@ -43,6 +43,14 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="Ed25519 public key (PEM) the added harvests must be signed with"),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="check the spec, program, data and metric as the build does, ask an API "
+            "teacher one row, and stop: nothing is trained",
+        ),
+    ] = False,
 ) -> None:
     """Distill: teacher traces -> LoRA student -> GGUF -> quantized -> evaluated -> bundle."""
     from pathlib import Path
@@ -51,6 +59,7 @@ def build(
     from services.builder.export import ExportError
     from services.builder.pipeline import QualityGateFailed
     from services.builder.pipeline import build as run_build
+    from services.builder.pipeline import check as check_build
     from services.builder.spec import SpecError, load_spec
     from services.builder.student import ConversionError
     from services.builder.teacher import TeacherError
@@ -74,6 +83,10 @@ def build(
                 else None,
             },
         )
+        if check:
+            check_build(build_spec)
+            err_console.print(f"[green]checked[/] {spec}: nothing was trained", highlight=False)
+            return
         result = run_build(build_spec)
     except SpecError as err:
         raise fail(str(err)) from None
