@@ -503,6 +503,22 @@ def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path)
     assert list(json.loads(result.outputs_json)) == ["category", "queue", "escalate"]
 
 
+def load_project(project: Path, program: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The build's context for `program` in `project`, run from there, on a few support rows."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    write_jsonl(project / "train.jsonl", support_rows("train", 1))
+    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
+    (project / "spec.yaml").write_text(
+        f"name: project\nprogram: {program}\ndata: {{train: train.jsonl, dev: dev.jsonl}}\n"
+    )
+    monkeypatch.chdir(project)
+    return BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+
+
 OPTIMIZED_PROGRAM = """
 from pathlib import Path
 
@@ -525,10 +541,7 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
     """A factory that load()s its optimized state from the working folder and a module that
     reads a file beside it at import: both files ship with the code, and the program is made
     from the bundle wherever the server runs."""
-    from rich.console import Console
 
-    from services.builder.context import BuildContext
-    from services.builder.spec import load_spec
     from tests.programs.two_step import TwoStep
 
     project = tmp_path / "project"
@@ -539,14 +552,7 @@ def test_files_the_programs_import_and_factory_read_ship_with_its_code(
     optimized = TwoStep()
     optimized.classify.signature = optimized.classify.signature.with_instructions("Pick a team.")
     optimized.save(str(project / "optimized.json"))
-    write_jsonl(project / "train.jsonl", support_rows("train", 1))
-    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
-    (project / "spec.yaml").write_text(
-        "name: optimized\nprogram: optimized_two_step:build\n"
-        "data: {train: train.jsonl, dev: dev.jsonl}\n"
-    )
-    monkeypatch.chdir(project)
-    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    ctx = load_project(project, "optimized_two_step:build", monkeypatch)
     assert {"optimized_two_step.py", "optimized.json", "teams.txt"} <= set(ctx.sources)
     assert not {"train.jsonl", "spec.yaml", ".env"} & set(ctx.sources)  # not read by it, hidden
     program_json = ctx.write_program(tmp_path / "bundle" / "program")
@@ -994,23 +1000,11 @@ def test_packages_the_programs_code_imports_beyond_serving_are_required_at_start
     edgedistill serves with), and a runtime without it refuses to start, naming the install."""
     from importlib import metadata
 
-    from rich.console import Console
-
-    from services.builder.context import BuildContext
-    from services.builder.spec import load_spec
-
     project = tmp_path / "project"
     project.mkdir()
     (project / "packaged_program.py").write_text(PROGRAM_WITH_PACKAGES)
     (project / "answer_helpers.py").write_text("def tidy(text):\n    return text.strip()\n")
-    write_jsonl(project / "train.jsonl", support_rows("train", 1))
-    write_jsonl(project / "dev.jsonl", support_rows("dev", 1))
-    (project / "spec.yaml").write_text(
-        "name: packaged\nprogram: packaged_program:build\n"
-        "data: {train: train.jsonl, dev: dev.jsonl}\n"
-    )
-    monkeypatch.chdir(project)
-    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    ctx = load_project(project, "packaged_program:build", monkeypatch)
     assert ctx.pipeline is not None
     assert ctx.pipeline.requires == [f"safetensors=={metadata.version('safetensors')}"]
     program_json = ctx.write_program(tmp_path / "bundle" / "program")
