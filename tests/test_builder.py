@@ -1800,7 +1800,8 @@ def test_build_check_reads_everything_asks_the_teacher_once_and_trains_nothing(
         assert api.requests == 1
     said = re.sub(r"\s+", " ", asked.stdout + asked.stderr)
     assert asked.returncode == 0, said[-2000:]
-    assert f"answers train row 1: {{'category': '{train[0]['category']}'}}" in said
+    assert (f"answers train row 1: {{'category': '{train[0]['category']}'}}, scoring 1.00 "
+            "against its labels (kept: metric_threshold 1)") in said  # fmt: skip
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         dead = free.getsockname()[1]

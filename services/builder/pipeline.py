@@ -25,6 +25,7 @@ from services.builder import choice
 from services.builder.context import BuildContext, load_program
 from services.builder.data import imbalance, label_counts, unseen_in_train
 from services.builder.loop import run_loop
+from services.builder.metrics import score
 from services.builder.spec import BuildSpec, StudentSpec
 from services.builder.stages import STAGES, Stage, StageRunner
 from services.builder.stages.base import share_stages
@@ -129,8 +130,12 @@ def check(spec: BuildSpec, console: Console | None = None) -> BuildContext:
                           f"train row 1 failed: {escape(answer)}", highlight=False)  # fmt: skip
         else:
             shown = {name: answer.get(name) for name in ctx.output_names}
+            value = score(ctx.metric, ctx.trainset[0], shown)
+            kept = "kept" if value >= ctx.threshold else "not kept"
             console.print(f"  teacher {spec.teacher.model} answers train row 1: "
-                          f"{escape(str(shown))}", highlight=False)  # fmt: skip
+                          f"{escape(str(shown))}, scoring {value:.2f} against its labels "
+                          f"({kept}: metric_threshold {ctx.threshold:g})",
+                          highlight=False)  # fmt: skip
     return ctx
 
 
