@@ -6,7 +6,6 @@ like any data file, so every check, error and cache key is a file's."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,12 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from services.builder.program_files import recording_reads
-from services.builder.spec import SpecError, import_object
-
-_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+from services.builder.spec import IMPORT_PATH, SpecError, import_object
 
 
 def names_python_rows(value: Path) -> bool:
     """`module:attribute`, not a file path (a file would have a suffix or a folder)."""
-    return _IMPORT_PATH.fullmatch(str(value)) is not None
+    return IMPORT_PATH.fullmatch(str(value)) is not None
 
 
 def write_python_rows(where: str, key: str, program: str, out: Path) -> Path:

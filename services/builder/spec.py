@@ -23,6 +23,10 @@ class SpecError(ValueError):
     """The spec is wrong; the message names the key and says what to write."""
 
 
+# `package.module:attribute`, as `program:`, a metric or rows kept in Python are named.
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -206,7 +210,7 @@ class BuildSpec(_Strict):
         file, colon, attr = value.partition(":")
         if colon and file.endswith(".py") and not file.startswith("/"):  # `app/main.py:build`
             value = module_of_file(file) + colon + attr
-        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        if not IMPORT_PATH.fullmatch(value):
             raise ValueError(f"{value!r} is not an import path like package.module:function"
                              + (saved_program_hint(value) if info.field_name == "program"
                                 else ""))  # fmt: skip
@@ -341,6 +345,7 @@ def load_spec(path: Path, **overrides: Any) -> BuildSpec:
         raise SpecError(f"{path}: invalid spec:\n  " + "\n  ".join(lines)) from None
     base = path.parent
     make_importable(base)
+    # Here, not at the top: python_data imports this module.
     from services.builder.python_data import names_python_rows, write_python_rows
 
     def resolve(file: Path | None, key: str) -> Path | None:
