@@ -124,7 +124,8 @@ def check(spec: BuildSpec, console: Console | None = None) -> BuildContext:
     console.print(f"  rows: {len(ctx.trainset)} train, {len(ctx.calibset)} calibration, "
                   f"{len(ctx.testset)} test", highlight=False)  # fmt: skip
     if not spec.teacher.is_gold:
-        answer = ask_once(ctx.program, spec.teacher, ctx.trainset[0], ctx.forward_arguments)
+        runner = ctx.runner if ctx.pipeline else None
+        answer = ask_once(ctx.program, spec.teacher, ctx.trainset[0], runner)
         if isinstance(answer, str):
             console.print(f"  [yellow]warning:[/] teacher {spec.teacher.model} answered, but "
                           f"train row 1 failed: {escape(answer)}", highlight=False)  # fmt: skip

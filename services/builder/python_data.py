@@ -5,6 +5,7 @@ like any data file, so every check, error and cache key is a file's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,12 +25,10 @@ def names_python_rows(value: Path) -> bool:
 
 def write_python_rows(where: str, key: str, program: str, out: Path) -> Path:
     """The rows `where` names, as JSONL at `out` (one object per row, in their order)."""
-    if where.partition(":")[0] == program.partition(":")[0]:
-        # Importing the program's module here must not hide the files it reads as it is
-        # imported from the build, which ships them with its code.
-        with recording_reads(program):
-            found = import_object(where, key)
-    else:
+    # Importing the program's module here must not hide the files it reads as it is imported
+    # from the build, which ships them with its code.
+    same_module = where.partition(":")[0] == program.partition(":")[0]
+    with recording_reads(program) if same_module else contextlib.nullcontext():
         found = import_object(where, key)
     rows = [_row(item, n, where, key) for n, item in enumerate(_items(found, where, key), 1)]
     if not rows:

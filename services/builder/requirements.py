@@ -5,7 +5,6 @@ ran with, the images install them, and a runtime without them says which at star
 
 from __future__ import annotations
 
-import ast
 import sys
 from functools import cache
 from importlib import metadata
@@ -13,6 +12,9 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+
+from services.builder.spec import module_of_file
+from services.core.pipeline import imported_names
 
 SERVED_WITH = "edgedistill"  # its own dependencies, not its extras, are in the serving images
 
@@ -23,9 +25,10 @@ def program_requirements(sources: dict[str, Path]) -> list[str]:
     environment cannot resolve (an optional one, behind `try`) are left out."""
     own = {Path(rel).parts[0].removesuffix(".py") for rel in sources}
     imported: set[str] = set()
-    for file in sources.values():
+    for rel, file in sources.items():
         if file.suffix == ".py":
-            imported |= _top_level_imports(file)
+            module = module_of_file(rel).removesuffix(".__init__")
+            imported |= {name.partition(".")[0] for name in imported_names(file, module)}
     providers = metadata.packages_distributions()
     serving = serving_distributions()
     found: dict[str, str] = {}
@@ -34,16 +37,6 @@ def program_requirements(sources: dict[str, Path]) -> list[str]:
             if canonicalize_name(dist) not in serving:
                 found[canonicalize_name(dist)] = f"{dist}=={metadata.version(dist)}"
     return sorted(found.values())
-
-
-def _top_level_imports(file: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(file.read_text(), str(file))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.partition(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            names.add(node.module.partition(".")[0])
-    return names - {"__future__"}
 
 
 @cache

@@ -56,6 +56,13 @@ def teacher_lm(teacher: TeacherSpec, *, name_suffix: str = "") -> Any:
     return dspy.LM(teacher.model, **kwargs)
 
 
+def teacher_program_on(program: Any, teacher: TeacherSpec) -> Any:
+    """A copy of the user's program, every predictor on the teacher LM."""
+    teacher_program = program.deepcopy()
+    teacher_program.set_lm(teacher_lm(teacher))
+    return teacher_program
+
+
 def make_teacher(
     program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric, threshold: float
 ) -> Any:
@@ -64,9 +71,8 @@ def make_teacher(
     filter is truthiness: any non-zero float score would pass)."""
     import dspy
 
-    lm = teacher_lm(teacher)
-    teacher_program = program.deepcopy()
-    teacher_program.set_lm(lm)
+    teacher_program = teacher_program_on(program, teacher)
+    lm = teacher_program.get_lm()
     # The optimizers run copies whose LM was reset: the teacher LM is the context's.
     with dspy.context(lm=lm):
         if teacher.optimize == "bootstrap_fewshot":
@@ -228,11 +234,16 @@ def teacher_answers(
         assert runner is not None
         names = {id(p): name for name, p in runner.predictors.items()}
         return lambda example: gold_run(runner, example), names
-    import dspy
-
     teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
     names = {id(p): name for name, p in teacher_program.named_predictors()}
-    typed = runner.forward_arguments if runner is not None else dict  # as served
+    return answering(teacher_program, runner), names
+
+
+def answering(teacher_program: Any, runner: ProgramRunner | None) -> Callable[[Any], Any]:
+    """The teacher program's prediction on a row, its inputs typed as served."""
+    import dspy
+
+    typed = runner.forward_arguments if runner is not None else dict
 
     def answer(example: Any) -> Any:
         # The teacher LM is also the context's, as `dspy.configure(lm=...)` makes it where the
@@ -240,21 +251,15 @@ def teacher_answers(
         with dspy.context(lm=teacher_program.get_lm()):
             return teacher_program(**typed(dict(example.inputs())))
 
-    return answer, names
+    return answer
 
 
-def ask_once(program: Any, teacher: TeacherSpec, example: Any, typed: Callable[..., Any]) -> Any:
+def ask_once(program: Any, teacher: TeacherSpec, example: Any, runner: ProgramRunner | None) -> Any:
     """The API teacher's prediction on one row, as a traced run asks it (not optimized), or
     what went wrong with that row (an answer that did not parse, which a build counts and
     goes on from). An error every call would meet (no server, a refused key) is raised."""
-    import dspy
-
-    lm = teacher_lm(teacher)
-    teacher_program = program.deepcopy()
-    teacher_program.set_lm(lm)
     try:
-        with dspy.context(lm=lm):
-            return teacher_program(**typed(dict(example.inputs())))
+        return answering(teacher_program_on(program, teacher), runner)(example)
     except Exception as err:
         said = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
         if every_call(err):

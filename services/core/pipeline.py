@@ -203,12 +203,6 @@ def missing_dependency(module_name: str, err: ModuleNotFoundError) -> str | None
 def load_module(folder: Path, spec: PipelineSpec) -> Any:
     """Import the program from a bundle's program folder, instantiate it and load its state.
     A module its code imports that is not installed here is named."""
-    root = (folder / spec.source.root).resolve()
-    state = (folder / spec.state).resolve()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    # The code runs from its folder, as it ran from the build's: the files its import or its
-    # factory read there (`program.load("optimized.json")`) are shipped beside it.
     missing = not_installed(spec.requires)
     if missing:
         wanted = " ".join(f"'{r}'" for r in missing)
@@ -216,6 +210,12 @@ def load_module(folder: Path, spec: PipelineSpec) -> Any:
             f"program: its code imports {', '.join(missing)}, not installed here; pip install "
             f"{wanted} beside edgedistill (the images `make build-bundle` builds hold them)"
         )
+    root = (folder / spec.source.root).resolve()
+    state = (folder / spec.state).resolve()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    # The code runs from its folder, as it ran from the build's: the files its import or its
+    # factory read there (`program.load("optimized.json")`) are shipped beside it.
     with contextlib.chdir(root):
         code = _import_program(root, spec)
         factory = getattr(code, spec.source.attr, None)
@@ -290,7 +290,7 @@ def local_sources(module_name: str, roots: list[Path]) -> dict[str, Path]:
             init = root.joinpath(*parts[:end], "__init__.py")
             if init.is_file():
                 found.setdefault(init.relative_to(root).as_posix(), init)
-        pending += _imported_names(origin, name)
+        pending += imported_names(origin, name)
     return found
 
 
@@ -310,7 +310,9 @@ def installed(path: Path) -> bool:
     return "site-packages" in path.parts or path.is_relative_to(services)
 
 
-def _imported_names(path: Path, module_name: str) -> list[str]:
+def imported_names(path: Path, module_name: str) -> list[str]:
+    """The modules a file of `module_name` imports (and may import from: `a.b` for `from a
+    import b`), relative imports resolved."""
     package = module_name if path.name == "__init__.py" else module_name.rpartition(".")[0]
     names = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
