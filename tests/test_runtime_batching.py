@@ -11,7 +11,8 @@ import pytest
 
 from services.core.api import pb, pb_grpc
 from services.core.client import sampling
-from services.runtime.backends.llamacpp_batched import pick_slot, prompt_piece, usable_cache
+from services.runtime.backends.base import usable_cache
+from services.runtime.backends.llamacpp_batched import pick_slot, prompt_piece
 from testkit.processes import ServerProcess, start_runtime
 from testkit.scratch import scratch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.security import channel_credentials, token_matches
 from testkit.bundles import make_bundle
-from testkit.processes import REPO, ServerProcess
+from testkit.processes import REPO, ServerProcess, free_port
 
 TOKEN = "s3cret-runtime-token"
+HTTP_PORT = free_port()  # the secure runtime's OpenAI-compatible API
 ROUTER_TOKEN = "s3cret-router-token"
 
 
@@ -123,7 +125,7 @@ def secure_runtime(pki: Pki, gguf_path: Path, program_path: Path) -> Iterator[Se
         ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
          "--model", str(gguf_path), "--program", str(program_path), "--n-ctx", "1024",
          "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-         "--tls-client-ca", str(pki.ca)],
+         "--tls-client-ca", str(pki.ca), "--http-port", str(HTTP_PORT)],
         env={"EDGEDISTILL_AUTH_TOKEN": TOKEN},
     )  # fmt: skip
     server.wait_serving(credentials=tls(pki))
@@ -164,6 +166,30 @@ def test_streaming_and_info_need_the_token_too(secure_runtime: ServerProcess, pk
         with pytest.raises(grpc.RpcError) as caught:
             client.info()
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_http_api_wants_the_same_client_certificate_and_token(
+    secure_runtime: ServerProcess, pki: Pki
+) -> None:
+    import httpx
+
+    url = f"https://localhost:{HTTP_PORT}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    client_cert = (str(pki.client_cert), str(pki.client_key))
+    trusting = ssl.create_default_context(cafile=str(pki.ca))
+    trusting.load_cert_chain(*client_cert)
+    with httpx.Client(verify=trusting, timeout=30) as client:
+        assert client.post(url, json=body, headers=bearer).status_code == 200
+        assert client.post(url, json=body).status_code == 401
+    no_certificate = ssl.create_default_context(cafile=str(pki.ca))
+    rogue = ssl.create_default_context(cafile=str(pki.ca))
+    rogue.load_cert_chain(str(pki.rogue_cert), str(pki.rogue_key))
+    for context in (no_certificate, rogue):
+        with pytest.raises(httpx.TransportError), httpx.Client(verify=context) as client:
+            client.post(url, json=body, headers=bearer)
+    with pytest.raises(httpx.TransportError):  # no TLS at all
+        httpx.post(url.replace("https", "http"), json=body, headers=bearer)
 
 
 def test_health_stays_open_without_the_token(secure_runtime: ServerProcess, pki: Pki) -> None:

@@ -40,6 +40,11 @@ class TransportSettings(BaseSettings):
     health_requires_auth: bool = Field(
         False, description="health checks need the token too (default: open, for probes)"
     )
+    http_port: int = Field(
+        0, ge=0, le=65535,
+        description="OpenAI-compatible HTTP API port (POST /v1/chat/completions, GET "
+        "/v1/models), with the same TLS and token; 0: none",
+    )  # fmt: skip
 
     def auth_token(self) -> str | None:
         """The token from auth_token_file, else from the <prefix>AUTH_TOKEN variable."""

@@ -15,7 +15,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import security
+from services.core import openai_http, security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
@@ -370,8 +370,12 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     )
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
+    http = openai_http.mount(server, settings)
     port = security.add_port(server, settings)
     await server.start()
+    if http is not None:
+        http.start()
+        log.info("http api", extra={"port": http.port})
     log.info(
         "routing",
         extra={"port": port, "mode": settings.mode, "threshold": threshold,
@@ -387,5 +391,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(15)
+    if http is not None:
+        http.close()
     await local.close()
     return 0

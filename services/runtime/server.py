@@ -17,7 +17,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import security
+from services.core import openai_http, security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
@@ -494,8 +494,12 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if settings.metrics_port:  # both ports taken, or neither: nothing half-started
         metrics.serve(settings.host, settings.metrics_port)
+    http = openai_http.mount(server, settings)
     port = security.add_port(server, settings)
     await server.start()
+    if http is not None:
+        http.start()
+        log.info("http api", extra={"port": http.port})
     if ready is not None:
         ready(port)  # health says NOT_SERVING until the model is loaded
 
@@ -531,6 +535,8 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
     log.info("draining", extra={"grace_period_s": settings.grace_period_s})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_period_s)
+    if http is not None:
+        http.close()
     service.close()
     log.info("stopped")
     return 0

@@ -122,3 +122,14 @@ def program_prefix(backend: Backend, codec: PromptCodec) -> list[int]:
                for value in ("a", "zq 7")]  # fmt: skip
     tokens = [r.tokens for r in renders if r.tokens is not None]
     return list(tokens[0][: common_prefix_length(tokens)]) if len(tokens) == 2 else []
+
+
+def usable_cache(shared: int, last: int) -> int:
+    """How many cached tokens a prompt may start from, given `shared` match its own.
+
+    The last prompt token is always evaluated (its logits start generation), and never alone
+    after cached ones: a lone sequence evaluates a fresh prompt in one piece, so a one-token
+    tail would be computed by another kernel (llamacpp_batched.py's note).
+    """
+    cached = min(shared, last)
+    return cached - 1 if cached == last and cached > 0 else cached

@@ -24,6 +24,7 @@ from services.runtime.backends.base import (
     PreparedPrompt,
     TokenPiece,
     program_prefix,
+    usable_cache,
 )
 from services.runtime.backends.registry import BackendEntry, ModelSource, register
 from services.runtime.backends.text import StopStringBuffer
@@ -206,7 +207,7 @@ class LlamaCppBackend(ChatModelMethods):
         held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
         if not self._restore_prefix(tokens):  # evaluated for this call: not cached for it
             held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
-        return min(held, len(tokens) - 1)  # the last prompt token is always re-evaluated
+        return usable_cache(held, len(tokens) - 1)
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
@@ -220,6 +221,7 @@ class LlamaCppBackend(ChatModelMethods):
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
         cached = self._cached_prefix(tokens)
+        llm.n_tokens = cached  # llama-cpp-python's own prefix match would keep more
         grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)

@@ -38,6 +38,7 @@ from services.runtime.backends.base import (
     GenerationParams,
     PreparedPrompt,
     TokenPiece,
+    usable_cache,
 )
 from services.runtime.backends.llamacpp import (
     ChatModel,
@@ -461,17 +462,6 @@ class BatchedLlamaCpp(ChatModelMethods):
 
     def _logprob(self, index: int, token: int) -> float:
         return token_logprob(self._ctx.ctx, index, self._n_vocab, token)
-
-
-def usable_cache(shared: int, last: int) -> int:
-    """How many cached tokens a prompt may start from, given `shared` match its own.
-
-    The last prompt token is always evaluated (its logits start generation), and never alone
-    after cached ones: a lone sequence evaluates a fresh prompt in one piece, so a one-token
-    tail would be computed by another kernel (see the module's note).
-    """
-    cached = min(shared, last)
-    return cached - 1 if cached == last and cached > 0 else cached
 
 
 SLOT_REUSE_SLACK = 32

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible HTTP API: the request translation as pure functions, then a real
+runtime (and a router in front of it) answering the `openai` client and `dspy.LM` over HTTP
+exactly as Generate answers over gRPC, with the same token, limits and errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.core import openai_http as http
+from services.core.api import pb, pb_grpc
+from services.core.security import token_metadata
+from testkit.bundles import CAPITALS_PROGRAM, make_bundle
+from testkit.processes import ServerProcess, free_port, start_router, start_runtime
+
+TOKEN = "edge-secret"
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_a_bad_body_names_the_parameter_as_openai_does() -> None:
+    cases = {
+        b'{"messages": []}': "messages",
+        b'{"messages": [{"role": "tool", "content": "x"}]}': "messages.0.role",
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}': "messages.0",
+        b'{"messages": [{"role": "user", "content": "x"}], "n": 2}': "n",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": 3}': "temperature",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}': "max_tokens",
+        b"not json": "body",
+    }
+    for raw, param in cases.items():
+        with pytest.raises(http.BadRequest) as caught:
+            http.parse_request(raw)
+        assert caught.value.param.startswith(param), (raw, caught.value.param)
+    tools = http.parse_request(b'{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}')
+    with pytest.raises(http.BadRequest, match="tools"):
+        http.generate_request(tools)
+
+
+def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
+    body = {
+        "model": "anything", "stop": "END", "max_completion_tokens": 9, "temperature": 0.2,
+        "seed": 7, "top_k": 5, "logprobs": False,  # an option the API ignores, as llama.cpp's
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "text", "text": "b"}]}],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "x", "schema": {"type": "integer"}}},
+    }  # fmt: skip
+    call = http.generate_request(http.parse_request(json.dumps(body).encode()))
+    assert [(m.role, m.content) for m in call.messages] == [("system", "Be brief."), ("user", "ab")]
+    assert list(call.stop) == ["END"] and json.loads(call.json_schema) == {"type": "integer"}
+    assert call.options.max_tokens == 9 and call.options.seed == 7 and call.options.top_k == 5
+    assert call.options.temperature == pytest.approx(0.2)
+    assert not call.options.HasField("top_p")  # unset: the server's default
+    plain = http.parse_request(b'{"messages": [{"role": "user", "content": "x"}]}')
+    assert not http.generate_request(plain).options.HasField("temperature")
+    as_object = json.dumps({**body, "response_format": {"type": "json_object"}}).encode()
+    assert json.loads(http.generate_request(http.parse_request(as_object)).json_schema) == {
+        "type": "object"
+    }
+    assert http.http_status(grpc.StatusCode.INVALID_ARGUMENT)[0] == 400
+    assert http.http_status(grpc.StatusCode.UNAUTHENTICATED)[0] == 401
+    assert http.http_status(grpc.StatusCode.RESOURCE_EXHAUSTED)[0] == 429
+
+
+@pytest.fixture(scope="module")
+def served(
+    gguf_path: Path, program_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, int, ServerProcess, int]]:
+    """A runtime and a router in front of it, both with the HTTP API and a bearer token."""
+    runtime_http, router_http = free_port(), free_port()
+    env = {"EDGEDISTILL_AUTH_TOKEN": TOKEN}
+    runtime = start_runtime(
+        "--model", str(gguf_path), "--program", str(program_path), "--n-ctx", "1024",
+        "--max-tokens-limit", "64", "--max-tokens-default", "32", "--http-port", str(runtime_http),
+        env=env,
+    )  # fmt: skip
+    bundle = make_bundle(
+        tmp_path_factory.mktemp("bundle"), gguf_path, CAPITALS_PROGRAM, threshold=0.5
+    )
+    router_env = {"EDGEDISTILL_ROUTER_AUTH_TOKEN": TOKEN, "EDGEDISTILL_ROUTER_LOCAL_TOKEN": TOKEN}
+    router = start_router(bundle, runtime.target, "--http-port", str(router_http), env=router_env)
+    yield runtime, runtime_http, router, router_http
+    router.terminate()
+    runtime.terminate()
+
+
+def grpc_text(target: str, request: pb.GenerateRequest) -> str:
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        chunks = stub.Generate(request, metadata=token_metadata(TOKEN), timeout=60)
+        return "".join(chunk.text for chunk in chunks)
+
+
+def test_the_openai_client_gets_what_generate_answers_streamed_or_not(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import openai
+
+    runtime, runtime_http, _, router_http = served
+    expected = grpc_text(runtime.target, pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in QUESTION],
+        options=pb.SamplingOptions(max_tokens=12, temperature=0.0),
+    ))  # fmt: skip
+    assert expected.strip()
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        (model,) = client.models.list().data
+        reply = client.chat.completions.create(
+            model=model.id,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert reply.choices[0].message.content == expected
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 12
+        stream = client.chat.completions.create(
+            model=model.id, messages=QUESTION, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_json_schema_output_parses_and_dspy_lm_talks_to_it(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import dspy
+    import openai
+
+    _, runtime_http, _, _ = served
+    base = f"http://127.0.0.1:{runtime_http}/v1"
+    client = openai.OpenAI(base_url=base, api_key=TOKEN)
+    colours = ["red", "green", "blue"]
+    schema = {"type": "object", "properties": {"colour": {"enum": colours}},
+              "required": ["colour"], "additionalProperties": False}  # fmt: skip
+    reply = client.chat.completions.create(
+        model="edge", messages=QUESTION, max_tokens=40, temperature=1.0, seed=3,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )  # fmt: skip
+    assert json.loads(reply.choices[0].message.content or "")["colour"] in colours
+    lm = dspy.LM("openai/edge", api_base=base, api_key=TOKEN, temperature=0.0, max_tokens=12,
+                 cache=False)  # fmt: skip
+    expected = client.chat.completions.create(
+        model="edge",
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert lm(QUESTION[0]["content"]) == [expected.choices[0].message.content]
+
+
+def test_the_token_and_the_servers_limits_hold_over_http(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import openai
+
+    _, runtime_http, _, router_http = served
+    for port in (runtime_http, router_http):
+        base = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(openai.AuthenticationError, match="bearer token"):
+            openai.OpenAI(base_url=base, api_key="wrong").chat.completions.create(
+                model="edge",
+                messages=QUESTION,  # type: ignore[arg-type]
+            )
+        client = openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the runtime's limit
+            client.chat.completions.create(
+                model="edge",
+                messages=QUESTION,
+                max_tokens=500,  # type: ignore[arg-type]
+            )
+        with pytest.raises(openai.BadRequestError, match=r"messages\.0\.role"):
+            client.chat.completions.create(
+                model="edge",
+                messages=[{"role": "tool", "content": "x"}],  # type: ignore[arg-type,list-item,misc]
+            )
