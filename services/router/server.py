@@ -15,13 +15,14 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import openai_http, security
+from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
 from services.core.config import RouterSettings
 from services.core.harvest import HarvestRecord
 from services.core.harvest import now as harvest_now
+from services.core.http_api import server as http_api
 from services.core.pipeline import PipelineSpec, read_program_file
 from services.core.program import ProgramSpec
 from services.core.registration import add_inference_servicer
@@ -370,7 +371,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     )
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
-    http = openai_http.mount(server, settings)
+    http = http_api.mount(server, settings)
     port = security.add_port(server, settings)
     await server.start()
     if http is not None:

@@ -17,10 +17,11 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import openai_http, security
+from services.core import security
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
+from services.core.http_api import server as http_api
 from services.core.pipeline import LmCall, PipelineSpec, ProgramFailed, ProgramRunner
 from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
 from services.core.registration import add_inference_servicer
@@ -494,7 +495,7 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if settings.metrics_port:  # both ports taken, or neither: nothing half-started
         metrics.serve(settings.host, settings.metrics_port)
-    http = openai_http.mount(server, settings)
+    http = http_api.mount(server, settings)
     port = security.add_port(server, settings)
     await server.start()
     if http is not None:

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP API: the request translation as pure functions, then a real
-runtime (and a router in front of it) answering the `openai` client and `dspy.LM` over HTTP
-exactly as Generate answers over gRPC, with the same token, limits and errors."""
+"""The HTTP API: the request translations as pure functions, then a real runtime (and a
+router in front of it) answering the `openai` client, `dspy.LM` and plain JSON over HTTP
+exactly as Generate and Predict answer over gRPC, with the same token, limits and errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.core import openai_http as http
 from services.core.api import pb, pb_grpc
+from services.core.http_api import chat as http
+from services.core.http_api.predict import predict_request
 from services.core.security import token_metadata
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 from testkit.processes import ServerProcess, free_port, start_router, start_runtime
@@ -38,6 +39,18 @@ def test_a_bad_body_names_the_parameter_as_openai_does() -> None:
     tools = http.parse_request(b'{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}')
     with pytest.raises(http.BadRequest, match="tools"):
         http.generate_request(tools)
+
+
+def test_a_predict_body_is_the_protos_json_with_inputs_of_any_json_type() -> None:
+    call = predict_request(b'{"inputs": {"ticket": "VPN", "tags": ["a", 1], "n": 3},'
+                           b' "options": {"max_tokens": 8}, "include_raw_text": true}')  # fmt: skip
+    assert dict(call.inputs) == {"ticket": "VPN", "tags": '["a", 1]', "n": "3"}
+    assert call.options.max_tokens == 8 and call.include_raw_text
+    for raw, param in ((b'{"input": {}}', "inputs"), (b"[1]", "inputs"), (b"{", "body"),
+                       (b'{"inputs": {}, "options": {"max_tokens": "x"}}', "body")):  # fmt: skip
+        with pytest.raises(http.BadRequest) as caught:
+            predict_request(raw)
+        assert caught.value.param == param, raw
 
 
 def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
@@ -181,3 +194,35 @@ def test_the_token_and_the_servers_limits_hold_over_http(
                 model="edge",
                 messages=[{"role": "tool", "content": "x"}],  # type: ignore[arg-type,list-item,misc]
             )
+
+
+def test_predict_and_health_over_http_answer_as_grpc_does(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import httpx
+
+    runtime, runtime_http, _, router_http = served
+    with grpc.insecure_channel(runtime.target) as channel:
+        expected = pb_grpc.InferenceStub(channel).Predict(
+            pb.PredictRequest(inputs={"country": "Italy"}), metadata=token_metadata(TOKEN)
+        )
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for port in (runtime_http, router_http):
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        reply = httpx.post(f"{url}/v1/predict", json={"inputs": {"country": "Italy"}},
+                           headers=bearer, timeout=60)  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["outputs_json"] == json.loads(expected.outputs_json)
+        assert (
+            body["outcome"] == "PREDICT_OUTCOME_PARSED" and body["served_by"] == "SERVED_BY_LOCAL"
+        )
+        assert 0 < body["confidence"] <= 1 and body["usage"]["prompt_tokens"] > 0
+        wrong = httpx.post(f"{url}/v1/predict", json={"inputs": {"nation": "Italy"}},
+                           headers=bearer, timeout=60)  # fmt: skip
+        assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
+        assert (
+            httpx.post(f"{url}/v1/predict", json={"inputs": {"country": "Italy"}}).status_code
+            == 401
+        )

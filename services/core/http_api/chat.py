@@ -1,0 +1,194 @@
+"""OpenAI's chat completions API as Generate calls: the request checked and translated, the
+answer (whole or as server-sent events) and errors in OpenAI's shapes. Pure functions."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.core.api import pb
+
+_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
+}
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+class BadRequest(Exception):
+    """A request body the API cannot take: HTTP 400 naming the parameter."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+# -- the request, as OpenAI's chat completions API defines it (unknown keys are ignored) -------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class JsonSchemaFormat(_Body):
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    # llama.cpp's server takes these too.
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """The body checked, or BadRequest naming the first parameter that is wrong."""
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or "body"
+        raise BadRequest(param, first["msg"]) from None
+
+
+def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
+    """The Generate call a chat completion request asks for."""
+    if request.tools:
+        raise BadRequest("tools", "tool calls are not served; describe the tools in a message")
+    messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
+                               content=_text(m.content)) for m in request.messages]  # fmt: skip
+    options = pb.SamplingOptions(
+        max_tokens=request.max_completion_tokens or request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        repeat_penalty=request.repeat_penalty,
+    )
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    return pb.GenerateRequest(
+        messages=messages, options=options, stop=stop, json_schema=_schema(request)
+    )
+
+
+def _text(content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+def _schema(request: ChatCompletionRequest) -> str:
+    wanted = request.response_format
+    if wanted is None or wanted.type == "text":
+        return ""
+    if wanted.type == "json_object":
+        return json.dumps({"type": "object"})
+    if wanted.json_schema is None:
+        raise BadRequest("response_format.json_schema", "json_schema needs its schema")
+    return json.dumps(wanted.json_schema.schema_)
+
+
+# -- the answer ------------------------------------------------------------------------------
+
+
+def completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict[str, Any]:
+    """A `chat.completion` object from a whole Generate stream."""
+    last = chunks[-1]
+    return {
+        "id": call_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+            "finish_reason": _FINISH.get(last.finish_reason, "stop"),
+        }],
+        "usage": usage(last.usage),
+    }  # fmt: skip
+
+
+def usage(counted: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": counted.prompt_tokens,
+        "completion_tokens": counted.completion_tokens,
+        "total_tokens": counted.prompt_tokens + counted.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": counted.cached_prompt_tokens},
+    }
+
+
+def stream_events(
+    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool
+) -> Iterator[dict[str, Any]]:
+    """`chat.completion.chunk` objects: the role, each piece of text, the finish reason and,
+    when asked for, the usage on a last chunk with no choices."""
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"id": call_id, "object": "chat.completion.chunk", "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    for piece in chunks:
+        if piece.text:
+            yield chunk({"content": piece.text}, None)
+        if piece.finish_reason:
+            yield chunk({}, _FINISH.get(piece.finish_reason, "stop"))
+            if include_usage:
+                yield {"id": call_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [], "usage": usage(piece.usage)}  # fmt: skip
+
+
+def error_body(status: int, kind: str, message: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def http_status(code: grpc.StatusCode) -> tuple[int, str]:
+    return _STATUS.get(code, (500, "server_error"))

@@ -1,0 +1,39 @@
+"""Predict over HTTP: the request and answer in protobuf's JSON mapping of PredictRequest and
+PredictResponse (the proto's field names), with two conveniences for JSON clients: an input
+may be any JSON value (a list or a number is sent as its JSON text, as gRPC clients send it),
+and `outputs_json` comes parsed, each output typed by its annotation. Pure functions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format
+
+from services.core.api import pb
+from services.core.http_api.chat import BadRequest
+
+
+def predict_request(raw: bytes) -> pb.PredictRequest:
+    """The Predict call a JSON body asks for, or BadRequest naming what is wrong."""
+    try:
+        body = json.loads(raw)
+    except ValueError as err:
+        raise BadRequest("body", f"not JSON ({err})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), dict):
+        raise BadRequest("inputs", 'send {"inputs": {"<input field>": <value>, ...}}')
+    inputs = {name: value if isinstance(value, str) else json.dumps(value)
+              for name, value in body["inputs"].items()}  # fmt: skip
+    try:
+        return json_format.ParseDict({**body, "inputs": inputs}, pb.PredictRequest())
+    except json_format.ParseError as err:
+        raise BadRequest("body", str(err)) from None
+
+
+def predict_answer(reply: pb.PredictResponse) -> dict[str, Any]:
+    """The answer as JSON: every field of PredictResponse, `outputs_json` parsed."""
+    body = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    body["outputs_json"] = json.loads(reply.outputs_json) if reply.outputs_json else None
+    return body

@@ -1,0 +1,212 @@
+"""The HTTP server (I/O only). It is a gRPC client of its own process over a private Unix
+socket: every call goes through the same checks, limits, scheduler, metrics and bearer-token
+interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
+
+    POST /v1/chat/completions   OpenAI's chat completions (streamed or not) over Generate
+    GET  /v1/models             the served model, as OpenAI lists models
+    POST /v1/predict            the distilled program (PredictRequest / PredictResponse JSON)
+    GET  /health                200 when serving, 503 while loading or draining
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import shutil
+import ssl
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core.api import pb, pb_grpc
+from services.core.http_api.chat import (
+    BadRequest,
+    ChatCompletionRequest,
+    completion,
+    error_body,
+    generate_request,
+    http_status,
+    parse_request,
+    stream_events,
+)
+from services.core.http_api.predict import predict_answer, predict_request
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 << 20
+Metadata = tuple[tuple[str, str], ...]
+
+
+class HttpFront:
+    """The HTTP API on host:port, calling the gRPC server at `target` (its private socket)."""
+
+    def __init__(self, target: str, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self._channel)
+        self.health = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        except OSError as err:
+            raise OSError(f"http_port: cannot listen on {host}:{port} ({err.strerror}); choose "
+                          "another --http-port, or 0 for no HTTP API") from None  # fmt: skip
+        if tls is not None:
+            # The handshake happens in the connection's own thread, not in accept(): a client
+            # stalling it cannot hold up everyone else's.
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+
+    def start(self) -> None:
+        threading.Thread(target=self._httpd.serve_forever, name="http-api", daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._channel.close()
+
+    def model_name(self, metadata: Metadata) -> str:
+        # Asked each time, with the caller's token: never an answer to a caller without one.
+        info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
+        return str(info.model_name)
+
+
+def mount(server: grpc.aio.Server, settings: Any) -> HttpFront | None:
+    """The HTTP API when `settings.http_port` is set: its private socket is added to `server`
+    (before the server starts); start() it once the server has."""
+    if not settings.http_port:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="edgedistill-http-"))  # 0700: this user's alone
+    atexit.register(shutil.rmtree, folder, True)  # however the server stops
+    target = f"unix:{folder / 'grpc.sock'}"
+    server.add_insecure_port(target)
+    tls = None
+    if settings.tls_cert is not None:
+        tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return HttpFront(target, settings.host, settings.http_port, tls)
+
+
+def tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """HTTPS with the gRPC port's certificate (and its client CA: mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edgedistill"
+        timeout = 300  # seconds a silent connection is kept
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http " + format, *args)
+
+        def do_GET(self) -> None:
+            routes = {"/v1/models": self._models, "/models": self._models,
+                      "/health": self._health}  # fmt: skip
+            self._route(routes, with_body=False)
+
+        def do_POST(self) -> None:
+            routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
+                      "/v1/predict": self._predict}  # fmt: skip
+            self._route(routes, with_body=True)
+
+        def _route(self, routes: dict[str, Any], with_body: bool) -> None:
+            handle = routes.get(self.path.split("?")[0].rstrip("/"))
+            if handle is None:
+                return self._send_error(404, "invalid_request_error", f"no {self.path}", None)
+            try:
+                handle(self._body()) if with_body else handle()
+            except BadRequest as err:
+                self._send_error(400, "invalid_request_error", str(err), err.param)
+            except grpc.RpcError as err:
+                status, kind = http_status(err.code())
+                self._send_error(status, kind, err.details() or str(err.code()), None)
+
+        def _body(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                raise BadRequest("body", f"over {MAX_BODY_BYTES} bytes")
+            return self.rfile.read(length)
+
+        def _metadata(self) -> Metadata:
+            given = self.headers.get("Authorization")
+            return (("authorization", given),) if given else ()
+
+        def _models(self) -> None:
+            name = front.model_name(self._metadata())
+            listed = {"id": name, "object": "model", "created": 0, "owned_by": "edgedistill"}
+            self._send_json(200, {"object": "list", "data": [listed]})
+
+        def _health(self) -> None:
+            reply = front.health.Check(
+                health_pb2.HealthCheckRequest(), metadata=self._metadata(), timeout=5
+            )
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            self._send_json(200 if serving else 503, {"status": "ok" if serving else "unavailable"})
+
+        def _predict(self, raw: bytes) -> None:
+            reply = front.stub.Predict(predict_request(raw), metadata=self._metadata())
+            self._send_json(200, predict_answer(reply))
+
+        def _chat(self, raw: bytes) -> None:
+            request = parse_request(raw)
+            call = generate_request(request)
+            metadata = self._metadata()
+            model = front.model_name(metadata)
+            chunks = front.stub.Generate(call, metadata=metadata)
+            call_id = f"chatcmpl-{uuid.uuid4().hex}"
+            if request.stream:
+                return self._stream(chunks, model, call_id, request)
+            self._send_json(200, completion(list(chunks), model, call_id))
+
+        def _stream(
+            self, chunks: Any, model: str, call_id: str, request: ChatCompletionRequest
+        ) -> None:
+            first = next(chunks)  # an error before any text is still an HTTP status
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                for event in stream_events(_chained(first, chunks), model, call_id, include):
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except grpc.RpcError as err:  # after the status line: an error event, as OpenAI's
+                status, kind = http_status(err.code())
+                body = error_body(status, kind, err.details() or "", None)
+                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+            except OSError:  # the client went away: stop the generation
+                chunks.cancel()
+
+        def _send_error(self, status: int, kind: str, message: str, param: str | None) -> None:
+            self._send_json(status, error_body(status, kind, message, param))
+
+        def _send_json(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def _chained(first: pb.GenerateChunk, rest: Iterator[pb.GenerateChunk]) -> Iterator[Any]:
+    yield first
+    yield from rest
