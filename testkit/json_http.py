@@ -6,6 +6,8 @@ import json
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from services.core.http_api.server import send_json
+
 
 class JsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -14,12 +16,7 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass
 
     def send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def read_json(self) -> Any:
         length = int(self.headers.get("Content-Length", 0))

@@ -197,14 +197,19 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self._send_json(status, error_body(status, kind, message, param))
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
     return Handler
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+    """One JSON response, its length given (the connection may stay open)."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def _chained(first: pb.GenerateChunk, rest: Iterator[pb.GenerateChunk]) -> Iterator[Any]:
