@@ -76,6 +76,12 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
         "type": "object"
     }
     assert http.http_status(grpc.StatusCode.INVALID_ARGUMENT)[0] == 400
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert http.rpc_param(invalid, "options.max_tokens: 500 is over") == "options.max_tokens"
+    assert http.rpc_param(invalid, "inputs['a b']: missing") == "inputs['a b']"
+    assert http.rpc_param(invalid, "messages[1].role: 'tool'") == "messages[1].role"
+    assert http.rpc_param(invalid, "the prompt is too long") is None
+    assert http.rpc_param(grpc.StatusCode.UNAVAILABLE, "options.x: y") is None
     assert http.http_status(grpc.StatusCode.UNAUTHENTICATED)[0] == 401
     assert http.http_status(grpc.StatusCode.RESOURCE_EXHAUSTED)[0] == 429
 
@@ -222,6 +228,7 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
         wrong = httpx.post(f"{url}/v1/predict", json={"inputs": {"nation": "Italy"}},
                            headers=bearer, timeout=60)  # fmt: skip
         assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
+        assert wrong.json()["error"]["param"] == "inputs['nation']"
         assert (
             httpx.post(f"{url}/v1/predict", json={"inputs": {"country": "Italy"}}).status_code
             == 401

@@ -4,6 +4,7 @@ answer (whole or as server-sent events) and errors in OpenAI's shapes. Pure func
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -192,3 +193,13 @@ def error_body(status: int, kind: str, message: str, param: str | None) -> dict[
 
 def http_status(code: grpc.StatusCode) -> tuple[int, str]:
     return _STATUS.get(code, (500, "server_error"))
+
+
+# The servers' INVALID_ARGUMENT messages start with the field: `inputs['x']: …`, `options.top_p: …`
+_FIELD_FIRST = re.compile(r"([A-Za-z_][\w.]*(?:\[[^\]]*\])*(?:\.\w+)*): ")
+
+
+def rpc_param(code: grpc.StatusCode, details: str) -> str | None:
+    """The request field an RPC error names, for OpenAI's `param`."""
+    found = _FIELD_FIRST.match(details) if code == grpc.StatusCode.INVALID_ARGUMENT else None
+    return found.group(1) if found else None

@@ -35,6 +35,7 @@ from services.core.http_api.chat import (
     generate_request,
     http_status,
     parse_request,
+    rpc_param,
     stream_events,
 )
 from services.core.http_api.predict import predict_answer, predict_request
@@ -133,7 +134,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                 self._send_error(400, "invalid_request_error", str(err), err.param)
             except grpc.RpcError as err:
                 status, kind = http_status(err.code())
-                self._send_error(status, kind, err.details() or str(err.code()), None)
+                details = err.details() or str(err.code())
+                self._send_error(status, kind, details, rpc_param(err.code(), details))
 
         def _body(self) -> bytes:
             length = int(self.headers.get("Content-Length") or 0)
