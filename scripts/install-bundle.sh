@@ -15,7 +15,8 @@
 #
 # Settings (environment): PREFIX (default /opt/edgedistill), CONTAINER_ENGINE (docker|podman,
 # may carry flags), PUBLIC_KEY (Ed25519 public key, PEM), RUNTIME_PORT (50051),
-# ROUTER_PORT (50052), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only),
+# ROUTER_PORT (50052), HTTP_PORT (unset: none; the router's HTTP API: OpenAI's chat
+# completions, /v1/predict, /health), BIND (127.0.0.1), RUNTIME_THREADS, START (1; 0 = install only),
 # ROUTER_MODE (local_only|hybrid|api_only), FALLBACK_MODEL, FALLBACK_API_BASE; with --registry:
 # KUBE_OVERLAY (cpu|gpu, default cpu), KUBE_NAMESPACE, REGISTRY_TLS_VERIFY (1; 0 for a plain
 # HTTP registry, podman only: docker takes it from its daemon's insecure-registries).
@@ -104,6 +105,8 @@ start_services() {
   router_image=$(cat "$serving/images/router.ref")
   stop_services "$name"
   engine network create "$name-net" >/dev/null 2>&1 || true
+  router_http=""
+  [ -z "${HTTP_PORT:-}" ] || router_http="-e EDGEDISTILL_ROUTER_HTTP_PORT=8080 -p $BIND:$HTTP_PORT:8080"
   hardening="--init --read-only --cap-drop=ALL --security-opt=no-new-privileges --tmpfs /tmp --restart=unless-stopped"
   # shellcheck disable=SC2086  # the option strings are word-split on purpose (no spaces inside)
   error=$(engine run -d --name "$name-runtime" --network "$name-net" --network-alias runtime $hardening \
@@ -116,7 +119,7 @@ start_services() {
     -e "EDGEDISTILL_ROUTER_MODE=${ROUTER_MODE:-local_only}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_MODEL=${FALLBACK_MODEL:-}" \
     -e "EDGEDISTILL_ROUTER_FALLBACK_API_BASE=${FALLBACK_API_BASE:-}" \
-    $router_secrets -p "$BIND:$ROUTER_PORT:50052" "$router_image" 2>&1 >/dev/null) \
+    $router_secrets $router_http -p "$BIND:$ROUTER_PORT:50052" "$router_image" 2>&1 >/dev/null) \
     || { start_failure="the router container did not start: $error"; return 1; }
   say "waiting for the runtime's gRPC health to say SERVING"
   i=0
@@ -148,6 +151,7 @@ start_services() {
   say "SERVING: runtime on $BIND:$RUNTIME_PORT, router on $BIND:$ROUTER_PORT"
   say "call it:  grpcurl -plaintext -d '{\"inputs\": {...}}' $BIND:$ROUTER_PORT edgedistill.v1.Inference/Predict"
   say "      or: edgedistill predict --target $BIND:$ROUTER_PORT --input field=value"
+  [ -z "${HTTP_PORT:-}" ] || say "      or: curl -d '{\"inputs\": {...}}' http://$BIND:$HTTP_PORT/v1/predict"
 }
 
 # Point NAME (current or previous) at a release folder, or remove it when there is none.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from importlib import metadata
@@ -154,6 +155,7 @@ def offline_host(tmp_path: Path) -> Iterator[dict[str, str]]:
         "PREFIX": str(root / "opt"),
         "RUNTIME_PORT": str(free_port()),
         "ROUTER_PORT": str(free_port()),
+        "HTTP_PORT": str(free_port()),
         "RUNTIME_THREADS": "2",
     }
     secrets = root / "secrets"
@@ -207,6 +209,7 @@ def test_install_offline_serve_and_refuse_tampering(
         with InferenceClient(target, timeout_s=30) as client, pytest.raises(grpc.RpcError) as no:
             client.info()
         assert no.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert_the_routers_http_api_answers(offline_host["HTTP_PORT"])
 
     scan_for_planted_secrets(shipped, offline_host)
     release = Path(offline_host["PREFIX"]) / "capitals" / "current"
@@ -237,6 +240,21 @@ def test_install_offline_serve_and_refuse_tampering(
     refused = install(truncated, offline_host, shipped)
     assert refused.returncode != 0 and "REFUSED" in refused.stderr
     assert sorted(str(p) for p in prefix.rglob("*")) == before  # the host is unchanged
+
+
+def assert_the_routers_http_api_answers(port: str) -> None:
+    """HTTP_PORT publishes the router container's HTTP API, with the same token."""
+    url = f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as health:
+        assert json.load(health) == {"status": "ok"}
+    body = json.dumps({"inputs": {"country": "Germany"}}).encode()
+    bearer = {"Authorization": f"Bearer {PLANTED_TOKEN}"}
+    asked = urllib.request.Request(f"{url}/v1/predict", data=body, headers=bearer)
+    with urllib.request.urlopen(asked, timeout=120) as answer:
+        assert json.load(answer)["outputs_json"]["capital"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/v1/predict", data=body), timeout=30)
+    assert refused.value.code == 401
 
 
 def test_install_skips_a_docker_without_daemon_and_a_failed_start_installs_nothing(
