@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import grpc
 import pytest
@@ -212,24 +213,28 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
         expected = pb_grpc.InferenceStub(channel).Predict(
             pb.PredictRequest(inputs={"country": "Italy"}), metadata=token_metadata(TOKEN)
         )
-    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    country = {"inputs": {"country": "Italy"}}
     for port in (runtime_http, router_http):
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-        reply = httpx.post(f"{url}/v1/predict", json={"inputs": {"country": "Italy"}},
-                           headers=bearer, timeout=60)  # fmt: skip
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["outputs_json"] == json.loads(expected.outputs_json)
-        assert (
-            body["outcome"] == "PREDICT_OUTCOME_PARSED" and body["served_by"] == "SERVED_BY_LOCAL"
-        )
-        assert 0 < body["confidence"] <= 1 and body["usage"]["prompt_tokens"] > 0
-        wrong = httpx.post(f"{url}/v1/predict", json={"inputs": {"nation": "Italy"}},
-                           headers=bearer, timeout=60)  # fmt: skip
-        assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
-        assert wrong.json()["error"]["param"] == "inputs['nation']"
-        assert (
-            httpx.post(f"{url}/v1/predict", json={"inputs": {"country": "Italy"}}).status_code
-            == 401
-        )
+        # One kept-alive connection throughout: an answer of each kind leaves it usable.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            assert client.get("/health").json() == {"status": "ok"}
+            assert client.post("/v1/nothing", json=country).status_code == 404
+            assert client.post("/v1/predict", json=country).status_code == 401
+            client.headers["Authorization"] = f"Bearer {TOKEN}"
+            reply = client.post("/v1/predict", json=country)
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["outputs_json"] == json.loads(expected.outputs_json)
+            assert body["outcome"] == "PREDICT_OUTCOME_PARSED"
+            assert body["served_by"] == "SERVED_BY_LOCAL"
+            assert 0 < body["confidence"] <= 1 and body["usage"]["prompt_tokens"] > 0
+            wrong = client.post("/v1/predict", json={"inputs": {"nation": "Italy"}})
+            assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
+            assert wrong.json()["error"]["param"] == "inputs['nation']"
+            assert client.post("/v1/predict", json=country).json() == {
+                **body,
+                "latency_ms": ANY,
+                "queue_ms": ANY,
+                "usage": ANY,
+                "lm_calls": ANY,
+            }

@@ -109,6 +109,7 @@ def tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext
 def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgedistill"
+        protocol_version = "HTTP/1.1"  # keep-alive: every answer gives its length, or closes
         timeout = 300  # seconds a silent connection is kept
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -125,11 +126,12 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self._route(routes, with_body=True)
 
         def _route(self, routes: dict[str, Any], with_body: bool) -> None:
-            handle = routes.get(self.path.split("?")[0].rstrip("/"))
-            if handle is None:
-                return self._send_error(404, "invalid_request_error", f"no {self.path}", None)
             try:
-                handle(self._body()) if with_body else handle()
+                body = self._body() if with_body else b""  # read whatever the route: keep-alive
+                handle = routes.get(self.path.split("?")[0].rstrip("/"))
+                if handle is None:
+                    return self._send_error(404, "invalid_request_error", f"no {self.path}", None)
+                handle(body) if with_body else handle()
             except BadRequest as err:
                 self._send_error(400, "invalid_request_error", str(err), err.param)
             except grpc.RpcError as err:
@@ -138,9 +140,13 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                 self._send_error(status, kind, details, rpc_param(err.code(), details))
 
         def _body(self) -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise BadRequest("body", f"over {MAX_BODY_BYTES} bytes")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read: the connection cannot go on
+                raise BadRequest("body", f"send a Content-Length of at most {MAX_BODY_BYTES} bytes")
             return self.rfile.read(length)
 
         def _metadata(self) -> Metadata:
@@ -182,6 +188,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")  # the stream's end is the connection's
+            self.close_connection = True
             self.end_headers()
             try:
                 for event in stream_events(_chained(first, chunks), model, call_id, include):
