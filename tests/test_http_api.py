@@ -103,10 +103,14 @@ def served(
         tmp_path_factory.mktemp("bundle"), gguf_path, CAPITALS_PROGRAM, threshold=0.5
     )
     router_env = {"EDGEDISTILL_ROUTER_AUTH_TOKEN": TOKEN, "EDGEDISTILL_ROUTER_LOCAL_TOKEN": TOKEN}
-    router = start_router(bundle, runtime.target, "--http-port", str(router_http), env=router_env)
-    yield runtime, runtime_http, router, router_http
-    router.terminate()
-    runtime.terminate()
+    try:
+        router = start_router(
+            bundle, runtime.target, "--http-port", str(router_http), env=router_env
+        )
+        yield runtime, runtime_http, router, router_http
+        router.terminate()
+    finally:
+        runtime.terminate()
 
 
 def grpc_text(target: str, request: pb.GenerateRequest) -> str:

@@ -14,6 +14,7 @@ import atexit
 import json
 import logging
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
@@ -111,6 +112,12 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         server_version = "edgedistill"
         protocol_version = "HTTP/1.1"  # keep-alive: every answer gives its length, or closes
         timeout = 300  # seconds a silent connection is kept
+
+        def setup(self) -> None:
+            super().setup()
+            # Headers and body are two writes: with Nagle the body would wait for the client's
+            # delayed ACK of the headers (up to 40 ms), and so would each streamed token.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http " + format, *args)
