@@ -80,6 +80,22 @@ def test_probes_are_grpc_probes_on_the_serving_port(
         assert container["readinessProbe"]["grpc"]["service"] == "edgedistill.v1.Inference"
 
 
+def test_the_routers_http_api_is_served_published_and_allowed(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """The port the router is told to serve HTTP on is its container's `http` port, the
+    Service's, and one its network policy lets in."""
+    objects = rendered[1]
+    (container,) = pod(objects, ROUTER)["containers"]
+    told = {e["name"]: e.get("value") for e in container["env"]}["EDGEDISTILL_ROUTER_HTTP_PORT"]
+    port = int(told)
+    assert {"name": "http", "containerPort": port} in container["ports"]
+    service = find(objects, "Service", ROUTER)["spec"]["ports"]
+    assert any(p["targetPort"] == "http" for p in service)
+    allowed = find(objects, "NetworkPolicy", ROUTER)["spec"]["ingress"]
+    assert any({"protocol": "TCP", "port": port} in rule["ports"] for rule in allowed)
+
+
 def test_pods_run_hardened(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     for name in (RUNTIME, ROUTER):
         spec = pod(rendered[1], name)
