@@ -343,7 +343,8 @@ def serve_with_compose(host: dict[str, str]) -> None:
     ]  # fmt: skip
     env = {
         "RUNTIME_PORT": host["RUNTIME_PORT"], "ROUTER_PORT": host["ROUTER_PORT"],
-        "ROUTER_MODE": "local_only", "AUTH_TOKEN_SOURCE": host["AUTH_TOKEN_FILE"],
+        "HTTP_PORT": host["HTTP_PORT"], "ROUTER_MODE": "local_only",
+        "AUTH_TOKEN_SOURCE": host["AUTH_TOKEN_FILE"],
         "AUTH_TOKEN_FILE": "/run/secrets/auth_token",
         "ROUTER_AUTH_TOKEN_FILE": "/run/secrets/auth_token",
     }  # fmt: skip
@@ -373,6 +374,7 @@ def serve_with_compose(host: dict[str, str]) -> None:
         with InferenceClient(router, timeout_s=30) as client, pytest.raises(grpc.RpcError) as no:
             client.info()
         assert no.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert_the_routers_http_api_answers(host["HTTP_PORT"])
     finally:
         sh(*compose, "down", env=env, check=False)
 
