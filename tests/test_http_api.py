@@ -235,6 +235,8 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
             wrong = client.post("/v1/predict", json={"inputs": {"nation": "Italy"}})
             assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
             assert wrong.json()["error"]["param"] == "inputs['nation']"
+            chunked = client.post("/v1/predict", content=iter([json.dumps(country).encode()]))
+            assert chunked.status_code == 400 and chunked.json()["error"]["param"] == "body"
             assert client.post("/v1/predict", json=country).json() == {
                 **body,
                 "latency_ms": ANY,

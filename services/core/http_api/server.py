@@ -151,6 +151,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
                 length = -1
+            if self.headers.get("Transfer-Encoding"):  # chunked: not read here
+                length = -1
             if not 0 <= length <= MAX_BODY_BYTES:
                 self.close_connection = True  # the body is not read: the connection cannot go on
                 raise BadRequest("body", f"send a Content-Length of at most {MAX_BODY_BYTES} bytes")
