@@ -42,8 +42,8 @@ class TransportSettings(BaseSettings):
     )
     http_port: int = Field(
         0, ge=0, le=65535,
-        description="OpenAI-compatible HTTP API port (POST /v1/chat/completions, GET "
-        "/v1/models), with the same TLS and token; 0: none",
+        description="HTTP API port (OpenAI's /v1/chat/completions and /v1/models, "
+        "/v1/predict, /health), with the same TLS and token; 0: none",
     )  # fmt: skip
 
     def auth_token(self) -> str | None:

@@ -221,7 +221,7 @@ class LlamaCppBackend(ChatModelMethods):
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
         cached = self._cached_prefix(tokens)
-        llm.n_tokens = cached  # llama-cpp-python's own prefix match would keep more
+        llm.n_tokens = cached  # else llama-cpp-python's own match may leave a one-token tail
         grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)
