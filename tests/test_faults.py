@@ -27,9 +27,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Path:
     return make_bundle(tmp_path_factory.mktemp("faults") / "bundle", gguf_path, CAPITALS_PROGRAM)
 
 
-def runtime_on(port: int, bundle: Path, metrics_port: int = 0) -> ServerProcess:
+def runtime_on(port: int, bundle: Path, metrics_port: int = 0, threads: int = 2) -> ServerProcess:
     return start_runtime("--bundle", str(bundle), "--n-ctx", "1024", "--port", str(port),
-                         "--metrics-port", str(metrics_port))  # fmt: skip
+                         "--metrics-port", str(metrics_port),
+                         "--n-threads", str(threads))  # fmt: skip
 
 
 def test_router_with_a_fallback_sees_a_runtime_that_just_came_up(bundle: Path) -> None:
@@ -166,7 +167,8 @@ def test_grpc_round_robin_spreads_calls_and_rides_out_a_killed_runtime(bundle: P
     calls; one SIGKILLed costs no call after the first second; back on its port, it is used
     again."""
     ports = [(free_port(), free_port()) for _ in range(3)]
-    runtimes = [runtime_on(port, bundle, metrics) for port, metrics in ports]
+    # One thread each: three runtimes on this machine's two cores, not six spinning threads.
+    runtimes = [runtime_on(port, bundle, metrics, threads=1) for port, metrics in ports]
     target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port, _ in ports)
     router = start_router(bundle, target, "--mode", "local_only")
     client = InferenceClient(router.target, timeout_s=60)
@@ -188,7 +190,7 @@ def test_grpc_round_robin_spreads_calls_and_rides_out_a_killed_runtime(bundle: P
         assert all(after < 1.0 for after, _ in failures), failures
 
         port, metrics = ports[0]
-        runtimes[0] = runtime_on(port, bundle, metrics)
+        runtimes[0] = runtime_on(port, bundle, metrics, threads=1)
         deadline = time.monotonic() + 10
         while predict_calls(metrics) == 0:
             assert time.monotonic() < deadline, "the router never went back to the runtime"
