@@ -14,6 +14,7 @@ import pytest
 
 from services.core.api import pb, pb_grpc
 from services.core.http_api import chat as http
+from services.core.http_api import ollama as ollama_api
 from services.core.http_api.predict import predict_request
 from services.core.security import token_metadata
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
@@ -85,6 +86,82 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     assert http.rpc_param(grpc.StatusCode.UNAVAILABLE, "options.x: y") is None
     assert http.http_status(grpc.StatusCode.UNAUTHENTICATED)[0] == 401
     assert http.http_status(grpc.StatusCode.RESOURCE_EXHAUSTED)[0] == 429
+
+
+def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
+    body = {"model": "triage:latest", "messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "a"}], "tools": [], "think": False,
+            "format": {"type": "integer"}, "keep_alive": "5m",
+            "options": {"num_predict": 9, "temperature": 0.2, "seed": -1, "stop": ["END"],
+                        "num_ctx": 4096, "top_k": 5}}  # fmt: skip
+    request = ollama_api.parse(ollama_api.ChatRequest, json.dumps(body).encode())
+    assert request.stream  # Ollama streams unless told not to
+    call = ollama_api.chat_call(request)
+    assert call is not None
+    assert [(m.role, m.content) for m in call.messages] == [("system", "Be brief."), ("user", "a")]
+    assert call.options.max_tokens == 9 and call.options.top_k == 5 and list(call.stop) == ["END"]
+    assert not call.options.HasField("seed")  # -1: a random seed, as unset is
+    assert json.loads(call.json_schema) == {"type": "integer"}
+    raw = json.dumps({"model": "m", "prompt": "p", "system": "s", "format": "json",
+                      "options": {"num_predict": -1}}).encode()  # fmt: skip
+    generate = ollama_api.parse(ollama_api.GenerateRequest, raw)
+    call = ollama_api.generate_call(generate)
+    assert call is not None and [m.role for m in call.messages] == ["system", "user"]
+    assert json.loads(call.json_schema) == {"type": "object"}
+    assert not call.options.HasField("max_tokens")  # -1: the server's limit
+    assert ollama_api.generate_call(ollama_api.GenerateRequest(model="m")) is None  # a "load"
+    assert ollama_api.chat_call(ollama_api.ChatRequest(model="m")) is None
+    refused = {
+        b'{"model": "m", "prompt": "p", "raw": true}': "raw",
+        b'{"model": "m", "prompt": "p", "suffix": "x"}': "suffix",
+        b'{"model": "m", "prompt": "p", "context": [1, 2]}': "context",
+        b'{"model": "m", "prompt": "p", "images": ["aGk="]}': "images",
+        b'{"model": "m", "prompt": "p", "think": true}': "think",
+        b'{"model": "m", "prompt": "p", "logprobs": true}': "logprobs",
+        b'{"model": "m", "prompt": "p", "options": {"num_predict": 0}}': "options.num_predict",
+        b'{"model": "m", "prompt": "p", "options": {"temperature": 3}}': "options.temperature",
+        b'{"prompt": "p"}': "model",
+    }
+    for raw, param in refused.items():
+        with pytest.raises(http.BadRequest) as caught:
+            ollama_api.generate_call(ollama_api.parse(ollama_api.GenerateRequest, raw))
+        assert caught.value.param == param, raw
+    for raw, param in ((b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}',
+                        "messages.0.role"),
+                       (b'{"model": "m", "messages": [{"role": "user", "images": ["aGk="]}]}',
+                        "messages.0.images"),
+                       (b'{"model": "m", "messages": [], "tools": [{}]}', "tools")):  # fmt: skip
+        with pytest.raises(http.BadRequest) as caught:
+            ollama_api.chat_call(ollama_api.parse(ollama_api.ChatRequest, raw))
+        assert caught.value.param == param, raw
+
+
+def test_ollama_names_and_answers_have_ollamas_shapes() -> None:
+    assert ollama_api.served_names("SmolLM2 135M") == ("smollm2-135m:latest", "smollm2-135m",
+                                                       "SmolLM2 135M")  # fmt: skip
+    ollama_api.check_model("triage", "triage")
+    with pytest.raises(ollama_api.ModelNotFound, match="serves 'triage:latest'"):
+        ollama_api.check_model("llama3", "triage")
+    assert ollama_api.in_ollama_terms("options.max_tokens: 500 is over") == (
+        "options.num_predict: 500 is over"
+    )
+    assert ollama_api.in_ollama_terms("stop[1]: too long") == "options.stop[1]: too long"
+    assert ollama_api.in_ollama_terms("inputs: x") == "inputs: x"
+    last = pb.GenerateChunk(text="c", finish_reason=pb.FINISH_REASON_LENGTH, latency_ms=30,
+                            time_to_first_token_ms=10,
+                            usage=pb.Usage(prompt_tokens=7, completion_tokens=3))  # fmt: skip
+    chunks = [pb.GenerateChunk(text="a"), pb.GenerateChunk(text="b"), last]
+    lines = list(ollama_api.answer_lines(iter(chunks), "m", chat=True))
+    assert [line["message"]["content"] for line in lines] == ["a", "b", "c", ""]
+    assert [line["done"] for line in lines] == [False, False, False, True]
+    assert lines[-1] | {"created_at": ANY} == {
+        "model": "m", "created_at": ANY, "message": {"role": "assistant", "content": ""},
+        "done": True, "done_reason": "length", "total_duration": 30_000_000, "load_duration": 0,
+        "prompt_eval_count": 7, "prompt_eval_duration": 10_000_000, "eval_count": 3,
+        "eval_duration": 20_000_000,
+    }  # fmt: skip
+    whole = ollama_api.whole_answer(chunks, "m", chat=False)
+    assert whole["response"] == "abc" and whole["done"] and whole["eval_count"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +321,56 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
                 "usage": ANY,
                 "lm_calls": ANY,
             }
+
+
+def test_the_ollama_client_and_dspy_ollama_chat_get_what_generate_answers(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import dspy
+    import ollama
+
+    runtime, runtime_http, _, router_http = served
+    expected = grpc_text(runtime.target, pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in QUESTION],
+        options=pb.SamplingOptions(max_tokens=12, temperature=0.0),
+    ))  # fmt: skip
+    greedy = {"temperature": 0, "num_predict": 12}
+    for port in (runtime_http, router_http):
+        host = f"http://127.0.0.1:{port}"
+        client = ollama.Client(host=host, headers={"Authorization": f"Bearer {TOKEN}"})
+        (listed,) = client.list().models
+        name = str(listed.model)
+        assert name.endswith(":latest") and listed.details is not None
+        shown = client.show(name).details
+        assert shown is not None and shown.quantization_level == listed.details.quantization_level
+        assert client.ps().models[0].context_length == 1024
+        reply = client.chat(name, messages=QUESTION, options=greedy)
+        assert reply.message.content == expected and reply.done
+        assert reply.eval_count is not None and 0 < reply.eval_count <= 12
+        lines = list(client.chat(name, messages=QUESTION, options=greedy, stream=True))
+        assert "".join(line.message.content or "" for line in lines) == expected
+        assert [line.done for line in lines].count(True) == 1 and lines[-1].done_reason
+        made = client.generate(name, QUESTION[0]["content"], options=greedy)
+        assert made.response == expected
+        assert client.generate(name, "").done_reason == "load"
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.chat("llama3.2", messages=QUESTION)
+        assert caught.value.status_code == 404 and name in caught.value.error
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.chat(name, messages=QUESTION, options={"num_predict": 500})  # over the limit
+        assert caught.value.status_code == 400
+        assert caught.value.error.startswith("options.num_predict")
+        with pytest.raises(ollama.ResponseError) as caught:
+            ollama.Client(host=host).chat(name, messages=QUESTION)
+        assert caught.value.status_code == 401
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.pull(name)
+        assert caught.value.status_code == 404 and "not served" in caught.value.error
+    colours = ["red", "green", "blue"]
+    schema = {"type": "object", "properties": {"colour": {"enum": colours}},
+              "required": ["colour"]}  # fmt: skip
+    typed = client.chat(name, messages=QUESTION, format=schema, options={"temperature": 1.0})
+    assert json.loads(typed.message.content or "")["colour"] in colours
+    lm = dspy.LM(f"ollama_chat/{name}", api_base=f"http://127.0.0.1:{runtime_http}",
+                 api_key=TOKEN, temperature=0.0, max_tokens=12, cache=False)  # fmt: skip
+    assert lm(QUESTION[0]["content"]) == [expected]

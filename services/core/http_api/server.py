@@ -6,6 +6,8 @@ interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
     GET  /v1/models             the served model, as OpenAI lists models
     POST /v1/predict            the distilled program (PredictRequest / PredictResponse JSON)
     GET  /health                200 when serving, 503 while loading or draining
+    POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version
+                                Ollama's API (NDJSON streams; errors as {"error": ...})
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ssl
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
+from services.core.http_api import ollama
 from services.core.http_api.chat import (
     BadRequest,
-    ChatCompletionRequest,
     completion,
     error_body,
     generate_request,
@@ -67,6 +69,7 @@ class HttpFront:
             )
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
+        self._names: dict[Metadata, str] = {}
 
     def start(self) -> None:
         threading.Thread(target=self._httpd.serve_forever, name="http-api", daemon=True).start()
@@ -76,10 +79,16 @@ class HttpFront:
         self._httpd.server_close()
         self._channel.close()
 
+    def model_info(self, metadata: Metadata) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
+
     def model_name(self, metadata: Metadata) -> str:
-        # Asked each time, with the caller's token: never an answer to a caller without one.
-        info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
-        return str(info.model_name)
+        # Kept per credential once GetModelInfo let it through: a caller whose token the
+        # server refuses never gets the name, and a chat call costs no extra RPC after its first.
+        name = self._names.get(metadata)
+        if name is None:
+            name = self._names[metadata] = str(self.model_info(metadata).model_name)
+        return name
 
 
 def mount(server: grpc.aio.Server, settings: Any) -> HttpFront | None:
@@ -124,27 +133,44 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             routes = {"/v1/models": self._models, "/models": self._models,
-                      "/health": self._health}  # fmt: skip
+                      "/health": self._health, "/api/tags": self._ollama_tags,
+                      "/api/ps": self._ollama_ps, "/api/version": self._ollama_version}  # fmt: skip
             self._route(routes, with_body=False)
 
         def do_POST(self) -> None:
             routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
-                      "/v1/predict": self._predict}  # fmt: skip
+                      "/v1/predict": self._predict, "/api/chat": self._ollama_chat,
+                      "/api/generate": self._ollama_generate,
+                      "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
 
         def _route(self, routes: dict[str, Any], with_body: bool) -> None:
             try:
                 body = self._body() if with_body else b""  # read whatever the route: keep-alive
-                handle = routes.get(self.path.split("?")[0].rstrip("/"))
+                handle = routes.get(self._route_path())
                 if handle is None:
-                    return self._send_error(404, "invalid_request_error", f"no {self.path}", None)
+                    return self._send_error(404, "invalid_request_error", self._unrouted(), None)
                 handle(body) if with_body else handle()
             except BadRequest as err:
                 self._send_error(400, "invalid_request_error", str(err), err.param)
+            except ollama.ModelNotFound as err:
+                self._send_error(404, "invalid_request_error", str(err), "model")
             except grpc.RpcError as err:
-                status, kind = http_status(err.code())
-                details = err.details() or str(err.code())
-                self._send_error(status, kind, details, rpc_param(err.code(), details))
+                self._send_error(*self._rpc_error(err))
+
+        def _route_path(self) -> str:
+            return self.path.split("?")[0].rstrip("/")
+
+        def _unrouted(self) -> str:
+            if self._route_path().startswith("/api/"):
+                return (f"{self.path} is not served: this server runs its bundle's model only "
+                        "(/api/chat, generate, show, tags, ps, version)")  # fmt: skip
+            return f"no {self.path}"
+
+        def _rpc_error(self, err: grpc.RpcError) -> tuple[int, str, str, str | None]:
+            status, kind = http_status(err.code())
+            details = err.details() or str(err.code())
+            return status, kind, details, rpc_param(err.code(), details)
 
         def _body(self) -> bytes:
             try:
@@ -163,7 +189,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             return (("authorization", given),) if given else ()
 
         def _models(self) -> None:
-            name = front.model_name(self._metadata())
+            name = front.model_info(self._metadata()).model_name  # asked each time: a listing
             listed = {"id": name, "object": "model", "created": 0, "owned_by": "edgedistill"}
             self._send_json(200, {"object": "list", "data": [listed]})
 
@@ -185,35 +211,88 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             model = front.model_name(metadata)
             chunks = front.stub.Generate(call, metadata=metadata)
             call_id = f"chatcmpl-{uuid.uuid4().hex}"
-            if request.stream:
-                return self._stream(chunks, model, call_id, request)
-            self._send_json(200, completion(list(chunks), model, call_id))
-
-        def _stream(
-            self, chunks: Any, model: str, call_id: str, request: ChatCompletionRequest
-        ) -> None:
-            first = next(chunks)  # an error before any text is still an HTTP status
+            if not request.stream:
+                return self._send_json(200, completion(list(chunks), model, call_id))
             include = bool(request.stream_options and request.stream_options.include_usage)
+            self._stream(chunks, lambda all_chunks: stream_events(all_chunks, model, call_id,
+                                                                  include))  # fmt: skip
+
+        def _ollama_chat(self, raw: bytes) -> None:
+            request = ollama.parse(ollama.ChatRequest, raw)
+            self._ollama_answer(request, ollama.chat_call(request), chat=True)
+
+        def _ollama_generate(self, raw: bytes) -> None:
+            request = ollama.parse(ollama.GenerateRequest, raw)
+            self._ollama_answer(request, ollama.generate_call(request), chat=False)
+
+        def _ollama_answer(
+            self, request: ollama.ChatRequest | ollama.GenerateRequest,
+            call: pb.GenerateRequest | None, chat: bool,
+        ) -> None:  # fmt: skip
+            metadata = self._metadata()
+            ollama.check_model(request.model, front.model_name(metadata))
+            if call is None:
+                return self._send_json(200, ollama.loaded(request.model, chat))
+            chunks = front.stub.Generate(call, metadata=metadata)
+            if not request.stream:
+                return self._send_json(200, ollama.whole_answer(list(chunks), request.model, chat))
+            self._stream(chunks, lambda all_chunks: ollama.answer_lines(all_chunks, request.model,
+                                                                        chat))  # fmt: skip
+
+        def _ollama_show(self, raw: bytes) -> None:
+            asked = ollama.parse(ollama.ChatRequest, raw).model  # only `model` is read
+            info = front.model_info(self._metadata())
+            ollama.check_model(asked, info.model_name)
+            self._send_json(200, ollama.shown(info))
+
+        def _ollama_tags(self) -> None:
+            self._send_json(200, ollama.tags(front.model_info(self._metadata())))
+
+        def _ollama_ps(self) -> None:
+            self._send_json(200, ollama.running(front.model_info(self._metadata())))
+
+        def _ollama_version(self) -> None:
+            self._send_json(200, {"version": ollama.VERSION})
+
+        def _stream(self, chunks: Any, events: Callable[[Iterator[Any]], Iterator[Any]]) -> None:
+            """The answer as it is generated: server-sent events for OpenAI's API, one JSON
+            object per line for Ollama's."""
+            first = next(chunks)  # an error before any text is still an HTTP status
+            sse = not self._is_ollama()
             self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Type", "text/event-stream" if sse else "application/x-ndjson")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")  # the stream's end is the connection's
             self.close_connection = True
             self.end_headers()
+
+            def send(event: dict[str, Any]) -> None:
+                line = f"data: {json.dumps(event)}\n\n" if sse else json.dumps(event) + "\n"
+                self.wfile.write(line.encode())
+                self.wfile.flush()
+
             try:
-                for event in stream_events(_chained(first, chunks), model, call_id, include):
-                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-            except grpc.RpcError as err:  # after the status line: an error event, as OpenAI's
-                status, kind = http_status(err.code())
-                body = error_body(status, kind, err.details() or "", None)
-                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+                for event in events(_chained(first, chunks)):
+                    send(event)
+                if sse:
+                    self.wfile.write(b"data: [DONE]\n\n")
+            except grpc.RpcError as err:  # after the status line: an error event in the stream
+                send(self._error_body(*self._rpc_error(err)))
             except OSError:  # the client went away: stop the generation
                 chunks.cancel()
 
+        def _is_ollama(self) -> bool:
+            return self._route_path().startswith("/api/")
+
         def _send_error(self, status: int, kind: str, message: str, param: str | None) -> None:
-            self._send_json(status, error_body(status, kind, message, param))
+            self._send_json(status, self._error_body(status, kind, message, param))
+
+        def _error_body(
+            self, status: int, kind: str, message: str, param: str | None
+        ) -> dict[str, Any]:
+            if self._is_ollama():
+                return {"error": ollama.in_ollama_terms(message)}  # Ollama's: one string
+            return error_body(status, kind, message, param)
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
             send_json(self, status, body)
