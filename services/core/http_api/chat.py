@@ -183,8 +183,7 @@ def stream_events(
         if piece.finish_reason:
             yield chunk({}, _FINISH.get(piece.finish_reason, "stop"))
             if include_usage:
-                yield {"id": call_id, "object": "chat.completion.chunk", "created": created,
-                       "model": model, "choices": [], "usage": usage(piece.usage)}  # fmt: skip
+                yield {**chunk({}, None), "choices": [], "usage": usage(piece.usage)}
 
 
 def error_body(status: int, kind: str, message: str, param: str | None) -> dict[str, Any]:
