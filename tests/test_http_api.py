@@ -323,10 +323,12 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
             }
 
 
-def test_the_ollama_client_and_dspy_ollama_chat_get_what_generate_answers(
-    served: tuple[ServerProcess, int, ServerProcess, int],
+def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(
+    served: tuple[ServerProcess, int, ServerProcess, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
     import dspy
+    import litellm
     import ollama
 
     runtime, runtime_http, _, router_http = served
@@ -371,6 +373,16 @@ def test_the_ollama_client_and_dspy_ollama_chat_get_what_generate_answers(
               "required": ["colour"]}  # fmt: skip
     typed = client.chat(name, messages=QUESTION, format=schema, options={"temperature": 1.0})
     assert json.loads(typed.message.content or "")["colour"] in colours
-    lm = dspy.LM(f"ollama_chat/{name}", api_base=f"http://127.0.0.1:{runtime_http}",
-                 api_key=TOKEN, temperature=0.0, max_tokens=12, cache=False)  # fmt: skip
+    root = f"http://127.0.0.1:{runtime_http}"
+    for stream in (False, True):  # LiteLLM's ollama_chat/ calls /api/chat
+        reply = litellm.completion(
+            model=f"ollama_chat/{name}", api_base=root, api_key=TOKEN, messages=QUESTION,
+            temperature=0, max_tokens=12, stream=stream,
+        )  # fmt: skip
+        said = ("".join(c.choices[0].delta.content or "" for c in reply) if stream
+                else reply.choices[0].message.content)  # fmt: skip
+        assert said == expected, stream
+    # DSPy's own engine calls `<root>/chat/completions` for ollama_chat/, also served.
+    lm = dspy.LM(f"ollama_chat/{name}", api_base=root, api_key=TOKEN, temperature=0.0,
+                 max_tokens=12, cache=False)  # fmt: skip
     assert lm(QUESTION[0]["content"]) == [expected]
