@@ -87,7 +87,7 @@ def test_a_field_declared_without_a_description_is_described_as_empty() -> None:
     import dspy
 
     from services.core.api import pb
-    from services.runtime.server import describe_signature
+    from services.core.model_info import describe_signature
 
     spec = ProgramSpec.from_signature(dspy.Signature("review -> sentiment"), name="reviews")
     # DSPy's placeholder stays in program.json (the prompt is DSPy's own) ...

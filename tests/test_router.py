@@ -14,7 +14,7 @@ import pytest
 from google.protobuf.json_format import MessageToJson
 from grpc_health.v1 import health_pb2
 
-from services.core.api import pb
+from services.core.api import pb, pb_grpc
 from services.core.client import InferenceClient
 from testkit.bundles import CAPITALS_PROGRAM
 from testkit.openai_standin import OpenAIStandIn
@@ -223,6 +223,62 @@ def test_runtime_down_goes_to_the_api_or_is_unavailable_fast(bundle: Path) -> No
             predict(router, "Japan")
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < 1.0
+    finally:
+        router.terminate()
+
+
+def generate(router: ServerProcess, content: str, **options: int) -> list[pb.GenerateChunk]:
+    request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=content)],
+                                 options=pb.SamplingOptions(**options), stop=["\n"])  # fmt: skip
+    with grpc.insecure_channel(router.target) as channel:
+        return list(pb_grpc.InferenceStub(channel).Generate(request, timeout=120))
+
+
+def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
+    bundle: Path, local_runtime: ServerProcess, openai_server: str
+) -> None:
+    api = ("--fallback-model", "openai/teacher-smol", "--fallback-api-base", openai_server,
+           "--api-timeout-s", "60")  # fmt: skip
+    closed, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    # hybrid: the API answers what no runtime can
+    router = start_router(bundle, closed, *api, "--metrics-port", str(metrics_port))
+    try:
+        *_, last = generate(router, "Name a colour.", max_tokens=8, temperature=0)
+        assert last.served_by == pb.SERVED_BY_FALLBACK and last.model_id == "openai/teacher-smol"
+        assert last.text.strip() and "\n" not in last.text and last.finish_reason
+        assert last.usage.prompt_tokens > 0 and last.usage.completion_tokens > 0
+        info = InferenceClient(router.target).info()  # from the bundle: no runtime to ask
+        assert info.backend == "api:openai/teacher-smol" and info.model_name == "capitals"
+        assert [f.name for f in info.signature.input_fields] == ["country"]
+        with pytest.raises(grpc.RpcError) as caught:  # checked before the API is asked
+            generate(router, "x", max_tokens=5000)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith("options.max_tokens")
+        assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 1.0' in (
+            metrics_text(metrics_port)
+        )
+    finally:
+        router.terminate()
+    router = start_router(bundle, local_runtime.target, "--mode", "api_only", *api)
+    try:
+        assert generate(router, "Name a colour.", max_tokens=8)[-1].served_by == (
+            pb.SERVED_BY_FALLBACK
+        )
+    finally:
+        router.terminate()
+    router = start_router(bundle, local_runtime.target, *api)
+    try:
+        *_, last = generate(router, "Name a colour.", max_tokens=8)
+        assert last.served_by == pb.SERVED_BY_LOCAL and last.model_id == "capitals"
+    finally:
+        router.terminate()
+    router = start_router(bundle, closed, "--mode", "local_only",
+                          status=health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            generate(router, "Name a colour.")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mode is local_only" in (caught.value.details() or "")
     finally:
         router.terminate()
 

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_LIMIT
+
 ENV_PREFIX = "EDGEDISTILL_"
 S = TypeVar("S", bound=BaseSettings)
 
@@ -140,8 +142,12 @@ class RuntimeSettings(TransportSettings):
         le=10000,
         description="requests that may wait for the model; beyond, RESOURCE_EXHAUSTED",
     )
-    max_tokens_default: int = Field(256, ge=1, description="max_tokens when a call sets none")
-    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a call may ask for")
+    max_tokens_default: int = Field(
+        MAX_TOKENS_DEFAULT, ge=1, description="max_tokens when a call sets none"
+    )
+    max_tokens_limit: int = Field(
+        MAX_TOKENS_LIMIT, ge=1, description="largest max_tokens a call may ask for"
+    )
     max_request_bytes: int = Field(
         1 << 20, ge=1024, le=64 << 20, description="largest request a call may send, in bytes"
     )

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Generate samples by default; Predict is greedy by default (a classifier should be stable).
+GENERATE_DEFAULT_TEMPERATURE = 0.7
+PREDICT_DEFAULT_TEMPERATURE = 0.0
+# max_tokens when a call sets none, and the most it may ask for: the runtime's defaults (its
+# settings may change them), and the router's when the API model answers a Generate.
+MAX_TOKENS_DEFAULT = 256
+MAX_TOKENS_LIMIT = 2048
+
 
 @dataclass(frozen=True)
 class GenerationParams:

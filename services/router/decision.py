@@ -1,4 +1,6 @@
-"""The routing decision as a pure function: what to do with one Predict call, and why.
+"""The routing decision as a pure function: what to do with one Predict call, and why. A
+Generate, which has no confidence to judge, is decided as a Predict with no local answer when
+no runtime answered it (or in api_only).
 
 The servicer gathers the facts (the mode, the local answer or its absence, the threshold,
 whether a fallback is configured, what the policies would allow right now), calls `decide`,

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
 from services.core.lm_connection import connection
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
+from services.core.sampling import GenerationParams
 
 # Air-gapped hosts: LiteLLM would otherwise try to download its price list when first imported
 # (three attempts, ~10 s) before the router could start.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -35,6 +40,16 @@ class ApiError(Exception):
         """The error's first line, short enough for a client's status message."""
         line = str(self).strip().splitlines()[0] if str(self).strip() else self.kind
         return line if len(line) <= 160 else line[:157] + "..."
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The API model's answer to a Generate call."""
+
+    text: str
+    finished_by_length: bool
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class FallbackModel:
@@ -104,19 +119,54 @@ class FallbackModel:
         text = str(self._lm(messages=messages)[0])
         return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed")
 
+    def _chat(
+        self, messages: list[dict[str, str]], params: GenerationParams, seed: int | None
+    ) -> Generated:
+        """One chat call on the API model, with the options an OpenAI-style API takes (llama.cpp's
+        top_k, min_p and repeat_penalty are the local sampler's: not sent)."""
+        options: dict[str, Any] = {
+            "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "top_p": params.top_p,
+        }  # fmt: skip
+        if params.stop:
+            options["stop"] = list(params.stop)
+        if seed is not None:
+            options["seed"] = seed
+        if params.json_schema:
+            schema = json.loads(params.json_schema)
+            options["response_format"] = {
+                "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}
+            }  # fmt: skip
+        reply = self._lm.forward(messages=messages, **options)
+        choice, usage = reply["choices"][0], reply.get("usage") or {}
+        return Generated(
+            text=str(choice["message"]["content"] or ""),
+            finished_by_length=choice.get("finish_reason") == "length",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
     async def predict(self, inputs: dict[str, str]) -> tuple[tuple[dict[str, str], str], float]:
         """The API's outputs (text and typed) and the seconds it took; ApiError after the
         last retry."""
+        return await self._retrying(self._call, inputs)
+
+    async def generate(
+        self, messages: list[dict[str, str]], params: GenerationParams, seed: int | None
+    ) -> tuple[Generated, float]:
+        """A Generate call answered by the API model, and the seconds it took; ApiError after
+        the last retry."""
+        return await self._retrying(self._chat, messages, params, seed)
+
+    async def _retrying(self, call: Callable[..., T], *args: Any) -> tuple[T, float]:
         last = ApiError("error", "no attempt made")
         for attempt in range(self._retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
             started = time.perf_counter()
             try:
-                outputs = await asyncio.wait_for(
-                    asyncio.to_thread(self._call, inputs), self._timeout_s
-                )
-                return outputs, time.perf_counter() - started
+                answer = await asyncio.wait_for(asyncio.to_thread(call, *args), self._timeout_s)
+                return answer, time.perf_counter() - started
             except TimeoutError:
                 last = ApiError("timeout", f"no answer within {self._timeout_s} s")
                 again = True

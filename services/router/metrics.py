@@ -24,7 +24,7 @@ class RouterMetrics:
         )
         self.fallbacks = Counter(
             "edgedistill_router_fallbacks",
-            "Predict calls sent to the API, by reason",
+            "Calls (Predict, Generate) sent to the API, by reason",
             ["reason"],
             registry=r,
         )

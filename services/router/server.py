@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
@@ -23,10 +24,16 @@ from services.core.config import RouterSettings
 from services.core.harvest import HarvestRecord
 from services.core.harvest import now as harvest_now
 from services.core.http_api import server as http_api
+from services.core.model_info import describe_program
 from services.core.pipeline import PipelineSpec, read_program_file
 from services.core.program import ProgramSpec
 from services.core.registration import add_inference_servicer
-from services.core.validation import RpcFailure
+from services.core.sampling import (
+    GENERATE_DEFAULT_TEMPERATURE,
+    MAX_TOKENS_DEFAULT,
+    MAX_TOKENS_LIMIT,
+)
+from services.core.validation import Limits, RpcFailure
 from services.router.decision import Action, Gates, LocalAnswer, after_api_error, decide
 from services.router.fallback import ApiError, FallbackModel
 from services.router.harvest import HarvestWriter
@@ -35,6 +42,12 @@ from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
 from services.router.upstream import LocalRuntimes, LocalUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What a Generate sent to the API model may ask for (a runtime's defaults; the API has its own).
+API_MAX_REQUEST_BYTES = 1 << 20
+API_LIMITS = Limits(max_tokens_default=MAX_TOKENS_DEFAULT, max_tokens_limit=MAX_TOKENS_LIMIT,
+                    max_request_bytes=API_MAX_REQUEST_BYTES, context_length=0)  # fmt: skip
 
 # Health entry that is SERVING while some local runtime passes its health check.
 LOCAL_HEALTH_SERVICE = "edgedistill.router.LocalRuntime"
@@ -96,14 +109,12 @@ class RouterService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
-            async for chunk in self._local.generate(request, self._timeout(context)):
+            async for chunk in self._generate(request, context):
                 yield chunk
-        except LocalUnavailable:
-            self._count("Generate", grpc.StatusCode.UNAVAILABLE)  # before the client sees it
+        except RpcFailure as failure:
+            self._count("Generate", failure.code)  # before the client sees the status
             code = None
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "no local runtime is available for Generate"
-            )
+            await context.abort(failure.code, failure.message)
         except grpc.aio.AioRpcError as err:
             self._count("Generate", err.code())
             code = None
@@ -117,13 +128,73 @@ class RouterService(pb_grpc.InferenceServicer):
             reply: pb.ModelInfo = await self._local.call("GetModelInfo", request, 5.0)
             return reply
         except LocalUnavailable:
+            if self._fallback is not None:  # the API answers: the bundle says what it serves
+                return self._bundle_info(self._fallback.model)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no local runtime is available")
             raise
         except grpc.aio.AioRpcError as err:
             await context.abort(err.code(), err.details() or "")
             raise
 
+    def _bundle_info(self, api_model: str) -> pb.ModelInfo:
+        name, _, version = self._bundle_id.rpartition("@")
+        info = pb.ModelInfo(model_name=name, bundle_version=version, backend=f"api:{api_model}",
+                            max_tokens_limit=MAX_TOKENS_LIMIT, parallel=1)  # fmt: skip
+        describe_program(info, self._program)
+        return info
+
     # -- the decision (services/router/decision.py) and carrying it out ----------------------
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """A runtime answers when one is up; the API model when none is (hybrid) or always
+        (api_only). A generation has no confidence to judge, so nothing else sends it away."""
+        mode = self._settings.mode
+        if mode != "api_only":
+            try:
+                async for chunk in self._local.generate(request, self._timeout(context)):
+                    yield chunk
+                return
+            except LocalUnavailable:
+                pass
+        decided = decide(
+            mode=mode, local=None, threshold=self._threshold,
+            has_fallback=self._fallback is not None, gates=self._gates(),
+        )  # fmt: skip
+        if decided.action is Action.FALLBACK:
+            answer = await self._api_generate(request, decided.reason)
+            if not isinstance(answer, ApiError):
+                yield answer
+                return
+            decided = after_api_error(decided, None, answer.summary)
+        raise RpcFailure(grpc.StatusCode[decided.status], decided.message)
+
+    async def _api_generate(
+        self, request: pb.GenerateRequest, reason: str
+    ) -> pb.GenerateChunk | ApiError:
+        """The API model's answer as one final chunk, checked as a runtime checks a call."""
+        fallback = self._fallback
+        assert fallback is not None
+        check.check_size(request, API_MAX_REQUEST_BYTES)
+        messages = check.chat_messages(request)
+        params = check.sampling_params(
+            request.options, API_LIMITS, default_temperature=GENERATE_DEFAULT_TEMPERATURE,
+            stop=check.stop_strings(request), json_schema=_json_schema(request.json_schema),
+        )  # fmt: skip
+        seed = request.options.seed if request.options.HasField("seed") else None
+        answer = await self._via_api(reason, lambda: fallback.generate(messages, params, seed))
+        if isinstance(answer, ApiError):
+            return answer
+        generated, seconds = answer
+        finish = pb.FINISH_REASON_LENGTH if generated.finished_by_length else pb.FINISH_REASON_STOP
+        return pb.GenerateChunk(
+            text=generated.text, finish_reason=finish,
+            usage=pb.Usage(prompt_tokens=generated.prompt_tokens,
+                           completion_tokens=generated.completion_tokens),
+            latency_ms=seconds * 1000, time_to_first_token_ms=seconds * 1000,
+            served_by=pb.SERVED_BY_FALLBACK, model_id=fallback.model,
+        )  # fmt: skip
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         check.check_size(request, 1 << 20)
@@ -232,11 +303,31 @@ class RouterService(pb_grpc.InferenceServicer):
         self, inputs: dict[str, str], reason: str
     ) -> pb.PredictResponse | ApiError:
         """Send the call to the API (the decision said it may go); its error when it fails."""
-        assert self._fallback is not None
+        fallback = self._fallback
+        assert fallback is not None
+        answer = await self._via_api(reason, lambda: fallback.predict(inputs))
+        if isinstance(answer, ApiError):
+            return answer
+        (outputs, outputs_json), _ = answer
+        return pb.PredictResponse(
+            outputs=outputs,
+            outputs_json=outputs_json,
+            served_by=pb.SERVED_BY_FALLBACK,
+            model_id=fallback.model,
+            outcome=pb.PREDICT_OUTCOME_PARSED,
+            threshold=self._threshold,
+            route_reason=reason,
+        )
+
+    async def _via_api(
+        self, reason: str, ask: Callable[[], Awaitable[tuple[T, float]]]
+    ) -> tuple[T, float] | ApiError:
+        """One call on the API model under the policies' accounting: the breaker, the budget,
+        the fallback rate and the metrics see a Predict and a Generate alike."""
         self._breaker.allow()  # half-open: this call is the probe
         self._budget.try_spend()
         try:
-            (outputs, outputs_json), seconds = await self._fallback.predict(inputs)
+            answer = await ask()
         except ApiError as err:
             self._breaker.record_failure()
             self._metrics.api_errors.labels(err.kind).inc(err.attempts)
@@ -246,18 +337,10 @@ class RouterService(pb_grpc.InferenceServicer):
             )
             return err
         self._breaker.record_success()
-        self._metrics.api_latency.observe(seconds)
+        self._metrics.api_latency.observe(answer[1])
         self._metrics.fallbacks.labels(reason).inc()
         self._rate_cap.record(True)
-        return pb.PredictResponse(
-            outputs=outputs,
-            outputs_json=outputs_json,
-            served_by=pb.SERVED_BY_FALLBACK,
-            model_id=self._fallback.model,
-            outcome=pb.PREDICT_OUTCOME_PARSED,
-            threshold=self._threshold,
-            route_reason=reason,
-        )
+        return answer
 
     def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()
@@ -396,3 +479,16 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         http.close()
     await local.close()
     return 0
+
+
+def _json_schema(text: str) -> str | None:
+    """The call's JSON schema, checked to be a JSON object (the API model applies it)."""
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError as err:
+        raise check.invalid("json_schema", f"not JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise check.invalid("json_schema", "a JSON Schema must be a JSON object")
+    return text

@@ -22,9 +22,11 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.http_api import server as http_api
-from services.core.pipeline import LmCall, PipelineSpec, ProgramFailed, ProgramRunner
-from services.core.program import COMPLETED_MARKER, ProgramSpec, PromptCodec
+from services.core.model_info import describe_program
+from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
+from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.registration import add_inference_servicer
+from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.backends.base import PreparedPrompt
@@ -35,9 +37,6 @@ from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClose
 
 log = logging.getLogger(__name__)
 
-# Generate samples by default; Predict is greedy by default (a classifier should be stable).
-GENERATE_DEFAULT_TEMPERATURE = 0.7
-PREDICT_DEFAULT_TEMPERATURE = 0.0
 _OUTCOME = {
     "parsed": pb.PREDICT_OUTCOME_PARSED,
     "unparsed": pb.PREDICT_OUTCOME_UNPARSED,
@@ -264,6 +263,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     usage=_usage(event),
                     latency_ms=(now - started) * 1000,
                     time_to_first_token_ms=ttft * 1000,
+                    served_by=pb.SERVED_BY_LOCAL,
+                    model_id=model.backend.info.model_name,
                 )
         except BackendError as err:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
@@ -288,10 +289,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             reply.parallel = model.backend.slots
             reply.cached_prefix_tokens = model.backend.prefix_tokens
         if model.program is not None:
-            describe_signature(reply.signature, model.program)
-        if isinstance(model.program, PipelineSpec):
-            for predictor in model.program.predictors:
-                describe_signature(reply.predictors.add(name=predictor.name).signature, predictor)
+            describe_program(reply, model.program)
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -384,18 +382,6 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
-
-
-def describe_signature(signature: pb.ProgramSignature, program: ProgramSpec | PipelineSpec) -> None:
-    signature.instructions = program.instructions
-    for field in program.inputs:
-        signature.input_fields.add(
-            name=field.name, description=field.stated_description, type=field.type
-        )
-    for field in program.outputs:
-        signature.output_fields.add(
-            name=field.name, description=field.stated_description, type=field.type
-        )
 
 
 def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:
