@@ -255,6 +255,9 @@ def assert_the_routers_http_api_answers(port: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(f"{url}/v1/predict", data=body), timeout=30)
     assert refused.value.code == 401
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/tags", headers=bearer),
+                                timeout=30) as listed:  # fmt: skip
+        assert json.load(listed)["models"][0]["name"] == "capitals:latest"  # Ollama's API too
 
 
 def test_install_skips_a_docker_without_daemon_and_a_failed_start_installs_nothing(

@@ -328,6 +328,7 @@ def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(
 ) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
     import dspy
+    import httpx
     import litellm
     import ollama
 
@@ -368,6 +369,8 @@ def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(
         with pytest.raises(ollama.ResponseError) as caught:
             client.pull(name)
         assert caught.value.status_code == 404 and "not served" in caught.value.error
+        assert httpx.head(host).status_code == 200  # how Ollama's CLI finds a server
+        assert "running" in httpx.get(host).text
     colours = ["red", "green", "blue"]
     schema = {"type": "object", "properties": {"colour": {"enum": colours}},
               "required": ["colour"]}  # fmt: skip

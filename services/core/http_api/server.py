@@ -8,6 +8,7 @@ interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
     GET  /health                200 when serving, 503 while loading or draining
     POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version
                                 Ollama's API (NDJSON streams; errors as {"error": ...})
+    GET, HEAD /                 200: a server is here (as Ollama's root answers)
 """
 
 from __future__ import annotations
@@ -134,8 +135,16 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             routes = {"/v1/models": self._models, "/models": self._models,
                       "/health": self._health, "/api/tags": self._ollama_tags,
-                      "/api/ps": self._ollama_ps, "/api/version": self._ollama_version}  # fmt: skip
+                      "/api/ps": self._ollama_ps, "/api/version": self._ollama_version,
+                      "": self._root}  # fmt: skip
             self._route(routes, with_body=False)
+
+        def do_HEAD(self) -> None:  # Ollama's CLI checks that a server is there with HEAD /
+            if self._route_path() == "":
+                return self._root(with_body=False)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def do_POST(self) -> None:
             routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
@@ -250,6 +259,15 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def _ollama_ps(self) -> None:
             self._send_json(200, ollama.running(front.model_info(self._metadata())))
+
+        def _root(self, with_body: bool = True) -> None:
+            data = b"edgedistill is running (OpenAI's, Ollama's and /v1/predict HTTP APIs)"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(data)
 
         def _ollama_version(self) -> None:
             self._send_json(200, {"version": ollama.VERSION})
