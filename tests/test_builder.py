@@ -759,7 +759,8 @@ def test_spec_errors_are_named(tmp_path: Path, change: str, message: str) -> Non
 
 def test_a_program_may_be_named_by_its_file(tmp_path: Path) -> None:
     """`program: app/main.py:build` (or `./program.py:build`), as people write a file, is the
-    module `app.main`, looked up beside the spec like any import path."""
+    module `app.main`, looked up beside the spec like any import path; `teacher:` and
+    `student:` may name the model alone."""
     import yaml
 
     from services.builder.spec import load_spec
@@ -778,6 +779,15 @@ def test_a_program_may_be_named_by_its_file(tmp_path: Path) -> None:
         assert getattr(load_spec(tmp_path / "spec.yaml"), key) == module
     # no `output:`: the build folder is the spec's own, never one another spec writes to
     assert load_spec(tmp_path / "spec.yaml").output == Path("build/x")
+    # `teacher:` and `student:` may be the model alone, as people first write them.
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "x", "program": "program:build", "teacher": "openai/gpt-4o-mini",
+        "student": "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "data": {"train": "train.jsonl", "dev": "dev.jsonl"},
+    }))  # fmt: skip
+    shorthand = load_spec(tmp_path / "spec.yaml")
+    assert shorthand.teacher.model == "openai/gpt-4o-mini" and shorthand.teacher.num_threads == 4
+    assert shorthand.student.source == "HuggingFaceTB/SmolLM2-360M-Instruct"
 
 
 # Chat-template tokens around a record's three messages (SmolLM2: 5 per message), with room.

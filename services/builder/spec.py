@@ -82,6 +82,12 @@ class TeacherSpec(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(512, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_alone(cls, given: Any) -> Any:
+        # `teacher: gold` or `teacher: openai/gpt-4o-mini`: the model, every other key default.
+        return {"model": given} if isinstance(given, str) else given
+
     @property
     def is_gold(self) -> bool:
         return self.model == "gold"
@@ -92,6 +98,12 @@ class StudentSpec(_Strict):
     # Face model folder, or a hub id like "HuggingFaceTB/SmolLM2-360M-Instruct" (converted to
     # GGUF with llama.cpp's convert_hf_to_gguf.py unless a .gguf lies beside its weights).
     source: str = "default"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_alone(cls, given: Any) -> Any:
+        # `student: HuggingFaceTB/SmolLM2-360M-Instruct`: the source alone.
+        return {"source": given} if isinstance(given, str) else given
 
 
 class StudentChoice(_Strict):
