@@ -174,7 +174,7 @@ def served(
     runtime = start_runtime(
         "--model", str(gguf_path), "--program", str(program_path), "--n-ctx", "1024",
         "--max-tokens-limit", "64", "--max-tokens-default", "32", "--http-port", str(runtime_http),
-        env=env,
+        "--http-allowed-origins", "http://dash.local:3000", env=env,
     )  # fmt: skip
     bundle = make_bundle(
         tmp_path_factory.mktemp("bundle"), gguf_path, CAPITALS_PROGRAM, threshold=0.5
@@ -389,3 +389,35 @@ def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(
     lm = dspy.LM(f"ollama_chat/{name}", api_base=root, api_key=TOKEN, temperature=0.0,
                  max_tokens=12, cache=False)  # fmt: skip
     assert lm(QUESTION[0]["content"]) == [expected]
+
+
+def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    import httpx
+
+    from services.core.config import TransportSettings
+
+    _, runtime_http, _, router_http = served
+    page, other = "http://dash.local:3000", "http://elsewhere.example"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    with httpx.Client(base_url=f"http://127.0.0.1:{runtime_http}", timeout=60) as client:
+        allowed = client.options("/v1/predict", headers={"Origin": page, **preflight})
+        assert allowed.status_code == 204
+        assert allowed.headers["Access-Control-Allow-Origin"] == page
+        assert "authorization" in allowed.headers["Access-Control-Allow-Headers"].lower()
+        refused = client.options("/v1/predict", headers={"Origin": other, **preflight})
+        assert refused.status_code == 403 and "--http-allowed-origins" in refused.text
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        answered = client.post("/v1/predict", json={"inputs": {"country": "Italy"}},
+                               headers={"Origin": page, **bearer})  # fmt: skip
+        assert answered.status_code == 200
+        assert answered.headers["Access-Control-Allow-Origin"] == page
+        unlisted = client.get("/health", headers={"Origin": other})
+        assert "Access-Control-Allow-Origin" not in unlisted.headers
+    with httpx.Client(base_url=f"http://127.0.0.1:{router_http}", timeout=60) as client:
+        assert client.options("/v1/predict", headers={"Origin": page}).status_code == 403  # none
+    with pytest.raises(ValueError, match=r"http_allowed_origins: 'dash\.local/app' is not"):
+        TransportSettings(http_allowed_origins=["dash.local/app"])
+    assert TransportSettings(http_allowed_origins=["*"]).http_allowed_origins == ["*"]

@@ -8,6 +8,7 @@ message naming the setting.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -22,6 +23,10 @@ S = TypeVar("S", bound=BaseSettings)
 
 class SettingsError(ValueError):
     """A setting is wrong; the message names it and says how to fix it."""
+
+
+# A web origin as browsers send it: scheme, host and optional port, no path.
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 
 
 class TransportSettings(BaseSettings):
@@ -45,8 +50,14 @@ class TransportSettings(BaseSettings):
     http_port: int = Field(
         0, ge=0, le=65535,
         description="HTTP API port (OpenAI's /v1/chat/completions and /v1/models, "
-        "/v1/predict, /health), with the same TLS and token; 0: none",
+        "Ollama's /api/chat, /api/generate, /api/tags, /v1/predict, /health), with the same "
+        "TLS and token; 0: none",
     )  # fmt: skip
+    http_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="web pages allowed to call the HTTP API from a browser (CORS; repeat): "
+        "an origin like http://dashboard.local:3000, or * for any; none by default",
+    )
 
     def auth_token(self) -> str | None:
         """The token from auth_token_file, else from the <prefix>AUTH_TOKEN variable."""
@@ -66,6 +77,10 @@ class TransportSettings(BaseSettings):
                 raise ValueError(f"{name}: {path} is not a readable file")
         if self.auth_token_file is not None and not self.auth_token_file.read_text().strip():
             raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
+        for origin in self.http_allowed_origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"http_allowed_origins: {origin!r} is not an origin; write "
+                                 "scheme://host[:port] (no path), or * for any")  # fmt: skip
         return self
 
 

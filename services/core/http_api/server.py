@@ -53,7 +53,11 @@ Metadata = tuple[tuple[str, str], ...]
 class HttpFront:
     """The HTTP API on host:port, calling the gRPC server at `target` (its private socket)."""
 
-    def __init__(self, target: str, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, target: str, host: str, port: int, tls: ssl.SSLContext | None,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        self.allowed_origins = allowed_origins
         self._channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.InferenceStub(self._channel)
         self.health = health_pb2_grpc.HealthStub(self._channel)
@@ -104,7 +108,8 @@ def mount(server: grpc.aio.Server, settings: Any) -> HttpFront | None:
     tls = None
     if settings.tls_cert is not None:
         tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    return HttpFront(target, settings.host, settings.http_port, tls)
+    origins = tuple(settings.http_allowed_origins)
+    return HttpFront(target, settings.host, settings.http_port, tls, origins)
 
 
 def tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
@@ -131,6 +136,31 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http " + format, *args)
+
+        def end_headers(self) -> None:
+            # CORS: a page of an allowed origin may read the answer (the token still applies).
+            origin = self.headers.get("Origin")
+            if origin and self._origin_allowed(origin):
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
+            super().end_headers()
+
+        def do_OPTIONS(self) -> None:  # a browser's preflight before a cross-origin call
+            origin = self.headers.get("Origin") or ""
+            if not self._origin_allowed(origin):
+                why = (f"origin {origin!r} may not call this API from a browser; start the "
+                       "server with --http-allowed-origins ORIGIN")  # fmt: skip
+                return self._send_error(403, "permission_error", why, None)
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, HEAD, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _origin_allowed(self, origin: str) -> bool:
+            allowed = front.allowed_origins
+            return bool(origin) and ("*" in allowed or origin in allowed)
 
         def do_GET(self) -> None:
             routes = {"/v1/models": self._models, "/models": self._models,
