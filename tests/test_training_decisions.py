@@ -68,3 +68,16 @@ def test_auto_balance_only_when_a_label_field_is_imbalanced() -> None:
     assert not should_balance("auto", even) and should_balance("auto", skewed)
     assert should_balance("on", even) and not should_balance("off", skewed)
     assert not should_balance("on", {})  # no label fields (free text): nothing to balance
+
+
+def test_a_probe_whose_answers_did_not_parse_says_serving_writes_the_headers() -> None:
+    from services.builder.report import training_lines
+    from services.builder.stages.distill import probe_line
+
+    unparsed = {"score": 0.0, "n": 32, "fields": {"verdict": 0.0}, "parsed": 0.25}
+    assert probe_line(unparsed).startswith("0.0% of 32 (verdict 0%); 25% parsed as sampled")
+    assert "serving writes the headers" in probe_line(unparsed)
+    assert probe_line({**unparsed, "parsed": 1.0}) == "0.0% of 32 (verdict 0%)"
+    training = {"steps": 10, "planned_steps": 10, "epochs": 1, "examples": 40,
+                "chosen_step": 10, "train_probe": unparsed}  # fmt: skip
+    assert "25% parsed as sampled" in training_lines(training)[-1]

@@ -31,6 +31,17 @@ class ProbeResult:
         return {"score": self.score, "fields": self.fields, "parsed": self.parsed, "n": self.n}
 
 
+def unformatted_note(point: dict[str, Any]) -> str:
+    """Said when answers did not parse: these probes sample the whole answer, field headers
+    included, which serving writes for the model (typed decoding), so a short run that has
+    not learned them scores lower here than served (the evaluate stage's figures)."""
+    parsed = point.get("parsed", 1.0)
+    if parsed >= 1.0:
+        return ""
+    return (f"; {parsed:.0%} parsed as sampled here, field headers and all (serving writes "
+            "the headers: the evaluation scores served answers)")  # fmt: skip
+
+
 # Greedy completions of a list of chat prompts, in order (the model in training answers).
 Ask = Callable[[list[list[dict[str, str]]]], list[str]]
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.builder.decision import bands_spanned, retention
+from services.builder.probe import unformatted_note
 from services.core.stats import compare, score_interval
 
 COLUMNS = (
@@ -195,8 +196,9 @@ def training_lines(training: dict[str, Any] | None) -> list[str]:
     probe = training.get("train_probe")
     if probe:
         fields = ", ".join(f"{name} {value:.0%}" for name, value in probe["fields"].items())
-        lines.append(f"On {probe['n']} train rows: {probe['score']:.1%}"
-                     + (f" ({fields})" if fields else "") + ".")  # fmt: skip
+        said = f" ({fields})" if fields else ""
+        lines.append(f"On {probe['n']} train rows: {probe['score']:.1%}{said}"
+                     f"{unformatted_note(probe)}.")  # fmt: skip
     return lines
 
 

@@ -12,7 +12,13 @@ from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext
 from services.builder.data import file_sha256, input_key, label_counts, normalize
 from services.builder.harvested import harvested_traces
-from services.builder.probe import Probe, make_probe, make_program_probe, sample
+from services.builder.probe import (
+    Probe,
+    make_probe,
+    make_program_probe,
+    sample,
+    unformatted_note,
+)
 from services.builder.stages.base import Stage, progress_bar
 from services.builder.student import BASE_GGUF, dense_hf_copy, write_base_gguf
 from services.core.gguf_metadata import chat_template
@@ -231,7 +237,11 @@ def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[flo
 
 def probe_line(point: dict[str, Any]) -> str:
     fields = ", ".join(f"{name} {value:.0%}" for name, value in point["fields"].items())
-    return f"{point['score']:.1%} of {point['n']}" + (f" ({fields})" if fields else "")
+    return (
+        f"{point['score']:.1%} of {point['n']}"
+        + (f" ({fields})" if fields else "")
+        + (unformatted_note(point))
+    )
 
 
 def export_gguf(ctx: BuildContext, out: Path) -> None:
