@@ -34,7 +34,14 @@ from services.core.sampling import (
     MAX_TOKENS_LIMIT,
 )
 from services.core.validation import Limits, RpcFailure
-from services.router.decision import Action, Gates, LocalAnswer, after_api_error, decide
+from services.router.decision import (
+    Action,
+    Decision,
+    Gates,
+    LocalAnswer,
+    after_api_error,
+    decide,
+)
 from services.router.fallback import ApiError, FallbackModel
 from services.router.harvest import HarvestWriter
 from services.router.metrics import RouterMetrics
@@ -150,18 +157,14 @@ class RouterService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         """A runtime answers when one is up; the API model when none is (hybrid) or always
         (api_only). A generation has no confidence to judge, so nothing else sends it away."""
-        mode = self._settings.mode
-        if mode != "api_only":
+        if self._settings.mode != "api_only":
             try:
                 async for chunk in self._local.generate(request, self._timeout(context)):
                     yield chunk
                 return
             except LocalUnavailable:
                 pass
-        decided = decide(
-            mode=mode, local=None, threshold=self._threshold,
-            has_fallback=self._fallback is not None, gates=self._gates(),
-        )  # fmt: skip
+        decided = self._decide(None)
         if decided.action is Action.FALLBACK:
             answer = await self._api_generate(request, decided.reason)
             if not isinstance(answer, ApiError):
@@ -205,10 +208,7 @@ class RouterService(pb_grpc.InferenceServicer):
         if local is not None:
             local.threshold = self._threshold
             answer = await self._local_answer(local, inputs, mode)
-        decided = decide(
-            mode=mode, local=answer, threshold=self._threshold,
-            has_fallback=self._fallback is not None, gates=self._gates(),
-        )  # fmt: skip
+        decided = self._decide(answer)
         if decided.action is Action.FALLBACK:
             fallback = await self._try_fallback(inputs, decided.reason)
             if not isinstance(fallback, ApiError):
@@ -291,6 +291,13 @@ class RouterService(pb_grpc.InferenceServicer):
         except (LocalUnavailable, grpc.aio.AioRpcError):
             return 0.0
         return 1.0 if text.strip().lower().startswith("yes") else 0.0
+
+    def _decide(self, local: LocalAnswer | None) -> Decision:
+        """The decision (a pure function) on this call's facts and the policies' state now."""
+        return decide(
+            mode=self._settings.mode, local=local, threshold=self._threshold,
+            has_fallback=self._fallback is not None, gates=self._gates(),
+        )  # fmt: skip
 
     def _gates(self) -> Gates:
         return Gates(

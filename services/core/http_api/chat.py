@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +44,9 @@ class BadRequest(Exception):
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class TextPart(_Body):
@@ -90,9 +93,13 @@ class ChatCompletionRequest(_Body):
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
+    return parse_body(ChatCompletionRequest, raw)
+
+
+def parse_body(kind: type[BodyT], raw: bytes) -> BodyT:
     """The body checked, or BadRequest naming the first parameter that is wrong."""
     try:
-        return ChatCompletionRequest.model_validate_json(raw)
+        return kind.model_validate_json(raw)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or "body"

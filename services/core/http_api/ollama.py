@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest
+from services.core.http_api.chat import BadRequest, parse_body
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these are
 _DONE = {pb.FINISH_REASON_LENGTH: "length"}  # anything else ended as a stop
@@ -74,12 +74,7 @@ class GenerateRequest(_Call):
 
 def parse(kind: type[CallT], raw: bytes) -> CallT:
     """The body checked, or BadRequest naming the first parameter that is wrong."""
-    try:
-        return kind.model_validate_json(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or "body"
-        raise BadRequest(param, first["msg"]) from None
+    return parse_body(kind, raw)
 
 
 def served_names(model_name: str) -> tuple[str, ...]:
