@@ -5,6 +5,7 @@ exactly as Generate and Predict answer over gRPC, with the same token, limits an
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from unittest.mock import ANY
@@ -416,6 +417,10 @@ def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(
         assert answered.headers["Access-Control-Allow-Origin"] == page
         unlisted = client.get("/health", headers={"Origin": other})
         assert "Access-Control-Allow-Origin" not in unlisted.headers
+    with socket.create_connection(("127.0.0.1", runtime_http), timeout=30) as raw:
+        # A header line over http.server's limit: refused before any header is read.
+        raw.sendall(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 431")
     with httpx.Client(base_url=f"http://127.0.0.1:{router_http}", timeout=60) as client:
         assert client.options("/v1/predict", headers={"Origin": page}).status_code == 403  # none
     with pytest.raises(ValueError, match=r"http_allowed_origins: 'dash\.local/app' is not"):

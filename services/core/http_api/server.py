@@ -139,7 +139,9 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def end_headers(self) -> None:
             # CORS: a page of an allowed origin may read the answer (the token still applies).
-            origin = self.headers.get("Origin")
+            # No headers yet when the request line itself was bad (send_error's 400).
+            headers = getattr(self, "headers", None)
+            origin = headers.get("Origin") if headers is not None else None
             if origin and self._origin_allowed(origin):
                 self.send_header("Access-Control-Allow-Origin", origin)
                 self.send_header("Vary", "Origin")
