@@ -272,7 +272,9 @@ def test_the_checkpoint_kept_is_the_best_on_the_calibration_part(
     base = AutoModelForCausalLM.from_pretrained(build / "student", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, build / "finetune" / "adapter")
     budget = loss["probe_max_new_tokens"]
-    result = probe.answer(lambda prompts: greedy_answers(model, tokenizer, prompts, budget, "cpu"))
+    result = probe.answer(lambda prompts, starts, stops: greedy_answers(
+        model, tokenizer, prompts, budget, "cpu", starts, stops
+    ))  # fmt: skip
     assert result.score == pytest.approx(best["score"])
 
 

@@ -70,14 +70,48 @@ def test_auto_balance_only_when_a_label_field_is_imbalanced() -> None:
     assert not should_balance("on", {})  # no label fields (free text): nothing to balance
 
 
-def test_a_probe_whose_answers_did_not_parse_says_serving_writes_the_headers() -> None:
+def test_a_probe_whose_answers_did_not_parse_says_how_many_did() -> None:
     from services.builder.report import training_lines
     from services.builder.stages.distill import probe_line
 
     unparsed = {"score": 0.0, "n": 32, "fields": {"verdict": 0.0}, "parsed": 0.25}
-    assert probe_line(unparsed).startswith("0.0% of 32 (verdict 0%); 25% parsed as sampled")
-    assert "serving writes the headers" in probe_line(unparsed)
+    assert probe_line(unparsed).startswith("0.0% of 32 (verdict 0%); 25% parsed, values sampled")
+    assert "type constraints serving applies" in probe_line(unparsed)
     assert probe_line({**unparsed, "parsed": 1.0}) == "0.0% of 32 (verdict 0%)"
     training = {"steps": 10, "planned_steps": 10, "epochs": 1, "examples": 40,
                 "chosen_step": 10, "train_probe": unparsed}  # fmt: skip
-    assert "25% parsed as sampled" in training_lines(training)[-1]
+    assert "25% parsed" in training_lines(training)[-1]
+
+
+def test_probe_answers_are_written_as_served_headers_given_values_sampled() -> None:
+    """The probe writes each field's header and the completed marker; the model in training
+    writes only the values, a typed one up to its line's end, free text up to a header."""
+    from services.builder.probe import served_answers
+    from services.core.program import ProgramSpec, PromptCodec
+
+    codec = PromptCodec(ProgramSpec.model_validate({
+        "name": "triage", "instructions": "Triage the ticket.",
+        "inputs": [{"name": "ticket", "type": "str"}],
+        "outputs": [{"name": "queue", "type": "Literal['network', 'billing']"},
+                    {"name": "tags", "type": "list[str]"}, {"name": "note", "type": "str"}],
+    }))  # fmt: skip
+    asked: list[tuple[str, tuple[str, ...]]] = []
+    # What a model that learned the values but not the headers writes after each header.
+    writes = {"queue": "network\n\n[[ ## tags", "tags": '["vpn"]\nnonsense',
+              "note": "Line one.\n\nLine two.\n\n[[ ## completed ## ]]"}  # fmt: skip
+
+    def ask(prompts: list, starts: list[str], stops: tuple[str, ...]) -> list[str]:
+        field = starts[0].rsplit("[[ ## ", 1)[1].split(" ## ]]")[0]
+        asked.append((field, stops))
+        text = writes[field]
+        ends = [text.find(stop) for stop in stops if stop in text]
+        return [text[: min(ends)] if ends else text for _ in prompts]
+
+    prompts = [codec.format_messages({"ticket": "VPN down"})] * 2
+    answers = served_answers(ask, codec, prompts)
+    assert asked == [("queue", ("\n",)), ("tags", ("\n",)), ("note", ("\n\n[[",))]
+    parsed = codec.parse(answers[0])
+    assert parsed is not None and parsed.values == {
+        "queue": "network", "tags": ["vpn"], "note": "Line one.\n\nLine two."
+    }  # fmt: skip
+    assert answers[0].endswith("[[ ## completed ## ]]") and answers[0] == answers[1]

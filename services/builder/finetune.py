@@ -237,7 +237,9 @@ def train_lora(
 
     def ask(probe: Probe) -> ProbeResult:
         return probe.answer(
-            lambda prompts: greedy_answers(model, tokenizer, prompts, answer_budget, device)
+            lambda prompts, starts, stops: greedy_answers(
+                model, tokenizer, prompts, answer_budget, device, starts, stops
+            )
         )
 
     calibration = probes.calibration if probes else None
@@ -343,18 +345,24 @@ def turn_end_ids(tokenizer: Any) -> set[int]:
 
 def greedy_answers(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
-    device: str, batch_size: int = 16,
+    device: str, starts: list[str] | None = None, stops: tuple[str, ...] = (),
+    batch_size: int = 16,
 ) -> list[str]:  # fmt: skip
-    """Greedy completions of chat prompts: their common prefix (the program's fixed prompt)
-    evaluated once, the rest in batches."""
+    """Greedy continuations of chat prompts, each answer begun with its `starts` text and cut
+    before the first of `stops`: their common prefix (the program's fixed prompt) evaluated
+    once, the rest in batches."""
     import torch
     from transformers import DynamicCache
 
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    rows = [_ids(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True))
-            for p in prompts]  # fmt: skip
+    starts = starts or [""] * len(prompts)
+    # The answer's start is tokenized with the prompt, as training tokenized prompt and answer.
+    rows = [tokenizer.encode(tokenizer.apply_chat_template(p, tokenize=False,
+                                                           add_generation_prompt=True) + start,
+                             add_special_tokens=False)
+            for p, start in zip(prompts, starts, strict=True)]  # fmt: skip
     prefix_len = min(common_prefix_length(rows), min(len(row) for row in rows) - 1)
-    stops = stop_token_ids(tokenizer, core)
+    end_ids = stop_token_ids(tokenizer, core)
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -363,17 +371,30 @@ def greedy_answers(
         if prefix_len:
             core.model(input_ids=torch.tensor([rows[0][:prefix_len]], device=device),
                        use_cache=True, **cache_argument(core.model, prefix))  # fmt: skip
-        for start in range(0, len(rows), batch_size):
-            tails = [row[prefix_len:] for row in rows[start : start + batch_size]]
-            tokens = _greedy_batch(core, prefix, prefix_len, tails, max_new_tokens, stops, device)
-            answers += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+        def said_enough(tokens: list[int]) -> bool:
+            return any(stop in tokenizer.decode(tokens, skip_special_tokens=True)
+                       for stop in stops)  # fmt: skip
+
+        for first in range(0, len(rows), batch_size):
+            tails = [row[prefix_len:] for row in rows[first : first + batch_size]]
+            tokens = _greedy_batch(core, prefix, prefix_len, tails, max_new_tokens, end_ids,
+                                   said_enough if stops else None, device)  # fmt: skip
+            answers += [_cut(tokenizer.decode(t, skip_special_tokens=True), stops)
+                        for t in tokens]  # fmt: skip
     model.train(was_training)
     return answers
 
 
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop text in it."""
+    ends = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(ends)] if ends else text
+
+
 def _greedy_batch(
     core: Any, prefix: Any, prefix_len: int, tails: list[list[int]], max_new_tokens: int,
-    stops: set[int], device: str,
+    stops: set[int], said_enough: Callable[[list[int]], bool] | None, device: str,
 ) -> list[list[int]]:  # fmt: skip
     """Greedy decoding of left-padded tails after a shared, already evaluated prefix."""
     import copy
@@ -403,6 +424,7 @@ def _greedy_batch(
             done[row] = done[row] or token in stops
             if not done[row]:
                 out[row].append(token)
+                done[row] = said_enough is not None and said_enough(out[row])
         if all(done):
             break
         ids = chosen.unsqueeze(1)

@@ -2,7 +2,9 @@
 
 Two uses: choosing the checkpoint on the calibration part (never the test part), and each
 output field's accuracy on a sample of train rows when training ends, so that a low loss that
-only means "learned the output format" shows as what it is.
+only means "learned the output format" shows as what it is. As in serving, the field headers
+are written for the model and it writes the values; unlike serving, the values are sampled
+without their types' constraints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from typing import Any
 
 from services.builder.metrics import Metric, field_matches, score
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, RunResult
-from services.core.program import PromptCodec, input_text
+from services.core.program import (
+    COMPLETED_MARKER,
+    PromptCodec,
+    choice_values,
+    input_text,
+    optional_inner,
+)
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,46 @@ class ProbeResult:
 
 
 def unformatted_note(point: dict[str, Any]) -> str:
-    """Said when answers did not parse: these probes sample the whole answer, field headers
-    included, which serving writes for the model (typed decoding), so a short run that has
-    not learned them scores lower here than served (the evaluate stage's figures)."""
+    """Said when answers did not parse: the probes sample values without their types'
+    constraints, which serving applies, so the evaluate stage's figures (served answers) may
+    be higher."""
     parsed = point.get("parsed", 1.0)
     if parsed >= 1.0:
         return ""
-    return (f"; {parsed:.0%} parsed as sampled here, field headers and all (serving writes "
-            "the headers: the evaluation scores served answers)")  # fmt: skip
+    return (f"; {parsed:.0%} parsed, values sampled without the type constraints serving "
+            "applies")  # fmt: skip
 
 
-# Greedy completions of a list of chat prompts, in order (the model in training answers).
-Ask = Callable[[list[list[dict[str, str]]]], list[str]]
+# Greedy continuations of chat prompts, in order (the model in training answers): each row's
+# answer begun with its start text, continued until the model writes one of the stop texts
+# (left out) or its token budget ends.
+Ask = Callable[[list[list[dict[str, str]]], list[str], tuple[str, ...]], list[str]]
+# Where serving ends a free-text value: the model starts the next header.
+_FREE_TEXT_END = "\n\n[["
+
+
+def served_answers(ask: Ask, codec: PromptCodec, prompts: list[list[dict[str, str]]]) -> list[str]:
+    """Answers written as serving writes them: each field's header is given and the model
+    writes only the value, up to where serving ends it (a typed value at its line's end, free
+    text where the model begins a header); then the completed marker. A model that has
+    learned the values but not yet the headers is scored on what it would serve."""
+    answers = [""] * len(prompts)
+    for name in codec.output_names:
+        answers = [answer + f"[[ ## {name} ## ]]\n" for answer in answers]
+        one_line = written_on_one_line(codec.signature.output_fields[name].annotation)
+        values = ask(prompts, answers, ("\n",) if one_line else (_FREE_TEXT_END,))
+        answers = [a + value.strip() + "\n\n" for a, value in zip(answers, values, strict=True)]
+    return [answer + COMPLETED_MARKER for answer in answers]
+
+
+def written_on_one_line(annotation: Any) -> bool:
+    """A typed value (a choice, a number, JSON) is one line as ChatAdapter writes it, and
+    serving ends it there; free text (`str`, code) may run over several."""
+    from services.runtime.structured import json_schema_of
+
+    inner, _ = optional_inner(annotation)
+    return (choice_values(inner) is not None or inner in (int, float)
+            or json_schema_of(inner) is not None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,7 +96,7 @@ def make_probe(
     prompts = [codec.format_messages({k: input_text(e[k]) for k in inputs}) for e in examples]
 
     def answer(ask: Ask) -> ProbeResult:
-        parsed = [codec.parse(text) for text in ask(prompts)]
+        parsed = [codec.parse(text) for text in served_answers(ask, codec, prompts)]
         return result_of(metric, examples, [a.outputs if a else None for a in parsed], fields)
 
     return Probe(name, answer)
@@ -127,7 +163,7 @@ def run_lockstep(runner: ProgramRunner, rows: list[dict[str, Any]], ask: Ask) ->
                 batch, waiting[:] = list(waiting), []
             for name in dict.fromkeys(n for n, _, _ in batch):
                 calls = [(m, a) for n, m, a in batch if n == name]
-                texts = ask([m for m, _ in calls])
+                texts = served_answers(ask, runner.codecs[name], [m for m, _ in calls])
                 with lock:
                     for (_, answer), text in zip(calls, texts, strict=True):
                         answer.append(text)
