@@ -182,16 +182,17 @@ def test_probes_answer_every_row_in_one_batch_per_step() -> None:
     runner = two_step_runner()
     batches: list[int] = []
 
-    def ask(prompts: list[list[dict[str, str]]]) -> list[str]:
+    def ask(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...]
+            ) -> list[str]:  # fmt: skip
         batches.append(len(prompts))
         out = []
-        for messages in prompts:
-            if "`[[ ## category ## ]]`" in messages[-1]["content"]:
-                out.append(runner.codecs["classify"].format_assistant({"category": "access"}))
+        for messages, start in zip(prompts, starts, strict=True):
+            assert start.endswith(("[[ ## category ## ]]\n", "[[ ## reply ## ]]\n"))
+            if start.endswith("[[ ## category ## ]]\n"):  # the header is written: the value
+                out.append("access")
             else:
                 ticket = messages[-1]["content"].split("\n")[1]
-                reply = {"reply": f"About {ticket}: the access team will help."}
-                out.append(runner.codecs["draft"].format_assistant(reply))
+                out.append(f"About {ticket}: the access team will help.")
         return out
 
     rows = [{"ticket": f"ticket {i}"} for i in range(7)]
@@ -201,6 +202,13 @@ def test_probes_answer_every_row_in_one_batch_per_step() -> None:
         assert result.outputs == {
             "category": "access", "reply": f"About {row['ticket']}: the access team will help."
         }  # fmt: skip
+
+    def broken(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...]
+               ) -> list[str]:  # fmt: skip
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # raised, not a hang
+        run_lockstep(runner, rows, broken)
 
 
 def test_gold_traces_give_every_predictor_its_labelled_values(tmp_path: Path) -> None:

@@ -133,13 +133,16 @@ def run_lockstep(runner: ProgramRunner, rows: list[dict[str, Any]], ask: Ask) ->
     lock = threading.Condition()
     waiting: list[tuple[str, list[dict[str, str]], list[str]]] = []
     running = [len(rows)]
+    stopped: list[BaseException] = []  # the answering failed: every waiting row gives up
 
     def complete(name: str, messages: list[dict[str, str]]) -> LmCall:
         answer: list[str] = []
         with lock:
             waiting.append((name, messages, answer))
             lock.notify_all()
-            lock.wait_for(lambda: bool(answer))
+            lock.wait_for(lambda: bool(answer) or bool(stopped))
+        if not answer:
+            raise RuntimeError("the probe stopped answering")
         ok = runner.codecs[name].parse(answer[0]) is not None
         return LmCall(name, answer[0], 1.0 if ok else 0.0, "parsed" if ok else "unparsed")
 
@@ -155,20 +158,34 @@ def run_lockstep(runner: ProgramRunner, rows: list[dict[str, Any]], ask: Ask) ->
 
     with ThreadPoolExecutor(max(1, len(rows))) as pool:
         futures = [pool.submit(run, row) for row in rows]
-        while True:
+        try:
+            _answer_rounds(runner, ask, lock, waiting, running)
+        except BaseException as err:  # the rows' threads must end, or the pool never does
             with lock:
-                lock.wait_for(lambda: running[0] == 0 or len(waiting) == running[0])
-                if running[0] == 0:
-                    break
-                batch, waiting[:] = list(waiting), []
-            for name in dict.fromkeys(n for n, _, _ in batch):
-                calls = [(m, a) for n, m, a in batch if n == name]
-                texts = served_answers(ask, runner.codecs[name], [m for m, _ in calls])
-                with lock:
-                    for (_, answer), text in zip(calls, texts, strict=True):
-                        answer.append(text)
-                    lock.notify_all()
+                stopped.append(err)
+                lock.notify_all()
+            raise
         return [f.result() for f in futures]
+
+
+def _answer_rounds(
+    runner: ProgramRunner, ask: Ask, lock: threading.Condition,
+    waiting: list[tuple[str, list[dict[str, str]], list[str]]], running: list[int],
+) -> None:  # fmt: skip
+    """Whenever every unfinished row waits, answer the waiting calls, one batch per predictor."""
+    while True:
+        with lock:
+            lock.wait_for(lambda: running[0] == 0 or len(waiting) == running[0])
+            if running[0] == 0:
+                return
+            batch, waiting[:] = list(waiting), []
+        for name in dict.fromkeys(n for n, _, _ in batch):
+            calls = [(m, a) for n, m, a in batch if n == name]
+            texts = served_answers(ask, runner.codecs[name], [m for m, _ in calls])
+            with lock:
+                for (_, answer), text in zip(calls, texts, strict=True):
+                    answer.append(text)
+                lock.notify_all()
 
 
 def sample(examples: list[Any], size: int, seed: int) -> list[Any]:
