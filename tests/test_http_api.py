@@ -95,7 +95,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
             "format": {"type": "integer"}, "keep_alive": "5m",
             "options": {"num_predict": 9, "temperature": 0.2, "seed": -1, "stop": ["END"],
                         "num_ctx": 4096, "top_k": 5}}  # fmt: skip
-    request = ollama_api.parse(ollama_api.ChatRequest, json.dumps(body).encode())
+    request = http.parse_body(ollama_api.ChatRequest, json.dumps(body).encode())
     assert request.stream  # Ollama streams unless told not to
     call = ollama_api.chat_call(request)
     assert call is not None
@@ -105,7 +105,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     assert json.loads(call.json_schema) == {"type": "integer"}
     raw = json.dumps({"model": "m", "prompt": "p", "system": "s", "format": "json",
                       "options": {"num_predict": -1}}).encode()  # fmt: skip
-    generate = ollama_api.parse(ollama_api.GenerateRequest, raw)
+    generate = http.parse_body(ollama_api.GenerateRequest, raw)
     call = ollama_api.generate_call(generate)
     assert call is not None and [m.role for m in call.messages] == ["system", "user"]
     assert json.loads(call.json_schema) == {"type": "object"}
@@ -125,7 +125,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     }
     for raw, param in refused.items():
         with pytest.raises(http.BadRequest) as caught:
-            ollama_api.generate_call(ollama_api.parse(ollama_api.GenerateRequest, raw))
+            ollama_api.generate_call(http.parse_body(ollama_api.GenerateRequest, raw))
         assert caught.value.param == param, raw
     for raw, param in ((b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}',
                         "messages.0.role"),
@@ -133,7 +133,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
                         "messages.0.images"),
                        (b'{"model": "m", "messages": [], "tools": [{}]}', "tools")):  # fmt: skip
         with pytest.raises(http.BadRequest) as caught:
-            ollama_api.chat_call(ollama_api.parse(ollama_api.ChatRequest, raw))
+            ollama_api.chat_call(http.parse_body(ollama_api.ChatRequest, raw))
         assert caught.value.param == param, raw
 
 

@@ -54,8 +54,6 @@ def unformatted_note(point: dict[str, Any]) -> str:
 # answer begun with its start text, continued until the model writes one of the stop texts
 # (left out) or its token budget ends.
 Ask = Callable[[list[list[dict[str, str]]], list[str], tuple[str, ...]], list[str]]
-# Where serving ends a free-text value: the model starts the next header.
-_FREE_TEXT_END = "\n\n[["
 
 
 def served_answers(ask: Ask, codec: PromptCodec, prompts: list[list[dict[str, str]]]) -> list[str]:
@@ -63,11 +61,13 @@ def served_answers(ask: Ask, codec: PromptCodec, prompts: list[list[dict[str, st
     writes only the value, up to where serving ends it (a typed value at its line's end, free
     text where the model begins a header); then the completed marker. A model that has
     learned the values but not yet the headers is scored on what it would serve."""
+    from services.runtime.structured import HEADER_START, header
+
     answers = [""] * len(prompts)
     for name in codec.output_names:
-        answers = [answer + f"[[ ## {name} ## ]]\n" for answer in answers]
+        answers = [answer + header(name) for answer in answers]
         one_line = written_on_one_line(codec.signature.output_fields[name].annotation)
-        values = ask(prompts, answers, ("\n",) if one_line else (_FREE_TEXT_END,))
+        values = ask(prompts, answers, ("\n",) if one_line else (HEADER_START,))
         answers = [a + value.strip() + "\n\n" for a, value in zip(answers, values, strict=True)]
     return [answer + COMPLETED_MARKER for answer in answers]
 

@@ -44,7 +44,7 @@ from services.core.program import (
 
 ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
-_HEADER_START = "\n\n[["
+HEADER_START = "\n\n[["
 _NUMBER_CHARS = frozenset("0123456789-+.eE")
 _NONE = "None"  # ChatAdapter's text of None
 _PREFIX = {"int": re.compile(r"-?\d*"), "float": re.compile(r"-?(\d+(\.\d*)?([eE][-+]?\d*)?)?")}
@@ -92,14 +92,14 @@ def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
     fields = []
     for index, name in enumerate(names):
         last = index == len(names) - 1
-        after_text = "\n\n" + (COMPLETED_MARKER if last else _header(names[index + 1]))
+        after_text = "\n\n" + (COMPLETED_MARKER if last else header(names[index + 1]))
         after = tokens_after(tokenizer, "x", after_text)
         info = codec.signature.output_fields[name]
         breaks = _break_len(after, tokenizer)
         fields.append(_field_plan(name, info, after_text, after, last, tokenizer, breaks))
     numbers = any(f.kind == "number" for f in fields)
     nullable_numbers = any(f.kind == "number" and f.nullable for f in fields)
-    first = _header(names[0])
+    first = header(names[0])
     return OutputPlan(
         header_text=first,
         header=tuple(tokenizer.tokenize_text(first)),
@@ -119,14 +119,14 @@ def tokens_after(tokenizer: Tokenizer, context: str, text: str) -> tuple[int, ..
     return tuple(tokenizer.tokenize_text(text))
 
 
-def _header(name: str) -> str:
+def header(name: str) -> str:
     return f"[[ ## {name} ## ]]\n"
 
 
 def _break_len(after: tuple[int, ...], tokenizer: Tokenizer) -> int:
     for size in range(1, len(after) + 1):
         text = b"".join(tokenizer.token_bytes(t) for t in after[:size]).decode("utf-8", "replace")
-        if text.startswith(_HEADER_START):
+        if text.startswith(HEADER_START):
             return size
     return len(after)
 
@@ -155,7 +155,7 @@ def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], l
 def _field_plan_of_texts(plan: FieldPlan, texts: tuple[str, ...], tokenizer: Tokenizer
                          ) -> FieldPlan:  # fmt: skip
     texts += (_NONE,) if plan.nullable else ()
-    tokens = tuple(tokens_after(tokenizer, _header(plan.name), text) for text in texts)
+    tokens = tuple(tokens_after(tokenizer, header(plan.name), text) for text in texts)
     return replace(plan, kind="choice", choices=tokens, choice_texts=texts)
 
 

@@ -240,7 +240,7 @@ def probe_line(point: dict[str, Any]) -> str:
     return (
         f"{point['score']:.1%} of {point['n']}"
         + (f" ({fields})" if fields else "")
-        + (unformatted_note(point))
+        + unformatted_note(point)
     )
 
 

@@ -42,37 +42,39 @@ class BadRequest(Exception):
 # -- the request, as OpenAI's chat completions API defines it (unknown keys are ignored) -------
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body: keys the API does not know are ignored, as OpenAI's and Ollama's do."""
+
     model_config = ConfigDict(extra="ignore")
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(Body):
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)

@@ -9,22 +9,18 @@ import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest, parse_body
+from services.core.http_api.chat import BadRequest, Body
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these are
 _DONE = {pb.FINISH_REASON_LENGTH: "length"}  # anything else ended as a stop
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # Ollama ignores keys it does not know
-
-
-class Options(_Body):
+class Options(Body):
     """The runtime options Ollama's `options` may carry that a Generate call serves; others
     (num_ctx, num_thread, mirostat…) are set when the runtime starts, and ignored here."""
 
@@ -34,18 +30,18 @@ class Options(_Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, lt=2**32)
-    stop: list[str] = []
+    stop: list[str] = Field(default_factory=list)
     repeat_penalty: float | None = Field(None, gt=0)
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "user", "assistant"]
     content: str = ""
     images: list[Any] | None = None
     tool_calls: list[Any] | None = None
 
 
-class _Call(_Body):
+class _Call(Body):
     model: str = Field(min_length=1)
     stream: bool = True  # Ollama streams unless told not to
     format: Literal["", "json"] | dict[str, Any] | None = None
@@ -55,11 +51,8 @@ class _Call(_Body):
 
 
 class ChatRequest(_Call):
-    messages: list[Message] = []
+    messages: list[Message] = Field(default_factory=list)
     tools: list[Any] | None = None
-
-
-CallT = TypeVar("CallT", bound=_Call)
 
 
 class GenerateRequest(_Call):
@@ -70,11 +63,6 @@ class GenerateRequest(_Call):
     raw: bool = False
     context: list[int] | None = None
     images: list[Any] | None = None
-
-
-def parse(kind: type[CallT], raw: bytes) -> CallT:
-    """The body checked, or BadRequest naming the first parameter that is wrong."""
-    return parse_body(kind, raw)
 
 
 def served_names(model_name: str) -> tuple[str, ...]:

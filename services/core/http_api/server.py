@@ -38,6 +38,7 @@ from services.core.http_api.chat import (
     error_body,
     generate_request,
     http_status,
+    parse_body,
     parse_request,
     rpc_param,
     stream_events,
@@ -259,11 +260,11 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                                                                   include))  # fmt: skip
 
         def _ollama_chat(self, raw: bytes) -> None:
-            request = ollama.parse(ollama.ChatRequest, raw)
+            request = parse_body(ollama.ChatRequest, raw)
             self._ollama_answer(request, ollama.chat_call(request), chat=True)
 
         def _ollama_generate(self, raw: bytes) -> None:
-            request = ollama.parse(ollama.GenerateRequest, raw)
+            request = parse_body(ollama.GenerateRequest, raw)
             self._ollama_answer(request, ollama.generate_call(request), chat=False)
 
         def _ollama_answer(
@@ -281,7 +282,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                                                                         chat))  # fmt: skip
 
         def _ollama_show(self, raw: bytes) -> None:
-            asked = ollama.parse(ollama.ChatRequest, raw).model  # only `model` is read
+            asked = parse_body(ollama.ChatRequest, raw).model  # only `model` is read
             info = front.model_info(self._metadata())
             ollama.check_model(asked, info.model_name)
             self._send_json(200, ollama.shown(info))
