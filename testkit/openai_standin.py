@@ -12,7 +12,9 @@
   when sampled at temperature 1 (an answer the teacher is unsure of);
 - `slow`: answers after `delay_s` (timeouts);
 - `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
-  key must still never leak).
+  key must still never leak);
+- `cut`: a streamed answer whose connection drops after its first piece (a provider or network
+  failing mid-answer).
 Runs in a thread of the test or bench process; `mode` can be switched while it runs.
 """
 
@@ -130,6 +132,9 @@ class OpenAIStandIn:
                     self.send_json(500, {"error": {"message": f"internal error for {auth}",
                                                "type": "server_error"}})  # fmt: skip
                     return
+                if standin.mode == "cut" and body.get("stream"):
+                    self.send_first_piece_and_drop()
+                    return
                 if standin.mode == "slow":
                     time.sleep(standin.delay_s)
                 messages = body.get("messages", [])
@@ -158,6 +163,20 @@ class OpenAIStandIn:
                         },
                     },
                 )
+
+            def send_first_piece_and_drop(self) -> None:
+                piece = {"id": "chatcmpl-standin", "object": "chat.completion.chunk",
+                         "created": int(time.time()), "model": "gold-teacher",
+                         "choices": [{"index": 0, "delta": {"content": "The first words"},
+                                      "finish_reason": None}]}  # fmt: skip
+                event = f"data: {json.dumps(piece)}\n\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                self.close_connection = True  # no last chunk: the body is cut short
 
         return Handler
 

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -234,6 +235,14 @@ def generate(router: ServerProcess, content: str, **options: int) -> list[pb.Gen
         return list(pb_grpc.InferenceStub(channel).Generate(request, timeout=120))
 
 
+def post_json(url: str, body: dict[str, object]) -> dict[str, Any]:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        answer: dict[str, Any] = json.load(reply)
+    return answer
+
+
 def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
     bundle: Path, local_runtime: ServerProcess, openai_server: str
 ) -> None:
@@ -243,10 +252,16 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
     # hybrid: the API answers what no runtime can
     router = start_router(bundle, closed, *api, "--metrics-port", str(metrics_port))
     try:
-        *_, last = generate(router, "Name a colour.", max_tokens=8, temperature=0)
+        *pieces, last = generate(router, "Name a colour.", max_tokens=8, temperature=0)
         assert last.served_by == pb.SERVED_BY_FALLBACK and last.model_id == "openai/teacher-smol"
-        assert last.text.strip() and "\n" not in last.text and last.finish_reason
-        assert last.usage.prompt_tokens > 0 and last.usage.completion_tokens > 0
+        assert last.finish_reason and 0 < last.time_to_first_token_ms < last.latency_ms
+        # streamed as the API sends it, the same text as its answer in one piece
+        assert len([p for p in pieces if p.text]) > 1
+        whole = post_json(f"{openai_server}/chat/completions", {
+            "model": "teacher-smol", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+        })["choices"][0]["message"]["content"]  # fmt: skip
+        assert "".join(p.text for p in pieces) + last.text == whole and whole.strip()
         info = InferenceClient(router.target).info()  # from the bundle: no runtime to ask
         assert info.backend == "api:openai/teacher-smol" and info.model_name == "capitals"
         assert [f.name for f in info.signature.input_fields] == ["country"]
@@ -281,6 +296,34 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
         assert "mode is local_only" in (caught.value.details() or "")
     finally:
         router.terminate()
+
+
+def test_an_api_answer_cut_mid_stream_is_an_error_after_its_text(bundle: Path) -> None:
+    """What the API sent reaches the client as it came; the failure after it is UNAVAILABLE
+    (not a short answer that looks finished), counted, and not retried: the client has text."""
+    metrics_port = free_port()
+    with OpenAIStandIn({}, mode="cut") as api:
+        router = start_router(
+            bundle, f"127.0.0.1:{free_port()}", "--fallback-model", "openai/cut",
+            "--fallback-api-base", api.base_url, "--api-retries", "2",
+            "--metrics-port", str(metrics_port),
+        )  # fmt: skip
+        try:
+            request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Hi")])
+            texts = []
+            with (
+                grpc.insecure_channel(router.target) as channel,
+                pytest.raises(grpc.RpcError) as caught,
+            ):
+                for chunk in pb_grpc.InferenceStub(channel).Generate(request, timeout=60):
+                    texts.append(chunk.text)
+            metrics = metrics_text(metrics_port)
+        finally:
+            router.terminate()
+        assert texts == ["The first words"] and api.requests == 1
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the API fallback failed" in (caught.value.details() or "")
+    assert 'edgedistill_router_api_errors_total{kind="error"} 1.0' in metrics
 
 
 def test_a_planted_api_key_never_leaks(bundle: Path, local_runtime: ServerProcess) -> None:

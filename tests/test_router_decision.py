@@ -142,6 +142,18 @@ def test_asking_the_breaker_takes_no_probe() -> None:
     assert not breaker.admits() and not breaker.allow()
 
 
+def test_a_cancelled_probe_frees_the_half_open_breaker() -> None:
+    """A client that leaves mid-call (a stream it stops reading) gives no verdict on the API:
+    the probe is free again rather than held forever."""
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_s=10, clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 10.0
+    assert breaker.allow() and not breaker.admits()
+    breaker.abandon()
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.admits() and breaker.allow()
+
+
 def test_asking_the_budget_spends_nothing() -> None:
     budget = CallBudget(per_minute=1, per_day=None, clock=lambda: 0.0)
     assert budget.has_room() and budget.has_room()

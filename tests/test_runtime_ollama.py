@@ -105,9 +105,12 @@ def test_an_ollama_server_is_a_teacher_at_its_root_url(
     from services.builder.pipeline import load_program
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import collect_traces
-    from services.core.lm_connection import api_base_for
+    from services.core.lm_connection import api_base_for, litellm_connection
 
     assert api_base_for("ollama_chat/llama3", "http://h:11434/") == "http://h:11434/v1"
+    # LiteLLM's own call (the router's streamed Generate) reaches Ollama's native API, the root
+    assert litellm_connection("ollama_chat/llama3", "http://h:11434/v1", None) == {
+        "api_base": "http://h:11434", "api_key": "EMPTY"}  # fmt: skip
     assert api_base_for("ollama/llama3", "http://h:11434/v1") == "http://h:11434/v1"
     assert api_base_for("openai/gpt", "http://h:8000") == "http://h:8000"
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")

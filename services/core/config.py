@@ -271,7 +271,12 @@ class RouterSettings(TransportSettings):
     fallback_key_file: Path | None = Field(
         None, description="file holding the API key (e.g. a mounted secret)"
     )
-    api_timeout_s: float = Field(10.0, gt=0, le=600, description="timeout of one API call")
+    api_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="timeout of one API call (for a streamed Generate, of each piece)",
+    )
     api_retries: int = Field(1, ge=0, le=10, description="retries after a failed API call")
     api_backoff_s: float = Field(0.2, ge=0, le=30, description="first retry delay (doubles)")
     breaker_failures: int = Field(

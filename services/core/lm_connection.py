@@ -22,6 +22,18 @@ def connection(model: str, api_base: str | None, api_key: str | None) -> dict[st
     return found
 
 
+def litellm_connection(model: str, api_base: str | None, api_key: str | None) -> dict[str, Any]:
+    """LiteLLM's own `api_base` and `api_key` for `model` (the router's streamed Generate calls
+    LiteLLM directly): as `connection`, except that LiteLLM reaches an Ollama server by its
+    native API, under the root."""
+    found = connection(model, None, api_key)
+    if api_base:
+        found |= connection(model, api_base, api_key)
+        if model.split("/", 1)[0] in ("ollama", "ollama_chat"):
+            found["api_base"] = api_base.rstrip("/").removesuffix("/v1")
+    return found
+
+
 def api_base_for(model: str, base: str) -> str:
     """The base URL DSPy's client calls `<base>/chat/completions` under. For an Ollama server
     (`ollama_chat/`, `ollama/`) people give its root, `http://host:11434`, as DSPy's docs show;

@@ -7,14 +7,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
-from services.core.lm_connection import connection
+from services.core.lm_connection import connection, litellm_connection
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 from services.core.sampling import GenerationParams
@@ -44,12 +44,19 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Generated:
-    """The API model's answer to a Generate call."""
+    """How the API model's answer to a Generate call ended."""
 
-    text: str
     finished_by_length: bool
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a streamed Generate: new text, or (the last piece) how it ended."""
+
+    text: str
+    final: Generated | None = None
 
 
 class FallbackModel:
@@ -86,6 +93,10 @@ class FallbackModel:
         key = None if api_key is None else api_key.get_secret_value()
         kwargs.update(connection(model, api_base, key))
         self._lm = dspy.LM(model, **kwargs)
+        self._stream_kwargs = {
+            "num_retries": 0, "timeout": timeout_s, "stream_options": {"include_usage": True},
+            **litellm_connection(model, api_base, key),
+        }  # fmt: skip
         self._runner: ProgramRunner | None = None
         if isinstance(program, PipelineSpec):
             # The whole program runs on the API model, each predictor prompted as served.
@@ -119,11 +130,9 @@ class FallbackModel:
         text = str(self._lm(messages=messages)[0])
         return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed")
 
-    def _chat(
-        self, messages: list[dict[str, str]], params: GenerationParams, seed: int | None
-    ) -> Generated:
-        """One chat call on the API model, with the options an OpenAI-style API takes (llama.cpp's
-        top_k, min_p and repeat_penalty are the local sampler's: not sent)."""
+    def _options(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
+        """A Generate call's options as an OpenAI-style API takes them (llama.cpp's top_k,
+        min_p and repeat_penalty are the local sampler's: not sent)."""
         options: dict[str, Any] = {
             "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p,
@@ -137,29 +146,64 @@ class FallbackModel:
             options["response_format"] = {
                 "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}
             }  # fmt: skip
-        reply = self._lm.forward(messages=messages, **options)
-        choice, usage = reply["choices"][0], reply.get("usage") or {}
-        return Generated(
-            text=str(choice["message"]["content"] or ""),
-            finished_by_length=choice.get("finish_reason") == "length",
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
+        return options
+
+    async def _stream_once(
+        self, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[Piece]:
+        """One streamed chat call: its text pieces as they arrive, then the summary. LiteLLM's
+        own call, not DSPy's: DSPy 3.4 sends the limit as `max_completion_tokens`, which
+        servers such as llama-cpp-python's ignore, and a Generate's limit is a contract."""
+        import litellm
+
+        reply = await asyncio.wait_for(litellm.acompletion(
+            model=self.model, messages=messages, stream=True, **self._stream_kwargs, **options,
+        ), self._timeout_s)  # fmt: skip
+        pieces, finish, usage = reply.__aiter__(), None, None
+        while True:
+            try:  # the wait for each piece is bounded, not the whole generation
+                chunk = await asyncio.wait_for(anext(pieces), self._timeout_s)
+            except StopAsyncIteration:
+                break
+            usage = getattr(chunk, "usage", None) or usage
+            if not chunk.choices:
+                continue
+            finish = chunk.choices[0].finish_reason or finish
+            if text := chunk.choices[0].delta.content:
+                yield Piece(text=text)
+        yield Piece(text="", final=Generated(
+            finished_by_length=finish == "length",
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        ))  # fmt: skip
 
     async def predict(self, inputs: dict[str, str]) -> tuple[tuple[dict[str, str], str], float]:
         """The API's outputs (text and typed) and the seconds it took; ApiError after the
         last retry."""
         return await self._retrying(self._call, inputs)
 
-    async def generate(
+    async def stream(
         self, messages: list[dict[str, str]], params: GenerationParams, seed: int | None
-    ) -> tuple[Generated, float]:
-        """A Generate call answered by the API model, and the seconds it took; ApiError after
-        the last retry."""
-        return await self._retrying(self._chat, messages, params, seed)
+    ) -> AsyncIterator[Piece]:
+        """A Generate call answered by the API model, streamed: its text pieces, then a piece
+        with `final` set. Retried while nothing was sent; ApiError after the last retry or
+        when it fails once text has gone out."""
+        options = self._options(params, seed)
+        for attempt in range(self._retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+            sent = False
+            try:
+                async for piece in self._stream_once(messages, options):
+                    sent = True
+                    yield piece
+                return
+            except Exception as err:
+                failure, again = self._failure(err, attempt, again_if=not sent)
+                if not again:
+                    raise failure from None
 
     async def _retrying(self, call: Callable[..., T], *args: Any) -> tuple[T, float]:
-        last = ApiError("error", "no attempt made")
         for attempt in range(self._retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
@@ -167,31 +211,45 @@ class FallbackModel:
             try:
                 answer = await asyncio.wait_for(asyncio.to_thread(call, *args), self._timeout_s)
                 return answer, time.perf_counter() - started
-            except TimeoutError:
-                last = ApiError("timeout", f"no answer within {self._timeout_s} s")
-                again = True
-            except Exception as err:  # any provider error: counted, maybe retried, never leaked
-                last = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
-                again = retryable(err)
-            last.attempts = attempt + 1
-            log.warning(
-                "fallback API call failed",
-                extra={"attempt": attempt + 1, "kind": last.kind, "error": str(last),
-                       "retried": again and attempt < self._retries},
-            )  # fmt: skip
-            if not again:
-                break
-        raise last
+            except Exception as err:
+                failure, again = self._failure(err, attempt)
+                if not again:
+                    raise failure from None
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _failure(
+        self, err: Exception, attempt: int, again_if: bool = True
+    ) -> tuple[ApiError, bool]:
+        """An attempt's error as an ApiError (any provider error: counted, maybe retried, never
+        leaked), and whether to try again."""
+        if isinstance(err, TimeoutError):
+            failure, again = ApiError("timeout", f"no answer within {self._timeout_s} s"), True
+        else:
+            failure = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
+            again = retryable(err)
+        failure.attempts = attempt + 1
+        again = again and again_if and attempt < self._retries
+        log.warning(
+            "fallback API call failed",
+            extra={"attempt": attempt + 1, "kind": failure.kind, "error": str(failure),
+                   "retried": again},
+        )  # fmt: skip
+        return failure, again
 
 
 def retryable(err: Exception) -> bool:
     """Whether the same call could succeed again: not when the answer did not parse (the API
     is asked at temperature 0, it would answer alike) or the request, key or billing was
     refused; yes for a dropped connection, a rate limit, a provider timeout or server error."""
+    import litellm
     from dspy.utils import exceptions as lm
 
     refused = (lm.LMAuthError, lm.LMBillingError, lm.LMInvalidRequestError,
-               lm.LMConfigurationError, lm.AdapterParseError, UnparsedAnswer)  # fmt: skip
+               lm.LMConfigurationError, lm.AdapterParseError, UnparsedAnswer,
+               # LiteLLM's own, from the streamed Generate
+               litellm.AuthenticationError, litellm.PermissionDeniedError,
+               litellm.BadRequestError, litellm.NotFoundError,
+               litellm.UnprocessableEntityError)  # fmt: skip
     return not isinstance(err, refused)
 
 

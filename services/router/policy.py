@@ -67,6 +67,11 @@ class CircuitBreaker:
             self._opened_at = self._clock()
         self._probe_in_flight = False
 
+    def abandon(self) -> None:
+        """A call let through that ended without a verdict (its client cancelled): it says
+        nothing of the API, and a half-open probe is free again for the next call."""
+        self._probe_in_flight = False
+
 
 class CallBudget:
     """At most `per_minute` and `per_day` API calls in any sliding minute and day."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 
 import grpc
@@ -42,7 +43,7 @@ from services.router.decision import (
     after_api_error,
     decide,
 )
-from services.router.fallback import ApiError, FallbackModel
+from services.router.fallback import ApiError, FallbackModel, Generated
 from services.router.harvest import HarvestWriter
 from services.router.metrics import RouterMetrics
 from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
@@ -166,17 +167,19 @@ class RouterService(pb_grpc.InferenceServicer):
                 pass
         decided = self._decide(None)
         if decided.action is Action.FALLBACK:
-            answer = await self._api_generate(request, decided.reason)
-            if not isinstance(answer, ApiError):
-                yield answer
+            try:
+                async for chunk in self._api_generate(request, decided.reason):
+                    yield chunk
                 return
-            decided = after_api_error(decided, None, answer.summary)
+            except ApiError as err:
+                decided = after_api_error(decided, None, err.summary)
         raise RpcFailure(grpc.StatusCode[decided.status], decided.message)
 
     async def _api_generate(
         self, request: pb.GenerateRequest, reason: str
-    ) -> pb.GenerateChunk | ApiError:
-        """The API model's answer as one final chunk, checked as a runtime checks a call."""
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """The API model's answer streamed as it comes, checked first as a runtime checks a
+        call; ApiError when it fails (before or after text has gone out)."""
         fallback = self._fallback
         assert fallback is not None
         check.check_size(request, API_MAX_REQUEST_BYTES)
@@ -186,18 +189,16 @@ class RouterService(pb_grpc.InferenceServicer):
             stop=check.stop_strings(request), json_schema=_json_schema(request.json_schema),
         )  # fmt: skip
         seed = request.options.seed if request.options.HasField("seed") else None
-        answer = await self._via_api(reason, lambda: fallback.generate(messages, params, seed))
-        if isinstance(answer, ApiError):
-            return answer
-        generated, seconds = answer
-        finish = pb.FINISH_REASON_LENGTH if generated.finished_by_length else pb.FINISH_REASON_STOP
-        return pb.GenerateChunk(
-            text=generated.text, finish_reason=finish,
-            usage=pb.Usage(prompt_tokens=generated.prompt_tokens,
-                           completion_tokens=generated.completion_tokens),
-            latency_ms=seconds * 1000, time_to_first_token_ms=seconds * 1000,
-            served_by=pb.SERVED_BY_FALLBACK, model_id=fallback.model,
-        )  # fmt: skip
+        started, first = time.perf_counter(), None
+        with self._api_accounting(reason) as account:
+            async for piece in fallback.stream(messages, params, seed):
+                first = first or time.perf_counter()
+                if piece.final is None:
+                    yield pb.GenerateChunk(text=piece.text)
+                    continue
+                seconds = time.perf_counter() - started
+                account(seconds)
+                yield _last_api_chunk(piece.final, fallback.model, seconds, first - started)
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         check.check_size(request, 1 << 20)
@@ -329,12 +330,25 @@ class RouterService(pb_grpc.InferenceServicer):
     async def _via_api(
         self, reason: str, ask: Callable[[], Awaitable[tuple[T, float]]]
     ) -> tuple[T, float] | ApiError:
-        """One call on the API model under the policies' accounting: the breaker, the budget,
-        the fallback rate and the metrics see a Predict and a Generate alike."""
+        """One call on the API model under the policies' accounting; its error when it fails."""
+        try:
+            with self._api_accounting(reason) as account:
+                answer = await ask()
+                account(answer[1])
+        except ApiError as err:
+            return err
+        return answer
+
+    @contextlib.contextmanager
+    def _api_accounting(self, reason: str) -> Iterator[Callable[[float], None]]:
+        """The policies' accounting around one API call: the breaker, the budget, the fallback
+        rate and the metrics see a Predict and a Generate alike. The body calls the function
+        it is given with the call's seconds when the answer is complete; an ApiError raised
+        in it is a failure."""
         self._breaker.allow()  # half-open: this call is the probe
         self._budget.try_spend()
         try:
-            answer = await ask()
+            yield self._api_answered(reason)
         except ApiError as err:
             self._breaker.record_failure()
             self._metrics.api_errors.labels(err.kind).inc(err.attempts)
@@ -342,12 +356,19 @@ class RouterService(pb_grpc.InferenceServicer):
             log.warning(
                 "fallback failed", extra={"reason": reason, "kind": err.kind, "error": str(err)}
             )
-            return err
-        self._breaker.record_success()
-        self._metrics.api_latency.observe(answer[1])
-        self._metrics.fallbacks.labels(reason).inc()
-        self._rate_cap.record(True)
-        return answer
+            raise
+        except BaseException:  # cancelled (the client left): no verdict on the API
+            self._breaker.abandon()
+            raise
+
+    def _api_answered(self, reason: str) -> Callable[[float], None]:
+        def record(seconds: float) -> None:
+            self._breaker.record_success()
+            self._metrics.api_latency.observe(seconds)
+            self._metrics.fallbacks.labels(reason).inc()
+            self._rate_cap.record(True)
+
+        return record
 
     def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()
@@ -499,3 +520,15 @@ def _json_schema(text: str) -> str | None:
     if not isinstance(parsed, dict):
         raise check.invalid("json_schema", "a JSON Schema must be a JSON object")
     return text
+
+
+def _last_api_chunk(done: Generated, model: str, seconds: float, to_first: float
+                    ) -> pb.GenerateChunk:  # fmt: skip
+    """The last chunk of a Generate the API model answered."""
+    finish = pb.FINISH_REASON_LENGTH if done.finished_by_length else pb.FINISH_REASON_STOP
+    return pb.GenerateChunk(
+        finish_reason=finish,
+        usage=pb.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
+        latency_ms=seconds * 1000, time_to_first_token_ms=to_first * 1000,
+        served_by=pb.SERVED_BY_FALLBACK, model_id=model,
+    )  # fmt: skip
