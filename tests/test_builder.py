@@ -272,8 +272,8 @@ def test_the_checkpoint_kept_is_the_best_on_the_calibration_part(
     base = AutoModelForCausalLM.from_pretrained(build / "student", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, build / "finetune" / "adapter")
     budget = loss["probe_max_new_tokens"]
-    result = probe.answer(lambda prompts, starts, stops: greedy_answers(
-        model, tokenizer, prompts, budget, "cpu", starts, stops
+    result = probe.answer(lambda prompts, starts, stops, choices: greedy_answers(
+        model, tokenizer, prompts, budget, "cpu", starts, stops, choices
     ))  # fmt: skip
     assert result.score == pytest.approx(best["score"])
 
@@ -1825,3 +1825,24 @@ def test_build_check_reads_everything_asks_the_teacher_once_and_trains_nothing(
     write_jsonl(tmp_path / "train.jsonl", [*train, {"ticket": "x", "category": "printer"}])
     refused = run_build(spec, "--check")
     assert refused.returncode == 2 and "printer" in refused.stderr
+
+
+def test_a_probed_choice_is_one_of_its_values(tmp_path: Path) -> None:
+    """The probes' model in training writes a choice field as serving does: one of its values
+    (a value that begins another, `card` of `card_arrival`, included), whatever its weights
+    favour; here a randomly initialised model's, which unconstrained writes anything."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.builder.finetune import greedy_answers
+    from testkit.tiny_models import smollm2_tokenizer, tiny_checkpoint
+
+    folder = tiny_checkpoint("llama", smollm2_tokenizer(tmp_path / "tok"), tmp_path / "rnd")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    prompts = [[{"role": "user", "content": f"Ticket {i}: my card {'x' * i}"}] for i in range(24)]
+    starts = ["[[ ## intent ## ]]\n"] * len(prompts)
+    choices = ("card", "card_arrival", "exchange_rate", "None")
+    free = greedy_answers(model, tokenizer, prompts, 12, "cpu", starts, ("\n",))
+    chosen = greedy_answers(model, tokenizer, prompts, 12, "cpu", starts, ("\n",), choices)
+    assert not set(free) & set(choices)
+    assert set(chosen) <= set(choices) and len(set(chosen)) > 1

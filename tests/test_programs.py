@@ -182,8 +182,8 @@ def test_probes_answer_every_row_in_one_batch_per_step() -> None:
     runner = two_step_runner()
     batches: list[int] = []
 
-    def ask(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...]
-            ) -> list[str]:  # fmt: skip
+    def ask(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...],
+            choices: tuple[str, ...]) -> list[str]:  # fmt: skip
         batches.append(len(prompts))
         out = []
         for messages, start in zip(prompts, starts, strict=True):
@@ -203,8 +203,8 @@ def test_probes_answer_every_row_in_one_batch_per_step() -> None:
             "category": "access", "reply": f"About {row['ticket']}: the access team will help."
         }  # fmt: skip
 
-    def broken(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...]
-               ) -> list[str]:  # fmt: skip
+    def broken(prompts: list[list[dict[str, str]]], starts: list[str], stops: tuple[str, ...],
+               choices: tuple[str, ...]) -> list[str]:  # fmt: skip
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):  # raised, not a hang

@@ -75,7 +75,7 @@ def test_a_probe_whose_answers_did_not_parse_says_how_many_did() -> None:
     from services.builder.stages.distill import probe_line
 
     unparsed = {"score": 0.0, "n": 32, "fields": {"verdict": 0.0}, "parsed": 0.25}
-    assert probe_line(unparsed).startswith("0.0% of 32 (verdict 0%); 25% parsed, values sampled")
+    assert probe_line(unparsed).startswith("0.0% of 32 (verdict 0%); 25% parsed, numbers and JSON")
     assert "type constraints serving applies" in probe_line(unparsed)
     assert probe_line({**unparsed, "parsed": 1.0}) == "0.0% of 32 (verdict 0%)"
     training = {"steps": 10, "planned_steps": 10, "epochs": 1, "examples": 40,
@@ -95,21 +95,24 @@ def test_probe_answers_are_written_as_served_headers_given_values_sampled() -> N
         "outputs": [{"name": "queue", "type": "Literal['network', 'billing']"},
                     {"name": "tags", "type": "list[str]"}, {"name": "note", "type": "str"}],
     }))  # fmt: skip
-    asked: list[tuple[str, tuple[str, ...]]] = []
+    asked: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     # What a model that learned the values but not the headers writes after each header.
     writes = {"queue": "network\n\n[[ ## tags", "tags": '["vpn"]\nnonsense',
               "note": "Line one.\n\nLine two.\n\n[[ ## completed ## ]]"}  # fmt: skip
 
-    def ask(prompts: list, starts: list[str], stops: tuple[str, ...]) -> list[str]:
+    def ask(prompts: list, starts: list[str], stops: tuple[str, ...], choices: tuple[str, ...]
+            ) -> list[str]:  # fmt: skip
         field = starts[0].rsplit("[[ ## ", 1)[1].split(" ## ]]")[0]
-        asked.append((field, stops))
+        asked.append((field, stops, choices))
         text = writes[field]
         ends = [text.find(stop) for stop in stops if stop in text]
         return [text[: min(ends)] if ends else text for _ in prompts]
 
     prompts = [codec.format_messages({"ticket": "VPN down"})] * 2
     answers = served_answers(ask, codec, prompts)
-    assert asked == [("queue", ("\n",)), ("tags", ("\n",)), ("note", ("\n\n[[",))]
+    # a choice is asked with its values (the model writes one of them), the rest free
+    assert asked == [("queue", ("\n",), ("network", "billing")), ("tags", ("\n",), ()),
+                     ("note", ("\n\n[[",), ())]  # fmt: skip
     parsed = codec.parse(answers[0])
     assert parsed is not None and parsed.values == {
         "queue": "network", "tags": ["vpn"], "note": "Line one.\n\nLine two."

@@ -237,8 +237,8 @@ def train_lora(
 
     def ask(probe: Probe) -> ProbeResult:
         return probe.answer(
-            lambda prompts, starts, stops: greedy_answers(
-                model, tokenizer, prompts, answer_budget, device, starts, stops
+            lambda prompts, starts, stops, choices: greedy_answers(
+                model, tokenizer, prompts, answer_budget, device, starts, stops, choices
             )
         )
 
@@ -346,11 +346,12 @@ def turn_end_ids(tokenizer: Any) -> set[int]:
 def greedy_answers(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
     device: str, starts: list[str] | None = None, stops: tuple[str, ...] = (),
-    batch_size: int = 16,
+    choices: tuple[str, ...] = (), batch_size: int = 16,
 ) -> list[str]:  # fmt: skip
     """Greedy continuations of chat prompts, each answer begun with its `starts` text and cut
     before the first of `stops`: their common prefix (the program's fixed prompt) evaluated
-    once, the rest in batches."""
+    once, the rest in batches. Given `choices`, each answer is one of them, then a newline:
+    at each step only a token that continues some choice may be chosen."""
     import torch
     from transformers import DynamicCache
 
@@ -363,6 +364,7 @@ def greedy_answers(
             for p, start in zip(prompts, starts, strict=True)]  # fmt: skip
     prefix_len = min(common_prefix_length(rows), min(len(row) for row in rows) - 1)
     end_ids = stop_token_ids(tokenizer, core)
+    allowed = choice_steps(tokenizer, starts, choices) if choices else None
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -378,12 +380,44 @@ def greedy_answers(
 
         for first in range(0, len(rows), batch_size):
             tails = [row[prefix_len:] for row in rows[first : first + batch_size]]
+            batch_allowed = None if allowed is None else allowed[first : first + batch_size]
             tokens = _greedy_batch(core, prefix, prefix_len, tails, max_new_tokens, end_ids,
-                                   said_enough if stops else None, device)  # fmt: skip
+                                   said_enough if stops else None, device,
+                                   batch_allowed)  # fmt: skip
             answers += [_cut(tokenizer.decode(t, skip_special_tokens=True), stops)
                         for t in tokens]  # fmt: skip
     model.train(was_training)
     return answers
+
+
+# A row's allowed next tokens given what it wrote so far (None: any token).
+Allowed = Callable[[list[int]], list[int] | None]
+
+
+def choice_steps(tokenizer: Any, starts: list[str], choices: tuple[str, ...]) -> list[Allowed]:
+    """For each row, the tokens that continue one of `choices` (each followed by a newline)
+    after what it has written; the choices tokenized as they follow the row's last line (its
+    field header), as the runtime tokenizes them after the header."""
+
+    def after(context: str, text: str) -> tuple[int, ...]:
+        before = tokenizer.encode(context, add_special_tokens=False)
+        joined = tokenizer.encode(context + text, add_special_tokens=False)
+        if joined[: len(before)] == before:
+            return tuple(joined[len(before) :])
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+    def steps(sequences: tuple[tuple[int, ...], ...]) -> Allowed:
+        def allowed(written: list[int]) -> list[int] | None:
+            n = len(written)
+            found = {s[n] for s in sequences if len(s) > n and list(s[:n]) == written}
+            return sorted(found) or None  # a whole choice written: the newline ends it
+
+        return allowed
+
+    lines = [start.rstrip("\n").rsplit("\n", 1)[-1] + "\n" for start in starts]
+    by_line = {line: steps(tuple(after(line, f"{c}\n") for c in choices))
+               for line in dict.fromkeys(lines)}  # fmt: skip
+    return [by_line[line] for line in lines]
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
@@ -395,8 +429,10 @@ def _cut(text: str, stops: tuple[str, ...]) -> str:
 def _greedy_batch(
     core: Any, prefix: Any, prefix_len: int, tails: list[list[int]], max_new_tokens: int,
     stops: set[int], said_enough: Callable[[list[int]], bool] | None, device: str,
+    allowed: list[Allowed] | None = None,
 ) -> list[list[int]]:  # fmt: skip
-    """Greedy decoding of left-padded tails after a shared, already evaluated prefix."""
+    """Greedy decoding of left-padded tails after a shared, already evaluated prefix; a row
+    with `allowed` steps chooses among the tokens they give."""
     import copy
 
     import torch
@@ -419,7 +455,11 @@ def _greedy_batch(
     for _ in range(max_new_tokens):
         hidden = core.model(input_ids=ids, attention_mask=attention, position_ids=positions,
                             use_cache=True, **kv).last_hidden_state  # fmt: skip
-        chosen = core.lm_head(hidden[:, -1]).argmax(-1)
+        logits = core.lm_head(hidden[:, -1])
+        if allowed is not None:
+            rows_done = zip(allowed, out, done, strict=True)
+            _keep_only(logits, [None if d else steps(o) for steps, o, d in rows_done])
+        chosen = logits.argmax(-1)
         for row, token in enumerate(chosen.tolist()):
             done[row] = done[row] or token in stops
             if not done[row]:
@@ -431,6 +471,15 @@ def _greedy_batch(
         attention = torch.cat([attention, ones[:, :1]], 1)
         positions = positions[:, -1:] + 1
     return out
+
+
+def _keep_only(logits: Any, tokens: list[list[int] | None]) -> None:
+    """Each row's logits masked to its allowed tokens, in place (None: the row is free)."""
+    for row, keep in enumerate(tokens):
+        if keep is not None:
+            masked = logits[row].new_full(logits[row].shape, float("-inf"))
+            masked[keep] = logits[row, keep]
+            logits[row] = masked
 
 
 def shared_prefix_loss(

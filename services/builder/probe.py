@@ -3,8 +3,8 @@
 Two uses: choosing the checkpoint on the calibration part (never the test part), and each
 output field's accuracy on a sample of train rows when training ends, so that a low loss that
 only means "learned the output format" shows as what it is. As in serving, the field headers
-are written for the model and it writes the values; unlike serving, the values are sampled
-without their types' constraints.
+are written for the model and it writes the values, a choice (Literal, Enum, bool) only one of
+its values; unlike serving, numbers and JSON are sampled without their types' constraints.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, RunResu
 from services.core.program import (
     COMPLETED_MARKER,
     PromptCodec,
-    choice_values,
     input_text,
-    optional_inner,
 )
 
 
@@ -40,46 +38,39 @@ class ProbeResult:
 
 
 def unformatted_note(point: dict[str, Any]) -> str:
-    """Said when answers did not parse: the probes sample values without their types'
-    constraints, which serving applies, so the evaluate stage's figures (served answers) may
-    be higher."""
+    """Said when answers did not parse: the probes sample numbers and JSON without their
+    types' constraints, which serving applies, so the evaluate stage's figures (served
+    answers) may be higher."""
     parsed = point.get("parsed", 1.0)
     if parsed >= 1.0:
         return ""
-    return (f"; {parsed:.0%} parsed, values sampled without the type constraints serving "
-            "applies")  # fmt: skip
+    return (f"; {parsed:.0%} parsed, numbers and JSON sampled without the type constraints "
+            "serving applies")  # fmt: skip
 
 
 # Greedy continuations of chat prompts, in order (the model in training answers): each row's
 # answer begun with its start text, continued until the model writes one of the stop texts
-# (left out) or its token budget ends.
-Ask = Callable[[list[list[dict[str, str]]], list[str], tuple[str, ...]], list[str]]
+# (left out) or its token budget ends; given choices, it writes one of them (greedily, token by
+# token among the choices' next tokens, as serving's trie does).
+Ask = Callable[[list[list[dict[str, str]]], list[str], tuple[str, ...], tuple[str, ...]], list[str]]
 
 
 def served_answers(ask: Ask, codec: PromptCodec, prompts: list[list[dict[str, str]]]) -> list[str]:
     """Answers written as serving writes them: each field's header is given and the model
     writes only the value, up to where serving ends it (a typed value at its line's end, free
-    text where the model begins a header); then the completed marker. A model that has
-    learned the values but not yet the headers is scored on what it would serve."""
-    from services.runtime.structured import HEADER_START, header
+    text where the model begins a header; a choice is one of its values); then the completed
+    marker. A model that has learned the values but not yet the headers is scored on what it
+    would serve."""
+    from services.runtime.structured import HEADER_START, header, value_type
 
     answers = [""] * len(prompts)
     for name in codec.output_names:
         answers = [answer + header(name) for answer in answers]
-        one_line = written_on_one_line(codec.signature.output_fields[name].annotation)
-        values = ask(prompts, answers, ("\n",) if one_line else (HEADER_START,))
+        typed = value_type(codec.signature.output_fields[name])
+        stops = (HEADER_START,) if typed.kind == "text" else ("\n",)
+        values = ask(prompts, answers, stops, typed.choice_texts)
         answers = [a + value.strip() + "\n\n" for a, value in zip(answers, values, strict=True)]
     return [answer + COMPLETED_MARKER for answer in answers]
-
-
-def written_on_one_line(annotation: Any) -> bool:
-    """A typed value (a choice, a number, JSON) is one line as ChatAdapter writes it, and
-    serving ends it there; free text (`str`, code) may run over several."""
-    from services.runtime.structured import json_schema_of
-
-    inner, _ = optional_inner(annotation)
-    return (choice_values(inner) is not None or inner in (int, float)
-            or json_schema_of(inner) is not None)  # fmt: skip
 
 
 @dataclass(frozen=True)

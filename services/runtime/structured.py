@@ -133,30 +133,46 @@ def _break_len(after: tuple[int, ...], tokenizer: Tokenizer) -> int:
 
 def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], last: bool,
                 tokenizer: Tokenizer, break_len: int) -> FieldPlan:  # fmt: skip
+    value = value_type(info)
+    plan = FieldPlan(name, value.kind, after_text, after, break_len, last,
+                     number=value.number, json_schema=value.json_schema,
+                     nullable=value.nullable)  # fmt: skip
+    if value.kind != "choice":
+        return plan
+    tokens = tuple(tokens_after(tokenizer, header(name), text) for text in value.choice_texts)
+    return replace(plan, choices=tokens, choice_texts=value.choice_texts)
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """How an output field's value is decoded: one of fixed texts (`choice_texts`, `None`'s
+    among them when nullable), a number, JSON of a schema, or free text."""
+
+    kind: ValueKind
+    nullable: bool = False
+    choice_texts: tuple[str, ...] = ()
+    number: str = ""  # "int" or "float"
+    json_schema: str = ""
+
+
+def value_type(info: Any) -> ValueType:
+    """An output field's value type, from its annotation (DSPy's field info)."""
     annotation, nullable = optional_inner(info.annotation)
-    free = FieldPlan(name, "text", after_text, after, break_len, last)
-    typed = replace(free, nullable=nullable)
+    none = (_NONE,) if nullable else ()
     texts = choice_texts(info, annotation)
     if texts is not None:
-        return _field_plan_of_texts(typed, texts, tokenizer)
+        return ValueType("choice", nullable, texts + none)
     if annotation in (int, float):
-        return replace(typed, kind="number", number=annotation.__name__)
+        return ValueType("number", nullable, number=annotation.__name__)
     stored = json_schema_of(annotation)
     if stored is None:
-        return free
+        return ValueType("text")
     # A type stored as its schema (a model, an Enum) that may be None: `None`, as trained on
     schema, nullable = without_null(json.loads(stored), nullable)
     texts = enum_texts(schema)
     if texts is not None:  # an Enum is written as its value, not as a JSON string
-        return _field_plan_of_texts(replace(free, nullable=nullable), texts, tokenizer)
-    return replace(free, kind="json", json_schema=json.dumps(schema), nullable=nullable)
-
-
-def _field_plan_of_texts(plan: FieldPlan, texts: tuple[str, ...], tokenizer: Tokenizer
-                         ) -> FieldPlan:  # fmt: skip
-    texts += (_NONE,) if plan.nullable else ()
-    tokens = tuple(tokens_after(tokenizer, header(plan.name), text) for text in texts)
-    return replace(plan, kind="choice", choices=tokens, choice_texts=texts)
+        return ValueType("choice", nullable, texts + ((_NONE,) if nullable else ()))
+    return ValueType("json", nullable, json_schema=json.dumps(schema))
 
 
 def without_null(schema: dict[str, Any], nullable: bool) -> tuple[dict[str, Any], bool]:
