@@ -76,11 +76,12 @@ class RouterService(pb_grpc.InferenceServicer):
         fallback: FallbackModel | None,
         metrics: RouterMetrics,
         harvest: HarvestWriter | None = None,
-        bundle_id: str = "",
+        bundle: tuple[str, str] = ("", ""),  # the bundle's name and version
     ) -> None:
         self._settings = settings
         self._harvest = harvest
-        self._bundle_id = bundle_id
+        self._bundle = bundle
+        self._bundle_id = "@".join(bundle)
         self._program = program
         self._threshold = threshold
         self._local = local
@@ -145,7 +146,7 @@ class RouterService(pb_grpc.InferenceServicer):
             raise
 
     def _bundle_info(self, api_model: str) -> pb.ModelInfo:
-        name, _, version = self._bundle_id.rpartition("@")
+        name, version = self._bundle
         info = pb.ModelInfo(model_name=name, bundle_version=version, backend=f"api:{api_model}",
                             max_tokens_limit=MAX_TOKENS_LIMIT, parallel=1)  # fmt: skip
         describe_program(info, self._program)
@@ -468,7 +469,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     if harvest is not None:
         metrics.harvest_on_disk.set_function(harvest.records_on_disk)
     service = RouterService(settings, program, threshold, local, fallback, metrics, harvest,
-                            f"{bundle.manifest.name}@{bundle.manifest.version}")  # fmt: skip
+                            (bundle.manifest.name, bundle.manifest.version))  # fmt: skip
 
     server = grpc.aio.server(
         interceptors=security.interceptors(settings),
