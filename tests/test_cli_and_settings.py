@@ -147,6 +147,15 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
         )
         assert generated.returncode == 0, generated.stderr
         assert generated.stdout.strip() and "tokens" in generated.stderr
+        greedy = ("--target", server.target, "--max-tokens", "8", "--temperature", "0")
+        continued = run_cli("generate", *greedy, "--raw", "The capital of France is")
+        from services.core.client import InferenceClient
+
+        with InferenceClient(server.target) as client:  # the text continued as it is
+            chunks = client.generate([], prompt="The capital of France is", max_tokens=8,
+                                     temperature=0)  # fmt: skip
+            assert continued.stdout.strip() == "".join(c.text for c in chunks).strip()
+        assert continued.returncode == 0 and continued.stdout.strip(), continued.stderr
 
         info = run_cli("info", "--target", server.target)
         assert '"quantization": "Q4_1"' in info.stdout

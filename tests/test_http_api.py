@@ -89,6 +89,34 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     assert http.http_status(grpc.StatusCode.RESOURCE_EXHAUSTED)[0] == 429
 
 
+def test_a_text_completion_request_becomes_a_generate_call_with_its_prompt() -> None:
+    from services.core.http_api import completions
+
+    body = {"model": "m", "prompt": ["Once upon a time"], "max_tokens": 7, "temperature": 0.5,
+            "stop": "\n", "seed": 3, "top_k": 4}  # fmt: skip
+    request = http.parse_body(completions.CompletionRequest, json.dumps(body).encode())
+    call = completions.completion_call(request)
+    assert call.prompt == "Once upon a time" and not call.messages
+    assert call.options.max_tokens == 7 and call.options.top_k == 4 and list(call.stop) == ["\n"]
+    refused = {b'{"prompt": "p", "echo": true}': "echo", b'{"prompt": "p", "logprobs": 2}':
+               "logprobs", b'{"prompt": "p", "suffix": "x"}': "suffix",
+               b'{"prompt": ["a", "b"]}': "prompt", b'{"prompt": ""}': "prompt",
+               b'{"prompt": "p", "n": 2}': "n", b'{"model": "m"}': "prompt"}  # fmt: skip
+    for raw, param in refused.items():
+        with pytest.raises(http.BadRequest) as caught:
+            completions.completion_call(http.parse_body(completions.CompletionRequest, raw))
+        assert caught.value.param == param, raw
+    chunks = [pb.GenerateChunk(text="a"), pb.GenerateChunk(text="b"), pb.GenerateChunk(
+        finish_reason=pb.FINISH_REASON_LENGTH, usage=pb.Usage(prompt_tokens=4,
+                                                              completion_tokens=2))]  # fmt: skip
+    whole = completions.text_completion(chunks, "m", "cmpl-1")
+    assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == "ab"
+    assert whole["choices"][0]["finish_reason"] == "length" and whole["usage"]["total_tokens"] == 6
+    events = list(completions.text_stream_events(iter(chunks), "m", "cmpl-1", True))
+    assert [e["choices"][0]["text"] for e in events if e["choices"]] == ["a", "b", ""]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+
+
 def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     body = {"model": "triage:latest", "messages": [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "a"}], "tools": [], "think": False,
@@ -110,10 +138,12 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     assert call is not None and [m.role for m in call.messages] == ["system", "user"]
     assert json.loads(call.json_schema) == {"type": "object"}
     assert not call.options.HasField("max_tokens")  # -1: the server's limit
+    raw = json.dumps({"model": "m", "prompt": "Once upon", "system": "s", "raw": True}).encode()
+    call = ollama_api.generate_call(http.parse_body(ollama_api.GenerateRequest, raw))
+    assert call is not None and call.prompt == "Once upon" and not call.messages  # as it is
     assert ollama_api.generate_call(ollama_api.GenerateRequest(model="m")) is None  # a "load"
     assert ollama_api.chat_call(ollama_api.ChatRequest(model="m")) is None
     refused = {
-        b'{"model": "m", "prompt": "p", "raw": true}': "raw",
         b'{"model": "m", "prompt": "p", "suffix": "x"}': "suffix",
         b'{"model": "m", "prompt": "p", "context": [1, 2]}': "context",
         b'{"model": "m", "prompt": "p", "images": ["aGk="]}': "images",
@@ -390,6 +420,46 @@ def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(
     lm = dspy.LM(f"ollama_chat/{name}", api_base=root, api_key=TOKEN, temperature=0.0,
                  max_tokens=12, cache=False)  # fmt: skip
     assert lm(QUESTION[0]["content"]) == [expected]
+
+
+def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """A prompt (no chat template) is continued as llama-cpp-python's own completion continues
+    it, over gRPC, OpenAI's `/v1/completions` (streamed or not) and Ollama's raw generate."""
+    import llama_cpp
+    import ollama
+    import openai
+
+    prompt = "The three primary colours are"
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
+    expected = reference.create_completion(prompt, max_tokens=12, temperature=0.0,
+                                           repeat_penalty=1.0)["choices"][0]["text"]  # fmt: skip
+    reference.close()
+    assert expected.strip()
+    runtime, runtime_http, router, router_http = served
+    greedy = pb.SamplingOptions(max_tokens=12, temperature=0.0)
+    call = pb.GenerateRequest(prompt=prompt, options=greedy)
+    assert grpc_text(runtime.target, call) == expected
+    assert grpc_text(router.target, call) == expected
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        reply = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0)
+        assert reply.choices[0].text == expected and reply.object == "text_completion"
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 12
+        pieces = list(client.completions.create(model="m", prompt=prompt, max_tokens=12,
+                                                temperature=0, stream=True))  # fmt: skip
+        assert "".join(p.choices[0].text for p in pieces) == expected
+        host = ollama.Client(host=f"http://127.0.0.1:{port}",
+                             headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        name = str(host.list().models[0].model)
+        made = host.generate(name, prompt, raw=True, options={"temperature": 0, "num_predict": 12})
+        assert made.response == expected
+    with grpc.insecure_channel(runtime.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        both = pb.GenerateRequest(prompt=prompt, messages=[pb.ChatMessage(**QUESTION[0])])
+        list(pb_grpc.InferenceStub(channel).Generate(both, metadata=token_metadata(TOKEN)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("prompt:")
 
 
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(

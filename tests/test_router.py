@@ -269,6 +269,11 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
             generate(router, "x", max_tokens=5000)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (caught.value.details() or "").startswith("options.max_tokens")
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(router.target))  # the API: chats only
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(pb.GenerateRequest(prompt="Once")))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (caught.value.details() or "").startswith("prompt: no runtime answered")
         assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 1.0' in (
             metrics_text(metrics_port)
         )

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from services.core.api import pb
+from services.core.api import pb, pb_grpc
 from services.core.bundle import sha256_file
 from services.core.client import InferenceClient
 from testkit.processes import REPO, ServerProcess, start_runtime
@@ -79,6 +80,11 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
     assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert 1 <= chunks[-1].usage.completion_tokens <= 12
     assert "".join(c.text for c in chunks).strip()
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(ollama_runtime.target))  # chats only
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(prompt="Once")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt: the ollama backend serves chats" in (caught.value.details() or "")
 
 
 def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:

@@ -123,9 +123,10 @@ def file_values(items: list[str]) -> dict[str, str]:
 
 @app.command("generate")
 def generate(
-    prompt: Annotated[str, typer.Argument(help="the user message")],
+    prompt: Annotated[str, typer.Argument(help="the user message (with --raw: the text)")],
     target: TargetOption = "127.0.0.1:50051",
     system: Annotated[Optional[str], typer.Option(help="a system message")] = None,  # noqa: UP045
+    raw: Annotated[bool, typer.Option(help="continue the text as it is, no chat template")] = False,
     max_tokens: Annotated[Optional[int], typer.Option(help="most tokens to generate")] = None,  # noqa: UP045
     temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
     top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None,  # noqa: UP045
@@ -153,12 +154,15 @@ def generate(
                 schema = handle.read()
         except OSError as err:
             raise fail(f"--json-schema {schema}: {err.strerror}") from None
-    messages = ([("system", system)] if system else []) + [("user", prompt)]
+    if raw and system:
+        raise fail("--system is a chat message; with --raw, put it in the text")
+    messages = [] if raw else ([("system", system)] if system else []) + [("user", prompt)]
     try:
         with _client(target, timeout) as client:
             last = None
             for chunk in client.generate(
                 messages,
+                prompt=prompt if raw else "",
                 max_tokens=max_tokens,
                 temperature=temperature,
                 top_p=top_p,

@@ -77,7 +77,9 @@ class InferenceClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         json_schema: str = "",
+        prompt: str = "",
     ) -> Iterator[pb.GenerateChunk]:
+        """A chat (`messages`), or with `prompt` (and no messages) a text continued as is."""
         options = sampling(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
@@ -87,6 +89,7 @@ class InferenceClient:
             options=options,
             stop=list(stop),
             json_schema=json_schema,
+            prompt=prompt,
         )
         chunks: Iterator[pb.GenerateChunk] = self.stub.Generate(
             request, timeout=self.timeout_s, metadata=self.metadata

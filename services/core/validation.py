@@ -133,9 +133,20 @@ def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> d
     return given
 
 
+def raw_prompt(request: pb.GenerateRequest) -> str | None:
+    """The text to continue as is (a text completion), or None for a chat."""
+    if not request.prompt:
+        return None
+    if request.messages:
+        raise invalid("prompt", "give messages (a chat) or a prompt (a text completion), not both")
+    if "\x00" in request.prompt:
+        raise invalid("prompt", "contains a NUL character")
+    return request.prompt
+
+
 def chat_messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
     if not request.messages:
-        raise invalid("messages", "at least one message is required")
+        raise invalid("messages", "at least one message is required (or a prompt to continue)")
     messages = []
     for index, message in enumerate(request.messages):
         if message.role not in ROLES:

@@ -184,6 +184,9 @@ class RouterService(pb_grpc.InferenceServicer):
         fallback = self._fallback
         assert fallback is not None
         check.check_size(request, API_MAX_REQUEST_BYTES)
+        if check.raw_prompt(request) is not None:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "prompt: no runtime answered, and the "
+                             "API model answers chats (messages) only")  # fmt: skip
         messages = check.chat_messages(request)
         params = check.sampling_params(
             request.options, API_LIMITS, default_temperature=GENERATE_DEFAULT_TEMPERATURE,

@@ -28,7 +28,7 @@ from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.registration import add_inference_servicer
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
-from services.runtime.backends import BackendError, BatchingBackend, Finished, TokenPiece
+from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.backends.base import PreparedPrompt
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.metrics import RuntimeMetrics
@@ -221,7 +221,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         model, scheduler, limits = self._ready()
         check.check_size(request, limits.max_request_bytes)
-        messages = check.chat_messages(request)
+        text = check.raw_prompt(request)
+        messages = check.chat_messages(request) if text is None else []
         stop = check.stop_strings(request)
         schema = request.json_schema or None
         if schema is not None:
@@ -236,11 +237,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             stop=stop,
             json_schema=schema,
         )
-        prompt = model.backend.prepare(messages)
+        prompt = self._prepare_generate(model.backend, messages, text)
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
-        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "messages")
+        field = "messages" if text is None else "prompt"
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, field)
         if self._settings.log_requests:
-            log.info("generate request", extra={"messages": messages})
+            log.info("generate request", extra={"messages": messages, "prompt": text})
 
         job = self._submit(scheduler, prompt, params, context)
         first_token_at: float | None = None
@@ -293,6 +295,17 @@ class InferenceService(pb_grpc.InferenceServicer):
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare_generate(
+        backend: Backend, messages: list[dict[str, str]], text: str | None
+    ) -> PreparedPrompt:
+        if text is None:
+            return backend.prepare(messages)
+        try:
+            return backend.prepare_text(text)
+        except ValueError as err:
+            raise check.invalid("prompt", str(err)) from None
 
     def _prepare(self, codec: PromptCodec, messages: list[dict[str, str]]) -> PreparedPrompt:
         model, _, _ = self._ready()

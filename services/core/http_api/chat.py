@@ -24,7 +24,7 @@ _STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
 }
-_FINISH = {
+FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -158,7 +158,7 @@ def completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-            "finish_reason": _FINISH.get(last.finish_reason, "stop"),
+            "finish_reason": FINISH.get(last.finish_reason, "stop"),
         }],
         "usage": usage(last.usage),
     }  # fmt: skip
@@ -190,7 +190,7 @@ def stream_events(
         if piece.text:
             yield chunk({"content": piece.text}, None)
         if piece.finish_reason:
-            yield chunk({}, _FINISH.get(piece.finish_reason, "stop"))
+            yield chunk({}, FINISH.get(piece.finish_reason, "stop"))
             if include_usage:
                 yield {**chunk({}, None), "choices": [], "usage": usage(piece.usage)}
 

@@ -113,27 +113,29 @@ def chat_call(request: ChatRequest) -> pb.GenerateRequest | None:
     if not request.messages:
         return None
     messages = [pb.ChatMessage(role=m.role, content=m.content) for m in request.messages]
-    return _generate(messages, request)
+    return _generate(request, messages)
 
 
 def generate_call(request: GenerateRequest) -> pb.GenerateRequest | None:
     """The Generate call `/api/generate` asks for: the prompt as the user's message after the
-    system's, in the model's chat template; None for an empty prompt (Ollama's "load")."""
+    system's, in the model's chat template, or with `raw` the prompt continued as it is (the
+    system then ignored, as Ollama does); None for an empty prompt (Ollama's "load")."""
     _refuse(request)
-    unserved = {"raw": "raw prompts are not served; the model's chat template always applies",
-                "suffix": "fill-in-the-middle is not served", "template": "the template is "
-                "the bundle's; send the text as the prompt", "context": "token contexts are "
-                "not kept; send the conversation to /api/chat", "images": "images are not "
-                "served (a text model)"}  # fmt: skip
+    unserved = {"suffix": "fill-in-the-middle is not served", "template": "the template is "
+                "the bundle's; send the text as the prompt, or with raw: true",
+                "context": "token contexts are not kept; send the conversation to /api/chat",
+                "images": "images are not served (a text model)"}  # fmt: skip
     for param, why in unserved.items():
         if getattr(request, param):
             raise BadRequest(param, why)
     if not request.prompt:
         return None
+    if request.raw:
+        return _generate(request, prompt=request.prompt)
     messages = [pb.ChatMessage(role="user", content=request.prompt)]
     if request.system:
         messages.insert(0, pb.ChatMessage(role="system", content=request.system))
-    return _generate(messages, request)
+    return _generate(request, messages)
 
 
 def _refuse(request: _Call) -> None:
@@ -143,7 +145,9 @@ def _refuse(request: _Call) -> None:
         raise BadRequest("logprobs", "log probabilities are not served")
 
 
-def _generate(messages: list[pb.ChatMessage], request: _Call) -> pb.GenerateRequest:
+def _generate(
+    request: _Call, messages: list[pb.ChatMessage] | None = None, prompt: str = ""
+) -> pb.GenerateRequest:
     given = request.options
     if given.num_predict == 0:
         raise BadRequest("options.num_predict", "must be positive (negative: the server's limit)")
@@ -157,8 +161,9 @@ def _generate(messages: list[pb.ChatMessage], request: _Call) -> pb.GenerateRequ
         repeat_penalty=given.repeat_penalty,
     )
     return pb.GenerateRequest(
-        messages=messages, options=options, stop=given.stop, json_schema=_schema(request.format)
-    )
+        messages=messages, prompt=prompt, options=options, stop=given.stop,
+        json_schema=_schema(request.format),
+    )  # fmt: skip
 
 
 def _schema(wanted: str | dict[str, Any] | None) -> str:

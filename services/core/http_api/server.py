@@ -3,6 +3,7 @@ socket: every call goes through the same checks, limits, scheduler, metrics and 
 interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
 
     POST /v1/chat/completions   OpenAI's chat completions (streamed or not) over Generate
+    POST /v1/completions        OpenAI's text completions: a prompt continued as it is
     GET  /v1/models             the served model, as OpenAI lists models
     POST /v1/predict            the distilled program (PredictRequest / PredictResponse JSON)
     GET  /health                200 when serving, 503 while loading or draining
@@ -42,6 +43,12 @@ from services.core.http_api.chat import (
     parse_request,
     rpc_param,
     stream_events,
+)
+from services.core.http_api.completions import (
+    CompletionRequest,
+    completion_call,
+    text_completion,
+    text_stream_events,
 )
 from services.core.http_api.predict import predict_answer, predict_request
 
@@ -181,6 +188,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
+                      "/v1/completions": self._complete, "/completions": self._complete,
                       "/v1/predict": self._predict, "/api/chat": self._ollama_chat,
                       "/api/generate": self._ollama_generate,
                       "/api/show": self._ollama_show}  # fmt: skip
@@ -258,6 +266,19 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             include = bool(request.stream_options and request.stream_options.include_usage)
             self._stream(chunks, lambda all_chunks: stream_events(all_chunks, model, call_id,
                                                                   include))  # fmt: skip
+
+        def _complete(self, raw: bytes) -> None:
+            request = parse_body(CompletionRequest, raw)
+            call = completion_call(request)
+            metadata = self._metadata()
+            model = front.model_name(metadata)
+            chunks = front.stub.Generate(call, metadata=metadata)
+            call_id = f"cmpl-{uuid.uuid4().hex}"
+            if not request.stream:
+                return self._send_json(200, text_completion(list(chunks), model, call_id))
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            self._stream(chunks, lambda pieces: text_stream_events(pieces, model, call_id,
+                                                                   include))  # fmt: skip
 
         def _ollama_chat(self, raw: bytes) -> None:
             request = parse_body(ollama.ChatRequest, raw)

@@ -76,6 +76,11 @@ class Backend(Protocol):
         """Apply the chat template; count tokens when possible. Thread-safe."""
         ...
 
+    def prepare_text(self, text: str) -> PreparedPrompt:
+        """A text to continue as is (no chat template, the beginning-of-text token added);
+        ValueError when the backend serves chats only. Thread-safe."""
+        ...
+
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
     ) -> Iterator[TokenPiece | Finished]:

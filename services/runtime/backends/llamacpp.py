@@ -88,6 +88,12 @@ class ChatModel:
             tokens=tuple(tokens),
         )
 
+    def prepare_text(self, text: str) -> PreparedPrompt:
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        with self._tokenize_lock:
+            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return PreparedPrompt(messages=(), text=text, tokens=tuple(tokens))
+
     def info(self, model_name: str | None, gguf_sha256: str | None, backend: str) -> BackendInfo:
         return BackendInfo(
             backend=backend,
@@ -115,6 +121,9 @@ class ChatModelMethods:
 
     def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
         return self._chat.prepare(messages)
+
+    def prepare_text(self, text: str) -> PreparedPrompt:
+        return self._chat.prepare_text(text)
 
     def validate_json_schema(self, schema: str) -> None:
         grammar_for(schema)

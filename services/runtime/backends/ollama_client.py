@@ -65,6 +65,10 @@ class OllamaBackend:
             tokens=None,
         )
 
+    def prepare_text(self, text: str) -> PreparedPrompt:
+        raise ValueError("the ollama backend serves chats (messages) only; serve the GGUF with "
+                         "the llama.cpp backend for text completions")  # fmt: skip
+
     def validate_json_schema(self, schema: str) -> None:
         try:
             parsed = json.loads(schema)
