@@ -35,6 +35,7 @@ from services.core.api import pb, pb_grpc
 from services.core.http_api import ollama
 from services.core.http_api.chat import (
     BadRequest,
+    ChatCompletionRequest,
     completion,
     error_body,
     generate_request,
@@ -256,29 +257,27 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def _chat(self, raw: bytes) -> None:
             request = parse_request(raw)
-            call = generate_request(request)
-            metadata = self._metadata()
-            model = front.model_name(metadata)
-            chunks = front.stub.Generate(call, metadata=metadata)
-            call_id = f"chatcmpl-{uuid.uuid4().hex}"
-            if not request.stream:
-                return self._send_json(200, completion(list(chunks), model, call_id))
-            include = bool(request.stream_options and request.stream_options.include_usage)
-            self._stream(chunks, lambda all_chunks: stream_events(all_chunks, model, call_id,
-                                                                  include))  # fmt: skip
+            self._openai_answer(request, generate_request(request), "chatcmpl", completion,
+                                stream_events)  # fmt: skip
 
         def _complete(self, raw: bytes) -> None:
             request = parse_body(CompletionRequest, raw)
-            call = completion_call(request)
+            self._openai_answer(request, completion_call(request), "cmpl", text_completion,
+                                text_stream_events)  # fmt: skip
+
+        def _openai_answer(
+            self, request: ChatCompletionRequest | CompletionRequest, call: pb.GenerateRequest,
+            kind: str, whole: Callable[..., dict[str, Any]], events: Callable[..., Any],
+        ) -> None:  # fmt: skip
+            """A chat or text completion: whole, or streamed as server-sent events."""
             metadata = self._metadata()
             model = front.model_name(metadata)
             chunks = front.stub.Generate(call, metadata=metadata)
-            call_id = f"cmpl-{uuid.uuid4().hex}"
+            call_id = f"{kind}-{uuid.uuid4().hex}"
             if not request.stream:
-                return self._send_json(200, text_completion(list(chunks), model, call_id))
+                return self._send_json(200, whole(list(chunks), model, call_id))
             include = bool(request.stream_options and request.stream_options.include_usage)
-            self._stream(chunks, lambda pieces: text_stream_events(pieces, model, call_id,
-                                                                   include))  # fmt: skip
+            self._stream(chunks, lambda pieces: events(pieces, model, call_id, include))
 
         def _ollama_chat(self, raw: bytes) -> None:
             request = parse_body(ollama.ChatRequest, raw)
