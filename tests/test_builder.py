@@ -1846,3 +1846,15 @@ def test_a_probed_choice_is_one_of_its_values(tmp_path: Path) -> None:
     chosen = greedy_answers(model, tokenizer, prompts, 12, "cpu", starts, ("\n",), choices)
     assert not set(free) & set(choices)
     assert set(chosen) <= set(choices) and len(set(chosen)) > 1
+
+
+def test_a_teacher_whose_answers_do_not_parse_is_told_what_to_change() -> None:
+    """Most calls failing to parse means the model cannot follow the program's format: the
+    error says to change the teacher; other failures (a server error, a long input) do not."""
+    from services.builder.teacher import unparsed_advice
+
+    unparsed = {"error": "AdapterParseError: Failed to parse field relevant: ..."}
+    other = {"error": "ContextWindowExceededError: the input is too long"}
+    assert "use a stronger teacher model" in unparsed_advice([unparsed, unparsed, other])
+    assert "2 of them" in unparsed_advice([unparsed, unparsed, other])
+    assert unparsed_advice([unparsed, other, other]) == "" and unparsed_advice([]) == ""

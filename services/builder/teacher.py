@@ -174,7 +174,9 @@ def collect_traces(
         first = failed[0]["error"] if failed else ""
         raise TeacherError(
             f"the teacher failed on {counts.failed} of {counts.total} examples, over "
-            f"teacher.max_failure_fraction={teacher.max_failure_fraction}; first error: {first}"
+            f"teacher.max_failure_fraction={teacher.max_failure_fraction} "
+            f"({out_dir / 'failed.jsonl'} has each){unparsed_advice(failed)}; first error: "
+            f"{first}"
         )
     if counts.kept == 0 and require_kept:
         raise TeacherError(
@@ -318,3 +320,16 @@ def predictor_counts(
         return sum(c["predictor"] == name for row in rows for c in row.get("calls", []))
 
     return {name: {"kept": calls(kept, name), "rejected": calls(rejected, name)} for name in names}
+
+
+def unparsed_advice(failed: list[dict[str, Any]]) -> str:
+    """What to do when most teacher calls failed because the answers did not parse: the model
+    cannot follow the program's output format, and retrying it will not help."""
+    unparsed = sum("AdapterParseError" in str(row.get("error", "")) for row in failed)
+    if not failed or unparsed * 2 < len(failed):
+        return ""
+    return (
+        f"; {unparsed} of them answered in a form the program's output fields do not "
+        "parse: use a stronger teacher model, or `teacher: gold` with every output "
+        "labelled in the rows"
+    )
