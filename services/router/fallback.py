@@ -159,18 +159,19 @@ class FallbackModel:
         reply = await asyncio.wait_for(litellm.acompletion(
             model=self.model, messages=messages, stream=True, **self._stream_kwargs, **options,
         ), self._timeout_s)  # fmt: skip
-        pieces, finish, usage = reply.__aiter__(), None, None
-        while True:
-            try:  # the wait for each piece is bounded, not the whole generation
-                chunk = await asyncio.wait_for(anext(pieces), self._timeout_s)
-            except StopAsyncIteration:
-                break
-            usage = getattr(chunk, "usage", None) or usage
-            if not chunk.choices:
-                continue
-            finish = chunk.choices[0].finish_reason or finish
-            if text := chunk.choices[0].delta.content:
-                yield Piece(text=text)
+        async with reply:  # closed however it ends: a client that left stops the API's answer
+            pieces, finish, usage = reply.__aiter__(), None, None
+            while True:
+                try:  # the wait for each piece is bounded, not the whole generation
+                    chunk = await asyncio.wait_for(anext(pieces), self._timeout_s)
+                except StopAsyncIteration:
+                    break
+                usage = getattr(chunk, "usage", None) or usage
+                if not chunk.choices:
+                    continue
+                finish = chunk.choices[0].finish_reason or finish
+                if text := chunk.choices[0].delta.content:
+                    yield Piece(text=text)
         yield Piece(text="", final=Generated(
             finished_by_length=finish == "length",
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
