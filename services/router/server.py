@@ -349,10 +349,17 @@ class RouterService(pb_grpc.InferenceServicer):
         rate and the metrics see a Predict and a Generate alike. The body calls the function
         it is given with the call's seconds when the answer is complete; an ApiError raised
         in it is a failure."""
+
+        def answered(seconds: float) -> None:
+            self._breaker.record_success()
+            self._metrics.api_latency.observe(seconds)
+            self._metrics.fallbacks.labels(reason).inc()
+            self._rate_cap.record(True)
+
         self._breaker.allow()  # half-open: this call is the probe
         self._budget.try_spend()
         try:
-            yield self._api_answered(reason)
+            yield answered
         except ApiError as err:
             self._breaker.record_failure()
             self._metrics.api_errors.labels(err.kind).inc(err.attempts)
@@ -364,15 +371,6 @@ class RouterService(pb_grpc.InferenceServicer):
         except BaseException:  # cancelled (the client left): no verdict on the API
             self._breaker.abandon()
             raise
-
-    def _api_answered(self, reason: str) -> Callable[[float], None]:
-        def record(seconds: float) -> None:
-            self._breaker.record_success()
-            self._metrics.api_latency.observe(seconds)
-            self._metrics.fallbacks.labels(reason).inc()
-            self._rate_cap.record(True)
-
-        return record
 
     def _timeout(self, context: Any) -> float:
         remaining = context.time_remaining()

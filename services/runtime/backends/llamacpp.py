@@ -77,22 +77,20 @@ class ChatModel:
 
     def prepare(self, messages: list[dict[str, str]]) -> PreparedPrompt:
         rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
-        text = rendered.prompt
-        # A template that writes the BOS itself (Gemma's) gets no second one from the tokenizer.
-        add_bos = not (self._bos_text and text.startswith(self._bos_text))
-        with self._tokenize_lock:
-            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         return PreparedPrompt(
             messages=tuple((m["role"], m["content"]) for m in messages),
-            text=text,
-            tokens=tuple(tokens),
+            text=rendered.prompt,
+            tokens=self._prompt_tokens(rendered.prompt),
         )
 
     def prepare_text(self, text: str) -> PreparedPrompt:
+        return PreparedPrompt(messages=(), text=text, tokens=self._prompt_tokens(text))
+
+    def _prompt_tokens(self, text: str) -> tuple[int, ...]:
+        # A text that begins with the BOS itself (Gemma's template writes it) gets no second.
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
         with self._tokenize_lock:
-            tokens = self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-        return PreparedPrompt(messages=(), text=text, tokens=tuple(tokens))
+            return tuple(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def info(self, model_name: str | None, gguf_sha256: str | None, backend: str) -> BackendInfo:
         return BackendInfo(
