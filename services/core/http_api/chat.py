@@ -74,11 +74,12 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Body):
-    messages: list[Message] = Field(min_length=1)
+class Sampled(Body):
+    """What OpenAI's chat and text completions take alike: the model, limits, sampling, stops
+    and streaming."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**32)
@@ -86,12 +87,27 @@ class ChatCompletionRequest(Body):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
     # llama.cpp's server takes these too.
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
+
+    def sampling(self, max_tokens: int | None) -> pb.SamplingOptions:
+        return pb.SamplingOptions(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            seed=self.seed, top_k=self.top_k, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+        )  # fmt: skip
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+
+class ChatCompletionRequest(Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
@@ -114,19 +130,17 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
         raise BadRequest("tools", "tool calls are not served; describe the tools in a message")
     messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
                                content=_text(m.content)) for m in request.messages]  # fmt: skip
-    options = pb.SamplingOptions(
-        max_tokens=request.max_completion_tokens or request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        top_k=request.top_k,
-        min_p=request.min_p,
-        repeat_penalty=request.repeat_penalty,
-    )
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    options = request.sampling(request.max_completion_tokens or request.max_tokens)
     return pb.GenerateRequest(
-        messages=messages, options=options, stop=stop, json_schema=_schema(request)
+        messages=messages, options=options, stop=request.stops(), json_schema=_schema(request)
     )
+
+
+def refuse_unserved(request: BaseModel, unserved: dict[str, str]) -> None:
+    """BadRequest naming the first parameter set that is not served, with why."""
+    for param, why in unserved.items():
+        if getattr(request, param):
+            raise BadRequest(param, why)
 
 
 def _text(content: str | list[TextPart]) -> str:

@@ -11,50 +11,30 @@ from typing import Any
 from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import FINISH, BadRequest, Body, StreamOptions, usage
+from services.core.http_api.chat import FINISH, BadRequest, Sampled, refuse_unserved, usage
 
 
-class CompletionRequest(Body):
+class CompletionRequest(Sampled):
     prompt: str | list[str]
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**32)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
     best_of: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    # llama.cpp's server takes these too.
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0)
 
 
 def completion_call(request: CompletionRequest) -> pb.GenerateRequest:
     """The Generate call a text completion request asks for."""
-    unserved = {"echo": "echoing the prompt is not served; the client has it",
-                "logprobs": "log probabilities are not served",
-                "suffix": "fill-in-the-middle is not served"}  # fmt: skip
-    for param, why in unserved.items():
-        if getattr(request, param):
-            raise BadRequest(param, why)
+    refuse_unserved(request, {"echo": "echoing the prompt is not served; the client has it",
+                              "logprobs": "log probabilities are not served",
+                              "suffix": "fill-in-the-middle is not served"})  # fmt: skip
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     if len(prompts) != 1:
         raise BadRequest("prompt", f"{len(prompts)} prompts; send one per request")
     if not prompts[0]:
         raise BadRequest("prompt", "must not be empty")
-    options = pb.SamplingOptions(
-        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-        seed=request.seed, top_k=request.top_k, min_p=request.min_p,
-        repeat_penalty=request.repeat_penalty,
-    )  # fmt: skip
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
-    return pb.GenerateRequest(prompt=prompts[0], options=options, stop=stop)
+    return pb.GenerateRequest(
+        prompt=prompts[0], options=request.sampling(request.max_tokens), stop=request.stops()
+    )
 
 
 def text_completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest, Body
+from services.core.http_api.chat import BadRequest, Body, refuse_unserved
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these are
 _DONE = {pb.FINISH_REASON_LENGTH: "length"}  # anything else ended as a stop
@@ -121,13 +121,12 @@ def generate_call(request: GenerateRequest) -> pb.GenerateRequest | None:
     system's, in the model's chat template, or with `raw` the prompt continued as it is (the
     system then ignored, as Ollama does); None for an empty prompt (Ollama's "load")."""
     _refuse(request)
-    unserved = {"suffix": "fill-in-the-middle is not served", "template": "the template is "
-                "the bundle's; send the text as the prompt, or with raw: true",
-                "context": "token contexts are not kept; send the conversation to /api/chat",
-                "images": "images are not served (a text model)"}  # fmt: skip
-    for param, why in unserved.items():
-        if getattr(request, param):
-            raise BadRequest(param, why)
+    refuse_unserved(request, {
+        "suffix": "fill-in-the-middle is not served",
+        "template": "the template is the bundle's; send the text as the prompt, or with raw: true",
+        "context": "token contexts are not kept; send the conversation to /api/chat",
+        "images": "images are not served (a text model)",
+    })  # fmt: skip
     if not request.prompt:
         return None
     if request.raw:
