@@ -394,17 +394,23 @@ def greedy_answers(
 Allowed = Callable[[list[int]], list[int] | None]
 
 
+@dataclass(frozen=True)
+class _TextTokenizer:
+    """A transformers tokenizer as the runtime's plan tokenizes text: no special tokens."""
+
+    tokenizer: Any
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
 def choice_steps(tokenizer: Any, starts: list[str], choices: tuple[str, ...]) -> list[Allowed]:
     """For each row, the tokens that continue one of `choices` (each followed by a newline)
     after what it has written; the choices tokenized as they follow the row's last line (its
-    field header), as the runtime tokenizes them after the header."""
+    field header), as the runtime tokenizes them after the header (its `tokens_after`)."""
+    from services.runtime.structured import tokens_after
 
-    def after(context: str, text: str) -> tuple[int, ...]:
-        before = tokenizer.encode(context, add_special_tokens=False)
-        joined = tokenizer.encode(context + text, add_special_tokens=False)
-        if joined[: len(before)] == before:
-            return tuple(joined[len(before) :])
-        return tuple(tokenizer.encode(text, add_special_tokens=False))
+    text_tokenizer = _TextTokenizer(tokenizer)
 
     def steps(sequences: tuple[tuple[int, ...], ...]) -> Allowed:
         def allowed(written: list[int]) -> list[int] | None:
@@ -415,7 +421,7 @@ def choice_steps(tokenizer: Any, starts: list[str], choices: tuple[str, ...]) ->
         return allowed
 
     lines = [start.rstrip("\n").rsplit("\n", 1)[-1] + "\n" for start in starts]
-    by_line = {line: steps(tuple(after(line, f"{c}\n") for c in choices))
+    by_line = {line: steps(tuple(tokens_after(text_tokenizer, line, f"{c}\n") for c in choices))
                for line in dict.fromkeys(lines)}  # fmt: skip
     return [by_line[line] for line in lines]
 

@@ -51,10 +51,14 @@ _PREFIX = {"int": re.compile(r"-?\d*"), "float": re.compile(r"-?(\d+(\.\d*)?([eE
 _FULL = {"int": re.compile(r"-?\d+"), "float": re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")}
 
 
-class Tokenizer(Protocol):
-    """What a plan needs from the model: its tokenizer, without special tokens or BOS."""
+class TextTokenizer(Protocol):
+    """A model's tokenizer turning text into tokens, without special tokens or BOS."""
 
     def tokenize_text(self, text: str) -> list[int]: ...
+
+
+class Tokenizer(TextTokenizer, Protocol):
+    """What a plan needs from the model: its tokenizer, without special tokens or BOS."""
 
     def token_bytes(self, token: int) -> bytes: ...
 
@@ -109,7 +113,7 @@ def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
     )
 
 
-def tokens_after(tokenizer: Tokenizer, context: str, text: str) -> tuple[int, ...]:
+def tokens_after(tokenizer: TextTokenizer, context: str, text: str) -> tuple[int, ...]:
     """The tokens of `text` as the model sees it after `context` (a tokenizer that adds a
     leading space, or merges across the boundary, tokenizes it differently on its own)."""
     before = tokenizer.tokenize_text(context)
@@ -158,10 +162,9 @@ class ValueType:
 def value_type(info: Any) -> ValueType:
     """An output field's value type, from its annotation (DSPy's field info)."""
     annotation, nullable = optional_inner(info.annotation)
-    none = (_NONE,) if nullable else ()
     texts = choice_texts(info, annotation)
     if texts is not None:
-        return ValueType("choice", nullable, texts + none)
+        return _choice(texts, nullable)
     if annotation in (int, float):
         return ValueType("number", nullable, number=annotation.__name__)
     stored = json_schema_of(annotation)
@@ -171,8 +174,12 @@ def value_type(info: Any) -> ValueType:
     schema, nullable = without_null(json.loads(stored), nullable)
     texts = enum_texts(schema)
     if texts is not None:  # an Enum is written as its value, not as a JSON string
-        return ValueType("choice", nullable, texts + ((_NONE,) if nullable else ()))
+        return _choice(texts, nullable)
     return ValueType("json", nullable, json_schema=json.dumps(schema))
+
+
+def _choice(texts: tuple[str, ...], nullable: bool) -> ValueType:
+    return ValueType("choice", nullable, texts + ((_NONE,) if nullable else ()))
 
 
 def without_null(schema: dict[str, Any], nullable: bool) -> tuple[dict[str, Any], bool]:
