@@ -112,7 +112,7 @@ def test_probe_answers_are_written_as_served_headers_given_values_sampled() -> N
     answers = served_answers(ask, codec, prompts)
     # a choice is asked with its values (the model writes one of them), the rest free
     assert asked == [("queue", ("\n",), ("network", "billing")), ("tags", ("\n",), ()),
-                     ("note", ("\n\n[[",), ())]  # fmt: skip
+                     ("note", ("\n\n[[", "\n[[ ##"), ())]  # fmt: skip
     parsed = codec.parse(answers[0])
     assert parsed is not None and parsed.values == {
         "queue": "network", "tags": ["vpn"], "note": "Line one.\n\nLine two."

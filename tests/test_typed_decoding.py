@@ -168,6 +168,32 @@ def test_scaffold_between_fields_is_forced_as_tokens_not_sampled() -> None:
     assert cursor.confidences["why"] == pytest.approx(math.exp(-0.2))
 
 
+def test_a_free_value_ends_at_a_line_dspy_reads_as_a_header() -> None:
+    """DSPy reads a line starting `[[ ## name ## ]]` as a header after one newline too, and
+    right after the field's own header (an empty value, as a model writes for an empty
+    input): the value ends there and the rest of the header is forced, so the answer parses."""
+    outputs = [{"name": "note"}, {"name": "n", "type": "int"}]
+    plan, tok = plan_for(outputs, [])
+    codec = PromptCodec(ProgramSpec.model_validate({"instructions": "x", "inputs": [{"name": "q"}],
+                                                    "outputs": outputs}))  # fmt: skip
+    for texts, value in ((["\n", "[[", " ##"], ""), (["[[", " ##"], ""),
+                         (["o", "k", "\n", "[[", " ##"], "ok")):  # fmt: skip
+        cursor = PlanCursor(plan, tok.token_bytes)
+        shown = plan.header_text
+        for text in texts:
+            logprob = -0.2 if text in "ok" else -3.0  # a header's tokens are not the value's
+            step = cursor.accept(tok.vocab.index(text), logprob, logprob, eog=False)
+            shown += step.text
+        assert step.forced == plan.fields[0].after[3:] and cursor.field.name == "n"
+        assert shown == "[[ ## note ## ]]\n" + "".join(texts) + " n ## ]]\n"
+        assert cursor.confidences["note"] == pytest.approx(math.exp(-0.2) if value else 1.0)
+        answer = codec.parse(shown + "3\n\n[[ ## completed ## ]]")
+        assert answer is not None and answer.outputs == {"note": value, "n": "3"}
+    # a line starting `[[` that is no header stays in the value (a nested list, a wiki link)
+    _, cursor = walk(plan, tok, ["[[", "1", "]", "]", "\n", "[[", "x"])
+    assert cursor.field.name == "note" and not cursor.done
+
+
 def test_a_json_value_ends_only_where_it_parses() -> None:
     plan, tok = plan_for([{"name": "tags", "type": "list[str]"}, {"name": "x"}], [])
     cursor = PlanCursor(plan, tok.token_bytes)

@@ -61,13 +61,13 @@ def served_answers(ask: Ask, codec: PromptCodec, prompts: list[list[dict[str, st
     text where the model begins a header; a choice is one of its values); then the completed
     marker. A model that has learned the values but not yet the headers is scored on what it
     would serve."""
-    from services.runtime.structured import HEADER_START, header, value_type
+    from services.runtime.structured import HEADER_LINE, HEADER_START, header, value_type
 
     answers = [""] * len(prompts)
     for name in codec.output_names:
         answers = [answer + header(name) for answer in answers]
         typed = value_type(codec.signature.output_fields[name])
-        stops = (HEADER_START,) if typed.kind == "text" else ("\n",)
+        stops = (HEADER_START, HEADER_LINE) if typed.kind == "text" else ("\n",)
         values = ask(prompts, answers, stops, typed.choice_texts)
         answers = [a + value.strip() + "\n\n" for a, value in zip(answers, values, strict=True)]
     return [answer + COMPLETED_MARKER for answer in answers]

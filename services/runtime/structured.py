@@ -45,6 +45,9 @@ from services.core.program import (
 ValueKind = Literal["choice", "number", "json", "text"]
 # A free value ends where the model starts a header: a blank line, then `[[`.
 HEADER_START = "\n\n[["
+# DSPy's parser also reads a header on a line of its own after a single newline, or right after
+# the field's own header (an empty value): a line starting `[[ ##` ends a free value too.
+HEADER_LINE = "\n[[ ##"
 _NUMBER_CHARS = frozenset("0123456789-+.eE")
 _NONE = "None"  # ChatAdapter's text of None
 _PREFIX = {"int": re.compile(r"-?\d*"), "float": re.compile(r"-?(\d+(\.\d*)?([eE][-+]?\d*)?)?")}
@@ -79,6 +82,9 @@ class FieldPlan:
     number: str = ""  # "int" or "float"
     json_schema: str = ""
     nullable: bool = False  # `None` is a value too (an optional type)
+    # after[:line_len] spells "\n" + HEADER_LINE: a free value whose text (after its header's
+    # newline) ends a line then starts `[[ ##` ends there, after[line_len:] forced (0: none)
+    line_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,10 @@ def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
         after_text = "\n\n" + (COMPLETED_MARKER if last else header(names[index + 1]))
         after = tokens_after(tokenizer, "x", after_text)
         info = codec.signature.output_fields[name]
-        breaks = _break_len(after, tokenizer)
-        fields.append(_field_plan(name, info, after_text, after, last, tokenizer, breaks))
+        breaks = _spelled_by(after, tokenizer, HEADER_START, prefix=True) or len(after)
+        plan = _field_plan(name, info, after_text, after, last, tokenizer, breaks)
+        line_len = _spelled_by(after, tokenizer, "\n" + HEADER_LINE, prefix=False)
+        fields.append(replace(plan, line_len=line_len))
     numbers = any(f.kind == "number" for f in fields)
     nullable_numbers = any(f.kind == "number" and f.nullable for f in fields)
     first = header(names[0])
@@ -127,12 +135,14 @@ def header(name: str) -> str:
     return f"[[ ## {name} ## ]]\n"
 
 
-def _break_len(after: tuple[int, ...], tokenizer: Tokenizer) -> int:
+def _spelled_by(after: tuple[int, ...], tokenizer: Tokenizer, text: str, prefix: bool) -> int:
+    """The fewest of `after`'s first tokens whose text starts with `text` (is `text`, unless
+    `prefix`); 0 when none do."""
     for size in range(1, len(after) + 1):
-        text = b"".join(tokenizer.token_bytes(t) for t in after[:size]).decode("utf-8", "replace")
-        if text.startswith(HEADER_START):
+        found = b"".join(tokenizer.token_bytes(t) for t in after[:size]).decode("utf-8", "replace")
+        if found.startswith(text) and (prefix or found == text):
             return size
-    return len(after)
+    return 0
 
 
 def _field_plan(name: str, info: Any, after_text: str, after: tuple[int, ...], last: bool,
@@ -366,13 +376,32 @@ class PlanCursor:
             shown = b"".join(self._token_bytes(t) for t in cut).decode("utf-8", "replace")
             del value.tokens[-len(cut) :], value.logprobs[-len(cut) :]
             value.text = value.text.removesuffix(shown)
-            # the break tokens' text is already shown up to this piece: show the rest
-            end = self._end(plan.after[plan.break_len :], shown=plan.after_text[len(shown) :])
-            return Step(piece + end.text, end.forced, end.done)
+            return self._header_begun(piece, plan.break_len, len(shown))
+        if plan.line_len and ("\n" + value.text).endswith(HEADER_LINE):
+            self._drop_text(len(HEADER_LINE) - 1)
+            return self._header_begun(piece, plan.line_len, len(HEADER_LINE) + 1)
         if COMPLETED_MARKER in value.text:  # the model ended the answer its own way
             self.done = True
             return Step(piece, done=True)
         return Step(piece)
+
+    def _header_begun(self, piece: str, written_tokens: int, written_chars: int) -> Step:
+        """The model began the next header (as the first tokens and characters of `after`, up
+        to this piece): the value is complete and the rest of the header is forced."""
+        plan = self.field
+        end = self._end(plan.after[written_tokens:], shown=plan.after_text[written_chars:])
+        return Step(piece + end.text, end.forced, end.done)
+
+    def _drop_text(self, length: int) -> None:
+        """Take the value's last `length` characters (the header the model began) and the
+        blank lines before them out of its text, with the tokens that spell only them."""
+        value = self._value
+        kept = value.text[: len(value.text) - length].rstrip("\n")
+        extra = len(value.text[len(kept) :].encode())
+        while value.tokens and len(self._token_bytes(value.tokens[-1])) <= extra:
+            extra -= len(self._token_bytes(value.tokens.pop()))
+            value.logprobs.pop()
+        value.text = kept
 
     def _end(self, forced: tuple[int, ...], shown: str | None = None) -> Step:
         """The value is complete: record its confidence, move to the next field."""
