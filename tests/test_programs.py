@@ -710,6 +710,7 @@ def test_a_two_step_program_is_distilled_call_by_call_and_ships_its_source(built
     assert (
         program["kind"] == "pipeline" and program["source"]["module"] == "tests.programs.two_step"
     )
+    assert program["name"] == "two-step"  # the spec's, not a field's
     assert [p["name"] for p in program["predictors"]] == ["classify", "draft"]
     assert bundle.manifest.provenance["traces"]["predictors"]["draft"]["kept"] == 24
 

@@ -182,9 +182,9 @@ def describe_pipeline(
     ]
     fields = {f.name: f for p in predictors for f in p.inputs + p.outputs}
     annotated = forward_annotations(module)
-    for name in inputs:  # a parameter no predictor takes (`max_words: int`): typed by forward
-        if name not in fields and name in annotated:
-            fields[name] = FieldSpec.describe(name, FieldInfo(annotation=annotated[name]), False)
+    for param in inputs:  # a parameter no predictor takes (`max_words: int`): typed by forward
+        if param not in fields and param in annotated:
+            fields[param] = FieldSpec.describe(param, FieldInfo(annotation=annotated[param]), False)
     produced = [f.name for p in predictors for f in p.outputs if f.name != REASONING]
     outputs = [n for i, n in enumerate(produced) if n in trainset_row and n not in produced[:i]]
     if not outputs:
