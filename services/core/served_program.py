@@ -1,0 +1,107 @@
+"""The program a runtime or router serves, as a DSPy module.
+
+Swap it in where the original program was called: `ServedProgram("edge:50052")(ticket=...)`
+returns a `dspy.Prediction` of the served outputs, so application code, `dspy.Evaluate` and the
+author's metric run against the local model (or the router's hybrid) unchanged. Each call is
+one Predict: the program's own prompt format and typed decoding, as the bundle was built for
+(pointing `dspy.LM` at the chat API instead prompts the model in DSPy's layout, not the one it
+was trained on).
+
+Values arrive typed as JSON (a bool is a bool, a model an object). Given the author's signature
+or program, each output is validated into its annotation as DSPy's parser types it (an Enum
+member, a pydantic model).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from typing import Any
+
+import dspy
+import grpc
+import pydantic
+import pydantic_core
+
+from services.core.api import pb
+from services.core.client import InferenceClient
+
+
+class UnparsedAnswer(RuntimeError):
+    """The served model's answer did not parse into the program's outputs (as DSPy's own
+    AdapterParseError: `dspy.Evaluate` scores the row as failed)."""
+
+
+class ServedProgram(dspy.Module):
+    """`target` is a runtime's or router's gRPC address; `types` the author's signature or
+    program (its predictors' output fields), to type the outputs as they declare them; the
+    rest as `InferenceClient` takes it."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        types: type[dspy.Signature] | dspy.Module | None = None,
+        timeout_s: float | None = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self._annotations = output_annotations(types)
+        self._connect = functools.partial(
+            InferenceClient, target, timeout_s=timeout_s, credentials=credentials, token=token
+        )
+        self._client = self._connect()
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        try:
+            reply = self._client.predict({name: wire_text(v) for name, v in inputs.items()})
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(err.details()) from None
+            raise
+        if reply.outcome != pb.PREDICT_OUTCOME_PARSED:
+            outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_")
+            raise UnparsedAnswer(
+                f"{self.target}: the answer was {outcome.lower()}, not the program's outputs: "
+                f"{reply.raw_text!r}"
+            )
+        values = json.loads(reply.outputs_json)
+        return dspy.Prediction(**{k: self._typed(k, v) for k, v in values.items()})
+
+    def _typed(self, name: str, value: Any) -> Any:
+        annotation = self._annotations.get(name)
+        if annotation is None:
+            return value
+        try:
+            return pydantic.TypeAdapter(annotation).validate_python(value)
+        except pydantic.ValidationError as err:
+            raise ValueError(
+                f"{name}: the served value {value!r} is not of the given type {annotation!r}: "
+                f"{err.errors()[0]['msg']}; is `types` this bundle's program?"
+            ) from None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ServedProgram:
+        # a gRPC channel is not copied: the copy opens its own (optimizers copy programs)
+        found = copy.copy(self)
+        found._client = self._connect()
+        return found
+
+
+def output_annotations(types: type[dspy.Signature] | dspy.Module | None) -> dict[str, Any]:
+    if types is None:
+        return {}
+    if isinstance(types, dspy.Module):
+        return {name: field.annotation for predictor in types.predictors()
+                for name, field in predictor.signature.output_fields.items()}  # fmt: skip
+    return {name: field.annotation for name, field in types.output_fields.items()}
+
+
+def wire_text(value: Any) -> str:
+    """An input as the wire carries it: text as is, any other value as its JSON (as a row's
+    non-text value is formatted in training)."""
+    if isinstance(value, str):
+        return value
+    return pydantic_core.to_json(value).decode()  # models, Enums and dspy.History included
