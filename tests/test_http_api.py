@@ -16,7 +16,7 @@ import pytest
 from services.core.api import pb, pb_grpc
 from services.core.http_api import chat as http
 from services.core.http_api import ollama as ollama_api
-from services.core.http_api.predict import predict_request
+from services.core.http_api.predict import predict_answer, predict_request
 from services.core.security import token_metadata
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 from testkit.processes import ServerProcess, free_port, start_router, start_runtime
@@ -54,6 +54,16 @@ def test_a_predict_body_is_the_protos_json_with_inputs_of_any_json_type() -> Non
         with pytest.raises(http.BadRequest) as caught:
             predict_request(raw)
         assert caught.value.param == param, raw
+
+
+def test_a_predict_answers_outputs_in_the_signatures_order() -> None:
+    """A proto map has no order: the JSON answer lists `outputs` as `outputs_json` does (the
+    signature's order), then any other field."""
+    names = ["store", "total", "items", "payment", "zeta", "alpha"]
+    reply = pb.PredictResponse(outputs={n: "1" for n in [*names, "extra"]},
+                               outputs_json=json.dumps({n: 1 for n in names}))  # fmt: skip
+    body = predict_answer(reply)
+    assert list(body["outputs"]) == [*names, "extra"] and list(body["outputs_json"]) == names
 
 
 def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:

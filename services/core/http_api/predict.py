@@ -1,7 +1,8 @@
 """Predict over HTTP: the request and answer in protobuf's JSON mapping of PredictRequest and
 PredictResponse (the proto's field names), with two conveniences for JSON clients: an input
 may be any JSON value (a list or a number is sent as its JSON text, as gRPC clients send it),
-and `outputs_json` comes parsed, each output typed by its annotation. Pure functions."""
+and `outputs_json` comes parsed, each output typed by its annotation (`outputs` listed in the
+same order, the signature's). Pure functions."""
 
 from __future__ import annotations
 
@@ -35,5 +36,10 @@ def predict_answer(reply: pb.PredictResponse) -> dict[str, Any]:
     body = json_format.MessageToDict(
         reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    body["outputs_json"] = json.loads(reply.outputs_json) if reply.outputs_json else None
+    typed = json.loads(reply.outputs_json) if reply.outputs_json else None
+    # a proto map has no order: list the outputs in the signature's, as outputs_json has them
+    outputs = body["outputs"]
+    ordered = {name: outputs[name] for name in typed or () if name in outputs}
+    body["outputs"] = {**ordered, **outputs}
+    body["outputs_json"] = typed
     return body
