@@ -159,3 +159,30 @@ def test_asking_the_budget_spends_nothing() -> None:
     assert budget.has_room() and budget.has_room()
     assert budget.try_spend()
     assert not budget.has_room() and not budget.try_spend()
+
+
+def test_the_lm_clients_own_read_timeout_counts_as_a_timeout() -> None:
+    """DSPy's LM times out at the same limit as the router's wait and wraps the socket's
+    timeout in its transport error: that is a timeout (retried, counted as one); a refused
+    connection or a parse error is not."""
+    from dspy.utils import exceptions as lm
+
+    from services.router.fallback import retryable, timed_out
+
+    def wrapped(cause: BaseException) -> lm.LMTransportError:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise RuntimeError("read timed out waiting for headers") from inner
+        except RuntimeError as middle:
+            err = lm.LMTransportError("[openai/x] read timed out")
+            err.__cause__ = middle
+            return err
+
+    assert timed_out(wrapped(TimeoutError("timed out")))  # socket.timeout is TimeoutError
+    assert timed_out(TimeoutError())
+    assert not timed_out(wrapped(ConnectionRefusedError())) and retryable(
+        wrapped(ConnectionRefusedError())
+    )
+    assert not timed_out(ValueError("the answer did not parse"))

@@ -223,7 +223,7 @@ class FallbackModel:
     ) -> tuple[ApiError, bool]:
         """An attempt's error as an ApiError (any provider error: counted, maybe retried, never
         leaked), and whether to try again."""
-        if isinstance(err, TimeoutError):
+        if timed_out(err):
             failure, again = ApiError("timeout", f"no answer within {self._timeout_s} s"), True
         else:
             failure = ApiError("error", self._redact(f"{type(err).__name__}: {err}")[:300])
@@ -236,6 +236,21 @@ class FallbackModel:
                    "retried": again},
         )  # fmt: skip
         return failure, again
+
+
+def timed_out(err: BaseException) -> bool:
+    """Whether the error, or one that caused it, is a timeout: ours, or the LM client's own
+    read timeout (set to the same limit), which arrives wrapped in its transport error."""
+    from dspy.utils import exceptions as lm
+
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        if isinstance(found, TimeoutError | lm.LMTimeoutError):
+            return True
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return False
 
 
 def retryable(err: Exception) -> bool:
