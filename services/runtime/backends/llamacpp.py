@@ -184,19 +184,19 @@ class LlamaCppBackend(ChatModelMethods):
         evaluating it again."""
         self._prefixes = [tuple(p) for p in prefixes if len(p) > 1]
 
-    def _restore_prefix(self, tokens: list[int]) -> bool:
-        """Put the prompt's fixed prefix in the context; True when it was evaluated now."""
+    def _restore_prefix(self, tokens: list[int], held: int) -> bool:
+        """Put the prompt's fixed prefix in the context (which holds `held` of the prompt's
+        first tokens); True when some of it was evaluated now."""
         llm = self._llm
-        held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
         for prefix in self._prefixes:
             if held >= len(prefix) or len(tokens) < len(prefix) + 2:
                 continue
             if tuple(tokens[: len(prefix)]) != prefix:
                 continue
             state = self._prefix_states.get(prefix)
-            if state is None:
-                llm.reset()
-                llm.eval(list(prefix))
+            if state is None:  # evaluate only what the context lacks of it, then keep it
+                llm.n_tokens = usable_cache(held, len(prefix) - 1)
+                llm.eval(list(prefix[llm.n_tokens :]))
                 self._prefix_states[prefix] = llm.save_state()
                 return True
             llm.load_state(state)
@@ -208,13 +208,15 @@ class LlamaCppBackend(ChatModelMethods):
         """The underlying llama_cpp.Llama (benchmarks compare against it directly)."""
         return self._llm
 
-    def _cached_prefix(self, tokens: list[int]) -> int:
-        """Put the longest reusable prefix of `tokens` in the context; how many it holds."""
+    def _cached_prefix(self, tokens: list[int]) -> tuple[int, int]:
+        """Put the longest reusable prefix of `tokens` in the context: where the prompt's
+        evaluation starts, and how many of its tokens the call found cached."""
         llm = self._llm
+        before = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
+        evaluated = self._restore_prefix(tokens, before)
         held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
-        if not self._restore_prefix(tokens):  # evaluated for this call: not cached for it
-            held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), tokens])
-        return usable_cache(held, len(tokens) - 1)
+        start = usable_cache(held, len(tokens) - 1)
+        return start, min(start, before) if evaluated else start
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
@@ -227,8 +229,8 @@ class LlamaCppBackend(ChatModelMethods):
         llm = self._llm
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        cached = self._cached_prefix(tokens)
-        llm.n_tokens = cached  # else llama-cpp-python's own match may leave a one-token tail
+        start, cached = self._cached_prefix(tokens)
+        llm.n_tokens = start  # else llama-cpp-python's own match may leave a one-token tail
         grammar = grammar_for(params.json_schema) if params.json_schema else None
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)
@@ -284,10 +286,10 @@ class LlamaCppBackend(ChatModelMethods):
         llm = self._llm
         assert prompt.tokens is not None
         tokens = list(prompt.tokens)
-        cached = self._cached_prefix(tokens)
-        llm.n_tokens = cached  # eval drops the context's cells from here on
+        start, cached = self._cached_prefix(tokens)
+        llm.n_tokens = start  # eval drops the context's cells from here on
         answer = PlannedAnswer(self._chat.model, plan, params)
-        pending, reason = tokens[cached:], "length"
+        pending, reason = tokens[start:], "length"
         try:
             while True:
                 if should_stop():
