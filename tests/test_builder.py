@@ -1163,6 +1163,34 @@ def test_an_image_field_is_refused_before_anything_runs(tmp_path: Path) -> None:
         BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
 
 
+def test_typed_values_are_scored_per_field_by_exact_match_free_text_by_f1(tmp_path: Path) -> None:
+    """A number or a list with a value of its own in most rows is no label (no strata, no
+    balance) but is no wording either: per field it is right or wrong, as data; only `str`
+    fields get token F1's partial credit."""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    (tmp_path / "receipts.py").write_text(
+        "import dspy\n\nclass Read(dspy.Signature):\n    text: str = dspy.InputField()\n"
+        "    total: float = dspy.OutputField()\n    skus: list[str] = dspy.OutputField()\n"
+        "    note: str = dspy.OutputField()\n    paid: bool = dspy.OutputField()\n\n"
+        "def build():\n    return dspy.Predict(Read)\n"
+    )
+    rows = [{"text": f"t{n}", "total": n + 0.5, "skus": [f"s{n}"], "note": f"note {n}",
+             "paid": n % 2 == 0} for n in range(30)]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", rows[:20])
+    write_jsonl(tmp_path / "dev.jsonl", rows[20:])
+    (tmp_path / "spec.yaml").write_text(
+        "name: receipts\nprogram: receipts:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+        f"metric: token_f1\noutput: {tmp_path / 'build'}\n"
+    )
+    ctx = BuildContext.load(load_spec(tmp_path / "spec.yaml"), Console(quiet=True))
+    assert ctx.label_names == ["paid"]
+    assert ctx.exact_names == ["total", "skus", "paid"] and ctx.free_text_names == ["note"]
+
+
 def test_a_choice_of_many_values_is_a_label_and_its_rare_values_are_split(tmp_path: Path) -> None:
     """A Literal of 30 codes is a label field (exact match per field, stratified split,
     balance) whatever the row count; values held by one dev row share a stratum, so they are

@@ -483,8 +483,17 @@ class BuildContext:
 
     @cached_property
     def free_text_names(self) -> list[str]:
-        """The labelled output fields that are free text (scored per field by token F1)."""
-        return [n for n in labelled(self.output_names) if n not in self.label_names]
+        """The labelled output fields that are free text: typed `str`, not labels (scored per
+        field by token F1)."""
+        types = self.metric.annotations
+        return [n for n in labelled(self.output_names)
+                if n not in self.label_names and is_text(types.get(n, str))]  # fmt: skip
+
+    @cached_property
+    def exact_names(self) -> list[str]:
+        """The labelled output fields scored per field by exact match: the labels, and typed
+        values (numbers, lists, models), which have no other wording and compare as data."""
+        return [n for n in labelled(self.output_names) if n not in self.free_text_names]
 
     @cached_property
     def dataset_hashes(self) -> dict[str, str]:

@@ -91,9 +91,10 @@ def field_scores(
     gold: list[Any], answered: list[dict[str, Any]], fields: list[str],
     free_text: Sequence[str] = (), split: str = "test",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Each output field's score on one split, with its interval: label fields by exact match
-    (a model can pass the metric's mean while one field sits at its majority rate), free-text
-    fields by token F1."""
+    """Each output field's score on one split, with its interval: label fields and typed
+    values by exact match (a model can pass the metric's mean while one field sits at its
+    majority rate; a number or a JSON value near the label is still wrong), free-text fields
+    by token F1."""
     pairs = [(g, a) for g, a in zip(gold, answered, strict=True) if a["split"] == split]
     out = {}
     for name in [*fields, *free_text]:

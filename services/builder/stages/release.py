@@ -57,7 +57,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
             metric=ctx.metric, output_names=ctx.output_names, arguments=ctx.forward_arguments,
         )  # fmt: skip
         teacher_result["fields"] = evaluate.field_scores(
-            held_out, teacher_result["examples"], ctx.label_names, ctx.free_text_names
+            held_out, teacher_result["examples"], ctx.exact_names, ctx.free_text_names
         )
         bar.advance(task)
         results = []
@@ -73,7 +73,7 @@ def evaluate_variants(ctx: BuildContext, out: Path) -> None:
                 num_threads=spec.teacher.num_threads,
             )  # fmt: skip
             result["fields"] = evaluate.field_scores(
-                rows, result["examples"], ctx.label_names, ctx.free_text_names
+                rows, result["examples"], ctx.exact_names, ctx.free_text_names
             )
             results.append(result)
             bar.advance(task)
