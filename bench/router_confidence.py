@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
+from bench.held_out import build_parts
 from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -133,14 +134,12 @@ def by_length(answers: list[Answer]) -> dict[int, dict[str, float]]:
 
 def held_out_rows(spec_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
     """The spec and its (split, example) rows: the build's calibration and test parts."""
-    from services.builder.context import held_out, load_program
+    from services.builder.context import load_program
     from services.builder.spec import load_spec
 
     spec = load_spec(spec_path)
-    program = load_program(spec.program)
-    (predictor,) = program.predictors()  # one Predict: its confidence is the call's
-    signature = predictor.signature
-    calibset, testset = held_out(spec, list(signature.input_fields), list(signature.output_fields))
+    (_,) = load_program(spec.program).predictors()  # one Predict: its confidence is the call's
+    calibset, testset = build_parts(spec_path)
     return spec, [("calibration", e) for e in calibset] + [("test", e) for e in testset]
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.held_out import build_parts
 from bench.results import write_results
-from services.builder.context import held_out
-from services.builder.spec import load_spec
 from services.core.api import pb
 from services.core.client import InferenceClient
 from services.core.stats import wilson_interval
@@ -47,8 +46,7 @@ def main() -> None:
     if not (BUNDLE / "manifest.json").is_file():
         console.print(f"[yellow]router bench: no bundle at {BUNDLE}; run `make build-bundle`[/]")
         sys.exit(2)
-    spec = load_spec(SPEC)
-    calibset, testset = held_out(spec, ["ticket"], ["category"])
+    calibset, testset = build_parts(SPEC)
     calibration = json.loads((BUNDLE / "calibration.json").read_text())
     threshold = calibration["threshold"]
     held_out_rows = [{"ticket": e.ticket, "category": e.category} for e in testset]

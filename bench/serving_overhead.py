@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -65,11 +66,13 @@ def main() -> None:
             greedy = {"max_tokens": MAX_TOKENS, "temperature": 0}
 
             def ip_gen() -> int:
-                out = llm.create_chat_completion(STORY, **greedy)  # type: ignore[arg-type]
+                messages: Any = STORY
+                out = llm.create_chat_completion(messages, max_tokens=MAX_TOKENS, temperature=0)
                 return int(out["usage"]["completion_tokens"])  # type: ignore[index]
 
             def grpc_gen() -> int:
-                *_, last = client.generate([(m["role"], m["content"]) for m in STORY], **greedy)
+                turns = [(m["role"], m["content"]) for m in STORY]
+                *_, last = client.generate(turns, max_tokens=MAX_TOKENS, temperature=0)
                 return int(last.usage.completion_tokens)
 
             def http_gen() -> int:
@@ -83,14 +86,15 @@ def main() -> None:
 
             def ip_pred() -> int:
                 out = llm.create_chat_completion(
-                    predict_messages,
+                    predict_messages,  # type: ignore[arg-type]
                     stop=[COMPLETED_MARKER],
-                    **greedy,  # type: ignore[arg-type]
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
                 )
                 return int(out["usage"]["completion_tokens"])  # type: ignore[index]
 
             def grpc_pred() -> int:
-                reply = client.predict(predict_inputs, **greedy)
+                reply = client.predict(predict_inputs, max_tokens=MAX_TOKENS, temperature=0)
                 assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
                 return int(reply.usage.completion_tokens)
 
@@ -101,7 +105,8 @@ def main() -> None:
                 return int(answer["usage"]["completion_tokens"])
 
             def flush_in_process() -> None:
-                llm.create_chat_completion(OTHER, max_tokens=1, temperature=0)
+                messages: Any = OTHER
+                llm.create_chat_completion(messages, max_tokens=1, temperature=0)
 
             def flush_runtime() -> None:
                 list(client.generate([(m["role"], m["content"]) for m in OTHER], max_tokens=1))

@@ -30,6 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.held_out import build_parts
 from bench.results import write_results
 from bench.router_confidence import ROUTER_TARGETS, router_calibration, router_table
 from services.core.api import pb
@@ -64,10 +65,7 @@ class Answer:
 
 def dev_rows() -> list[tuple[str, str, str]]:
     """(split, ticket, label) of the build's calibration and test parts, in its order."""
-    from services.builder.context import held_out
-    from services.builder.spec import load_spec
-
-    calibset, testset = held_out(load_spec(SPEC), ["ticket"], ["category"])
+    calibset, testset = build_parts(SPEC)
     return [("calibration", e.ticket, e.category) for e in calibset] + [
         ("test", e.ticket, e.category) for e in testset
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 # A tiny program the untuned SmolLM2 answers in DSPy's format thanks to two demos.
@@ -22,7 +23,7 @@ CAPITALS_PROGRAM = {
 def make_bundle(
     root: Path,
     gguf_path: Path,
-    program: dict[str, object],
+    program: Mapping[str, object],
     threshold: float | None = None,
     version: str = "2026.11.29-1",
 ) -> Path:
@@ -32,7 +33,7 @@ def make_bundle(
     (root / "model").mkdir(parents=True)
     (root / "program").mkdir()
     shutil.copy(gguf_path, root / "model" / "student.Q4_1.gguf")
-    (root / "program" / "program.json").write_text(json.dumps(program))
+    (root / "program" / "program.json").write_text(json.dumps(dict(program)))
     if threshold is not None:
         (root / "calibration.json").write_text(json.dumps({"threshold": threshold}))
     write_manifest(
