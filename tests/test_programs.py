@@ -1023,3 +1023,78 @@ def test_packages_the_programs_code_imports_beyond_serving_are_required_at_start
                        r"surely-not-installed==1.0, not installed here; pip install "
                        r"'surely-not-installed==1.0' beside edgedistill"):  # fmt: skip
         ProgramRunner.load(program_json, elsewhere)
+
+
+ATLAS_AGENT = '''
+import dspy
+
+ATLAS = {"France": "Paris", "Peru": "Lima", "Kenya": "Nairobi", "Japan": "Tokyo"}
+
+
+def lookup_capital(country: str) -> str:
+    """Return the capital city of a country, from the atlas."""
+    return ATLAS.get(country.strip(), "unknown")
+
+
+def build():
+    agent = dspy.ReAct("question -> answer", tools=[lookup_capital], max_iters=3)
+    looked_up = "[[ ## thought_0 ## ]]\\nLook it up.\\n\\n[[ ## tool_name_0 ## ]]\\nlookup_capital"
+    agent.react.demos = [  # as an optimizer leaves them: one step of each kind
+        dspy.Example(question="What is the capital of Japan?", trajectory="",
+                     next_thought="Look it up.", next_tool_name="lookup_capital",
+                     next_tool_args={"country": "Japan"}),
+        dspy.Example(question="What is the capital of Kenya?",
+                     trajectory=looked_up + "\\n\\n[[ ## observation_0 ## ]]\\nNairobi",
+                     next_thought="The atlas answered.", next_tool_name="finish",
+                     next_tool_args={}),
+    ]
+    return agent
+'''
+
+
+def test_a_react_agent_ships_its_code_and_each_served_step_is_a_valid_tool_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gguf_path: Path
+) -> None:
+    """DSPy's ReAct with its optimized demos, its tool a function of the program's code: the
+    code ships in program.json's folder, and served even by the untuned model each step is a
+    valid tool call (typed decoding: the tool's name one of the tools or `finish`, its
+    arguments a JSON object), so the loop runs on the runtime and the answer parses; the
+    trajectory comes back with the outputs. (The untuned model finishes at once: a distilled
+    agent calling its tool was run by hand, docs/programs.md.)"""
+    from rich.console import Console
+
+    from services.builder.context import BuildContext
+    from services.builder.spec import load_spec
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "atlas_agent.py").write_text(ATLAS_AGENT)
+    rows = [{"question": f"What is the capital of {c}?", "answer": a}
+            for c, a in (("France", "Paris"), ("Peru", "Lima"), ("Kenya", "Nairobi"))]  # fmt: skip
+    write_jsonl(project / "train.jsonl", rows[:2])
+    write_jsonl(project / "dev.jsonl", rows)
+    (project / "spec.yaml").write_text(
+        "name: atlas\nprogram: atlas_agent:build\ndata: {train: train.jsonl, dev: dev.jsonl}\n"
+        "teacher: {model: openai/teacher, api_base: 'http://127.0.0.1:9/v1'}\n"
+    )
+    monkeypatch.chdir(project)
+    ctx = BuildContext.load(load_spec(project / "spec.yaml"), Console(quiet=True))
+    assert ctx.pipeline is not None and ctx.pipeline.input_names == ["question"]
+    assert "atlas_agent.py" in ctx.sources
+    program_json = ctx.write_program(tmp_path / "bundle" / "program")
+    monkeypatch.chdir(tmp_path)
+    server = start_runtime("--model", str(gguf_path), "--program", str(program_json),
+                           "--n-ctx", "4096")  # fmt: skip
+    try:
+        with InferenceClient(server.target, timeout_s=600) as client:
+            reply = client.predict({"question": "What is the capital of Peru?"})
+    finally:
+        server.terminate()
+    assert reply.outcome == pb.PREDICT_OUTCOME_PARSED, reply.raw_text
+    calls = [call.predictor for call in reply.lm_calls]
+    assert calls[0] == "react" and calls[-1] == "extract.predict", calls
+    trajectory = json.loads(reply.outputs_json)["trajectory"]
+    for step in range(calls.count("react")):
+        assert trajectory[f"tool_name_{step}"] in ("lookup_capital", "finish")
+        assert isinstance(trajectory[f"tool_args_{step}"], dict)
+        assert f"observation_{step}" in trajectory  # the step ran (the tool, or finish)
