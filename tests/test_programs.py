@@ -1059,8 +1059,8 @@ def test_a_react_agent_ships_its_code_and_each_served_step_is_a_valid_tool_call(
     code ships in program.json's folder, and served even by the untuned model each step is a
     valid tool call (typed decoding: the tool's name one of the tools or `finish`, its
     arguments a JSON object), so the loop runs on the runtime and the answer parses; the
-    trajectory comes back with the outputs. (The untuned model finishes at once: a distilled
-    agent calling its tool was run by hand, docs/programs.md.)"""
+    trajectory comes back with the outputs. (The untuned model finishes at once: whether a
+    distilled agent calls its tool well is not what this tests.)"""
     from rich.console import Console
 
     from services.builder.context import BuildContext
