@@ -881,10 +881,10 @@ def test_an_api_teachers_model_answer_is_traced_as_its_json_data(
     import dspy
 
     from services.builder.data import load_examples
-    from services.builder.metrics import TypedMetric, exact_match, output_annotations
+    from services.builder.metrics import TypedMetric, exact_match
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import collect_traces
-    from services.core.program import ProgramSpec, PromptCodec
+    from services.core.program import ProgramSpec, PromptCodec, output_annotations
     from testkit.openai_standin import OpenAIStandIn
 
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")

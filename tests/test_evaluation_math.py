@@ -346,7 +346,8 @@ def test_a_user_metric_sees_the_signature_types_whoever_answered() -> None:
     teacher's DSPy prediction has them."""
     import dspy
 
-    from services.builder.metrics import TypedMetric, output_annotations, score
+    from services.builder.metrics import TypedMetric, score
+    from services.core.program import output_annotations
 
     class Extract(dspy.Signature):
         message: str = dspy.InputField()
@@ -464,8 +465,8 @@ def test_a_none_label_of_an_optional_field_matches_the_answer_trained_on_it() ->
     wire, to a user's metric and to the built-in ones; a real product is not None."""
     import dspy
 
-    from services.builder.metrics import TypedMetric, exact_match, output_annotations
-    from services.core.program import ProgramSpec, PromptCodec
+    from services.builder.metrics import TypedMetric, exact_match
+    from services.core.program import ProgramSpec, PromptCodec, output_annotations
 
     signature = dspy.Signature(
         {"review": (str, dspy.InputField()), "product": (Optional[str], dspy.OutputField()),  # noqa: UP045

@@ -36,7 +36,6 @@ from services.builder.metrics import (
     BUILTIN_METRICS,
     TypedMetric,
     check_metric,
-    output_annotations,
     resolve_metric,
 )
 from services.builder.program_files import program_files, recording_reads
@@ -69,6 +68,7 @@ from services.core.program import (
     as_history,
     blank_as_none,
     optional_inner,
+    output_annotations,
     typed_value,
 )
 

@@ -257,15 +257,6 @@ def typed_prediction(prediction: Any, annotations: dict[str, Any]) -> Any:
     return dspy.Prediction(**values)
 
 
-def output_annotations(program: Any) -> dict[str, Any]:
-    """Each output field's type, from the predictor that first produces it."""
-    found: dict[str, Any] = {}
-    for predictor in program.predictors():
-        for name, info in predictor.signature.output_fields.items():
-            found.setdefault(name, info.annotation)
-    return found
-
-
 def resolve_metric(name: str, judge: Any = None) -> Metric:
     """A built-in metric, `semantic_f1` judged by `judge` (a TeacherSpec), or an import path."""
     if name in BUILTIN_METRICS:

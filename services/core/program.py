@@ -382,6 +382,15 @@ def blank_as_none(value: Any, annotation: Any) -> Any:
     return value
 
 
+def output_annotations(program: Any) -> dict[str, Any]:
+    """Each output field's type, from the predictor that first produces it."""
+    found: dict[str, Any] = {}
+    for predictor in program.predictors():
+        for name, info in predictor.signature.output_fields.items():
+            found.setdefault(name, info.annotation)
+    return found
+
+
 def typed_value(value: Any, annotation: Any) -> Any:
     """An answer's value read as its type, as DSPy's parser reads it (None as written)."""
     from dspy.adapters.utils import parse_value

@@ -22,10 +22,10 @@ from typing import Any
 import dspy
 import grpc
 import pydantic
-import pydantic_core
 
 from services.core.api import pb
 from services.core.client import InferenceClient
+from services.core.program import input_text, output_annotations, typed_value
 
 
 class UnparsedAnswer(RuntimeError):
@@ -49,7 +49,7 @@ class ServedProgram(dspy.Module):
     ) -> None:
         super().__init__()
         self.target = target
-        self._annotations = output_annotations(types)
+        self._annotations = typed_outputs(types)
         self._connect = functools.partial(
             InferenceClient, target, timeout_s=timeout_s, credentials=credentials, token=token
         )
@@ -57,7 +57,7 @@ class ServedProgram(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         try:
-            reply = self._client.predict({name: wire_text(v) for name, v in inputs.items()})
+            reply = self._client.predict({name: input_text(v) for name, v in inputs.items()})
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(err.details()) from None
@@ -76,7 +76,7 @@ class ServedProgram(dspy.Module):
         if annotation is None:
             return value
         try:
-            return pydantic.TypeAdapter(annotation).validate_python(value)
+            return typed_value(value, annotation)
         except pydantic.ValidationError as err:
             raise ValueError(
                 f"{name}: the served value {value!r} is not of the given type {annotation!r}: "
@@ -90,18 +90,10 @@ class ServedProgram(dspy.Module):
         return found
 
 
-def output_annotations(types: type[dspy.Signature] | dspy.Module | None) -> dict[str, Any]:
+def typed_outputs(types: type[dspy.Signature] | dspy.Module | None) -> dict[str, Any]:
+    """The output annotations of the author's signature or program (none: JSON as served)."""
     if types is None:
         return {}
     if isinstance(types, dspy.Module):
-        return {name: field.annotation for predictor in types.predictors()
-                for name, field in predictor.signature.output_fields.items()}  # fmt: skip
+        return output_annotations(types)
     return {name: field.annotation for name, field in types.output_fields.items()}
-
-
-def wire_text(value: Any) -> str:
-    """An input as the wire carries it: text as is, any other value as its JSON (as a row's
-    non-text value is formatted in training)."""
-    if isinstance(value, str):
-        return value
-    return pydantic_core.to_json(value).decode()  # models, Enums and dspy.History included
