@@ -1,5 +1,5 @@
-"""A spec's calibration and test parts exactly as `edgedistill build` splits them (the same
-context loads them, so a bench answers the rows the build's report and calibration used)."""
+"""A spec's build context, as `edgedistill build` loads it: its calibration and test parts
+are exactly the build's, so a bench answers the rows the build's report and calibration used."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 
-def build_parts(spec_path: Path) -> tuple[list[Any], list[Any]]:
+def build_context(spec_path: Path) -> Any:
     from rich.console import Console
 
     from services.builder.context import BuildContext
     from services.builder.spec import load_spec
 
-    context = BuildContext.load(load_spec(spec_path), Console(quiet=True))
-    return context.calibset, context.testset
+    return BuildContext.load(load_spec(spec_path), Console(quiet=True))

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from bench.held_out import build_parts
+from bench.held_out import build_context
 from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -134,13 +134,10 @@ def by_length(answers: list[Answer]) -> dict[int, dict[str, float]]:
 
 def held_out_rows(spec_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
     """The spec and its (split, example) rows: the build's calibration and test parts."""
-    from services.builder.context import load_program
-    from services.builder.spec import load_spec
-
-    spec = load_spec(spec_path)
-    (_,) = load_program(spec.program).predictors()  # one Predict: its confidence is the call's
-    calibset, testset = build_parts(spec_path)
-    return spec, [("calibration", e) for e in calibset] + [("test", e) for e in testset]
+    context = build_context(spec_path)
+    (_,) = context.program.predictors()  # one Predict: its confidence is the call's
+    rows = [("calibration", e) for e in context.calibset] + [("test", e) for e in context.testset]
+    return context.spec, rows
 
 
 def answer_all(

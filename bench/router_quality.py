@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.held_out import build_parts
+from bench.held_out import build_context
 from bench.results import write_results
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -46,7 +46,8 @@ def main() -> None:
     if not (BUNDLE / "manifest.json").is_file():
         console.print(f"[yellow]router bench: no bundle at {BUNDLE}; run `make build-bundle`[/]")
         sys.exit(2)
-    calibset, testset = build_parts(SPEC)
+    context = build_context(SPEC)
+    calibset, testset = context.calibset, context.testset
     calibration = json.loads((BUNDLE / "calibration.json").read_text())
     threshold = calibration["threshold"]
     held_out_rows = [{"ticket": e.ticket, "category": e.category} for e in testset]

@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.held_out import build_parts
+from bench.held_out import build_context
 from bench.results import write_results
 from bench.router_confidence import ROUTER_TARGETS, router_calibration, router_table
 from services.core.api import pb
@@ -65,7 +65,8 @@ class Answer:
 
 def dev_rows() -> list[tuple[str, str, str]]:
     """(split, ticket, label) of the build's calibration and test parts, in its order."""
-    calibset, testset = build_parts(SPEC)
+    context = build_context(SPEC)
+    calibset, testset = context.calibset, context.testset
     return [("calibration", e.ticket, e.category) for e in calibset] + [
         ("test", e.ticket, e.category) for e in testset
     ]
