@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,21 @@ import pytest
 
 from testkit.bundles import CAPITALS_PROGRAM
 from testkit.processes import ServerProcess, free_port, smollm2_gguf, start_runtime, wait_http
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_stage_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The builds of one test run share a stage cache of their own (the dense base student is
+    made once), not the host's: a test never reads what another run left there."""
+    from services.builder.host_cache import STAGE_CACHE_ENV
+
+    before = os.environ.get(STAGE_CACHE_ENV)
+    os.environ[STAGE_CACHE_ENV] = str(tmp_path_factory.mktemp("stage-cache"))
+    yield
+    if before is None:
+        os.environ.pop(STAGE_CACHE_ENV)
+    else:
+        os.environ[STAGE_CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -466,6 +466,59 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
     assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
 
 
+def test_a_host_shared_stage_runs_once_per_key_on_a_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage whose output follows from its key (the dense student) is kept in the host's
+    stage cache: another build folder with the same key links it in without running it, a
+    changed key runs it, and a build with the cache off runs it and keeps nothing."""
+    from rich.console import Console
+
+    from services.builder.host_cache import STAGE_CACHE_ENV
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+    from services.builder.stages import Stage
+
+    write_jsonl(tmp_path / "train.jsonl", balanced("train", 1))
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(STAGE_CACHE_ENV, str(cache))
+    source = {"text": "first"}
+    calls: list[str] = []
+
+    def write_copy(ctx: Any, out: Path) -> None:
+        calls.append(source["text"])
+        (out / "weights.txt").write_text(source["text"])
+
+    toy = Stage("copy", write_copy, inputs=lambda ctx: dict(source), host_shared=True)
+    stages = (*STAGES[:2], toy)
+
+    def build_into(name: str) -> Any:
+        spec_path = tmp_path / f"{name}.yaml"
+        spec_path.write_text(TINY_SPEC.format(gate=0.0, output=tmp_path / name))
+        console = Console(file=io.StringIO(), width=400)
+        result = build(load_spec(spec_path), console, stages=stages)
+        return result, console.file.getvalue()  # type: ignore[attr-defined]
+
+    first, _ = build_into("one")
+    assert first.ran[-1] == "copy" and calls == ["first"]
+    assert [p.name.startswith(".") for p in (cache / "copy").iterdir()] == [False]  # no partial
+    second, printed = build_into("two")
+    assert "copy" in second.skipped and calls == ["first"]
+    assert "copy: linked from the host cache" in printed
+    assert (tmp_path / "two" / "copy" / "weights.txt").read_text() == "first"
+    assert (tmp_path / "two" / "copy" / ".stage.json").is_file()  # finished: a rerun skips it
+    assert build_into("two")[0].skipped[-1] == "copy" and calls == ["first"]
+
+    source["text"] = "second"
+    assert build_into("three")[0].ran[-1] == "copy" and calls == ["first", "second"]
+    assert len(list((cache / "copy").iterdir())) == 2
+
+    monkeypatch.setenv(STAGE_CACHE_ENV, "off")
+    assert build_into("four")[0].ran[-1] == "copy" and calls == ["first", "second", "second"]
+    assert len(list((cache / "copy").iterdir())) == 2
+
+
 def test_the_bundle_serves_predict(tiny: tuple[Path, Path, object]) -> None:
     _, build, _ = tiny
     server = start_runtime("--bundle", str(build / "bundle"), "--n-ctx", "2048")

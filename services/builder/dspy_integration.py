@@ -29,6 +29,25 @@ from services.core.pipeline import request_messages
 PREFIX = "llamacpp/"
 
 
+def _dense_student(base: Path, out: Path) -> None:
+    """The GGUF's dense transformers copy, from the host's stage cache when a fine-tune on this
+    host made it before (it takes longer than a small fine-tune)."""
+    from services.builder import host_cache
+    from services.builder.data import file_sha256
+    from services.builder.student import dense_hf_copy, gguf_student
+    from services.core.gguf_metadata import chat_template
+
+    template = chat_template(base)
+    if not template:
+        raise ValueError(f"{base}: the GGUF has no chat template to fine-tune with")
+    key = hashlib.sha256(json.dumps([file_sha256(base), template]).encode()).hexdigest()
+    if cached := host_cache.stage_entry("dense-student", key):
+        host_cache.link_tree(cached, out)
+        return
+    dense_hf_copy(gguf_student(str(base), base), out, template)
+    host_cache.keep_stage("dense-student", key, out)
+
+
 def _gguf_path(model: str) -> Path:
     return Path(model.split(PREFIX, 1)[1] if PREFIX in model else model)
 
@@ -145,8 +164,6 @@ class GGUFProvider(Provider):
         import os
 
         from services.builder import export, finetune
-        from services.builder.student import dense_hf_copy, gguf_student
-        from services.core.gguf_metadata import chat_template
 
         base = _gguf_path(model)
         if not base.is_file():
@@ -162,10 +179,7 @@ class GGUFProvider(Provider):
         dataset = work / "dataset.jsonl"
         dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_data))
         if not (student_dir / "config.json").is_file():
-            template = chat_template(base)
-            if not template:
-                raise ValueError(f"{model}: the GGUF has no chat template to fine-tune with")
-            dense_hf_copy(gguf_student(str(base), base), student_dir, template)
+            _dense_student(base, student_dir)
         threads = self.n_threads or os.cpu_count() or 1
         finetune.train_lora(
             base_dir=student_dir, dataset_path=dataset, lora=lora, device=self.device,

@@ -28,6 +28,7 @@ from functools import cached_property
 from pathlib import Path
 
 from services.builder.families import Family, base_chat_template, family_of_gguf, family_of_hf
+from services.builder.host_cache import cache_root
 from services.builder.spec import SpecError
 from services.core.gguf_metadata import chat_template, open_gguf
 
@@ -35,9 +36,7 @@ from services.core.gguf_metadata import chat_template, open_gguf
 # $EDGEDISTILL_WHEELHOUSE when set (as scripts/llama-wheel.env reads it), else one folder per
 # build flavour under the cache.
 WHEELHOUSE_ENV = "EDGEDISTILL_WHEELHOUSE"
-WHEELHOUSE_ROOT = Path(
-    os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edgedistill", "wheelhouse"
-)
+WHEELHOUSE_ROOT = cache_root() / "wheelhouse"
 # A llama-cpp-python sdist (.tar.gz) or a llama.cpp checkout; overrides the wheelhouse.
 SOURCE_ENV = "EDGEDISTILL_LLAMA_CPP_SOURCE"
 # What the converter needs from llama.cpp's tree: the script, its model classes, its gguf-py.

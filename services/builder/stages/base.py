@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services.builder import host_cache
+
 if TYPE_CHECKING:
     from services.builder.context import BuildContext
 
@@ -45,6 +47,8 @@ class Stage:
     None). `inputs`: the settings and file hashes it depends on besides those. `run(ctx, out)`
     writes its results into `out`. `report(ctx, folder)` prints its summary whether it ran or
     was skipped. `folder`: where it is published under BUILD/ (default: its name).
+    `host_shared`: its output follows from its key alone, so other builds on this host take it
+    from the host cache (services/builder/host_cache.py) instead of running it again.
     """
 
     name: str
@@ -54,6 +58,7 @@ class Stage:
     applies: Callable[[BuildContext], bool] = always
     report: Callable[[BuildContext, Path], None] | None = None
     folder: str = ""
+    host_shared: bool = False
 
     @property
     def folder_name(self) -> str:
@@ -87,14 +92,31 @@ class StageRunner:
         if _finished_key(final) == key:
             self.console.print(f"[dim]• {stage.name}: inputs unchanged, skipped[/]")
             self.skipped.append(stage.name)
+        elif stage.host_shared and (cached := host_cache.stage_entry(stage.name, key)):
+            self.console.print(f"[dim]• {stage.name}: linked from the host cache ({cached})[/]")
+            self._publish_cached(stage, cached, final)
+            self.skipped.append(stage.name)
         else:
             self.console.print(f"[bold]• {stage.name}[/]")
             seconds = self._run_staged(stage, ctx, key, final)
             self.console.print(f"  [green]done[/] in {seconds:.1f} s")
             self.ran.append(stage.name)
+            if stage.host_shared and (why := host_cache.keep_stage(stage.name, key, final)):
+                self.console.print(f"  [yellow]not kept in the host cache[/]: {why}")
         ctx.dirs[stage.name], ctx.keys[stage.name] = final, key
         if stage.report is not None:
             stage.report(ctx, final)
+
+    def _publish_cached(self, stage: Stage, cached: Path, final: Path) -> None:
+        staging = self.root / f".{stage.folder_name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            host_cache.link_tree(cached, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _publish(staging, final)
 
     def _run_staged(self, stage: Stage, ctx: BuildContext, key: str, final: Path) -> float:
         self.root.mkdir(parents=True, exist_ok=True)

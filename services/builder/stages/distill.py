@@ -303,11 +303,11 @@ DATASET = Stage("dataset", format_dataset, after=("traces",))
 # The base GGUF, when the build writes it (see StudentSource.needs_base_gguf).
 CONVERT = Stage(
     "convert", lambda ctx, out: write_base_gguf(ctx.student, out / BASE_GGUF),
-    inputs=base_inputs, applies=lambda ctx: ctx.student.needs_base_gguf,
+    inputs=base_inputs, applies=lambda ctx: ctx.student.needs_base_gguf, host_shared=True,
 )  # fmt: skip
 STUDENT = Stage(
     "student", lambda ctx, out: dense_hf_copy(ctx.student, out, chat_template(ctx.base_gguf)),
-    after=("convert",), inputs=given_gguf,
+    after=("convert",), inputs=given_gguf, host_shared=True,
 )  # fmt: skip
 FINETUNE = Stage(
     "finetune", train_lora, after=("dataset", "student"),
