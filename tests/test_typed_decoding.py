@@ -332,6 +332,75 @@ def test_a_literal_never_leaves_its_set_and_json_always_parses_at_temperature_1_
     assert len(seen) >= 2  # it does sample
 
 
+def lookup_capital(country: str) -> str:
+    """The capital city of a country."""
+    return {"Peru": "Lima"}.get(country, "unknown")
+
+
+def add(a: int, b: int, c: int = 0) -> int:
+    """The sum of two or three whole numbers."""
+    return a + b + c
+
+
+REACT_DEMOS = [  # as an optimizer leaves them: a step of each kind
+    {"question": "What is the capital of Japan?", "trajectory": "",
+     "next_thought": "Look it up.", "next_tool_name": "lookup_capital",
+     "next_tool_args": {"country": "Japan"}},
+    {"question": "What is 2 plus 3?", "trajectory": "", "next_thought": "Add them.",
+     "next_tool_name": "add", "next_tool_args": {"a": 2, "b": 3}},
+]  # fmt: skip
+
+
+def react_step(seed: int, backend: Any, codec: PromptCodec) -> tuple[str, Any] | None:
+    """A sampled step's tool and arguments; None when its free-text thought ran out of tokens."""
+    from services.runtime.predict import predict_once, predict_params
+
+    params = predict_params(160, temperature=1.0, seed=seed)
+    asked = f"What is {seed} plus 4?" if seed % 2 else f"What is the capital of Peru, plus {seed}?"
+    inputs = {"question": asked, "trajectory": ""}
+    result = predict_once(backend, codec, inputs, params, typed=True)
+    if result.outcome == "truncated":
+        return None
+    assert result.outcome == "parsed", result.raw_text
+    values = json.loads(result.outputs_json)
+    return values["next_tool_name"], values["next_tool_args"]
+
+
+def test_a_react_steps_arguments_are_those_of_the_tool_it_names_when_sampled(
+    backend: Any,
+) -> None:
+    """A ReAct step names a tool, then its arguments are decoded by that tool's parameters
+    (names, types, those without a default required; `finish` takes none): every sampled step
+    is a call its tool accepts. Without the tools' schemas the same steps are JSON objects
+    only, and some are not a call of their tool."""
+    import dspy
+    import jsonschema
+
+    from services.core.pipeline import tool_argument_schemas
+
+    agent = dspy.ReAct("question -> answer", tools=[lookup_capital, add], max_iters=3)
+    schemas = tool_argument_schemas(agent)["react"]["next_tool_args"][1]
+    typed = PromptCodec.for_signature(agent.react.signature, REACT_DEMOS, "prefix-first")
+    typed.value_schemas = tool_argument_schemas(agent)["react"]
+    untyped = PromptCodec.for_signature(agent.react.signature, REACT_DEMOS, "prefix-first")
+    named: list[str] = []
+    refused_untyped = 0
+    for seed in range(8):
+        if step := react_step(seed, backend, typed):
+            tool, args = step
+            jsonschema.validate(args, json.loads(schemas[tool]))
+            agent.tools[tool](**args)  # the call runs
+            named.append(tool)
+        if step := react_step(seed, backend, untyped):
+            tool, args = step
+            try:
+                jsonschema.validate(args, json.loads(schemas[tool]))
+            except jsonschema.ValidationError:
+                refused_untyped += 1
+    assert len(named) >= 6 and len(set(named)) >= 2, named  # it does sample tools
+    assert refused_untyped >= 1
+
+
 def test_models_and_enums_decode_to_their_types_at_temperature_1_5(backend: Any) -> None:
     """A pydantic model, an Enum and a dict, stored in program.json as a schema, a choice and a
     type text, and optional ones (None written `None`, as ChatAdapter writes it): every sampled

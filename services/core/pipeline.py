@@ -477,6 +477,40 @@ def carried_outputs(prediction: Any, declared: list[str]) -> list[str]:
     return declared + [name for name in prediction.keys() if name not in declared]  # noqa: SIM118
 
 
+def tool_argument_schemas(module: Any) -> dict[str, dict[str, tuple[str, dict[str, str]]]]:
+    """For each DSPy ReAct step predictor in the module (by its path): its tool arguments'
+    JSON Schema for each tool it may name, so a step's arguments are decoded as the tool it
+    chose takes them (its parameters by name and type; `finish` none)."""
+    import operator
+
+    import dspy
+
+    found: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}
+    for path, predictor in module.named_predictors():
+        if path != "react" and not path.endswith(".react"):
+            continue
+        owner_path = path.removesuffix("react").removesuffix(".")
+        try:
+            owner = operator.attrgetter(owner_path)(module) if owner_path else module
+        except AttributeError:  # a path through a list or dict ("agents[0].react")
+            continue
+        if isinstance(owner, dspy.ReAct) and owner.react is predictor:
+            tools = {name: tool_arguments_schema(tool) for name, tool in owner.tools.items()}
+            found[path] = {"next_tool_args": ("next_tool_name", tools)}
+    return found
+
+
+def tool_arguments_schema(tool: Any) -> str:
+    """A dspy.Tool's arguments as one JSON object's schema: each parameter typed, those
+    without a default required, no others unless the function takes **kwargs."""
+    args: dict[str, Any] = dict(tool.args or {})
+    return json.dumps({
+        "type": "object", "properties": args,
+        "required": [name for name, schema in args.items() if "default" not in schema],
+        "additionalProperties": bool(getattr(tool, "has_kwargs", False)),
+    })  # fmt: skip
+
+
 class ProgramRunner:
     """A loaded multi-step program; `run` is thread-safe (each run has its own calls)."""
 
@@ -505,6 +539,8 @@ class ProgramRunner:
             name: PromptCodec.for_signature(p.signature, p.demos, spec.prompt_format)
             for name, p in self.predictors.items()
         }
+        for name, schemas in tool_argument_schemas(module).items():
+            self.codecs[name].value_schemas = schemas
 
     @classmethod
     def load(cls, program_json: Path, spec: PipelineSpec) -> ProgramRunner:

@@ -265,6 +265,9 @@ class PromptCodec:
         self.demos: list[Any] = list(spec.demos)
         self.input_names = [f.name for f in spec.inputs]
         self.output_names = [f.name for f in spec.outputs]
+        # A JSON output whose schema depends on the value an earlier output chose: field ->
+        # (that output, {its value: JSON Schema}); ReAct's arguments by the tool it names.
+        self.value_schemas: dict[str, tuple[str, dict[str, str]]] = {}
 
     @classmethod
     def for_signature(

@@ -85,6 +85,10 @@ class FieldPlan:
     # after[:line_len] spells "\n" + HEADER_LINE: a free value whose text (after its header's
     # newline) ends a line then starts `[[ ##` ends there, after[line_len:] forced (0: none)
     line_len: int = 0
+    # A JSON value whose schema is chosen by an earlier choice field's value (ReAct's
+    # arguments by its tool): that field's name, and (value, schema) pairs
+    schema_by: str = ""
+    schema_for: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ def build_plan(codec: PromptCodec, tokenizer: Tokenizer) -> OutputPlan:
         breaks = _spelled_by(after, tokenizer, HEADER_START, prefix=True) or len(after)
         plan = _field_plan(name, info, after_text, after, last, tokenizer, breaks)
         line_len = _spelled_by(after, tokenizer, "\n" + HEADER_LINE, prefix=False)
+        by, schemas = codec.value_schemas.get(name, ("", {}))
+        if plan.kind == "json" and by in names[:index]:
+            plan = replace(plan, schema_by=by, schema_for=tuple(sorted(schemas.items())))
         fields.append(replace(plan, line_len=line_len))
     numbers = any(f.kind == "number" for f in fields)
     nullable_numbers = any(f.kind == "number" and f.nullable for f in fields)
@@ -287,6 +294,7 @@ class PlanCursor:
         self._value = _Value()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.confidences: dict[str, float] = {}
+        self._chosen: dict[str, str] = {}  # choice fields' values so far
         self.done = False
 
     @property
@@ -312,7 +320,11 @@ class PlanCursor:
     def grammar(self) -> tuple[str, bool] | None:
         """The JSON schema constraining the current value, and whether `None` may stand for
         it, when it has one."""
-        return (self.field.json_schema, self.field.nullable) if self.field.json_schema else None
+        plan = self.field
+        schema = plan.json_schema
+        if plan.schema_by in self._chosen:
+            schema = dict(plan.schema_for).get(self._chosen[plan.schema_by], schema)
+        return (schema, plan.nullable) if schema else None
 
     def _choice_next(self) -> list[int]:
         prefix = self._value.tokens
@@ -413,6 +425,8 @@ class PlanCursor:
         else:
             confidence = 1.0
         self.confidences[plan.name] = max(0.0, min(1.0, confidence))
+        if plan.kind == "choice":
+            self._chosen[plan.name] = value.text
         text = plan.after_text if shown is None else shown
         if plan.last:
             self.done = True
