@@ -481,22 +481,15 @@ def tool_argument_schemas(module: Any) -> dict[str, dict[str, tuple[str, dict[st
     """For each DSPy ReAct step predictor in the module (by its path): its tool arguments'
     JSON Schema for each tool it may name, so a step's arguments are decoded as the tool it
     chose takes them (its parameters by name and type; `finish` none)."""
-    import operator
-
     import dspy
 
     found: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}
-    for path, predictor in module.named_predictors():
-        if path != "react" and not path.endswith(".react"):
-            continue
-        owner_path = path.removesuffix("react").removesuffix(".")
-        try:
-            owner = operator.attrgetter(owner_path)(module) if owner_path else module
-        except AttributeError:  # a path through a list or dict ("agents[0].react")
-            continue
-        if isinstance(owner, dspy.ReAct) and owner.react is predictor:
-            tools = {name: tool_arguments_schema(tool) for name, tool in owner.tools.items()}
-            found[path] = {"next_tool_args": ("next_tool_name", tools)}
+    for name, agent in module.named_sub_modules(dspy.ReAct):
+        owner = name.removeprefix("self").removeprefix(".")  # "self.agent" -> "agent"
+        tools = {tool: tool_arguments_schema(t) for tool, t in agent.tools.items()}
+        found[f"{owner}.react" if owner else "react"] = {
+            "next_tool_args": ("next_tool_name", tools)
+        }
     return found
 
 
