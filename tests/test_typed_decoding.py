@@ -342,6 +342,39 @@ def add(a: int, b: int, c: int = 0) -> int:
     return a + b + c
 
 
+def test_a_tools_arguments_schema_is_its_parameters_and_agents_are_found_where_they_sit() -> None:
+    """Parameters without a default are required, `*args`/`**kwargs` are no arguments (a
+    `**kwargs` tool takes other names too); an agent inside a module or a list is found."""
+    import dspy
+    import jsonschema
+
+    from services.core.pipeline import tool_argument_schemas
+
+    def search(query: str, *more: str, limit: int = 3, **filters: str) -> str:
+        """Search."""
+        return query
+
+    class Desk(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.agent = dspy.ReAct("question -> answer", tools=[search, lookup_capital])
+            self.spares = [dspy.ReAct("question -> answer", tools=[add])]
+
+    found = tool_argument_schemas(Desk())
+    assert set(found) == {"agent.react", "spares[0].react"}
+    by, schemas = found["agent.react"]["next_tool_args"]
+    assert by == "next_tool_name" and set(schemas) == {"search", "lookup_capital", "finish"}
+    valid, schema_of = jsonschema.validate, {k: json.loads(v) for k, v in schemas.items()}
+    valid({"query": "x", "limit": 2, "site": "docs"}, schema_of["search"])  # **filters
+    for wrong in ({"limit": 2}, {"query": "x", "limit": "two"}):
+        with pytest.raises(jsonschema.ValidationError):
+            valid(wrong, schema_of["search"])
+    with pytest.raises(jsonschema.ValidationError):
+        valid({"country": "Peru", "city": "Lima"}, schema_of["lookup_capital"])
+    with pytest.raises(jsonschema.ValidationError):
+        valid({"answer": "Lima"}, schema_of["finish"])
+
+
 REACT_DEMOS = [  # as an optimizer leaves them: a step of each kind
     {"question": "What is the capital of Japan?", "trajectory": "",
      "next_thought": "Look it up.", "next_tool_name": "lookup_capital",

@@ -496,12 +496,23 @@ def tool_argument_schemas(module: Any) -> dict[str, dict[str, tuple[str, dict[st
 def tool_arguments_schema(tool: Any) -> str:
     """A dspy.Tool's arguments as one JSON object's schema: each parameter typed, those
     without a default required, no others unless the function takes **kwargs."""
-    args: dict[str, Any] = dict(tool.args or {})
+    variadic = _variadic_parameters(getattr(tool, "func", None))
+    args = {name: schema for name, schema in (tool.args or {}).items() if name not in variadic}
     return json.dumps({
         "type": "object", "properties": args,
         "required": [name for name, schema in args.items() if "default" not in schema],
         "additionalProperties": bool(getattr(tool, "has_kwargs", False)),
     })  # fmt: skip
+
+
+def _variadic_parameters(func: Any) -> set[str]:
+    """A function's `*args` and `**kwargs` names (which dspy.Tool lists as arguments)."""
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {p.name for p in parameters if p.kind in variadic}
 
 
 class ProgramRunner:
