@@ -40,7 +40,7 @@ def stage_entry(name: str, key: str) -> Path | None:
 def link_tree(source: Path, target: Path) -> None:
     """`source`'s files at `target`: hard links where one filesystem holds both (no second
     copy; stages never write into a finished folder), copies elsewhere."""
-    shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+    shutil.copytree(source, target, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 def keep_stage(name: str, key: str, folder: Path) -> str | None:
@@ -62,8 +62,10 @@ def keep_stage(name: str, key: str, folder: Path) -> str | None:
     return None
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str, target: str) -> str:
+    """A hard link where one filesystem holds both, else a copy (a copytree copy_function)."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+    return target

@@ -25,6 +25,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.builder.host_cache import link_or_copy
 from services.builder.kube import write_manifests
 from services.core.bundle import Bundle, sha256_file
 
@@ -107,11 +108,11 @@ def ship(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ship-") as tmp:
         root = Path(tmp) / top
         root.mkdir()
-        shutil.copytree(bundle_dir, root / "bundle", copy_function=_link_or_copy)
+        shutil.copytree(bundle_dir, root / "bundle", copy_function=link_or_copy)
         if images:
             (root / "images").mkdir()
             for image_name, archive in images.items():
-                _link_or_copy(str(archive), str(root / "images" / f"{image_name}.tar"))
+                link_or_copy(str(archive), str(root / "images" / f"{image_name}.tar"))
         if requires:
             (root / "images").mkdir()
             (root / "images" / "requires").write_text(
@@ -130,11 +131,3 @@ def ship(
         final = out_dir / f"{top}.tar"
         os.replace(partial, final)
     return final
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
