@@ -1753,6 +1753,11 @@ def test_quantizing_keeps_llama_cpps_per_tensor_log_to_one_line(
         ("def build():\n    raise RuntimeError('no key set')\n",
          r"program: {m}:build raised RuntimeError: no key set \(at .*{m}\.py:2\)"),
         ("def build():\n    return 42\n", r"build did not give a dspy\.Module \(it gave int 42\)"),
+        ("import dspy\nclass build(dspy.Module):\n    def __init__(self, labels):\n"
+         "        super().__init__()\n",
+         r"program: {m}:build raised TypeError: .*missing 1 required positional argument: "
+         r"'labels'; the build calls it with no arguments: name a function that makes it, e\.g\. "
+         r"`def make\(\): return build\(\.\.\.\)`"),
     ],
 )  # fmt: skip
 def test_a_program_that_fails_to_load_is_named_at_its_line(

@@ -82,8 +82,22 @@ def load_program(path: str) -> Any:
         raise SpecError(f"program: {path}: {err}") from None
     except Exception as err:  # the user's factory failed: say where, not our stack
         raise SpecError(
-            f"program: {path} raised {type(err).__name__}: {err}" + user_code_location(err)
+            f"program: {path} raised {type(err).__name__}: {err}"
+            + (_needs_arguments(factory, err) or user_code_location(err))
         ) from err
+
+
+def _needs_arguments(factory: Any, err: Exception) -> str | None:
+    """The fix when `program:` names a class whose __init__ takes arguments."""
+    if not isinstance(factory, type) or not isinstance(err, TypeError):
+        return None
+    name = factory.__qualname__
+    if not str(err).startswith(f"{name}.__init__() missing"):  # not an error inside __init__
+        return None
+    return (
+        "; the build calls it with no arguments: name a function that makes it, e.g. "
+        f"`def make(): return {name}(...)`"
+    )
 
 
 def check_text_fields(path: str, program: Any) -> None:
