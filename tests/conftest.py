@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,13 +18,9 @@ def host_stage_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     made once), not the host's: a test never reads what another run left there."""
     from services.builder.host_cache import STAGE_CACHE_ENV
 
-    before = os.environ.get(STAGE_CACHE_ENV)
-    os.environ[STAGE_CACHE_ENV] = str(tmp_path_factory.mktemp("stage-cache"))
-    yield
-    if before is None:
-        os.environ.pop(STAGE_CACHE_ENV)
-    else:
-        os.environ[STAGE_CACHE_ENV] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(STAGE_CACHE_ENV, str(tmp_path_factory.mktemp("stage-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

