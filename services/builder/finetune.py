@@ -212,7 +212,6 @@ def train_lora(
     """Train, keep the checkpoint best on the calibration probe, save the adapter (adapter/)
     and the summary with the loss and calibration curves (loss.json)."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -228,10 +227,6 @@ def train_lora(
             "`lora: {max_length: N}` in the spec"
         )
     weights = [sample_weights[i] for i in kept] if sample_weights else None
-    total_steps = optimizer_steps(len(examples), lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 10), total_steps)
     # Room for the longest trained answer: a checkpoint that does not stop costs no more.
     answer_budget = max(sum(label != IGNORE for label in e.labels) for e in examples) + 8
 
@@ -242,31 +237,22 @@ def train_lora(
             )
         )
 
-    calibration = probes.calibration if probes else None
-    checkpoints = probe_steps(total_steps, lora.checkpoints if calibration else 0)
     keeper = CheckpointKeeper(lora.patience)
-    losses: list[float] = []
-    tokens_seen = 0
-    started = time.perf_counter()
-    batches: list[list[TrainExample]] = []
-    for step in range(1, total_steps + 1):
-        if not batches:
-            batches = _length_grouped_batches(_epoch(examples, weights), lora.batch_size)
-        loss, tokens = shared_prefix_loss(model, batches.pop(), pad_id, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.item()))
-        tokens_seen += tokens
-        progress(step, total_steps, losses[-1])
-        if calibration and step in checkpoints:
-            stop = keeper.record(model, step, losses[-1], ask(calibration))
-            on_probe(keeper.curve[-1])
-            if stop:
-                break
+    calibration = probes.calibration if probes else None
 
+    def checkpoint(step: int, loss: float) -> bool:
+        """The calibration probe at this step; True when training should stop."""
+        assert calibration is not None
+        stop = keeper.record(model, step, loss, ask(calibration))
+        on_probe(keeper.curve[-1])
+        return stop
+
+    total_steps = optimizer_steps(len(examples), lora)
+    started = time.perf_counter()
+    losses, tokens_seen = _train(
+        model, examples, weights, lora, pad_id, device, total_steps, progress,
+        probe_steps(total_steps, lora.checkpoints if calibration else 0), checkpoint,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     keeper.restore_best(model)
     model.save_pretrained(str(out_dir / "adapter"))
@@ -290,6 +276,39 @@ def train_lora(
     }
     (out_dir / "loss.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _train(
+    model: Any, examples: list[TrainExample], weights: list[float] | None, lora: LoraSpec,
+    pad_id: int, device: str, total_steps: int, progress: Callable[[int, int, float], None],
+    checkpoints: list[int], checkpoint: Callable[[int, float], bool],
+) -> tuple[list[float], int]:  # fmt: skip
+    """The optimizer loop: each step's loss, and the tokens seen. At each of `checkpoints`
+    the model is probed (`checkpoint`), which may end training early."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 10), total_steps)
+    losses: list[float] = []
+    tokens_seen = 0
+    batches: list[list[TrainExample]] = []
+    for step in range(1, total_steps + 1):
+        if not batches:
+            batches = _length_grouped_batches(_epoch(examples, weights), lora.batch_size)
+        loss, tokens = shared_prefix_loss(model, batches.pop(), pad_id, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+        tokens_seen += tokens
+        progress(step, total_steps, losses[-1])
+        if step in checkpoints and checkpoint(step, losses[-1]):
+            break
+    return losses, tokens_seen
 
 
 def _load_student(base_dir: Path, device: str, lora: LoraSpec) -> tuple[Any, Any, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,6 +87,9 @@ def make_teacher(
     return teacher_program
 
 
+Verdict = tuple[str, dict[str, Any]]  # "kept", "rejected" or "failed", and the row's record
+
+
 def collect_traces(
     *,
     program: Any,
@@ -102,74 +105,106 @@ def collect_traces(
 ) -> TraceCounts:
     """Writes traces.jsonl (kept: inputs + outputs, and a multi-step program's predictor
     calls), rejected.jsonl, failed.jsonl, counts.json."""
-    kept: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-
     if teacher.is_gold and runner is None:
-        for example in trainset:
-            kept.append({"inputs": dict(example.inputs()), "outputs": dict(example.labels())})
-            progress(1)
+        verdicts: Iterable[Verdict] = (("kept", gold_record(e)) for e in trainset)
     else:
         answer, names = teacher_answers(program, teacher, trainset, metric, threshold, runner)
-        single = program.predictors()[0]
-
-        def run(example: Any) -> tuple[str, dict[str, Any]]:
-            import dspy
-
-            inputs = dict(example.inputs())
-            try:
-                with dspy.context(trace=[]):
-                    prediction = answer(example)
-                    trace = list(dspy.settings.trace)
-            except Exception as err:  # one bad example never sinks the build
-                error = f"{type(err).__name__}: {err}"[:500]
-                return "failed", {"inputs": inputs, "error": error, "every_call": every_call(err)}
-            if runner is None:
-                call = own_call(trace, single)
-                if isinstance(call, str):
-                    return "failed", {"inputs": inputs, "error": call}
-                _, inputs, prediction = call
-            calls = named_calls(trace, names) if runner is not None else []
-            if isinstance(calls, str):
-                return "failed", {"inputs": inputs, "error": calls}
-            outputs = {k: prediction.get(k) for k in output_names}
-            value = score(metric, example, outputs)
-            record = {"inputs": dict(inputs), "outputs": outputs, "score": value}
-            if runner is not None:
-                record["calls"] = calls
-            return ("kept" if value >= threshold else "rejected"), record
-
-        def take(verdict: str, record: dict[str, Any]) -> None:
-            {"kept": kept, "rejected": rejected, "failed": failed}[verdict].append(record)
-            progress(1)
-
-        # The first call alone: an error every call would meet (no connection, a bad key) stops
-        # the build now, not after the whole train set has failed with retries.
-        if trainset:
-            take(*run(trainset[0]))
-        if failed and failed[0].get("every_call"):
-            said = failed[0]["error"].split("\n\n")[0].rstrip(".")  # not DSPy's advice on dspy.LM()
-            raise TeacherError(
-                f"the teacher's first call failed: {said}; nothing else was sent. Check "
-                "teacher.model, teacher.api_base and teacher.api_key_env (the name of the "
-                "environment variable that holds the key)"
-            )
-        with ThreadPoolExecutor(max_workers=teacher.num_threads) as pool:
-            for verdict, record in pool.map(run, trainset[1:]):
-                take(verdict, record)
-
+        run = traced_run(answer, names, program.predictors()[0], metric, threshold,
+                         output_names, runner)  # fmt: skip
+        verdicts = run_all(run, trainset, teacher.num_threads)
+    rows: dict[str, list[dict[str, Any]]] = {"kept": [], "rejected": [], "failed": []}
+    for verdict, record in verdicts:
+        rows[verdict].append(record)
+        progress(1)
     if teacher.is_gold and runner is not None:
-        check_one_label_per_call(kept + rejected)
-    counts = TraceCounts(len(trainset), len(kept), len(rejected), len(failed))
-    for name, rows in (("traces", kept), ("rejected", rejected), ("failed", failed)):
+        check_one_label_per_call(rows["kept"] + rows["rejected"])
+    counts = write_traces(out_dir, rows, runner, total=len(trainset))
+    check_counts(counts, rows["failed"], teacher, out_dir, require_kept)
+    return counts
+
+
+def gold_record(example: Any) -> dict[str, Any]:
+    """A single predictor's trace from gold labels: the row itself."""
+    return {"inputs": dict(example.inputs()), "outputs": dict(example.labels())}
+
+
+def traced_run(
+    answer: Callable[[Any], Any], names: dict[int, str], single: Any, metric: Metric,
+    threshold: float, output_names: list[str], runner: ProgramRunner | None,
+) -> Callable[[Any], Verdict]:  # fmt: skip
+    """The teacher's run on one row, traced and scored; a failure is the row's, never the
+    build's."""
+
+    def run(example: Any) -> Verdict:
+        import dspy
+
+        inputs = dict(example.inputs())
+        try:
+            with dspy.context(trace=[]):
+                prediction = answer(example)
+                trace = list(dspy.settings.trace)
+        except Exception as err:  # one bad example never sinks the build
+            error = f"{type(err).__name__}: {err}"[:500]
+            return "failed", {"inputs": inputs, "error": error, "every_call": every_call(err)}
+        if runner is None:
+            call = own_call(trace, single)
+            if isinstance(call, str):
+                return "failed", {"inputs": inputs, "error": call}
+            _, inputs, prediction = call
+        calls = named_calls(trace, names) if runner is not None else []
+        if isinstance(calls, str):
+            return "failed", {"inputs": inputs, "error": calls}
+        outputs = {k: prediction.get(k) for k in output_names}
+        value = score(metric, example, outputs)
+        record = {"inputs": dict(inputs), "outputs": outputs, "score": value}
+        if runner is not None:
+            record["calls"] = calls
+        return ("kept" if value >= threshold else "rejected"), record
+
+    return run
+
+
+def run_all(run: Callable[[Any], Verdict], trainset: list[Any], threads: int) -> Iterator[Verdict]:
+    """Every row's verdict, the first alone: an error every call would meet (no connection, a
+    bad key) stops the build then, not after the whole train set has failed with retries."""
+    if not trainset:
+        return
+    first = run(trainset[0])
+    if first[0] == "failed" and first[1].get("every_call"):
+        said = first[1]["error"].split("\n\n")[0].rstrip(".")  # not DSPy's advice on dspy.LM()
+        raise TeacherError(
+            f"the teacher's first call failed: {said}; nothing else was sent. Check "
+            "teacher.model, teacher.api_base and teacher.api_key_env (the name of the "
+            "environment variable that holds the key)"
+        )
+    yield first
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        yield from pool.map(run, trainset[1:])
+
+
+def write_traces(
+    out_dir: Path, rows: dict[str, list[dict[str, Any]]], runner: ProgramRunner | None,
+    total: int,
+) -> TraceCounts:  # fmt: skip
+    """traces.jsonl (the kept rows), rejected.jsonl, failed.jsonl and counts.json."""
+    counts = TraceCounts(total, len(rows["kept"]), len(rows["rejected"]), len(rows["failed"]))
+    for name, verdict in (("traces", "kept"), ("rejected", "rejected"), ("failed", "failed")):
         with (out_dir / f"{name}.jsonl").open("w") as handle:
-            for row in rows:
+            for row in rows[verdict]:
                 handle.write(json_line(row))
     summary = asdict(counts)
     if runner is not None:
-        summary["predictors"] = predictor_counts(kept, rejected, list(runner.predictors))
+        summary["predictors"] = predictor_counts(rows["kept"], rows["rejected"],
+                                                 list(runner.predictors))  # fmt: skip
     (out_dir / "counts.json").write_text(json.dumps(summary, indent=2))
+    return counts
+
+
+def check_counts(
+    counts: TraceCounts, failed: list[dict[str, Any]], teacher: TeacherSpec, out_dir: Path,
+    require_kept: bool,
+) -> None:  # fmt: skip
+    """Too many failures, or nothing kept, is the build's error, said with where to look."""
     if counts.failed > teacher.max_failure_fraction * counts.total:
         first = failed[0]["error"] if failed else ""
         raise TeacherError(
@@ -183,7 +218,6 @@ def collect_traces(
             f"no teacher trace passed the metric ({counts.rejected} rejected, {counts.failed} "
             "failed): check the teacher model, the metric, or lower metric_threshold"
         )
-    return counts
 
 
 def own_call(trace: list[Any], predictor: Any) -> Any:
