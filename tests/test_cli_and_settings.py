@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +158,14 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
                                      temperature=0)  # fmt: skip
             assert continued.stdout.strip() == "".join(c.text for c in chunks).strip()
         assert continued.returncode == 0 and continued.stdout.strip(), continued.stderr
+        probed = run_cli("generate", *greedy, "--logprobs", "2", "Hi")
+        assert probed.stdout == generated.stdout, probed.stderr  # the same answer, then a table
+        row = re.compile(r"^\s*(['\"]).*\1\s+([01]\.\d{3})\s+(-\d+\.\d{3}|0\.000)\s")
+        rows = [found for line in probed.stderr.splitlines() if (found := row.match(line))]
+        assert 1 <= len(rows) <= 8, probed.stderr  # a row per token: probability, logprob
+        assert all(math.isclose(float(r[2]), math.exp(float(r[3])), abs_tol=2e-3) for r in rows)
+        too_many = run_cli("generate", *greedy, "--logprobs", "21", "Hi")
+        assert too_many.returncode == 2 and "--logprobs 21: use 0..20" in too_many.stderr
 
         info = run_cli("info", "--target", server.target)
         assert '"quantization": "Q4_1"' in info.stdout

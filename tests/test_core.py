@@ -379,6 +379,33 @@ def test_stop_string_buffer(
     assert out == released and buffer.stopped == stopped
 
 
+def test_a_tokens_log_probability_goes_with_the_chunk_that_shows_its_text() -> None:
+    """Text held back while it might begin a stop string brings its tokens' log-probabilities
+    when it is shown; a token cut short by the stop string comes with the last chunk, one
+    inside it never (the backend gives such a token no log-probability)."""
+    from services.runtime.backends.base import TokenPiece
+    from services.runtime.logprobs import ShownLogprobs
+
+    def run(pieces: list[bytes]) -> list[tuple[str, list[str]]]:
+        buffer, listed, sent = StopStringBuffer(("END",)), ShownLogprobs(), []
+        for piece in pieces:
+            text, start, end = buffer.feed(piece)
+            swallowed = buffer.stopped and start == end
+            listed.add(TokenPiece(text, start, end, None if swallowed else -0.5, piece))
+            sent.append((text, [t.token.token for t in listed.shown(text)]))
+            if buffer.stopped:
+                break
+        final = buffer.flush()
+        return [*sent, (final, [t.token.token for t in listed.shown(final, last=True)])]
+
+    held_then_shown = [("Hi", ["Hi"]), (" ", []), ("", []), ("EN!", [" E", "N", "!"]), ("", [])]
+    assert run([b"Hi", b" E", b"N", b"!"]) == held_then_shown
+    assert run([b"Hi", b" E", b"ND", b"more"]) == [("Hi", ["Hi"]), (" ", []), ("", []),
+                                                  ("", [" E"])]  # fmt: skip
+    assert run([b"Hi", b" E", b"x", b" E"]) == [("Hi", ["Hi"]), (" ", []), ("Ex", [" E", "x"]),
+                                               (" ", []), ("E", [" E"])]  # fmt: skip
+
+
 def same_reading(path: Path) -> None:
     """The fast reader's fields (names, types, offsets, contents, string parts) and tensors
     are gguf-py's own."""

@@ -69,7 +69,7 @@ def test_a_predict_answers_outputs_in_the_signatures_order() -> None:
 def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     body = {
         "model": "anything", "stop": "END", "max_completion_tokens": 9, "temperature": 0.2,
-        "seed": 7, "top_k": 5, "logprobs": False,  # an option the API ignores, as llama.cpp's
+        "seed": 7, "top_k": 5, "logprobs": True, "top_logprobs": 3, "user": "u1",  # ignored
         "messages": [{"role": "developer", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "a"},
                                                   {"type": "text", "text": "b"}]}],
@@ -82,8 +82,16 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     assert call.options.max_tokens == 9 and call.options.seed == 7 and call.options.top_k == 5
     assert call.options.temperature == pytest.approx(0.2)
     assert not call.options.HasField("top_p")  # unset: the server's default
+    assert call.logprobs and call.top_logprobs == 3
     plain = http.parse_request(b'{"messages": [{"role": "user", "content": "x"}]}')
     assert not http.generate_request(plain).options.HasField("temperature")
+    assert not http.generate_request(plain).logprobs
+    for raw, param in ((b'"top_logprobs": 2', "top_logprobs"),  # without logprobs
+                       (b'"logprobs": true, "top_logprobs": 21', "top_logprobs")):  # fmt: skip
+        with pytest.raises(http.BadRequest) as caught:
+            body_raw = b'{"messages": [{"role": "user", "content": "x"}], ' + raw + b"}"
+            http.generate_request(http.parse_request(body_raw))
+        assert caught.value.param == param, raw
     as_object = json.dumps({**body, "response_format": {"type": "json_object"}}).encode()
     assert json.loads(http.generate_request(http.parse_request(as_object)).json_schema) == {
         "type": "object"
@@ -108,7 +116,12 @@ def test_a_text_completion_request_becomes_a_generate_call_with_its_prompt() -> 
     call = completions.completion_call(request)
     assert call.prompt == "Once upon a time" and not call.messages
     assert call.options.max_tokens == 7 and call.options.top_k == 4 and list(call.stop) == ["\n"]
-    refused = {b'{"prompt": "p", "echo": true}': "echo", b'{"prompt": "p", "logprobs": 2}':
+    assert not call.logprobs
+    listed = completions.completion_call(
+        http.parse_body(completions.CompletionRequest, b'{"prompt": "p", "logprobs": 0}')
+    )
+    assert listed.logprobs and listed.top_logprobs == 0  # each token's own, no alternatives
+    refused = {b'{"prompt": "p", "echo": true}': "echo", b'{"prompt": "p", "logprobs": 21}':
                "logprobs", b'{"prompt": "p", "suffix": "x"}': "suffix",
                b'{"prompt": ["a", "b"]}': "prompt", b'{"prompt": ""}': "prompt",
                b'{"prompt": "p", "n": 2}': "n", b'{"model": "m"}': "prompt"}  # fmt: skip
@@ -158,7 +171,8 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
         b'{"model": "m", "prompt": "p", "context": [1, 2]}': "context",
         b'{"model": "m", "prompt": "p", "images": ["aGk="]}': "images",
         b'{"model": "m", "prompt": "p", "think": true}': "think",
-        b'{"model": "m", "prompt": "p", "logprobs": true}': "logprobs",
+        b'{"model": "m", "prompt": "p", "top_logprobs": 2}': "top_logprobs",
+        b'{"model": "m", "prompt": "p", "logprobs": true, "top_logprobs": 99}': "top_logprobs",
         b'{"model": "m", "prompt": "p", "options": {"num_predict": 0}}': "options.num_predict",
         b'{"model": "m", "prompt": "p", "options": {"temperature": 3}}': "options.temperature",
         b'{"prompt": "p"}': "model",
@@ -470,6 +484,62 @@ def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
         list(pb_grpc.InferenceStub(channel).Generate(both, metadata=token_metadata(TOKEN)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith("prompt:")
+
+
+def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """A text completion's token log-probabilities are llama-cpp-python's own (its
+    `create_completion` with `logprobs`), through the runtime and the router; a chat's come
+    in OpenAI's shape, whole or streamed, and in Ollama's."""
+    import llama_cpp
+    import ollama
+    import openai
+
+    prompt = "The three primary colours are"
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, logits_all=True,
+                                verbose=False)  # fmt: skip
+    expected = reference.create_completion(prompt, max_tokens=8, temperature=0.0,
+                                           repeat_penalty=1.0, logprobs=3)  # fmt: skip
+    reference.close()
+    theirs = expected["choices"][0]["logprobs"]
+    _, runtime_http, _, router_http = served
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        ours = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0,
+                                         logprobs=3).choices[0].logprobs  # fmt: skip
+        assert ours is not None and ours.tokens == theirs["tokens"]
+        # one model, other batch shapes: the same values but for float rounding
+        assert ours.token_logprobs == pytest.approx(theirs["token_logprobs"], abs=0.05)
+        for mine, its in zip(ours.top_logprobs or [], theirs["top_logprobs"], strict=True):
+            assert max(mine, key=mine.__getitem__) == max(its, key=its.__getitem__)
+            assert [mine[t] for t in its if t in mine] == pytest.approx(
+                [its[t] for t in its if t in mine], abs=0.05)  # fmt: skip
+        reply = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+            logprobs=True, top_logprobs=2,
+        )  # fmt: skip
+        choice = reply.choices[0]
+        assert choice.logprobs is not None and choice.logprobs.content
+        content = choice.logprobs.content
+        assert "".join(t.token for t in content) == choice.message.content
+        assert all(t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 2
+                   for t in content)  # fmt: skip
+        stream = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+            logprobs=True, top_logprobs=2, stream=True,
+        )  # fmt: skip
+        streamed = [t for c in stream if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content or []]  # fmt: skip
+        assert [t.token for t in streamed] == [t.token for t in content]
+        host = ollama.Client(host=f"http://127.0.0.1:{port}",
+                             headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        name = str(host.list().models[0].model)
+        said = host.chat(name, messages=QUESTION, options={"temperature": 0, "num_predict": 12},
+                         logprobs=True, top_logprobs=2)  # fmt: skip
+        assert said.logprobs and "".join(lp.token for lp in said.logprobs) == said.message.content
+        assert [lp.logprob for lp in said.logprobs] == pytest.approx(
+            [t.logprob for t in content], abs=0.05)  # fmt: skip
 
 
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(

@@ -262,6 +262,21 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
             "messages": [{"role": "user", "content": "Name a colour."}],
         })["choices"][0]["message"]["content"]  # fmt: skip
         assert "".join(p.text for p in pieces) + last.text == whole and whole.strip()
+        # the API's token log-probabilities, when asked for, as a runtime gives them
+        with InferenceClient(router.target, timeout_s=120) as client:
+            chunks = list(
+                client.generate(
+                    [("user", "Name a colour.")],
+                    max_tokens=8,
+                    temperature=0,
+                    logprobs=True,
+                    top_logprobs=2,
+                )
+            )
+        listed = [item for chunk in chunks for item in chunk.logprobs]
+        assert "".join(item.token.token for item in listed) == whole
+        assert all(len(i.top_logprobs) == 2 and i.token.logprob <= 0 for i in listed)
+        assert chunks[-1].served_by == pb.SERVED_BY_FALLBACK
         info = InferenceClient(router.target).info()  # from the bundle: no runtime to ask
         assert info.backend == "api:openai/teacher-smol" and info.model_name == "capitals"
         assert [f.name for f in info.signature.input_fields] == ["country"]
@@ -274,7 +289,7 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
             list(stub.Generate(pb.GenerateRequest(prompt="Once")))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (caught.value.details() or "").startswith("prompt: no runtime answered")
-        assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 1.0' in (
+        assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 2.0' in (
             metrics_text(metrics_port)
         )
     finally:
@@ -329,6 +344,27 @@ def test_an_api_answer_cut_mid_stream_is_an_error_after_its_text(bundle: Path) -
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "the API fallback failed" in (caught.value.details() or "")
     assert 'edgedistill_router_api_errors_total{kind="error"} 1.0' in metrics
+
+
+def test_an_api_that_gives_no_log_probabilities_is_an_error_before_any_text(
+    bundle: Path,
+) -> None:
+    """A Generate that asks for log-probabilities never gets the API's text without them:
+    the call fails before any text is sent, naming why, and is not retried."""
+    with OpenAIStandIn({}, mode="cut") as api:  # its first piece carries no logprobs
+        router = start_router(
+            bundle, f"127.0.0.1:{free_port()}", "--fallback-model", "openai/plain",
+            "--fallback-api-base", api.base_url, "--api-retries", "2",
+        )  # fmt: skip
+        try:
+            with InferenceClient(router.target) as client, pytest.raises(grpc.RpcError) as caught:
+                texts = [c.text for c in client.generate([("user", "Hi")], logprobs=True)]
+        finally:
+            router.terminate()
+        assert api.requests == 1
+    assert "texts" not in locals()  # nothing reached the client
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "without log-probabilities" in (caught.value.details() or "")
 
 
 def test_a_planted_api_key_never_leaks(bundle: Path, local_runtime: ServerProcess) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -99,6 +100,36 @@ def test_generate_stop_string_is_honoured(runtime: ServerProcess) -> None:
     text = "".join(c.text for c in chunks)
     assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE, text
     assert "5" not in text and "4" in text
+
+
+def test_generate_gives_each_shown_tokens_log_probability(runtime: ServerProcess) -> None:
+    """Asked for, every token whose text is shown comes with its log-probability and the
+    likeliest tokens at its position: greedy, the token is the likeliest; the stop string's
+    token is not listed; the same call without them lists none."""
+
+    def run(**asked: bool | int) -> list[pb.GenerateChunk]:
+        prompt = [("user", "Count from 1 to 10, separated by commas.")]
+        with InferenceClient(runtime.target) as client:
+            return list(client.generate(prompt, max_tokens=40, temperature=0, stop=["5"], **asked))
+
+    chunks = run(logprobs=True, top_logprobs=3)
+    listed = [item for chunk in chunks for item in chunk.logprobs]
+    text = "".join(c.text for c in chunks)
+    assert text.startswith("1, 2") and "5" not in text
+    assert "".join(item.token.token for item in listed) == text
+    assert len(listed) == chunks[-1].usage.completion_tokens - 1  # the stop's token: not shown
+    for item in listed:
+        top = [t.logprob for t in item.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert item.top_logprobs[0].token == item.token.token  # greedy: the likeliest
+        assert item.token.logprob == pytest.approx(top[0]) and top[0] <= 0
+        assert sum(math.exp(value) for value in top) <= 1 + 1e-4
+        assert item.token.bytes.decode() == item.token.token
+    plain = run()
+    assert "".join(c.text for c in plain) == text and not any(c.logprobs for c in plain)
+    own_only = [item for c in run(logprobs=True) for item in c.logprobs]
+    assert [i.token.logprob for i in own_only] == pytest.approx([i.token.logprob for i in listed])
+    assert not any(item.top_logprobs for item in own_only)
 
 
 def test_generate_json_schema_constrains_output(runtime: ServerProcess) -> None:
@@ -256,6 +287,20 @@ BAD_REQUESTS = [
         "Predict",
         pb.PredictRequest(inputs={"country": "x" * (1 << 20)}),
         "inputs['country']",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "Generate",
+        pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="hi")], top_logprobs=2),
+        "top_logprobs",
+    ),
+    (
+        "too many top_logprobs",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], logprobs=True, top_logprobs=21
+        ),
+        "top_logprobs",
     ),
     (
         "too many stop strings",

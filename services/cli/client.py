@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from services.cli.common import TargetOption, TimeoutOption, app, err_console, fail, print_json
+from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 
 def _client(target: str, timeout: float) -> Any:
@@ -140,6 +141,10 @@ def generate(
     json_schema: Annotated[
         Optional[str], typer.Option(help="constrain output to this JSON Schema (text or @file)")  # noqa: UP045
     ] = None,
+    logprobs: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="then list each token's log-probability and this many likeliest (0..20)"),
+    ] = None,
     timeout: TimeoutOption = 300.0,
 ) -> None:
     """Chat with the raw model; the answer streams to the terminal."""
@@ -156,7 +161,11 @@ def generate(
             raise fail(f"--json-schema {schema}: {err.strerror}") from None
     if raw and system:
         raise fail("--system is a chat message; with --raw, put it in the text")
+    if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS_LIMIT:
+        raise fail(f"--logprobs {logprobs}: use 0..{TOP_LOGPROBS_LIMIT} (the likeliest tokens "
+                   "listed beside each one; 0 lists each token's own only)")  # fmt: skip
     messages = [] if raw else ([("system", system)] if system else []) + [("user", prompt)]
+    listed: list[pb.GeneratedTokenLogprob] = []
     try:
         with _client(target, timeout) as client:
             last = None
@@ -172,9 +181,12 @@ def generate(
                 seed=seed,
                 stop=stop,
                 json_schema=schema,
+                logprobs=logprobs is not None,
+                top_logprobs=logprobs or 0,
             ):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                listed += chunk.logprobs
                 last = chunk
     except grpc.RpcError as err:
         print()
@@ -187,6 +199,23 @@ def generate(
             f"first token {last.time_to_first_token_ms:.0f} ms · {last.latency_ms:.0f} ms[/]",
             highlight=False,
         )
+    if listed:
+        err_console.print(logprob_table(listed))
+
+
+def logprob_table(listed: list[Any]) -> Any:
+    """Each generated token, its probability and log-probability, and the likeliest tokens at
+    its position."""
+    import math
+
+    from rich.table import Table
+
+    table = Table("token", "p", "logprob", "likeliest", box=None, show_edge=False)
+    for item in listed:
+        likeliest = "  ".join(f"{t.token!r} {math.exp(t.logprob):.3f}" for t in item.top_logprobs)
+        table.add_row(repr(item.token.token), f"{math.exp(item.token.logprob):.3f}",
+                      f"{item.token.logprob:.3f}", likeliest)  # fmt: skip
+    return table
 
 
 @app.command("info")

@@ -78,8 +78,11 @@ class InferenceClient:
         stop: Sequence[str] = (),
         json_schema: str = "",
         prompt: str = "",
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> Iterator[pb.GenerateChunk]:
-        """A chat (`messages`), or with `prompt` (and no messages) a text continued as is."""
+        """A chat (`messages`), or with `prompt` (and no messages) a text continued as is;
+        with `logprobs`, each chunk carries its tokens' log-probabilities."""
         options = sampling(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
@@ -90,6 +93,8 @@ class InferenceClient:
             stop=list(stop),
             json_schema=json_schema,
             prompt=prompt,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         chunks: Iterator[pb.GenerateChunk] = self.stub.Generate(
             request, timeout=self.timeout_s, metadata=self.metadata

@@ -26,5 +26,12 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
-    # (confidence) asks for them.
+    # (confidence) asks for them, and a Generate that wants them shown.
     logprobs: bool = False
+    # The most likely tokens listed at each generated token's position (Generate's
+    # `top_logprobs`); 0 lists none.
+    top_logprobs: int = 0
+
+
+# OpenAI's and llama.cpp's bound on the alternatives listed per token.
+TOP_LOGPROBS_LIMIT = 20

@@ -6,12 +6,13 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from services.core.api import pb
 from services.core.program import FieldSpec
-from services.core.sampling import GenerationParams
+from services.core.sampling import TOP_LOGPROBS_LIMIT, GenerationParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 8
@@ -69,6 +70,7 @@ def sampling_params(
     stop: tuple[str, ...] = (),
     json_schema: str | None = None,
     logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> GenerationParams:
     max_tokens = limits.max_tokens_default
     if options.HasField("max_tokens"):
@@ -92,7 +94,18 @@ def sampling_params(
         stop=stop,
         json_schema=json_schema,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
+
+
+def logprob_request(request: pb.GenerateRequest) -> dict[str, Any]:
+    """Generate's `logprobs` and `top_logprobs` as GenerationParams takes them."""
+    top = request.top_logprobs
+    if top and not request.logprobs:
+        raise invalid("top_logprobs", "needs logprobs set to true")
+    if top > TOP_LOGPROBS_LIMIT:
+        raise invalid("top_logprobs", f"{top} is out of range; use 0..{TOP_LOGPROBS_LIMIT}")
+    return {"logprobs": request.logprobs, "top_logprobs": top}
 
 
 def _bounded(

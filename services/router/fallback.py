@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
+from services.core.api import pb
 from services.core.lm_connection import connection, litellm_connection
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
@@ -53,10 +54,12 @@ class Generated:
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of a streamed Generate: new text, or (the last piece) how it ended."""
+    """A piece of a streamed Generate: new text (with its tokens' log-probabilities when
+    asked for), or (the last piece) how it ended."""
 
     text: str
     final: Generated | None = None
+    logprobs: tuple[pb.GeneratedTokenLogprob, ...] = ()
 
 
 class FallbackModel:
@@ -137,6 +140,9 @@ class FallbackModel:
             "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p,
         }  # fmt: skip
+        if params.logprobs:
+            options["logprobs"] = True
+            options["top_logprobs"] = params.top_logprobs
         if params.stop:
             options["stop"] = list(params.stop)
         if seed is not None:
@@ -171,7 +177,10 @@ class FallbackModel:
                     continue
                 finish = chunk.choices[0].finish_reason or finish
                 if text := chunk.choices[0].delta.content:
-                    yield Piece(text=text)
+                    listed = api_logprobs(chunk.choices[0]) if "logprobs" in options else ()
+                    if "logprobs" in options and not listed:
+                        raise NoLogprobs(f"{self.model} answered without log-probabilities")
+                    yield Piece(text=text, logprobs=listed)
         yield Piece(text="", final=Generated(
             finished_by_length=finish == "length",
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
@@ -261,7 +270,7 @@ def retryable(err: Exception) -> bool:
     from dspy.utils import exceptions as lm
 
     refused = (lm.LMAuthError, lm.LMBillingError, lm.LMInvalidRequestError,
-               lm.LMConfigurationError, lm.AdapterParseError, UnparsedAnswer,
+               lm.LMConfigurationError, lm.AdapterParseError, UnparsedAnswer, NoLogprobs,
                # LiteLLM's own, from the streamed Generate
                litellm.AuthenticationError, litellm.PermissionDeniedError,
                litellm.BadRequestError, litellm.NotFoundError,
@@ -271,3 +280,29 @@ def retryable(err: Exception) -> bool:
 
 class UnparsedAnswer(ValueError):
     """A multi-step program's API answer that did not parse."""
+
+
+class NoLogprobs(ValueError):
+    """The API model does not give the log-probabilities a Generate asked for."""
+
+
+def api_logprobs(choice: Any) -> tuple[pb.GeneratedTokenLogprob, ...]:
+    """A streamed choice's `logprobs.content` (OpenAI's shape) as the proto's."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None) or []
+
+    def token(entry: Any) -> pb.TokenLogprob:
+        text = str(_get(entry, "token") or "")
+        raw = _get(entry, "bytes")
+        return pb.TokenLogprob(token=text, logprob=float(_get(entry, "logprob") or 0.0),
+                               bytes=bytes(raw) if raw else text.encode())  # fmt: skip
+
+    return tuple(
+        pb.GeneratedTokenLogprob(token=token(entry),
+                                 top_logprobs=[token(t) for t in _get(entry, "top_logprobs") or []])
+        for entry in content
+    )  # fmt: skip
+
+
+def _get(entry: Any, name: str) -> Any:
+    """A field of LiteLLM's logprob objects, or of the plain dicts some providers give."""
+    return entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)

@@ -191,6 +191,7 @@ class RouterService(pb_grpc.InferenceServicer):
         params = check.sampling_params(
             request.options, API_LIMITS, default_temperature=GENERATE_DEFAULT_TEMPERATURE,
             stop=check.stop_strings(request), json_schema=_json_schema(request.json_schema),
+            **check.logprob_request(request),
         )  # fmt: skip
         seed = request.options.seed if request.options.HasField("seed") else None
         started, first = time.perf_counter(), None
@@ -198,7 +199,7 @@ class RouterService(pb_grpc.InferenceServicer):
             async for piece in fallback.stream(messages, params, seed):
                 first = first or time.perf_counter()
                 if piece.final is None:
-                    yield pb.GenerateChunk(text=piece.text)
+                    yield pb.GenerateChunk(text=piece.text, logprobs=piece.logprobs)
                     continue
                 seconds = time.perf_counter() - started
                 account(seconds)

@@ -31,6 +31,7 @@ from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.backends.base import PreparedPrompt
 from services.runtime.loading import LoadedModel, load_model
+from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret, lm_call, prepare_answer
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
@@ -236,6 +237,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             default_temperature=GENERATE_DEFAULT_TEMPERATURE,
             stop=stop,
             json_schema=schema,
+            **check.logprob_request(request),
         )
         prompt = self._prepare_generate(model.backend, messages, text)
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
@@ -246,13 +248,15 @@ class InferenceService(pb_grpc.InferenceServicer):
 
         job = self._submit(scheduler, prompt, params, context)
         first_token_at: float | None = None
+        logprobs = ShownLogprobs()
         try:
             async for event in job.events():
                 if isinstance(event, TokenPiece):
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                    logprobs.add(event)
                     if event.text:
-                        yield pb.GenerateChunk(text=event.text)
+                        yield pb.GenerateChunk(text=event.text, logprobs=logprobs.shown(event.text))
                     continue
                 self._finish_or_fail(event, job, context)
                 self._count_tokens(event)
@@ -267,6 +271,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     time_to_first_token_ms=ttft * 1000,
                     served_by=pb.SERVED_BY_LOCAL,
                     model_id=model.backend.info.model_name,
+                    logprobs=logprobs.shown(event.text, last=True),
                 )
         except BackendError as err:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err

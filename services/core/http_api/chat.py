@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.core.api import pb
+from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -108,6 +109,8 @@ class ChatCompletionRequest(Sampled):
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
@@ -131,9 +134,12 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
     messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
                                content=_text(m.content)) for m in request.messages]  # fmt: skip
     options = request.sampling(request.max_completion_tokens or request.max_tokens)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise BadRequest("top_logprobs", "needs logprobs set to true")
     return pb.GenerateRequest(
-        messages=messages, options=options, stop=request.stops(), json_schema=_schema(request)
-    )
+        messages=messages, options=options, stop=request.stops(), json_schema=_schema(request),
+        logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
+    )  # fmt: skip
 
 
 def refuse_unserved(request: BaseModel, unserved: dict[str, str]) -> None:
@@ -161,7 +167,9 @@ def _schema(request: ChatCompletionRequest) -> str:
 # -- the answer ------------------------------------------------------------------------------
 
 
-def completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict[str, Any]:
+def completion(
+    chunks: list[pb.GenerateChunk], model: str, call_id: str, logprobs: bool = False
+) -> dict[str, Any]:
     """A `chat.completion` object from a whole Generate stream."""
     last = chunks[-1]
     return {
@@ -172,10 +180,23 @@ def completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+            "logprobs": chat_logprobs(chunks) if logprobs else None,
             "finish_reason": FINISH.get(last.finish_reason, "stop"),
         }],
         "usage": usage(last.usage),
     }  # fmt: skip
+
+
+def chat_logprobs(chunks: Iterable[pb.GenerateChunk]) -> dict[str, Any]:
+    """OpenAI's `choices[].logprobs` of a chat completion: each token, its log-probability,
+    its bytes and the likeliest tokens at its position."""
+
+    def entry(token: pb.TokenLogprob) -> dict[str, Any]:
+        return {"token": token.token, "logprob": token.logprob, "bytes": list(token.bytes)}
+
+    content = [{**entry(item.token), "top_logprobs": [entry(t) for t in item.top_logprobs]}
+               for chunk in chunks for item in chunk.logprobs]  # fmt: skip
+    return {"content": content, "refusal": None}
 
 
 def usage(counted: pb.Usage) -> dict[str, Any]:
@@ -188,21 +209,26 @@ def usage(counted: pb.Usage) -> dict[str, Any]:
 
 
 def stream_events(
-    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    """`chat.completion.chunk` objects: the role, each piece of text, the finish reason and,
-    when asked for, the usage on a last chunk with no choices."""
+    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool,
+    logprobs: bool = False,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """`chat.completion.chunk` objects: the role, each piece of text (with its tokens'
+    log-probabilities when asked for), the finish reason and, when asked for, the usage on a
+    last chunk with no choices."""
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def chunk(
+        delta: dict[str, Any], finish: str | None, shown: pb.GenerateChunk | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": chat_logprobs([shown]) if logprobs and shown else None}  # fmt: skip
         return {"id": call_id, "object": "chat.completion.chunk", "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                "model": model, "choices": [choice]}  # fmt: skip
 
     yield chunk({"role": "assistant", "content": ""}, None)
     for piece in chunks:
         if piece.text:
-            yield chunk({"content": piece.text}, None)
+            yield chunk({"content": piece.text}, None, piece)
         if piece.finish_reason:
             yield chunk({}, FINISH.get(piece.finish_reason, "stop"))
             if include_usage:

@@ -12,58 +12,86 @@ from pydantic import Field
 
 from services.core.api import pb
 from services.core.http_api.chat import FINISH, BadRequest, Sampled, refuse_unserved, usage
+from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 
 class CompletionRequest(Sampled):
     prompt: str | list[str]
     best_of: int = Field(1, ge=1, le=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)
     suffix: str | None = None
 
 
 def completion_call(request: CompletionRequest) -> pb.GenerateRequest:
     """The Generate call a text completion request asks for."""
     refuse_unserved(request, {"echo": "echoing the prompt is not served; the client has it",
-                              "logprobs": "log probabilities are not served",
                               "suffix": "fill-in-the-middle is not served"})  # fmt: skip
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     if len(prompts) != 1:
         raise BadRequest("prompt", f"{len(prompts)} prompts; send one per request")
     if not prompts[0]:
         raise BadRequest("prompt", "must not be empty")
+    wanted = request.logprobs is not None  # logprobs=0: each token's own, no alternatives
     return pb.GenerateRequest(
-        prompt=prompts[0], options=request.sampling(request.max_tokens), stop=request.stops()
-    )
+        prompt=prompts[0], options=request.sampling(request.max_tokens), stop=request.stops(),
+        logprobs=wanted, top_logprobs=request.logprobs or 0,
+    )  # fmt: skip
 
 
-def text_completion(chunks: list[pb.GenerateChunk], model: str, call_id: str) -> dict[str, Any]:
+def text_completion(
+    chunks: list[pb.GenerateChunk], model: str, call_id: str, logprobs: bool = False
+) -> dict[str, Any]:
     """A `text_completion` object from a whole Generate stream."""
     last = chunks[-1]
     return {
         "id": call_id, "object": "text_completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": "".join(c.text for c in chunks), "logprobs": None,
+        "choices": [{"index": 0, "text": "".join(c.text for c in chunks),
+                     "logprobs": text_logprobs(chunks) if logprobs else None,
                      "finish_reason": FINISH.get(last.finish_reason, "stop")}],
         "usage": usage(last.usage),
     }  # fmt: skip
 
 
-def text_stream_events(
-    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    """`text_completion` objects as OpenAI streams them: each piece of text, the finish reason
-    and, when asked for, the usage on a last object with no choices."""
-    created = int(time.time())
+def text_logprobs(chunks: list[pb.GenerateChunk], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions' `logprobs`: the tokens, their log-probabilities, the
+    likeliest tokens at each position as a map, and where each token begins in the text
+    (counted from `offset`)."""
+    items = [item for chunk in chunks for item in chunk.logprobs]
+    starts = []
+    for item in items:
+        starts.append(offset)
+        offset += len(item.token.token)
+    return {
+        "tokens": [item.token.token for item in items],
+        "token_logprobs": [item.token.logprob for item in items],
+        "top_logprobs": [{t.token: t.logprob for t in item.top_logprobs} for item in items],
+        "text_offset": starts,
+    }
 
-    def piece(text: str, finish: str | None) -> dict[str, Any]:
+
+def text_stream_events(
+    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool,
+    logprobs: bool = False,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """`text_completion` objects as OpenAI streams them: each piece of text (with its tokens'
+    log-probabilities when asked for), the finish reason and, when asked for, the usage on a
+    last object with no choices."""
+    created = int(time.time())
+    sent = 0  # characters streamed so far: where the next piece's tokens begin
+
+    def piece(text: str, finish: str | None, shown: pb.GenerateChunk | None = None
+              ) -> dict[str, Any]:  # fmt: skip
+        listed = text_logprobs([shown], sent) if logprobs and shown else None
         return {"id": call_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
+                "choices": [{"index": 0, "text": text, "logprobs": listed,
                              "finish_reason": finish}]}  # fmt: skip
 
     for chunk in chunks:
         if chunk.text:
-            yield piece(chunk.text, None)
+            yield piece(chunk.text, None, chunk)
+            sent += len(chunk.text)
         if chunk.finish_reason:
             yield piece("", FINISH.get(chunk.finish_reason, "stop"))
             if include_usage:

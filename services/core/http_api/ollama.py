@@ -15,6 +15,7 @@ from pydantic import Field
 
 from services.core.api import pb
 from services.core.http_api.chat import BadRequest, Body, refuse_unserved
+from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these are
 _DONE = {pb.FINISH_REASON_LENGTH: "length"}  # anything else ended as a stop
@@ -47,7 +48,8 @@ class _Call(Body):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: Options = Options()
     think: bool | str | None = None
-    logprobs: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)
 
 
 class ChatRequest(_Call):
@@ -140,8 +142,8 @@ def generate_call(request: GenerateRequest) -> pb.GenerateRequest | None:
 def _refuse(request: _Call) -> None:
     if request.think:
         raise BadRequest("think", f"'{request.model}' does not support thinking")
-    if request.logprobs:
-        raise BadRequest("logprobs", "log probabilities are not served")
+    if request.top_logprobs and not request.logprobs:
+        raise BadRequest("top_logprobs", "needs logprobs set to true")
 
 
 def _generate(
@@ -161,7 +163,8 @@ def _generate(
     )
     return pb.GenerateRequest(
         messages=messages, prompt=prompt, options=options, stop=given.stop,
-        json_schema=_schema(request.format),
+        json_schema=_schema(request.format), logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs or 0,
     )  # fmt: skip
 
 
@@ -175,20 +178,36 @@ def _schema(wanted: str | dict[str, Any] | None) -> str:
 
 
 def answer_lines(
-    chunks: Iterator[pb.GenerateChunk], model: str, chat: bool
+    chunks: Iterator[pb.GenerateChunk], model: str, chat: bool, logprobs: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """The streamed answer: an object per piece of text, then the last with `done` and counts."""
+    """The streamed answer: an object per piece of text (and its tokens' log-probabilities
+    when asked for), then the last with `done` and counts."""
     for piece in chunks:
         if piece.text or not piece.finish_reason:
-            yield _line(model, chat, piece.text, done=False)
+            line = _line(model, chat, piece.text, done=False)
+            yield {**line, "logprobs": token_logprobs([piece])} if logprobs else line
         if piece.finish_reason:
             yield {**_line(model, chat, "", done=True), **_counts(piece)}
 
 
-def whole_answer(chunks: list[pb.GenerateChunk], model: str, chat: bool) -> dict[str, Any]:
+def whole_answer(
+    chunks: list[pb.GenerateChunk], model: str, chat: bool, logprobs: bool = False
+) -> dict[str, Any]:
     """The answer with `"stream": false`: one object with all the text and the counts."""
     text = "".join(piece.text for piece in chunks)
-    return {**_line(model, chat, text, done=True), **_counts(chunks[-1])}
+    answer = {**_line(model, chat, text, done=True), **_counts(chunks[-1])}
+    return {**answer, "logprobs": token_logprobs(chunks)} if logprobs else answer
+
+
+def token_logprobs(chunks: list[pb.GenerateChunk]) -> list[dict[str, Any]]:
+    """Ollama's `logprobs`: each token, its log-probability and bytes, and the likeliest
+    tokens at its position (`top_logprobs`)."""
+
+    def entry(token: pb.TokenLogprob) -> dict[str, Any]:
+        return {"token": token.token, "logprob": token.logprob, "bytes": list(token.bytes)}
+
+    return [{**entry(item.token), "top_logprobs": [entry(t) for t in item.top_logprobs]}
+            for chunk in chunks for item in chunk.logprobs]  # fmt: skip
 
 
 def loaded(model: str, chat: bool) -> dict[str, Any]:

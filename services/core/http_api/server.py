@@ -275,9 +275,10 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             chunks = front.stub.Generate(call, metadata=metadata)
             call_id = f"{kind}-{uuid.uuid4().hex}"
             if not request.stream:
-                return self._send_json(200, whole(list(chunks), model, call_id))
+                return self._send_json(200, whole(list(chunks), model, call_id, call.logprobs))
             include = bool(request.stream_options and request.stream_options.include_usage)
-            self._stream(chunks, lambda pieces: events(pieces, model, call_id, include))
+            self._stream(chunks, lambda pieces: events(pieces, model, call_id, include,
+                                                       call.logprobs))  # fmt: skip
 
         def _ollama_chat(self, raw: bytes) -> None:
             request = parse_body(ollama.ChatRequest, raw)
@@ -296,10 +297,12 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             if call is None:
                 return self._send_json(200, ollama.loaded(request.model, chat))
             chunks = front.stub.Generate(call, metadata=metadata)
+            wanted = call.logprobs
             if not request.stream:
-                return self._send_json(200, ollama.whole_answer(list(chunks), request.model, chat))
+                whole = ollama.whole_answer(list(chunks), request.model, chat, wanted)
+                return self._send_json(200, whole)
             self._stream(chunks, lambda all_chunks: ollama.answer_lines(all_chunks, request.model,
-                                                                        chat))  # fmt: skip
+                                                                        chat, wanted))  # fmt: skip
 
         def _ollama_show(self, raw: bytes) -> None:
             asked = parse_body(ollama.ChatRequest, raw).model  # only `model` is read

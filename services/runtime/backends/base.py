@@ -45,13 +45,17 @@ class TokenPiece:
 
     `text` is what may be shown now (stop strings are held back until ruled out);
     [start, end) is the token's span in the whole generated text, `logprob` the model's
-    log-probability of the token (None when the backend does not report it).
+    log-probability of the token (None when the backend does not report it). Asked for
+    `top_logprobs`, `token` holds the token's bytes and `top` the most likely tokens at its
+    position with their log-probabilities, most likely first.
     """
 
     text: str
     start: int
     end: int
     logprob: float | None
+    token: bytes = b""
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)

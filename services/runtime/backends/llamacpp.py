@@ -259,9 +259,8 @@ class LlamaCppBackend(ChatModelMethods):
                     reason = "stop"
                     break
                 produced += 1
-                text, start, end = buffer.feed(llm.detokenize([token]))
-                logprob = self._logprob(token) if params.logprobs else None
-                yield TokenPiece(text=text, start=start, end=end, logprob=logprob)
+                yield logprob_piece(buffer.feed(llm.detokenize([token])), buffer, llm._ctx.ctx, -1,
+                                    self._n_vocab, token, params, llm.detokenize)  # fmt: skip
                 if buffer.stopped:
                     reason = "stop_sequence"
                     break
@@ -309,21 +308,41 @@ class LlamaCppBackend(ChatModelMethods):
             answer.close()
         yield answer.finished(reason, len(tokens), cached)  # type: ignore[arg-type]
 
-    def _logprob(self, token: int) -> float:
-        return token_logprob(self._llm._ctx.ctx, -1, self._n_vocab, token)
-
     def close(self) -> None:
         self._llm.close()
 
 
-def token_logprob(ctx: Any, index: int, n_vocab: int, token: int) -> float:
-    """log p(token) under the model, from the logits at batch position `index`."""
+def token_logprobs(
+    ctx: Any, index: int, n_vocab: int, token: int, top: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under the model (its logits' softmax at batch position `index`, before
+    any sampler), and the `top` most likely tokens with theirs, most likely first."""
     import llama_cpp
 
     pointer = llama_cpp.llama_get_logits_ith(ctx, index)
     logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
     peak = float(logits.max())
-    return float(logits[token]) - (peak + float(np.log(np.exp(logits - peak).sum())))
+    log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+    likeliest: list[tuple[int, float]] = []
+    if top:
+        ids = np.argpartition(-logits, top)[:top]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        likeliest = [(int(i), float(logits[i]) - log_total) for i in ids]
+    return float(logits[token]) - log_total, likeliest
+
+
+def logprob_piece(
+    fed: tuple[str, int, int], buffer: StopStringBuffer, ctx: Any, index: int, n_vocab: int,
+    token: int, params: GenerationParams, detokenize: Callable[[list[int]], bytes],
+) -> TokenPiece:  # fmt: skip
+    """A free-text token as a piece (what `buffer.feed` gave for it), with what `params` asks
+    of its log-probabilities: none for a token the stop string swallowed whole."""
+    text, start, end = fed
+    if not params.logprobs or (buffer.stopped and start == end):
+        return TokenPiece(text, start, end, None)
+    logprob, top = token_logprobs(ctx, index, n_vocab, token, params.top_logprobs)
+    alternatives = tuple((bytes(detokenize([i])), value) for i, value in top)
+    return TokenPiece(text, start, end, logprob, bytes(detokenize([token])), alternatives)
 
 
 class PlannedAnswer:

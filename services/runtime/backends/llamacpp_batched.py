@@ -44,8 +44,8 @@ from services.runtime.backends.llamacpp import (
     ChatModel,
     ChatModelMethods,
     PlannedAnswer,
+    logprob_piece,
     sampler_chain,
-    token_logprob,
 )
 from services.runtime.backends.text import StopStringBuffer
 
@@ -413,9 +413,11 @@ class BatchedLlamaCpp(ChatModelMethods):
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             return [self._finish(sequence, "stop")]
         sequence.produced += 1
-        text, start, end = sequence.buffer.feed(self._model.detokenize([token]))
-        logprob = self._logprob(sequence.logits_index, token) if sequence.params.logprobs else None
-        events: list[TokenPiece | Finished] = [TokenPiece(text, start, end, logprob)]
+        fed = sequence.buffer.feed(self._model.detokenize([token]))
+        piece = logprob_piece(fed, sequence.buffer, self._ctx.ctx, sequence.logits_index,
+                              self._n_vocab, token, sequence.params,
+                              self._model.detokenize)  # fmt: skip
+        events: list[TokenPiece | Finished] = [piece]
         if sequence.buffer.stopped:
             events.append(self._finish(sequence, "stop_sequence"))
         elif (
@@ -459,9 +461,6 @@ class BatchedLlamaCpp(ChatModelMethods):
             cached_prompt_tokens=sequence.cached,
             text=sequence.buffer.flush() if reason != "cancelled" else "",
         )
-
-    def _logprob(self, index: int, token: int) -> float:
-        return token_logprob(self._ctx.ctx, index, self._n_vocab, token)
 
 
 SLOT_REUSE_SLACK = 32

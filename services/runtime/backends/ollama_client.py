@@ -107,6 +107,7 @@ class OllamaBackend:
                 messages,
                 stream=True,
                 logprobs=params.logprobs,
+                top_logprobs=params.top_logprobs or None,
                 options=options,
                 format=fmt,
             )
@@ -141,7 +142,9 @@ def _pieces(chunk: Any, offset: int) -> Iterator[TokenPiece]:
     logprobs = chunk.logprobs or []
     if logprobs and "".join(lp.token for lp in logprobs) == content:
         for lp in logprobs:
-            yield TokenPiece(lp.token, offset, offset + len(lp.token), lp.logprob)
+            top = tuple((t.token.encode(), t.logprob) for t in lp.top_logprobs or [])
+            yield TokenPiece(lp.token, offset, offset + len(lp.token), lp.logprob,
+                             lp.token.encode(), top)  # fmt: skip
             offset += len(lp.token)
     elif content:
         yield TokenPiece(content, offset, offset + len(content), None)
