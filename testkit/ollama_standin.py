@@ -77,7 +77,7 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 kwargs["seed"] = options["seed"]
             if body.get("logprobs"):
                 kwargs["logprobs"] = True
-                kwargs["top_logprobs"] = 1
+                kwargs["top_logprobs"] = body.get("top_logprobs") or 1
             if isinstance(body.get("format"), dict):
                 kwargs["response_format"] = {"type": "json_object", "schema": body["format"]}
             if body.get("stream") is False:  # one JSON object, as Ollama answers then
@@ -106,8 +106,11 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                     logprobs = (choice.get("logprobs") or {}).get("content") or []
                     if logprobs:
                         line["logprobs"] = [
-                            {"token": lp["token"], "logprob": lp["logprob"]} for lp in logprobs
-                        ]
+                            {"token": lp["token"], "logprob": lp["logprob"],
+                             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]}
+                                              for t in lp.get("top_logprobs") or []]}
+                            for lp in logprobs
+                        ]  # fmt: skip
                     if not self._send_line(line):
                         return  # client went away: stop generating, as Ollama does
                 prompt_tokens = llm.n_tokens - count

@@ -80,6 +80,12 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
     assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert 1 <= chunks[-1].usage.completion_tokens <= 12
     assert "".join(c.text for c in chunks).strip()
+    with InferenceClient(ollama_runtime.target) as client:  # Ollama's own log-probabilities
+        listed = [item for c in client.generate([("user", "Name a fruit.")], max_tokens=12,
+                                                temperature=0, logprobs=True, top_logprobs=2)
+                  for item in c.logprobs]  # fmt: skip
+    assert "".join(item.token.token for item in listed) == "".join(c.text for c in chunks)
+    assert all(len(item.top_logprobs) == 2 and item.token.logprob <= 0 for item in listed)
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(ollama_runtime.target))  # chats only
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(pb.GenerateRequest(prompt="Once")))
