@@ -70,6 +70,7 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     body = {
         "model": "anything", "stop": "END", "max_completion_tokens": 9, "temperature": 0.2,
         "seed": 7, "top_k": 5, "logprobs": True, "top_logprobs": 3, "user": "u1",  # ignored
+        "frequency_penalty": 0.5, "presence_penalty": -0.25,
         "messages": [{"role": "developer", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "a"},
                                                   {"type": "text", "text": "b"}]}],
@@ -83,6 +84,7 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     assert call.options.temperature == pytest.approx(0.2)
     assert not call.options.HasField("top_p")  # unset: the server's default
     assert call.logprobs and call.top_logprobs == 3
+    assert (call.options.frequency_penalty, call.options.presence_penalty) == (0.5, -0.25)
     plain = http.parse_request(b'{"messages": [{"role": "user", "content": "x"}]}')
     assert not http.generate_request(plain).options.HasField("temperature")
     assert not http.generate_request(plain).logprobs
@@ -145,7 +147,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
             {"role": "user", "content": "a"}], "tools": [], "think": False,
             "format": {"type": "integer"}, "keep_alive": "5m",
             "options": {"num_predict": 9, "temperature": 0.2, "seed": -1, "stop": ["END"],
-                        "num_ctx": 4096, "top_k": 5}}  # fmt: skip
+                        "num_ctx": 4096, "top_k": 5, "frequency_penalty": 0.5}}  # fmt: skip
     request = http.parse_body(ollama_api.ChatRequest, json.dumps(body).encode())
     assert request.stream  # Ollama streams unless told not to
     call = ollama_api.chat_call(request)
@@ -153,6 +155,7 @@ def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     assert [(m.role, m.content) for m in call.messages] == [("system", "Be brief."), ("user", "a")]
     assert call.options.max_tokens == 9 and call.options.top_k == 5 and list(call.stop) == ["END"]
     assert not call.options.HasField("seed")  # -1: a random seed, as unset is
+    assert call.options.frequency_penalty == 0.5 and not call.options.HasField("presence_penalty")
     assert json.loads(call.json_schema) == {"type": "integer"}
     raw = json.dumps({"model": "m", "prompt": "p", "system": "s", "format": "json",
                       "options": {"num_predict": -1}}).encode()  # fmt: skip
@@ -459,8 +462,11 @@ def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
     reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
     expected = reference.create_completion(prompt, max_tokens=12, temperature=0.0,
                                            repeat_penalty=1.0)["choices"][0]["text"]  # fmt: skip
+    penalties = {"frequency_penalty": 1.2, "presence_penalty": 0.6}
+    penalised = reference.create_completion(prompt, max_tokens=12, temperature=0.0,
+                                            repeat_penalty=1.0, **penalties)  # fmt: skip
     reference.close()
-    assert expected.strip()
+    assert expected.strip() and penalised["choices"][0]["text"] != expected
     runtime, runtime_http, router, router_http = served
     greedy = pb.SamplingOptions(max_tokens=12, temperature=0.0)
     call = pb.GenerateRequest(prompt=prompt, options=greedy)
@@ -474,6 +480,9 @@ def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
         pieces = list(client.completions.create(model="m", prompt=prompt, max_tokens=12,
                                                 temperature=0, stream=True))  # fmt: skip
         assert "".join(p.choices[0].text for p in pieces) == expected
+        same = client.completions.create(model="m", prompt=prompt, max_tokens=12,
+                                         temperature=0, **penalties)  # fmt: skip
+        assert same.choices[0].text == penalised["choices"][0]["text"]  # llama.cpp's penalties
         host = ollama.Client(host=f"http://127.0.0.1:{port}",
                              headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
         name = str(host.list().models[0].model)

@@ -85,6 +85,8 @@ def test_generate_takes_llama_cpps_sampling_options(runtime: ServerProcess) -> N
     assert run(temperature=1.5, seed=5, min_p=1.0) == greedy
     penalised = run(temperature=0, repeat_penalty=1.8)
     assert penalised.count("1,") < greedy.count("1,"), penalised
+    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}):  # OpenAI's
+        assert run(temperature=0, **penalty).count("1,") < greedy.count("1,"), penalty
 
 
 def test_generate_stop_string_is_honoured(runtime: ServerProcess) -> None:
@@ -287,6 +289,15 @@ BAD_REQUESTS = [
         "Predict",
         pb.PredictRequest(inputs={"country": "x" * (1 << 20)}),
         "inputs['country']",
+    ),
+    (
+        "frequency penalty out of range",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")],
+            options=pb.SamplingOptions(frequency_penalty=2.5),
+        ),
+        "options.frequency_penalty",
     ),
     (
         "top_logprobs without logprobs",

@@ -136,6 +136,12 @@ def generate(
     repeat_penalty: Annotated[
         Optional[float], typer.Option(help="penalise the last 64 tokens; 1 is off")  # noqa: UP045
     ] = None,
+    frequency_penalty: Annotated[
+        Optional[float], typer.Option(help="less of what the last 64 tokens repeat; 0 is off")  # noqa: UP045
+    ] = None,
+    presence_penalty: Annotated[
+        Optional[float], typer.Option(help="less of what the last 64 tokens hold; 0 is off")  # noqa: UP045
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,  # noqa: UP045
     stop: Annotated[list[str], typer.Option(help="stop string (repeat)")] = [],  # noqa: B006
     json_schema: Annotated[
@@ -178,6 +184,8 @@ def generate(
                 top_k=top_k,
                 min_p=min_p,
                 repeat_penalty=repeat_penalty,
+                frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty,
                 seed=seed,
                 stop=stop,
                 json_schema=schema,

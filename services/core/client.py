@@ -74,6 +74,8 @@ class InferenceClient:
         top_k: int | None = None,
         min_p: float | None = None,
         repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
         json_schema: str = "",
@@ -85,7 +87,8 @@ class InferenceClient:
         with `logprobs`, each chunk carries its tokens' log-probabilities."""
         options = sampling(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+            min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, seed=seed,
         )  # fmt: skip
         request = pb.GenerateRequest(
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],

@@ -23,6 +23,8 @@ class GenerationParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict

@@ -91,6 +91,8 @@ def sampling_params(
         top_k=options.top_k if options.HasField("top_k") else 40,
         min_p=_bounded(options, "min_p", 0.05, lambda v: 0.0 <= v <= 1.0, "0..1"),
         repeat_penalty=_bounded(options, "repeat_penalty", 1.0, lambda v: 0.0 < v <= 2.0, "(0, 2]"),
+        frequency_penalty=_bounded(options, "frequency_penalty", 0.0, _penalty, "-2..2"),
+        presence_penalty=_bounded(options, "presence_penalty", 0.0, _penalty, "-2..2"),
         stop=stop,
         json_schema=json_schema,
         logprobs=logprobs,
@@ -106,6 +108,10 @@ def logprob_request(request: pb.GenerateRequest) -> dict[str, Any]:
     if top > TOP_LOGPROBS_LIMIT:
         raise invalid("top_logprobs", f"{top} is out of range; use 0..{TOP_LOGPROBS_LIMIT}")
     return {"logprobs": request.logprobs, "top_logprobs": top}
+
+
+def _penalty(value: float) -> bool:
+    return -2.0 <= value <= 2.0
 
 
 def _bounded(

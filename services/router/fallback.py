@@ -135,11 +135,15 @@ class FallbackModel:
 
     def _options(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
         """A Generate call's options as an OpenAI-style API takes them (llama.cpp's top_k,
-        min_p and repeat_penalty are the local sampler's: not sent)."""
+        min_p and repeat_penalty are the local sampler's: not sent; OpenAI's frequency and
+        presence penalties are)."""
         options: dict[str, Any] = {
             "max_tokens": params.max_tokens, "temperature": params.temperature,
             "top_p": params.top_p,
         }  # fmt: skip
+        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's own: sent when set
+            if getattr(params, name):
+                options[name] = getattr(params, name)
         if params.logprobs:
             options["logprobs"] = True
             options["top_logprobs"] = params.top_logprobs

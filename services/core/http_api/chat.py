@@ -92,12 +92,15 @@ class Sampled(Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
 
     def sampling(self, max_tokens: int | None) -> pb.SamplingOptions:
         return pb.SamplingOptions(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed, top_k=self.top_k, min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty,
+            repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
         )  # fmt: skip
 
     def stops(self) -> list[str]:

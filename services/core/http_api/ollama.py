@@ -33,6 +33,8 @@ class Options(Body):
     seed: int | None = Field(None, lt=2**32)
     stop: list[str] = Field(default_factory=list)
     repeat_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
 
 
 class Message(Body):
@@ -160,6 +162,8 @@ def _generate(
         top_k=given.top_k,
         min_p=given.min_p,
         repeat_penalty=given.repeat_penalty,
+        frequency_penalty=given.frequency_penalty,
+        presence_penalty=given.presence_penalty,
     )
     return pb.GenerateRequest(
         messages=messages, prompt=prompt, options=options, stop=given.stop,

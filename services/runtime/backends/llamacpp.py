@@ -246,6 +246,8 @@ class LlamaCppBackend(ChatModelMethods):
                 top_k=0 if greedy else params.top_k,
                 min_p=0.0 if greedy else params.min_p,
                 repeat_penalty=params.repeat_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
                 grammar=grammar,
             )
         except Exception as err:
@@ -428,8 +430,9 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
     from llama_cpp import _internals
 
     sampler = _internals.LlamaSampler()
-    if params.repeat_penalty != 1.0:  # over the last 64 tokens, as Llama.generate's default
-        sampler.add_penalties(model.n_vocab(), 64, params.repeat_penalty, 0.0, 0.0)
+    penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+    if penalties != (1.0, 0.0, 0.0):  # over the last 64 tokens, as Llama.generate's default
+        sampler.add_penalties(model.n_vocab(), 64, *penalties)
     if grammar is None and params.json_schema:
         grammar = grammar_for(params.json_schema)
     if grammar is not None:

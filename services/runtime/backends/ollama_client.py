@@ -90,6 +90,8 @@ class OllamaBackend:
             "top_k": params.top_k,
             "min_p": params.min_p,
             "repeat_penalty": params.repeat_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "presence_penalty": params.presence_penalty,
             "seed": params.seed,
             "num_ctx": self._n_ctx,
         }
