@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest, Body, refuse_unserved
+from services.core.http_api.chat import BadRequest, Body, chat_logprobs, refuse_unserved
 from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these are
@@ -204,14 +204,10 @@ def whole_answer(
 
 
 def token_logprobs(chunks: list[pb.GenerateChunk]) -> list[dict[str, Any]]:
-    """Ollama's `logprobs`: each token, its log-probability and bytes, and the likeliest
-    tokens at its position (`top_logprobs`)."""
-
-    def entry(token: pb.TokenLogprob) -> dict[str, Any]:
-        return {"token": token.token, "logprob": token.logprob, "bytes": list(token.bytes)}
-
-    return [{**entry(item.token), "top_logprobs": [entry(t) for t in item.top_logprobs]}
-            for chunk in chunks for item in chunk.logprobs]  # fmt: skip
+    """Ollama's `logprobs`: OpenAI's entries (each token, its log-probability and bytes, and
+    the likeliest tokens at its position), as a list."""
+    listed: list[dict[str, Any]] = chat_logprobs(chunks)["content"]
+    return listed
 
 
 def loaded(model: str, chat: bool) -> dict[str, Any]:
