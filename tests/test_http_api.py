@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from services.core.api import pb, pb_grpc
+from services.core.client import InferenceClient
 from services.core.http_api import chat as http
 from services.core.http_api import ollama as ollama_api
 from services.core.http_api.predict import predict_answer, predict_request
@@ -549,6 +550,41 @@ def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(
         assert said.logprobs and "".join(lp.token for lp in said.logprobs) == said.message.content
         assert [lp.logprob for lp in said.logprobs] == pytest.approx(
             [t.logprob for t in content], abs=0.05)  # fmt: skip
+
+
+def test_tokenize_and_detokenize_answer_as_llama_cpps_server_through_the_router(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    """`/tokenize` (a text's tokens alone unless `add_special`, with pieces on request, or a
+    chat's as a chat completion prompts it) and `/detokenize`, on the runtime and through the
+    router, agree with gRPC; a bad body is a 400 naming the field."""
+    import httpx
+
+    runtime, runtime_http, _, router_http = served
+    with InferenceClient(runtime.target, token=TOKEN) as client:
+        bare = list(client.tokenize(prompt="Hello world", bare=True).tokens)
+        chat = list(client.tokenize([(m["role"], m["content"]) for m in QUESTION]).tokens)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for port in (runtime_http, router_http):
+        base = f"http://127.0.0.1:{port}"
+        said = httpx.post(f"{base}/tokenize", json={"content": "Hello world"}, headers=headers)
+        assert said.json() == {"tokens": bare, "n_ctx": 1024}
+        pieces = httpx.post(
+            f"{base}/tokenize",
+            headers=headers,
+            json={"content": "Hello world", "with_pieces": True},
+        ).json()
+        assert [p["id"] for p in pieces["tokens"]] == bare
+        assert "".join(p["piece"] for p in pieces["tokens"]) == "Hello world"
+        as_chat = httpx.post(f"{base}/tokenize", json={"messages": QUESTION}, headers=headers)
+        assert as_chat.json()["tokens"] == chat
+        back = httpx.post(f"{base}/detokenize", json={"tokens": bare}, headers=headers)
+        assert back.json() == {"content": "Hello world"}
+        wrong = httpx.post(f"{base}/detokenize", json={"tokens": [bare[0], 10**7]},
+                           headers=headers)  # fmt: skip
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "tokens[1]"
+        neither = httpx.post(f"{base}/tokenize", json={}, headers=headers)
+        assert neither.status_code == 400 and neither.json()["error"]["param"] == "content"
 
 
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(

@@ -277,6 +277,10 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
         assert "".join(item.token.token for item in listed) == whole
         assert all(len(i.top_logprobs) == 2 and i.token.logprob <= 0 for i in listed)
         assert chunks[-1].served_by == pb.SERVED_BY_FALLBACK
+        with InferenceClient(router.target) as client, pytest.raises(grpc.RpcError) as caught:
+            client.tokenize(prompt="Once")  # the local model's tokens: no runtime, no answer
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "tokens are the local model's" in (caught.value.details() or "")
         info = InferenceClient(router.target).info()  # from the bundle: no runtime to ask
         assert info.backend == "api:openai/teacher-smol" and info.model_name == "capitals"
         assert [f.name for f in info.signature.input_fields] == ["country"]

@@ -134,6 +134,35 @@ def test_generate_gives_each_shown_tokens_log_probability(runtime: ServerProcess
     assert not any(item.top_logprobs for item in own_only)
 
 
+def test_tokenize_gives_what_generate_prompts_and_detokenize_reverses_it(
+    runtime: ServerProcess, gguf_path: Path
+) -> None:
+    """A chat's tokens are as many as Generate's prompt; a text's are llama-cpp-python's own
+    (with the beginning-of-text token where the model adds one, or bare); each piece is its
+    token's text, special tokens included, and Detokenize gives the text back."""
+    import llama_cpp
+
+    chat = [("user", "Name three colours.")]
+    text = "The capital of Norway is Oslo."
+    reference = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    with InferenceClient(runtime.target) as client:
+        counted = client.tokenize(chat, with_pieces=True)
+        generated = list(client.generate(chat, max_tokens=1, temperature=0))
+        assert len(counted.tokens) == generated[-1].usage.prompt_tokens
+        assert counted.context_length == 2048
+        rendered = client.detokenize(counted.tokens)
+        assert rendered.startswith("<|im_start|>") and "Name three colours." in rendered
+        assert "".join(piece.token for piece in counted.pieces) == rendered
+        assert list(client.tokenize(prompt=text).tokens) == reference.tokenize(text.encode())
+        bare = client.tokenize(prompt=text, bare=True).tokens
+        assert list(bare) == reference.tokenize(text.encode(), add_bos=False)
+        assert client.detokenize(bare) == text
+        with pytest.raises(grpc.RpcError) as caught:
+            client.detokenize([bare[0], reference.n_vocab()])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("tokens[1]:")
+
+
 def test_generate_json_schema_constrains_output(runtime: ServerProcess) -> None:
     schema = {
         "type": "object",

@@ -104,6 +104,28 @@ class InferenceClient:
         )
         return chunks
 
+    def tokenize(
+        self, messages: Sequence[tuple[str, str]] = (), *, prompt: str = "", bare: bool = False,
+        with_pieces: bool = False,
+    ) -> pb.TokenizeResponse:  # fmt: skip
+        """The model's tokens for a chat, or a text (`bare`: without the beginning-of-text
+        token), as Generate prompts it."""
+        request = pb.TokenizeRequest(
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], prompt=prompt,
+            bare=bare, with_pieces=with_pieces,
+        )  # fmt: skip
+        reply: pb.TokenizeResponse = self.stub.Tokenize(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
+        return reply
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        request = pb.DetokenizeRequest(tokens=list(tokens))
+        reply: pb.DetokenizeResponse = self.stub.Detokenize(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
+        return reply.text
+
     def info(self) -> pb.ModelInfo:
         reply: pb.ModelInfo = self.stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata

@@ -71,6 +71,16 @@ def add_inference_servicer(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_tolerant(pb.GetModelInfoRequest),
             response_serializer=pb.ModelInfo.SerializeToString,
         ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            _guard_unary(servicer.Tokenize),
+            request_deserializer=_tolerant(pb.TokenizeRequest),
+            response_serializer=pb.TokenizeResponse.SerializeToString,
+        ),
+        "Detokenize": grpc.unary_unary_rpc_method_handler(
+            _guard_unary(servicer.Detokenize),
+            request_deserializer=_tolerant(pb.DetokenizeRequest),
+            response_serializer=pb.DetokenizeResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -40,7 +40,11 @@ class Limits:
     context_length: int
 
 
-def check_size(request: pb.PredictRequest | pb.GenerateRequest, limit: int) -> None:
+# A chat or a text, as Generate and Tokenize take them.
+Prompted = pb.GenerateRequest | pb.TokenizeRequest
+
+
+def check_size(request: pb.PredictRequest | Prompted, limit: int) -> None:
     size = request.ByteSize()
     if size <= limit:
         return
@@ -54,7 +58,8 @@ def check_size(request: pb.PredictRequest | pb.GenerateRequest, limit: int) -> N
         for index, message in enumerate(request.messages):
             if len(message.content.encode()) > largest_size:
                 largest, largest_size = f"messages[{index}].content", len(message.content.encode())
-        if len(request.json_schema) > largest_size:
+        schema = request.json_schema if isinstance(request, pb.GenerateRequest) else ""
+        if len(schema) > largest_size:
             largest = "json_schema"
     raise invalid(
         largest,
@@ -152,7 +157,7 @@ def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> d
     return given
 
 
-def raw_prompt(request: pb.GenerateRequest) -> str | None:
+def raw_prompt(request: Prompted) -> str | None:
     """The text to continue as is (a text completion), or None for a chat."""
     if not request.prompt:
         return None
@@ -163,7 +168,7 @@ def raw_prompt(request: pb.GenerateRequest) -> str | None:
     return request.prompt
 
 
-def chat_messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+def chat_messages(request: Prompted) -> list[dict[str, str]]:
     if not request.messages:
         raise invalid("messages", "at least one message is required (or a prompt to continue)")
     messages = []

@@ -145,6 +145,34 @@ class RouterService(pb_grpc.InferenceServicer):
             await context.abort(err.code(), err.details() or "")
             raise
 
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        reply: pb.TokenizeResponse = await self._runtime_only("Tokenize", request, context)
+        return reply
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: Any
+    ) -> pb.DetokenizeResponse:
+        reply: pb.DetokenizeResponse = await self._runtime_only("Detokenize", request, context)
+        return reply
+
+    async def _runtime_only(self, method: str, request: Any, context: Any) -> Any:
+        """A call about the local model's tokens: a runtime answers it, or it is UNAVAILABLE
+        (the API model's tokenizer is not the local one)."""
+        code = grpc.StatusCode.OK
+        try:
+            return await self._local.call(method, request, self._timeout(context))
+        except LocalUnavailable:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, "no local runtime is available: tokens are the local "
+                                "model's")  # fmt: skip
+            raise
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            await context.abort(code, err.details() or "")
+            raise
+        finally:
+            self._count(method, code)
+
     def _bundle_info(self, api_model: str) -> pb.ModelInfo:
         name, version = self._bundle
         info = pb.ModelInfo(model_name=name, bundle_version=version, backend=f"api:{api_model}",

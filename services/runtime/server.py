@@ -35,6 +35,7 @@ from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret, lm_call, prepare_answer
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
+from services.runtime.tokenizing import detokenized, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,14 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         return await self._unary("GetModelInfo", self._model_info, request, context)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        return await self._unary("Tokenize", self._tokenize, request, context)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: Any
+    ) -> pb.DetokenizeResponse:
+        return await self._unary("Detokenize", self._detokenize, request, context)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
@@ -277,6 +286,17 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
         finally:
             job.cancel()  # no-op when finished; stops generation when the client went away
+
+    async def _tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        model, _, limits = self._ready()
+        check.check_size(request, limits.max_request_bytes)
+        return tokenized(model.backend, request, limits.context_length)
+
+    async def _detokenize(
+        self, request: pb.DetokenizeRequest, context: Any
+    ) -> pb.DetokenizeResponse:
+        model, _, _ = self._ready()
+        return detokenized(model.backend, request)
 
     async def _model_info(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         model, _, limits = self._ready()

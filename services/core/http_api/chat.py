@@ -135,7 +135,7 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
     if request.tools:
         raise BadRequest("tools", "tool calls are not served; describe the tools in a message")
     messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
-                               content=_text(m.content)) for m in request.messages]  # fmt: skip
+                               content=text_of(m.content)) for m in request.messages]  # fmt: skip
     options = request.sampling(request.max_completion_tokens or request.max_tokens)
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequest("top_logprobs", "needs logprobs set to true")
@@ -152,7 +152,7 @@ def refuse_unserved(request: BaseModel, unserved: dict[str, str]) -> None:
             raise BadRequest(param, why)
 
 
-def _text(content: str | list[TextPart]) -> str:
+def text_of(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 

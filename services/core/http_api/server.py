@@ -6,6 +6,7 @@ interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
     POST /v1/completions        OpenAI's text completions: a prompt continued as it is
     GET  /v1/models             the served model, as OpenAI lists models
     POST /v1/predict            the distilled program (PredictRequest / PredictResponse JSON)
+    POST /tokenize, /detokenize llama.cpp server's: the model's tokens for a text or a chat
     GET  /health                200 when serving, 503 while loading or draining
     POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version
                                 Ollama's API (NDJSON streams; errors as {"error": ...})
@@ -32,7 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
-from services.core.http_api import ollama
+from services.core.http_api import ollama, tokens
 from services.core.http_api.chat import (
     BadRequest,
     ChatCompletionRequest,
@@ -191,6 +192,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
                       "/v1/completions": self._complete, "/completions": self._complete,
                       "/v1/predict": self._predict, "/api/chat": self._ollama_chat,
+                      "/tokenize": self._tokenize, "/detokenize": self._detokenize,
                       "/api/generate": self._ollama_generate,
                       "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
@@ -250,6 +252,16 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             )
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
             self._send_json(200 if serving else 503, {"status": "ok" if serving else "unavailable"})
+
+        def _tokenize(self, raw: bytes) -> None:
+            call = tokens.tokenize_call(parse_body(tokens.TokenizeBody, raw))
+            self._send_json(200, tokens.tokenize_answer(
+                front.stub.Tokenize(call, metadata=self._metadata())))  # fmt: skip
+
+        def _detokenize(self, raw: bytes) -> None:
+            call = tokens.detokenize_call(parse_body(tokens.DetokenizeBody, raw))
+            reply = front.stub.Detokenize(call, metadata=self._metadata())
+            self._send_json(200, {"content": reply.text})
 
         def _predict(self, raw: bytes) -> None:
             reply = front.stub.Predict(predict_request(raw), metadata=self._metadata())

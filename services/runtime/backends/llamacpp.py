@@ -135,6 +135,16 @@ class ChatModelMethods:
     def token_bytes(self, token: int) -> bytes:
         return bytes(self._chat.model.detokenize([token]))
 
+    def bare_tokens(self, text: str) -> list[int]:
+        """A text's tokens as a prompt's are made, special tokens parsed, with no BOS."""
+        with self._chat._tokenize_lock:
+            return list(self._chat.model.tokenize(text.encode("utf-8"), False, True))
+
+    def special_text(self, tokens: list[int]) -> bytes:
+        """The tokens' bytes, a special token as its text ("<|im_start|>"), as llama.cpp's
+        server detokenizes."""
+        return b"".join(bytes(self._chat.model.detokenize([t], special=True)) for t in tokens)
+
     @property
     def vocab_size(self) -> int:
         return int(self._chat.model.n_vocab())
