@@ -91,6 +91,10 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
         list(stub.Generate(pb.GenerateRequest(prompt="Once")))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt: the ollama backend serves chats" in (caught.value.details() or "")
+    with InferenceClient(ollama_runtime.target) as client, pytest.raises(grpc.RpcError) as caught:
+        client.tokenize([("user", "Name a fruit.")])
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "does not expose its model's tokenizer" in (caught.value.details() or "")
 
 
 def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:
