@@ -497,11 +497,15 @@ def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
 
 
 def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(
-    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
-) -> None:
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """A text completion's token log-probabilities are llama-cpp-python's own (its
     `create_completion` with `logprobs`), through the runtime and the router; a chat's come
-    in OpenAI's shape, whole or streamed, and in Ollama's."""
+    in OpenAI's shape, whole or streamed (and to `dspy.LM(..., logprobs=True)`), and in
+    Ollama's."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
+    import dspy
     import llama_cpp
     import ollama
     import openai
@@ -550,6 +554,10 @@ def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(
         assert said.logprobs and "".join(lp.token for lp in said.logprobs) == said.message.content
         assert [lp.logprob for lp in said.logprobs] == pytest.approx(
             [t.logprob for t in content], abs=0.05)  # fmt: skip
+    lm = dspy.LM("openai/edge", api_base=f"http://127.0.0.1:{runtime_http}/v1", api_key=TOKEN,
+                 logprobs=True, temperature=0.0, max_tokens=12, cache=False)  # fmt: skip
+    (answer,) = lm(messages=QUESTION)
+    assert "".join(t["token"] for t in answer["logprobs"]["content"]) == answer["text"]
 
 
 def test_tokenize_and_detokenize_answer_as_llama_cpps_server_through_the_router(
