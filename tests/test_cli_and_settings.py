@@ -164,6 +164,15 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
         rows = [found for line in probed.stderr.splitlines() if (found := row.match(line))]
         assert 1 <= len(rows) <= 8, probed.stderr  # a row per token: probability, logprob
         assert all(math.isclose(float(r[2]), math.exp(float(r[3])), abs_tol=2e-3) for r in rows)
+        counted = run_cli("tokenize", "--target", server.target, "Hi")
+        raw_count = run_cli("tokenize", "--target", server.target, "--raw", "Hi there")
+        with InferenceClient(server.target) as client:
+            chat = client.tokenize([("user", "Hi")])
+            text = client.tokenize(prompt="Hi there", with_pieces=True)
+        assert f"{len(chat.tokens)} tokens of a " in counted.stderr, counted.stderr
+        assert counted.stdout.startswith(f"{chat.tokens[0]}:'<|im_start|>' ")  # as the model has it
+        listed = " ".join(f"{t}:{p.token!r}" for t, p in zip(text.tokens, text.pieces, strict=True))
+        assert raw_count.stdout.strip() == listed, raw_count.stderr
         too_many = run_cli("generate", *greedy, "--logprobs", "21", "Hi")
         assert too_many.returncode == 2 and "--logprobs 21: use 0..20" in too_many.stderr
 

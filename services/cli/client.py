@@ -226,6 +226,31 @@ def logprob_table(listed: list[Any]) -> Any:
     return table
 
 
+@app.command("tokenize")
+def tokenize(
+    text: Annotated[str, typer.Argument(help="the user message (with --raw: the text)")],
+    target: TargetOption = "127.0.0.1:50051",
+    system: Annotated[Optional[str], typer.Option(help="a system message")] = None,  # noqa: UP045
+    raw: Annotated[bool, typer.Option(help="the text as it is, no chat template")] = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Count the model's tokens for a chat (as `generate` prompts it) or a text, and list them."""
+    import grpc
+
+    if raw and system:
+        raise fail("--system is a chat message; with --raw, put it in the text")
+    messages = [] if raw else ([("system", system)] if system else []) + [("user", text)]
+    try:
+        with _client(target, timeout) as client:
+            reply = client.tokenize(messages, prompt=text if raw else "", with_pieces=True)
+    except grpc.RpcError as err:
+        raise _rpc_error(err) from None
+    print(" ".join(f"{token}:{piece.token!r}" for token, piece in
+                   zip(reply.tokens, reply.pieces, strict=True)))  # fmt: skip
+    err_console.print(f"[dim]{len(reply.tokens)} tokens of a {reply.context_length}-token "
+                      "context[/]", highlight=False)  # fmt: skip
+
+
 @app.command("info")
 def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0) -> None:
     """Describe the model and program a runtime or router serves."""
