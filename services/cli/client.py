@@ -122,6 +122,14 @@ def file_values(items: list[str]) -> dict[str, str]:
     return values
 
 
+def _chat(text: str, system: str | None, raw: bool) -> list[tuple[str, str]]:
+    """The chat `generate` and `tokenize` send: the system message and the user's, or none
+    with --raw (the text goes as it is)."""
+    if raw and system:
+        raise fail("--system is a chat message; with --raw, put it in the text")
+    return [] if raw else ([("system", system)] if system else []) + [("user", text)]
+
+
 @app.command("generate")
 def generate(
     prompt: Annotated[str, typer.Argument(help="the user message (with --raw: the text)")],
@@ -165,12 +173,10 @@ def generate(
                 schema = handle.read()
         except OSError as err:
             raise fail(f"--json-schema {schema}: {err.strerror}") from None
-    if raw and system:
-        raise fail("--system is a chat message; with --raw, put it in the text")
+    messages = _chat(prompt, system, raw)
     if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS_LIMIT:
         raise fail(f"--logprobs {logprobs}: use 0..{TOP_LOGPROBS_LIMIT} (the likeliest tokens "
                    "listed beside each one; 0 lists each token's own only)")  # fmt: skip
-    messages = [] if raw else ([("system", system)] if system else []) + [("user", prompt)]
     listed: list[pb.GeneratedTokenLogprob] = []
     try:
         with _client(target, timeout) as client:
@@ -237,9 +243,7 @@ def tokenize(
     """Count the model's tokens for a chat (as `generate` prompts it) or a text, and list them."""
     import grpc
 
-    if raw and system:
-        raise fail("--system is a chat message; with --raw, put it in the text")
-    messages = [] if raw else ([("system", system)] if system else []) + [("user", text)]
+    messages = _chat(text, system, raw)
     try:
         with _client(target, timeout) as client:
             reply = client.tokenize(messages, prompt=text if raw else "", with_pieces=True)

@@ -55,32 +55,23 @@ def _guard_stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[
 
 
 def add_inference_servicer(servicer: Any, server: grpc.aio.Server) -> None:
+    def unary(method: Any, request: Any, response: Any) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            _guard_unary(method),
+            request_deserializer=_tolerant(request),
+            response_serializer=response.SerializeToString,
+        )
+
     handlers = {
-        "Predict": grpc.unary_unary_rpc_method_handler(
-            _guard_unary(servicer.Predict),
-            request_deserializer=_tolerant(pb.PredictRequest),
-            response_serializer=pb.PredictResponse.SerializeToString,
-        ),
+        "Predict": unary(servicer.Predict, pb.PredictRequest, pb.PredictResponse),
         "Generate": grpc.unary_stream_rpc_method_handler(
             _guard_stream(servicer.Generate),
             request_deserializer=_tolerant(pb.GenerateRequest),
             response_serializer=pb.GenerateChunk.SerializeToString,
         ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            _guard_unary(servicer.GetModelInfo),
-            request_deserializer=_tolerant(pb.GetModelInfoRequest),
-            response_serializer=pb.ModelInfo.SerializeToString,
-        ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            _guard_unary(servicer.Tokenize),
-            request_deserializer=_tolerant(pb.TokenizeRequest),
-            response_serializer=pb.TokenizeResponse.SerializeToString,
-        ),
-        "Detokenize": grpc.unary_unary_rpc_method_handler(
-            _guard_unary(servicer.Detokenize),
-            request_deserializer=_tolerant(pb.DetokenizeRequest),
-            response_serializer=pb.DetokenizeResponse.SerializeToString,
-        ),
+        "GetModelInfo": unary(servicer.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
+        "Tokenize": unary(servicer.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+        "Detokenize": unary(servicer.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -11,7 +11,9 @@ from services.core.api import pb
 from services.runtime.backends.base import TokenPiece
 
 
-def token_logprob(token: bytes, logprob: float) -> pb.TokenLogprob:
+def token_logprob(token: bytes, logprob: float = 0.0) -> pb.TokenLogprob:
+    """A token's text (U+FFFD for bytes that are not whole UTF-8), bytes and log-probability
+    (0 where none is given: Tokenize's pieces)."""
     return pb.TokenLogprob(token=token.decode("utf-8", "replace"), logprob=logprob, bytes=token)
 
 

@@ -10,6 +10,7 @@ from services.core import validation as check
 from services.core.api import pb
 from services.core.validation import RpcFailure
 from services.runtime.backends import Backend
+from services.runtime.logprobs import token_logprob
 
 
 @runtime_checkable
@@ -38,11 +39,9 @@ def tokenized(backend: Backend, request: pb.TokenizeRequest, context_length: int
                   else backend.prepare_text(text))  # fmt: skip
         assert prompt.tokens is not None  # a backend that exposes its tokenizer counts them
         tokens = list(prompt.tokens)
-    pieces = []
-    if request.with_pieces:
-        for token in tokens:
-            raw = tokenizer.special_text([token])
-            pieces.append(pb.TokenLogprob(token=raw.decode("utf-8", "replace"), bytes=raw))
+    pieces = (
+        [token_logprob(tokenizer.special_text([t])) for t in tokens] if request.with_pieces else []
+    )
     return pb.TokenizeResponse(tokens=tokens, pieces=pieces, context_length=context_length)
 
 
