@@ -120,7 +120,7 @@ def test_serve_takes_the_model_or_bundle_as_its_argument(tmp_path: Path, gguf_pa
     assert twice.returncode == 2 and "as PATH or as --bundle" in twice.stderr
 
 
-def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> None:
+def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path, tmp_path: Path) -> None:
     server = start_runtime(str(gguf_path), "--program", str(program_path))
     try:
         predicted = run_cli("predict", "--target", server.target, "--input", "country=Norway")
@@ -175,6 +175,14 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path) -> N
         assert raw_count.stdout.strip() == listed, raw_count.stderr
         too_many = run_cli("generate", *greedy, "--logprobs", "21", "Hi")
         assert too_many.returncode == 2 and "--logprobs 21: use 0..20" in too_many.stderr
+        (tmp_path / "yes.gbnf").write_text('root ::= "yes" | "no"\n')
+        for grammar in ('root ::= "yes" | "no"', f"@{tmp_path / 'yes.gbnf'}"):
+            answered = run_cli("generate", *greedy[:-1], "1.5", "--grammar", grammar, "Wet?")
+            assert answered.stdout.strip() in ("yes", "no"), answered.stderr
+        unparsed = run_cli("generate", *greedy, "--grammar", "root ::= x", "Wet?")
+        assert unparsed.returncode == 1 and "Undefined rule identifier 'x'" in unparsed.stderr
+        no_file = run_cli("generate", *greedy, "--grammar", "@nope.gbnf", "Wet?")
+        assert no_file.returncode == 2 and "--grammar @nope.gbnf: No such file" in no_file.stderr
 
         info = run_cli("info", "--target", server.target)
         assert '"quantization": "Q4_1"' in info.stdout

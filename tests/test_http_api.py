@@ -5,6 +5,7 @@ exactly as Generate and Predict answer over gRPC, with the same token, limits an
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -494,6 +495,49 @@ def test_a_text_completion_continues_the_prompt_as_llama_cpp_does(
         list(pb_grpc.InferenceStub(channel).Generate(both, metadata=token_metadata(TOKEN)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith("prompt:")
+
+
+def test_a_grammar_gives_llama_cpps_own_completion_under_it_over_grpc_and_openais_api(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """A GBNF grammar (llama.cpp's server's `grammar`) gives llama-cpp-python's own greedy
+    completion under that grammar, over gRPC and OpenAI's text completions, through the
+    runtime and the router; a chat keeps to it; one llama.cpp cannot parse is a 400 naming
+    `grammar` with the parser's reason."""
+    import llama_cpp
+    import openai
+
+    prompt = "The three primary colours are"
+    grammar = 'root ::= ":" (" " colour ","){2} " and " colour "."\ncolour ::= [a-z]{1,8}'
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
+    expected = reference.create_completion(
+        prompt, max_tokens=24, temperature=0.0, repeat_penalty=1.0,
+        grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False),
+    )["choices"][0]["text"]  # fmt: skip
+    free = reference.create_completion(prompt, max_tokens=24, temperature=0.0,
+                                       repeat_penalty=1.0)["choices"][0]["text"]  # fmt: skip
+    reference.close()
+    assert re.fullmatch(r":( [a-z]+,){2} and [a-z]+\.", expected) and free != expected, expected
+    runtime, runtime_http, router, router_http = served
+    greedy = pb.SamplingOptions(max_tokens=24, temperature=0.0)
+    call = pb.GenerateRequest(prompt=prompt, grammar=grammar, options=greedy)
+    assert grpc_text(runtime.target, call) == expected
+    assert grpc_text(router.target, call) == expected
+    yes_no = 'root ::= "yes" | "no"'
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        reply = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0,
+                                          extra_body={"grammar": grammar})  # fmt: skip
+        assert reply.choices[0].text == expected
+        chat = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=8, temperature=1.5,  # type: ignore[arg-type]
+            extra_body={"grammar": yes_no},
+        )  # fmt: skip
+        assert chat.choices[0].message.content in ("yes", "no")
+        with pytest.raises(openai.BadRequestError, match="Undefined rule identifier") as caught:
+            client.completions.create(model="m", prompt=prompt,
+                                      extra_body={"grammar": "root ::= x"})  # fmt: skip
+        assert caught.value.body["param"] == "grammar"  # type: ignore[index]
 
 
 def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(

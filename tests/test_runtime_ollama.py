@@ -95,6 +95,10 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
         client.tokenize([("user", "Name a fruit.")])
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "does not expose its model's tokenizer" in (caught.value.details() or "")
+    with InferenceClient(ollama_runtime.target) as client, pytest.raises(grpc.RpcError) as caught:
+        list(client.generate([("user", "Yes?")], grammar='root ::= "yes"'))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert (caught.value.details() or "").startswith("grammar: Ollama's API takes JSON schemas")
 
 
 def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,30 @@ def test_generate_json_schema_constrains_output(runtime: ServerProcess) -> None:
     assert isinstance(value["city"], str) and isinstance(value["population"], int)
 
 
+def test_generate_follows_a_llama_cpp_grammar(runtime: ServerProcess) -> None:
+    """Under a GBNF grammar every answer is in its language, sampled at a temperature that
+    otherwise wanders off; a chat and a text completion alike."""
+    grammar = 'root ::= ("yes" | "no") ", because " [a-z]{1,10} (" " [a-z]{1,10}){0,3} "."'
+    shape = re.compile(r"(yes|no), because [a-z]{1,10}( [a-z]{1,10}){0,3}\.")
+    with InferenceClient(runtime.target) as client:
+        for seed in range(8):
+            chat = "".join(c.text for c in client.generate(
+                [("user", "Is water wet? Say why.")], max_tokens=64, temperature=1.5, seed=seed,
+                grammar=grammar))  # fmt: skip
+            assert shape.fullmatch(chat), chat
+        text = "".join(
+            c.text
+            for c in client.generate(
+                [], prompt="Is water wet?", max_tokens=64, temperature=1.5, seed=1, grammar=grammar
+            )
+        )
+        assert shape.fullmatch(text), text
+        with pytest.raises(grpc.RpcError) as caught:  # llama.cpp's parser says what is wrong
+            list(client.generate([("user", "hi")], grammar='root ::= "yes" | no'))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Undefined rule identifier 'no'" in (caught.value.details() or "")
+
+
 def test_predict_parses_outputs_with_confidence(runtime: ServerProcess) -> None:
     with InferenceClient(runtime.target) as client:
         reply = client.predict({"country": "Germany"}, include_raw_text=True)
@@ -305,6 +330,32 @@ BAD_REQUESTS = [
             messages=[pb.ChatMessage(role="user", content="hi")], json_schema="{not json"
         ),
         "json_schema",
+    ),
+    (
+        "a grammar llama.cpp cannot parse",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], grammar='root ::= "yes" | no'
+        ),
+        "grammar",
+    ),
+    (
+        "a grammar with no root rule",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], grammar='answer ::= "yes"'
+        ),
+        "grammar",
+    ),
+    (
+        "a grammar and a JSON schema",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")],
+            grammar='root ::= "{}"',
+            json_schema='{"type": "object"}',
+        ),
+        "grammar",
     ),
     (
         "unknown role",

@@ -155,6 +155,9 @@ def generate(
     json_schema: Annotated[
         Optional[str], typer.Option(help="constrain output to this JSON Schema (text or @file)")  # noqa: UP045
     ] = None,
+    grammar: Annotated[
+        Optional[str], typer.Option(help="constrain output to this GBNF grammar (text or @file)")  # noqa: UP045
+    ] = None,
     logprobs: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="then list each token's log-probability and this many likeliest (0..20)"),
@@ -166,13 +169,8 @@ def generate(
 
     from services.core.api import pb
 
-    schema = json_schema or ""
-    if schema.startswith("@"):
-        try:
-            with open(schema[1:]) as handle:
-                schema = handle.read()
-        except OSError as err:
-            raise fail(f"--json-schema {schema}: {err.strerror}") from None
+    schema = _text_or_file(json_schema or "", "--json-schema")
+    gbnf = _text_or_file(grammar or "", "--grammar")
     messages = _chat(prompt, system, raw)
     if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS_LIMIT:
         raise fail(f"--logprobs {logprobs}: use 0..{TOP_LOGPROBS_LIMIT} (the likeliest tokens "
@@ -195,6 +193,7 @@ def generate(
                 seed=seed,
                 stop=stop,
                 json_schema=schema,
+                grammar=gbnf,
                 logprobs=logprobs is not None,
                 top_logprobs=logprobs or 0,
             ):
@@ -215,6 +214,18 @@ def generate(
         )
     if listed:
         err_console.print(logprob_table(listed))
+
+
+def _text_or_file(value: str, flag: str) -> str:
+    """A flag's text, or with `@path` the file's."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise fail(f"{flag} {value}: {why}") from None
 
 
 def logprob_table(listed: list[Any]) -> Any:

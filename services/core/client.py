@@ -79,12 +79,14 @@ class InferenceClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         json_schema: str = "",
+        grammar: str = "",
         prompt: str = "",
         logprobs: bool = False,
         top_logprobs: int = 0,
     ) -> Iterator[pb.GenerateChunk]:
         """A chat (`messages`), or with `prompt` (and no messages) a text continued as is;
-        with `logprobs`, each chunk carries its tokens' log-probabilities."""
+        with `json_schema` or `grammar` (GBNF) the output follows it; with `logprobs`, each
+        chunk carries its tokens' log-probabilities."""
         options = sampling(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
@@ -95,6 +97,7 @@ class InferenceClient:
             options=options,
             stop=list(stop),
             json_schema=json_schema,
+            grammar=grammar,
             prompt=prompt,
             logprobs=logprobs,
             top_logprobs=top_logprobs,

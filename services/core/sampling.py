@@ -27,6 +27,7 @@ class GenerationParams:
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
+    grammar: str | None = None  # llama.cpp's GBNF; exclusive with json_schema
     # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
     # (confidence) asks for them, and a Generate that wants them shown.
     logprobs: bool = False

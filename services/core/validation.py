@@ -58,9 +58,11 @@ def check_size(request: pb.PredictRequest | Prompted, limit: int) -> None:
         for index, message in enumerate(request.messages):
             if len(message.content.encode()) > largest_size:
                 largest, largest_size = f"messages[{index}].content", len(message.content.encode())
-        schema = request.json_schema if isinstance(request, pb.GenerateRequest) else ""
-        if len(schema) > largest_size:
-            largest = "json_schema"
+        texts = ("prompt", "json_schema", "grammar")
+        for name in texts if isinstance(request, pb.GenerateRequest) else texts[:1]:
+            text_size = len(getattr(request, name).encode())
+            if text_size > largest_size:
+                largest, largest_size = name, text_size
     raise invalid(
         largest,
         f"the request is {size} bytes, over the server's max_request_bytes={limit}; send less text",
@@ -74,6 +76,7 @@ def sampling_params(
     default_temperature: float,
     stop: tuple[str, ...] = (),
     json_schema: str | None = None,
+    grammar: str | None = None,
     logprobs: bool = False,
     top_logprobs: int = 0,
 ) -> GenerationParams:
@@ -100,6 +103,7 @@ def sampling_params(
         presence_penalty=_bounded(options, "presence_penalty", 0.0, _penalty, "-2..2"),
         stop=stop,
         json_schema=json_schema,
+        grammar=grammar,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
@@ -113,6 +117,13 @@ def logprob_request(request: pb.GenerateRequest) -> dict[str, Any]:
     if top > TOP_LOGPROBS_LIMIT:
         raise invalid("top_logprobs", f"{top} is out of range; use 0..{TOP_LOGPROBS_LIMIT}")
     return {"logprobs": request.logprobs, "top_logprobs": top}
+
+
+def output_constraint(request: pb.GenerateRequest) -> tuple[str | None, str | None]:
+    """Generate's `json_schema` and `grammar`, at most one of them set."""
+    if request.json_schema and request.grammar:
+        raise invalid("grammar", "give a grammar or a json_schema, not both")
+    return request.json_schema or None, request.grammar or None
 
 
 def _penalty(value: float) -> bool:

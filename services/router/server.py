@@ -215,6 +215,9 @@ class RouterService(pb_grpc.InferenceServicer):
         if check.raw_prompt(request) is not None:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "prompt: no runtime answered, and the "
                              "API model answers chats (messages) only")  # fmt: skip
+        if request.grammar:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "grammar: no runtime answered, and "
+                             "the API model takes no llama.cpp grammar")  # fmt: skip
         messages = check.chat_messages(request)
         params = check.sampling_params(
             request.options, API_LIMITS, default_temperature=GENERATE_DEFAULT_TEMPERATURE,

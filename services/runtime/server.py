@@ -234,18 +234,15 @@ class InferenceService(pb_grpc.InferenceServicer):
         text = check.raw_prompt(request)
         messages = check.chat_messages(request) if text is None else []
         stop = check.stop_strings(request)
-        schema = request.json_schema or None
-        if schema is not None:
-            try:
-                model.backend.validate_json_schema(schema)
-            except ValueError as err:
-                raise check.invalid("json_schema", str(err)) from None
+        schema, grammar = check.output_constraint(request)
+        _check_constraint(model.backend, schema, grammar)
         params = check.sampling_params(
             request.options,
             limits,
             default_temperature=GENERATE_DEFAULT_TEMPERATURE,
             stop=stop,
             json_schema=schema,
+            grammar=grammar,
             **check.logprob_request(request),
         )
         prompt = self._prepare_generate(model.backend, messages, text)
@@ -420,6 +417,22 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _check_constraint(backend: Backend, json_schema: str | None, grammar: str | None) -> None:
+    """INVALID_ARGUMENT naming the field when the backend cannot constrain output by it;
+    UNIMPLEMENTED when it takes no such constraint."""
+    checks = (("json_schema", json_schema, backend.validate_json_schema),
+              ("grammar", grammar, backend.validate_grammar))  # fmt: skip
+    for field, value, validate in checks:
+        if value is None:
+            continue
+        try:
+            validate(value)
+        except ValueError as err:
+            raise check.invalid(field, str(err)) from None
+        except NotImplementedError as err:
+            raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED, f"{field}: {err}") from None
 
 
 def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:

@@ -94,6 +94,7 @@ class Sampled(Body):
     repeat_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    grammar: str = ""  # GBNF
 
     def sampling(self, max_tokens: int | None) -> pb.SamplingOptions:
         return pb.SamplingOptions(
@@ -141,7 +142,8 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
         raise BadRequest("top_logprobs", "needs logprobs set to true")
     return pb.GenerateRequest(
         messages=messages, options=options, stop=request.stops(), json_schema=_schema(request),
-        logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
+        grammar=request.grammar, logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs or 0,
     )  # fmt: skip
 
 

@@ -95,6 +95,11 @@ class Backend(Protocol):
         """Raise ValueError when the schema cannot constrain generation."""
         ...
 
+    def validate_grammar(self, grammar: str) -> None:
+        """Raise ValueError (the parser's message) when llama.cpp cannot parse the GBNF
+        grammar, NotImplementedError when the backend takes no grammar."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,13 @@ from services.runtime.backends.base import (
     program_prefix,
     usable_cache,
 )
+from services.runtime.backends.grammars import (
+    check_parses,
+    gbnf_grammar,
+    grammar_for,
+    output_grammar,
+    value_grammar,
+)
 from services.runtime.backends.registry import BackendEntry, ModelSource, register
 from services.runtime.backends.text import StopStringBuffer
 from services.runtime.structured import (
@@ -33,7 +38,6 @@ from services.runtime.structured import (
     PlanCursor,
     Step,
     constrain_logits,
-    json_value_grammar,
 )
 
 
@@ -124,7 +128,10 @@ class ChatModelMethods:
         return self._chat.prepare_text(text)
 
     def validate_json_schema(self, schema: str) -> None:
-        grammar_for(schema)
+        check_parses(self._chat.model.vocab, grammar_for(schema))
+
+    def validate_grammar(self, grammar: str) -> None:
+        check_parses(self._chat.model.vocab, gbnf_grammar(grammar))
 
     # -- what typed decoding asks (services/runtime/structured.py: Tokenizer) ---------------
 
@@ -241,7 +248,7 @@ class LlamaCppBackend(ChatModelMethods):
         tokens = list(prompt.tokens)
         start, cached = self._cached_prefix(tokens)
         llm.n_tokens = start  # else llama-cpp-python's own match may leave a one-token tail
-        grammar = grammar_for(params.json_schema) if params.json_schema else None
+        grammar = output_grammar(params)
         greedy = params.temperature <= 0.0
         llm.set_seed(params.seed)
         buffer = StopStringBuffer(params.stop)
@@ -443,8 +450,8 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
     penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
     if penalties != (1.0, 0.0, 0.0):  # over the last 64 tokens, as Llama.generate's default
         sampler.add_penalties(model.n_vocab(), 64, *penalties)
-    if grammar is None and params.json_schema:
-        grammar = grammar_for(params.json_schema)
+    if grammar is None:
+        grammar = output_grammar(params)
     if grammar is not None:
         sampler.add_grammar(model, grammar)
     if params.temperature <= 0.0:
@@ -456,34 +463,6 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
         sampler.add_temp(params.temperature)
         sampler.add_dist(params.seed)
     return sampler
-
-
-@lru_cache(maxsize=64)
-def value_grammar(schema: str, nullable: bool, terminator: str) -> Any:
-    """A JSON value of `schema` (or `None`, nullable), then `terminator` (what follows the
-    value in the answer)."""
-    from llama_cpp import LlamaGrammar
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    gbnf = json_value_grammar(json_schema_to_gbnf(schema), terminator, nullable)
-    return LlamaGrammar.from_string(gbnf, verbose=False)
-
-
-@lru_cache(maxsize=64)
-def grammar_for(schema: str) -> Any:
-    """A llama.cpp grammar from a JSON Schema; ValueError when the schema is unusable."""
-    from llama_cpp import LlamaGrammar
-
-    try:
-        parsed = json.loads(schema)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
-    if not isinstance(parsed, dict):
-        raise ValueError("a JSON Schema must be a JSON object")
-    try:
-        return LlamaGrammar.from_json_schema(json.dumps(parsed), verbose=False)
-    except Exception as err:
-        raise ValueError(f"cannot turn this JSON Schema into a grammar ({err})") from err
 
 
 def create(settings: Any, source: ModelSource) -> Backend:

@@ -77,6 +77,12 @@ class OllamaBackend:
         if not isinstance(parsed, dict):
             raise ValueError("a JSON Schema must be a JSON object")
 
+    def validate_grammar(self, grammar: str) -> None:
+        raise NotImplementedError(
+            "Ollama's API takes JSON schemas (`format`), not llama.cpp "
+            "grammars; serve the GGUF with the llama.cpp backend"
+        )
+
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, should_stop: Callable[[], bool]
     ) -> Iterator[TokenPiece | Finished]:
