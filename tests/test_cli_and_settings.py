@@ -183,6 +183,12 @@ def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path, tmp_
         assert unparsed.returncode == 1 and "Undefined rule identifier 'x'" in unparsed.stderr
         no_file = run_cli("generate", *greedy, "--grammar", "@nope.gbnf", "Wet?")
         assert no_file.returncode == 2 and "--grammar @nope.gbnf: No such file" in no_file.stderr
+        with InferenceClient(server.target) as client:  # the greedy answer's first token, banned
+            first = client.tokenize(prompt=generated.stdout.strip(), bare=True).tokens[0]
+        banned = run_cli("generate", *greedy, "--logit-bias", f"{first}=-100", "Hi")
+        assert banned.returncode == 0 and banned.stdout != generated.stdout, banned.stderr
+        not_an_id = run_cli("generate", *greedy, "--logit-bias", "hello=-100", "Hi")
+        assert not_an_id.returncode == 2 and "write it as TOKEN_ID=BIAS" in not_an_id.stderr
 
         info = run_cli("info", "--target", server.target)
         assert '"quantization": "Q4_1"' in info.stdout

@@ -540,6 +540,49 @@ def test_a_grammar_gives_llama_cpps_own_completion_under_it_over_grpc_and_openai
         assert caught.value.body["param"] == "grammar"  # type: ignore[index]
 
 
+def test_a_logit_bias_gives_llama_cpps_own_completion_with_it_over_grpc_and_openais_api(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """Token ids banned (-100) and favoured (+5) give llama-cpp-python's own greedy completion
+    with that `logit_bias`, over gRPC, OpenAI's text completions (its `{"id": bias}`) and
+    llama.cpp's `[[id, bias]]`, through the runtime and the router."""
+    import llama_cpp
+    import openai
+
+    prompt = "The three primary colours are"
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
+    free = reference.create_completion(prompt, max_tokens=12, temperature=0.0, repeat_penalty=1.0)
+    first = reference.tokenize(free["choices"][0]["text"].encode(), add_bos=False)[0]
+    favoured = reference.tokenize(b" purple", add_bos=False)[0]
+    bias = {first: -100.0, favoured: 5.0}
+    expected = reference.create_completion(prompt, max_tokens=12, temperature=0.0,
+                                           repeat_penalty=1.0, logit_bias=bias)  # fmt: skip
+    reference.close()
+    text = expected["choices"][0]["text"]
+    assert text != free["choices"][0]["text"], text
+    runtime, runtime_http, router, router_http = served
+    greedy = pb.SamplingOptions(max_tokens=12, temperature=0.0)
+    call = pb.GenerateRequest(prompt=prompt, logit_bias=bias, options=greedy)
+    assert grpc_text(runtime.target, call) == text
+    assert grpc_text(router.target, call) == text
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        as_openai = {str(token): value for token, value in bias.items()}
+        as_llama_cpp = [[token, value] for token, value in bias.items()]
+        for given in ({"logit_bias": as_openai}, {"extra_body": {"logit_bias": as_llama_cpp}}):
+            reply = client.completions.create(
+                model="m",
+                prompt=prompt,
+                max_tokens=12,
+                temperature=0,
+                **given,  # type: ignore[arg-type]
+            )
+            assert reply.choices[0].text == text, given
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="m", prompt=prompt, logit_bias={"99999999": -100})
+        assert caught.value.body["param"] == "logit_bias[99999999]"  # type: ignore[index]
+
+
 def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(
     served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -298,6 +298,11 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
                 role="user", content="Yes?")], grammar='root ::= "yes"')))  # fmt: skip
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (caught.value.details() or "").startswith("grammar: no runtime answered")
+        with pytest.raises(grpc.RpcError) as caught:  # nor the local model's token ids
+            list(stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(
+                role="user", content="Yes?")], logit_bias={42: -100.0})))  # fmt: skip
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (caught.value.details() or "").startswith("logit_bias: no runtime answered")
         assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 2.0' in (
             metrics_text(metrics_port)
         )

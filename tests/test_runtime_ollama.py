@@ -99,6 +99,9 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
         list(client.generate([("user", "Yes?")], grammar='root ::= "yes"'))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert (caught.value.details() or "").startswith("grammar: Ollama's API takes JSON schemas")
+    with InferenceClient(ollama_runtime.target) as client, pytest.raises(grpc.RpcError) as caught:
+        list(client.generate([("user", "Yes?")], logit_bias={42: -100.0}))  # ids are its own
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:

@@ -207,6 +207,27 @@ def test_generate_follows_a_llama_cpp_grammar(runtime: ServerProcess) -> None:
     assert "Undefined rule identifier 'no'" in (caught.value.details() or "")
 
 
+def test_generate_adds_a_logit_bias_as_llama_cpp_does(
+    runtime: ServerProcess, gguf_path: Path
+) -> None:
+    """A token banned (-100) and one favoured (+5): greedy, llama-cpp-python's own completion
+    with that `logit_bias`, one call at a time and batched."""
+    import llama_cpp
+
+    prompt = "My favourite fruits are"
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
+    free = reference.create_completion(prompt, max_tokens=10, temperature=0.0, repeat_penalty=1.0)
+    first = reference.tokenize(free["choices"][0]["text"].encode(), add_bos=False)[0]
+    bias = {first: -100.0, reference.tokenize(b" kiwi", add_bos=False)[0]: 5.0}
+    expected = reference.create_completion(prompt, max_tokens=10, temperature=0.0,
+                                           repeat_penalty=1.0, logit_bias=bias)  # fmt: skip
+    reference.close()
+    assert expected["choices"][0]["text"] != free["choices"][0]["text"]
+    with InferenceClient(runtime.target) as client:
+        chunks = client.generate([], prompt=prompt, max_tokens=10, temperature=0, logit_bias=bias)
+        assert "".join(c.text for c in chunks) == expected["choices"][0]["text"]
+
+
 def test_predict_parses_outputs_with_confidence(runtime: ServerProcess) -> None:
     with InferenceClient(runtime.target) as client:
         reply = client.predict({"country": "Germany"}, include_raw_text=True)
@@ -356,6 +377,22 @@ BAD_REQUESTS = [
             json_schema='{"type": "object"}',
         ),
         "grammar",
+    ),
+    (
+        "a logit bias for a token the model lacks",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], logit_bias={1 << 20: -100.0}
+        ),
+        f"logit_bias[{1 << 20}]",
+    ),
+    (
+        "a logit bias over 100",
+        "Generate",
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], logit_bias={42: 250.0}
+        ),
+        "logit_bias[42]",
     ),
     (
         "unknown role",

@@ -158,6 +158,9 @@ def generate(
     grammar: Annotated[
         Optional[str], typer.Option(help="constrain output to this GBNF grammar (text or @file)")  # noqa: UP045
     ] = None,
+    logit_bias: Annotated[
+        list[str], typer.Option(help="ID=BIAS added to a token's logit, -100..100 (repeat)")
+    ] = [],  # noqa: B006
     logprobs: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="then list each token's log-probability and this many likeliest (0..20)"),
@@ -171,6 +174,7 @@ def generate(
 
     schema = _text_or_file(json_schema or "", "--json-schema")
     gbnf = _text_or_file(grammar or "", "--grammar")
+    biases = _biases(logit_bias)
     messages = _chat(prompt, system, raw)
     if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS_LIMIT:
         raise fail(f"--logprobs {logprobs}: use 0..{TOP_LOGPROBS_LIMIT} (the likeliest tokens "
@@ -194,6 +198,7 @@ def generate(
                 stop=stop,
                 json_schema=schema,
                 grammar=gbnf,
+                logit_bias=biases,
                 logprobs=logprobs is not None,
                 top_logprobs=logprobs or 0,
             ):
@@ -214,6 +219,19 @@ def generate(
         )
     if listed:
         err_console.print(logprob_table(listed))
+
+
+def _biases(items: list[str]) -> dict[int, float]:
+    """`--logit-bias ID=BIAS` pairs: token ids (`edgedistill tokenize --raw` lists them)."""
+    biases: dict[int, float] = {}
+    for item in items:
+        token, _, bias = item.partition("=")
+        try:
+            biases[int(token)] = float(bias)
+        except ValueError:
+            raise fail(f"--logit-bias {item!r}: write it as TOKEN_ID=BIAS, e.g. --logit-bias "
+                       "28=-100 (the ids: edgedistill tokenize --raw TEXT)") from None  # fmt: skip
+    return biases
 
 
 def _text_or_file(value: str, flag: str) -> str:

@@ -28,6 +28,8 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     grammar: str | None = None  # llama.cpp's GBNF; exclusive with json_schema
+    # (token id, bias) added to the logits before sampling, ids sorted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Per-token log-probabilities cost a softmax over the vocabulary each step: only Predict
     # (confidence) asks for them, and a Generate that wants them shown.
     logprobs: bool = False
@@ -38,3 +40,5 @@ class GenerationParams:
 
 # OpenAI's and llama.cpp's bound on the alternatives listed per token.
 TOP_LOGPROBS_LIMIT = 20
+# OpenAI's bound on a logit bias (llama.cpp's server takes any).
+LOGIT_BIAS_LIMIT = 100.0

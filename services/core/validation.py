@@ -77,6 +77,7 @@ def sampling_params(
     stop: tuple[str, ...] = (),
     json_schema: str | None = None,
     grammar: str | None = None,
+    logit_bias: tuple[tuple[int, float], ...] = (),
     logprobs: bool = False,
     top_logprobs: int = 0,
 ) -> GenerationParams:
@@ -104,6 +105,7 @@ def sampling_params(
         stop=stop,
         json_schema=json_schema,
         grammar=grammar,
+        logit_bias=logit_bias,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )

@@ -218,6 +218,9 @@ class RouterService(pb_grpc.InferenceServicer):
         if request.grammar:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "grammar: no runtime answered, and "
                              "the API model takes no llama.cpp grammar")  # fmt: skip
+        if request.logit_bias:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "logit_bias: no runtime answered, and "
+                             "its token ids are the local model's")  # fmt: skip
         messages = check.chat_messages(request)
         params = check.sampling_params(
             request.options, API_LIMITS, default_temperature=GENERATE_DEFAULT_TEMPERATURE,

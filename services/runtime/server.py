@@ -35,7 +35,7 @@ from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret, lm_call, prepare_answer
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
-from services.runtime.tokenizing import detokenized, tokenized
+from services.runtime.tokenizing import detokenized, logit_bias, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             stop=stop,
             json_schema=schema,
             grammar=grammar,
+            logit_bias=logit_bias(model.backend, request),
             **check.logprob_request(request),
         )
         prompt = self._prepare_generate(model.backend, messages, text)

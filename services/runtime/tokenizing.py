@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
 from services.core import validation as check
 from services.core.api import pb
+from services.core.sampling import LOGIT_BIAS_LIMIT
 from services.core.validation import RpcFailure
 from services.runtime.backends import Backend
 from services.runtime.logprobs import token_logprob
@@ -43,6 +45,21 @@ def tokenized(backend: Backend, request: pb.TokenizeRequest, context_length: int
         [token_logprob(tokenizer.special_text([t])) for t in tokens] if request.with_pieces else []
     )
     return pb.TokenizeResponse(tokens=tokens, pieces=pieces, context_length=context_length)
+
+
+def logit_bias(backend: Backend, request: pb.GenerateRequest) -> tuple[tuple[int, float], ...]:
+    """Generate's `logit_bias`, sorted: each id a token of the model, each bias in range."""
+    if not request.logit_bias:
+        return ()
+    size = _tokenizer(backend).vocab_size
+    for token, bias in sorted(request.logit_bias.items()):
+        if token >= size:
+            raise check.invalid(f"logit_bias[{token}]", f"{token} is not a token of this model "
+                                f"(its vocabulary is 0..{size - 1})")  # fmt: skip
+        if not (math.isfinite(bias) and abs(bias) <= LOGIT_BIAS_LIMIT):
+            raise check.invalid(f"logit_bias[{token}]", f"{bias:g} is out of range; use "
+                                f"-{LOGIT_BIAS_LIMIT:g}..{LOGIT_BIAS_LIMIT:g}")  # fmt: skip
+    return tuple(sorted(request.logit_bias.items()))
 
 
 def detokenized(backend: Backend, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 
 from services.core.api import pb
 from services.core.sampling import TOP_LOGPROBS_LIMIT
@@ -95,6 +95,8 @@ class Sampled(Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     grammar: str = ""  # GBNF
+    # OpenAI's {"token id": bias}, or llama.cpp's [[token id, bias], ...]
+    logit_bias: dict[str, StrictFloat] | list[tuple[int, StrictFloat]] | None = None
 
     def sampling(self, max_tokens: int | None) -> pb.SamplingOptions:
         return pb.SamplingOptions(
@@ -103,6 +105,16 @@ class Sampled(Body):
             repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
         )  # fmt: skip
+
+    def biases(self) -> dict[int, float]:
+        given = self.logit_bias
+        pairs = given.items() if isinstance(given, dict) else given or []
+        biases = {}
+        for token, bias in pairs:
+            if not str(token).isdigit():
+                raise BadRequest("logit_bias", f"{token!r} is not a token id (see /tokenize)")
+            biases[int(token)] = bias
+        return biases
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -142,7 +154,7 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
         raise BadRequest("top_logprobs", "needs logprobs set to true")
     return pb.GenerateRequest(
         messages=messages, options=options, stop=request.stops(), json_schema=_schema(request),
-        grammar=request.grammar, logprobs=request.logprobs,
+        grammar=request.grammar, logit_bias=request.biases(), logprobs=request.logprobs,
         top_logprobs=request.top_logprobs or 0,
     )  # fmt: skip
 

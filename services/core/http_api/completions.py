@@ -35,7 +35,8 @@ def completion_call(request: CompletionRequest) -> pb.GenerateRequest:
     wanted = request.logprobs is not None  # logprobs=0: each token's own, no alternatives
     return pb.GenerateRequest(
         prompt=prompts[0], options=request.sampling(request.max_tokens), stop=request.stops(),
-        grammar=request.grammar, logprobs=wanted, top_logprobs=request.logprobs or 0,
+        grammar=request.grammar, logit_bias=request.biases(), logprobs=wanted,
+        top_logprobs=request.logprobs or 0,
     )  # fmt: skip
 
 

@@ -266,6 +266,7 @@ class LlamaCppBackend(ChatModelMethods):
                 frequency_penalty=params.frequency_penalty,
                 presence_penalty=params.presence_penalty,
                 grammar=grammar,
+                logits_processor=biased_logits(params.logit_bias),
             )
         except Exception as err:
             raise BackendError(f"llama.cpp generation failed to start: {err}") from err
@@ -442,11 +443,31 @@ class PlannedAnswer:
         self._chain.close()
 
 
+def biased_logits(bias: tuple[tuple[int, float], ...]) -> Any:
+    """`Llama.generate`'s logits processor adding each token's bias (as its
+    `create_completion(logit_bias=...)` adds them); None without any."""
+    if not bias:
+        return None
+    from llama_cpp import LogitsProcessorList
+
+    ids = np.array([token for token, _ in bias], dtype=np.intc)
+    values = np.array([value for _, value in bias], dtype=np.single)
+
+    def add_bias(_input_ids: Any, scores: Any) -> Any:
+        biased = np.copy(scores)
+        biased[ids] += values
+        return biased
+
+    return LogitsProcessorList([add_bias])
+
+
 def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> Any:
     """The chain `Llama.generate` builds for these settings (its no-op stages left out)."""
     from llama_cpp import _internals
 
     sampler = _internals.LlamaSampler()
+    if params.logit_bias:  # first, as Llama.generate applies a logits processor
+        sampler.add_logit_bias(model.n_vocab(), dict(params.logit_bias))
     penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
     if penalties != (1.0, 0.0, 0.0):  # over the last 64 tokens, as Llama.generate's default
         sampler.add_penalties(model.n_vocab(), 64, *penalties)
