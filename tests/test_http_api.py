@@ -128,7 +128,7 @@ def test_a_text_completion_request_becomes_a_generate_call_with_its_prompt() -> 
     refused = {b'{"prompt": "p", "echo": true}': "echo", b'{"prompt": "p", "logprobs": 21}':
                "logprobs", b'{"prompt": "p", "suffix": "x"}': "suffix",
                b'{"prompt": ["a", "b"]}': "prompt", b'{"prompt": ""}': "prompt",
-               b'{"prompt": "p", "n": 2}': "n", b'{"model": "m"}': "prompt"}  # fmt: skip
+               b'{"prompt": "p", "n": 17}': "n", b'{"model": "m"}': "prompt"}  # fmt: skip
     for raw, param in refused.items():
         with pytest.raises(http.BadRequest) as caught:
             completions.completion_call(http.parse_body(completions.CompletionRequest, raw))
@@ -136,12 +136,46 @@ def test_a_text_completion_request_becomes_a_generate_call_with_its_prompt() -> 
     chunks = [pb.GenerateChunk(text="a"), pb.GenerateChunk(text="b"), pb.GenerateChunk(
         finish_reason=pb.FINISH_REASON_LENGTH, usage=pb.Usage(prompt_tokens=4,
                                                               completion_tokens=2))]  # fmt: skip
-    whole = completions.text_completion(chunks, "m", "cmpl-1")
+    whole = completions.text_completion([chunks], "m", "cmpl-1")
     assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == "ab"
     assert whole["choices"][0]["finish_reason"] == "length" and whole["usage"]["total_tokens"] == 6
-    events = list(completions.text_stream_events(iter(chunks), "m", "cmpl-1", True))
+    events = list(completions.text_stream_events(((0, c) for c in chunks), "m", "cmpl-1", True))
     assert [e["choices"][0]["text"] for e in events if e["choices"]] == ["a", "b", ""]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_n_choices_are_calls_of_their_own_answered_as_openai_answers_them() -> None:
+    """Each of `n` choices is its own Generate call (with a seed, choice i samples with seed +
+    i); the answer lists them by index and counts the prompt once; streamed, each choice's
+    pieces carry its index and the usage comes after the last choice ends."""
+    from services.core.http_api import completions
+    from services.core.http_api.choices import choice_calls
+
+    seeded = pb.GenerateRequest(prompt="p", options=pb.SamplingOptions(seed=7, temperature=1))
+    calls = choice_calls(seeded, 3)
+    assert [c.options.seed for c in calls] == [7, 8, 9] and all(c.prompt == "p" for c in calls)
+    unseeded = choice_calls(pb.GenerateRequest(prompt="p"), 2)
+    assert not any(c.options.HasField("seed") for c in unseeded)
+
+    def answer(text: str, completed: int) -> list[pb.GenerateChunk]:
+        last = pb.GenerateChunk(finish_reason=pb.FINISH_REASON_STOP, usage=pb.Usage(
+            prompt_tokens=5, completion_tokens=completed))  # fmt: skip
+        return [pb.GenerateChunk(text=text), last]
+
+    choices = [answer("red", 1), answer("dark blue", 2)]
+    whole = http.completion(choices, "m", "chatcmpl-1")
+    assert [c["message"]["content"] for c in whole["choices"]] == ["red", "dark blue"]
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    assert whole["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                              "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    arrived = [(1, choices[1][0]), (0, choices[0][0]), (0, choices[0][1]), (1, choices[1][1])]
+    events = list(http.stream_events(iter(arrived), "m", "chatcmpl-1", True, n=2))
+    said = [(e["choices"][0]["index"], e["choices"][0]["delta"].get("content"))
+            for e in events if e["choices"]]  # fmt: skip
+    assert said[:2] == [(0, ""), (1, "")] and (1, "dark blue") in said and (0, "red") in said
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+    texts = list(completions.text_stream_events(iter(arrived), "m", "cmpl-1", False, n=2))
+    assert [e["choices"][0]["index"] for e in texts] == [1, 0, 0, 1]
 
 
 def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
@@ -581,6 +615,44 @@ def test_a_logit_bias_gives_llama_cpps_own_completion_with_it_over_grpc_and_open
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="m", prompt=prompt, logit_bias={"99999999": -100})
         assert caught.value.body["param"] == "logit_bias[99999999]"  # type: ignore[index]
+
+
+def test_n_choices_are_the_calls_with_seed_plus_i_whole_streamed_and_to_dspy(
+    served: tuple[ServerProcess, int, ServerProcess, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`n` choices over OpenAI's API: choice i is the answer to the same call with seed + i,
+    whole or streamed, on the runtime and through the router; the prompt is counted once;
+    `dspy.LM(..., n=3)` gets three answers."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
+    import dspy
+    import openai
+
+    _, runtime_http, _, router_http = served
+    asked = {"model": "m", "messages": QUESTION, "max_tokens": 10, "temperature": 1.5}
+    for port in (runtime_http, router_http):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN)
+        alone = [client.chat.completions.create(**asked, seed=11 + i) for i in range(3)]
+        texts = [reply.choices[0].message.content for reply in alone]
+        assert len(set(texts)) > 1, texts  # seeds that sample differently
+        reply = client.chat.completions.create(**asked, seed=11, n=3)
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        assert [c.message.content for c in reply.choices] == texts
+        assert reply.usage is not None and alone[0].usage is not None
+        assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
+        assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)  # type: ignore[union-attr]
+        streamed = ["", "", ""]
+        for event in client.chat.completions.create(**asked, seed=11, n=3, stream=True):
+            for choice in event.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        assert streamed == texts
+        text = client.completions.create(model="m", prompt="Once upon a time", max_tokens=8,
+                                         temperature=1.5, seed=5, n=2)  # fmt: skip
+        one = client.completions.create(model="m", prompt="Once upon a time", max_tokens=8,
+                                        temperature=1.5, seed=6)  # fmt: skip
+        assert len(text.choices) == 2 and text.choices[1].text == one.choices[0].text
+    lm = dspy.LM("openai/edge", api_base=f"http://127.0.0.1:{runtime_http}/v1", api_key=TOKEN,
+                 temperature=1.5, max_tokens=10, cache=False)  # fmt: skip
+    assert len(lm("Name three colours.", n=3)) == 3
 
 
 def test_log_probabilities_are_llama_cpps_over_openais_and_ollamas_apis(

@@ -13,6 +13,7 @@ import grpc
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 
 from services.core.api import pb
+from services.core.http_api.choices import CHOICES_LIMIT
 from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 _STATUS = {
@@ -85,7 +86,7 @@ class Sampled(Body):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**32)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=CHOICES_LIMIT)  # each choice is a Generate call
     stream: bool = False
     stream_options: StreamOptions | None = None
     # llama.cpp's server takes these too.
@@ -184,23 +185,26 @@ def _schema(request: ChatCompletionRequest) -> str:
 # -- the answer ------------------------------------------------------------------------------
 
 
+# Each choice's whole Generate stream, in choice order.
+Choices = list[list[pb.GenerateChunk]]
+
+
 def completion(
-    chunks: list[pb.GenerateChunk], model: str, call_id: str, logprobs: bool = False
+    choices: Choices, model: str, call_id: str, logprobs: bool = False
 ) -> dict[str, Any]:
-    """A `chat.completion` object from a whole Generate stream."""
-    last = chunks[-1]
+    """A `chat.completion` object from each choice's whole Generate stream."""
     return {
         "id": call_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{
-            "index": 0,
+            "index": index,
             "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
             "logprobs": chat_logprobs(chunks) if logprobs else None,
-            "finish_reason": FINISH.get(last.finish_reason, "stop"),
-        }],
-        "usage": usage(last.usage),
+            "finish_reason": FINISH.get(chunks[-1].finish_reason, "stop"),
+        } for index, chunks in enumerate(choices)],
+        "usage": usage(*(chunks[-1].usage for chunks in choices)),
     }  # fmt: skip
 
 
@@ -216,40 +220,49 @@ def chat_logprobs(chunks: Iterable[pb.GenerateChunk]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def usage(counted: pb.Usage) -> dict[str, Any]:
+def usage(*counted: pb.Usage) -> dict[str, Any]:
+    """OpenAI's usage of one or more choices: the prompt counted once, as OpenAI counts it,
+    and every choice's completion."""
+    prompt, completed = counted[0].prompt_tokens, sum(c.completion_tokens for c in counted)
     return {
-        "prompt_tokens": counted.prompt_tokens,
-        "completion_tokens": counted.completion_tokens,
-        "total_tokens": counted.prompt_tokens + counted.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": counted.cached_prompt_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completed,
+        "total_tokens": prompt + completed,
+        "prompt_tokens_details": {"cached_tokens": counted[0].cached_prompt_tokens},
     }
 
 
+# Each choice's chunks as they arrive, as (choice index, chunk).
+Streamed = Iterator[tuple[int, pb.GenerateChunk]]
+
+
 def stream_events(
-    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool,
-    logprobs: bool = False,
+    pieces: Streamed, model: str, call_id: str, include_usage: bool, logprobs: bool = False,
+    n: int = 1,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """`chat.completion.chunk` objects: the role, each piece of text (with its tokens'
-    log-probabilities when asked for), the finish reason and, when asked for, the usage on a
-    last chunk with no choices."""
+    """`chat.completion.chunk` objects: each choice's role, each piece of text (with its
+    tokens' log-probabilities when asked for), each choice's finish reason and, when asked
+    for, the usage of all on a last chunk with no choices."""
     created = int(time.time())
 
-    def chunk(
-        delta: dict[str, Any], finish: str | None, shown: pb.GenerateChunk | None = None
-    ) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+    def chunk(index: int, delta: dict[str, Any], finish: str | None,
+              shown: pb.GenerateChunk | None = None) -> dict[str, Any]:  # fmt: skip
+        choice = {"index": index, "delta": delta, "finish_reason": finish,
                   "logprobs": chat_logprobs([shown]) if logprobs and shown else None}  # fmt: skip
         return {"id": call_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [choice]}  # fmt: skip
 
-    yield chunk({"role": "assistant", "content": ""}, None)
-    for piece in chunks:
+    for index in range(n):
+        yield chunk(index, {"role": "assistant", "content": ""}, None)
+    finals = []
+    for index, piece in pieces:
         if piece.text:
-            yield chunk({"content": piece.text}, None, piece)
+            yield chunk(index, {"content": piece.text}, None, piece)
         if piece.finish_reason:
-            yield chunk({}, FINISH.get(piece.finish_reason, "stop"))
-            if include_usage:
-                yield {**chunk({}, None), "choices": [], "usage": usage(piece.usage)}
+            yield chunk(index, {}, FINISH.get(piece.finish_reason, "stop"))
+            finals.append(piece.usage)
+    if include_usage and finals:
+        yield {**chunk(0, {}, None), "choices": [], "usage": usage(*finals)}
 
 
 def error_body(status: int, kind: str, message: str, param: str | None) -> dict[str, Any]:

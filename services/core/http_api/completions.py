@@ -11,7 +11,15 @@ from typing import Any
 from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import FINISH, BadRequest, Sampled, refuse_unserved, usage
+from services.core.http_api.chat import (
+    FINISH,
+    BadRequest,
+    Choices,
+    Sampled,
+    Streamed,
+    refuse_unserved,
+    usage,
+)
 from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 
@@ -41,17 +49,17 @@ def completion_call(request: CompletionRequest) -> pb.GenerateRequest:
 
 
 def text_completion(
-    chunks: list[pb.GenerateChunk], model: str, call_id: str, logprobs: bool = False
+    choices: Choices, model: str, call_id: str, logprobs: bool = False
 ) -> dict[str, Any]:
-    """A `text_completion` object from a whole Generate stream."""
-    last = chunks[-1]
+    """A `text_completion` object from each choice's whole Generate stream."""
     return {
         "id": call_id, "object": "text_completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": "".join(c.text for c in chunks),
+        "choices": [{"index": index, "text": "".join(c.text for c in chunks),
                      "logprobs": text_logprobs(chunks) if logprobs else None,
-                     "finish_reason": FINISH.get(last.finish_reason, "stop")}],
-        "usage": usage(last.usage),
+                     "finish_reason": FINISH.get(chunks[-1].finish_reason, "stop")}
+                    for index, chunks in enumerate(choices)],
+        "usage": usage(*(chunks[-1].usage for chunks in choices)),
     }  # fmt: skip
 
 
@@ -73,27 +81,29 @@ def text_logprobs(chunks: list[pb.GenerateChunk], offset: int = 0) -> dict[str, 
 
 
 def text_stream_events(
-    chunks: Iterator[pb.GenerateChunk], model: str, call_id: str, include_usage: bool,
-    logprobs: bool = False,
+    pieces: Streamed, model: str, call_id: str, include_usage: bool, logprobs: bool = False,
+    n: int = 1,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """`text_completion` objects as OpenAI streams them: each piece of text (with its tokens'
-    log-probabilities when asked for), the finish reason and, when asked for, the usage on a
-    last object with no choices."""
+    """`text_completion` objects as OpenAI streams them: each piece of text of each choice
+    (with its tokens' log-probabilities when asked for), each choice's finish reason and, when
+    asked for, the usage of all on a last object with no choices."""
     created = int(time.time())
-    sent = 0  # characters streamed so far: where the next piece's tokens begin
+    sent = [0] * n  # characters streamed of each choice: where its next piece's tokens begin
 
-    def piece(text: str, finish: str | None, shown: pb.GenerateChunk | None = None
-              ) -> dict[str, Any]:  # fmt: skip
-        listed = text_logprobs([shown], sent) if logprobs and shown else None
+    def piece(index: int, text: str, finish: str | None,
+              shown: pb.GenerateChunk | None = None) -> dict[str, Any]:  # fmt: skip
+        listed = text_logprobs([shown], sent[index]) if logprobs and shown else None
         return {"id": call_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": listed,
+                "choices": [{"index": index, "text": text, "logprobs": listed,
                              "finish_reason": finish}]}  # fmt: skip
 
-    for chunk in chunks:
+    finals = []
+    for index, chunk in pieces:
         if chunk.text:
-            yield piece(chunk.text, None, chunk)
-            sent += len(chunk.text)
+            yield piece(index, chunk.text, None, chunk)
+            sent[index] += len(chunk.text)
         if chunk.finish_reason:
-            yield piece("", FINISH.get(chunk.finish_reason, "stop"))
-            if include_usage:
-                yield {**piece("", None), "choices": [], "usage": usage(chunk.usage)}
+            yield piece(index, "", FINISH.get(chunk.finish_reason, "stop"))
+            finals.append(chunk.usage)
+    if include_usage and finals:
+        yield {**piece(0, "", None), "choices": [], "usage": usage(*finals)}

@@ -46,6 +46,7 @@ from services.core.http_api.chat import (
     rpc_param,
     stream_events,
 )
+from services.core.http_api.choices import Interleaved, choice_calls
 from services.core.http_api.completions import (
     CompletionRequest,
     completion_call,
@@ -284,13 +285,19 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             """A chat or text completion: whole, or streamed as server-sent events."""
             metadata = self._metadata()
             model = front.model_name(metadata)
-            chunks = front.stub.Generate(call, metadata=metadata)
+            streams = [front.stub.Generate(choice, metadata=metadata)
+                       for choice in choice_calls(call, request.n)]  # fmt: skip
             call_id = f"{kind}-{uuid.uuid4().hex}"
             if not request.stream:
-                return self._send_json(200, whole(list(chunks), model, call_id, call.logprobs))
+                try:
+                    choices = [list(stream) for stream in streams]
+                finally:
+                    for stream in streams:  # one failed: the others stop too
+                        stream.cancel()
+                return self._send_json(200, whole(choices, model, call_id, call.logprobs))
             include = bool(request.stream_options and request.stream_options.include_usage)
-            self._stream(chunks, lambda pieces: events(pieces, model, call_id, include,
-                                                       call.logprobs))  # fmt: skip
+            self._stream(Interleaved(streams), lambda pieces: events(
+                pieces, model, call_id, include, call.logprobs, request.n))  # fmt: skip
 
         def _ollama_chat(self, raw: bytes) -> None:
             request = parse_body(ollama.ChatRequest, raw)
