@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -119,6 +120,17 @@ def logprob_request(request: pb.GenerateRequest) -> dict[str, Any]:
     if top > TOP_LOGPROBS_LIMIT:
         raise invalid("top_logprobs", f"{top} is out of range; use 0..{TOP_LOGPROBS_LIMIT}")
     return {"logprobs": request.logprobs, "top_logprobs": top}
+
+
+def json_schema_object(schema: str) -> dict[str, Any]:
+    """A JSON Schema's text as its object; ValueError saying why it is not one."""
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
+    if not isinstance(parsed, dict):
+        raise ValueError("a JSON Schema must be a JSON object")
+    return parsed
 
 
 def output_constraint(request: pb.GenerateRequest) -> tuple[str | None, str | None]:

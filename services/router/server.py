@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -551,11 +550,9 @@ def _json_schema(text: str) -> str | None:
     if not text:
         return None
     try:
-        parsed = json.loads(text)
+        check.json_schema_object(text)
     except ValueError as err:
-        raise check.invalid("json_schema", f"not JSON ({err})") from None
-    if not isinstance(parsed, dict):
-        raise check.invalid("json_schema", "a JSON Schema must be a JSON object")
+        raise check.invalid("json_schema", str(err)) from None
     return text
 
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from services.core.sampling import GenerationParams
+from services.core.validation import json_schema_object
 from services.runtime.structured import json_value_grammar
 
 # What llama.cpp prints when it refuses a grammar; the line gives the error's message.
@@ -48,12 +49,7 @@ def grammar_for(schema: str) -> Any:
     """A llama.cpp grammar from a JSON Schema; ValueError when the schema is unusable."""
     from llama_cpp import LlamaGrammar
 
-    try:
-        parsed = json.loads(schema)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
-    if not isinstance(parsed, dict):
-        raise ValueError("a JSON Schema must be a JSON object")
+    parsed = json_schema_object(schema)
     try:
         return LlamaGrammar.from_json_schema(json.dumps(parsed), verbose=False)
     except Exception as err:

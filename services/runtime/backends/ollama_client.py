@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
+from services.core.validation import json_schema_object
 from services.runtime.backends.base import (
     Backend,
     BackendError,
@@ -70,12 +71,7 @@ class OllamaBackend:
                          "the llama.cpp backend for text completions")  # fmt: skip
 
     def validate_json_schema(self, schema: str) -> None:
-        try:
-            parsed = json.loads(schema)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not valid JSON ({err.msg} at position {err.pos})") from err
-        if not isinstance(parsed, dict):
-            raise ValueError("a JSON Schema must be a JSON object")
+        json_schema_object(schema)
 
     def validate_grammar(self, grammar: str) -> None:
         raise NotImplementedError(
