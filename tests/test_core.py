@@ -362,6 +362,7 @@ def test_bundle_verification_refuses_a_changed_byte(tmp_path: Path, gguf_path: P
         ([b"a [[ ## com", b"pleted ## ]] tail"], ("[[ ## completed ## ]]",), "a ", True),
         ([b"ab", b"c"], ("abd",), "abc", False),  # a held prefix is released once ruled out
         ([b"\xe2\x82", b"\xac!"], (), "€!", False),  # a UTF-8 character split across tokens
+        ([b"x", b" one two"], ("two", "one"), "x ", True),  # the earliest, not the first named
     ],
 )
 def test_stop_string_buffer(
@@ -377,6 +378,8 @@ def test_stop_string_buffer(
             break
     out += buffer.flush()
     assert out == released and buffer.stopped == stopped
+    whole = b"".join(pieces).decode()
+    assert whole.startswith(out + buffer.stopped_by) and (buffer.stopped_by in stops) == stopped
 
 
 def test_a_tokens_log_probability_goes_with_the_chunk_that_shows_its_text() -> None:

@@ -754,6 +754,53 @@ def test_tokenize_and_detokenize_answer_as_llama_cpps_server_through_the_router(
         assert neither.status_code == 400 and neither.json()["error"]["param"] == "content"
 
 
+def test_llama_cpps_own_completion_and_template_endpoints_answer_as_its_server(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """`POST /completion` answers as llama.cpp's server does: llama-cpp-python's own greedy
+    text, why it stopped (`stop_type`, `stopping_word`), the counts and timings, each token's
+    probability with its id, streamed as its events (no `[DONE]`); `/apply-template` gives the
+    prompt a chat is given; on the runtime and through the router."""
+    import httpx
+    import llama_cpp
+
+    prompt = "The three primary colours are"
+    reference = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
+    expected = reference.create_completion(prompt, max_tokens=12, temperature=0.0,
+                                           repeat_penalty=1.0)["choices"][0]  # fmt: skip
+    n_prompt = len(reference.tokenize(prompt.encode()))
+    words = expected["text"].split()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with InferenceClient(served[0].target, token=TOKEN) as client:
+        chat = client.tokenize([(m["role"], m["content"]) for m in QUESTION], with_pieces=True)
+    for port in (served[1], served[3]):
+        url = f"http://127.0.0.1:{port}"
+        asked = {"prompt": prompt, "n_predict": 12, "temperature": 0, "n_probs": 2}
+        said = httpx.post(f"{url}/completion", json=asked, headers=headers, timeout=60).json()
+        assert said["content"] == expected["text"] and said["stop"] is True
+        assert said["stop_type"] == {"length": "limit", "stop": "eos"}[expected["finish_reason"]]
+        assert said["tokens_predicted"] == len(said["completion_probabilities"]) <= 12
+        assert said["tokens_evaluated"] == n_prompt and said["timings"]["predicted_n"] > 0
+        ids = [entry["id"] for entry in said["completion_probabilities"]]
+        assert reference.detokenize(ids).decode() == expected["text"]  # the vocabulary kept
+        assert all(e["top_logprobs"][0]["id"] == e["id"] for e in said["completion_probabilities"])
+        stops = [words[2], words[1]]  # the earliest of them ends it, whatever their order
+        cut = httpx.post(f"{url}/completion", json={**asked, "stop": stops}, headers=headers,
+                         timeout=60).json()  # fmt: skip
+        assert cut["stop_type"] == "word" and cut["stopping_word"] == words[1]
+        assert cut["content"] == expected["text"][: expected["text"].index(words[1])]
+        with httpx.stream("POST", f"{url}/completion", json={**asked, "stream": True},
+                          headers=headers, timeout=60) as reply:  # fmt: skip
+            lines = [line for line in reply.iter_lines() if line]
+        events = [json.loads(line.removeprefix("data: ")) for line in lines]
+        assert "".join(e["content"] for e in events) == expected["text"] and events[-1]["stop"]
+        template = httpx.post(f"{url}/apply-template", json={"messages": QUESTION},
+                              headers=headers).json()  # fmt: skip
+        assert template["prompt"] == "".join(piece.token for piece in chat.pieces)
+        assert template["prompt"].endswith("Name three colours.<|im_end|>\n<|im_start|>assistant\n")
+    reference.close()
+
+
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(
     served: tuple[ServerProcess, int, ServerProcess, int],
 ) -> None:

@@ -125,9 +125,13 @@ def test_generate_gives_each_shown_tokens_log_probability(runtime: ServerProcess
         top = [t.logprob for t in item.top_logprobs]
         assert len(top) == 3 and top == sorted(top, reverse=True)
         assert item.top_logprobs[0].token == item.token.token  # greedy: the likeliest
+        assert item.token.HasField("id") and item.top_logprobs[0].id == item.token.id
         assert item.token.logprob == pytest.approx(top[0]) and top[0] <= 0
         assert sum(math.exp(value) for value in top) <= 1 + 1e-4
         assert item.token.bytes.decode() == item.token.token
+    with InferenceClient(runtime.target) as client:  # the ids are the model's own
+        assert client.detokenize([item.token.id for item in listed]) == text
+    assert chunks[-1].stop_sequence == "5"  # which stop string ended it
     plain = run()
     assert "".join(c.text for c in plain) == text and not any(c.logprobs for c in plain)
     own_only = [item for c in run(logprobs=True) for item in c.logprobs]

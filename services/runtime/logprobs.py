@@ -11,10 +11,12 @@ from services.core.api import pb
 from services.runtime.backends.base import TokenPiece
 
 
-def token_logprob(token: bytes, logprob: float = 0.0) -> pb.TokenLogprob:
-    """A token's text (U+FFFD for bytes that are not whole UTF-8), bytes and log-probability
-    (0 where none is given: Tokenize's pieces)."""
-    return pb.TokenLogprob(token=token.decode("utf-8", "replace"), logprob=logprob, bytes=token)
+def token_logprob(token: bytes, logprob: float = 0.0, token_id: int | None = None
+                  ) -> pb.TokenLogprob:  # fmt: skip
+    """A token's text (U+FFFD for bytes that are not whole UTF-8), bytes, log-probability
+    (0 where none is given: Tokenize's pieces) and id, when known."""
+    return pb.TokenLogprob(token=token.decode("utf-8", "replace"), logprob=logprob, bytes=token,
+                           id=token_id)  # fmt: skip
 
 
 class ShownLogprobs:
@@ -38,10 +40,14 @@ class ShownLogprobs:
                 break
             ready += 1
         released, self._waiting = self._waiting[:ready], self._waiting[ready:]
-        return [
-            pb.GeneratedTokenLogprob(
-                token=token_logprob(piece.token, piece.logprob or 0.0),
-                top_logprobs=[token_logprob(text, value) for text, value in piece.top],
-            )
-            for piece in released
-        ]
+        return [_listed(piece) for piece in released]
+
+
+def _listed(piece: TokenPiece) -> pb.GeneratedTokenLogprob:
+    """A token's entry: itself and the likeliest at its position, with their ids if known."""
+    ids: list[int | None] = [*piece.top_ids] or [None] * len(piece.top)
+    return pb.GeneratedTokenLogprob(
+        token=token_logprob(piece.token, piece.logprob or 0.0, piece.token_id),
+        top_logprobs=[token_logprob(text, value, token_id)
+                      for (text, value), token_id in zip(piece.top, ids, strict=True)],
+    )  # fmt: skip

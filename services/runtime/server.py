@@ -279,6 +279,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     served_by=pb.SERVED_BY_LOCAL,
                     model_id=model.backend.info.model_name,
                     logprobs=logprobs.shown(event.text, last=True),
+                    stop_sequence=event.stop_sequence,
                 )
         except BackendError as err:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err

@@ -42,7 +42,9 @@ def tokenized(backend: Backend, request: pb.TokenizeRequest, context_length: int
         assert prompt.tokens is not None  # a backend that exposes its tokenizer counts them
         tokens = list(prompt.tokens)
     pieces = (
-        [token_logprob(tokenizer.special_text([t])) for t in tokens] if request.with_pieces else []
+        [token_logprob(tokenizer.special_text([t]), token_id=t) for t in tokens]
+        if request.with_pieces
+        else []
     )
     return pb.TokenizeResponse(tokens=tokens, pieces=pieces, context_length=context_length)
 

@@ -108,14 +108,7 @@ class Sampled(Body):
         )  # fmt: skip
 
     def biases(self) -> dict[int, float]:
-        given = self.logit_bias
-        pairs = given.items() if isinstance(given, dict) else given or []
-        biases = {}
-        for token, bias in pairs:
-            if not str(token).isdigit():
-                raise BadRequest("logit_bias", f"{token!r} is not a token id (see /tokenize)")
-            biases[int(token)] = bias
-        return biases
+        return token_biases(self.logit_bias)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -158,6 +151,17 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
         grammar=request.grammar, logit_bias=request.biases(), logprobs=request.logprobs,
         top_logprobs=request.top_logprobs or 0,
     )  # fmt: skip
+
+
+def token_biases(given: dict[str, float] | list[tuple[int, float]] | None) -> dict[int, float]:
+    """A `logit_bias` as OpenAI (`{"id": bias}`) or llama.cpp (`[[id, bias], ...]`) gives it."""
+    pairs = given.items() if isinstance(given, dict) else given or []
+    biases = {}
+    for token, bias in pairs:
+        if not str(token).isdigit():
+            raise BadRequest("logit_bias", f"{token!r} is not a token id (see /tokenize)")
+        biases[int(token)] = bias
+    return biases
 
 
 def refuse_unserved(request: BaseModel, unserved: dict[str, str]) -> None:

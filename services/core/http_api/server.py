@@ -7,6 +7,8 @@ interceptor as a gRPC one, and TLS on the gRPC port is TLS here too.
     GET  /v1/models             the served model, as OpenAI lists models
     POST /v1/predict            the distilled program (PredictRequest / PredictResponse JSON)
     POST /tokenize, /detokenize llama.cpp server's: the model's tokens for a text or a chat
+    POST /completion            llama.cpp server's own text completion (streamed or not)
+    POST /apply-template        llama.cpp server's: a chat as the prompt text the model gets
     GET  /health                200 when serving, 503 while loading or draining
     POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version
                                 Ollama's API (NDJSON streams; errors as {"error": ...})
@@ -33,7 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
-from services.core.http_api import ollama, tokens
+from services.core.http_api import llama_server, ollama, tokens
 from services.core.http_api.chat import (
     BadRequest,
     ChatCompletionRequest,
@@ -194,6 +196,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                       "/v1/completions": self._complete, "/completions": self._complete,
                       "/v1/predict": self._predict, "/api/chat": self._ollama_chat,
                       "/tokenize": self._tokenize, "/detokenize": self._detokenize,
+                      "/completion": self._llama_complete,
+                      "/apply-template": self._apply_template,
                       "/api/generate": self._ollama_generate,
                       "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
@@ -263,6 +267,22 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             call = tokens.detokenize_call(parse_body(tokens.DetokenizeBody, raw))
             reply = front.stub.Detokenize(call, metadata=self._metadata())
             self._send_json(200, {"content": reply.text})
+
+        def _llama_complete(self, raw: bytes) -> None:
+            body = parse_body(llama_server.CompletionBody, raw)
+            metadata = self._metadata()
+            model = front.model_name(metadata)
+            chunks = front.stub.Generate(llama_server.completion_call(body), metadata=metadata)
+            if not body.stream:
+                answer = llama_server.completion_answer(list(chunks), model, body.prompt)
+                return self._send_json(200, answer)
+            self._stream(chunks, lambda pieces: llama_server.completion_events(
+                pieces, model, body.prompt))  # fmt: skip
+
+        def _apply_template(self, raw: bytes) -> None:
+            call = llama_server.template_call(parse_body(llama_server.TemplateBody, raw))
+            reply = front.stub.Tokenize(call, metadata=self._metadata())
+            self._send_json(200, llama_server.template_answer(reply))
 
         def _predict(self, raw: bytes) -> None:
             reply = front.stub.Predict(predict_request(raw), metadata=self._metadata())
@@ -367,7 +387,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             try:
                 for event in events(_chained(first, chunks)):
                     send(event)
-                if sse:
+                if sse and self._route_path() != "/completion":  # llama.cpp's own ends unmarked
                     self.wfile.write(b"data: [DONE]\n\n")
             except grpc.RpcError as err:  # after the status line: an error event in the stream
                 send(self._error_body(*self._rpc_error(err)))

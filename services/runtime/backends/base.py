@@ -47,7 +47,8 @@ class TokenPiece:
     [start, end) is the token's span in the whole generated text, `logprob` the model's
     log-probability of the token (None when the backend does not report it). Asked for
     `top_logprobs`, `token` holds the token's bytes and `top` the most likely tokens at its
-    position with their log-probabilities, most likely first.
+    position with their log-probabilities, most likely first; `token_id` and `top_ids` their
+    ids, where the backend knows them.
     """
 
     text: str
@@ -56,6 +57,8 @@ class TokenPiece:
     logprob: float | None
     token: bytes = b""
     top: tuple[tuple[bytes, float], ...] = ()
+    token_id: int | None = None
+    top_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Finished:
     completion_tokens: int
     cached_prompt_tokens: int = 0
     text: str = ""  # any held-back text released at the end
+    stop_sequence: str = ""  # the stop string that ended it (reason "stop_sequence")
     extra: dict[str, float] = field(default_factory=dict)
     decode_steps: int | None = None  # tokens sampled, when some were forced (typed decoding)
     # Typed decoding: each output field's confidence (a choice's probability among the

@@ -295,6 +295,7 @@ class LlamaCppBackend(ChatModelMethods):
             completion_tokens=produced,
             cached_prompt_tokens=max(0, cached),
             text=buffer.flush() if reason != "cancelled" else "",
+            stop_sequence=buffer.stopped_by,
         )
 
     def _generate_planned(
@@ -362,7 +363,8 @@ def logprob_piece(
         return TokenPiece(text, start, end, None)
     logprob, top = token_logprobs(ctx, index, n_vocab, token, params.top_logprobs)
     alternatives = tuple((bytes(detokenize([i])), value) for i, value in top)
-    return TokenPiece(text, start, end, logprob, bytes(detokenize([token])), alternatives)
+    return TokenPiece(text, start, end, logprob, bytes(detokenize([token])), alternatives,
+                      token, tuple(i for i, _ in top))  # fmt: skip
 
 
 class PlannedAnswer:

@@ -460,6 +460,7 @@ class BatchedLlamaCpp(ChatModelMethods):
             completion_tokens=sequence.produced,
             cached_prompt_tokens=sequence.cached,
             text=sequence.buffer.flush() if reason != "cancelled" else "",
+            stop_sequence=sequence.buffer.stopped_by,
         )
 
 

@@ -14,18 +14,23 @@ class StopStringBuffer:
         self.full_text = ""  # everything decoded so far
         self._released = 0  # chars of full_text already handed out
         self.stopped = False
+        self.stopped_by = ""  # the stop string that ended the text
 
     def feed(self, piece: bytes) -> tuple[str, int, int]:
         """Add one token's bytes. Returns (text to release now, token start, token end)."""
         start = len(self.full_text)
         self.full_text += self._decoder.decode(piece)
         end = len(self.full_text)
-        for stop in self._stops:
-            index = self.full_text.find(stop, max(0, self._released - len(stop)))
-            if index != -1:
-                self.stopped = True
-                self.full_text = self.full_text[:index]
-                return self._release(index), min(start, index), min(end, index)
+        found = [
+            (index, stop)
+            for stop in self._stops
+            if (index := self.full_text.find(stop, max(0, self._released - len(stop)))) != -1
+        ]
+        if found:  # the earliest, when one piece of text holds several
+            index, self.stopped_by = min(found)
+            self.stopped = True
+            self.full_text = self.full_text[:index]
+            return self._release(index), min(start, index), min(end, index)
         return self._release(len(self.full_text) - self._held_suffix()), start, end
 
     def flush(self) -> str:
