@@ -178,6 +178,29 @@ def test_n_choices_are_calls_of_their_own_answered_as_openai_answers_them() -> N
     assert [e["choices"][0]["index"] for e in texts] == [1, 0, 0, 1]
 
 
+def test_a_llama_cpp_completion_body_becomes_the_generate_call_it_asks_for() -> None:
+    """llama.cpp's `/completion` fields: -1 for the server's default length and a random seed,
+    its grammar, schema, biases and `n_probs`; 0 tokens is a 400 naming `n_predict`."""
+    from services.core.http_api import llama_server
+
+    def call(**body: object) -> pb.GenerateRequest:
+        parsed = http.parse_body(llama_server.CompletionBody, json.dumps(body).encode())
+        return llama_server.completion_call(parsed)
+
+    made = call(prompt="Once", n_predict=-1, seed=-1, json_schema={"type": "object"},
+                logit_bias=[[42, -100]], n_probs=3, stop=["\n"], cache_prompt=True)  # fmt: skip
+    assert made.prompt == "Once" and not made.options.HasField("max_tokens")
+    assert not made.options.HasField("seed") and json.loads(made.json_schema) == {"type": "object"}
+    assert dict(made.logit_bias) == {42: -100.0} and made.logprobs and made.top_logprobs == 3
+    sized = call(prompt="Once", n_predict=7, seed=5, grammar='root ::= "a"', temperature=0)
+    assert sized.options.max_tokens == 7 and sized.options.seed == 5 and sized.grammar
+    for body, param in (({"prompt": "Once", "n_predict": 0}, "n_predict"), ({}, "prompt"),
+                        ({"prompt": "Once", "n_probs": 21}, "n_probs")):  # fmt: skip
+        with pytest.raises(http.BadRequest) as caught:
+            call(**body)
+        assert caught.value.param == param, body
+
+
 def test_an_ollama_request_becomes_the_generate_call_it_asks_for() -> None:
     body = {"model": "triage:latest", "messages": [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "a"}], "tools": [], "think": False,
