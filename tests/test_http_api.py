@@ -32,7 +32,7 @@ def test_a_bad_body_names_the_parameter_as_openai_does() -> None:
         b'{"messages": []}': "messages",
         b'{"messages": [{"role": "tool", "content": "x"}]}': "messages.0.role",
         b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}': "messages.0",
-        b'{"messages": [{"role": "user", "content": "x"}], "n": 2}': "n",
+        b'{"messages": [{"role": "user", "content": "x"}], "n": 17}': "n",
         b'{"messages": [{"role": "user", "content": "x"}], "temperature": 3}': "temperature",
         b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}': "max_tokens",
         b"not json": "body",
