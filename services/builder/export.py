@@ -14,8 +14,7 @@ import errno
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 from services.builder.layer_trace import trace_forward
 from services.builder.student import converter_tree, run_converter
 from services.core.gguf_metadata import open_gguf
+from services.runtime.backends.llama_log import llama_log_captured
 
 # Keys the writer sets itself, or that describe the old file rather than the model.
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
@@ -318,23 +318,3 @@ def fallback_note(log: list[str]) -> str | None:
     why = "; ".join(f"rows of {n} are no multiple of {b}" for n, b in widths)
     return (f"{counted[1]} of {counted[2]} tensors quantized as {', '.join(used) or 'another type'}"
             + (f" ({why})" if why else ""))  # fmt: skip
-
-
-@contextmanager
-def llama_log_captured() -> Iterator[list[str]]:
-    """llama.cpp's log lines while in the block, instead of on stderr; llama-cpp-python's own
-    handler is restored after."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

@@ -20,6 +20,7 @@ from typing import Any
 
 from services.core.sampling import GenerationParams
 from services.core.validation import json_schema_object
+from services.runtime.backends.llama_log import llama_log_captured
 from services.runtime.structured import json_value_grammar
 
 # What llama.cpp prints when it refuses a grammar; the line gives the error's message.
@@ -72,7 +73,11 @@ def check_parses(vocab: Any, grammar: Any) -> None:
     (a rule it cannot read, an undefined rule, no `root`, left recursion)."""
     import llama_cpp
 
-    with _STDERR_LOCK, _captured_log() as logged, _captured_stderr(grammar._grammar) as printed:
+    with (
+        _STDERR_LOCK,
+        llama_log_captured(forward=True) as logged,
+        _captured_stderr(grammar._grammar) as printed,
+    ):
         sampler = llama_cpp.llama_sampler_init_grammar(
             vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
         )
@@ -108,25 +113,3 @@ def _captured_stderr(source: str) -> Iterator[list[str]]:
               and not any(reason in line for reason in _PARSER_REASONS)]  # fmt: skip
     if others:
         sys.stderr.write("\n".join(others) + "\n")
-
-
-@contextmanager
-def _captured_log() -> Iterator[list[str]]:
-    """What llama.cpp logs while inside, passed on to llama-cpp-python's own logger too."""
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def record(level: int, text: bytes, user_data: Any) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-        _logger.llama_log_callback(level, text, user_data)
-
-    llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
