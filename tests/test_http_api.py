@@ -178,6 +178,37 @@ def test_n_choices_are_calls_of_their_own_answered_as_openai_answers_them() -> N
     assert [e["choices"][0]["index"] for e in texts] == [1, 0, 0, 1]
 
 
+class _Stream:
+    """A Generate stream's shape (iterable, cancellable) over given chunks, then an error."""
+
+    def __init__(self, chunks: list[pb.GenerateChunk], error: Exception | None = None) -> None:
+        self.chunks, self.error, self.cancelled = chunks, error, False
+
+    def __iter__(self) -> Iterator[pb.GenerateChunk]:
+        yield from self.chunks
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_streams_interleave_by_choice_and_one_failing_stops_the_others() -> None:
+    from services.core.http_api.choices import Interleaved
+
+    one = _Stream([pb.GenerateChunk(text="a"), pb.GenerateChunk(text="b")])
+    assert list(Interleaved([one])) == [(0, one.chunks[0]), (0, one.chunks[1])]
+    two = [_Stream([pb.GenerateChunk(text=t) for t in "xy"]), _Stream([pb.GenerateChunk(text="z")])]
+    merged = list(Interleaved(two))
+    assert sorted((i, c.text) for i, c in merged) == [(0, "x"), (0, "y"), (1, "z")]
+    assert [c.text for i, c in merged if i == 0] == ["x", "y"]  # each stream's order kept
+    failing = _Stream([], grpc.RpcError())
+    waiting = _Stream([pb.GenerateChunk(text="w")])
+    with pytest.raises(grpc.RpcError):
+        list(Interleaved([waiting, failing]))
+    assert waiting.cancelled
+
+
 def test_a_llama_cpp_completion_body_becomes_the_generate_call_it_asks_for() -> None:
     """llama.cpp's `/completion` fields: -1 for the server's default length and a random seed,
     its grammar, schema, biases and `n_probs`; 0 tokens is a 400 naming `n_predict`."""
@@ -431,6 +462,7 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
             assert wrong.json()["error"]["param"] == "inputs['nation']"
             chunked = client.post("/v1/predict", content=iter([json.dumps(country).encode()]))
             assert chunked.status_code == 400 and chunked.json()["error"]["param"] == "body"
+            assert chunked.headers["connection"] == "close"  # its body unread: no next call
             assert client.post("/v1/predict", json=country).json() == {
                 **body,
                 "latency_ms": ANY,

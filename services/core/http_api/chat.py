@@ -76,6 +76,10 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+# OpenAI's {"token id": bias}, or llama.cpp's [[token id, bias], ...]
+LogitBias = dict[str, StrictFloat] | list[tuple[int, StrictFloat]] | None
+
+
 class Sampled(Body):
     """What OpenAI's chat and text completions take alike: the model, limits, sampling, stops
     and streaming."""
@@ -96,8 +100,7 @@ class Sampled(Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     grammar: str = ""  # GBNF
-    # OpenAI's {"token id": bias}, or llama.cpp's [[token id, bias], ...]
-    logit_bias: dict[str, StrictFloat] | list[tuple[int, StrictFloat]] | None = None
+    logit_bias: LogitBias = None
 
     def sampling(self, max_tokens: int | None) -> pb.SamplingOptions:
         return pb.SamplingOptions(
@@ -141,8 +144,7 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
     """The Generate call a chat completion request asks for."""
     if request.tools:
         raise BadRequest("tools", "tool calls are not served; describe the tools in a message")
-    messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
-                               content=text_of(m.content)) for m in request.messages]  # fmt: skip
+    messages = chat_messages(request.messages)
     options = request.sampling(request.max_completion_tokens or request.max_tokens)
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequest("top_logprobs", "needs logprobs set to true")
@@ -153,7 +155,14 @@ def generate_request(request: ChatCompletionRequest) -> pb.GenerateRequest:
     )  # fmt: skip
 
 
-def token_biases(given: dict[str, float] | list[tuple[int, float]] | None) -> dict[int, float]:
+def chat_messages(messages: list[Message]) -> list[pb.ChatMessage]:
+    """OpenAI's messages as the runtime's: a developer message is a system one, text parts
+    joined."""
+    return [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
+                           content=text_of(m.content)) for m in messages]  # fmt: skip
+
+
+def token_biases(given: LogitBias) -> dict[int, float]:
     """A `logit_bias` as OpenAI (`{"id": bias}`) or llama.cpp (`[[id, bias], ...]`) gives it."""
     pairs = given.items() if isinstance(given, dict) else given or []
     biases = {}

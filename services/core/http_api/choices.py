@@ -32,7 +32,8 @@ def choice_calls(call: pb.GenerateRequest, n: int) -> list[pb.GenerateRequest]:
 
 class Interleaved:
     """The chunks of several Generate streams as they arrive, each as (choice index, chunk).
-    A failed stream cancels the others and raises its error."""
+    A failed stream cancels the others and raises its error. One stream (the usual `n` = 1)
+    is read as it is, with no thread between."""
 
     def __init__(self, streams: list[Any]) -> None:
         self._streams = streams
@@ -40,13 +41,16 @@ class Interleaved:
             queue.Queue()
         )
         self._open = len(streams)
-        for index, stream in enumerate(streams):
+        self._single = iter(streams[0]) if len(streams) == 1 else None
+        for index, stream in enumerate(streams if self._single is None else []):
             threading.Thread(target=self._pump, args=(index, stream), daemon=True).start()
 
     def __iter__(self) -> Iterator[tuple[int, pb.GenerateChunk]]:
         return self
 
     def __next__(self) -> tuple[int, pb.GenerateChunk]:
+        if self._single is not None:
+            return 0, next(self._single)
         while self._open:
             index, item = self._arrived.get()
             if item is None:

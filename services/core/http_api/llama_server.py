@@ -8,10 +8,17 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import Field, StrictFloat
+from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest, Body, Message, text_of, token_biases
+from services.core.http_api.chat import (
+    BadRequest,
+    Body,
+    LogitBias,
+    Message,
+    chat_messages,
+    token_biases,
+)
 from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 _STOP_TYPE = {pb.FINISH_REASON_STOP: "eos", pb.FINISH_REASON_LENGTH: "limit",
@@ -35,7 +42,7 @@ class CompletionBody(Body):
     stop: list[str] = Field(default_factory=list)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
-    logit_bias: dict[str, StrictFloat] | list[tuple[int, StrictFloat]] | None = None
+    logit_bias: LogitBias = None
     n_probs: int = Field(0, ge=0, le=TOP_LOGPROBS_LIMIT)
     stream: bool = False
 
@@ -108,9 +115,7 @@ def final_event(
 
 
 def template_call(body: TemplateBody) -> pb.TokenizeRequest:
-    messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
-                               content=text_of(m.content)) for m in body.messages]  # fmt: skip
-    return pb.TokenizeRequest(messages=messages, with_pieces=True)
+    return pb.TokenizeRequest(messages=chat_messages(body.messages), with_pieces=True)
 
 
 def template_answer(reply: pb.TokenizeResponse) -> dict[str, Any]:

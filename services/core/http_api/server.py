@@ -414,9 +414,12 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
-    """One JSON response, its length given (the connection may stay open)."""
+    """One JSON response, its length given: the connection stays open unless the request
+    left it unusable (then the client is told, so it does not send the next call on it)."""
     data = json.dumps(body).encode()
     handler.send_response(status)
+    if handler.close_connection:
+        handler.send_header("Connection", "close")
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from services.core.api import pb
-from services.core.http_api.chat import BadRequest, Body, Message, text_of
+from services.core.http_api.chat import BadRequest, Body, Message, chat_messages
 
 
 class TokenizeBody(Body):
@@ -29,9 +29,8 @@ def tokenize_call(body: TokenizeBody) -> pb.TokenizeRequest:
     if (body.content is None) == (body.messages is None):
         raise BadRequest("content", "give content (a text) or messages (a chat), one of them")
     if body.messages is not None:
-        messages = [pb.ChatMessage(role="system" if m.role == "developer" else m.role,
-                                   content=text_of(m.content)) for m in body.messages]  # fmt: skip
-        return pb.TokenizeRequest(messages=messages, with_pieces=body.with_pieces)
+        return pb.TokenizeRequest(messages=chat_messages(body.messages),
+                                  with_pieces=body.with_pieces)  # fmt: skip
     return pb.TokenizeRequest(prompt=body.content, bare=not body.add_special,
                               with_pieces=body.with_pieces)  # fmt: skip
 

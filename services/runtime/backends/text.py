@@ -13,8 +13,11 @@ class StopStringBuffer:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.full_text = ""  # everything decoded so far
         self._released = 0  # chars of full_text already handed out
-        self.stopped = False
         self.stopped_by = ""  # the stop string that ended the text
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.stopped_by)  # stop strings are never empty
 
     def feed(self, piece: bytes) -> tuple[str, int, int]:
         """Add one token's bytes. Returns (text to release now, token start, token end)."""
@@ -28,7 +31,6 @@ class StopStringBuffer:
         ]
         if found:  # the earliest, when one piece of text holds several
             index, self.stopped_by = min(found)
-            self.stopped = True
             self.full_text = self.full_text[:index]
             return self._release(index), min(start, index), min(end, index)
         return self._release(len(self.full_text) - self._held_suffix()), start, end
