@@ -281,6 +281,10 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
             client.tokenize(prompt="Once")  # the local model's tokens: no runtime, no answer
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "tokens are the local model's" in (caught.value.details() or "")
+        with InferenceClient(router.target) as client, pytest.raises(grpc.RpcError) as caught:
+            client.embed(["Once"])  # nor its vectors: the API model's are of another space
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "vectors are the local model's" in (caught.value.details() or "")
         info = InferenceClient(router.target).info()  # from the bundle: no runtime to ask
         assert info.backend == "api:openai/teacher-smol" and info.model_name == "capitals"
         assert [f.name for f in info.signature.input_fields] == ["country"]

@@ -284,6 +284,39 @@ def tokenize(
                       "context[/]", highlight=False)  # fmt: skip
 
 
+@app.command("embed")
+def embed(
+    texts: Annotated[
+        list[str], typer.Argument(help="texts to embed; - reads them from stdin, one per line")
+    ],
+    target: TargetOption = "127.0.0.1:50051",
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            help="embed the first tokens of a text longer than the context (else an error)"
+        ),
+    ] = False,
+    normalize: Annotated[bool, typer.Option(help="unit-length vectors")] = True,
+    timeout: TimeoutOption = 60.0,
+) -> None:
+    """Each text's vector from the served model: one JSON array per line, in order."""
+    import grpc
+
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        with _client(target, timeout) as client:
+            reply = client.embed(texts, truncate=truncate, normalize=normalize)
+    except grpc.RpcError as err:
+        raise _rpc_error(err) from None
+    for item in reply.embeddings:
+        print(json.dumps(list(item.values)))
+    cut = sum(item.truncated for item in reply.embeddings)
+    err_console.print(f"[dim]{len(reply.embeddings)} vectors of {len(reply.embeddings[0].values)} "
+                      f"({reply.pooling} pooling), {reply.usage.prompt_tokens} tokens read"
+                      f"{f', {cut} truncated' if cut else ''}[/]", highlight=False)  # fmt: skip
+
+
 @app.command("info")
 def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0) -> None:
     """Describe the model and program a runtime or router serves."""

@@ -131,6 +131,16 @@ class InferenceClient:
         )
         return reply.text
 
+    def embed(
+        self, texts: Sequence[str], *, truncate: bool = False, normalize: bool = True
+    ) -> pb.EmbedResponse:
+        """Each text's vector from the served model (unit length unless `normalize` is off)."""
+        request = pb.EmbedRequest(inputs=list(texts), truncate=truncate, normalize=normalize)
+        reply: pb.EmbedResponse = self.stub.Embed(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
+        return reply
+
     def info(self) -> pb.ModelInfo:
         reply: pb.ModelInfo = self.stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata

@@ -125,6 +125,15 @@ class RuntimeSettings(TransportSettings):
         512, ge=8, le=8192, description="prompt tokens evaluated per step (per call)"
     )
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
+    embed_ctx: int = Field(
+        2048,
+        ge=16,
+        le=131072,
+        description=(
+            "the longest text Embed reads, in tokens (at most n_ctx): its context and buffers "
+            "are made on the first Embed call and grow with this"
+        ),
+    )
 
     parallel: int = Field(
         1,

@@ -55,23 +55,18 @@ def _guard_stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[
 
 
 def add_inference_servicer(servicer: Any, server: grpc.aio.Server) -> None:
-    def unary(method: Any, request: Any, response: Any) -> Any:
-        return grpc.unary_unary_rpc_method_handler(
-            _guard_unary(method),
-            request_deserializer=_tolerant(request),
-            response_serializer=response.SerializeToString,
+    """Every RPC of the service, as the proto lists them, served by the servicer's method of
+    the same name (an RPC added to the proto needs no line here)."""
+    handlers = {}
+    for rpc in pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]].methods:
+        request, response = getattr(pb, rpc.input_type.name), getattr(pb, rpc.output_type.name)
+        method = getattr(servicer, rpc.name)
+        make, guard = (
+            (grpc.unary_stream_rpc_method_handler, _guard_stream)
+            if rpc.server_streaming
+            else (grpc.unary_unary_rpc_method_handler, _guard_unary)
         )
-
-    handlers = {
-        "Predict": unary(servicer.Predict, pb.PredictRequest, pb.PredictResponse),
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            _guard_stream(servicer.Generate),
-            request_deserializer=_tolerant(pb.GenerateRequest),
-            response_serializer=pb.GenerateChunk.SerializeToString,
-        ),
-        "GetModelInfo": unary(servicer.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
-        "Tokenize": unary(servicer.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
-        "Detokenize": unary(servicer.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
-    }
+        handlers[rpc.name] = make(guard(method), request_deserializer=_tolerant(request),
+                                  response_serializer=response.SerializeToString)  # fmt: skip
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -18,6 +18,7 @@ from services.core.sampling import TOP_LOGPROBS_LIMIT, GenerationParams
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+EMBED_INPUTS_LIMIT = 2048  # texts per Embed call, as OpenAI's embeddings API takes
 
 
 class RpcFailure(Exception):
@@ -45,29 +46,44 @@ class Limits:
 Prompted = pb.GenerateRequest | pb.TokenizeRequest
 
 
-def check_size(request: pb.PredictRequest | Prompted, limit: int) -> None:
+def check_size(request: pb.PredictRequest | pb.EmbedRequest | Prompted, limit: int) -> None:
     size = request.ByteSize()
     if size <= limit:
         return
-    # Name the field that makes it big, so the client knows what to shorten.
-    largest, largest_size = "request", 0
-    if isinstance(request, pb.PredictRequest):
-        for key, value in request.inputs.items():
-            if len(value.encode()) > largest_size:
-                largest, largest_size = f"inputs[{key[:40]!r}]", len(value.encode())
-    else:
-        for index, message in enumerate(request.messages):
-            if len(message.content.encode()) > largest_size:
-                largest, largest_size = f"messages[{index}].content", len(message.content.encode())
-        texts = ("prompt", "json_schema", "grammar")
-        for name in texts if isinstance(request, pb.GenerateRequest) else texts[:1]:
-            text_size = len(getattr(request, name).encode())
-            if text_size > largest_size:
-                largest, largest_size = name, text_size
+    sizes = _text_sizes(request)  # name the field that makes it big: the client shortens it
+    largest = max(sizes, key=lambda name: sizes[name]) if sizes else "request"
     raise invalid(
         largest,
         f"the request is {size} bytes, over the server's max_request_bytes={limit}; send less text",
     )
+
+
+def _text_sizes(request: pb.PredictRequest | pb.EmbedRequest | Prompted) -> dict[str, int]:
+    if isinstance(request, pb.PredictRequest):
+        return {
+            f"inputs[{key[:40]!r}]": len(value.encode()) for key, value in request.inputs.items()
+        }
+    if isinstance(request, pb.EmbedRequest):
+        return {f"inputs[{index}]": len(text.encode()) for index, text in enumerate(request.inputs)}
+    sizes = {f"messages[{index}].content": len(message.content.encode())
+             for index, message in enumerate(request.messages)}  # fmt: skip
+    texts = ("prompt", "json_schema", "grammar")
+    for name in texts if isinstance(request, pb.GenerateRequest) else texts[:1]:
+        sizes[name] = len(getattr(request, name).encode())
+    return sizes
+
+
+def embed_inputs(request: pb.EmbedRequest) -> list[str]:
+    """The texts to embed: one at least, at most EMBED_INPUTS_LIMIT, none empty."""
+    if not request.inputs:
+        raise invalid("inputs", "give at least one text to embed")
+    if len(request.inputs) > EMBED_INPUTS_LIMIT:
+        raise invalid("inputs", f"{len(request.inputs)} texts; send at most "
+                      f"{EMBED_INPUTS_LIMIT} per call")  # fmt: skip
+    for index, text in enumerate(request.inputs):
+        if not text.strip():
+            raise invalid(f"inputs[{index}]", "is empty; give text to embed")
+    return list(request.inputs)
 
 
 def sampling_params(

@@ -145,25 +145,37 @@ class RouterService(pb_grpc.InferenceServicer):
             raise
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
-        reply: pb.TokenizeResponse = await self._runtime_only("Tokenize", request, context)
+        reply: pb.TokenizeResponse = await self._runtime_only(
+            "Tokenize", request, context, "tokens are the local model's"
+        )
         return reply
 
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
-        reply: pb.DetokenizeResponse = await self._runtime_only("Detokenize", request, context)
+        reply: pb.DetokenizeResponse = await self._runtime_only(
+            "Detokenize", request, context, "tokens are the local model's"
+        )
         return reply
 
-    async def _runtime_only(self, method: str, request: Any, context: Any) -> Any:
-        """A call about the local model's tokens: a runtime answers it, or it is UNAVAILABLE
-        (the API model's tokenizer is not the local one)."""
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        reply: pb.EmbedResponse = await self._runtime_only(
+            "Embed",
+            request,
+            context,
+            "vectors are the local model's (the API model's would not compare with them)",
+        )
+        return reply
+
+    async def _runtime_only(self, method: str, request: Any, context: Any, why: str) -> Any:
+        """A call only the local model can answer: a runtime answers it, or it is
+        UNAVAILABLE saying `why` (the API model's tokens and vectors are not the local ones)."""
         code = grpc.StatusCode.OK
         try:
             return await self._local.call(method, request, self._timeout(context))
         except LocalUnavailable:
             code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, "no local runtime is available: tokens are the local "
-                                "model's")  # fmt: skip
+            await context.abort(code, f"no local runtime is available: {why}")
             raise
         except grpc.aio.AioRpcError as err:
             code = err.code()

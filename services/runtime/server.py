@@ -29,7 +29,8 @@ from services.core.registration import add_inference_servicer
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
-from services.runtime.backends.base import PreparedPrompt
+from services.runtime.backends.base import EmbeddingBackend, PreparedPrompt
+from services.runtime.backends.embeddings import EmbeddingCancelled
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
@@ -60,6 +61,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
         self._program_pool: ThreadPoolExecutor | None = None
+        # Embeddings run beside generation (a context of their own), one call at a time.
+        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
+        self._embed_calls = 0
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
@@ -82,6 +86,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     def close(self) -> None:
         if self._program_pool:
             self._program_pool.shutdown(wait=False, cancel_futures=True)
+        self._embed_pool.shutdown(wait=True, cancel_futures=True)  # before the model goes
         if self._scheduler:
             self._scheduler.close(timeout=5)
         if self._model:
@@ -102,6 +107,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
         return await self._unary("Detokenize", self._detokenize, request, context)
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        return await self._unary("Embed", self._embed, request, context)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
@@ -297,6 +305,44 @@ class InferenceService(pb_grpc.InferenceServicer):
         model, _, _ = self._ready()
         return detokenized(model.backend, request)
 
+    async def _embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        model, _, limits = self._ready()
+        check.check_size(request, limits.max_request_bytes)
+        texts = check.embed_inputs(request)
+        backend = model.backend
+        if not isinstance(backend, EmbeddingBackend):
+            raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED,
+                             f"the {backend.info.backend} backend does not embed")  # fmt: skip
+        if self._embed_calls > self._settings.max_queue:  # one running, max_queue waiting
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: "
+                             f"{self._embed_calls} embedding calls are waiting")  # fmt: skip
+        stop = _Stop(_deadline(context))
+        self._embed_calls += 1
+        try:
+            embedded = await asyncio.get_running_loop().run_in_executor(
+                self._embed_pool, lambda: backend.embed(
+                    texts, truncate=request.truncate, should_stop=stop,
+                    normalize=request.normalize if request.HasField("normalize") else True),
+            )  # fmt: skip
+        except ValueError as err:  # "inputs[i]: what is wrong"
+            field, _, why = str(err).partition(": ")
+            raise check.invalid(field, why) from None
+        except EmbeddingCancelled:
+            raise stop.failure() from None
+        except BackendError as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
+        finally:
+            self._embed_calls -= 1
+            stop.set()  # the client went away: the texts not yet embedded are not
+        read = sum(item.tokens for item in embedded)
+        self._metrics.tokens.labels("prompt").inc(read)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=item.values.tolist(), tokens=item.tokens,
+                                     truncated=item.truncated) for item in embedded],
+            usage=pb.Usage(prompt_tokens=read), model_id=backend.info.model_name,
+            pooling=backend.pooling,
+        )  # fmt: skip
+
     async def _model_info(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         model, _, limits = self._ready()
         info = model.backend.info
@@ -341,14 +387,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self._model, self._scheduler, self._limits
 
     def _submit(self, scheduler: Scheduler, prompt: Any, params: Any, context: Any) -> Job:
-        remaining = context.time_remaining()
-        deadline = (
-            time.monotonic() + remaining
-            if remaining is not None and math.isfinite(remaining)
-            else None
-        )
         try:
-            job = scheduler.submit(prompt, params, deadline=deadline)
+            job = scheduler.submit(prompt, params, deadline=_deadline(context))
         except QueueFull as err:
             raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {err}") from err
         except SchedulerClosed as err:
@@ -419,6 +459,34 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _deadline(context: Any) -> float | None:
+    """The call's deadline as a time.monotonic() value; None when it has none."""
+    remaining = context.time_remaining()
+    if remaining is None or not math.isfinite(remaining):
+        return None
+    return float(time.monotonic() + remaining)
+
+
+class _Stop(threading.Event):
+    """Set when a call must stop (its client went away), or past its deadline (a
+    time.monotonic() value). Called, it says whether to stop."""
+
+    def __init__(self, deadline: float | None) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def __call__(self) -> bool:
+        return self.is_set() or self._expired()
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def failure(self) -> RpcFailure:
+        if self._expired():
+            return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
 
 
 def _check_constraint(backend: Backend, json_schema: str | None, grammar: str | None) -> None:

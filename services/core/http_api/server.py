@@ -25,6 +25,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
-from services.core.http_api import llama_server, ollama, tokens
+from services.core.http_api import embeddings, llama_server, ollama, tokens
 from services.core.http_api.chat import (
     BadRequest,
     ChatCompletionRequest,
@@ -199,6 +200,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                       "/completion": self._llama_complete,
                       "/apply-template": self._apply_template,
                       "/api/generate": self._ollama_generate,
+                      "/v1/embeddings": self._embeddings, "/embeddings": self._embeddings,
+                      "/api/embed": self._ollama_embed, "/api/embeddings": self._ollama_embed_one,
                       "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
 
@@ -222,7 +225,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         def _unrouted(self) -> str:
             if self._route_path().startswith("/api/"):
                 return (f"{self.path} is not served: this server runs its bundle's model only "
-                        "(/api/chat, generate, show, tags, ps, version)")  # fmt: skip
+                        "(/api/chat, generate, embed, embeddings, show, tags, ps, "
+                        "version)")  # fmt: skip
             return f"no {self.path}"
 
         def _rpc_error(self, err: grpc.RpcError) -> tuple[int, str, str, str | None]:
@@ -343,6 +347,30 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self._stream(chunks, lambda all_chunks: ollama.answer_lines(all_chunks, request.model,
                                                                         chat, wanted))  # fmt: skip
 
+        def _embeddings(self, raw: bytes) -> None:
+            body = parse_body(embeddings.OpenAIBody, raw)
+            metadata = self._metadata()
+            reply = front.stub.Embed(embeddings.openai_call(body), metadata=metadata)
+            answer = embeddings.openai_answer(reply, body, reply.model_id)
+            self._send_json(200, answer)
+
+        def _ollama_embed(self, raw: bytes) -> None:
+            started = time.perf_counter()
+            body = parse_body(embeddings.OllamaBody, raw)
+            metadata = self._metadata()
+            ollama.check_model(body.model, front.model_name(metadata))
+            call = embeddings.ollama_call(body)
+            reply = front.stub.Embed(call, metadata=metadata) if call else None
+            self._send_json(200, embeddings.ollama_answer(reply, body.model, started))
+
+        def _ollama_embed_one(self, raw: bytes) -> None:
+            body = parse_body(embeddings.OllamaLegacyBody, raw)
+            metadata = self._metadata()
+            ollama.check_model(body.model, front.model_name(metadata))
+            call = embeddings.ollama_legacy_call(body)
+            reply = front.stub.Embed(call, metadata=metadata) if call else None
+            self._send_json(200, embeddings.ollama_legacy_answer(reply))
+
         def _ollama_show(self, raw: bytes) -> None:
             asked = parse_body(ollama.ChatRequest, raw).model  # only `model` is read
             info = front.model_info(self._metadata())
@@ -403,6 +431,9 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         def _error_body(
             self, status: int, kind: str, message: str, param: str | None
         ) -> dict[str, Any]:
+            if self._route_path() in ("/api/embed", "/v1/embeddings", "/embeddings"):
+                message = embeddings.in_openai_terms(message)  # their field is `input`
+                param = param and embeddings.in_openai_terms(param)
             if self._is_ollama():
                 return {"error": ollama.in_ollama_terms(message)}  # Ollama's: one string
             return error_body(status, kind, message, param)

@@ -7,6 +7,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from services.core.program import PromptCodec
 from services.core.sampling import GenerationParams
 from services.core.tokens import common_prefix_length
+from services.runtime.backends.embeddings import Embedded
 from services.runtime.structured import OutputPlan
 
 FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
@@ -132,6 +133,23 @@ class BatchingBackend(Backend, Protocol):
     def cancel(self, handle: Any) -> Finished | None: ...
 
     def step(self) -> list[tuple[Any, TokenPiece | Finished]]: ...
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend that embeds texts (the llama.cpp ones), from any thread: embedding runs
+    beside generation, not in its queue."""
+
+    @property
+    def pooling(self) -> str: ...
+
+    def embed(
+        self, texts: list[str], *, truncate: bool, normalize: bool,
+        should_stop: Callable[[], bool],
+    ) -> list[Embedded]:  # fmt: skip
+        """Each text's vector, in order. ValueError naming `inputs[i]` for a text too long;
+        EmbeddingCancelled once should_stop() holds between two texts."""
+        ...
 
 
 def program_prefix(backend: Backend, codec: PromptCodec) -> list[int]:

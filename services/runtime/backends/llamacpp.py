@@ -24,6 +24,13 @@ from services.runtime.backends.base import (
     program_prefix,
     usable_cache,
 )
+from services.runtime.backends.embeddings import (
+    POOLING,
+    Embedded,
+    Embedder,
+    embed_all,
+    pooling_of,
+)
 from services.runtime.backends.grammars import (
     check_parses,
     gbnf_grammar,
@@ -42,10 +49,12 @@ from services.runtime.structured import (
 
 
 class ChatModel:
-    """A GGUF's tokenizer side: metadata, chat template, tokenization. Shared by backends."""
+    """A GGUF's tokenizer side (metadata, chat template, tokenization) and its embedding
+    context. Shared by backends."""
 
-    def __init__(self, model_path: Path, *, n_ctx: int, n_gpu_layers: int = 0,
-                 model: Any = None, meta: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
+                 model: Any = None, meta: dict[str, Any] | None = None,
+                 embed_ctx: int | None = None) -> None:  # fmt: skip
         from llama_cpp import _internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -56,6 +65,8 @@ class ChatModel:
             raise ModelFileError(f"{model_path}: GGUF has no tokenizer.chat_template")
         arch = self.meta["general.architecture"]
         self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.embed_ctx = min(embed_ctx or n_ctx, n_ctx)
         self.trained_ctx = int(self.meta.get(f"{arch}.context_length", n_ctx))
         self._owns_model = model is None
         if model is None:
@@ -75,6 +86,8 @@ class ChatModel:
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._bos_text = bos
         self._tokenize_lock = threading.Lock()
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else str(self.model.token_get_text(token))
@@ -106,7 +119,23 @@ class ChatModel:
             gguf_sha256=gguf_sha256 or sha256_file(self.path),
         )
 
+    def text_tokens(self, text: str) -> list[int]:
+        """A text's tokens as an embedding reads them: special tokens not parsed, the BOS
+        (and EOS) where the tokenizer adds them."""
+        with self._tokenize_lock:
+            return list(self.model.tokenize(text.encode("utf-8"), True, False))
+
+    def embedder(self) -> Embedder:
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.model, n_ctx=self.embed_ctx,
+                                          n_threads=self.n_threads,
+                                          pooling=pooling_of(self.meta))  # fmt: skip
+            return self._embedder
+
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         if self._owns_model:
             self.model.close()
 
@@ -156,6 +185,23 @@ class ChatModelMethods:
     def vocab_size(self) -> int:
         return int(self._chat.model.n_vocab())
 
+    # -- embeddings (a context of their own, off the generation thread) ----------------------
+
+    @property
+    def pooling(self) -> str:
+        return POOLING[pooling_of(self._chat.meta)]
+
+    def embed(
+        self, texts: list[str], *, truncate: bool, normalize: bool,
+        should_stop: Callable[[], bool],
+    ) -> list[Embedded]:  # fmt: skip
+        try:
+            embedder = self._chat.embedder()
+        except ValueError as err:  # llama.cpp made no context (no memory for it)
+            raise BackendError(f"no embedding context: {err}") from err
+        return embed_all(embedder, self._chat.text_tokens, texts, truncate=truncate,
+                         normalize=normalize, should_stop=should_stop)  # fmt: skip
+
 
 class LlamaCppBackend(ChatModelMethods):
     """One llama.cpp model and context; generate() is called from one thread at a time."""
@@ -170,6 +216,7 @@ class LlamaCppBackend(ChatModelMethods):
         n_gpu_layers: int = 0,
         model_name: str | None = None,
         gguf_sha256: str | None = None,
+        embed_ctx: int | None = None,
     ) -> None:
         from llama_cpp import Llama
 
@@ -187,7 +234,8 @@ class LlamaCppBackend(ChatModelMethods):
             )
         except Exception as err:
             raise ModelFileError(f"{model_path}: llama.cpp could not load it ({err})") from err
-        self._chat = ChatModel(model_path, n_ctx=n_ctx, model=self._llm._model, meta=meta)
+        self._chat = ChatModel(model_path, n_ctx=n_ctx, n_threads=n_threads,
+                               model=self._llm._model, meta=meta, embed_ctx=embed_ctx)  # fmt: skip
         self._vocab = self._llm._model.vocab
         self._n_vocab = self._llm.n_vocab()
         self._info = self._chat.info(model_name, gguf_sha256, backend="llama.cpp")
@@ -330,6 +378,7 @@ class LlamaCppBackend(ChatModelMethods):
         yield answer.finished(reason, len(tokens), cached)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        self._chat.close()
         self._llm.close()
 
 
@@ -495,6 +544,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
         backend = LlamaCppBackend(
             path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
             n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
+            embed_ctx=settings.embed_ctx,
         )  # fmt: skip
         if source.codecs and settings.prefix_cache:  # kept across other predictors' calls
             backend.set_prefixes([program_prefix(backend, codec) for codec in source.codecs])
@@ -505,7 +555,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
     batched = BatchedLlamaCpp(
         path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, parallel=settings.parallel,
         n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
-        gguf_sha256=sha, extra_prefixes=max(0, len(codecs) - 1),
+        gguf_sha256=sha, extra_prefixes=max(0, len(codecs) - 1), embed_ctx=settings.embed_ctx,
     )  # fmt: skip
     if codecs:  # evaluated by the scheduler; a multi-step program: one per predictor
         prefixes = [program_prefix(batched, codec) for codec in codecs]

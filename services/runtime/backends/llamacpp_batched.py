@@ -86,6 +86,7 @@ class BatchedLlamaCpp(ChatModelMethods):
         model_name: str | None = None,
         gguf_sha256: str | None = None,
         extra_prefixes: int = 0,
+        embed_ctx: int | None = None,
     ) -> None:
         """`extra_prefixes`: warm prefixes besides the program's (a multi-step program's
         other predictors'), each in a reserved sequence of its own."""
@@ -98,7 +99,8 @@ class BatchedLlamaCpp(ChatModelMethods):
         if n_batch < 3:  # room for a piece of two that leaves no single token behind
             raise ValueError("n_batch must be at least 3")
         self.slots = parallel
-        self._chat = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+        self._chat = ChatModel(model_path, n_ctx=n_ctx, n_threads=n_threads,
+                               n_gpu_layers=n_gpu_layers, embed_ctx=embed_ctx)  # fmt: skip
         self._model = self._chat.model
         self._n_ctx = n_ctx
         self._n_batch = n_batch

@@ -1,0 +1,104 @@
+"""Embeddings from the served GGUF: a second llama.cpp context, in embedding mode, over the
+model already loaded (the weights are shared; the context adds only its own buffers). It is
+made on the first call, so a runtime that embeds nothing pays nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# llama.cpp's enum llama_pooling_type, by the names the API gives them.
+POOLING = {1: "mean", 2: "cls", 3: "last"}
+_MEAN = 1
+
+
+class EmbeddingCancelled(Exception):
+    """The call was cancelled, or its deadline passed, between two inputs."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    values: np.ndarray  # float32, the model's embedding width
+    tokens: int  # the text's tokens the model read
+    truncated: bool = False
+
+
+def pooling_of(meta: dict[str, Any]) -> int:
+    """The GGUF's own pooling when it declares one that yields a vector per text (an
+    embedding model's); else the mean of the token states (a generative model's)."""
+    declared = meta.get(f"{meta.get('general.architecture')}.pooling_type")
+    return int(declared) if declared in POOLING else _MEAN
+
+
+def fit(tokens: list[int], limit: int, truncate: bool, where: str) -> tuple[list[int], bool]:
+    """The tokens the model reads: ValueError("where: ...") for a text longer than the
+    context, unless asked to truncate it."""
+    if len(tokens) <= limit:
+        return tokens, False
+    if not truncate:
+        raise ValueError(f"{where}: {len(tokens)} tokens exceed the context of {limit}; "
+                         "shorten it or set truncate")  # fmt: skip
+    return tokens[:limit], True
+
+
+def normalized(values: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(values))
+    return values / norm if norm > 0 else values
+
+
+class Embedder:
+    """One embedding context; `embed` may be called from any thread (one call at a time)."""
+
+    def __init__(self, model: Any, *, n_ctx: int, n_threads: int, pooling: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_context_default_params()
+        # A text's tokens are pooled within one micro-batch, so it takes the whole context.
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = n_threads
+        params.embeddings = True
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.pooling_type = pooling
+        self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        self._batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+        self._width = int(model.n_embd())
+        self._lock = threading.Lock()
+        self.n_ctx = n_ctx
+        self.pooling = POOLING[pooling]
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        """The pooled vector of one text's tokens (at most n_ctx of them)."""
+        with self._lock:
+            self._context.kv_cache_clear()
+            self._batch.reset()
+            self._batch.add_sequence(tokens, 0, True)  # every token's state is pooled
+            self._context.decode(self._batch)
+            pooled = self._context.get_embeddings_seq(0)
+            return np.ctypeslib.as_array(pooled, shape=(self._width,)).astype(np.float32)
+
+    def close(self) -> None:
+        self._batch.close()
+        self._context.close()
+
+
+def embed_all(
+    embedder: Embedder, tokenize: Callable[[str], list[int]], texts: list[str], *,
+    truncate: bool, normalize: bool, should_stop: Callable[[], bool],
+) -> list[Embedded]:  # fmt: skip
+    """Each text's vector, in order; ValueError naming `inputs[i]` for one too long."""
+    fitted = [fit(tokenize(text), embedder.n_ctx, truncate, f"inputs[{index}]")
+              for index, text in enumerate(texts)]  # fmt: skip
+    embedded = []
+    for tokens, truncated in fitted:
+        if should_stop():
+            raise EmbeddingCancelled("cancelled")
+        values = embedder.embed(tokens)
+        embedded.append(Embedded(normalized(values) if normalize else values, len(tokens),
+                                 truncated))  # fmt: skip
+    return embedded
