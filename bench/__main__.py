@@ -10,6 +10,7 @@ from bench import (
     batching,
     cuda_runtime,
     edge_loop,
+    embeddings,
     gguf_read,
     load,
     router_capacity,
@@ -29,6 +30,7 @@ BENCHES = {
     "edge": edge_loop.main,
     "gguf": gguf_read.main,
     "confidence": router_confidence.main,
+    "embeddings": embeddings.main,
     "cuda": cuda_runtime.main,
 }
 GPU_ONLY = {"cuda"}

@@ -3,6 +3,7 @@
 It speaks the parts of Ollama's documented HTTP API the runtime's Ollama backend uses —
 GET /api/version, GET /api/tags, POST /api/show, POST /api/chat (NDJSON streaming, or one
 object with `"stream": false` as LiteLLM's `ollama_chat/` asks; options, format, logprobs),
+POST /api/embed (unit vectors, mean-pooled, a long input cut unless `truncate` is false),
 POST /v1/chat/completions (the OpenAI-compatible endpoint, which DSPy's `ollama_chat/` calls) —
 and answers with a real model through llama-cpp-python, as Ollama itself runs llama.cpp.
 Run: python -m testkit.ollama_standin --model X.gguf --name NAME --port P
@@ -11,6 +12,7 @@ Run: python -m testkit.ollama_standin --model X.gguf --name NAME --port P
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import threading
 from datetime import UTC, datetime
@@ -22,7 +24,9 @@ from services.core.bundle import sha256_file
 from testkit.json_http import JsonHandler
 
 
-def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type:
+def make_handler(
+    llm: Any, name: str, digest: str, lock: threading.Lock, embedder: Any = None
+) -> type:
     class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/api/version":
@@ -56,6 +60,8 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 self._chat(body)
             elif self.path == "/v1/chat/completions":
                 self._openai_chat(body)
+            elif self.path == "/api/embed":
+                self._embed(body)
             else:
                 self.send_json(404, {"error": "not found"})
 
@@ -127,6 +133,22 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
                 )
             self.wfile.write(b"0\r\n\r\n")
 
+        def _embed(self, body: dict[str, Any]) -> None:
+            if self._unknown_model(body):
+                return
+            given = body.get("input", [])
+            texts = [given] if isinstance(given, str) else given
+            model = embedder()
+            tokens = [model.tokenize(text.encode()) for text in texts]
+            if not body.get("truncate", True) and any(len(t) > model.n_ctx() for t in tokens):
+                self.send_json(400, {"error": "the input length exceeds the context length"})
+                return
+            with lock:
+                vectors = model.embed(texts, normalize=True, truncate=True)
+            self.send_json(200, {"model": name, "embeddings": vectors,
+                                 "prompt_eval_count": sum(min(len(t), model.n_ctx())
+                                                          for t in tokens)})  # fmt: skip
+
         def _unknown_model(self, body: dict[str, Any], openai: bool = False) -> bool:
             """Answers 404 for a model this server does not have, in the API's error shape."""
             if body.get("model") in (name, f"{name}:latest"):
@@ -172,7 +194,7 @@ def make_handler(llm: Any, name: str, digest: str, lock: threading.Lock) -> type
 
 
 def main() -> None:
-    from llama_cpp import Llama
+    from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
@@ -180,7 +202,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     llm = Llama(str(args.model), n_ctx=2048, n_threads=2, logits_all=True, verbose=False)
-    handler = make_handler(llm, args.name, sha256_file(args.model), threading.Lock())
+
+    @functools.cache
+    def embedder() -> Any:  # as Ollama loads a model for embedding when first asked
+        return Llama(str(args.model), embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                     n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, verbose=False)  # fmt: skip
+
+    handler = make_handler(llm, args.name, sha256_file(args.model), threading.Lock(), embedder)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     print(f"ollama stand-in listening on 127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()

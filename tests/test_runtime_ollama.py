@@ -104,6 +104,35 @@ def test_ollama_backend_generate_streams(ollama_runtime: ServerProcess) -> None:
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_ollama_backend_embeds_through_ollamas_api(
+    ollama_runtime: ServerProcess, gguf_path: Path
+) -> None:
+    """Embed asks Ollama's /api/embed, one text a call (so each text's tokens are counted),
+    and passes on what Ollama refuses."""
+    import llama_cpp
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "Stock markets fell."]
+    reference = llama_cpp.Llama(str(gguf_path), embedding=True, n_ctx=512, n_batch=512,
+                                n_ubatch=512, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                                verbose=False)  # fmt: skip
+    with InferenceClient(ollama_runtime.target) as client:
+        reply = client.embed(texts)
+        given = np.array([list(item.values) for item in reply.embeddings])
+        assert np.abs(given - np.array(reference.embed(texts, normalize=True))).max() < 1e-5
+        assert [item.tokens for item in reply.embeddings] == [
+            len(reference.tokenize(text.encode())) for text in texts]  # fmt: skip
+        assert reply.pooling == "" and reply.usage.prompt_tokens > 0
+        for asked, code, said in (
+            ({"truncate": False}, grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]: Ollama refused"),
+            ({"normalize": False}, grpc.StatusCode.UNIMPLEMENTED, "normalize: Ollama's"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                client.embed(["word " * 600], **asked)  # type: ignore[arg-type]
+            assert caught.value.code() == code
+            assert (caught.value.details() or "").startswith(said)
+
+
 def test_ollama_unreachable_is_a_clear_start_failure(program_path: Path) -> None:
     proc = subprocess.run(
         [

@@ -30,7 +30,7 @@ from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.backends.base import EmbeddingBackend, PreparedPrompt
-from services.runtime.backends.embeddings import EmbeddingCancelled
+from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled
 from services.runtime.loading import LoadedModel, load_model
 from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
@@ -313,27 +313,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         if not isinstance(backend, EmbeddingBackend):
             raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED,
                              f"the {backend.info.backend} backend does not embed")  # fmt: skip
-        if self._embed_calls > self._settings.max_queue:  # one running, max_queue waiting
-            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: "
-                             f"{self._embed_calls} embedding calls are waiting")  # fmt: skip
-        stop = _Stop(_deadline(context))
-        self._embed_calls += 1
-        try:
-            embedded = await asyncio.get_running_loop().run_in_executor(
-                self._embed_pool, lambda: backend.embed(
-                    texts, truncate=request.truncate, should_stop=stop,
-                    normalize=request.normalize if request.HasField("normalize") else True),
-            )  # fmt: skip
-        except ValueError as err:  # "inputs[i]: what is wrong"
-            field, _, why = str(err).partition(": ")
-            raise check.invalid(field, why) from None
-        except EmbeddingCancelled:
-            raise stop.failure() from None
-        except BackendError as err:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
-        finally:
-            self._embed_calls -= 1
-            stop.set()  # the client went away: the texts not yet embedded are not
+        embedded = await self._embedded(backend, request, texts, context)
         read = sum(item.tokens for item in embedded)
         self._metrics.tokens.labels("prompt").inc(read)
         return pb.EmbedResponse(
@@ -342,6 +322,35 @@ class InferenceService(pb_grpc.InferenceServicer):
             usage=pb.Usage(prompt_tokens=read), model_id=backend.info.model_name,
             pooling=backend.pooling,
         )  # fmt: skip
+
+    async def _embedded(
+        self, backend: EmbeddingBackend, request: pb.EmbedRequest, texts: list[str], context: Any
+    ) -> list[Embedded]:
+        """The texts embedded on the embedding thread: one call at a time, max_queue waiting;
+        stopped between two texts once the client went away or the deadline passed."""
+        if self._embed_calls > self._settings.max_queue:
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: "
+                             f"{self._embed_calls} embedding calls are waiting")  # fmt: skip
+        normalize = request.normalize if request.HasField("normalize") else True
+        stop = _Stop(_deadline(context))
+        self._embed_calls += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._embed_pool, lambda: backend.embed(
+                    texts, truncate=request.truncate, normalize=normalize, should_stop=stop),
+            )  # fmt: skip
+        except ValueError as err:  # "inputs[i]: what is wrong"
+            field, _, why = str(err).partition(": ")
+            raise check.invalid(field, why) from None
+        except EmbeddingCancelled:
+            raise stop.failure() from None
+        except NotImplementedError as err:  # "field: what the backend does not serve"
+            raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED, str(err)) from None
+        except BackendError as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
+        finally:
+            self._embed_calls -= 1
+            stop.set()  # the client went away: the texts not yet embedded are not
 
     async def _model_info(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         model, _, limits = self._ready()

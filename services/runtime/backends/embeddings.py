@@ -4,12 +4,17 @@ made on the first call, so a runtime that embeds nothing pays nothing."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from services.runtime.backends.llama_log import llama_log_captured
+
+log = logging.getLogger(__name__)
 
 # llama.cpp's enum llama_pooling_type, by the names the API gives them.
 POOLING = {1: "mean", 2: "cls", 3: "last"}
@@ -65,7 +70,13 @@ class Embedder:
         params.embeddings = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         params.pooling_type = pooling
-        self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        with llama_log_captured() as said:  # its notes become our log's, not bare stderr
+            try:
+                self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+            except ValueError as err:  # llama.cpp made no context: its log says why
+                raise ValueError(f"{err}: {''.join(said).strip()[-400:]}") from None
+        for line in "".join(said).splitlines():
+            log.debug("llama.cpp: %s", line)
         self._batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
         self._width = int(model.n_embd())
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from services.core.validation import json_schema_object
@@ -25,6 +26,7 @@ from services.runtime.backends.base import (
     PreparedPrompt,
     TokenPiece,
 )
+from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled
 from services.runtime.backends.registry import BackendEntry, ModelSource, register
 
 _BLOB_DIGEST = re.compile(r"sha256[-:]([0-9a-f]{64})")
@@ -135,6 +137,37 @@ class OllamaBackend:
         except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as err:
             raise BackendError(f"Ollama generation failed: {err}") from err
         yield Finished(reason=reason, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+    # -- embeddings: Ollama's /api/embed, one text per call (its answer counts the tokens
+    # of all texts together, and the runtime gives each text's count) ----------------------
+
+    pooling = ""  # Ollama does not say how its model pools
+
+    def embed(
+        self, texts: list[str], *, truncate: bool, normalize: bool,
+        should_stop: Callable[[], bool],
+    ) -> list[Embedded]:  # fmt: skip
+        import httpx
+        import ollama
+
+        if not normalize:
+            raise NotImplementedError("normalize: Ollama's /api/embed gives unit vectors only")
+        embedded = []
+        for index, text in enumerate(texts):
+            if should_stop():
+                raise EmbeddingCancelled("cancelled")
+            try:
+                reply = self._client.embed(self._model, text, truncate=truncate,
+                                           options={"num_ctx": self._n_ctx})  # fmt: skip
+            except ollama.ResponseError as err:
+                if err.status_code == 400:  # Ollama's refusal of this text (too long)
+                    raise ValueError(f"inputs[{index}]: Ollama refused it: {err.error}") from err
+                raise BackendError(f"Ollama embedding failed: {err}") from err
+            except (httpx.HTTPError, ConnectionError) as err:
+                raise BackendError(f"Ollama embedding failed: {err}") from err
+            values = np.asarray(reply.embeddings[0], dtype=np.float32)
+            embedded.append(Embedded(values, reply.prompt_eval_count or 0))
+        return embedded
 
     def close(self) -> None:
         pass
