@@ -24,7 +24,7 @@ from services.core.client import InferenceClient
 from services.core.http_api import embeddings as http
 from services.core.http_api.chat import BadRequest
 from services.core.validation import RpcFailure
-from services.runtime.backends.embeddings import fit, normalized, pooling_of
+from services.runtime.backends.embeddings import fit, normalized, packed, pooling_of
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 from testkit.processes import REPO, ServerProcess, free_port, start_router, start_runtime
 
@@ -41,6 +41,8 @@ def test_pooling_is_the_ggufs_own_else_the_mean() -> None:
     assert fit([1, 2, 3, 4], 3, True, "inputs[0]") == ([1, 2, 3], True)
     with pytest.raises(ValueError, match=r"^inputs\[2\]: 4 tokens exceed the context of 3"):
         fit([1, 2, 3, 4], 3, False, "inputs[2]")
+    assert packed([3, 2, 2, 3, 1], 5, 8) == [[0, 1], [2, 3], [4]]  # decoded together
+    assert packed([1, 1, 1], 5, 2) == [[0, 1], [2]] and packed([5, 5], 5, 8) == [[0], [1]]
     assert np.allclose(normalized(np.array([3.0, 4.0])), [0.6, 0.8])
     assert not normalized(np.zeros(2)).any()
 
@@ -165,8 +167,9 @@ def test_the_one_at_a_time_backend_embeds_the_same_and_stops_when_told(
         given = backend.embed(TEXTS, truncate=False, normalize=True, should_stop=lambda: False)
         assert np.abs(np.array([item.values for item in given]) - expected).max() < 1e-5
         asked = iter([False, True])  # the first text, then the call is cancelled
+        long = ["word " * (EMBED_CTX // 2)] * 3  # too long to be decoded together
         with pytest.raises(EmbeddingCancelled):
-            backend.embed(TEXTS, truncate=False, normalize=True, should_stop=lambda: next(asked))
+            backend.embed(long, truncate=False, normalize=True, should_stop=lambda: next(asked))
     finally:
         backend.close()
 

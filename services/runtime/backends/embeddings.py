@@ -63,9 +63,11 @@ class Embedder:
         from llama_cpp import _internals
 
         params = llama_cpp.llama_context_default_params()
-        # A text's tokens are pooled within one micro-batch, so it takes the whole context.
+        # A text's tokens are pooled within one micro-batch, so it takes the whole context;
+        # short texts share one (a sequence each, in one KV stream), as `Llama.embed` packs them.
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_seq_max = 1
+        params.n_seq_max = min(n_ctx, llama_cpp.llama_max_parallel_sequences())
+        params.kv_unified = True
         params.n_threads = params.n_threads_batch = n_threads
         params.embeddings = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -81,17 +83,21 @@ class Embedder:
         self._width = int(model.n_embd())
         self._lock = threading.Lock()
         self.n_ctx = n_ctx
+        self.max_texts = int(params.n_seq_max)
         self.pooling = POOLING[pooling]
 
-    def embed(self, tokens: list[int]) -> np.ndarray:
-        """The pooled vector of one text's tokens (at most n_ctx of them)."""
+    def embed(self, texts: list[list[int]]) -> list[np.ndarray]:
+        """The pooled vector of each text, decoded together: their tokens at most n_ctx in
+        all, at most max_texts of them (`packed` groups them so)."""
         with self._lock:
             self._context.kv_cache_clear()
             self._batch.reset()
-            self._batch.add_sequence(tokens, 0, True)  # every token's state is pooled
+            for sequence, tokens in enumerate(texts):
+                self._batch.add_sequence(tokens, sequence, True)  # every token's state pooled
             self._context.decode(self._batch)
-            pooled = self._context.get_embeddings_seq(0)
-            return np.ctypeslib.as_array(pooled, shape=(self._width,)).astype(np.float32)
+            return [np.ctypeslib.as_array(self._context.get_embeddings_seq(sequence),
+                                          shape=(self._width,)).astype(np.float32)
+                    for sequence in range(len(texts))]  # fmt: skip
 
     def close(self) -> None:
         self._batch.close()
@@ -106,10 +112,27 @@ def embed_all(
     fitted = [fit(tokenize(text), embedder.n_ctx, truncate, f"inputs[{index}]")
               for index, text in enumerate(texts)]  # fmt: skip
     embedded = []
-    for tokens, truncated in fitted:
+    for group in packed([len(tokens) for tokens, _ in fitted], embedder.n_ctx,
+                        embedder.max_texts):  # fmt: skip
         if should_stop():
             raise EmbeddingCancelled("cancelled")
-        values = embedder.embed(tokens)
-        embedded.append(Embedded(normalized(values) if normalize else values, len(tokens),
-                                 truncated))  # fmt: skip
+        vectors = embedder.embed([fitted[index][0] for index in group])
+        for index, values in zip(group, vectors, strict=True):
+            tokens, truncated = fitted[index]
+            embedded.append(Embedded(normalized(values) if normalize else values, len(tokens),
+                                     truncated))  # fmt: skip
     return embedded
+
+
+def packed(lengths: list[int], limit: int, max_texts: int) -> list[list[int]]:
+    """Consecutive texts (by index) grouped to be decoded together: each group's tokens at
+    most `limit` in all and at most `max_texts` texts (each text fits `limit` alone)."""
+    groups: list[list[int]] = []
+    used = limit + 1
+    for index, length in enumerate(lengths):
+        if used + length > limit or len(groups[-1]) >= max_texts:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += length
+    return groups
