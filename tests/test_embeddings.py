@@ -198,6 +198,20 @@ def test_a_text_longer_than_the_embedding_context_is_refused_or_cut(
                                                     normalize=True)).max() < 1e-5  # fmt: skip
 
 
+def test_a_call_past_its_deadline_stops_embedding_and_the_next_is_served(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    """40 texts that each fill the embedding context take seconds; past a short deadline the
+    embedding thread stops between two of them, so the next call is not kept waiting."""
+    many = pb.EmbedRequest(inputs=["word " * (EMBED_CTX - 4)] * 40)
+    with InferenceClient(served[0].target) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.Embed(many, timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = client.stub.Embed(pb.EmbedRequest(inputs=TEXTS[:1]), timeout=5)
+    assert len(reply.embeddings) == 1
+
+
 def test_openai_ollama_and_dspy_clients_get_the_same_vectors_from_runtime_and_router(
     served: tuple[ServerProcess, int, ServerProcess, int],
 ) -> None:
