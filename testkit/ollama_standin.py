@@ -53,6 +53,7 @@ def make_handler(
                         "model_info": {
                             "general.architecture": "llama",
                             "llama.context_length": 8192,
+                            "llama.embedding_length": llm.n_embd(),
                         },
                     },
                 )

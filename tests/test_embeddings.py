@@ -143,7 +143,9 @@ def test_embed_gives_llama_cpps_own_vectors_beside_a_running_generation(
         replies = [client.embed(TEXTS) for _ in range(3)]
         beside.join()
         unnormalized = client.embed(TEXTS[:1], normalize=False)
+        info = client.info()
     assert "".join(generated) == alone
+    assert info.embedding_length == expected.shape[1] and info.embedding_pooling == "mean"
     for reply in replies:
         assert np.abs(vectors(reply) - expected).max() < 1e-5
         assert reply.pooling == "mean" and reply.model_id

@@ -62,6 +62,7 @@ def test_ollama_backend_model_info(ollama_runtime: ServerProcess, gguf_path: Pat
     assert info.model_name == "smol" and info.quantization == "Q4_1"
     assert info.gguf_sha256 == sha256_file(gguf_path)  # from the Modelfile's blob digest
     assert [f.name for f in info.signature.output_fields] == ["capital"]
+    assert info.embedding_length == 576 and info.embedding_pooling == ""  # as Ollama shows it
 
 
 def test_ollama_backend_predict(ollama_runtime: ServerProcess) -> None:

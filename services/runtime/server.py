@@ -369,6 +369,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         if isinstance(model.backend, BatchingBackend):
             reply.parallel = model.backend.slots
             reply.cached_prefix_tokens = model.backend.prefix_tokens
+        if isinstance(model.backend, EmbeddingBackend):
+            reply.embedding_length = model.backend.embedding_length
+            reply.embedding_pooling = model.backend.pooling
         if model.program is not None:
             describe_program(reply, model.program)
         return reply

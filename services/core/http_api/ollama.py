@@ -271,6 +271,7 @@ def shown(info: pb.ModelInfo) -> dict[str, Any]:
         "edgedistill.context_length": info.context_length,
         "edgedistill.bundle_version": info.bundle_version,
         "edgedistill.backend": info.backend,
+        "general.embedding_length": info.embedding_length,
     }
     return {"modelfile": "", "parameters": "", "template": "", "details": details(info),
             "model_info": known, "capabilities": ["completion"], "modified_at": _now()}  # fmt: skip

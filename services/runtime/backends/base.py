@@ -143,6 +143,11 @@ class EmbeddingBackend(Protocol):
     @property
     def pooling(self) -> str: ...
 
+    @property
+    def embedding_length(self) -> int:
+        """The vectors' width (0: unknown until the first call)."""
+        ...
+
     def embed(
         self, texts: list[str], *, truncate: bool, normalize: bool,
         should_stop: Callable[[], bool],

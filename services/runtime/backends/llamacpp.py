@@ -191,6 +191,10 @@ class ChatModelMethods:
     def pooling(self) -> str:
         return POOLING[pooling_of(self._chat.meta)]
 
+    @property
+    def embedding_length(self) -> int:
+        return int(self._chat.model.n_embd())
+
     def embed(
         self, texts: list[str], *, truncate: bool, normalize: bool,
         should_stop: Callable[[], bool],

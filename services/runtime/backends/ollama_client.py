@@ -56,6 +56,7 @@ class OllamaBackend:
             trained_context_length=int(modelinfo.get(f"{arch}.context_length", n_ctx)),
             gguf_sha256=digest.group(1) if digest else "",
         )
+        self.embedding_length = int(modelinfo.get(f"{arch}.embedding_length", 0))
 
     @property
     def info(self) -> BackendInfo:
