@@ -76,6 +76,10 @@ def test_openai_and_ollama_bodies_become_embed_calls_and_answers() -> None:
     assert struct.unpack("<2f", raw) == (0.5, -0.25)  # little-endian float32, as OpenAI's
     with pytest.raises(BadRequest, match="2 dimensions"):
         http.openai_answer(reply, http.OpenAIBody(input="hi", dimensions=8), "m")
+    with pytest.raises(BadRequest, match="2 dimensions"):
+        http.ollama_answer(reply, http.OllamaBody(model="m", input="hi", dimensions=1), 0.0)
+    assert http.ollama_answer(reply, http.OllamaBody(model="m", dimensions=2), 0.0)[
+        "embeddings"] == [[0.5, -0.25]]  # fmt: skip
     assert http.ollama_call(http.OllamaBody(model="m", input=[])) is None  # Ollama's "load"
     call = http.ollama_call(http.OllamaBody(model="m", input="hi"))
     assert call is not None and call.truncate and list(call.inputs) == ["hi"]
@@ -215,8 +219,9 @@ def test_a_call_past_its_deadline_stops_embedding_and_the_next_is_served(
 
 
 def test_openai_ollama_and_dspy_clients_get_the_same_vectors_from_runtime_and_router(
-    served: tuple[ServerProcess, int, ServerProcess, int],
+    served: tuple[ServerProcess, int, ServerProcess, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
     import dspy
     import httpx
     import ollama

@@ -26,6 +26,7 @@ class OllamaBody(Body):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(default_factory=list)
     truncate: bool = True  # Ollama cuts a long input to the context unless told not to
+    dimensions: int | None = Field(None, ge=1)
 
 
 class OllamaLegacyBody(Body):
@@ -38,21 +39,31 @@ def openai_call(body: OpenAIBody) -> pb.EmbedRequest:
     given = [body.input] if isinstance(body.input, str) else body.input
     texts = [text for text in given if isinstance(text, str)]
     if len(texts) != len(given):
-        raise BadRequest("input", "token arrays are not served; send the text itself")
+        raise BadRequest(
+            "input",
+            "token arrays are not served; send the text itself (with "
+            "LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)",
+        )
     return pb.EmbedRequest(inputs=texts)
 
 
 def openai_answer(reply: pb.EmbedResponse, body: OpenAIBody, model: str) -> dict[str, Any]:
-    width = len(reply.embeddings[0].values) if reply.embeddings else 0
-    if body.dimensions not in (None, width):
-        raise BadRequest("dimensions", f"this model's vectors have {width} dimensions; "
-                         "leave dimensions out")  # fmt: skip
+    check_dimensions(reply, body.dimensions)
     data = [{"object": "embedding", "index": index,
              "embedding": _encoded(list(item.values), body.encoding_format)}
             for index, item in enumerate(reply.embeddings)]  # fmt: skip
     read = reply.usage.prompt_tokens
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": read, "total_tokens": read}}  # fmt: skip
+
+
+def check_dimensions(reply: pb.EmbedResponse, asked: int | None) -> None:
+    """A `dimensions` other than the model's width is refused: cutting a vector short keeps
+    its meaning only for models trained so (Matryoshka), which a served GGUF need not be."""
+    width = len(reply.embeddings[0].values) if reply.embeddings else 0
+    if asked not in (None, width):
+        raise BadRequest("dimensions", f"this model's vectors have {width} dimensions; "
+                         "leave dimensions out")  # fmt: skip
 
 
 def in_openai_terms(message: str) -> str:
@@ -68,7 +79,11 @@ def ollama_call(body: OllamaBody) -> pb.EmbedRequest | None:
     return pb.EmbedRequest(inputs=texts, truncate=body.truncate)
 
 
-def ollama_answer(reply: pb.EmbedResponse | None, model: str, started: float) -> dict[str, Any]:
+def ollama_answer(reply: pb.EmbedResponse | None, body: OllamaBody, started: float
+                  ) -> dict[str, Any]:  # fmt: skip
+    if reply is not None:
+        check_dimensions(reply, body.dimensions)
+    model = body.model
     took = int((time.perf_counter() - started) * 1e9)
     return {"model": model,
             "embeddings": [list(item.values) for item in reply.embeddings] if reply else [],

@@ -361,7 +361,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             ollama.check_model(body.model, front.model_name(metadata))
             call = embeddings.ollama_call(body)
             reply = front.stub.Embed(call, metadata=metadata) if call else None
-            self._send_json(200, embeddings.ollama_answer(reply, body.model, started))
+            self._send_json(200, embeddings.ollama_answer(reply, body, started))
 
         def _ollama_embed_one(self, raw: bytes) -> None:
             body = parse_body(embeddings.OllamaLegacyBody, raw)
