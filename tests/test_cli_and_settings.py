@@ -39,6 +39,8 @@ def test_settings_read_environment_and_flags_win(
         ({"n_ctx": "12"}, "n_ctx (--n-ctx / EDGEDISTILL_N_CTX)"),
         ({"port": "70000"}, "port (--port / EDGEDISTILL_PORT)"),
         ({"max_queue": "many"}, "max_queue (--max-queue / EDGEDISTILL_MAX_QUEUE)"),
+        ({"kv_cache_type": "q3"}, "kv_cache_type (--kv-cache-type / EDGEDISTILL_KV_CACHE_TYPE)"),
+        ({"embed_ctx": "8"}, "embed_ctx (--embed-ctx / EDGEDISTILL_EMBED_CTX)"),
         ({"model": "/nonexistent.gguf"}, "model (--model / EDGEDISTILL_MODEL)"),
         ({"bogus": "1"}, "bogus"),
     ],

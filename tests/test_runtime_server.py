@@ -544,6 +544,41 @@ def test_metrics_count_calls_and_tokens(gguf_path: Path, program_path: Path) -> 
     assert "Chile" not in server.stderr
 
 
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_quantized_kv_cache_answers_as_llama_cpp_does_with_it(
+    gguf_path: Path, program_path: Path, parallel: str
+) -> None:
+    """`--kv-cache-type q8_0` (llama.cpp's --cache-type-k/-v): greedy text is llama-cpp-python's
+    own under the same cache, which is not its f16 text for this prompt; Predict, whose
+    program prefix is kept as saved cache state, still parses."""
+    import llama_cpp
+
+    chat = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+    def reference(**cache: object) -> str:
+        llm = llama_cpp.Llama(str(gguf_path), n_ctx=1024, verbose=False, **cache)
+        answer = llm.create_chat_completion(chat, max_tokens=40, temperature=0)
+        llm.close()
+        return str(answer["choices"][0]["message"]["content"])
+
+    quantized = reference(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0,
+                          flash_attn=True)  # fmt: skip
+    assert quantized != reference()  # the cache type shows in this prompt's greedy text
+    server = start_runtime("--model", str(gguf_path), "--program", str(program_path),
+                           "--n-ctx", "1024", "--parallel", parallel,
+                           "--kv-cache-type", "q8_0")  # fmt: skip
+    try:
+        with InferenceClient(server.target) as client:
+            pieces = client.generate([("user", chat[0]["content"])], max_tokens=40,
+                                     temperature=0)  # fmt: skip
+            assert "".join(piece.text for piece in pieces) == quantized
+            for country in ("France", "Japan"):  # the second restores the prefix's state
+                reply = client.predict({"country": country})
+                assert reply.outcome == pb.PREDICT_OUTCOME_PARSED
+    finally:
+        server.terminate()
+
+
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_full_queue_is_resource_exhausted(gguf_path: Path, parallel: int) -> None:
     server = start_runtime(

@@ -125,6 +125,14 @@ class RuntimeSettings(TransportSettings):
         512, ge=8, le=8192, description="prompt tokens evaluated per step (per call)"
     )
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
+    kv_cache_type: Literal["f16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
+        "f16",
+        description=(
+            "the number type of the generation KV cache, as llama.cpp's --cache-type-k/-v: "
+            "q8_0 halves its memory, q4_0 quarters it, at a small cost in accuracy (a quantized "
+            "cache runs with flash attention, as llama.cpp needs for it)"
+        ),
+    )
     embed_ctx: int = Field(
         2048,
         ge=16,

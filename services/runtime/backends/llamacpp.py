@@ -47,6 +47,16 @@ from services.runtime.structured import (
     constrain_logits,
 )
 
+# llama.cpp's KV cache number types by the names its server takes (ggml_type values).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2,
+                  "iq4_nl": 20}  # fmt: skip
+
+
+def needs_flash_attention(kv_cache_type: str) -> bool:
+    """llama.cpp computes attention over a quantized V cache only with flash attention; an
+    f16 or f32 cache keeps it off, as `Llama` does (greedy outputs then match its own)."""
+    return kv_cache_type not in ("f16", "f32")
+
 
 class ChatModel:
     """A GGUF's tokenizer side (metadata, chat template, tokenization) and its embedding
@@ -221,10 +231,12 @@ class LlamaCppBackend(ChatModelMethods):
         model_name: str | None = None,
         gguf_sha256: str | None = None,
         embed_ctx: int | None = None,
+        kv_cache_type: str = "f16",
     ) -> None:
         from llama_cpp import Llama
 
         meta = read_gguf_metadata(model_path)  # a clear refusal before llama.cpp sees a bad file
+        cache = KV_CACHE_TYPES[kv_cache_type]
         try:
             self._llm = Llama(
                 model_path=str(model_path),
@@ -234,6 +246,9 @@ class LlamaCppBackend(ChatModelMethods):
                 n_batch=n_batch,
                 n_gpu_layers=n_gpu_layers,
                 logits_all=False,
+                type_k=cache,
+                type_v=cache,
+                flash_attn=needs_flash_attention(kv_cache_type),
                 verbose=False,
             )
         except Exception as err:
@@ -548,7 +563,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
         backend = LlamaCppBackend(
             path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
             n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
-            embed_ctx=settings.embed_ctx,
+            embed_ctx=settings.embed_ctx, kv_cache_type=settings.kv_cache_type,
         )  # fmt: skip
         if source.codecs and settings.prefix_cache:  # kept across other predictors' calls
             backend.set_prefixes([program_prefix(backend, codec) for codec in source.codecs])
@@ -560,6 +575,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
         path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, parallel=settings.parallel,
         n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
         gguf_sha256=sha, extra_prefixes=max(0, len(codecs) - 1), embed_ctx=settings.embed_ctx,
+        kv_cache_type=settings.kv_cache_type,
     )  # fmt: skip
     if codecs:  # evaluated by the scheduler; a multi-step program: one per predictor
         prefixes = [program_prefix(batched, codec) for codec in codecs]

@@ -41,10 +41,12 @@ from services.runtime.backends.base import (
     usable_cache,
 )
 from services.runtime.backends.llamacpp import (
+    KV_CACHE_TYPES,
     ChatModel,
     ChatModelMethods,
     PlannedAnswer,
     logprob_piece,
+    needs_flash_attention,
     sampler_chain,
 )
 from services.runtime.backends.text import StopStringBuffer
@@ -87,6 +89,7 @@ class BatchedLlamaCpp(ChatModelMethods):
         gguf_sha256: str | None = None,
         extra_prefixes: int = 0,
         embed_ctx: int | None = None,
+        kv_cache_type: str = "f16",
     ) -> None:
         """`extra_prefixes`: warm prefixes besides the program's (a multi-step program's
         other predictors'), each in a reserved sequence of its own."""
@@ -122,7 +125,12 @@ class BatchedLlamaCpp(ChatModelMethods):
         params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as `Llama` does
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if needs_flash_attention(kv_cache_type)
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as `Llama` does
+        )
         params.no_perf = True
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
