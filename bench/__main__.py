@@ -12,6 +12,7 @@ from bench import (
     edge_loop,
     embeddings,
     gguf_read,
+    kv_cache,
     load,
     router_capacity,
     router_confidence,
@@ -31,6 +32,7 @@ BENCHES = {
     "gguf": gguf_read.main,
     "confidence": router_confidence.main,
     "embeddings": embeddings.main,
+    "kv": kv_cache.main,
     "cuda": cuda_runtime.main,
 }
 GPU_ONLY = {"cuda"}
