@@ -164,18 +164,20 @@ def test_embed_gives_llama_cpps_own_vectors_beside_a_running_generation(
 def test_the_one_at_a_time_backend_embeds_the_same_and_stops_when_told(
     gguf_path: Path, reference: Any
 ) -> None:
-    from services.runtime.backends.embeddings import EmbeddingCancelled
+    from services.runtime.backends.embeddings import EmbeddingCancelled, run_steps
     from services.runtime.backends.llamacpp import LlamaCppBackend
 
     expected = np.array([reference.embed(text, normalize=True) for text in TEXTS])
     backend = LlamaCppBackend(gguf_path, n_ctx=512, n_threads=2, embed_ctx=EMBED_CTX)
     try:
-        given = backend.embed(TEXTS, truncate=False, normalize=True, should_stop=lambda: False)
+        given = run_steps(backend.embed(TEXTS, truncate=False, normalize=True,
+                                        should_stop=lambda: False))  # fmt: skip
         assert np.abs(np.array([item.values for item in given]) - expected).max() < 1e-5
         asked = iter([False, True])  # the first text, then the call is cancelled
         long = ["word " * (EMBED_CTX // 2)] * 3  # too long to be decoded together
         with pytest.raises(EmbeddingCancelled):
-            backend.embed(long, truncate=False, normalize=True, should_stop=lambda: next(asked))
+            run_steps(backend.embed(long, truncate=False, normalize=True,
+                                    should_stop=lambda: next(asked)))  # fmt: skip
     finally:
         backend.close()
 

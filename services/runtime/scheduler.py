@@ -11,12 +11,15 @@ stops within one decode step once its call is cancelled or its deadline passes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.runtime.backends import (
     Backend,
@@ -81,15 +84,32 @@ class Job:
                 return
 
 
+@dataclass
+class SideWork:
+    """Model work besides generation (embedding), as steps: each `next` one bounded piece
+    (a decode), the generator's return value its result, set on `future`."""
+
+    steps: Generator[None, None, Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+_WAKE = object()  # a queue item that only wakes the worker: side work is waiting
+
+
 class Scheduler:
-    """Runs jobs on a dedicated thread; `slots` run at once and at most `max_queue` wait."""
+    """Runs jobs on a dedicated thread; `slots` run at once and at most `max_queue` wait.
+
+    Side work (`submit_steps`) runs on the same thread, a step at a time between generation
+    steps: every llama.cpp computation belongs on one thread (see BatchedLlamaCpp.set_prefix).
+    """
 
     slots = 1
 
     def __init__(self, backend: Backend, max_queue: int) -> None:
         self._backend = backend
         self._max_queue = max_queue
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | object | None] = queue.Queue()
+        self._side: collections.deque[SideWork] = collections.deque()
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
@@ -145,6 +165,40 @@ class Scheduler:
         self._jobs.put(job)
         return job
 
+    def submit_steps(self, steps: Generator[None, None, Any]) -> Future[Any]:
+        """Side work run on the model's thread, interleaved with generation; its future
+        holds the result (or what it raised). Admission is the caller's."""
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+        work = SideWork(steps)
+        self._side.append(work)
+        self._jobs.put(_WAKE)
+        return work.future
+
+    def _advance_side(self) -> None:
+        """One step of each side work waiting; finished ones answered."""
+        for work in list(self._side):
+            if work.future.cancelled():  # nobody waits for it any more
+                self._side.remove(work)
+                work.steps.close()
+                continue
+            try:
+                next(work.steps)
+            except StopIteration as done:
+                self._side.remove(work)
+                work.future.set_result(done.value)
+            except Exception as err:  # the caller's to report; the worker keeps serving
+                self._side.remove(work)
+                work.future.set_exception(err)
+
+    def _close_side(self) -> None:
+        while self._side:
+            work = self._side.popleft()
+            work.steps.close()
+            if not work.future.cancelled():
+                work.future.set_exception(SchedulerClosed("the server is shutting down"))
+
     def close(self, timeout: float | None = None) -> None:
         with self._lock:
             self._closed = True
@@ -171,9 +225,12 @@ class Scheduler:
         self._get_ready()
         while True:
             job = self._jobs.get()
+            while self._side:  # nothing generates now: side work runs to its end
+                self._advance_side()
             if job is None:
+                self._close_side()
                 return
-            if self._take(job):
+            if isinstance(job, Job) and self._take(job):
                 self._execute(job)
 
     def _execute(self, job: Job) -> None:
@@ -183,6 +240,8 @@ class Scheduler:
                     self._done(job, event)
                     return
                 job._push(event)
+                if self._side:  # a step of side work between two tokens
+                    self._advance_side()
         except Exception as err:  # reported to the caller; the worker keeps serving
             log.exception("generation failed")
             self._done(job, err)
@@ -217,15 +276,18 @@ class BatchScheduler(Scheduler):
         engine = self._engine
         self._get_ready()
         while True:
-            # Block for work only when nothing is decoding; otherwise admit what is there.
+            self._advance_side()
+            # Block for work only when nothing is decoding or waiting; else admit what is there.
             while engine.free_slots:
                 try:
-                    job = self._jobs.get(block=not self._active)
+                    job = self._jobs.get(block=not self._active and not self._side)
                 except queue.Empty:
                     break
                 if job is None:
                     self._stop_all()
                     return
+                if not isinstance(job, Job):  # a wake-up: side work waits
+                    break
                 if self._take(job):
                     try:
                         engine.start(job, job.prompt, job.params)
@@ -261,6 +323,7 @@ class BatchScheduler(Scheduler):
             finished = self._engine.cancel(job)
             self._done(job, finished or BackendError("stopped"))
         self._active.clear()
+        self._close_side()
 
 
 def make_scheduler(backend: Backend, max_queue: int) -> Scheduler:

@@ -61,9 +61,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
         self._program_pool: ThreadPoolExecutor | None = None
-        # Embeddings run beside generation (a context of their own), one call at a time.
-        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
-        self._embed_calls = 0
+        self._embed_calls = 0  # Embed calls waiting for or running on the model's thread
 
     def attach(self, model: LoadedModel) -> None:
         self._model = model
@@ -86,7 +84,6 @@ class InferenceService(pb_grpc.InferenceServicer):
     def close(self) -> None:
         if self._program_pool:
             self._program_pool.shutdown(wait=False, cancel_futures=True)
-        self._embed_pool.shutdown(wait=True, cancel_futures=True)  # before the model goes
         if self._scheduler:
             self._scheduler.close(timeout=5)
         if self._model:
@@ -306,14 +303,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         return detokenized(model.backend, request)
 
     async def _embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
-        model, _, limits = self._ready()
+        model, scheduler, limits = self._ready()
         check.check_size(request, limits.max_request_bytes)
         texts = check.embed_inputs(request)
         backend = model.backend
         if not isinstance(backend, EmbeddingBackend):
             raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED,
                              f"the {backend.info.backend} backend does not embed")  # fmt: skip
-        embedded = await self._embedded(backend, request, texts, context)
+        embedded = await self._embedded(scheduler, backend, request, texts, context)
         read = sum(item.tokens for item in embedded)
         self._metrics.tokens.labels("prompt").inc(read)
         return pb.EmbedResponse(
@@ -324,10 +321,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         )  # fmt: skip
 
     async def _embedded(
-        self, backend: EmbeddingBackend, request: pb.EmbedRequest, texts: list[str], context: Any
-    ) -> list[Embedded]:
-        """The texts embedded on the embedding thread: one call at a time, max_queue waiting;
-        stopped between two texts once the client went away or the deadline passed."""
+        self, scheduler: Scheduler, backend: EmbeddingBackend, request: pb.EmbedRequest,
+        texts: list[str], context: Any,
+    ) -> list[Embedded]:  # fmt: skip
+        """The texts embedded on the model's thread, a decode at a time between generation
+        steps; at most max_queue + 1 calls at once; stopped between two decodes once the
+        client went away or the deadline passed."""
         if self._embed_calls > self._settings.max_queue:
             raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: "
                              f"{self._embed_calls} embedding calls are waiting")  # fmt: skip
@@ -335,10 +334,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         stop = _Stop(_deadline(context))
         self._embed_calls += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._embed_pool, lambda: backend.embed(
-                    texts, truncate=request.truncate, normalize=normalize, should_stop=stop),
-            )  # fmt: skip
+            steps = backend.embed(texts, truncate=request.truncate, normalize=normalize,
+                                  should_stop=stop)  # fmt: skip
+            done: list[Embedded] = await asyncio.wrap_future(scheduler.submit_steps(steps))
+            return done
+        except SchedulerClosed as err:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(err)) from err
         except ValueError as err:  # "inputs[i]: what is wrong"
             field, _, why = str(err).partition(": ")
             raise check.invalid(field, why) from None

@@ -7,7 +7,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from services.core.program import PromptCodec
 from services.core.sampling import GenerationParams
 from services.core.tokens import common_prefix_length
-from services.runtime.backends.embeddings import Embedded
+from services.runtime.backends.embeddings import EmbedSteps
 from services.runtime.structured import OutputPlan
 
 FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
@@ -137,8 +137,8 @@ class BatchingBackend(Backend, Protocol):
 
 @runtime_checkable
 class EmbeddingBackend(Protocol):
-    """A backend that embeds texts (the llama.cpp ones), from any thread: embedding runs
-    beside generation, not in its queue."""
+    """A backend that embeds texts: in steps the scheduler advances on the model's thread,
+    between generation steps."""
 
     @property
     def pooling(self) -> str: ...
@@ -151,9 +151,10 @@ class EmbeddingBackend(Protocol):
     def embed(
         self, texts: list[str], *, truncate: bool, normalize: bool,
         should_stop: Callable[[], bool],
-    ) -> list[Embedded]:  # fmt: skip
-        """Each text's vector, in order. ValueError naming `inputs[i]` for a text too long;
-        EmbeddingCancelled once should_stop() holds between two texts."""
+    ) -> EmbedSteps:  # fmt: skip
+        """Each text's vector, in order, as steps (a generator returning them). ValueError
+        naming `inputs[i]` for a text too long; EmbeddingCancelled once should_stop() holds
+        between two steps."""
         ...
 
 

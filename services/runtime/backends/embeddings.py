@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,24 +104,41 @@ class Embedder:
         self._context.close()
 
 
-def embed_all(
-    embedder: Embedder, tokenize: Callable[[str], list[int]], texts: list[str], *,
+EmbedSteps = Generator[None, None, list[Embedded]]
+
+
+def embed_steps(
+    embedder: Callable[[], Embedder], tokenize: Callable[[str], list[int]], texts: list[str], *,
     truncate: bool, normalize: bool, should_stop: Callable[[], bool],
-) -> list[Embedded]:  # fmt: skip
-    """Each text's vector, in order; ValueError naming `inputs[i]` for one too long."""
-    fitted = [fit(tokenize(text), embedder.n_ctx, truncate, f"inputs[{index}]")
+) -> EmbedSteps:  # fmt: skip
+    """Each text's vector, in order, one decode per step: the scheduler advances it on the
+    model's thread between generation steps (every llama.cpp computation belongs on that
+    one thread: see BatchedLlamaCpp.set_prefix). ValueError naming `inputs[i]` for a text too
+    long; EmbeddingCancelled once should_stop() holds before a decode."""
+    context = embedder()
+    fitted = [fit(tokenize(text), context.n_ctx, truncate, f"inputs[{index}]")
               for index, text in enumerate(texts)]  # fmt: skip
     embedded = []
-    for group in packed([len(tokens) for tokens, _ in fitted], embedder.n_ctx,
-                        embedder.max_texts):  # fmt: skip
+    for group in packed([len(tokens) for tokens, _ in fitted], context.n_ctx,
+                        context.max_texts):  # fmt: skip
         if should_stop():
             raise EmbeddingCancelled("cancelled")
-        vectors = embedder.embed([fitted[index][0] for index in group])
+        vectors = context.embed([fitted[index][0] for index in group])
         for index, values in zip(group, vectors, strict=True):
             tokens, truncated = fitted[index]
             embedded.append(Embedded(normalized(values) if normalize else values, len(tokens),
                                      truncated))  # fmt: skip
+        yield
     return embedded
+
+
+def run_steps(steps: EmbedSteps) -> list[Embedded]:
+    """All of it at once, for callers without a scheduler (tests, tools)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def packed(lengths: list[int], limit: int, max_texts: int) -> list[list[int]]:

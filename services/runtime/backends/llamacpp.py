@@ -26,9 +26,9 @@ from services.runtime.backends.base import (
 )
 from services.runtime.backends.embeddings import (
     POOLING,
-    Embedded,
     Embedder,
-    embed_all,
+    EmbedSteps,
+    embed_steps,
     pooling_of,
 )
 from services.runtime.backends.grammars import (
@@ -208,13 +208,15 @@ class ChatModelMethods:
     def embed(
         self, texts: list[str], *, truncate: bool, normalize: bool,
         should_stop: Callable[[], bool],
-    ) -> list[Embedded]:  # fmt: skip
+    ) -> EmbedSteps:  # fmt: skip
+        return embed_steps(self._embedder, self._chat.text_tokens, texts, truncate=truncate,
+                           normalize=normalize, should_stop=should_stop)  # fmt: skip
+
+    def _embedder(self) -> Embedder:
         try:
-            embedder = self._chat.embedder()
+            return self._chat.embedder()
         except ValueError as err:  # llama.cpp made no context (no memory for it)
             raise BackendError(f"no embedding context: {err}") from err
-        return embed_all(embedder, self._chat.text_tokens, texts, truncate=truncate,
-                         normalize=normalize, should_stop=should_stop)  # fmt: skip
 
 
 class LlamaCppBackend(ChatModelMethods):

@@ -26,7 +26,7 @@ from services.runtime.backends.base import (
     PreparedPrompt,
     TokenPiece,
 )
-from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled
+from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled, EmbedSteps
 from services.runtime.backends.registry import BackendEntry, ModelSource, register
 
 _BLOB_DIGEST = re.compile(r"sha256[-:]([0-9a-f]{64})")
@@ -147,7 +147,7 @@ class OllamaBackend:
     def embed(
         self, texts: list[str], *, truncate: bool, normalize: bool,
         should_stop: Callable[[], bool],
-    ) -> list[Embedded]:  # fmt: skip
+    ) -> EmbedSteps:  # fmt: skip
         import httpx
         import ollama
 
@@ -168,6 +168,7 @@ class OllamaBackend:
                 raise BackendError(f"Ollama embedding failed: {err}") from err
             values = np.asarray(reply.embeddings[0], dtype=np.float32)
             embedded.append(Embedded(values, reply.prompt_eval_count or 0))
+            yield
         return embedded
 
     def close(self) -> None:
