@@ -43,6 +43,7 @@ def test_pooling_is_the_ggufs_own_else_the_mean() -> None:
         fit([1, 2, 3, 4], 3, False, "inputs[2]")
     assert packed([3, 2, 2, 3, 1], 5, 8) == [[0, 1], [2, 3], [4]]  # decoded together
     assert packed([1, 1, 1], 5, 2) == [[0, 1], [2]] and packed([5, 5], 5, 8) == [[0], [1]]
+    assert packed([7, 1, 1], 5, 8) == [[0], [1, 2]]  # a text over the limit goes alone
     assert np.allclose(normalized(np.array([3.0, 4.0])), [0.6, 0.8])
     assert not normalized(np.zeros(2)).any()
 

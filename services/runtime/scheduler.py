@@ -110,6 +110,7 @@ class Scheduler:
         self._max_queue = max_queue
         self._jobs: queue.Queue[Job | object | None] = queue.Queue()
         self._side: collections.deque[SideWork] = collections.deque()
+        self._side_due = 0.0  # time.monotonic() before which generation keeps the thread
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
@@ -176,8 +177,18 @@ class Scheduler:
         self._jobs.put(_WAKE)
         return work.future
 
-    def _advance_side(self) -> None:
-        """One step of each side work waiting; finished ones answered."""
+    def _advance_side(self, generating: bool = False) -> None:
+        """One step of each side work waiting; finished ones answered. While calls generate,
+        side work takes at most half the thread's time: after its steps took t, generation
+        has the next t (else a stream of embeddings would stall every token behind one)."""
+        if generating and time.monotonic() < self._side_due:
+            return
+        started = time.monotonic()
+        self._step_side()
+        ended = time.monotonic()
+        self._side_due = ended + (ended - started)
+
+    def _step_side(self) -> None:
         for work in list(self._side):
             if work.future.cancelled():  # nobody waits for it any more
                 self._side.remove(work)
@@ -224,9 +235,11 @@ class Scheduler:
     def _run(self) -> None:
         self._get_ready()
         while True:
-            job = self._jobs.get()
-            while self._side:  # nothing generates now: side work runs to its end
+            try:
+                job = self._jobs.get(block=not self._side)
+            except queue.Empty:  # nothing generates: a side step, then the queue again
                 self._advance_side()
+                continue
             if job is None:
                 self._close_side()
                 return
@@ -240,8 +253,8 @@ class Scheduler:
                     self._done(job, event)
                     return
                 job._push(event)
-                if self._side:  # a step of side work between two tokens
-                    self._advance_side()
+                if self._side:  # a step of side work between two tokens, in its turn
+                    self._advance_side(generating=True)
         except Exception as err:  # reported to the caller; the worker keeps serving
             log.exception("generation failed")
             self._done(job, err)
@@ -276,7 +289,7 @@ class BatchScheduler(Scheduler):
         engine = self._engine
         self._get_ready()
         while True:
-            self._advance_side()
+            self._advance_side(generating=bool(self._active))
             # Block for work only when nothing is decoding or waiting; else admit what is there.
             while engine.free_slots:
                 try:

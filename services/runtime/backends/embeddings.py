@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # llama.cpp's enum llama_pooling_type, by the names the API gives them.
 POOLING = {1: "mean", 2: "cls", 3: "last"}
 _MEAN = 1
+# Texts decoded together hold at most this many tokens (a longer text is decoded alone): one
+# decode is one step between generation steps, so this bounds how long a token waits.
+STEP_TOKENS = 256
 
 
 class EmbeddingCancelled(Exception):
@@ -119,7 +122,8 @@ def embed_steps(
     fitted = [fit(tokenize(text), context.n_ctx, truncate, f"inputs[{index}]")
               for index, text in enumerate(texts)]  # fmt: skip
     embedded = []
-    for group in packed([len(tokens) for tokens, _ in fitted], context.n_ctx,
+    step_tokens = min(context.n_ctx, STEP_TOKENS)
+    for group in packed([len(tokens) for tokens, _ in fitted], step_tokens,
                         context.max_texts):  # fmt: skip
         if should_stop():
             raise EmbeddingCancelled("cancelled")
@@ -143,7 +147,7 @@ def run_steps(steps: EmbedSteps) -> list[Embedded]:
 
 def packed(lengths: list[int], limit: int, max_texts: int) -> list[list[int]]:
     """Consecutive texts (by index) grouped to be decoded together: each group's tokens at
-    most `limit` in all and at most `max_texts` texts (each text fits `limit` alone)."""
+    most `limit` in all (a longer text alone) and at most `max_texts` texts."""
     groups: list[list[int]] = []
     used = limit + 1
     for index, length in enumerate(lengths):
