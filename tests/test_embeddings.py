@@ -271,3 +271,35 @@ def test_the_cli_prints_one_vector_per_line(
     lines = printed.stdout.splitlines()
     assert np.array_equal(np.array([json.loads(line) for line in lines]), expected)
     assert "3 vectors of 576 (mean pooling)" in printed.stderr
+
+
+def test_side_work_cancelled_during_its_last_step_leaves_the_worker_serving() -> None:
+    """A caller may cancel while its work's last step runs on the model's thread; the
+    worker must still answer it and keep serving (answering a cancelled future raises)."""
+    from collections.abc import Generator
+
+    from services.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(object(), max_queue=1)  # type: ignore[arg-type]  # nothing generates
+    scheduler.wait_ready()
+    stepping, release = threading.Event(), threading.Event()
+
+    def last_step() -> Generator[None, None, str]:
+        stepping.set()
+        release.wait(5)
+        return "finished"
+        yield  # a generator, of one step
+
+    def quick() -> Generator[None, None, str]:
+        return "served"
+        yield
+
+    try:
+        running = scheduler.submit_steps(last_step())
+        assert stepping.wait(5)
+        running.cancel()  # too late: it runs
+        release.set()
+        assert running.result(5) == "finished"
+        assert scheduler.submit_steps(quick()).result(5) == "served"
+    finally:
+        scheduler.close(5)

@@ -178,10 +178,11 @@ class Scheduler:
         return work.future
 
     def _advance_side(self, generating: bool = False) -> None:
-        """One step of each side work waiting; finished ones answered. While calls generate,
-        side work takes at most half the thread's time: after its steps took t, generation
-        has the next t (else a stream of embeddings would stall every token behind one)."""
-        if generating and time.monotonic() < self._side_due:
+        """One step of the side work first in line, which then goes to the back of it (so
+        a token waits for one decode, however many calls embed). While calls generate, side
+        work takes at most half the thread's time: after a step took t, generation has the
+        next t (else a stream of embeddings would stall every token behind one)."""
+        if not self._side or (generating and time.monotonic() < self._side_due):
             return
         started = time.monotonic()
         self._step_side()
@@ -189,25 +190,24 @@ class Scheduler:
         self._side_due = ended + (ended - started)
 
     def _step_side(self) -> None:
-        for work in list(self._side):
-            if work.future.cancelled():  # nobody waits for it any more
-                self._side.remove(work)
-                work.steps.close()
-                continue
-            try:
-                next(work.steps)
-            except StopIteration as done:
-                self._side.remove(work)
-                work.future.set_result(done.value)
-            except Exception as err:  # the caller's to report; the worker keeps serving
-                self._side.remove(work)
-                work.future.set_exception(err)
+        work = self._side.popleft()
+        if not _claimed(work.future):  # its caller cancelled it before it started
+            work.steps.close()
+            return
+        try:
+            next(work.steps)
+        except StopIteration as done:
+            work.future.set_result(done.value)
+        except Exception as err:  # the caller's to report; the worker keeps serving
+            work.future.set_exception(err)
+        else:
+            self._side.append(work)
 
     def _close_side(self) -> None:
         while self._side:
             work = self._side.popleft()
             work.steps.close()
-            if not work.future.cancelled():
+            if _claimed(work.future):
                 work.future.set_exception(SchedulerClosed("the server is shutting down"))
 
     def close(self, timeout: float | None = None) -> None:
@@ -337,6 +337,13 @@ class BatchScheduler(Scheduler):
             self._done(job, finished or BackendError("stopped"))
         self._active.clear()
         self._close_side()
+
+
+def _claimed(future: Future[Any]) -> bool:
+    """True when the future is the worker's to answer: running, so its caller can no longer
+    cancel it (setting a result on a future cancelled meanwhile would raise on the model's
+    thread); False when the caller cancelled it first."""
+    return future.running() or future.set_running_or_notify_cancel()
 
 
 def make_scheduler(backend: Backend, max_queue: int) -> Scheduler:
