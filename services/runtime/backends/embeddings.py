@@ -25,7 +25,7 @@ STEP_TOKENS = 256
 
 
 class EmbeddingCancelled(Exception):
-    """The call was cancelled, or its deadline passed, between two inputs."""
+    """The call was cancelled, or its deadline passed, between two decodes."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def normalized(values: np.ndarray) -> np.ndarray:
 
 
 class Embedder:
-    """One embedding context; `embed` may be called from any thread (one call at a time)."""
+    """One embedding context, used on the model's thread (one call at a time)."""
 
     def __init__(self, model: Any, *, n_ctx: int, n_threads: int, pooling: int) -> None:
         import llama_cpp

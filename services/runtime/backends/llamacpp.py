@@ -195,7 +195,7 @@ class ChatModelMethods:
     def vocab_size(self) -> int:
         return int(self._chat.model.n_vocab())
 
-    # -- embeddings (a context of their own, off the generation thread) ----------------------
+    # -- embeddings (a context of their own, in steps on the model's thread) ----------------
 
     @property
     def pooling(self) -> str:
