@@ -29,6 +29,7 @@ from testkit.bundles import CAPITALS_PROGRAM, make_bundle
 from testkit.processes import REPO, ServerProcess, free_port, start_router, start_runtime
 
 EMBED_CTX = 64  # the runtime's --embed-ctx: a text of more tokens is cut or refused
+MAX_REQUEST_BYTES = 16384  # the runtime's: the deadline test's 40 texts fit in it
 TEXTS = ["The cat sat on the mat.", "A cat is sitting on a mat.",
          "Stock markets fell sharply today."]  # fmt: skip
 
@@ -67,6 +68,7 @@ def test_openai_and_ollama_bodies_become_embed_calls_and_answers() -> None:
     with pytest.raises(BadRequest, match="token arrays"):
         http.openai_call(http.OpenAIBody(input=[[1, 2]]))
     assert http.in_openai_terms("inputs[1]: is empty") == "input[1]: is empty"
+    assert http.in_prompt_terms("inputs[0]: is empty") == "prompt: is empty"
     reply = pb.EmbedResponse(embeddings=[pb.Embedding(values=[0.5, -0.25], tokens=3)],
                              usage=pb.Usage(prompt_tokens=3))  # fmt: skip
     floats = http.openai_answer(reply, http.OpenAIBody(input="hi"), "m")
@@ -86,7 +88,9 @@ def test_openai_and_ollama_bodies_become_embed_calls_and_answers() -> None:
     assert call is not None and call.truncate and list(call.inputs) == ["hi"]
     legacy = http.ollama_legacy_call(http.OllamaLegacyBody(model="m", prompt="hi"))
     assert legacy is not None and legacy.HasField("normalize") and not legacy.normalize
-    assert http.ollama_legacy_answer(None) == {"embedding": []}
+    assert http.ollama_legacy_answer(None, http.OllamaLegacyBody(model="m"), 0.0) == {
+        "embedding": []
+    }
 
 
 # -- a real runtime and router ----------------------------------------------------------------
@@ -112,6 +116,7 @@ def served(
     runtime = start_runtime(
         "--model", str(gguf_path), "--n-ctx", "512", "--parallel", "2",
         "--embed-ctx", str(EMBED_CTX), "--http-port", str(runtime_http),
+        "--max-request-bytes", str(MAX_REQUEST_BYTES),
     )  # fmt: skip
     bundle = make_bundle(tmp_path_factory.mktemp("bundle"), gguf_path, CAPITALS_PROGRAM,
                          threshold=0.5)  # fmt: skip
@@ -255,6 +260,17 @@ def test_openai_ollama_and_dspy_clients_get_the_same_vectors_from_runtime_and_ro
         assert empty["error"]["param"] == "input[1]" and "empty" in empty["error"]["message"]
         unknown = httpx.post(f"{base}/api/embed", json={"model": "nope", "input": "a"})
         assert unknown.status_code == 404 and "not found" in unknown.json()["error"]
+    big = "word " * MAX_REQUEST_BYTES  # the runtime's size check names each route's field
+    for route, body, field in (
+        ("/v1/embeddings", {"input": ["a", big]}, "input[1]"),
+        ("/api/embed", {"model": name, "input": big}, "input[0]"),
+        ("/api/embeddings", {"model": name, "prompt": big}, "prompt"),
+    ):
+        refused = httpx.post(f"http://127.0.0.1:{runtime_http}{route}", json=body, timeout=30)
+        error = refused.json()["error"]
+        assert refused.status_code == 400, error
+        assert (error if isinstance(error, str) else error["message"]).startswith(
+            f"{field}: the request is ")  # fmt: skip
 
 
 def test_the_cli_prints_one_vector_per_line(

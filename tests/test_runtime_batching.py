@@ -239,6 +239,35 @@ def test_idle_slots_hold_the_warm_prefix_from_load(gguf_path: Path, program_path
         engine.close()
 
 
+def test_raw_generation_reserves_no_kv_stream_for_a_prefix(gguf_path: Path) -> None:
+    """Serving a bare GGUF (no program) with --parallel N holds N streams of n_ctx cells, not
+    N + 1: the warm prefix's stream is made only for a program's prefix."""
+    import llama_cpp
+
+    from services.core.sampling import GenerationParams
+    from services.runtime.backends import Finished
+    from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
+
+    params = GenerationParams(max_tokens=6, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                              logprobs=False)  # fmt: skip
+    hello = [{"role": "user", "content": "Say hello in French."}]
+    texts, cells = [], []
+    for prefixes in (0, 1):
+        engine = BatchedLlamaCpp(gguf_path, n_ctx=512, n_threads=2, parallel=2,
+                                 prefixes=prefixes)  # fmt: skip
+        try:
+            cells.append(llama_cpp.llama_n_ctx(engine._ctx.ctx))
+            events = list(engine.generate(engine.prepare(hello), params, lambda: False))
+            texts.append("".join(e.text for e in events if not isinstance(e, Finished)))
+            if prefixes == 0:
+                with pytest.raises(ValueError, match="no warm prefix"):
+                    engine.warm_prefix(engine.prepare(hello).tokens or [])
+        finally:
+            engine.close()
+    assert cells == [512 * 2, 512 * 3]
+    assert texts[0] == texts[1] and texts[0]
+
+
 @pytest.mark.parametrize(
     ("reusable", "slot"),
     [

@@ -544,6 +544,23 @@ def test_metrics_count_calls_and_tokens(gguf_path: Path, program_path: Path) -> 
     assert "Chile" not in server.stderr
 
 
+def test_every_kv_cache_type_the_setting_takes_is_a_ggml_type() -> None:
+    """The setting's names (the core's `KvCacheType`) are the one list; each maps to ggml's
+    type of its name, and nothing else is taken."""
+    from typing import get_args
+
+    import llama_cpp
+
+    from services.core.config import KvCacheType
+    from services.runtime.backends.llamacpp import kv_cache_ggml_type
+
+    types = {name: kv_cache_ggml_type(name) for name in get_args(KvCacheType)}
+    assert types["f16"] == llama_cpp.GGML_TYPE_F16 and types["q8_0"] == llama_cpp.GGML_TYPE_Q8_0
+    assert len(set(types.values())) == len(types)
+    with pytest.raises(ValueError, match="unknown KV cache type 'q3_k'"):
+        kv_cache_ggml_type("q3_k")
+
+
 @pytest.mark.parametrize("parallel", ["1", "2"])
 def test_a_quantized_kv_cache_answers_as_llama_cpp_does_with_it(
     gguf_path: Path, program_path: Path, parallel: str

@@ -21,6 +21,11 @@ ENV_PREFIX = "EDGEDISTILL_"
 S = TypeVar("S", bound=BaseSettings)
 
 
+# llama.cpp's KV cache number types (its --cache-type-k/-v names); the runtime maps each to
+# ggml's type of the same name (GGML_TYPE_Q8_0 …).
+KvCacheType = Literal["f16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+
+
 class SettingsError(ValueError):
     """A setting is wrong; the message names it and says how to fix it."""
 
@@ -125,7 +130,7 @@ class RuntimeSettings(TransportSettings):
         512, ge=8, le=8192, description="prompt tokens evaluated per step (per call)"
     )
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU (-1: all)")
-    kv_cache_type: Literal["f16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = Field(
+    kv_cache_type: KvCacheType = Field(
         "f16",
         description=(
             "the number type of the generation KV cache, as llama.cpp's --cache-type-k/-v: "

@@ -7,12 +7,15 @@ import base64
 import re
 import struct
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from pydantic import Field
 
 from services.core.api import pb
 from services.core.http_api.chat import BadRequest, Body
+
+B = TypeVar("B", bound=Body)
 
 
 class OpenAIBody(Body):
@@ -67,8 +70,21 @@ def check_dimensions(reply: pb.EmbedResponse, asked: int | None) -> None:
 
 
 def in_openai_terms(message: str) -> str:
-    """An Embed error naming `inputs[i]`, as OpenAI's request names it (`input`)."""
+    """An Embed error naming `inputs[i]`, as OpenAI's and `/api/embed`'s requests name it
+    (`input`)."""
     return re.sub(r"^inputs\b", "input", message)
+
+
+def in_prompt_terms(message: str) -> str:
+    """An Embed error naming `inputs[0]`, as `/api/embeddings` names its one text (`prompt`)."""
+    return re.sub(r"^inputs\[0\]", "prompt", message)
+
+
+# Each embedding route's field names, for the errors Embed gives in its own (`inputs[i]`).
+IN_ROUTE_TERMS: dict[str, Callable[[str], str]] = {
+    "/v1/embeddings": in_openai_terms, "/embeddings": in_openai_terms,
+    "/api/embed": in_openai_terms, "/api/embeddings": in_prompt_terms,
+}  # fmt: skip
 
 
 def ollama_call(body: OllamaBody) -> pb.EmbedRequest | None:
@@ -81,6 +97,7 @@ def ollama_call(body: OllamaBody) -> pb.EmbedRequest | None:
 
 def ollama_answer(reply: pb.EmbedResponse | None, body: OllamaBody, started: float
                   ) -> dict[str, Any]:  # fmt: skip
+    """`/api/embed`'s answer (no reply: the model "loaded", no vectors)."""
     if reply is not None:
         check_dimensions(reply, body.dimensions)
     model = body.model
@@ -99,8 +116,24 @@ def ollama_legacy_call(body: OllamaLegacyBody) -> pb.EmbedRequest | None:
     return pb.EmbedRequest(inputs=[body.prompt], truncate=True, normalize=False)
 
 
-def ollama_legacy_answer(reply: pb.EmbedResponse | None) -> dict[str, Any]:
+def ollama_legacy_answer(reply: pb.EmbedResponse | None, body: OllamaLegacyBody,
+                         started: float) -> dict[str, Any]:  # fmt: skip
     return {"embedding": list(reply.embeddings[0].values) if reply else []}
+
+
+class OllamaRoute(NamedTuple, Generic[B]):
+    """One of Ollama's embedding routes: its body, its Embed call (None: nothing to embed)
+    and its answer."""
+
+    body: type[B]
+    call: Callable[[B], pb.EmbedRequest | None]
+    answer: Callable[[pb.EmbedResponse | None, B, float], dict[str, Any]]
+
+
+OLLAMA_ROUTES: dict[str, OllamaRoute[Any]] = {
+    "/api/embed": OllamaRoute(OllamaBody, ollama_call, ollama_answer),
+    "/api/embeddings": OllamaRoute(OllamaLegacyBody, ollama_legacy_call, ollama_legacy_answer),
+}
 
 
 def _encoded(values: list[float], encoding: str) -> list[float] | str:

@@ -201,7 +201,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                       "/apply-template": self._apply_template,
                       "/api/generate": self._ollama_generate,
                       "/v1/embeddings": self._embeddings, "/embeddings": self._embeddings,
-                      "/api/embed": self._ollama_embed, "/api/embeddings": self._ollama_embed_one,
+                      "/api/embed": self._ollama_embed, "/api/embeddings": self._ollama_embed,
                       "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
 
@@ -355,21 +355,15 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self._send_json(200, answer)
 
         def _ollama_embed(self, raw: bytes) -> None:
+            """`/api/embed`, or the older `/api/embeddings` (OLLAMA_ROUTES says how)."""
             started = time.perf_counter()
-            body = parse_body(embeddings.OllamaBody, raw)
+            route = embeddings.OLLAMA_ROUTES[self._route_path()]
+            body = parse_body(route.body, raw)
             metadata = self._metadata()
             ollama.check_model(body.model, front.model_name(metadata))
-            call = embeddings.ollama_call(body)
+            call = route.call(body)
             reply = front.stub.Embed(call, metadata=metadata) if call else None
-            self._send_json(200, embeddings.ollama_answer(reply, body, started))
-
-        def _ollama_embed_one(self, raw: bytes) -> None:
-            body = parse_body(embeddings.OllamaLegacyBody, raw)
-            metadata = self._metadata()
-            ollama.check_model(body.model, front.model_name(metadata))
-            call = embeddings.ollama_legacy_call(body)
-            reply = front.stub.Embed(call, metadata=metadata) if call else None
-            self._send_json(200, embeddings.ollama_legacy_answer(reply))
+            self._send_json(200, route.answer(reply, body, started))
 
         def _ollama_show(self, raw: bytes) -> None:
             asked = parse_body(ollama.ChatRequest, raw).model  # only `model` is read
@@ -431,9 +425,10 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         def _error_body(
             self, status: int, kind: str, message: str, param: str | None
         ) -> dict[str, Any]:
-            if self._route_path() in ("/api/embed", "/v1/embeddings", "/embeddings"):
-                message = embeddings.in_openai_terms(message)  # their field is `input`
-                param = param and embeddings.in_openai_terms(param)
+            in_route_terms = embeddings.IN_ROUTE_TERMS.get(self._route_path())
+            if in_route_terms:  # Embed names `inputs[i]`; these routes name it otherwise
+                message = in_route_terms(message)
+                param = param and in_route_terms(param)
             if self._is_ollama():
                 return {"error": ollama.in_ollama_terms(message)}  # Ollama's: one string
             return error_body(status, kind, message, param)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from services.core.bundle import sha256_file
+from services.core.config import KvCacheType
 from services.core.gguf_metadata import ModelFileError, quantization_name, read_gguf_metadata
 from services.core.tokens import common_prefix_length
 from services.runtime.backends.base import (
@@ -47,9 +48,15 @@ from services.runtime.structured import (
     constrain_logits,
 )
 
+
 # llama.cpp's KV cache number types by the names its server takes (ggml_type values).
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2,
-                  "iq4_nl": 20}  # fmt: skip
+def kv_cache_ggml_type(kv_cache_type: str) -> int:
+    """ggml's number type of a KV cache type's name (`q8_0` → GGML_TYPE_Q8_0)."""
+    import llama_cpp
+
+    if kv_cache_type not in get_args(KvCacheType):
+        raise ValueError(f"unknown KV cache type {kv_cache_type!r}")
+    return int(getattr(llama_cpp, f"GGML_TYPE_{kv_cache_type.upper()}"))
 
 
 def needs_flash_attention(kv_cache_type: str) -> bool:
@@ -238,7 +245,7 @@ class LlamaCppBackend(ChatModelMethods):
         from llama_cpp import Llama
 
         meta = read_gguf_metadata(model_path)  # a clear refusal before llama.cpp sees a bad file
-        cache = KV_CACHE_TYPES[kv_cache_type]
+        cache = kv_cache_ggml_type(kv_cache_type)
         try:
             self._llm = Llama(
                 model_path=str(model_path),
@@ -576,7 +583,7 @@ def create(settings: Any, source: ModelSource) -> Backend:
     batched = BatchedLlamaCpp(
         path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, parallel=settings.parallel,
         n_batch=settings.n_batch, n_gpu_layers=settings.n_gpu_layers, model_name=name,
-        gguf_sha256=sha, extra_prefixes=max(0, len(codecs) - 1), embed_ctx=settings.embed_ctx,
+        gguf_sha256=sha, prefixes=len(codecs), embed_ctx=settings.embed_ctx,
         kv_cache_type=settings.kv_cache_type,
     )  # fmt: skip
     if codecs:  # evaluated by the scheduler; a multi-step program: one per predictor

@@ -41,10 +41,10 @@ from services.runtime.backends.base import (
     usable_cache,
 )
 from services.runtime.backends.llamacpp import (
-    KV_CACHE_TYPES,
     ChatModel,
     ChatModelMethods,
     PlannedAnswer,
+    kv_cache_ggml_type,
     logprob_piece,
     needs_flash_attention,
     sampler_chain,
@@ -87,18 +87,20 @@ class BatchedLlamaCpp(ChatModelMethods):
         n_gpu_layers: int = 0,
         model_name: str | None = None,
         gguf_sha256: str | None = None,
-        extra_prefixes: int = 0,
+        prefixes: int = 1,
         embed_ctx: int | None = None,
         kv_cache_type: str = "f16",
     ) -> None:
-        """`extra_prefixes`: warm prefixes besides the program's (a multi-step program's
-        other predictors'), each in a reserved sequence of its own."""
+        """`prefixes`: how many warm prefixes to hold, each in a reserved KV stream of its
+        own (a program's; a multi-step program's one per predictor; 0 for raw generation)."""
         import llama_cpp
         from llama_cpp import _internals, _logger
 
         _logger.set_verbose(False)  # llama.cpp's own log lines only for errors, as `Llama` does
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
+        if prefixes < 0:
+            raise ValueError("prefixes must be at least 0")
         if n_batch < 3:  # room for a piece of two that leaves no single token behind
             raise ValueError("n_batch must be at least 3")
         self.slots = parallel
@@ -107,25 +109,25 @@ class BatchedLlamaCpp(ChatModelMethods):
         self._model = self._chat.model
         self._n_ctx = n_ctx
         self._n_batch = n_batch
-        self._prefix_seq = parallel  # the reserved sequence holding the warm prefix
+        self._reserved = [parallel + i for i in range(prefixes)]  # sequences of warm prefixes
+        self._prefix_seq = self._reserved[0] if prefixes else None  # the program's
         self._prefix: list[int] = []
         self._prefix_pending: list[int] | None = None
-        self._extra_seqs = [parallel + 1 + i for i in range(extra_prefixes)]
+        self._extra_seqs = self._reserved[1:]
         self._extra: list[tuple[int, list[int]]] = []  # (sequence, its prefix)
         self._extra_pending: list[list[int]] = []
-        reserved = 1 + extra_prefixes
         params = llama_cpp.llama_context_default_params()
-        # One KV stream of n_ctx cells per slot, plus one for the warm prefix. Separate streams
+        # One KV stream of n_ctx cells per slot, plus one per warm prefix. Separate streams
         # (not one unified cache) keep each sequence's cells in the layout a lone sequence
         # has, so attention sums in the same order and greedy outputs match `Llama`'s exactly.
-        params.n_ctx = n_ctx * (parallel + reserved)
+        params.n_ctx = n_ctx * (parallel + prefixes)
         params.n_batch = max(n_batch, parallel)  # one step decodes a token of every slot
         params.n_ubatch = min(params.n_batch, 512)
-        params.n_seq_max = parallel + reserved
+        params.n_seq_max = parallel + prefixes
         params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        params.type_k = params.type_v = kv_cache_ggml_type(kv_cache_type)
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if needs_flash_attention(kv_cache_type)
@@ -184,6 +186,8 @@ class BatchedLlamaCpp(ChatModelMethods):
 
     def warm_prefix(self, tokens: list[int]) -> None:
         """Evaluate a prompt prefix once; requests that start with it copy its KV cells."""
+        if self._prefix_seq is None:
+            raise ValueError("this engine holds no warm prefix (made with prefixes=0)")
         self._prefix = []
         self._prefix = self._evaluate_into(self._prefix_seq, tokens)
         self._seed_idle_slots()
@@ -213,7 +217,7 @@ class BatchedLlamaCpp(ChatModelMethods):
         """
         import llama_cpp
 
-        if not self._prefix:
+        if not self._prefix or self._prefix_seq is None:
             return
         seeded = False
         for slot in self._free:
@@ -237,7 +241,7 @@ class BatchedLlamaCpp(ChatModelMethods):
         import llama_cpp
 
         if not keep_prefix:
-            for seq in (self._prefix_seq, *self._extra_seqs):
+            for seq in self._reserved:
                 llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
             self._prefix, self._extra = [], []
         for slot in self._free:
@@ -273,7 +277,7 @@ class BatchedLlamaCpp(ChatModelMethods):
         kept = usable_cache(reusable[seq_id], last)
         source, prefix = self._best_prefix(tokens)
         shared = usable_cache(common_prefix_length([prefix, tokens]), last)
-        if kept >= shared:
+        if kept >= shared or source is None:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, kept, -1)
             cached = kept
         else:
@@ -308,8 +312,10 @@ class BatchedLlamaCpp(ChatModelMethods):
             )
         )
 
-    def _best_prefix(self, tokens: list[int]) -> tuple[int, list[int]]:
+    def _best_prefix(self, tokens: list[int]) -> tuple[int | None, list[int]]:
         """The warm prefix sharing the most with a prompt: its sequence and its tokens."""
+        if self._prefix_seq is None:
+            return None, []
         candidates = [(self._prefix_seq, self._prefix), *self._extra]
         return max(candidates, key=lambda c: common_prefix_length([c[1], tokens]))
 
