@@ -720,6 +720,10 @@ def test_a_two_step_program_is_distilled_call_by_call_and_ships_its_source(built
         assert model["fields"]["reply"]["measure"] == "token F1"
     distilled = evaluation["students"][-1]
     assert all(e["lm_calls"] in (1, 2) for e in distilled["examples"])
+    # Evaluated as served: each predictor's fixed prompt is kept evaluated, so a row's calls
+    # reuse it though the other predictor's call came between (its latency is the runtime's).
+    later = distilled["examples"][1:]
+    assert all(e["cached_prompt_tokens"] > 50 * e["lm_calls"] for e in later), later
     assert "## Per field" in (built / "bundle" / "report.md").read_text()
 
 

@@ -98,10 +98,11 @@ def greedy_answers(
     """Each row's outputs as the runtime serves them (greedy, typed decoding), answered as the
     evaluate stage answers a single-predictor program."""
     from services.builder.evaluate import predict_answers
+    from services.core.program import PromptCodec
     from services.runtime.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(gguf, n_ctx=4096, n_threads=n_threads)
-    answer = predict_answers(backend, ctx.program_spec, max_tokens)
+    answer = predict_answers(backend, PromptCodec(ctx.program_spec), max_tokens)
     answers = []
     for row in rows:
         inputs = {name: row[name] for name in ctx.input_names}

@@ -118,16 +118,23 @@ def _serve_in_child(
     gguf_path: str, program_path: str, rows: list[dict[str, str]], max_tokens: int,
     n_threads: int,
 ) -> dict[str, Any]:  # fmt: skip
-    from services.core.pipeline import PipelineSpec, read_program_file
+    from services.core.pipeline import PipelineSpec, ProgramRunner, read_program_file
+    from services.core.program import PromptCodec
+    from services.runtime.backends.base import program_prefix
     from services.runtime.backends.llamacpp import LlamaCppBackend
 
     program = read_program_file(Path(program_path))
     backend = LlamaCppBackend(Path(gguf_path), n_ctx=4096, n_threads=n_threads)
-    answer = (
-        _program_answers(backend, program, Path(program_path), max_tokens)
-        if isinstance(program, PipelineSpec)
-        else predict_answers(backend, program, max_tokens)
-    )
+    if isinstance(program, PipelineSpec):
+        runner = ProgramRunner.load(Path(program_path), program)
+        codecs = list(runner.codecs.values())
+        answer = _program_answers(backend, runner, max_tokens)
+    else:
+        codecs = [PromptCodec(program)]
+        answer = predict_answers(backend, codecs[0], max_tokens)
+    # As the runtime serves it (--prefix-cache): each predictor's fixed prompt prefix kept, so
+    # a multi-step program's calls do not evaluate it again after another predictor's call.
+    backend.set_prefixes([program_prefix(backend, codec) for codec in codecs])
     answers: list[dict[str, Any]] = []
     tokens_per_s: list[float] = []
     for inputs in rows:
@@ -150,12 +157,10 @@ def _serve_in_child(
 Answer = Callable[[dict[str, str]], tuple[dict[str, Any], list[float]]]
 
 
-def predict_answers(backend: Any, program: Any, max_tokens: int) -> Answer:
+def predict_answers(backend: Any, codec: Any, max_tokens: int) -> Answer:
     """One Predict per row, as the runtime answers a single-predictor program."""
-    from services.core.program import PromptCodec
     from services.runtime.predict import predict_once, predict_params
 
-    codec = PromptCodec(program)
     params = predict_params(max_tokens, seed=0)
 
     def answer(inputs: dict[str, str]) -> tuple[dict[str, Any], list[float]]:
@@ -165,19 +170,18 @@ def predict_answers(backend: Any, program: Any, max_tokens: int) -> Answer:
             "outputs": result.outputs, "latency_ms": round(result.latency_s * 1000, 1),
             "prompt_tokens": result.finished.prompt_tokens,
             "completion_tokens": result.finished.completion_tokens,
+            "cached_prompt_tokens": result.finished.cached_prompt_tokens,
         }  # fmt: skip
         return row, _decode_speed(result)
 
     return answer
 
 
-def _program_answers(backend: Any, program: Any, path: Path, max_tokens: int) -> Answer:
+def _program_answers(backend: Any, runner: Any, max_tokens: int) -> Answer:
     """A multi-step program's forward per row, its predictor calls on this model (each with
     the runtime's max_tokens default, as the runtime gives every call)."""
-    from services.core.pipeline import ProgramRunner
     from services.runtime.predict import complete_once, lm_call, predict_params
 
-    runner = ProgramRunner.load(path, program)
     params = predict_params(max_tokens, seed=0)
 
     def answer(inputs: dict[str, str]) -> tuple[dict[str, Any], list[float]]:
@@ -205,6 +209,7 @@ def _program_answers(backend: Any, program: Any, path: Path, max_tokens: int) ->
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
             "prompt_tokens": sum(c.prompt_tokens for c in calls),
             "completion_tokens": sum(c.completion_tokens for c in calls),
+            "cached_prompt_tokens": sum(c.cached_prompt_tokens for c in calls),
             "lm_calls": len(calls),
         }  # fmt: skip
         return row, speeds
