@@ -49,9 +49,9 @@ from services.runtime.structured import (
 )
 
 
-# llama.cpp's KV cache number types by the names its server takes (ggml_type values).
 def kv_cache_ggml_type(kv_cache_type: str) -> int:
-    """ggml's number type of a KV cache type's name (`q8_0` → GGML_TYPE_Q8_0)."""
+    """ggml's number type of a KV cache type as llama.cpp's server names it (`q8_0` →
+    GGML_TYPE_Q8_0)."""
     import llama_cpp
 
     if kv_cache_type not in get_args(KvCacheType):
