@@ -18,6 +18,7 @@ from services.core.api import pb, pb_grpc
 from services.core.client import InferenceClient
 from services.core.http_api import chat as http
 from services.core.http_api import ollama as ollama_api
+from services.core.http_api import responses
 from services.core.http_api.predict import predict_answer, predict_request
 from services.core.security import token_metadata
 from testkit.bundles import CAPITALS_PROGRAM, make_bundle
@@ -109,6 +110,77 @@ def test_a_chat_request_becomes_the_generate_call_it_asks_for() -> None:
     assert http.rpc_param(grpc.StatusCode.UNAVAILABLE, "options.x: y") is None
     assert http.http_status(grpc.StatusCode.UNAUTHENTICATED)[0] == 401
     assert http.http_status(grpc.StatusCode.RESOURCE_EXHAUSTED)[0] == 429
+
+
+def test_a_responses_request_becomes_the_generate_call_it_asks_for() -> None:
+    """OpenAI's Responses API: `instructions` first as the system message, `input` a text or
+    message items of text parts; what a stateless runtime without tools cannot take is a 400
+    naming it, with what to send instead."""
+    body = responses.ResponsesBody.model_validate({
+        "model": "any", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0.2,
+        "store": True, "reasoning": {"effort": "low"},  # ignored
+        "input": [{"role": "developer", "content": "Answer in French."},
+                  {"type": "message", "role": "user",
+                   "content": [{"type": "input_text", "text": "a"},
+                               {"type": "input_text", "text": "b"}]},
+                  {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]}],
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer"}}},
+        "include": [responses.LOGPROBS_INCLUDE], "top_logprobs": 2,
+    })  # fmt: skip
+    call = responses.responses_call(body)
+    assert [(m.role, m.content) for m in call.messages] == [
+        ("system", "Be brief."), ("system", "Answer in French."), ("user", "ab"),
+        ("assistant", "c")]  # fmt: skip
+    assert call.options.max_tokens == 9 and call.options.temperature == pytest.approx(0.2)
+    assert not call.options.HasField("top_p")  # unset: the server's default
+    assert json.loads(call.json_schema) == {"type": "integer"}
+    assert call.logprobs and call.top_logprobs == 2
+    plain = responses.responses_call(responses.ResponsesBody(input="hi"))
+    assert [(m.role, m.content) for m in plain.messages] == [("user", "hi")]
+    assert not plain.json_schema and not plain.logprobs
+    refused = {
+        "input[0]": {"input": [{"type": "function_call_output", "output": "1"}]},
+        "input[0].content[1]": {"input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "a"}, {"type": "input_image", "image_url": "x"}]}]},
+        "input[0].role": {"input": [{"role": "tool", "content": "x"}]},
+        "input": {"input": []},
+        "previous_response_id": {"input": "x", "previous_response_id": "resp_1"},
+        "tools": {"input": "x", "tools": [{"type": "function", "name": "f"}]},
+        "top_logprobs": {"input": "x", "top_logprobs": 2},  # without the include
+        "text.format.schema": {"input": "x", "text": {"format": {"type": "json_schema"}}},
+    }  # fmt: skip
+    for param, given in refused.items():
+        with pytest.raises(http.BadRequest) as caught:
+            responses.responses_call(responses.ResponsesBody.model_validate(given))
+        assert caught.value.param == param, given
+
+
+def test_a_responses_answer_and_stream_have_openais_shapes() -> None:
+    body = responses.ResponsesBody(input="hi", max_output_tokens=2)
+    usage = pb.Usage(prompt_tokens=5, completion_tokens=2, cached_prompt_tokens=3)
+    chunks = [
+        pb.GenerateChunk(text="Bon"),
+        pb.GenerateChunk(text="jour", finish_reason=pb.FINISH_REASON_LENGTH, usage=usage),
+    ]
+    ids = responses.Ids("resp_1", "msg_1")
+    whole = responses.response_object(chunks, body, "m", ids)
+    assert whole["status"] == "incomplete"
+    assert whole["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert whole["output"][0]["content"][0]["text"] == "Bonjour"
+    assert whole["usage"]["input_tokens_details"] == {"cached_tokens": 3}
+    assert whole["usage"]["total_tokens"] == 7
+    events = list(responses.response_events(iter(chunks), body, "m", ids))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.incomplete",
+    ]  # fmt: skip
+    assert events[0]["response"]["status"] == "in_progress"
+    assert events[-1]["response"] == whole
+    stopped = [chunks[0], pb.GenerateChunk(finish_reason=pb.FINISH_REASON_STOP, usage=usage)]
+    assert responses.response_object(stopped, body, "m", ids)["status"] == "completed"
 
 
 def test_a_text_completion_request_becomes_a_generate_call_with_its_prompt() -> None:
@@ -375,6 +447,55 @@ def test_the_openai_client_gets_what_generate_answers_streamed_or_not(
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_the_responses_api_answers_the_openai_client_and_dspy_as_generate_does(
+    served: tuple[ServerProcess, int, ServerProcess, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/v1/responses` (stateless, as Ollama's and llama.cpp's server's): the `openai`
+    client's `responses.create`, whole and streamed, and `dspy.LM(model_type="responses")`
+    get what Generate answers, through the runtime and the router."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no price list fetch
+    import dspy
+    import openai
+
+    runtime, runtime_http, _, router_http = served
+    system = "Answer in one line."
+    expected = grpc_text(runtime.target, pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="system", content=system),
+                  *(pb.ChatMessage(**m) for m in QUESTION)],
+        options=pb.SamplingOptions(max_tokens=12, temperature=0.0),
+    ))  # fmt: skip
+    assert expected.strip()
+    plain = grpc_text(runtime.target, pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in QUESTION],
+        options=pb.SamplingOptions(max_tokens=12, temperature=0.0),
+    ))  # fmt: skip
+    for port in (runtime_http, router_http):
+        base = f"http://127.0.0.1:{port}/v1"
+        client = openai.OpenAI(base_url=base, api_key=TOKEN)
+        (model,) = client.models.list().data
+        assert client.models.retrieve(model.id).id == model.id
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gpt-4o")
+        reply = client.responses.create(model=model.id, instructions=system,
+                                        input=QUESTION[0]["content"], max_output_tokens=12,
+                                        temperature=0)  # fmt: skip
+        assert reply.output_text == expected and reply.status in ("completed", "incomplete")
+        assert reply.usage is not None and 0 < reply.usage.output_tokens <= 12
+        stream = client.responses.create(model=model.id, instructions=system, input=QUESTION,
+                                         max_output_tokens=12, temperature=0, stream=True)  # type: ignore[arg-type]  # fmt: skip
+        events = list(stream)
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert deltas == expected and events[-1].type == f"response.{reply.status}"
+        assert events[-1].response.output_text == expected
+        with pytest.raises(openai.BadRequestError, match="tool calls are not served"):
+            client.responses.create(model=model.id, input="x",
+                                    tools=[{"type": "function", "name": "f", "parameters": {}}])  # type: ignore[list-item]  # fmt: skip
+        lm = dspy.LM("openai/edge", model_type="responses", api_base=base, api_key=TOKEN,
+                     temperature=0.0, max_tokens=12, cache=False)  # fmt: skip
+        (said,) = lm(QUESTION[0]["content"])
+        assert (said["text"] if isinstance(said, dict) else said) == plain
 
 
 def test_json_schema_output_parses_and_dspy_lm_talks_to_it(

@@ -26,6 +26,7 @@ import ssl
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.api import pb, pb_grpc
-from services.core.http_api import embeddings, llama_server, ollama, tokens
+from services.core.http_api import embeddings, llama_server, ollama, responses, tokens
 from services.core.http_api.chat import (
     BadRequest,
     ChatCompletionRequest,
@@ -202,6 +203,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                       "/api/generate": self._ollama_generate,
                       "/v1/embeddings": self._embeddings, "/embeddings": self._embeddings,
                       "/api/embed": self._ollama_embed, "/api/embeddings": self._ollama_embed,
+                      "/v1/responses": self._responses, "/responses": self._responses,
                       "/api/show": self._ollama_show}  # fmt: skip
             self._route(routes, with_body=True)
 
@@ -209,6 +211,12 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             try:
                 body = self._body() if with_body else b""  # read whatever the route: keep-alive
                 handle = routes.get(self._route_path())
+                if (
+                    handle is None
+                    and not with_body
+                    and self._route_path().startswith(("/v1/models/", "/models/"))
+                ):  # OpenAI's one model: /v1/models/NAME
+                    handle = self._model
                 if handle is None:
                     return self._send_error(404, "invalid_request_error", self._unrouted(), None)
                 handle(body) if with_body else handle()
@@ -252,8 +260,15 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
 
         def _models(self) -> None:
             name = front.model_info(self._metadata()).model_name  # asked each time: a listing
-            listed = {"id": name, "object": "model", "created": 0, "owned_by": "edgedistill"}
-            self._send_json(200, {"object": "list", "data": [listed]})
+            self._send_json(200, {"object": "list", "data": [openai_model(name)]})
+
+        def _model(self) -> None:
+            asked = urllib.parse.unquote(self._route_path().split("/models/", 1)[1])
+            name = front.model_info(self._metadata()).model_name
+            if asked not in ollama.served_names(name):
+                raise ollama.ModelNotFound(f"model '{asked}' does not exist; this server "
+                                           f"serves '{name}'")  # fmt: skip
+            self._send_json(200, openai_model(name))
 
         def _health(self) -> None:
             reply = front.health.Check(
@@ -322,6 +337,19 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             include = bool(request.stream_options and request.stream_options.include_usage)
             self._stream(Interleaved(streams), lambda pieces: events(
                 pieces, model, call_id, include, call.logprobs, request.n))  # fmt: skip
+
+        def _responses(self, raw: bytes) -> None:
+            body = parse_body(responses.ResponsesBody, raw)
+            call = responses.responses_call(body)
+            metadata = self._metadata()
+            model = front.model_name(metadata)
+            chunks = front.stub.Generate(call, metadata=metadata)
+            ids = responses.Ids(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}")
+            if not body.stream:
+                return self._send_json(200, responses.response_object(list(chunks), body, model,
+                                                                      ids))  # fmt: skip
+            self._stream(chunks, lambda pieces: responses.response_events(pieces, body, model,
+                                                                          ids))  # fmt: skip
 
         def _ollama_chat(self, raw: bytes) -> None:
             request = parse_body(ollama.ChatRequest, raw)
@@ -401,16 +429,20 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             self.end_headers()
 
+            typed = self._route_path() in ("/v1/responses", "/responses")
+
             def send(event: dict[str, Any]) -> None:
                 line = f"data: {json.dumps(event)}\n\n" if sse else json.dumps(event) + "\n"
+                if typed and "type" in event:  # Responses' events are named as OpenAI's are
+                    line = f"event: {event['type']}\n{line}"
                 self.wfile.write(line.encode())
                 self.wfile.flush()
 
             try:
                 for event in events(_chained(first, chunks)):
                     send(event)
-                if sse and self._route_path() != "/completion":  # llama.cpp's own ends unmarked
-                    self.wfile.write(b"data: [DONE]\n\n")
+                if sse and not typed and self._route_path() != "/completion":  # those end
+                    self.wfile.write(b"data: [DONE]\n\n")  # unmarked: Responses, llama.cpp's
             except grpc.RpcError as err:  # after the status line: an error event in the stream
                 send(self._error_body(*self._rpc_error(err)))
             except OSError:  # the client went away: stop the generation
@@ -450,6 +482,11 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+def openai_model(name: str) -> dict[str, Any]:
+    """The served model as OpenAI's API lists a model."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "edgedistill"}
 
 
 def _chained(first: pb.GenerateChunk, rest: Iterator[pb.GenerateChunk]) -> Iterator[Any]:
