@@ -214,3 +214,59 @@ def test_errors_quoting_a_type_print_it_whole(capsys: pytest.CaptureFixture[str]
     fail("inputs['tags']: '[1]' is not of type list[str] ([bold] stays too)")
     said = " ".join(capsys.readouterr().err.split())
     assert "is not of type list[str] ([bold] stays too)" in said, said
+
+
+def test_chat_entries_are_lines_or_blocks_and_commands_change_the_conversation() -> None:
+    from services.cli.chat import HELP, Conversation, command, entries
+
+    typed = ["Hi\n", "\n", '"""first\n', "second\n", 'third"""\n', '"""one line"""\n',
+             '"""unended\n', "end"]  # fmt: skip
+    assert list(entries(typed)) == ["Hi", "first\nsecond\nthird", "one line", "unended\nend"]
+    talk = Conversation(system="Be brief.")
+    assert talk.messages("a") == [("system", "Be brief."), ("user", "a")]
+    talk.answered("a", "b")
+    assert talk.messages("c") == [("system", "Be brief."), ("user", "a"), ("assistant", "b"),
+                                  ("user", "c")]  # fmt: skip
+    assert command("a message", talk) is None
+    assert command("/set system Answer in French.", talk) == "Set the system message."
+    assert talk.system == "Answer in French."
+    assert command("/clear", talk) == "Cleared the conversation." and not talk.turns
+    assert talk.messages("c") == [("system", "Answer in French."), ("user", "c")]
+    assert command("/set system", talk) == "Removed the system message." and talk.system is None
+    assert command("/bye", talk) == "bye" and command("/?", talk) == HELP
+    assert command("/nope", talk) == "unknown command /nope; /? lists them"
+
+
+def test_chat_keeps_the_conversation_and_piped_lines_are_turns(gguf_path: Path) -> None:
+    """`edgedistill chat`, as `ollama run`: each turn is Generate over the whole conversation
+    so far (greedy: the answers gRPC gives that chat), /clear forgets it, /bye ends; with piped
+    input the first failed turn ends it with exit 1, naming /clear."""
+    from services.core.client import InferenceClient
+
+    server = start_runtime(str(gguf_path), "--n-ctx", "512")
+    try:
+        greedy = ("chat", "--target", server.target, "--max-tokens", "12", "--temperature", "0")
+        typed = "Name three colours.\nAnd two more?\n/clear\nName three colours.\n/bye\nNo.\n"
+        talked = subprocess.run([sys.executable, "-m", "services.cli", *greedy], input=typed,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert talked.returncode == 0, talked.stderr
+        with InferenceClient(server.target) as client:
+
+            def answer(messages: list[tuple[str, str]]) -> str:
+                chunks = client.generate(messages, max_tokens=12, temperature=0)
+                return "".join(chunk.text for chunk in chunks)
+
+            first = answer([("user", "Name three colours.")])
+            second = answer([("user", "Name three colours."), ("assistant", first),
+                             ("user", "And two more?")])  # fmt: skip
+        assert first != second
+        assert talked.stdout == f"{first}\n\n{second}\n\n{first}\n\n"  # "No." is never sent
+        assert "Cleared the conversation." in talked.stderr
+        overflow = subprocess.run([sys.executable, "-m", "services.cli", *greedy],
+                                  input="Tell me a long story. " * 100 + "\nHi\n", cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+        said = " ".join(overflow.stderr.split())
+        assert overflow.returncode == 1 and overflow.stdout.strip() == ""
+        assert "over the context of 512" in said and "/clear starts over" in said
+    finally:
+        server.terminate()

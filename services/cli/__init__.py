@@ -13,7 +13,7 @@ if sys.argv[1:2] == ["serve"]:
 from services.cli.common import app
 
 # Importing a group registers its commands; `--help` lists them in this order.
-COMMAND_GROUPS = ("serve", "route", "build", "keys", "client", "harvest")
+COMMAND_GROUPS = ("serve", "route", "build", "keys", "client", "chat", "harvest")
 for _group in COMMAND_GROUPS:
     importlib.import_module(f"services.cli.{_group}")
 

@@ -12,7 +12,8 @@ from services.cli.common import TargetOption, TimeoutOption, app, err_console, f
 from services.core.sampling import TOP_LOGPROBS_LIMIT
 
 
-def _client(target: str, timeout: float) -> Any:
+def connect(target: str, timeout: float) -> Any:
+    """A client of the runtime or router at `target`, with EDGEDISTILL_CLIENT_* security."""
     from services.core.client import InferenceClient
 
     credentials, token = _client_security()
@@ -36,7 +37,7 @@ def _client_security() -> tuple[Any, str | None]:
         raise fail(f"client settings (EDGEDISTILL_CLIENT_*): {err}", code=2) from None
 
 
-def _rpc_error(err: Exception) -> typer.Exit:
+def rpc_failure(err: Exception) -> typer.Exit:
     import grpc
 
     if isinstance(err, grpc.RpcError):
@@ -65,12 +66,12 @@ def predict(
 
     values = {**named_values(inputs, "--input"), **file_values(input_files)}
     try:
-        with _client(target, timeout) as client:
+        with connect(target, timeout) as client:
             reply = client.predict(
                 values, max_tokens=max_tokens, temperature=temperature, include_raw_text=raw
             )
     except grpc.RpcError as err:
-        raise _rpc_error(err) from None
+        raise rpc_failure(err) from None
     typed = json.loads(reply.outputs_json) if reply.outputs_json else None
     if as_json:
         data = MessageToDict(reply, preserving_proto_field_name=True)
@@ -181,7 +182,7 @@ def generate(
                    "listed beside each one; 0 lists each token's own only)")  # fmt: skip
     listed: list[pb.GeneratedTokenLogprob] = []
     try:
-        with _client(target, timeout) as client:
+        with connect(target, timeout) as client:
             last = None
             for chunk in client.generate(
                 messages,
@@ -208,7 +209,7 @@ def generate(
                 last = chunk
     except grpc.RpcError as err:
         print()
-        raise _rpc_error(err) from None
+        raise rpc_failure(err) from None
     print()
     if last is not None:
         reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -274,10 +275,10 @@ def tokenize(
 
     messages = _chat(text, system, raw)
     try:
-        with _client(target, timeout) as client:
+        with connect(target, timeout) as client:
             reply = client.tokenize(messages, prompt=text if raw else "", with_pieces=True)
     except grpc.RpcError as err:
-        raise _rpc_error(err) from None
+        raise rpc_failure(err) from None
     print(" ".join(f"{token}:{piece.token!r}" for token, piece in
                    zip(reply.tokens, reply.pieces, strict=True)))  # fmt: skip
     err_console.print(f"[dim]{len(reply.tokens)} tokens of a {reply.context_length}-token "
@@ -305,10 +306,10 @@ def embed(
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        with _client(target, timeout) as client:
+        with connect(target, timeout) as client:
             reply = client.embed(texts, truncate=truncate, normalize=normalize)
     except grpc.RpcError as err:
-        raise _rpc_error(err) from None
+        raise rpc_failure(err) from None
     for item in reply.embeddings:
         print(json.dumps(list(item.values)))
     cut = sum(item.truncated for item in reply.embeddings)
@@ -324,10 +325,10 @@ def info(target: TargetOption = "127.0.0.1:50051", timeout: TimeoutOption = 10.0
     from google.protobuf.json_format import MessageToDict
 
     try:
-        with _client(target, timeout) as client:
+        with connect(target, timeout) as client:
             reply = client.info()
     except grpc.RpcError as err:
-        raise _rpc_error(err) from None
+        raise rpc_failure(err) from None
     print_json(MessageToDict(reply, preserving_proto_field_name=True))
 
 
@@ -352,7 +353,7 @@ def health_check(
                 metadata=token_metadata(token),
             )
         except grpc.RpcError as err:
-            raise _rpc_error(err) from None
+            raise rpc_failure(err) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
