@@ -48,12 +48,15 @@ def test_a_bad_body_names_the_parameter_as_openai_does() -> None:
 
 
 def test_a_predict_body_is_the_protos_json_with_inputs_of_any_json_type() -> None:
-    call = predict_request(b'{"inputs": {"ticket": "VPN", "tags": ["a", 1], "n": 3},'
-                           b' "options": {"max_tokens": 8}, "include_raw_text": true}')  # fmt: skip
+    body = (b'{"inputs": {"ticket": "VPN", "tags": ["a", 1], "n": 3},'
+            b' "options": {"max_tokens": 8}, "include_raw_text": true}')  # fmt: skip
+    call, stream = predict_request(body)
     assert dict(call.inputs) == {"ticket": "VPN", "tags": '["a", 1]', "n": "3"}
-    assert call.options.max_tokens == 8 and call.include_raw_text
+    assert call.options.max_tokens == 8 and call.include_raw_text and not stream
+    assert predict_request(b'{"inputs": {}, "stream": true}')[1]
     for raw, param in ((b'{"input": {}}', "inputs"), (b"[1]", "inputs"), (b"{", "body"),
-                       (b'{"inputs": {}, "options": {"max_tokens": "x"}}', "body")):  # fmt: skip
+                       (b'{"inputs": {}, "options": {"max_tokens": "x"}}', "body"),
+                       (b'{"inputs": {}, "stream": "yes"}', "stream")):  # fmt: skip
         with pytest.raises(http.BadRequest) as caught:
             predict_request(raw)
         assert caught.value.param == param, raw
@@ -591,6 +594,14 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
                 "usage": ANY,
                 "lm_calls": ANY,
             }
+            # "stream": true: PredictStream's chunks as server-sent events
+            streamed = client.post("/v1/predict", json={**country, "stream": True})
+        assert streamed.headers["content-type"] == "text/event-stream", streamed.text
+        events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        assert "".join(e["delta"]["text"] for e in events[:-1]) == expected.outputs["capital"]
+        assert {e["delta"]["field"] for e in events[:-1]} == {"capital"}
+        assert events[-1]["response"]["outputs_json"] == json.loads(expected.outputs_json)
 
 
 def test_the_ollama_client_litellm_and_dspy_get_what_generate_answers(

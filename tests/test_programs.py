@@ -728,9 +728,11 @@ def test_a_two_step_program_is_distilled_call_by_call_and_ships_its_source(built
 
 
 def test_the_served_program_runs_both_predictors(built: Path, served: ServerProcess) -> None:
+    ticket = {"ticket": "The VPN drops every hour, the whole team is blocked."}
     with InferenceClient(served.target) as client:
         info = client.info()
-        reply = client.predict({"ticket": "The VPN drops every hour, the whole team is blocked."})
+        reply = client.predict(ticket)
+        chunks = list(client.predict_stream(ticket))
         with pytest.raises(grpc.RpcError) as missing:
             client.predict({"text": "no such field"})
     assert [p.name for p in info.predictors] == ["classify", "draft"]
@@ -748,6 +750,14 @@ def test_the_served_program_runs_both_predictors(built: Path, served: ServerProc
     assert reply.usage.completion_tokens == sum(c.usage.completion_tokens for c in reply.lm_calls)
     assert reply.confidence == pytest.approx(min(c.confidence for c in reply.lm_calls))
     assert reply.outputs["category"] and reply.outputs["reply"]
+    # Streamed: each step's values as written, in the order the steps ran, then the answer.
+    written: dict[tuple[str, str], str] = {}
+    for chunk in chunks[:-1]:
+        key = (chunk.delta.predictor, chunk.delta.field)
+        written[key] = written.get(key, "") + chunk.delta.text
+    assert list(written) == [("classify", "category"), ("draft", "reply")]
+    assert written[("draft", "reply")] == reply.outputs["reply"]
+    assert dict(chunks[-1].response.outputs) == dict(reply.outputs)
     assert not list((built / "bundle").rglob("__pycache__"))  # the signed bundle stays as built
 
 

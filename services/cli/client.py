@@ -58,21 +58,37 @@ def predict(
     temperature: Annotated[Optional[float], typer.Option(help="0 is greedy")] = None,  # noqa: UP045
     raw: Annotated[bool, typer.Option("--raw", help="also print the model's raw text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="print the values as the model writes them")
+    ] = False,
     timeout: TimeoutOption = 60.0,
 ) -> None:
     """Run the served DSPy program once: --input field=value ... -> output fields."""
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from services.core.api import pb
+
     values = {**named_values(inputs, "--input"), **file_values(input_files)}
+    if stream and as_json:
+        raise fail("--stream prints text as it comes; --json prints the whole response: pick one")
     try:
         with connect(target, timeout) as client:
-            reply = client.predict(
-                values, max_tokens=max_tokens, temperature=temperature, include_raw_text=raw
+            options = {"max_tokens": max_tokens, "temperature": temperature,
+                       "include_raw_text": raw}  # fmt: skip
+            reply = (
+                _streamed(client.predict_stream(values, **options))
+                if stream
+                else client.predict(values, **options)
             )
     except grpc.RpcError as err:
         raise rpc_failure(err) from None
     typed = json.loads(reply.outputs_json) if reply.outputs_json else None
+    if stream and reply.served_by != pb.SERVED_BY_FALLBACK:
+        _summary(reply)
+        return
+    if stream:  # the router fell back: what streamed was the local answer it set aside
+        err_console.print("[dim]the API model answered:[/]", highlight=False)
     if as_json:
         data = MessageToDict(reply, preserving_proto_field_name=True)
         if typed is not None:  # typed values in the signature's order, not the text map
@@ -83,6 +99,29 @@ def predict(
     for name, value in (typed or dict(reply.outputs)).items():
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         print(f"{name}: {text}")
+    _summary(reply)
+
+
+def _streamed(chunks: Any) -> Any:
+    """Print each value as it is written (`field: text`, a line per field; a multi-step
+    program's steps' fields too), then give the response."""
+    shown: tuple[str, str] | None = None
+    for chunk in chunks:
+        if chunk.HasField("response"):
+            if shown is not None:
+                print()
+            return chunk.response
+        delta = chunk.delta
+        if (delta.predictor, delta.field) != shown:
+            sys.stdout.write(("\n" if shown else "") + f"{delta.field}: ")
+            shown = (delta.predictor, delta.field)
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    raise fail("the stream ended without a response", code=1)
+
+
+def _summary(reply: Any) -> None:
+    """The call's outcome, confidence, who answered, tokens and time, on stderr."""
     from services.core.api import pb
 
     outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()

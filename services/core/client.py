@@ -64,6 +64,26 @@ class InferenceClient:
         )
         return response
 
+    def predict_stream(
+        self,
+        inputs: Mapping[str, str],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        include_raw_text: bool = False,
+    ) -> Iterator[pb.PredictChunk]:
+        """Predict, each output value's text as it is written (`delta` chunks), then the
+        response (the last chunk's `response`)."""
+        request = pb.PredictRequest(
+            inputs=dict(inputs),
+            options=sampling(max_tokens=max_tokens, temperature=temperature),
+            include_raw_text=include_raw_text,
+        )
+        chunks: Iterator[pb.PredictChunk] = self.stub.PredictStream(
+            request, timeout=self.timeout_s, metadata=self.metadata
+        )
+        return chunks
+
     def generate(
         self,
         messages: Sequence[tuple[str, str]],

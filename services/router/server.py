@@ -112,6 +112,26 @@ class RouterService(pb_grpc.InferenceServicer):
                 self._count("Predict", code)
             self._update_gauges()
 
+    async def PredictStream(
+        self, request: pb.PredictRequest, context: Any
+    ) -> AsyncIterator[pb.PredictChunk]:
+        started = time.perf_counter()
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
+        try:
+            async for chunk in self._predict_stream(request, context):
+                if chunk.HasField("response"):
+                    chunk.response.latency_ms = (time.perf_counter() - started) * 1000
+                    self._metrics.answers.labels(pb.ServedBy.Name(chunk.response.served_by)).inc()
+                yield chunk
+        except RpcFailure as failure:
+            self._count("PredictStream", failure.code)  # before the client sees the status
+            code = None
+            await context.abort(failure.code, failure.message)
+        finally:
+            if code is not None:
+                self._count("PredictStream", code)
+            self._update_gauges()
+
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
@@ -251,10 +271,43 @@ class RouterService(pb_grpc.InferenceServicer):
                 yield _last_api_chunk(piece.final, fallback.model, seconds, first - started)
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        inputs = self._checked_inputs(request)
+        local = None
+        if self._settings.mode != "api_only":
+            local = await self._ask_local(request, context)
+        return await self._decided(local, inputs)
+
+    async def _predict_stream(
+        self, request: pb.PredictRequest, context: Any
+    ) -> AsyncIterator[pb.PredictChunk]:
+        """The runtime's deltas as they come, then the decided answer: the local one, or the
+        API model's when the router falls back (it decides on the whole local answer)."""
+        inputs = self._checked_inputs(request)
+        local = None
+        if self._settings.mode != "api_only":
+            try:
+                stream = self._local.stream("PredictStream", request, self._timeout(context))
+                async for chunk in stream:
+                    if chunk.HasField("response"):
+                        local = chunk.response
+                    else:
+                        yield chunk
+            except LocalUnavailable:
+                local = None
+            except grpc.aio.AioRpcError as err:  # the runtime's own verdict (bad input, busy...)
+                raise RpcFailure(err.code(), err.details() or "") from None
+        yield pb.PredictChunk(response=await self._decided(local, inputs))
+
+    def _checked_inputs(self, request: pb.PredictRequest) -> dict[str, str]:
         check.check_size(request, 1 << 20)
-        inputs = check.predict_inputs(request, self._inputs)
+        return check.predict_inputs(request, self._inputs)
+
+    async def _decided(
+        self, local: pb.PredictResponse | None, inputs: dict[str, str]
+    ) -> pb.PredictResponse:
+        """The answer to give: the local one, or the API model's when the policy falls back
+        and the API answers."""
         mode = self._settings.mode
-        local = None if mode == "api_only" else await self._ask_local(request, context)
         answer = None
         if local is not None:
             local.threshold = self._threshold

@@ -174,11 +174,17 @@ class LocalRuntimes:
                     raise
         raise LocalUnavailable("no runtime is available")
 
-    async def generate(
+    def generate(
         self, request: pb.GenerateRequest, timeout: float
     ) -> AsyncIterator[pb.GenerateChunk]:
+        return self.stream("Generate", request, timeout)
+
+    async def stream(self, method: str, request: Any, timeout: float) -> AsyncIterator[Any]:
+        """A server-streaming call through the next target; the next one on UNAVAILABLE
+        before anything came."""
         for target in self._order():
-            stream = target.stub.Generate(request, timeout=timeout, metadata=self._metadata)
+            stream = getattr(target.stub, method)(request, timeout=timeout,
+                                                  metadata=self._metadata)  # fmt: skip
             started = False
             try:
                 async for chunk in stream:

@@ -28,6 +28,7 @@ from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.registration import add_inference_servicer
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
+from services.runtime import predict_stream
 from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
 from services.runtime.backends.base import EmbeddingBackend, PreparedPrompt
 from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled
@@ -35,6 +36,7 @@ from services.runtime.loading import LoadedModel, load_model
 from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret, lm_call, prepare_answer
+from services.runtime.predict_stream import Deltas, Emit
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
 from services.runtime.tokenizing import detokenized, logit_bias, tokenized
 
@@ -51,6 +53,7 @@ _FINISH = {
     "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
 }
 R = TypeVar("R")
+S = TypeVar("S")
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -108,33 +111,30 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         return await self._unary("Embed", self._embed, request, context)
 
-    async def Generate(
+    def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
-        try:
-            async for chunk in self._generate(request, context, started):
-                yield chunk
-        except RpcFailure as failure:
-            self._observe("Generate", failure.code, started)  # before the client sees it
-            code = None
-            await context.abort(failure.code, failure.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if code is not None:
-                self._observe("Generate", code, started)
+        return self._streamed("Generate", self._generate(request, context, started), context)
+
+    def PredictStream(
+        self, request: pb.PredictRequest, context: Any
+    ) -> AsyncIterator[pb.PredictChunk]:
+        deltas: asyncio.Queue[pb.OutputDelta] = asyncio.Queue()
+        answer = self._predict(request, context, emit=deltas.put_nowait)
+        return self._streamed("PredictStream", predict_stream.chunks(answer, deltas), context)
 
     # -- implementations ----------------------------------------------------------------------
 
-    async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+    async def _predict(
+        self, request: pb.PredictRequest, context: Any, emit: Emit | None = None
+    ) -> pb.PredictResponse:
+        """The program's answer; with `emit`, its output values' text as it is written."""
         started = time.perf_counter()
         model, scheduler, limits = self._ready()
         check.check_size(request, limits.max_request_bytes)
         if model.runner is not None:
-            return await self._run_program(model.runner, request, context, started)
+            return await self._run_program(model.runner, request, context, started, emit)
         if model.codec is None:
             raise RpcFailure(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -149,7 +149,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             log.info("predict request", extra={"inputs": inputs})
 
         job = self._submit(scheduler, prompt, params, context)
-        text, pieces, finished, first_token_at = await self._drain(job, context)
+        deltas = _deltas(model.codec, model.codec.spec.name, emit)
+        text, pieces, finished, first_token_at = await self._drain(job, context, deltas)
         raw = text + finished.text
         result = interpret(model.codec, raw, pieces, finished)
         response = pb.PredictResponse(
@@ -177,8 +178,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         return response
 
     async def _run_program(
-        self, runner: ProgramRunner, request: pb.PredictRequest, context: Any, started: float
-    ) -> pb.PredictResponse:
+        self, runner: ProgramRunner, request: pb.PredictRequest, context: Any, started: float,
+        emit: Emit | None,
+    ) -> pb.PredictResponse:  # fmt: skip
         """A multi-step program's `forward`, on a worker thread; each predictor call goes
         through the scheduler like any Predict (batched, deadline and cancellation kept)."""
         model, _, limits = self._ready()
@@ -189,7 +191,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         assert self._program_pool is not None  # attach() made it with the scheduler
         loop = asyncio.get_running_loop()
         calls = ProgramCalls(loop, lambda name, messages: self._program_call(
-            runner, name, messages, params, context))  # fmt: skip
+            runner, name, messages, params, context, emit))  # fmt: skip
         try:
             result = await loop.run_in_executor(self._program_pool, runner.run, inputs, calls)
         except ProgramFailed as failed:
@@ -218,7 +220,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _program_call(
         self, runner: ProgramRunner, name: str, messages: list[dict[str, str]],
-        params: Any, context: Any,
+        params: Any, context: Any, emit: Emit | None,
     ) -> tuple[LmCall, float]:  # fmt: skip
         """One predictor call of a running program, on the event loop."""
         _, scheduler, limits = self._ready()
@@ -226,7 +228,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
         check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
         job = self._submit(scheduler, prompt, params, context)
-        text, pieces, finished, _ = await self._drain(job, context)
+        deltas = _deltas(runner.codecs[name], name, emit)
+        text, pieces, finished, _ = await self._drain(job, context, deltas)
         raw = text + finished.text
         call = lm_call(name, raw, interpret(runner.codecs[name], raw, pieces, finished), finished)
         return call, _queue_ms(job)
@@ -410,9 +413,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         return job
 
     async def _drain(
-        self, job: Job, context: Any
+        self, job: Job, context: Any, deltas: Deltas | None = None
     ) -> tuple[str, list[TokenPiece], Finished, float | None]:
-        """Collect a job's whole output (Predict)."""
+        """Collect a job's whole output (Predict), handing its text to `deltas` as it comes."""
         text: list[str] = []
         pieces: list[TokenPiece] = []
         first_token_at: float | None = None
@@ -423,9 +426,14 @@ class InferenceService(pb_grpc.InferenceServicer):
                         first_token_at = time.perf_counter()
                     pieces.append(event)
                     text.append(event.text)
+                    if deltas is not None:
+                        deltas.text(event.text)
                 else:
                     self._finish_or_fail(event, job, context)
                     self._count_tokens(event)
+                    if deltas is not None:
+                        deltas.text(event.text)
+                        deltas.close()
                     return "".join(text), pieces, event, first_token_at
         except BackendError as err:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"model backend failed: {err}") from err
@@ -469,9 +477,34 @@ class InferenceService(pb_grpc.InferenceServicer):
             if code is not None:
                 self._observe(method, code, started)
 
+    async def _streamed(
+        self, method: str, chunks: AsyncIterator[S], context: Any
+    ) -> AsyncIterator[S]:
+        """A server-streaming RPC's chunks, its status counted and a failure sent as one."""
+        started = time.perf_counter()
+        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except RpcFailure as failure:
+            self._observe(method, failure.code, started)  # before the client sees it
+            code = None
+            await context.abort(failure.code, failure.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if code is not None:
+                self._observe(method, code, started)
+
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()
         self._metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _deltas(codec: PromptCodec, predictor: str, emit: Emit | None) -> Deltas | None:
+    """A predictor call's output text for PredictStream's `emit`; None for a Predict."""
+    return None if emit is None else Deltas(predictor, [f.name for f in codec.spec.outputs], emit)
 
 
 def _deadline(context: Any) -> float | None:

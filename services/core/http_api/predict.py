@@ -7,6 +7,7 @@ same order, the signature's). Pure functions."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import json_format
@@ -15,20 +16,36 @@ from services.core.api import pb
 from services.core.http_api.chat import BadRequest
 
 
-def predict_request(raw: bytes) -> pb.PredictRequest:
-    """The Predict call a JSON body asks for, or BadRequest naming what is wrong."""
+def predict_request(raw: bytes) -> tuple[pb.PredictRequest, bool]:
+    """The Predict call a JSON body asks for, and whether it asks for it streamed (`"stream":
+    true`: PredictStream), or BadRequest naming what is wrong."""
     try:
         body = json.loads(raw)
     except ValueError as err:
         raise BadRequest("body", f"not JSON ({err})") from None
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), dict):
         raise BadRequest("inputs", 'send {"inputs": {"<input field>": <value>, ...}}')
+    stream = body.pop("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream", "true or false")
     inputs = {name: value if isinstance(value, str) else json.dumps(value)
               for name, value in body["inputs"].items()}  # fmt: skip
     try:
-        return json_format.ParseDict({**body, "inputs": inputs}, pb.PredictRequest())
+        return json_format.ParseDict({**body, "inputs": inputs}, pb.PredictRequest()), stream
     except json_format.ParseError as err:
         raise BadRequest("body", str(err)) from None
+
+
+def predict_events(chunks: Iterator[pb.PredictChunk]) -> Iterator[dict[str, Any]]:
+    """PredictStream's chunks as JSON events: `{"delta": {"predictor", "field", "text"}}`
+    each, then `{"response": ...}`, the answer as the whole call gives it."""
+    for chunk in chunks:
+        if chunk.HasField("response"):
+            yield {"response": predict_answer(chunk.response)}
+        else:
+            delta = chunk.delta
+            yield {"delta": {"predictor": delta.predictor, "field": delta.field,
+                             "text": delta.text}}  # fmt: skip
 
 
 def predict_answer(reply: pb.PredictResponse) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from services.core.http_api.completions import (
     text_completion,
     text_stream_events,
 )
-from services.core.http_api.predict import predict_answer, predict_request
+from services.core.http_api.predict import predict_answer, predict_events, predict_request
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,11 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             self._send_json(200, llama_server.template_answer(reply))
 
         def _predict(self, raw: bytes) -> None:
-            reply = front.stub.Predict(predict_request(raw), metadata=self._metadata())
+            request, stream = predict_request(raw)
+            if stream:
+                chunks = front.stub.PredictStream(request, metadata=self._metadata())
+                return self._stream(chunks, predict_events)
+            reply = front.stub.Predict(request, metadata=self._metadata())
             self._send_json(200, predict_answer(reply))
 
         def _chat(self, raw: bytes) -> None:
