@@ -17,11 +17,13 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.core.api import SERVICE_NAME, pb
+from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.registration import add_inference_servicer
 
 
-class InstantInference:
+class InstantInference(pb_grpc.InferenceServicer):
+    """Every RPC the service has (the rest UNIMPLEMENTED, as the generated base answers)."""
+
     def __init__(self, outputs: list[str]) -> None:
         self._outputs = outputs
 

@@ -476,3 +476,30 @@ def test_local_targets_become_grpc_targets_balanced_by_grpc() -> None:
     config = json.loads(service_config())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["healthCheckConfig"] == {"serviceName": "edgedistill.v1.Inference"}
+
+
+def test_the_instant_stand_in_runtime_serves_the_whole_service(tmp_path: Path) -> None:
+    """bench/router_capacity.py's STAND-IN runtime starts and registers every RPC the proto
+    lists: Predict answers at once, the RPCs it does not serve are UNIMPLEMENTED."""
+    import subprocess
+    import sys
+
+    from testkit.processes import REPO
+
+    program = tmp_path / "program.json"
+    program.write_text(json.dumps(CAPITALS_PROGRAM))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "testkit.instant_runtime", "--port", str(port),
+                             "--program", str(program)], cwd=REPO)  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = pb_grpc.InferenceStub(channel)
+            reply = stub.Predict(pb.PredictRequest(inputs={"country": "Peru"}), timeout=10)
+            with pytest.raises(grpc.RpcError) as unserved:
+                stub.Tokenize(pb.TokenizeRequest(prompt="x"), timeout=10)
+        assert reply.outputs["capital"] == "capital" and reply.confidence == 1.0
+        assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        proc.terminate()
+        proc.wait(10)
