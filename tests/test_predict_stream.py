@@ -146,3 +146,22 @@ def test_the_cli_prints_values_as_they_come(runtime: ServerProcess) -> None:
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout == f"capital: {whole.outputs['capital']}\n"
     assert "parsed · confidence" in printed.stderr
+
+
+def test_served_program_streams_as_dspy_streamify_does(runtime: ServerProcess) -> None:
+    """`ServedProgram.stream` yields what `dspy.streamify(..., async_streaming=False)` yields:
+    StreamResponse pieces (the field's last one marked), then the Prediction the call gives."""
+    from dspy.streaming import StreamResponse
+
+    from services.core.served_program import ServedProgram
+
+    program = ServedProgram(runtime.target)
+    items = list(program.stream(country="Norway"))
+    pieces, prediction = items[:-1], items[-1]
+    assert pieces and all(isinstance(p, StreamResponse) for p in pieces)
+    assert {(p.predict_name, p.signature_field_name) for p in pieces} == {("capitals", "capital")}
+    assert [p.is_last_chunk for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(p.chunk for p in pieces) == prediction.capital
+    assert prediction.toDict() == program(country="Norway").toDict()
+    with pytest.raises(ValueError, match=r"inputs\['nation'\]"):
+        list(program.stream(nation="Norway"))

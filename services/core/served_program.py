@@ -14,14 +14,17 @@ member, a pydantic model).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import dspy
 import grpc
 import pydantic
+from dspy.streaming import StreamResponse
 
 from services.core.api import pb
 from services.core.client import InferenceClient
@@ -56,12 +59,32 @@ class ServedProgram(dspy.Module):
         self._client = self._connect()
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
-        try:
+        with _bad_input_as_value_error():
             reply = self._client.predict({name: input_text(v) for name, v in inputs.items()})
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(err.details()) from None
-            raise
+        return self._prediction(reply)
+
+    def stream(self, **inputs: Any) -> Iterator[StreamResponse | dspy.Prediction]:
+        """The call with its output values as the model writes them, in the items
+        `dspy.streamify(..., async_streaming=False)` yields: a `StreamResponse` per piece
+        (`is_last_chunk` on a field's last), then the `dspy.Prediction` (one PredictStream)."""
+        with _bad_input_as_value_error():
+            chunks = self._client.predict_stream(
+                {name: input_text(v) for name, v in inputs.items()}
+            )
+            held: pb.OutputDelta | None = None  # a piece waits to learn whether it is the last
+            for chunk in chunks:
+                if chunk.HasField("response"):
+                    if held is not None:
+                        yield _piece(held, last=True)
+                    yield self._prediction(chunk.response)
+                    return
+                if held is not None:
+                    same = (held.predictor, held.field) == (chunk.delta.predictor,
+                                                            chunk.delta.field)  # fmt: skip
+                    yield _piece(held, last=not same)
+                held = chunk.delta
+
+    def _prediction(self, reply: pb.PredictResponse) -> dspy.Prediction:
         if reply.outcome != pb.PREDICT_OUTCOME_PARSED:
             outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_")
             raise UnparsedAnswer(
@@ -88,6 +111,23 @@ class ServedProgram(dspy.Module):
         found = copy.copy(self)
         found._client = self._connect()
         return found
+
+
+@contextlib.contextmanager
+def _bad_input_as_value_error() -> Iterator[None]:
+    """A request the server refuses by field is the caller's ValueError, as a DSPy module
+    refuses bad inputs."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValueError(err.details()) from None
+        raise
+
+
+def _piece(delta: pb.OutputDelta, last: bool) -> StreamResponse:
+    return StreamResponse(predict_name=delta.predictor, signature_field_name=delta.field,
+                          chunk=delta.text, is_last_chunk=last)  # fmt: skip
 
 
 def typed_outputs(types: type[dspy.Signature] | dspy.Module | None) -> dict[str, Any]:
