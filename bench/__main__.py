@@ -14,6 +14,7 @@ from bench import (
     gguf_read,
     kv_cache,
     load,
+    predict_stream,
     router_capacity,
     router_confidence,
     router_quality,
@@ -33,6 +34,7 @@ BENCHES = {
     "confidence": router_confidence.main,
     "embeddings": embeddings.main,
     "kv": kv_cache.main,
+    "stream": predict_stream.main,
     "cuda": cuda_runtime.main,
 }
 GPU_ONLY = {"cuda"}
