@@ -121,7 +121,8 @@ def _streamed(chunks: Any) -> Any:
 
 
 def _summary(reply: Any) -> None:
-    """The call's outcome, confidence, who answered, tokens and time, on stderr."""
+    """The call's outcome, confidence, who answered, tokens and time on stderr; the raw text,
+    when the answer carries it, on stdout."""
     from services.core.api import pb
 
     outcome = pb.PredictOutcome.Name(reply.outcome).removeprefix("PREDICT_OUTCOME_").lower()
