@@ -54,11 +54,7 @@ class InferenceClient:
         temperature: float | None = None,
         include_raw_text: bool = False,
     ) -> pb.PredictResponse:
-        request = pb.PredictRequest(
-            inputs=dict(inputs),
-            options=sampling(max_tokens=max_tokens, temperature=temperature),
-            include_raw_text=include_raw_text,
-        )
+        request = _predict_request(inputs, max_tokens, temperature, include_raw_text)
         response: pb.PredictResponse = self.stub.Predict(
             request, timeout=self.timeout_s, metadata=self.metadata
         )
@@ -74,11 +70,7 @@ class InferenceClient:
     ) -> Iterator[pb.PredictChunk]:
         """Predict, each output value's text as it is written (`delta` chunks), then the
         response (the last chunk's `response`)."""
-        request = pb.PredictRequest(
-            inputs=dict(inputs),
-            options=sampling(max_tokens=max_tokens, temperature=temperature),
-            include_raw_text=include_raw_text,
-        )
+        request = _predict_request(inputs, max_tokens, temperature, include_raw_text)
         chunks: Iterator[pb.PredictChunk] = self.stub.PredictStream(
             request, timeout=self.timeout_s, metadata=self.metadata
         )
@@ -171,3 +163,14 @@ class InferenceClient:
 def sampling(**values: Any) -> pb.SamplingOptions:
     """SamplingOptions with only the given (non-None) fields set."""
     return pb.SamplingOptions(**{k: v for k, v in values.items() if v is not None})
+
+
+def _predict_request(
+    inputs: Mapping[str, str], max_tokens: int | None, temperature: float | None,
+    include_raw_text: bool,
+) -> pb.PredictRequest:  # fmt: skip
+    return pb.PredictRequest(
+        inputs=dict(inputs),
+        options=sampling(max_tokens=max_tokens, temperature=temperature),
+        include_raw_text=include_raw_text,
+    )
