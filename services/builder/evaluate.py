@@ -118,23 +118,17 @@ def _serve_in_child(
     gguf_path: str, program_path: str, rows: list[dict[str, str]], max_tokens: int,
     n_threads: int,
 ) -> dict[str, Any]:  # fmt: skip
-    from services.core.pipeline import PipelineSpec, ProgramRunner, read_program_file
-    from services.core.program import PromptCodec
-    from services.runtime.backends.base import program_prefix
-    from services.runtime.backends.llamacpp import LlamaCppBackend
+    from services.runtime.backends.llamacpp import LlamaCppBackend, keep_prefixes
+    from services.runtime.loading import load_program
 
-    program = read_program_file(Path(program_path))
+    program = load_program(Path(program_path))
     backend = LlamaCppBackend(Path(gguf_path), n_ctx=4096, n_threads=n_threads)
-    if isinstance(program, PipelineSpec):
-        runner = ProgramRunner.load(Path(program_path), program)
-        codecs = list(runner.codecs.values())
-        answer = _program_answers(backend, runner, max_tokens)
+    if program.runner is not None:
+        answer = _program_answers(backend, program.runner, max_tokens)
     else:
-        codecs = [PromptCodec(program)]
-        answer = predict_answers(backend, codecs[0], max_tokens)
-    # As the runtime serves it (--prefix-cache): each predictor's fixed prompt prefix kept, so
-    # a multi-step program's calls do not evaluate it again after another predictor's call.
-    backend.set_prefixes([program_prefix(backend, codec) for codec in codecs])
+        assert program.codec is not None
+        answer = predict_answers(backend, program.codec, max_tokens)
+    keep_prefixes(backend, program.codecs)  # as the runtime serves it (--prefix-cache)
     answers: list[dict[str, Any]] = []
     tokens_per_s: list[float] = []
     for inputs in rows:

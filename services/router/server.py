@@ -28,6 +28,7 @@ from services.core.model_info import describe_program
 from services.core.pipeline import PipelineSpec, read_program_file
 from services.core.program import ProgramSpec
 from services.core.registration import add_inference_servicer
+from services.core.rpc_status import call_status
 from services.core.sampling import (
     GENERATE_DEFAULT_TEMPERATURE,
     MAX_TOKENS_DEFAULT,
@@ -96,60 +97,36 @@ class RouterService(pb_grpc.InferenceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         started = time.perf_counter()
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
-            response = await self._predict(request, context)
-            response.latency_ms = (time.perf_counter() - started) * 1000
-            self._metrics.answers.labels(pb.ServedBy.Name(response.served_by)).inc()
-            return response
-        except RpcFailure as failure:
-            self._count("Predict", failure.code)  # before the client sees the status
-            code = None
-            await context.abort(failure.code, failure.message)
-            raise
+            async with call_status(context, self._counter("Predict")):
+                response = await self._predict(request, context)
+                response.latency_ms = (time.perf_counter() - started) * 1000
+                self._metrics.answers.labels(pb.ServedBy.Name(response.served_by)).inc()
+                return response
         finally:
-            if code is not None:
-                self._count("Predict", code)
             self._update_gauges()
 
     async def PredictStream(
         self, request: pb.PredictRequest, context: Any
     ) -> AsyncIterator[pb.PredictChunk]:
         started = time.perf_counter()
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
         try:
-            async for chunk in self._predict_stream(request, context):
-                if chunk.HasField("response"):
-                    chunk.response.latency_ms = (time.perf_counter() - started) * 1000
-                    self._metrics.answers.labels(pb.ServedBy.Name(chunk.response.served_by)).inc()
-                yield chunk
-        except RpcFailure as failure:
-            self._count("PredictStream", failure.code)  # before the client sees the status
-            code = None
-            await context.abort(failure.code, failure.message)
+            async with call_status(context, self._counter("PredictStream")):
+                async for chunk in self._predict_stream(request, context):
+                    if chunk.HasField("response"):
+                        chunk.response.latency_ms = (time.perf_counter() - started) * 1000
+                        served_by = pb.ServedBy.Name(chunk.response.served_by)
+                        self._metrics.answers.labels(served_by).inc()
+                    yield chunk
         finally:
-            if code is not None:
-                self._count("PredictStream", code)
             self._update_gauges()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
-        try:
+        async with call_status(context, self._counter("Generate")):
             async for chunk in self._generate(request, context):
                 yield chunk
-        except RpcFailure as failure:
-            self._count("Generate", failure.code)  # before the client sees the status
-            code = None
-            await context.abort(failure.code, failure.message)
-        except grpc.aio.AioRpcError as err:
-            self._count("Generate", err.code())
-            code = None
-            await context.abort(err.code(), err.details() or "")
-        finally:
-            if code is not None:
-                self._count("Generate", code)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         try:
@@ -190,19 +167,12 @@ class RouterService(pb_grpc.InferenceServicer):
     async def _runtime_only(self, method: str, request: Any, context: Any, why: str) -> Any:
         """A call only the local model can answer: a runtime answers it, or it is
         UNAVAILABLE saying `why` (the API model's tokens and vectors are not the local ones)."""
-        code = grpc.StatusCode.OK
-        try:
-            return await self._local.call(method, request, self._timeout(context))
-        except LocalUnavailable:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"no local runtime is available: {why}")
-            raise
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            await context.abort(code, err.details() or "")
-            raise
-        finally:
-            self._count(method, code)
+        async with call_status(context, self._counter(method)):
+            try:
+                return await self._local.call(method, request, self._timeout(context))
+            except LocalUnavailable:
+                unavailable = f"no local runtime is available: {why}"
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, unavailable) from None
 
     def _bundle_info(self, api_model: str) -> pb.ModelInfo:
         name, version = self._bundle
@@ -478,8 +448,8 @@ class RouterService(pb_grpc.InferenceServicer):
             return limit
         return max(0.001, min(limit, remaining))
 
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        self._metrics.calls.labels(method, code.name).inc()
+    def _counter(self, method: str) -> Callable[[grpc.StatusCode], None]:
+        return lambda code: self._metrics.calls.labels(method, code.name).inc()
 
     def _update_gauges(self) -> None:
         self._metrics.breaker_state.set(self._breaker.state.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.core.bundle import Bundle, BundleError, failed_gate
 from services.core.config import RuntimeSettings
@@ -19,12 +20,36 @@ class LoadError(RuntimeError):
     """The model or program cannot be served; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class LoadedProgram:
+    """A program file read for serving: a single predictor's codec, or a multi-step
+    program's runner (its code, imported now) and one codec per predictor."""
+
+    spec: ProgramSpec | PipelineSpec | None = None
+    codec: PromptCodec | None = None
+    runner: ProgramRunner | None = None
+
+    @property
+    def codecs(self) -> tuple[PromptCodec, ...]:
+        if self.codec is not None:
+            return (self.codec,)
+        return tuple(self.runner.codecs.values()) if self.runner else ()
+
+
+def load_program(path: Path | None) -> LoadedProgram:
+    """The program at `path` (None: no program, raw generation only)."""
+    if path is None:
+        return LoadedProgram()
+    spec = read_program_file(path)
+    if isinstance(spec, PipelineSpec):
+        return LoadedProgram(spec, runner=ProgramRunner.load(path, spec))
+    return LoadedProgram(spec, codec=PromptCodec(spec))
+
+
 @dataclass
 class LoadedModel:
     backend: Backend
-    program: ProgramSpec | PipelineSpec | None
-    codec: PromptCodec | None  # a single-predictor program's
-    runner: ProgramRunner | None = None  # a multi-step program's
+    program: LoadedProgram
     bundle_version: str = ""
 
 
@@ -41,16 +66,8 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
         refusal = failed_gate(bundle.manifest)
         if refusal:
             raise LoadError(refusal)
-    program_path = bundle.program_path if bundle else settings.program
-    program = read_program_file(program_path) if program_path else None
-    runner = codec = None
-    if isinstance(program, PipelineSpec):
-        assert program_path is not None
-        runner = ProgramRunner.load(program_path, program)  # the program's code, at start
-    elif program is not None:
-        codec = PromptCodec(program)
-    codecs = (codec,) if codec else tuple(runner.codecs.values()) if runner else ()
-    source = ModelSource(settings.model, bundle, settings.variant, codecs)
+    program = load_program(bundle.program_path if bundle else settings.program)
+    source = ModelSource(settings.model, bundle, settings.variant, program.codecs)
     backend = registry.get(settings.backend).create(settings, source)
     info = backend.info
     log.info(
@@ -59,13 +76,11 @@ def _load(settings: RuntimeSettings) -> LoadedModel:
             "model": info.model_name,
             "quantization": info.quantization,
             "backend": info.backend,
-            "program": program.name if program else None,
+            "program": program.spec.name if program.spec else None,
         },
     )
     return LoadedModel(
         backend=backend,
         program=program,
-        codec=codec,
-        runner=runner,
         bundle_version=bundle.manifest.version if bundle else "",
     )

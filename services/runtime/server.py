@@ -26,6 +26,7 @@ from services.core.model_info import describe_program
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.registration import add_inference_servicer
+from services.core.rpc_status import call_status
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
 from services.runtime import predict_stream
@@ -133,26 +134,27 @@ class InferenceService(pb_grpc.InferenceServicer):
         started = time.perf_counter()
         model, scheduler, limits = self._ready()
         check.check_size(request, limits.max_request_bytes)
-        if model.runner is not None:
-            return await self._run_program(model.runner, request, context, started, emit)
-        if model.codec is None:
+        codec, runner = model.program.codec, model.program.runner
+        if runner is not None:
+            return await self._run_program(runner, request, context, started, emit)
+        if codec is None:
             raise RpcFailure(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "no program is loaded; serve with --bundle DIR or --model X --program program.json",
             )
-        inputs = check.predict_inputs(request, model.codec.spec.inputs)
+        inputs = check.predict_inputs(request, codec.spec.inputs)
         params = _predict_params(request, limits)
-        prompt = self._prepare(model.codec, model.codec.format_messages(inputs))
+        prompt = self._prepare(codec, codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
         check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
         if self._settings.log_requests:
             log.info("predict request", extra={"inputs": inputs})
 
         job = self._submit(scheduler, prompt, params, context)
-        deltas = _deltas(model.codec, model.codec.spec.name, emit)
+        deltas = _deltas(codec, codec.spec.name, emit)
         text, pieces, finished, first_token_at = await self._drain(job, context, deltas)
         raw = text + finished.text
-        result = interpret(model.codec, raw, pieces, finished)
+        result = interpret(codec, raw, pieces, finished)
         response = pb.PredictResponse(
             served_by=pb.SERVED_BY_LOCAL,
             model_id=model.backend.info.model_name,
@@ -162,7 +164,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             outcome=_OUTCOME[result.outcome],
         )
         response.lm_calls.add(
-            predictor=model.codec.spec.name, usage=_usage(finished), confidence=result.confidence
+            predictor=codec.spec.name, usage=_usage(finished), confidence=result.confidence
         )
         if result.outputs is not None:
             response.outputs.update(result.outputs)
@@ -376,8 +378,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         if isinstance(model.backend, EmbeddingBackend):
             reply.embedding_length = model.backend.embedding_length
             reply.embedding_pooling = model.backend.pooling
-        if model.program is not None:
-            describe_program(reply, model.program)
+        if model.program.spec is not None:
+            describe_program(reply, model.program.spec)
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -460,42 +462,20 @@ class InferenceService(pb_grpc.InferenceServicer):
         request: Any,
         context: Any,
     ) -> R:
-        started = time.perf_counter()
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
-        try:
+        async with call_status(context, self._counter(method)):
             return await handler(request, context)
-        except RpcFailure as failure:
-            # Counted before the status reaches the client: a scrape right after sees it.
-            self._observe(method, failure.code, started)
-            code = None
-            await context.abort(failure.code, failure.message)
-            raise  # unreachable: abort raises
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if code is not None:
-                self._observe(method, code, started)
 
     async def _streamed(
         self, method: str, chunks: AsyncIterator[S], context: Any
     ) -> AsyncIterator[S]:
         """A server-streaming RPC's chunks, its status counted and a failure sent as one."""
-        started = time.perf_counter()
-        code: grpc.StatusCode | None = grpc.StatusCode.OK  # None once counted
-        try:
+        async with call_status(context, self._counter(method)):
             async for chunk in chunks:
                 yield chunk
-        except RpcFailure as failure:
-            self._observe(method, failure.code, started)  # before the client sees it
-            code = None
-            await context.abort(failure.code, failure.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if code is not None:
-                self._observe(method, code, started)
+
+    def _counter(self, method: str) -> Callable[[grpc.StatusCode], None]:
+        started = time.perf_counter()
+        return lambda code: self._observe(method, code, started)
 
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._metrics.calls.labels(method, code.name).inc()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -12,6 +12,7 @@ import numpy as np
 from services.core.bundle import sha256_file
 from services.core.config import KvCacheType
 from services.core.gguf_metadata import ModelFileError, quantization_name, read_gguf_metadata
+from services.core.program import PromptCodec
 from services.core.tokens import common_prefix_length
 from services.runtime.backends.base import (
     Backend,
@@ -565,6 +566,13 @@ def sampler_chain(model: Any, params: GenerationParams, grammar: Any = None) -> 
     return sampler
 
 
+def keep_prefixes(backend: LlamaCppBackend, codecs: Sequence[PromptCodec]) -> None:
+    """Keep each predictor's fixed prompt prefix across other predictors' calls
+    (--prefix-cache): a multi-step program's calls do not evaluate it again."""
+    if codecs:
+        backend.set_prefixes([program_prefix(backend, codec) for codec in codecs])
+
+
 def create(settings: Any, source: ModelSource) -> Backend:
     """One call at a time, or with --parallel > 1 the batched engine (continuous batching)."""
     path, sha, name = source.gguf()
@@ -574,8 +582,8 @@ def create(settings: Any, source: ModelSource) -> Backend:
             n_gpu_layers=settings.n_gpu_layers, model_name=name, gguf_sha256=sha,
             embed_ctx=settings.embed_ctx, kv_cache_type=settings.kv_cache_type,
         )  # fmt: skip
-        if source.codecs and settings.prefix_cache:  # kept across other predictors' calls
-            backend.set_prefixes([program_prefix(backend, codec) for codec in source.codecs])
+        if settings.prefix_cache:
+            keep_prefixes(backend, source.codecs)
         return backend
     from services.runtime.backends.llamacpp_batched import BatchedLlamaCpp
 
