@@ -988,6 +988,47 @@ def test_llama_cpps_own_completion_and_template_endpoints_answer_as_its_server(
     reference.close()
 
 
+def test_props_describe_the_served_model_as_llama_cpps_server_does(
+    served: tuple[ServerProcess, int, ServerProcess, int], gguf_path: Path
+) -> None:
+    """`GET /props`: the context, slots and call defaults the runtime serves with (a call
+    setting nothing gets them), and the GGUF's chat template with its tokens, which a client
+    rendering a chat with jinja2 turns into `/apply-template`'s prompt; runtime and router."""
+    import httpx
+    import jinja2
+
+    from services.core.gguf_metadata import read_gguf_metadata
+    from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE
+    from services.core.validation import Limits, sampling_params
+
+    template = read_gguf_metadata(gguf_path)["tokenizer.chat_template"]
+    defaults = sampling_params(pb.SamplingOptions(), Limits(32, 64, 1 << 20, 1024),
+                               default_temperature=GENERATE_DEFAULT_TEMPERATURE)  # fmt: skip
+    with InferenceClient(served[0].target, token=TOKEN) as client:
+        served_name = client.info().model_name
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for port in (served[1], served[3]):
+        url = f"http://127.0.0.1:{port}"
+        props = httpx.get(f"{url}/props", headers=headers, timeout=60).json()
+        settings = props["default_generation_settings"]
+        assert settings["n_ctx"] == 1024 and props["total_slots"] == 1  # --n-ctx, --parallel
+        assert settings["params"]["n_predict"] == 32  # --max-tokens-default
+        assert {
+            name: getattr(defaults, name) for name in settings["params"] if name != "n_predict"
+        } == {name: value for name, value in settings["params"].items() if name != "n_predict"}
+        assert props["chat_template"] == template and props["eos_token"] == "<|im_end|>"
+        rendered = jinja2.Environment().from_string(props["chat_template"]).render(
+            messages=QUESTION, add_generation_prompt=True,
+            bos_token=props["bos_token"], eos_token=props["eos_token"],
+        )  # fmt: skip
+        applied = httpx.post(f"{url}/apply-template", json={"messages": QUESTION},
+                             headers=headers, timeout=60).json()  # fmt: skip
+        assert rendered == applied["prompt"]
+        assert props["model_alias"] == served_name
+        refused = httpx.get(f"{url}/props", timeout=60)
+        assert refused.status_code == 401  # the token applies to it as to every route
+
+
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(
     served: tuple[ServerProcess, int, ServerProcess, int],
 ) -> None:

@@ -79,6 +79,7 @@ class LlamaCppEngine:
         from dspy.clients.engines.base import validate_request
         from dspy.lm15 import Message, Response, TextPart, Usage
 
+        from services.core.sampling import SAMPLING_DEFAULTS
         from services.runtime.backends import Finished, GenerationParams, TokenPiece
 
         validate_request(request)
@@ -87,7 +88,7 @@ class LlamaCppEngine:
         params = GenerationParams(
             max_tokens=config.max_tokens or 512,
             temperature=config.temperature if config.temperature is not None else 0.0,
-            top_p=config.top_p if config.top_p is not None else 0.95,
+            top_p=config.top_p if config.top_p is not None else SAMPLING_DEFAULTS.top_p,
             seed=getattr(config, "seed", None) or 0,
             stop=tuple(config.stop),
         )

@@ -14,17 +14,32 @@ MAX_TOKENS_LIMIT = 2048
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a call that does not set them gets: llama.cpp's sampling defaults (as
+    `Llama.generate` and Ollama use them)."""
+
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+SAMPLING_DEFAULTS = SamplingDefaults()
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int
     temperature: float
     top_p: float
     seed: int
-    # llama.cpp's sampling defaults (as `Llama.generate` and Ollama use them).
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    top_k: int = SAMPLING_DEFAULTS.top_k
+    min_p: float = SAMPLING_DEFAULTS.min_p
+    repeat_penalty: float = SAMPLING_DEFAULTS.repeat_penalty
+    frequency_penalty: float = SAMPLING_DEFAULTS.frequency_penalty
+    presence_penalty: float = SAMPLING_DEFAULTS.presence_penalty
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     grammar: str | None = None  # llama.cpp's GBNF; exclusive with json_schema

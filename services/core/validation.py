@@ -13,6 +13,7 @@ import grpc
 
 from services.core.api import pb
 from services.core.program import FieldSpec
+from services.core.sampling import SAMPLING_DEFAULTS as DEFAULT
 from services.core.sampling import TOP_LOGPROBS_LIMIT, GenerationParams
 
 ROLES = ("system", "user", "assistant")
@@ -112,13 +113,19 @@ def sampling_params(
         temperature=_bounded(
             options, "temperature", default_temperature, lambda v: 0.0 <= v <= 2.0, "0..2"
         ),
-        top_p=_bounded(options, "top_p", 0.95, lambda v: 0.0 < v <= 1.0, "(0, 1]"),
+        top_p=_bounded(options, "top_p", DEFAULT.top_p, lambda v: 0.0 < v <= 1.0, "(0, 1]"),
         seed=seed,
-        top_k=options.top_k if options.HasField("top_k") else 40,
-        min_p=_bounded(options, "min_p", 0.05, lambda v: 0.0 <= v <= 1.0, "0..1"),
-        repeat_penalty=_bounded(options, "repeat_penalty", 1.0, lambda v: 0.0 < v <= 2.0, "(0, 2]"),
-        frequency_penalty=_bounded(options, "frequency_penalty", 0.0, _penalty, "-2..2"),
-        presence_penalty=_bounded(options, "presence_penalty", 0.0, _penalty, "-2..2"),
+        top_k=options.top_k if options.HasField("top_k") else DEFAULT.top_k,
+        min_p=_bounded(options, "min_p", DEFAULT.min_p, lambda v: 0.0 <= v <= 1.0, "0..1"),
+        repeat_penalty=_bounded(
+            options, "repeat_penalty", DEFAULT.repeat_penalty, lambda v: 0.0 < v <= 2.0, "(0, 2]"
+        ),
+        frequency_penalty=_bounded(
+            options, "frequency_penalty", DEFAULT.frequency_penalty, _penalty, "-2..2"
+        ),
+        presence_penalty=_bounded(
+            options, "presence_penalty", DEFAULT.presence_penalty, _penalty, "-2..2"
+        ),
         stop=stop,
         json_schema=json_schema,
         grammar=grammar,

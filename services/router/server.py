@@ -177,7 +177,8 @@ class RouterService(pb_grpc.InferenceServicer):
     def _bundle_info(self, api_model: str) -> pb.ModelInfo:
         name, version = self._bundle
         info = pb.ModelInfo(model_name=name, bundle_version=version, backend=f"api:{api_model}",
-                            max_tokens_limit=MAX_TOKENS_LIMIT, parallel=1)  # fmt: skip
+                            max_tokens_limit=MAX_TOKENS_LIMIT,
+                            max_tokens_default=MAX_TOKENS_DEFAULT, parallel=1)  # fmt: skip
         describe_program(info, self._program)
         return info
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from services.core.pipeline import LmCall
 from services.core.program import COMPLETED_MARKER, PromptCodec
+from services.core.sampling import SAMPLING_DEFAULTS
 from services.runtime.backends import Backend, Finished, GenerationParams, TokenPiece
 from services.runtime.backends.base import PreparedPrompt
 from services.runtime.structured import OutputPlan, Tokenizer, build_plan
@@ -38,7 +39,8 @@ class PredictResult(Interpretation):
     first_token_s: float | None
 
 
-def predict_params(max_tokens: int, temperature: float = 0.0, top_p: float = 0.95,
+def predict_params(max_tokens: int, temperature: float = 0.0,
+                   top_p: float = SAMPLING_DEFAULTS.top_p,
                    seed: int | None = None) -> GenerationParams:  # fmt: skip
     return GenerationParams(
         max_tokens=max_tokens,

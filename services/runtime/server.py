@@ -370,7 +370,11 @@ class InferenceService(pb_grpc.InferenceServicer):
             bundle_version=model.bundle_version,
             backend=info.backend,
             max_tokens_limit=limits.max_tokens_limit,
+            max_tokens_default=limits.max_tokens_default,
             parallel=1,
+            chat_template=info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
         )
         if isinstance(model.backend, BatchingBackend):
             reply.parallel = model.backend.slots

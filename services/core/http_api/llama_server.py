@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
+from services import __version__
 from services.core.api import pb
 from services.core.http_api.chat import (
     BadRequest,
@@ -19,10 +20,24 @@ from services.core.http_api.chat import (
     chat_messages,
     token_biases,
 )
-from services.core.sampling import TOP_LOGPROBS_LIMIT
+from services.core.sampling import (
+    GENERATE_DEFAULT_TEMPERATURE,
+    SAMPLING_DEFAULTS,
+    TOP_LOGPROBS_LIMIT,
+)
 
 _STOP_TYPE = {pb.FINISH_REASON_STOP: "eos", pb.FINISH_REASON_LENGTH: "limit",
               pb.FINISH_REASON_STOP_SEQUENCE: "word"}  # fmt: skip
+
+
+_PROPS_PARAMS = (
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 class CompletionBody(Body):
@@ -121,6 +136,25 @@ def template_call(body: TemplateBody) -> pb.TokenizeRequest:
 def template_answer(reply: pb.TokenizeResponse) -> dict[str, Any]:
     """The chat as the prompt text the model is given (special tokens as their text)."""
     return {"prompt": b"".join(piece.bytes for piece in reply.pieces).decode("utf-8", "replace")}
+
+
+def props_answer(info: pb.ModelInfo) -> dict[str, Any]:
+    """`GET /props`, as llama.cpp's server describes itself: the context, the slots, the
+    defaults a call that sets none gets (Generate's), and the chat template with its tokens
+    (a client rendering a chat with it gets what `/apply-template` gives)."""
+    params = {"n_predict": info.max_tokens_default, "temperature": GENERATE_DEFAULT_TEMPERATURE,
+              **{name: getattr(SAMPLING_DEFAULTS, name) for name in _PROPS_PARAMS}}  # fmt: skip
+    return {
+        "default_generation_settings": {"n_ctx": info.context_length, "params": params},
+        "total_slots": info.parallel,
+        "model_alias": info.model_name,
+        "model_path": "",  # the served file is the runtime host's business, not its clients'
+        "chat_template": info.chat_template,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        "modalities": {"vision": False, "audio": False},
+        "build_info": f"edgedistill {__version__}",
+    }
 
 
 def _probabilities(listed: Any) -> dict[str, Any]:

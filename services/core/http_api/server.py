@@ -183,7 +183,7 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             routes = {"/v1/models": self._models, "/models": self._models,
                       "/health": self._health, "/api/tags": self._ollama_tags,
                       "/api/ps": self._ollama_ps, "/api/version": self._ollama_version,
-                      "": self._root}  # fmt: skip
+                      "/props": self._props, "": self._root}  # fmt: skip
             self._route(routes, with_body=False)
 
         def do_HEAD(self) -> None:  # Ollama's CLI checks that a server is there with HEAD /
@@ -297,6 +297,10 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                 return self._send_json(200, answer)
             self._stream(chunks, lambda pieces: llama_server.completion_events(
                 pieces, model, body.prompt))  # fmt: skip
+
+        def _props(self) -> None:
+            info = front.model_info(self._metadata())
+            self._send_json(200, llama_server.props_answer(info))
 
         def _apply_template(self, raw: bytes) -> None:
             call = llama_server.template_call(parse_body(llama_server.TemplateBody, raw))

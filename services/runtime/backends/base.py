@@ -25,6 +25,11 @@ class BackendInfo:
     context_length: int
     trained_context_length: int
     gguf_sha256: str
+    # The Jinja chat template chats are rendered with, and the BOS and EOS tokens' text it is
+    # given; empty where the backend does not render chats itself.
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,9 @@ class ChatModel:
         eos = self._token_text(model.token_eos())
         bos = self._token_text(model.token_bos())
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._template = str(template)
         self._bos_text = bos
+        self._eos_text = eos
         self._tokenize_lock = threading.Lock()
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -135,6 +137,9 @@ class ChatModel:
             context_length=self.n_ctx,
             trained_context_length=self.trained_ctx,
             gguf_sha256=gguf_sha256 or sha256_file(self.path),
+            chat_template=self._template,
+            bos_token=self._bos_text,
+            eos_token=self._eos_text,
         )
 
     def text_tokens(self, text: str) -> list[int]:
