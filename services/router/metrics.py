@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.core import security
-
 
 class RouterMetrics:
     def __init__(self) -> None:
@@ -71,6 +69,3 @@ class RouterMetrics:
             "Harvest records on disk after retention",
             registry=r,
         )
-
-    def serve(self, host: str, port: int) -> None:
-        security.serve_metrics(self.registry, host, port)

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from services.core import security
+from services.core import security, serving
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
 from services.core.config import RouterSettings
 from services.core.harvest import HarvestRecord
 from services.core.harvest import now as harvest_now
-from services.core.http_api import server as http_api
 from services.core.model_info import describe_program
 from services.core.pipeline import PipelineSpec, read_program_file
 from services.core.program import ProgramSpec
-from services.core.registration import add_inference_servicer
 from services.core.rpc_status import call_status
 from services.core.sampling import (
     GENERATE_DEFAULT_TEMPERATURE,
@@ -547,19 +542,8 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
         # no SO_REUSEPORT: a second router on a taken port is an error, not a silent share
         options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)],
     )
-    add_inference_servicer(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    if settings.metrics_port:
-        metrics.serve(settings.host, settings.metrics_port)
-    http = http_api.mount(server, settings)
-    port = security.add_port(server, settings)
-    await server.start()
-    if http is not None:
-        http.start()
-        log.info("http api", extra={"port": http.port})
+    port, http = await serving.start(server, service, health_servicer, settings,
+                                     metrics.registry)  # fmt: skip
     log.info(
         "routing",
         extra={"port": port, "mode": settings.mode, "threshold": threshold,
@@ -568,10 +552,7 @@ async def serve(settings: RouterSettings, *, ready: Callable[[int], None] | None
     if ready is not None:
         ready(port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = serving.stop_requested()
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(15)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.core import security
-
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -50,6 +48,3 @@ class RuntimeMetrics:
             ["outcome"],
             registry=self.registry,
         )
-
-    def serve(self, host: str, port: int) -> None:
-        security.serve_metrics(self.registry, host, port)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -14,18 +13,15 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from services.core import security
+from services.core import security, serving
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
-from services.core.http_api import server as http_api
 from services.core.model_info import describe_program
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
 from services.core.program import COMPLETED_MARKER, PromptCodec
-from services.core.registration import add_inference_servicer
 from services.core.rpc_status import call_status
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
@@ -622,29 +618,14 @@ async def serve(settings: RuntimeSettings, *, ready: Callable[[int], None] | Non
         options=options,
         maximum_concurrent_rpcs=max(64, (settings.max_queue + 1) * 4),
     )
-    add_inference_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME):  # until the model is loaded
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if settings.metrics_port:  # both ports taken, or neither: nothing half-started
-        metrics.serve(settings.host, settings.metrics_port)
-    http = http_api.mount(server, settings)
-    port = security.add_port(server, settings)
-    await server.start()
-    if http is not None:
-        http.start()
-        log.info("http api", extra={"port": http.port})
+    port, http = await serving.start(server, service, health_servicer, settings,
+                                     metrics.registry)  # fmt: skip
     if ready is not None:
-        ready(port)  # health says NOT_SERVING until the model is loaded
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        ready(port)
+    stop = serving.stop_requested()
 
     log.info("loading model", extra={"port": port})
     loader = asyncio.ensure_future(asyncio.to_thread(load_model, settings))
