@@ -465,6 +465,13 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
     assert changed.ran == ["count"] and changed.skipped == ["traces", "dataset"]
     assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
 
+    # A stage run again (its folder removed) runs the stages after it: theirs were made
+    # from the results of a run that is gone.
+    shutil.rmtree(tmp_path / "build" / "dataset")
+    rerun = build(spec, Console(file=io.StringIO()), stages=stages)
+    assert rerun.ran == ["dataset", "count"] and rerun.skipped == ["traces"]
+    assert build(spec, Console(file=io.StringIO()), stages=stages).ran == []
+
 
 def test_a_host_shared_stage_runs_once_per_key_on_a_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -4,6 +4,10 @@ A stage declares a name, the upstream stages and settings its key comes from, an
 that writes only into the folder it is given. The runner derives every key the same way:
 a rerun with the same key is skipped; a stage writes into `BUILD/.<folder>.partial` and is
 renamed into place only when complete, so an interrupted stage leaves nothing that looks done.
+Each finished folder carries the id of the run that made it, and a stage's key takes its
+upstream stages' run ids: a stage that runs again (its folder removed, a training that is not
+bit-for-bit repeatable) runs every stage after it again, so no folder is derived from another
+run's results.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +74,7 @@ def stage_key(stage: Stage, ctx: BuildContext) -> str:
     """The one key derivation: the stage's name, its upstream keys and its own inputs."""
     payload = {
         "stage": stage.name,
-        "after": {name: ctx.keys.get(name) for name in stage.after},
+        "after": {name: ctx.keys.get(name) for name in stage.after},  # key and run id each
         "inputs": stage.inputs(ctx),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -89,7 +94,7 @@ class StageRunner:
             return
         key = stage_key(stage, ctx)
         final = self.root / stage.folder_name
-        if _finished_key(final) == key:
+        if finished(final)[0] == key:
             self.console.print(f"[dim]• {stage.name}: inputs unchanged, skipped[/]")
             self.skipped.append(stage.name)
         elif stage.host_shared and (cached := host_cache.stage_entry(stage.name, key)):
@@ -103,7 +108,7 @@ class StageRunner:
             self.ran.append(stage.name)
             if stage.host_shared and (why := host_cache.keep_stage(stage.name, key, final)):
                 self.console.print(f"  [yellow]not kept in the host cache[/]: {why}")
-        ctx.dirs[stage.name], ctx.keys[stage.name] = final, key
+        ctx.dirs[stage.name], ctx.keys[stage.name] = final, f"{key}/{finished(final)[1]}"
         if stage.report is not None:
             stage.report(ctx, final)
 
@@ -119,7 +124,7 @@ class StageRunner:
             started = time.perf_counter()
             stage.run(ctx, staging)
             seconds = time.perf_counter() - started
-            marker = {"key": key, "seconds": round(seconds, 1)}
+            marker = {"key": key, "run": uuid.uuid4().hex, "seconds": round(seconds, 1)}
             (staging / STAGE_FILE).write_text(json.dumps(marker))
 
         self._publish_filled(stage, final, run)
@@ -161,12 +166,14 @@ def _publish(staging: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _finished_key(folder: Path) -> str | None:
+def finished(folder: Path) -> tuple[str | None, str]:
+    """A finished stage folder's key and the id of the run that made it (None and "" for a
+    folder no run finished)."""
     marker = folder / STAGE_FILE
     if not marker.is_file():
-        return None
-    key: str | None = json.loads(marker.read_text()).get("key")
-    return key
+        return None, ""
+    written = json.loads(marker.read_text())
+    return written.get("key"), str(written.get("run", ""))
 
 
 def progress_bar(console: Console) -> Progress:

@@ -4,6 +4,7 @@ Pure functions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -28,16 +29,6 @@ from services.core.sampling import (
 
 _STOP_TYPE = {pb.FINISH_REASON_STOP: "eos", pb.FINISH_REASON_LENGTH: "limit",
               pb.FINISH_REASON_STOP_SEQUENCE: "word"}  # fmt: skip
-
-
-_PROPS_PARAMS = (
-    "top_k",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 
 
 class CompletionBody(Body):
@@ -143,7 +134,7 @@ def props_answer(info: pb.ModelInfo) -> dict[str, Any]:
     defaults a call that sets none gets (Generate's), and the chat template with its tokens
     (a client rendering a chat with it gets what `/apply-template` gives)."""
     params = {"n_predict": info.max_tokens_default, "temperature": GENERATE_DEFAULT_TEMPERATURE,
-              **{name: getattr(SAMPLING_DEFAULTS, name) for name in _PROPS_PARAMS}}  # fmt: skip
+              **dataclasses.asdict(SAMPLING_DEFAULTS)}  # fmt: skip
     return {
         "default_generation_settings": {"n_ctx": info.context_length, "params": params},
         "total_slots": info.parallel,
