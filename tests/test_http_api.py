@@ -51,7 +51,8 @@ def test_a_predict_body_is_the_protos_json_with_inputs_of_any_json_type() -> Non
     body = (b'{"inputs": {"ticket": "VPN", "tags": ["a", 1], "n": 3},'
             b' "options": {"max_tokens": 8}, "include_raw_text": true}')  # fmt: skip
     call, stream = predict_request(body)
-    assert dict(call.inputs) == {"ticket": "VPN", "tags": '["a", 1]', "n": "3"}
+    assert not call.inputs  # typed, as sent: the server reads each by its field's type
+    assert json.loads(call.inputs_json) == {"ticket": "VPN", "tags": ["a", 1], "n": 3}
     assert call.options.max_tokens == 8 and call.include_raw_text and not stream
     assert predict_request(b'{"inputs": {}, "stream": true}')[1]
     for raw, param in ((b'{"input": {}}', "inputs"), (b"[1]", "inputs"), (b"{", "body"),
@@ -584,6 +585,10 @@ def test_predict_and_health_over_http_answer_as_grpc_does(
             wrong = client.post("/v1/predict", json={"inputs": {"nation": "Italy"}})
             assert wrong.status_code == 400 and "nation" in wrong.json()["error"]["message"]
             assert wrong.json()["error"]["param"] == "inputs['nation']"
+            # JSON's null is no country (not the text "null"); a JSON value of the type is one
+            null = client.post("/v1/predict", json={"inputs": {"country": None}})
+            assert null.status_code == 400 and null.json()["error"]["param"] == "inputs['country']"
+            assert "null is not a str" in null.json()["error"]["message"]
             chunked = client.post("/v1/predict", content=iter([json.dumps(country).encode()]))
             assert chunked.status_code == 400 and chunked.json()["error"]["param"] == "body"
             assert chunked.headers["connection"] == "close"  # its body unread: no next call

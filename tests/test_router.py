@@ -307,9 +307,9 @@ def test_generate_goes_to_the_api_with_no_runtime_up_or_in_api_only(
                 role="user", content="Yes?")], logit_bias={42: -100.0})))  # fmt: skip
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (caught.value.details() or "").startswith("logit_bias: no runtime answered")
-        assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 2.0' in (
-            metrics_text(metrics_port)
-        )
+        counted = metrics_text(metrics_port)
+        assert 'edgedistill_router_fallbacks_total{reason="local_unavailable"} 2.0' in counted
+        assert 'edgedistill_router_calls_total{code="OK",method="GetModelInfo"} 1.0' in counted
     finally:
         router.terminate()
     router = start_router(bundle, local_runtime.target, "--mode", "api_only", *api)

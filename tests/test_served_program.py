@@ -85,3 +85,5 @@ def test_bad_input_is_a_value_error_naming_the_field(typed_runtime: str) -> None
         served(ticket="VPN down", tickets="an unknown field")
     with pytest.raises(ValueError, match="ticket"):
         served()
+    with pytest.raises(ValueError, match=r"inputs\['ticket'\]: null is not a str"):
+        served(ticket=None)  # refused, not sent as the text "None" or "null"

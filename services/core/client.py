@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+from pydantic_core import to_jsonable_python
 
 from services.core.api import pb, pb_grpc
 from services.core.security import channel, token_metadata
@@ -48,7 +50,7 @@ class InferenceClient:
 
     def predict(
         self,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, Any],
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -62,7 +64,7 @@ class InferenceClient:
 
     def predict_stream(
         self,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, Any],
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -166,11 +168,14 @@ def sampling(**values: Any) -> pb.SamplingOptions:
 
 
 def _predict_request(
-    inputs: Mapping[str, str], max_tokens: int | None, temperature: float | None,
+    inputs: Mapping[str, Any], max_tokens: int | None, temperature: float | None,
     include_raw_text: bool,
 ) -> pb.PredictRequest:  # fmt: skip
+    texts = {name: value for name, value in inputs.items() if isinstance(value, str)}
+    typed = {name: value for name, value in inputs.items() if name not in texts}
     return pb.PredictRequest(
-        inputs=dict(inputs),
+        inputs=texts,
+        inputs_json=json.dumps(to_jsonable_python(typed), ensure_ascii=False) if typed else "",
         options=sampling(max_tokens=max_tokens, temperature=temperature),
         include_raw_text=include_raw_text,
     )

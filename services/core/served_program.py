@@ -28,7 +28,7 @@ from dspy.streaming import StreamResponse
 
 from services.core.api import pb
 from services.core.client import InferenceClient
-from services.core.program import input_text, output_annotations, typed_value
+from services.core.program import output_annotations, typed_value
 
 
 class UnparsedAnswer(RuntimeError):
@@ -60,7 +60,7 @@ class ServedProgram(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         with _bad_input_as_value_error():
-            reply = self._client.predict({name: input_text(v) for name, v in inputs.items()})
+            reply = self._client.predict(inputs)  # typed values go as inputs_json
         return self._prediction(reply)
 
     def stream(self, **inputs: Any) -> Iterator[StreamResponse | dspy.Prediction]:
@@ -68,9 +68,7 @@ class ServedProgram(dspy.Module):
         `dspy.streamify(..., async_streaming=False)` yields: a `StreamResponse` per piece
         (`is_last_chunk` on a field's last), then the `dspy.Prediction` (one PredictStream)."""
         with _bad_input_as_value_error():
-            chunks = self._client.predict_stream(
-                {name: input_text(v) for name, v in inputs.items()}
-            )
+            chunks = self._client.predict_stream(inputs)
             held: pb.OutputDelta | None = None  # a piece waits to learn whether it is the last
             for chunk in chunks:
                 if chunk.HasField("response"):

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from services.core.api import pb
-from services.core.program import FieldSpec
+from services.core.program import FieldSpec, input_text
 from services.core.sampling import SAMPLING_DEFAULTS as DEFAULT
 from services.core.sampling import TOP_LOGPROBS_LIMIT, GenerationParams
 
@@ -61,9 +61,9 @@ def check_size(request: pb.PredictRequest | pb.EmbedRequest | Prompted, limit: i
 
 def _text_sizes(request: pb.PredictRequest | pb.EmbedRequest | Prompted) -> dict[str, int]:
     if isinstance(request, pb.PredictRequest):
-        return {
-            f"inputs[{key[:40]!r}]": len(value.encode()) for key, value in request.inputs.items()
-        }
+        sizes = {f"inputs[{key[:40]!r}]": len(value.encode())
+                 for key, value in request.inputs.items()}  # fmt: skip
+        return {**sizes, "inputs_json": len(request.inputs_json.encode())}
     if isinstance(request, pb.EmbedRequest):
         return {f"inputs[{index}]": len(text.encode()) for index, text in enumerate(request.inputs)}
     sizes = {f"messages[{index}].content": len(message.content.encode())
@@ -183,7 +183,7 @@ def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> d
     """The request's inputs: each one the program takes, every required one given, each a
     value of its field's type."""
     expected = [f.name for f in fields]
-    given = dict(request.inputs)
+    given = {**dict(request.inputs), **_json_inputs(request, fields)}
     unknown = sorted(set(given) - set(expected))
     if unknown:
         raise invalid(
@@ -203,6 +203,27 @@ def predict_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> d
         if problem:
             raise invalid(f"inputs[{field.name!r}]", problem)
     return given
+
+
+def _json_inputs(request: pb.PredictRequest, fields: Sequence[FieldSpec]) -> dict[str, str]:
+    """`inputs_json`'s values as `inputs` carries them (a value's text, else its JSON), with a
+    JSON `null` refused where the field is text (it would otherwise reach the model as "null")."""
+    if not request.inputs_json:
+        return {}
+    try:
+        values = json.loads(request.inputs_json)
+    except ValueError as err:
+        raise invalid("inputs_json", f"not JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise invalid("inputs_json", 'send a JSON object: {"<input field>": <value>, ...}')
+    text_fields = {f.name for f in fields if f.is_text}
+    for name, value in values.items():
+        if name in request.inputs:
+            raise invalid(f"inputs[{name[:40]!r}]", "in both inputs and inputs_json; send it once")
+        if value is None and name in text_fields:
+            raise invalid(f"inputs[{name!r}]", "null is not a str; send text, or leave out an "
+                          "input that has a default")  # fmt: skip
+    return {name: input_text(value) for name, value in values.items()}
 
 
 def raw_prompt(request: Prompted) -> str | None:

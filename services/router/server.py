@@ -124,17 +124,15 @@ class RouterService(pb_grpc.InferenceServicer):
                 yield chunk
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
-        try:
-            reply: pb.ModelInfo = await self._local.call("GetModelInfo", request, 5.0)
-            return reply
-        except LocalUnavailable:
-            if self._fallback is not None:  # the API answers: the bundle says what it serves
-                return self._bundle_info(self._fallback.model)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no local runtime is available")
-            raise
-        except grpc.aio.AioRpcError as err:
-            await context.abort(err.code(), err.details() or "")
-            raise
+        async with call_status(context, self._counter("GetModelInfo")):  # counted as the runtime's
+            try:
+                reply: pb.ModelInfo = await self._local.call("GetModelInfo", request, 5.0)
+                return reply
+            except LocalUnavailable:
+                if self._fallback is not None:  # the API answers: the bundle says what it serves
+                    return self._bundle_info(self._fallback.model)
+                unavailable = "no local runtime is available"
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, unavailable) from None
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         reply: pb.TokenizeResponse = await self._runtime_only(

@@ -1,6 +1,6 @@
 """Predict over HTTP: the request and answer in protobuf's JSON mapping of PredictRequest and
 PredictResponse (the proto's field names), with two conveniences for JSON clients: an input
-may be any JSON value (a list or a number is sent as its JSON text, as gRPC clients send it),
+may be any JSON value of its field's type (sent as `inputs_json`: the server checks it),
 and `outputs_json` comes parsed, each output typed by its annotation (`outputs` listed in the
 same order, the signature's). Pure functions."""
 
@@ -28,10 +28,11 @@ def predict_request(raw: bytes) -> tuple[pb.PredictRequest, bool]:
     stream = body.pop("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "true or false")
-    inputs = {name: value if isinstance(value, str) else json.dumps(value)
-              for name, value in body["inputs"].items()}  # fmt: skip
+    # typed as JSON has them: the server knows each field's type (a null for a text field is
+    # an error there, not the text "null")
+    typed = {**body, "inputs": {}, "inputs_json": json.dumps(body["inputs"], ensure_ascii=False)}
     try:
-        return json_format.ParseDict({**body, "inputs": inputs}, pb.PredictRequest()), stream
+        return json_format.ParseDict(typed, pb.PredictRequest()), stream
     except json_format.ParseError as err:
         raise BadRequest("body", str(err)) from None
 
