@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.builder import export, finetune, teacher
-from services.builder.context import BuildContext
+from services.builder.context import BuildContext, with_typed_labels
 from services.builder.data import file_sha256, input_key, label_counts, normalize
 from services.builder.harvested import harvested_traces
 from services.builder.probe import (
@@ -205,11 +205,9 @@ def train_lora(ctx: BuildContext, out: Path) -> None:
 def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune.Probes:
     """The calibration part (checkpoint choice) and a sample of the traces (per-field accuracy
     against what the model was taught)."""
-    import dspy
-
     fields = ctx.label_names
-    taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
-              for t in sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed)]  # fmt: skip
+    types = ctx.metric.annotations
+    taught = taught_examples(sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed), types)
     use_calibration = bool(ctx.calibset) and ctx.spec.lora.checkpoints > 0
 
     def probe(name: str, examples: list[Any]) -> Probe:
@@ -221,6 +219,18 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
         calibration=probe("calibration", ctx.calibset) if use_calibration else None,
         train=probe("train", taught),
     )
+
+
+def taught_examples(traces: list[dict[str, Any]], types: dict[str, Any]) -> list[Any]:
+    """Traces as the metric's examples, each label of its type as a data row's is: a trace
+    holds what the teacher wrote (a multi-step program's outputs as their text, `"False"`),
+    which an author's metric would otherwise read as a string (`bool("False")` is True)."""
+    import dspy
+
+    taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
+              for t in traces]  # fmt: skip
+    with_typed_labels(taught, types)
+    return taught
 
 
 def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[float] | None:
