@@ -120,7 +120,7 @@ def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> 
     import dspy
 
     from services.core.api import pb
-    from services.core.validation import RpcFailure, predict_inputs
+    from services.core.validation import RpcFailure, longest_input, predict_inputs
 
     class Rate(dspy.Signature):
         review: str = dspy.InputField()
@@ -146,13 +146,15 @@ def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> 
         assert said in raised.value.message, raised.value.message
         # JSON is the fix for a list or a model; a choice's fix is one of its values.
         assert ("send the value as JSON" in raised.value.message) == (name in ("keywords", "order"))
+    # A prompt over the context names the input to shorten: the longest.
+    assert longest_input({"review": "long " * 50, "tone": "casual"}) == "inputs['review']"
+    assert longest_input({}) == "inputs"
     # The same values typed, as JSON clients send them (`inputs_json`), and mixed with text.
     typed = {"max_stars": 5, "keywords": ["a", "b"], "order": json.loads(good["order"])}
     mixed = pb.PredictRequest(inputs={"review": "{not json", "tone": "casual"},
                               inputs_json=json.dumps(typed))  # fmt: skip
     assert {k: json.loads(v) if k in typed else v
             for k, v in predict_inputs(mixed, fields).items()} == {**good, **typed}  # fmt: skip
-    as_text = {k: v for k, v in good.items() if k != "review"}
     for inputs_json, field, said in (
         ('{"review": null}', "inputs['review']", "null is not a str"),  # not the text "null"
         ('{"max_stars": null}', "inputs['max_stars']", "is not of type int"),
@@ -160,6 +162,8 @@ def test_a_typed_input_that_is_not_of_its_type_is_refused_naming_the_field() -> 
         ('["five"]', "inputs_json", "send a JSON object"),
         ("{max_stars: 5}", "inputs_json", "not JSON"),
     ):
+        sent_as_json = {k for k in good if f'"{k}"' in inputs_json} - {"tone"}  # tone: both
+        as_text = {k: v for k, v in good.items() if k not in sent_as_json}
         request = pb.PredictRequest(inputs=as_text, inputs_json=inputs_json)
         with pytest.raises(RpcFailure, match=re.escape(f"{field}: ")) as raised:
             predict_inputs(request, fields)

@@ -304,7 +304,7 @@ BAD_REQUESTS = [
         "input too long for the context",
         "Predict",
         pb.PredictRequest(inputs={"country": "land " * 1800}, options=sampling(max_tokens=400)),
-        "inputs",
+        "inputs['country']",  # the longest input: the one to shorten
     ),
     (
         "max_tokens zero",

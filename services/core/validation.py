@@ -262,6 +262,14 @@ def stop_strings(request: pb.GenerateRequest) -> tuple[str, ...]:
     return tuple(request.stop)
 
 
+def longest_input(inputs: dict[str, str]) -> str:
+    """The input a prompt over the context is named by: the longest, which the client shortens."""
+    if not inputs:
+        return "inputs"
+    name = max(inputs, key=lambda key: len(inputs[key]))
+    return f"inputs[{name!r}]"
+
+
 def fits_context(
     prompt_tokens: int | None, max_tokens: int, context_length: int, field: str
 ) -> None:

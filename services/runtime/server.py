@@ -142,7 +142,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         params = _predict_params(request, limits)
         prompt = self._prepare(codec, codec.format_messages(inputs))
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
-        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
+        longest = check.longest_input(inputs)
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, longest)
         if self._settings.log_requests:
             log.info("predict request", extra={"inputs": inputs})
 
@@ -188,8 +189,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             log.info("predict request", extra={"inputs": inputs})
         assert self._program_pool is not None  # attach() made it with the scheduler
         loop = asyncio.get_running_loop()
+        longest = check.longest_input(inputs)  # named when a call's prompt is too long
         calls = ProgramCalls(loop, lambda name, messages: self._program_call(
-            runner, name, messages, params, context, emit))  # fmt: skip
+            runner, name, messages, params, context, emit, longest))  # fmt: skip
         try:
             result = await loop.run_in_executor(self._program_pool, runner.run, inputs, calls)
         except ProgramFailed as failed:
@@ -218,13 +220,13 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _program_call(
         self, runner: ProgramRunner, name: str, messages: list[dict[str, str]],
-        params: Any, context: Any, emit: Emit | None,
+        params: Any, context: Any, emit: Emit | None, longest: str,
     ) -> tuple[LmCall, float]:  # fmt: skip
         """One predictor call of a running program, on the event loop."""
         _, scheduler, limits = self._ready()
         prompt = self._prepare(runner.codecs[name], messages)
         n_prompt = len(prompt.tokens) if prompt.tokens is not None else None
-        check.fits_context(n_prompt, params.max_tokens, limits.context_length, "inputs")
+        check.fits_context(n_prompt, params.max_tokens, limits.context_length, longest)
         job = self._submit(scheduler, prompt, params, context)
         deltas = _deltas(runner.codecs[name], name, emit)
         text, pieces, finished, _ = await self._drain(job, context, deltas)
