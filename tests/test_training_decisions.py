@@ -120,17 +120,18 @@ def test_probe_answers_are_written_as_served_headers_given_values_sampled() -> N
     assert answers[0].endswith("[[ ## completed ## ]]") and answers[0] == answers[1]
 
 
-def test_the_train_probe_gives_the_metric_labels_typed_as_data_rows_are() -> None:
+def test_traces_reach_the_metric_with_labels_typed_as_data_rows_are() -> None:
     """A multi-step trace holds the teacher's outputs as text (`"False"`); an author's metric
-    reading `bool(example.urgent)` must see False, as it does on a data row."""
-    from services.builder.stages.distill import taught_examples
+    reading `bool(example.urgent)` must see False, as it does on a data row (the train probe,
+    the retrain loop's wrong rows, the harvest's before and after)."""
+    from services.builder.context import trace_examples
 
     traces = [{"inputs": {"subject": "vpn"},
                "outputs": {"urgent": "False", "keywords": '["vpn"]', "team": "it"}},
               {"inputs": {"subject": "fire"},
                "outputs": {"urgent": True, "keywords": ["fire"], "team": "it"}}]  # fmt: skip
     types = {"urgent": bool, "keywords": list[str], "team": str}
-    first, second = taught_examples(traces, types)
+    first, second = trace_examples(traces, types)
     assert first.urgent is False and first.keywords == ["vpn"] and first.team == "it"
     assert second.urgent is True and second.keywords == ["fire"]
     assert first.inputs().toDict() == {"subject": "vpn"} and "urgent" in first.labels()

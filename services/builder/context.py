@@ -631,6 +631,19 @@ def with_typed_labels(examples: list[Any], types: dict[str, Any]) -> None:
                 example[name] = typed_value(value, annotation)
 
 
+def trace_examples(traces: list[dict[str, Any]], types: dict[str, Any]) -> list[Any]:
+    """Traces (or harvested answers) as the metric's examples, each label of its type as a
+    data row's is: a trace holds what the teacher wrote (a multi-step program's outputs as
+    their text, `"False"`), which an author's metric would read as a string (`bool("False")`
+    is True)."""
+    import dspy
+
+    examples = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
+                for t in traces]  # fmt: skip
+    with_typed_labels(examples, types)
+    return examples
+
+
 def with_histories(examples: list[Any], inputs: Sequence[FieldSpec]) -> None:
     """Each dspy.History input of the rows as a dspy.History (a row holds its JSON)."""
     names = [field.name for field in inputs if field.is_history]

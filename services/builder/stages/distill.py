@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.builder import export, finetune, teacher
-from services.builder.context import BuildContext, with_typed_labels
+from services.builder.context import BuildContext, trace_examples
 from services.builder.data import file_sha256, input_key, label_counts, normalize
 from services.builder.harvested import harvested_traces
 from services.builder.probe import (
@@ -207,7 +207,7 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
     against what the model was taught)."""
     fields = ctx.label_names
     types = ctx.metric.annotations
-    taught = taught_examples(sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed), types)
+    taught = trace_examples(sample(traces, TRAIN_PROBE_ROWS, ctx.spec.seed), types)
     use_calibration = bool(ctx.calibset) and ctx.spec.lora.checkpoints > 0
 
     def probe(name: str, examples: list[Any]) -> Probe:
@@ -219,18 +219,6 @@ def training_probes(ctx: BuildContext, traces: list[dict[str, Any]]) -> finetune
         calibration=probe("calibration", ctx.calibset) if use_calibration else None,
         train=probe("train", taught),
     )
-
-
-def taught_examples(traces: list[dict[str, Any]], types: dict[str, Any]) -> list[Any]:
-    """Traces as the metric's examples, each label of its type as a data row's is: a trace
-    holds what the teacher wrote (a multi-step program's outputs as their text, `"False"`),
-    which an author's metric would otherwise read as a string (`bool("False")` is True)."""
-    import dspy
-
-    taught = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
-              for t in traces]  # fmt: skip
-    with_typed_labels(taught, types)
-    return taught
 
 
 def balance_weights(ctx: BuildContext, traces: list[dict[str, Any]]) -> list[float] | None:

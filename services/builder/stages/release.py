@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.builder import calibrate, decision, evaluate, report
-from services.builder.context import BuildContext
+from services.builder.context import BuildContext, trace_examples
 from services.builder.package import write_bundle
 from services.builder.stages.base import Stage, progress_bar
 from services.core.config import RuntimeSettings
@@ -99,10 +99,7 @@ def harvest_before_after(ctx: BuildContext, program_path: Path) -> dict[str, Any
     kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     if not kept:
         return None
-    import dspy
-
-    examples = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
-                for t in kept]  # fmt: skip
+    examples = trace_examples(kept, ctx.metric.annotations)
     threads = ctx.spec.teacher.num_threads
     before = evaluate.score_all(ctx.metric, examples, [t["local_outputs"] for t in kept], threads)
     after = evaluate.evaluate_gguf(

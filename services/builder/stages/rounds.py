@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from services.builder import evaluate, rounds, teacher, writer
-from services.builder.context import BuildContext
+from services.builder.context import BuildContext, trace_examples
 from services.builder.data import input_key, json_line
 from services.builder.probe import sample
 from services.builder.stages.base import Stage
@@ -100,11 +100,9 @@ def write_traces(ctx: BuildContext, out: Path) -> None:
 def wrong_rows(ctx: BuildContext, traces: list[dict[str, Any]]) -> tuple[list[Any], int]:
     """The writer's seeds: a sample of the traces from real inputs that this round's model
     answers against the teacher; all of the sample when it gets none wrong."""
-    import dspy
-
     real = [t for t in traces if t.get("source") != "teacher-written"]
     picked = sample(real, SEED_ROWS, ctx.spec.seed + (ctx.round.number if ctx.round else 0))
-    rows = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"]) for t in picked]
+    rows = trace_examples(picked, ctx.metric.annotations)
     program = ctx.dirs["gate"] / "program" / "program.json"
     answered = answer_rows(ctx, rows, ["train"] * len(rows), program)["examples"]
     wrong = [t for t, a in zip(picked, answered, strict=True) if a["score"] < ctx.threshold]
