@@ -324,7 +324,7 @@ def gold_run(runner: ProgramRunner, example: Any) -> Any:
     result = runner.run(dict(example.inputs()), gold_answers(runner, example))
     if result.outputs is None:
         raise ValueError("a gold answer did not parse")
-    return dspy.Prediction(**result.outputs)
+    return dspy.Prediction(**json.loads(result.outputs_json))  # typed, as an API teacher's
 
 
 def check_one_label_per_call(records: list[dict[str, Any]]) -> None:
