@@ -263,6 +263,22 @@ def test_a_generate_between_predicts_does_not_cost_the_program_prefix(
     assert after.usage.cached_prompt_tokens > 50, after.usage
 
 
+def test_the_program_prefix_is_evaluated_before_the_server_is_ready(
+    gguf_path: Path, program_path: Path
+) -> None:
+    """One call at a time too: the first Predict finds the program's fixed prompt cached."""
+    server = start_runtime("--model", str(gguf_path), "--program", str(program_path),
+                           "--n-ctx", "2048", "--parallel", "1")  # fmt: skip
+    try:
+        with InferenceClient(server.target) as client:
+            held = client.info().cached_prefix_tokens
+            first = client.predict({"country": "Chile"})
+        assert held > 50  # instructions, field structure and demos
+        assert first.usage.cached_prompt_tokens >= held, first.usage
+    finally:
+        server.terminate()
+
+
 def test_get_model_info(runtime: ServerProcess, gguf_path: Path) -> None:
     from services.core.bundle import sha256_file
 

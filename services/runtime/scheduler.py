@@ -27,6 +27,7 @@ from services.runtime.backends import (
     BatchingBackend,
     Finished,
     GenerationParams,
+    KeepsPrefixes,
     PreparedPrompt,
     TokenPiece,
 )
@@ -136,7 +137,17 @@ class Scheduler:
         self._ready.set()
 
     def _warm(self) -> None:
-        """The backend's one-time work; none for a one-at-a-time backend."""
+        """The backend's one-time work: its program prefix, evaluated before calls come."""
+        if not isinstance(self._backend, KeepsPrefixes):
+            return
+        started = time.perf_counter()
+        self._backend.warm()
+        if self._backend.prefix_tokens:
+            log.info(
+                "program prefix cached",
+                extra={"prefix_tokens": self._backend.prefix_tokens,
+                       "seconds": round(time.perf_counter() - started, 2)},
+            )  # fmt: skip
 
     @property
     def waiting(self) -> int:
@@ -274,16 +285,6 @@ class BatchScheduler(Scheduler):
         self.slots = engine.slots
         self._active: list[Job] = []
         super().__init__(engine, max_queue)
-
-    def _warm(self) -> None:
-        started = time.perf_counter()
-        self._engine.warm()
-        if self._engine.prefix_tokens:
-            log.info(
-                "program prefix cached",
-                extra={"prefix_tokens": self._engine.prefix_tokens,
-                       "seconds": round(time.perf_counter() - started, 2)},
-            )  # fmt: skip
 
     def _run(self) -> None:
         engine = self._engine

@@ -26,7 +26,14 @@ from services.core.rpc_status import call_status
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.validation import Limits, RpcFailure
 from services.runtime import predict_stream
-from services.runtime.backends import Backend, BackendError, BatchingBackend, Finished, TokenPiece
+from services.runtime.backends import (
+    Backend,
+    BackendError,
+    BatchingBackend,
+    Finished,
+    KeepsPrefixes,
+    TokenPiece,
+)
 from services.runtime.backends.base import EmbeddingBackend, PreparedPrompt
 from services.runtime.backends.embeddings import Embedded, EmbeddingCancelled
 from services.runtime.loading import LoadedModel, load_model
@@ -376,6 +383,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
         if isinstance(model.backend, BatchingBackend):
             reply.parallel = model.backend.slots
+        if isinstance(model.backend, KeepsPrefixes):
             reply.cached_prefix_tokens = model.backend.prefix_tokens
         if isinstance(model.backend, EmbeddingBackend):
             reply.embedding_length = model.backend.embedding_length

@@ -11,6 +11,7 @@ from services.runtime.backends.base import (
     BackendInfo,
     BatchingBackend,
     Finished,
+    KeepsPrefixes,
     PreparedPrompt,
     TokenPiece,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "BatchingBackend",
     "Finished",
     "GenerationParams",
+    "KeepsPrefixes",
     "PreparedPrompt",
     "TokenPiece",
 ]

@@ -114,14 +114,8 @@ class Backend(Protocol):
 
 
 @runtime_checkable
-class BatchingBackend(Backend, Protocol):
-    """A backend that decodes many requests together, stepped by one thread.
-
-    `start` gives a request one of `slots`; each `step` runs one decode across all active
-    requests and returns their events, keyed by the handle given to `start`.
-    """
-
-    slots: int
+class KeepsPrefixes(Protocol):
+    """A backend holding the program's fixed prompt prefix evaluated (prefix reuse)."""
 
     @property
     def prefix_tokens(self) -> int: ...
@@ -129,6 +123,17 @@ class BatchingBackend(Backend, Protocol):
     def warm(self) -> None:
         """One-time work (the program prefix), run by the thread that will step the backend."""
         ...
+
+
+@runtime_checkable
+class BatchingBackend(Backend, KeepsPrefixes, Protocol):
+    """A backend that decodes many requests together, stepped by one thread.
+
+    `start` gives a request one of `slots`; each `step` runs one decode across all active
+    requests and returns their events, keyed by the handle given to `start`.
+    """
+
+    slots: int
 
     @property
     def free_slots(self) -> int: ...

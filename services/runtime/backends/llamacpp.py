@@ -277,11 +277,31 @@ class LlamaCppBackend(ChatModelMethods):
         self._prefix_states: dict[tuple[int, ...], Any] = {}
 
     def set_prefixes(self, prefixes: list[list[int]]) -> None:
-        """Fixed prompt prefixes (a multi-step program's, one per predictor). Each is
-        evaluated on first use and its KV state kept: a call whose prefix the context no
-        longer holds (another predictor's call came between) restores it instead of
-        evaluating it again."""
+        """Fixed prompt prefixes (the program's, one per predictor). Each is evaluated by
+        `warm` (else on first use) and its KV state kept: a call whose prefix the context no
+        longer holds (a Generate or another predictor's call came between) restores it
+        instead of evaluating it again."""
         self._prefixes = [tuple(p) for p in prefixes if len(p) > 1]
+
+    def warm(self) -> None:
+        """Evaluate and keep every prefix now, on the thread that will generate, before the
+        server says it is ready: the first call does not pay for it."""
+        llm = self._llm
+        for prefix in self._prefixes:
+            held = common_prefix_length([list(llm._input_ids[: llm.n_tokens]), list(prefix)])
+            self._keep_prefix(prefix, held)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the kept prefixes, all predictors' together."""
+        return sum(len(prefix) for prefix in self._prefix_states)
+
+    def _keep_prefix(self, prefix: tuple[int, ...], held: int) -> None:
+        """Evaluate what the context (holding `held` of the prefix) lacks of it; keep it."""
+        llm = self._llm
+        llm.n_tokens = usable_cache(held, len(prefix) - 1)
+        llm.eval(list(prefix[llm.n_tokens :]))
+        self._prefix_states[prefix] = llm.save_state()
 
     def _restore_prefix(self, tokens: list[int], held: int) -> bool:
         """Put the prompt's fixed prefix in the context (which holds `held` of the prompt's
@@ -293,10 +313,8 @@ class LlamaCppBackend(ChatModelMethods):
             if tuple(tokens[: len(prefix)]) != prefix:
                 continue
             state = self._prefix_states.get(prefix)
-            if state is None:  # evaluate only what the context lacks of it, then keep it
-                llm.n_tokens = usable_cache(held, len(prefix) - 1)
-                llm.eval(list(prefix[llm.n_tokens :]))
-                self._prefix_states[prefix] = llm.save_state()
+            if state is None:  # not warmed (a bench's bare backend): kept at first use
+                self._keep_prefix(prefix, held)
                 return True
             llm.load_state(state)
             return False
