@@ -905,6 +905,10 @@ def test_a_low_confidence_answer_falls_back_to_the_whole_program_on_the_api(
     # other field, writes a fixed sentence): the program's own forward, not one signature.
     assert dict(reply.outputs) == {"category": "security", "reply": "Answer precisely and briefly."}
     assert requests == 2
+    # each API call listed with the tokens the API counted; `usage` their sum
+    assert [c.predictor for c in reply.lm_calls] == ["classify", "draft"]
+    assert all(c.usage.prompt_tokens > 0 < c.usage.completion_tokens for c in reply.lm_calls)
+    assert reply.usage.prompt_tokens == sum(c.usage.prompt_tokens for c in reply.lm_calls)
 
 
 def test_a_label_the_programs_python_writes_may_be_outside_the_predictors_type(

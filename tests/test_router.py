@@ -95,16 +95,24 @@ def test_low_confidence_goes_to_the_api(
 def test_unparsable_local_output_goes_to_the_api(
     bundle: Path, local_runtime: ServerProcess
 ) -> None:
+    metrics_port = free_port()
     with OpenAIStandIn({"Spain": "Madrid"}, input_field="country", output_field="capital") as api:
         router = start_router(bundle, local_runtime.target, "--threshold", "0.0",
                               "--fallback-model", "openai/gold", "--fallback-api-base",
-                              api.base_url)  # fmt: skip
+                              api.base_url, "--metrics-port", str(metrics_port))  # fmt: skip
         try:
             reply = predict(router, "Spain", max_tokens=1)  # truncated: cannot parse
+            counted = metrics_text(metrics_port)
         finally:
             router.terminate()
     assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "unparsed"
     assert reply.outputs["capital"] == "Madrid"
+    # The API's call and the tokens it counted (the stand-in counts words), not the local's
+    [call] = reply.lm_calls
+    assert call.predictor == "capitals" and call.usage == reply.usage
+    assert reply.usage.prompt_tokens > 20 and 0 < reply.usage.completion_tokens < 20
+    tokens = f'edgedistill_router_api_tokens_total{{kind="prompt"}} {reply.usage.prompt_tokens}.0'
+    assert tokens in counted
 
 
 def metrics_text(port: int) -> str:

@@ -53,6 +53,16 @@ class Generated:
 
 
 @dataclass(frozen=True)
+class ApiAnswer:
+    """The API model's answer to a Predict: the outputs as text and typed (program.typed_json,
+    as a runtime answers), and its calls, each with the tokens the API counted."""
+
+    outputs: dict[str, str]
+    outputs_json: str
+    calls: tuple[LmCall, ...]
+
+
+@dataclass(frozen=True)
 class Piece:
     """A piece of a streamed Generate: new text (with its tokens' log-probabilities when
     asked for), or (the last piece) how it ended."""
@@ -87,6 +97,7 @@ class FallbackModel:
         self._retries = retries
         self._backoff_s = backoff_s
         self._output_names = [f.name for f in program.outputs]
+        self._name = program.name
         kwargs: dict[str, Any] = {
             "cache": False,  # DSPy's cache key ignores api_base
             "num_retries": 0,  # retries are ours, with backoff and a breaker
@@ -117,21 +128,28 @@ class FallbackModel:
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def _call(self, inputs: dict[str, str]) -> tuple[dict[str, str], str]:
-        """The outputs as text and typed (program.typed_json), as a runtime answers."""
+    def _call(self, inputs: dict[str, str]) -> ApiAnswer:
         if self._runner is not None:
             result = self._runner.run(inputs, self._api_call)
             if result.outputs is None:
                 raise UnparsedAnswer(f"the API model's answer did not parse ({result.outcome})")
-            return result.outputs, result.outputs_json
-        prediction = self._predictor(**self._codec.decode_inputs(inputs))  # typed, as served
+            return ApiAnswer(result.outputs, result.outputs_json, tuple(result.calls))
+        from dspy.utils.usage_tracker import track_usage
+
+        with track_usage() as used:
+            prediction = self._predictor(**self._codec.decode_inputs(inputs))  # typed, as served
         values = {name: prediction.get(name, "") for name in self._output_names}
         texts = {name: value_text(value) for name, value in values.items()}
-        return texts, typed_json(values, self._output_names)
+        call = LmCall(self._name, "", 1.0, "parsed", **counted_tokens(used))
+        return ApiAnswer(texts, typed_json(values, self._output_names), (call,))
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
-        text = str(self._lm(messages=messages)[0])
-        return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed")
+        from dspy.utils.usage_tracker import track_usage
+
+        with track_usage() as used:
+            text = str(self._lm(messages=messages)[0])
+        return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed",
+                      **counted_tokens(used))  # fmt: skip
 
     def _options(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
         """A Generate call's options as an OpenAI-style API takes them (llama.cpp's top_k,
@@ -191,9 +209,8 @@ class FallbackModel:
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         ))  # fmt: skip
 
-    async def predict(self, inputs: dict[str, str]) -> tuple[tuple[dict[str, str], str], float]:
-        """The API's outputs (text and typed) and the seconds it took; ApiError after the
-        last retry."""
+    async def predict(self, inputs: dict[str, str]) -> tuple[ApiAnswer, float]:
+        """The API's answer and the seconds it took; ApiError after the last retry."""
         return await self._retrying(self._call, inputs)
 
     async def stream(
@@ -249,6 +266,14 @@ class FallbackModel:
                    "retried": again},
         )  # fmt: skip
         return failure, again
+
+
+def counted_tokens(tracker: Any) -> dict[str, int]:
+    """The prompt and completion tokens a DSPy usage tracker holds, as the API counted them
+    (LiteLLM's estimate where the server sends none)."""
+    totals = tracker.get_total_tokens().values()
+    return {kind: sum(int(usage.get(kind) or 0) for usage in totals)
+            for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
 
 
 def timed_out(err: BaseException) -> bool:

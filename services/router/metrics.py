@@ -48,6 +48,12 @@ class RouterMetrics:
             registry=r,
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.api_tokens = Counter(
+            "edgedistill_router_api_tokens",
+            "Tokens the API model counted for the calls sent to it, by kind (prompt, completion)",
+            ["kind"],
+            registry=r,
+        )
         self.api_errors = Counter(
             "edgedistill_router_api_errors", "API failures by kind", ["kind"], registry=r
         )

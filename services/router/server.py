@@ -232,7 +232,9 @@ class RouterService(pb_grpc.InferenceServicer):
                     continue
                 seconds = time.perf_counter() - started
                 account(seconds)
-                yield _last_api_chunk(piece.final, fallback.model, seconds, first - started)
+                last = _last_api_chunk(piece.final, fallback.model, seconds, first - started)
+                self._count_api_tokens(last.usage)
+                yield last
 
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         inputs = self._checked_inputs(request)
@@ -281,9 +283,8 @@ class RouterService(pb_grpc.InferenceServicer):
             fallback = await self._try_fallback(inputs, decided.reason)
             if not isinstance(fallback, ApiError):
                 self._harvest_record("fallback", inputs, local, fallback, decided.reason)
-                if local is not None:
+                if local is not None:  # the confidence that sent it away
                     fallback.confidence = local.confidence
-                    fallback.usage.CopyFrom(local.usage)
                 return fallback
             decided = after_api_error(decided, answer, fallback.summary)  # recorded already
         elif decided.action is not Action.FAIL:
@@ -383,16 +384,28 @@ class RouterService(pb_grpc.InferenceServicer):
         answer = await self._via_api(reason, lambda: fallback.predict(inputs))
         if isinstance(answer, ApiError):
             return answer
-        (outputs, outputs_json), _ = answer
-        return pb.PredictResponse(
-            outputs=outputs,
-            outputs_json=outputs_json,
+        api, _ = answer
+        response = pb.PredictResponse(
+            outputs=api.outputs,
+            outputs_json=api.outputs_json,
             served_by=pb.SERVED_BY_FALLBACK,
             model_id=fallback.model,
             outcome=pb.PREDICT_OUTCOME_PARSED,
             threshold=self._threshold,
             route_reason=reason,
         )
+        for call in api.calls:  # the API model's calls, as a runtime lists its own
+            usage = pb.Usage(prompt_tokens=call.prompt_tokens,
+                             completion_tokens=call.completion_tokens)  # fmt: skip
+            response.lm_calls.add(predictor=call.predictor, usage=usage, confidence=1.0)
+            self._count_api_tokens(usage)
+        response.usage.prompt_tokens = sum(c.prompt_tokens for c in api.calls)
+        response.usage.completion_tokens = sum(c.completion_tokens for c in api.calls)
+        return response
+
+    def _count_api_tokens(self, usage: pb.Usage) -> None:
+        self._metrics.api_tokens.labels("prompt").inc(usage.prompt_tokens)
+        self._metrics.api_tokens.labels("completion").inc(usage.completion_tokens)
 
     async def _via_api(
         self, reason: str, ask: Callable[[], Awaitable[tuple[T, float]]]
