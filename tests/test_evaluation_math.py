@@ -428,6 +428,38 @@ def test_a_user_metric_is_checked_on_the_labels_before_the_build() -> None:
         check(typo)
     assert "Note:" not in str(raised.value)  # no field shadows a method
 
+
+def test_a_metric_that_returns_no_score_is_a_clear_error_not_a_traceback() -> None:
+    """None (a metric that forgot `return`), text or NaN is no score: the check on the labels
+    and a score in the build say so, naming the metric; a bool or a dspy.Prediction's
+    `score` (GEPA's feedback metrics) is one."""
+    import dspy
+
+    from services.builder.metrics import TypedMetric, check_metric, score
+    from services.builder.spec import SpecError
+
+    rows = [dspy.Example(q="1", stars=3).with_inputs("q")]
+
+    def forgot_return(example: Any, prediction: Any) -> None:
+        _ = example.stars == prediction.stars
+
+    def only_when_right(example: Any, prediction: Any) -> float | None:
+        return 1.0 if example.stars == prediction.stars else None
+
+    def with_feedback(example: Any, prediction: Any) -> Any:
+        return dspy.Prediction(score=0.5, feedback="close")
+
+    with pytest.raises(SpecError, match=r"m:f returned None scoring data.train row 1 .*return"):
+        check_metric(TypedMetric(forgot_return, {}), "m:f", rows, ["stars"], 1.0)
+    lenient = TypedMetric(only_when_right, {"stars": int})
+    assert check_metric(lenient, "m:f", rows, ["stars"], 1.0) is None  # right on its labels
+    with pytest.raises(SpecError, match=r"only_when_right returned None for an answer"):
+        score(lenient, rows[0], {"stars": 4})
+    assert score(TypedMetric(with_feedback, {}), rows[0], {"stars": 3}) == 0.5
+    assert score(TypedMetric(lambda e, p: True, {}), rows[0], {"stars": 3}) == 1.0
+    with pytest.raises(SpecError, match="returned 'nan'"):
+        score(TypedMetric(lambda e, p: "nan", {}), rows[0], {"stars": 3})
+
     # A model label read as DSPy hands a row's JSON (a dict): the build hands the model.
     class Item(BaseModel):
         product: str

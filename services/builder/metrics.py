@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -168,7 +169,7 @@ def check_metric(
     if name in BUILTIN_METRICS or name == "semantic_f1":
         return None
     scores = []
-    for number, row in enumerate(rows[:8], 1):
+    for number_of_row, row in enumerate(rows[:8], 1):
         if not all(field in row for field in output_names):
             continue
         raised = len(metric.errors)
@@ -176,14 +177,20 @@ def check_metric(
         if len(metric.errors) > raised:
             error = metric.errors.pop()
             raise SpecError(
-                f"metric: {name} raised {error} scoring data.train row {number} "
+                f"metric: {name} raised {error} scoring data.train row {number_of_row} "
                 "against its own labels; fix the metric (it is handed a dspy.Example and a "
                 "dspy.Prediction whose fields have the signature's types)"
                 + model_labels_hint(error, metric.annotations)
                 + (NO_JUDGE_HINT if "No LM is loaded" in error else "")
                 + (shadowed_fields_hint(output_names) if "'method'" in error else "")
             )
-        scores.append(float(value))
+        number = metric_number(value)
+        if number is None:
+            raise SpecError(
+                f"metric: {name} returned {value!r:.80} scoring data.train row "
+                f"{number_of_row} against its own labels{NOT_A_SCORE}"
+            )
+        scores.append(number)
     if scores and max(scores) < threshold:
         return (
             f"metric: {name} scores the first train rows' own labels at most {max(scores):g}, "
@@ -279,4 +286,24 @@ def score(metric: Metric, example: Any, outputs: dict[str, Any] | None) -> float
     if outputs is None:
         return 0.0
     value = metric(example, dspy.Prediction(**outputs))
-    return float(value)
+    number = metric_number(value)
+    if number is None:
+        name = getattr(getattr(metric, "metric", metric), "__name__", "the metric")
+        raise SpecError(f"metric: {name} returned {value!r:.80} for an answer{NOT_A_SCORE}")
+    return number
+
+
+NOT_A_SCORE = (
+    ", not a score: a metric returns a number, a bool or dspy.Prediction(score=...) for every "
+    "answer, right or wrong (a function that ends without `return` returns None)"
+)
+
+
+def metric_number(value: Any) -> float | None:
+    """A metric's result as a number (a bool, or a dspy.Prediction's `score` as DSPy reads
+    it); None for anything else (None, a string, NaN)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None
+    return number if math.isfinite(number) else None
