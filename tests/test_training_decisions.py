@@ -121,9 +121,9 @@ def test_probe_answers_are_written_as_served_headers_given_values_sampled() -> N
 
 
 def test_traces_reach_the_metric_with_labels_typed_as_data_rows_are() -> None:
-    """A multi-step trace holds the teacher's outputs as text (`"False"`); an author's metric
-    reading `bool(example.urgent)` must see False, as it does on a data row (the train probe,
-    the retrain loop's wrong rows, the harvest's before and after)."""
+    """A harvested answer holds the API's outputs as text (`"False"`), a trace as JSON; an
+    author's metric reading `bool(example.urgent)` must see False, as on a data row (the train
+    probe, the retrain loop's wrong rows, the harvest's before and after)."""
     from services.builder.context import trace_examples
 
     traces = [{"inputs": {"subject": "vpn"},

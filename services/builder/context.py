@@ -633,9 +633,9 @@ def with_typed_labels(examples: list[Any], types: dict[str, Any]) -> None:
 
 def trace_examples(traces: list[dict[str, Any]], types: dict[str, Any]) -> list[Any]:
     """Traces (or harvested answers) as the metric's examples, each label of its type as a
-    data row's is: a trace holds what the teacher wrote (a multi-step program's outputs as
-    their text, `"False"`), which an author's metric would read as a string (`bool("False")`
-    is True)."""
+    data row's is: a trace is JSON (a model as its dict) and a harvested answer holds the
+    API's outputs as their text (`"False"`), which an author's metric would read as a string
+    (`bool("False")` is True)."""
     import dspy
 
     examples = [dspy.Example(**t["inputs"], **t["outputs"]).with_inputs(*t["inputs"])
