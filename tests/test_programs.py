@@ -148,6 +148,16 @@ def test_an_unparsed_step_ends_the_run_and_a_raising_forward_is_the_programs_fai
     assert result.outputs is None and result.outcome == "unparsed" and len(result.calls) == 1
     assert result.confidence == 0.0
 
+    # A step cut at max_tokens ends the run though DSPy could read its text: no next call.
+    complete = scripted(runner, {"classify": {"category": "network"}}, [])
+
+    def cut(name: str, messages: list[dict[str, str]]) -> LmCall:
+        call = complete(name, messages)
+        return LmCall(name, call.text, 0.0, "truncated")
+
+    result = runner.run({"ticket": "x"}, cut)
+    assert result.outcome == "truncated" and [c.predictor for c in result.calls] == ["classify"]
+
     def refuse(name: str, messages: list[dict[str, str]]) -> LmCall:
         raise TimeoutError("deadline")  # what the caller's Complete raises comes back as is
 

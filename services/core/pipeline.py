@@ -398,6 +398,12 @@ def request_messages(request: Any) -> list[dict[str, str]]:
     return messages
 
 
+class StepNotAnswered(RuntimeError):
+    """A predictor call the caller judged not parsed (cut at max_tokens, or unreadable): the
+    run ends there, though DSPy might read a value from its text. A program that catches it
+    (Refine's next attempt) goes on."""
+
+
 class _PredictorEngine:
     """A dspy engine for one predictor: each call goes to the current run's Complete."""
 
@@ -416,6 +422,9 @@ class _PredictorEngine:
             run.failure = err
             raise
         run.calls.append(call)
+        if call.outcome != "parsed":  # ends the run, whatever DSPy could still read of the text
+            run.failure = StepNotAnswered(f"{self.predictor}: {call.outcome}")
+            raise run.failure
         return Response(
             id=None, model=request.model, message=Message.assistant([TextPart(call.text)]),
             finish_reason="length" if call.outcome == "truncated" else "stop",
@@ -592,6 +601,8 @@ class ProgramRunner:
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
         except BaseException as err:
+            if isinstance(run.failure, StepNotAnswered):  # as DSPy's parse error: no answer
+                return None, run
             if run.failure is not None:
                 raise run.failure from None
             raise ProgramFailed(err, run.calls) from err
