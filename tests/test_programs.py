@@ -7,6 +7,7 @@ runtime on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,13 +160,32 @@ def test_an_unparsed_step_ends_the_run_and_a_raising_forward_is_the_programs_fai
     result = runner.run({"ticket": "x"}, cut)
     assert result.outcome == "truncated" and [c.predictor for c in result.calls] == ["classify"]
 
+    # ... unless the program catches it (Refine's next attempt): a later error of its own
+    # is its failure, not an unanswered step.
+    answers = {"classify": {"category": "network"}, "draft": {"reply": "ok"}}
+    module = runner.module
+
+    def retry_then_fail(ticket: str) -> None:
+        with contextlib.suppress(Exception):  # as Refine does; DSPy wraps StepNotAnswered
+            module.classify(ticket=ticket)
+        module.draft(ticket=ticket, category="network")
+        raise ValueError("the program's own check")
+
+    def cut_first(name: str, messages: list[dict[str, str]]) -> LmCall:
+        call = scripted(runner, answers, [])(name, messages)
+        return replace(call, outcome="truncated") if name == "classify" else call
+
+    module.forward = retry_then_fail
+    with pytest.raises(ProgramFailed, match="the program's own check"):
+        runner.run({"ticket": "x"}, cut_first)
+    del module.forward
+
     def refuse(name: str, messages: list[dict[str, str]]) -> LmCall:
         raise TimeoutError("deadline")  # what the caller's Complete raises comes back as is
 
     with pytest.raises(TimeoutError, match="deadline"):
         runner.run({"ticket": "x"}, refuse)
 
-    answers = {"classify": {"category": "network"}, "draft": {"reply": "ok"}}
     with pytest.raises(ProgramFailed, match="TypeError"):  # forward() given a wrong input
         runner.run({"tickets": "x"}, scripted(runner, answers, []))
 

@@ -404,6 +404,16 @@ class StepNotAnswered(RuntimeError):
     (Refine's next attempt) goes on."""
 
 
+def _raised_from(error: BaseException, cause: BaseException) -> bool:
+    """Whether `error` is `cause` or was raised while it was handled (DSPy may wrap it)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if seen is cause:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _PredictorEngine:
     """A dspy engine for one predictor: each call goes to the current run's Complete."""
 
@@ -601,10 +611,13 @@ class ProgramRunner:
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
         except BaseException as err:
-            if isinstance(run.failure, StepNotAnswered):  # as DSPy's parse error: no answer
-                return None, run
-            if run.failure is not None:
-                raise run.failure from None
+            failure = run.failure
+            if isinstance(failure, StepNotAnswered):
+                if _raised_from(err, failure):  # as DSPy's parse error: no answer
+                    return None, run
+                failure = None  # the program caught it, then failed on its own
+            if failure is not None:
+                raise failure from None
             raise ProgramFailed(err, run.calls) from err
         finally:
             _CURRENT.reset(token)
