@@ -4,6 +4,7 @@ API teacher on a real OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -464,6 +465,11 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
     changed = build(spec, Console(file=io.StringIO()), stages=stages)
     assert changed.ran == ["count"] and changed.skipped == ["traces", "dataset"]
     assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
+
+    # A new version of the stage's code (what it writes changed) makes its folder again.
+    newer = (*STAGES[:2], dataclasses.replace(toy, version=2))
+    assert build(spec, Console(file=io.StringIO()), stages=newer).ran == ["count"]
+    assert build(spec, Console(file=io.StringIO()), stages=newer).ran == []
 
     # A stage run again (its folder removed) runs the stages after it: theirs were made
     # from the results of a run that is gone.

@@ -54,6 +54,8 @@ class Stage:
     was skipped. `folder`: where it is published under BUILD/ (default: its name).
     `host_shared`: its output follows from its key alone, so other builds on this host take it
     from the host cache (services/builder/host_cache.py) instead of running it again.
+    `version`: raised when a change to `run` changes what it writes, so that folders an older
+    edgedistill wrote are made again (and every stage after them), not reused.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Stage:
     report: Callable[[BuildContext, Path], None] | None = None
     folder: str = ""
     host_shared: bool = False
+    version: int = 1
 
     @property
     def folder_name(self) -> str:
@@ -71,9 +74,11 @@ class Stage:
 
 
 def stage_key(stage: Stage, ctx: BuildContext) -> str:
-    """The one key derivation: the stage's name, its upstream keys and its own inputs."""
+    """The one key derivation: the stage's name and version, its upstream keys and its own
+    inputs."""
     payload = {
         "stage": stage.name,
+        "version": stage.version,
         "after": {name: ctx.keys.get(name) for name in stage.after},  # key and run id each
         "inputs": stage.inputs(ctx),
     }
