@@ -111,6 +111,8 @@ def test_unparsable_local_output_goes_to_the_api(
     [call] = reply.lm_calls
     assert call.predictor == "capitals" and call.usage == reply.usage
     assert reply.usage.prompt_tokens > 20 and 0 < reply.usage.completion_tokens < 20
+    # The API sampled every token it returned, as a runtime's unforced call does.
+    assert reply.usage.decode_steps == reply.usage.completion_tokens
     tokens = f'edgedistill_router_api_tokens_total{{kind="prompt"}} {reply.usage.prompt_tokens}.0'
     assert tokens in counted
 

@@ -29,6 +29,7 @@ from services.core.sampling import (
     MAX_TOKENS_DEFAULT,
     MAX_TOKENS_LIMIT,
 )
+from services.core.usage import usage_of
 from services.core.validation import Limits, RpcFailure
 from services.router.decision import (
     Action,
@@ -395,12 +396,10 @@ class RouterService(pb_grpc.InferenceServicer):
             route_reason=reason,
         )
         for call in api.calls:  # the API model's calls, as a runtime lists its own
-            usage = pb.Usage(prompt_tokens=call.prompt_tokens,
-                             completion_tokens=call.completion_tokens)  # fmt: skip
+            usage = usage_of(call)
             response.lm_calls.add(predictor=call.predictor, usage=usage, confidence=1.0)
             self._count_api_tokens(usage)
-        response.usage.prompt_tokens = sum(c.prompt_tokens for c in api.calls)
-        response.usage.completion_tokens = sum(c.completion_tokens for c in api.calls)
+        response.usage.CopyFrom(usage_of(*api.calls))
         return response
 
     def _count_api_tokens(self, usage: pb.Usage) -> None:
@@ -590,7 +589,8 @@ def _last_api_chunk(done: Generated, model: str, seconds: float, to_first: float
     finish = pb.FINISH_REASON_LENGTH if done.finished_by_length else pb.FINISH_REASON_STOP
     return pb.GenerateChunk(
         finish_reason=finish,
-        usage=pb.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
+        usage=pb.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                       decode_steps=done.completion_tokens),  # the API sampled each one
         latency_ms=seconds * 1000, time_to_first_token_ms=to_first * 1000,
         served_by=pb.SERVED_BY_FALLBACK, model_id=model,
     )  # fmt: skip

@@ -24,6 +24,7 @@ from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.rpc_status import call_status
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
+from services.core.usage import usage_of
 from services.core.validation import Limits, RpcFailure
 from services.runtime import predict_stream
 from services.runtime.backends import (
@@ -162,13 +163,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         response = pb.PredictResponse(
             served_by=pb.SERVED_BY_LOCAL,
             model_id=model.backend.info.model_name,
-            usage=_usage(finished),
+            usage=usage_of(finished),
             queue_ms=_queue_ms(job),
             confidence=result.confidence,
             outcome=_OUTCOME[result.outcome],
         )
         response.lm_calls.add(
-            predictor=codec.spec.name, usage=_usage(finished), confidence=result.confidence
+            predictor=codec.spec.name, usage=usage_of(finished), confidence=result.confidence
         )
         if result.outputs is not None:
             response.outputs.update(result.outputs)
@@ -214,8 +215,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         )  # fmt: skip
         for call in result.calls:
             response.lm_calls.add(predictor=call.predictor, confidence=call.confidence,
-                                  usage=_usage(call))  # fmt: skip
-        response.usage.CopyFrom(_usage(*result.calls))
+                                  usage=usage_of(call))  # fmt: skip
+        response.usage.CopyFrom(usage_of(*result.calls))
         if result.outputs is not None:
             response.outputs.update(result.outputs)
             response.outputs_json = result.outputs_json
@@ -288,7 +289,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 yield pb.GenerateChunk(
                     text=event.text,
                     finish_reason=_FINISH[event.reason],
-                    usage=_usage(event),
+                    usage=usage_of(event),
                     latency_ms=(now - started) * 1000,
                     time_to_first_token_ms=ttft * 1000,
                     served_by=pb.SERVED_BY_LOCAL,
@@ -548,21 +549,6 @@ def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:
         request.options, limits, default_temperature=PREDICT_DEFAULT_TEMPERATURE,
         stop=(COMPLETED_MARKER,), logprobs=True,
     )  # fmt: skip
-
-
-def _usage(*counted: Finished | LmCall) -> pb.Usage:
-    """The token accounting of one call, or the sum of a program's calls."""
-    return pb.Usage(
-        prompt_tokens=sum(c.prompt_tokens for c in counted),
-        completion_tokens=sum(c.completion_tokens for c in counted),
-        cached_prompt_tokens=sum(c.cached_prompt_tokens for c in counted),
-        decode_steps=sum(_decode_steps(c) for c in counted),
-    )
-
-
-def _decode_steps(counted: Finished | LmCall) -> int:
-    steps = counted.decode_steps
-    return counted.completion_tokens if steps is None else steps
 
 
 class ProgramCalls:
