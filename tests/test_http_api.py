@@ -1034,6 +1034,40 @@ def test_props_describe_the_served_model_as_llama_cpps_server_does(
         assert refused.status_code == 401  # the token applies to it as to every route
 
 
+def test_slots_say_which_slot_decodes_as_llama_cpps_server_does(
+    served: tuple[ServerProcess, int, ServerProcess, int],
+) -> None:
+    """`GET /slots`: idle before a call, decoding during one (its prompt counted, tokens
+    generated so far), and `?fail_on_no_slot=1` is 503 while none is free; runtime and router."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    story = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Write a long story about a lighthouse.")],
+        options=pb.SamplingOptions(max_tokens=64, temperature=0.0),
+    )
+    for port in (served[1], served[3]):
+        url = f"http://127.0.0.1:{port}/slots"
+        [idle] = httpx.get(url, headers=headers, timeout=60).json()
+        assert idle["id"] == 0 and idle["n_ctx"] == 1024 and not idle["is_processing"]
+        assert idle["n_prompt_tokens"] == 0 and idle["next_token"]["n_decoded"] == 0
+        assert httpx.get(f"{url}?fail_on_no_slot=1", headers=headers, timeout=60).is_success
+
+        with grpc.insecure_channel(served[0].target) as channel:
+            stream = pb_grpc.InferenceStub(channel).Generate(
+                story, metadata=token_metadata(TOKEN), timeout=60
+            )
+            next(stream)  # decoding has begun
+            [busy] = httpx.get(url, headers=headers, timeout=60).json()
+            refused = httpx.get(f"{url}?fail_on_no_slot=1", headers=headers, timeout=60)
+            ended = [c for c in stream if c.HasField("usage")][-1].usage
+        assert busy["is_processing"] and busy["n_prompt_tokens"] == ended.prompt_tokens
+        assert 0 < busy["next_token"]["n_decoded"] <= ended.completion_tokens
+        assert refused.status_code == 503 and "no slot" in refused.json()["error"]["message"]
+        [after] = httpx.get(url, headers=headers, timeout=60).json()
+        assert not after["is_processing"] and after["n_held_tokens"] >= ended.prompt_tokens
+
+
 def test_only_pages_of_allowed_origins_may_call_it_from_a_browser(
     served: tuple[ServerProcess, int, ServerProcess, int],
 ) -> None:

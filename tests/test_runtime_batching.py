@@ -131,6 +131,10 @@ def test_predict_reuses_the_program_prefix(servers: tuple[ServerProcess, ServerP
     text, cached = reply.raw_text, reply.usage.cached_prompt_tokens
     # Every Predict starts from the warm prefix: only what follows it is evaluated.
     assert info.cached_prefix_tokens <= cached < reply.usage.prompt_tokens
+    # Its slot is free again and holds the call's prompt for a next one sharing it.
+    slots = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).slots
+    assert [s.id for s in slots] == list(range(8)) and not any(s.processing for s in slots)
+    assert max(s.held_tokens for s in slots) >= reply.usage.prompt_tokens
     # ... and answers as the whole prompt evaluated at once does (no prefix on the serial one)
     assert text == answer(pb_grpc.InferenceStub(grpc.insecure_channel(serial.target)), request)[0]
     assert text.startswith("[[ ## capital ## ]]\n") and len(text) > len("[[ ## capital ## ]]\n")

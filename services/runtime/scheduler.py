@@ -27,8 +27,10 @@ from services.runtime.backends import (
     BatchingBackend,
     Finished,
     GenerationParams,
+    HoldsContext,
     KeepsPrefixes,
     PreparedPrompt,
+    SlotState,
     TokenPiece,
 )
 
@@ -51,6 +53,7 @@ class Job:
     deadline: float | None  # time.monotonic() value, or None
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    decoded: int = 0  # tokens generated so far
     _events: asyncio.Queue[TokenPiece | Finished | BaseException] = field(
         default_factory=asyncio.Queue
     )
@@ -116,6 +119,7 @@ class Scheduler:
         self._waiting = 0
         self._running = 0
         self._closed = False
+        self._current: Job | None = None  # the job generating (one at a time)
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="model-scheduler", daemon=True)
@@ -239,6 +243,8 @@ class Scheduler:
         return True
 
     def _done(self, job: Job, event: Finished | BaseException) -> None:
+        if self._current is job:  # its slot is free before its caller hears it ended
+            self._current = None
         job._push(event)
         with self._lock:
             self._running -= 1
@@ -257,12 +263,25 @@ class Scheduler:
             if isinstance(job, Job) and self._take(job):
                 self._execute(job)
 
+    def slot_states(self) -> list[SlotState]:
+        """The one slot: the job generating in it, or idle (a snapshot, off the model's
+        thread)."""
+        backend = self._backend
+        held = backend.held_tokens if isinstance(backend, HoldsContext) else 0
+        job = self._current
+        if job is None:
+            return [SlotState(0, False, held)]
+        prompt = len(job.prompt.tokens or ())
+        return [SlotState(0, True, held, prompt_tokens=prompt, decoded_tokens=job.decoded)]
+
     def _execute(self, job: Job) -> None:
+        self._current = job
         try:
             for event in self._backend.generate(job.prompt, job.params, job.should_stop):
                 if isinstance(event, Finished):
                     self._done(job, event)
                     return
+                job.decoded += 1
                 job._push(event)
                 if self._side:  # a step of side work between two tokens, in its turn
                     self._advance_side(generating=True)
@@ -331,6 +350,9 @@ class BatchScheduler(Scheduler):
                     self._done(job, event)
                 else:
                     job._push(event)
+
+    def slot_states(self) -> list[SlotState]:
+        return self._engine.slot_states()
 
     def _stop_all(self) -> None:
         for job in self._active:

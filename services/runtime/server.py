@@ -365,7 +365,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             stop.set()  # the client went away: the texts not yet embedded are not
 
     async def _model_info(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
-        model, _, limits = self._ready()
+        model, scheduler, limits = self._ready()
         info = model.backend.info
         reply = pb.ModelInfo(
             model_name=info.model_name,
@@ -391,6 +391,11 @@ class InferenceService(pb_grpc.InferenceServicer):
             reply.embedding_pooling = model.backend.pooling
         if model.program.spec is not None:
             describe_program(reply, model.program.spec)
+        for slot in scheduler.slot_states():
+            reply.slots.add(
+                id=slot.id, processing=slot.processing, held_tokens=slot.held_tokens,
+                prompt_tokens=slot.prompt_tokens, decoded_tokens=slot.decoded_tokens,
+            )  # fmt: skip
         return reply
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """llama.cpp's server's own API: `/completion` (a text continued, whole or streamed) and
-`/apply-template` (a chat as the prompt the model is given), as Generate and Tokenize calls.
-Pure functions."""
+`/apply-template` (a chat as the prompt the model is given), as Generate and Tokenize calls;
+`/props` and `/slots` (how it serves), from GetModelInfo. Pure functions."""
 
 from __future__ import annotations
 
@@ -146,6 +146,23 @@ def props_answer(info: pb.ModelInfo) -> dict[str, Any]:
         "modalities": {"vision": False, "audio": False},
         "build_info": f"edgedistill {__version__}",
     }
+
+
+def slots_answer(info: pb.ModelInfo) -> list[dict[str, Any]]:
+    """`GET /slots`, in llama.cpp's server's terms: each slot's context, whether it is
+    decoding, and the tokens it has generated for its request; and what it holds (its
+    prompt's tokens, its KV cache's). Prompts themselves are not shown."""
+    return [
+        {"id": slot.id, "n_ctx": info.context_length, "is_processing": slot.processing,
+         "n_prompt_tokens": slot.prompt_tokens, "n_held_tokens": slot.held_tokens,
+         "next_token": {"n_decoded": slot.decoded_tokens}}
+        for slot in info.slots
+    ]  # fmt: skip
+
+
+def no_free_slot(slots: list[dict[str, Any]]) -> bool:
+    """`/slots?fail_on_no_slot=1` answers 503 when this holds (a load balancer's check)."""
+    return not any(not slot["is_processing"] for slot in slots)
 
 
 def _probabilities(listed: Any) -> dict[str, Any]:

@@ -183,7 +183,8 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
             routes = {"/v1/models": self._models, "/models": self._models,
                       "/health": self._health, "/api/tags": self._ollama_tags,
                       "/api/ps": self._ollama_ps, "/api/version": self._ollama_version,
-                      "/props": self._props, "": self._root}  # fmt: skip
+                      "/props": self._props, "/slots": self._slots,
+                      "": self._root}  # fmt: skip
             self._route(routes, with_body=False)
 
         def do_HEAD(self) -> None:  # Ollama's CLI checks that a server is there with HEAD /
@@ -301,6 +302,15 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
         def _props(self) -> None:
             info = front.model_info(self._metadata())
             self._send_json(200, llama_server.props_answer(info))
+
+        def _slots(self) -> None:
+            slots = llama_server.slots_answer(front.model_info(self._metadata()))
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            if query.get("fail_on_no_slot", ["0"])[-1] not in ("0", "false", "") and (
+                llama_server.no_free_slot(slots)
+            ):
+                return self._send_error(503, "unavailable_error", "no slot available", None)
+            self._send_json(200, slots)
 
         def _apply_template(self, raw: bytes) -> None:
             call = llama_server.template_call(parse_body(llama_server.TemplateBody, raw))
@@ -473,13 +483,13 @@ def _handler(front: HttpFront) -> type[BaseHTTPRequestHandler]:
                 return {"error": ollama.in_ollama_terms(message)}  # Ollama's: one string
             return error_body(status, kind, message, param)
 
-        def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        def _send_json(self, status: int, body: Any) -> None:
             send_json(self, status, body)
 
     return Handler
 
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
     """One JSON response, its length given: the connection stays open unless the request
     left it unusable (then the client is told, so it does not send the next call on it)."""
     data = json.dumps(body).encode()

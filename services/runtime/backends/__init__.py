@@ -11,8 +11,10 @@ from services.runtime.backends.base import (
     BackendInfo,
     BatchingBackend,
     Finished,
+    HoldsContext,
     KeepsPrefixes,
     PreparedPrompt,
+    SlotState,
     TokenPiece,
 )
 
@@ -23,7 +25,9 @@ __all__ = [
     "BatchingBackend",
     "Finished",
     "GenerationParams",
+    "HoldsContext",
     "KeepsPrefixes",
     "PreparedPrompt",
+    "SlotState",
     "TokenPiece",
 ]

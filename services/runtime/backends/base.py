@@ -125,6 +125,27 @@ class KeepsPrefixes(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SlotState:
+    """One slot, as at the call: the request decoding in it (its prompt's tokens and those
+    generated so far), or idle; `held_tokens`, what its KV cache holds (the request's prompt
+    and answer so far, or what the last request left for a next one sharing its prefix)."""
+
+    id: int
+    processing: bool
+    held_tokens: int
+    prompt_tokens: int = 0
+    decoded_tokens: int = 0
+
+
+@runtime_checkable
+class HoldsContext(Protocol):
+    """A one-at-a-time backend whose context keeps the last call's tokens."""
+
+    @property
+    def held_tokens(self) -> int: ...
+
+
 @runtime_checkable
 class BatchingBackend(Backend, KeepsPrefixes, Protocol):
     """A backend that decodes many requests together, stepped by one thread.
@@ -143,6 +164,10 @@ class BatchingBackend(Backend, KeepsPrefixes, Protocol):
     def cancel(self, handle: Any) -> Finished | None: ...
 
     def step(self) -> list[tuple[Any, TokenPiece | Finished]]: ...
+
+    def slot_states(self) -> list[SlotState]:
+        """Each slot's state; called off the stepping thread, so a snapshot."""
+        ...
 
 
 @runtime_checkable

@@ -292,6 +292,11 @@ class LlamaCppBackend(ChatModelMethods):
             self._keep_prefix(prefix, held)
 
     @property
+    def held_tokens(self) -> int:
+        """Tokens the context holds (the last call's, for the next one sharing its start)."""
+        return int(self._llm.n_tokens)
+
+    @property
     def prefix_tokens(self) -> int:
         """Tokens of the kept prefixes, all predictors' together."""
         return sum(len(prefix) for prefix in self._prefix_states)

@@ -37,6 +37,7 @@ from services.runtime.backends.base import (
     FinishReason,
     GenerationParams,
     PreparedPrompt,
+    SlotState,
     TokenPiece,
     usable_cache,
 )
@@ -259,6 +260,15 @@ class BatchedLlamaCpp(ChatModelMethods):
     @property
     def active(self) -> int:
         return len(self._active)
+
+    def slot_states(self) -> list[SlotState]:
+        running = {seq.seq_id: seq for seq in list(self._active)}  # a copy: another thread steps
+        return [
+            SlotState(slot, True, seq.n_past, seq.prompt_len, seq.produced)
+            if (seq := running.get(slot)) is not None
+            else SlotState(slot, False, len(self._slot_tokens[slot]))
+            for slot in range(self.slots)
+        ]
 
     def start(self, handle: Any, prompt: PreparedPrompt, params: GenerationParams) -> None:
         """Give a request a slot. Its prompt is evaluated by the next steps."""
