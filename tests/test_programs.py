@@ -392,6 +392,22 @@ def test_a_gold_teacher_needs_every_predictors_outputs_labelled(tmp_path: Path) 
     with pytest.raises(SpecError, match=r"predictor 'draft'.*lack its output 'reply'"):
         check_gold_labels(runner.spec, trainset, tmp_path / "train.jsonl")
 
+    # A ChainOfThought step's reasoning, which gold rows seldom hold: said as such, with the
+    # ways out.
+    class Reasoned(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.think = dspy.ChainOfThought("question -> answer")
+
+    reasoned = PipelineSpec(
+        name="reasoned", inputs=[FieldSpec(name="question")], outputs=[FieldSpec(name="answer")],
+        predictors=predictor_specs(Reasoned()), source=SourceSpec(module="m", attr="build"),
+    )  # fmt: skip
+    rows = [dspy.Example(question="q", answer="a").with_inputs("question")]
+    with pytest.raises(SpecError, match=r"no 'reasoning' to teach predictor 'think.predict' "
+                       r"\(a ChainOfThought.*or make the step a dspy.Predict"):  # fmt: skip
+        check_gold_labels(reasoned, rows, tmp_path / "train.jsonl")
+
 
 # -- built, shipped and served ----------------------------------------------------------------
 

@@ -332,6 +332,13 @@ def check_gold_labels(pipeline: PipelineSpec, trainset: list[Any], train: Path) 
     for predictor in pipeline.predictors:
         for output in predictor.outputs:
             missing = sum(output.name not in e for e in trainset)
+            if missing and output.name == REASONING:
+                raise SpecError(
+                    f"teacher: gold has no {REASONING!r} to teach predictor "
+                    f"{predictor.name!r} (a ChainOfThought: {missing} of {len(trainset)} rows "
+                    f"of {train} leave it out); use an API teacher (teacher.model), write a "
+                    f"{REASONING!r} in every training row, or make the step a dspy.Predict"
+                )
             if missing:
                 raise SpecError(
                     f"teacher: gold answers predictor {predictor.name!r} from the train rows, "
@@ -417,8 +424,8 @@ class BuildContext:
             raise SpecError(
                 f"teacher: gold has no {REASONING!r} to teach (the program is a ChainOfThought "
                 f"and {unlabelled} of {len(trainset)} rows of {spec.data.train} leave it out "
-                "or blank); use an API teacher (teacher.model) or write a "
-                f"{REASONING!r} in every training row"
+                "or blank); use an API teacher (teacher.model), write a "
+                f"{REASONING!r} in every training row, or make it a dspy.Predict"
             )
         threshold = spec.metric_threshold
         if threshold is None:
