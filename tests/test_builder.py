@@ -479,6 +479,45 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
     assert build(spec, Console(file=io.StringIO()), stages=stages).ran == []
 
 
+def test_a_label_no_kept_trace_gives_is_named_after_the_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teacher's answers for one label all fail the metric (this one refuses 'billing'
+    whatever is said): the student is never shown it, which the build says, with the rows,
+    also when the stage is skipped."""
+    from rich.console import Console
+
+    from services.builder.pipeline import STAGES, build
+    from services.builder.spec import load_spec
+    from testkit.openai_standin import OpenAIStandIn
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("TEST_TEACHER_KEY", "sk-test-not-a-real-key")
+    train = balanced("train", 2)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", balanced("dev", 1))
+    (tmp_path / "picky.py").write_text(
+        "def picky(example, pred, trace=None):\n"
+        "    return pred.category == example.category != 'billing'\n"
+    )
+    spec_text = TINY_SPEC.format(gate=0.0, output=tmp_path / "build")
+    said = []
+    with OpenAIStandIn({row["ticket"]: row["category"] for row in train}) as api:
+        teacher = (f"teacher: {{model: openai/gold, api_base: '{api.base_url}', "
+                   "api_key_env: TEST_TEACHER_KEY}\n")  # fmt: skip
+        (tmp_path / "spec.yaml").write_text(
+            spec_text.replace("metric: exact_match", "metric: picky.py:picky") + teacher
+        )
+        spec = load_spec(tmp_path / "spec.yaml")
+        for _ in range(2):  # ran, then skipped
+            printed = io.StringIO()
+            build(spec, Console(file=printed, width=300), stages=STAGES[:1])
+            said.append(" ".join(printed.getvalue().split()))
+    warning = "warning: category: 'billing' (2 of 12 train rows) in no kept trace"
+    assert warning in said[0] and warning in said[1], said
+    assert said[0].count("in no kept trace") == 1  # every other label was taught
+
+
 def test_a_host_shared_stage_runs_once_per_key_on_a_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

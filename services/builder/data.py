@@ -267,6 +267,22 @@ def unseen_in_train(counts: Counter[str], train: Counter[str]) -> str | None:
             f"sees it; add train rows with it")  # fmt: skip
 
 
+def untaught_labels(kept: Counter[str], asked: Counter[str]) -> str | None:
+    """A warning when rows the teacher was asked hold a label no kept trace answers: its
+    answers there failed the metric (or its calls failed), so the student is never shown
+    that label."""
+    missing = [value for value in asked if value not in kept]
+    if not missing:
+        return None
+    rows = sum(asked[value] for value in missing)
+    shown = ", ".join(repr(value) for value in sorted(missing))
+    return (
+        f"{shown} ({rows} of {sum(asked.values())} train rows) in no kept trace: no answer of "
+        "the teacher's there passed the metric, so the student never learns to give it; "
+        "improve the teacher (teacher.optimize, a stronger model) or check the metric"
+    )
+
+
 def normalize(text: Any) -> str:
     return " ".join(str(text).strip().lower().split())
 

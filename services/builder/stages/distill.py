@@ -8,9 +8,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from services.builder import export, finetune, teacher
 from services.builder.context import BuildContext, trace_examples
-from services.builder.data import file_sha256, input_key, label_counts, normalize
+from services.builder.data import (
+    file_sha256,
+    input_key,
+    label_counts,
+    normalize,
+    untaught_labels,
+)
 from services.builder.harvested import harvested_traces
 from services.builder.probe import (
     Probe,
@@ -61,6 +69,16 @@ def ask_teacher(ctx: BuildContext, out: Path, rows: list[Any]) -> None:
     per_predictor = json.loads((out / "counts.json").read_text()).get("predictors", {})
     for name, calls in per_predictor.items():
         ctx.console.print(f"  {name}: {calls['kept']} calls kept, {calls['rejected']} rejected")
+
+
+def report_traces(ctx: BuildContext, folder: Path) -> None:
+    """A label of the rows asked that no kept trace gives: the student cannot learn it."""
+    lines = (folder / "traces.jsonl").read_text().splitlines()
+    outputs = [json.loads(line)["outputs"] for line in lines]
+    for name in ctx.label_names:
+        warning = untaught_labels(label_counts(outputs, name), label_counts(ctx.traced_rows, name))
+        if warning:
+            ctx.console.print(f"  [yellow]warning:[/] {name}: {escape(warning)}", highlight=False)
 
 
 def carry_traces(carried: list[Path], out: Path) -> None:
@@ -290,7 +308,7 @@ def quantize(ctx: BuildContext, out: Path) -> None:
 
 
 TRACES = Stage(
-    "traces", collect_traces,
+    "traces", collect_traces, report=report_traces,
     inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings(),
                         **({"round": ctx.round.key()} if ctx.round else {}),
                         # held-out inputs decide which harvested records may be used
