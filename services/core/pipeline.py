@@ -407,9 +407,11 @@ class StepNotAnswered(RuntimeError):
 def _raised_from(error: BaseException, cause: BaseException) -> bool:
     """Whether `error` is `cause` or was raised while it was handled (DSPy may wrap it)."""
     seen: BaseException | None = error
-    while seen is not None:
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:  # a chain may loop back on itself
         if seen is cause:
             return True
+        visited.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return False
 
