@@ -574,6 +574,9 @@ def test_a_retention_range_over_several_bands_says_the_rows_are_too_few() -> Non
     ) in verdict_line(wide)
     narrow = {**wide, "retention": 0.95, "retention_range": [0.91, 1.0], "band": "deploy"}
     assert "settle" not in verdict_line(narrow)
+    # What is retained is said: a weak teacher's quality kept whole is still weak.
+    weak = {**narrow, "retention": 1.0, "api": {"quality": 0.381}}
+    assert verdict_line(weak).startswith("retention 100% of the teacher's 38.1% (95% range")
 
 
 def test_a_typed_free_field_is_scored_by_its_data_not_its_python_repr() -> None:

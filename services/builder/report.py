@@ -127,9 +127,11 @@ def verdict_line(decision: dict[str, Any]) -> str:
         f" (the range reaches from {spanned[-1]} to {spanned[0]}: more held-out rows would "
         "settle the band)" if len(spanned) > 1 else ""
     )  # fmt: skip
+    # The teacher's own score beside it: retention of a weak teacher's quality is no praise.
     return (
-        f"retention {decision['retention']:.0%} (95% range {low:.0%}–{high:.0%}, n="
-        f"{decision['n']}): {decision['band']}{unsettled}; next step: {decision['next_step']}"
+        f"retention {decision['retention']:.0%} of the teacher's {decision['api']['quality']:.1%}"
+        f" (95% range {low:.0%}–{high:.0%}, n={decision['n']}): {decision['band']}{unsettled}; "
+        f"next step: {decision['next_step']}"
     )
 
 
