@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -404,16 +404,15 @@ class StepNotAnswered(RuntimeError):
     (Refine's next attempt) goes on."""
 
 
-def _raised_from(error: BaseException, cause: BaseException) -> bool:
-    """Whether `error` is `cause` or was raised while it was handled (DSPy may wrap it)."""
-    seen: BaseException | None = error
-    visited: set[int] = set()
-    while seen is not None and id(seen) not in visited:  # a chain may loop back on itself
-        if seen is cause:
-            return True
-        visited.add(id(seen))
-        seen = seen.__cause__ or seen.__context__
-    return False
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """The error, then the one it was raised from or while handling, and so on (a library
+    may wrap what was raised); once each, as a chain may loop back on itself."""
+    found: BaseException | None = error
+    seen: set[int] = set()
+    while found is not None and id(found) not in seen:
+        yield found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
 
 
 class _PredictorEngine:
@@ -615,7 +614,7 @@ class ProgramRunner:
         except BaseException as err:
             failure = run.failure
             if isinstance(failure, StepNotAnswered):
-                if _raised_from(err, failure):  # as DSPy's parse error: no answer
+                if any(e is failure for e in exception_chain(err)):  # as a parse error: no answer
                     return None, run
                 failure = None  # the program caught it, then failed on its own
             if failure is not None:

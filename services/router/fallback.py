@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from services.core.api import pb
 from services.core.lm_connection import connection, litellm_connection
-from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner
+from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner, exception_chain
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 from services.core.sampling import GenerationParams
 
@@ -281,14 +281,7 @@ def timed_out(err: BaseException) -> bool:
     read timeout (set to the same limit), which arrives wrapped in its transport error."""
     from dspy.utils import exceptions as lm
 
-    seen: set[int] = set()
-    found: BaseException | None = err
-    while found is not None and id(found) not in seen:
-        if isinstance(found, TimeoutError | lm.LMTimeoutError):
-            return True
-        seen.add(id(found))
-        found = found.__cause__ or found.__context__
-    return False
+    return any(isinstance(e, TimeoutError | lm.LMTimeoutError) for e in exception_chain(err))
 
 
 def retryable(err: Exception) -> bool:

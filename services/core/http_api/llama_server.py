@@ -162,7 +162,7 @@ def slots_answer(info: pb.ModelInfo) -> list[dict[str, Any]]:
 
 def no_free_slot(slots: list[dict[str, Any]]) -> bool:
     """`/slots?fail_on_no_slot=1` answers 503 when this holds (a load balancer's check)."""
-    return not any(not slot["is_processing"] for slot in slots)
+    return all(slot["is_processing"] for slot in slots)  # none at all: none free
 
 
 def _probabilities(listed: Any) -> dict[str, Any]:
