@@ -13,8 +13,10 @@
 - `slow`: answers after `delay_s` (timeouts);
 - `error`: HTTP 500, echoing the Authorization header as some providers' errors do (a planted
   key must still never leak);
-- `cut`: a streamed answer whose connection drops after its first piece (a provider or network
-  failing mid-answer).
+- `cut`: a streamed answer whose connection drops after its first piece, the answer's first
+  half (a provider or network failing mid-answer).
+A request with `stream: true` is answered as OpenAI streams: server-sent chunks of a few
+characters, then the usage when `stream_options.include_usage` asks for it, then `[DONE]`.
 Runs in a thread of the test or bench process; `mode` can be switched while it runs.
 """
 
@@ -132,9 +134,6 @@ class OpenAIStandIn:
                     self.send_json(500, {"error": {"message": f"internal error for {auth}",
                                                "type": "server_error"}})  # fmt: skip
                     return
-                if standin.mode == "cut" and body.get("stream"):
-                    self.send_first_piece_and_drop()
-                    return
                 if standin.mode == "slow":
                     time.sleep(standin.delay_s)
                 messages = body.get("messages", [])
@@ -142,41 +141,47 @@ class OpenAIStandIn:
                 if standin.mode == "unparsable":  # a model that ignores the answer format
                     content = "I am not sure, sorry."
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in messages)
-                self.send_json(
-                    200,
-                    {
-                        "id": "chatcmpl-standin",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": body.get("model", "gold-teacher"),
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": content},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                        "usage": {
-                            "prompt_tokens": prompt_words,
-                            "completion_tokens": len(content.split()),
-                            "total_tokens": prompt_words + len(content.split()),
-                        },
-                    },
-                )
+                usage = {"prompt_tokens": prompt_words, "completion_tokens": len(content.split()),
+                         "total_tokens": prompt_words + len(content.split())}  # fmt: skip
+                if body.get("stream"):
+                    self.send_stream(content, usage, body)
+                    return
+                self.send_json(200, {
+                    "id": "chatcmpl-standin", "object": "chat.completion",
+                    "created": int(time.time()), "model": body.get("model", "gold-teacher"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": "stop"}],
+                    "usage": usage,
+                })  # fmt: skip
 
-            def send_first_piece_and_drop(self) -> None:
-                piece = {"id": "chatcmpl-standin", "object": "chat.completion.chunk",
-                         "created": int(time.time()), "model": "gold-teacher",
-                         "choices": [{"index": 0, "delta": {"content": "The first words"},
-                                      "finish_reason": None}]}  # fmt: skip
-                event = f"data: {json.dumps(piece)}\n\n".encode()
+            def send_stream(self, content: str, usage: dict[str, int], body: Any) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
+                if standin.mode == "cut":
+                    self.send_event(self.chunk({"content": content[: len(content) // 2]}, None))
+                    self.close_connection = True  # no last chunk: the body is cut short
+                    return
+                for start in range(0, len(content), 5):
+                    self.send_event(self.chunk({"content": content[start : start + 5]}, None))
+                self.send_event(self.chunk({}, "stop"))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self.send_event({**self.chunk({}, None), "choices": [], "usage": usage})
+                self.send_event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+
+            def chunk(self, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                return {"id": "chatcmpl-standin", "object": "chat.completion.chunk",
+                        "created": int(time.time()), "model": "gold-teacher",
+                        "choices": [choice]}  # fmt: skip
+
+            def send_event(self, data: dict[str, Any] | str) -> None:
+                text = data if isinstance(data, str) else json.dumps(data)
+                event = f"data: {text}\n\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                 self.wfile.flush()
-                self.close_connection = True  # no last chunk: the body is cut short
 
         return Handler
 

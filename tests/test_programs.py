@@ -944,10 +944,22 @@ def test_a_low_confidence_answer_falls_back_to_the_whole_program_on_the_api(
         try:
             with InferenceClient(router.target) as client:
                 reply = client.predict({"ticket": ticket})
+                requests = api.requests
+                chunks = list(client.predict_stream({"ticket": ticket}))
         finally:
             router.terminate()
-        requests = api.requests
     assert reply.served_by == pb.SERVED_BY_FALLBACK and reply.route_reason == "low_confidence"
+    # streamed: after the restart, each step's values as the API writes them, step by step
+    kinds = [c.WhichOneof("chunk") for c in chunks]
+    api_deltas = [c.delta for c in chunks[kinds.index("restart") + 1 : -1]]
+    assert all(d.served_by == pb.SERVED_BY_FALLBACK for d in api_deltas)
+    written: dict[tuple[str, str], str] = {}
+    for delta in api_deltas:
+        key = (delta.predictor, delta.field)
+        written[key] = written.get(key, "") + delta.text
+    assert list(written) == [("classify", "category"), ("draft", "reply")]
+    assert chunks[-1].response.outputs == reply.outputs
+    assert list(written.values()) == [reply.outputs["category"], reply.outputs["reply"]]
     # Both predictors ran on the API (the stand-in labels the category and, asked for any
     # other field, writes a fixed sentence): the program's own forward, not one signature.
     assert dict(reply.outputs) == {"category": "security", "reply": "Answer precisely and briefly."}

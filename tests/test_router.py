@@ -368,7 +368,8 @@ def test_an_api_answer_cut_mid_stream_is_an_error_after_its_text(bundle: Path) -
             metrics = metrics_text(metrics_port)
         finally:
             router.terminate()
-        assert texts == ["The first words"] and api.requests == 1
+        whole = api.answer([{"role": "user", "content": "Hi"}])
+        assert texts == [whole[: len(whole) // 2]] and api.requests == 1
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "the API fallback failed" in (caught.value.details() or "")
     assert 'edgedistill_router_api_errors_total{kind="error"} 1.0' in metrics

@@ -67,8 +67,6 @@ def predict(
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from services.core.api import pb
-
     values = {**named_values(inputs, "--input"), **file_values(input_files)}
     if stream and as_json:
         raise fail("--stream prints text as it comes; --json prints the whole response: pick one")
@@ -84,11 +82,9 @@ def predict(
     except grpc.RpcError as err:
         raise rpc_failure(err) from None
     typed = json.loads(reply.outputs_json) if reply.outputs_json else None
-    if stream and reply.served_by != pb.SERVED_BY_FALLBACK:
+    if stream:
         _summary(reply)
         return
-    if stream:  # the router fell back: what streamed was the local answer it set aside
-        err_console.print("[dim]the API model answered:[/]", highlight=False)
     if as_json:
         data = MessageToDict(reply, preserving_proto_field_name=True)
         if typed is not None:  # typed values in the signature's order, not the text map
@@ -105,12 +101,20 @@ def predict(
 def _streamed(chunks: Any) -> Any:
     """Print each value as it is written (`field: text`, a line per field; a multi-step
     program's steps' fields too), then give the response."""
+    from services.core.predict_stream import restart_note
+
     shown: tuple[str, str] | None = None
     for chunk in chunks:
         if chunk.HasField("response"):
             if shown is not None:
                 print()
             return chunk.response
+        if chunk.HasField("restart"):  # a router withdrew what it sent: a new answer follows
+            if shown is not None:
+                print()
+            shown = None
+            err_console.print(f"[dim]{restart_note(chunk.restart)}[/]", highlight=False)
+            continue
         delta = chunk.delta
         if (delta.predictor, delta.field) != shown:
             sys.stdout.write(("\n" if shown else "") + f"{delta.field}: ")

@@ -24,10 +24,11 @@ from typing import Any
 import dspy
 import grpc
 import pydantic
-from dspy.streaming import StreamResponse
+from dspy.streaming import StatusMessage, StreamResponse
 
 from services.core.api import pb
 from services.core.client import InferenceClient
+from services.core.predict_stream import restart_note
 from services.core.program import output_annotations, typed_value
 
 
@@ -63,19 +64,26 @@ class ServedProgram(dspy.Module):
             reply = self._client.predict(inputs)  # typed values go as inputs_json
         return self._prediction(reply)
 
-    def stream(self, **inputs: Any) -> Iterator[StreamResponse | dspy.Prediction]:
+    def stream(self, **inputs: Any) -> Iterator[StreamResponse | StatusMessage | dspy.Prediction]:
         """The call with its output values as the model writes them, in the items
         `dspy.streamify(..., async_streaming=False)` yields: a `StreamResponse` per piece
-        (`is_last_chunk` on a field's last), then the `dspy.Prediction` (one PredictStream)."""
+        (`is_last_chunk` on a field's last), then the `dspy.Prediction` (one PredictStream).
+        A router's restart (the API model answers instead) is a `StatusMessage` saying so;
+        the pieces after it are the new answer's."""
         with _bad_input_as_value_error():
             chunks = self._client.predict_stream(inputs)
             held: pb.OutputDelta | None = None  # a piece waits to learn whether it is the last
             for chunk in chunks:
-                if chunk.HasField("response"):
+                if chunk.HasField("response") or chunk.HasField("restart"):
                     if held is not None:
                         yield _piece(held, last=True)
+                    held = None
+                if chunk.HasField("response"):
                     yield self._prediction(chunk.response)
                     return
+                if chunk.HasField("restart"):
+                    yield StatusMessage(restart_note(chunk.restart))
+                    continue
                 if held is not None:
                     same = (held.predictor, held.field) == (chunk.delta.predictor,
                                                             chunk.delta.field)  # fmt: skip

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pydantic import SecretStr
 from services.core.api import pb
 from services.core.lm_connection import connection, litellm_connection
 from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner, exception_chain
+from services.core.predict_stream import Deltas, Emit
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 from services.core.sampling import GenerationParams
 
@@ -128,7 +130,9 @@ class FallbackModel:
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def _call(self, inputs: dict[str, str]) -> ApiAnswer:
+    def _call(self, inputs: dict[str, str], emit: Emit | None = None) -> ApiAnswer:
+        if emit is not None:
+            return self._streamed_call(inputs, emit)
         if self._runner is not None:
             result = self._runner.run(inputs, self._api_call)
             if result.outputs is None:
@@ -142,6 +146,54 @@ class FallbackModel:
         texts = {name: value_text(value) for name, value in values.items()}
         call = LmCall(self._name, "", 1.0, "parsed", **counted_tokens(used))
         return ApiAnswer(texts, typed_json(values, self._output_names), (call,))
+
+    def _streamed_call(self, inputs: dict[str, str], emit: Emit) -> ApiAnswer:
+        """The answer as `_call` gives it, each output value handed to `emit` as the API
+        writes it (a multi-step program's steps' values too)."""
+        if self._runner is not None:
+            runner = self._runner
+
+            def complete(predictor: str, messages: list[dict[str, str]]) -> LmCall:
+                outputs = runner.codecs[predictor].output_names
+                return self._streamed_completion(predictor, outputs, messages, emit)
+
+            result = runner.run(inputs, complete)
+            if result.outputs is None:
+                raise UnparsedAnswer(f"the API model's answer did not parse ({result.outcome})")
+            return ApiAnswer(result.outputs, result.outputs_json, tuple(result.calls))
+        messages = self._codec.format_messages(inputs)
+        call = self._streamed_completion(self._name, self._output_names, messages, emit)
+        parsed = self._codec.parse(call.text)
+        if parsed is None:
+            raise UnparsedAnswer(f"the API model's answer did not parse: {call.text[:200]!r}")
+        values = {name: parsed.values[name] for name in self._output_names}
+        texts = {name: value_text(value) for name, value in values.items()}
+        return ApiAnswer(texts, typed_json(values, self._output_names), (call,))
+
+    def _streamed_completion(
+        self, predictor: str, outputs: list[str], messages: list[dict[str, str]], emit: Emit
+    ) -> LmCall:
+        """One chat call streamed, as DSPy's LM would make it (temperature 0, its token
+        limit), its output values handed to `emit` as they come."""
+        import litellm
+
+        deltas = Deltas(predictor, outputs, emit, served_by=pb.SERVED_BY_FALLBACK)
+        limit = self._lm.kwargs.get("max_tokens") or self._lm.kwargs.get("max_completion_tokens")
+        reply = litellm.completion(
+            model=self.model, messages=messages, stream=True, temperature=0.0,
+            **({"max_tokens": limit} if limit else {}), **self._stream_kwargs,
+        )  # fmt: skip
+        text, usage = [], None
+        for chunk in reply:
+            usage = getattr(chunk, "usage", None) or usage
+            if chunk.choices and (piece := chunk.choices[0].delta.content):
+                text.append(piece)
+                deltas.text(piece)
+        deltas.close()
+        counted = {kind: int(getattr(usage, kind, 0) or 0)
+                   for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
+        return LmCall(predictor=predictor, text="".join(text), confidence=1.0, outcome="parsed",
+                      **counted)  # fmt: skip
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
         from dspy.utils.usage_tracker import track_usage
@@ -209,9 +261,14 @@ class FallbackModel:
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         ))  # fmt: skip
 
-    async def predict(self, inputs: dict[str, str]) -> tuple[ApiAnswer, float]:
-        """The API's answer and the seconds it took; ApiError after the last retry."""
-        return await self._retrying(self._call, inputs)
+    async def predict(
+        self, inputs: dict[str, str], emit: Emit | None = None
+    ) -> tuple[ApiAnswer, float]:
+        """The API's answer and the seconds it took; ApiError after the last retry. With
+        `emit`, its output values go there as the API writes them (from a worker thread), and
+        a call is retried only while nothing has gone out."""
+        outbox = None if emit is None else Outbox(emit)
+        return await self._retrying(self._call, inputs, outbox=outbox)
 
     async def stream(
         self, messages: list[dict[str, str]], params: GenerationParams, seed: int | None
@@ -234,16 +291,24 @@ class FallbackModel:
                 if not again:
                     raise failure from None
 
-    async def _retrying(self, call: Callable[..., T], *args: Any) -> tuple[T, float]:
+    async def _retrying(
+        self, call: Callable[..., T], *args: Any, outbox: Outbox | None = None
+    ) -> tuple[T, float]:
+        """`call(*args)` in a thread (with the attempt's emit last when streamed), retried
+        as `_failure` says; a streamed call only while it has sent nothing."""
         for attempt in range(self._retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
             started = time.perf_counter()
+            streamed = () if outbox is None else (outbox.next_attempt(),)
             try:
-                answer = await asyncio.wait_for(asyncio.to_thread(call, *args), self._timeout_s)
+                answer = await asyncio.wait_for(
+                    asyncio.to_thread(call, *args, *streamed), self._timeout_s
+                )
                 return answer, time.perf_counter() - started
             except Exception as err:
-                failure, again = self._failure(err, attempt)
+                sent = outbox is not None and outbox.end_attempt()
+                failure, again = self._failure(err, attempt, again_if=not sent)
                 if not again:
                     raise failure from None
         raise AssertionError("unreachable: the last attempt raises")
@@ -266,6 +331,36 @@ class FallbackModel:
                    "retried": again},
         )  # fmt: skip
         return failure, again
+
+
+class Outbox:
+    """A streamed API call's deltas across its attempts: only the current attempt's pass (a
+    thread that timed out may still be writing when the next attempt starts)."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._current = 0
+        self._sent = False
+
+    def next_attempt(self) -> Emit:
+        with self._lock:
+            self._current += 1
+            attempt = self._current
+
+        def emit(delta: pb.OutputDelta) -> None:
+            with self._lock:
+                if self._current == attempt:
+                    self._sent = True
+                    self._emit(delta)
+
+        return emit
+
+    def end_attempt(self) -> bool:
+        """Stop the current attempt's deltas; whether any has gone out so far."""
+        with self._lock:
+            self._current += 1
+            return self._sent
 
 
 def counted_tokens(tracker: Any) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -13,7 +14,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2
 
-from services.core import security, serving
+from services.core import predict_stream, security, serving
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.bundle import Bundle, failed_gate
@@ -22,6 +23,7 @@ from services.core.harvest import HarvestRecord
 from services.core.harvest import now as harvest_now
 from services.core.model_info import describe_program
 from services.core.pipeline import PipelineSpec, read_program_file
+from services.core.predict_stream import Emit
 from services.core.program import ProgramSpec
 from services.core.rpc_status import call_status
 from services.core.sampling import (
@@ -43,6 +45,7 @@ from services.router.fallback import ApiError, FallbackModel, Generated
 from services.router.harvest import HarvestWriter
 from services.router.metrics import RouterMetrics
 from services.router.policy import CallBudget, CircuitBreaker, FallbackRateCap
+from services.router.restart import FallbackStream
 from services.router.upstream import LocalRuntimes, LocalUnavailable
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class RouterService(pb_grpc.InferenceServicer):
         self._budget = CallBudget(settings.budget_per_minute, settings.budget_per_day)
         self._rate_cap = FallbackRateCap(settings.max_fallback_rate, settings.fallback_rate_window)
         self._inputs = list(program.inputs)
+        self._output_order = [f.name for f in program.outputs]
         self._update_gauges()
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -263,17 +267,26 @@ class RouterService(pb_grpc.InferenceServicer):
                 local = None
             except grpc.aio.AioRpcError as err:  # the runtime's own verdict (bad input, busy...)
                 raise RpcFailure(err.code(), err.details() or "") from None
-        yield pb.PredictChunk(response=await self._decided(local, inputs))
+        sent: asyncio.Queue[pb.PredictChunk] = asyncio.Queue()
+        api = FallbackStream(sent, self._program.name)
+        async for chunk in predict_stream.chunks(self._decided(local, inputs, api), sent):
+            if chunk.HasField("response"):
+                for before in api.before(chunk.response, self._output_order):
+                    yield before
+            yield chunk
 
     def _checked_inputs(self, request: pb.PredictRequest) -> dict[str, str]:
         check.check_size(request, 1 << 20)
         return check.predict_inputs(request, self._inputs)
 
     async def _decided(
-        self, local: pb.PredictResponse | None, inputs: dict[str, str]
+        self,
+        local: pb.PredictResponse | None,
+        inputs: dict[str, str],
+        stream: FallbackStream | None = None,
     ) -> pb.PredictResponse:
         """The answer to give: the local one, or the API model's when the policy falls back
-        and the API answers."""
+        and the API answers (its values sent to `stream` as they come, for PredictStream)."""
         mode = self._settings.mode
         answer = None
         if local is not None:
@@ -281,7 +294,8 @@ class RouterService(pb_grpc.InferenceServicer):
             answer = await self._local_answer(local, inputs, mode)
         decided = self._decide(answer)
         if decided.action is Action.FALLBACK:
-            fallback = await self._try_fallback(inputs, decided.reason)
+            emit = None if stream is None else stream.emitter(decided.reason)
+            fallback = await self._try_fallback(inputs, decided.reason, emit)
             if not isinstance(fallback, ApiError):
                 self._harvest_record("fallback", inputs, local, fallback, decided.reason)
                 if local is not None:  # the confidence that sent it away
@@ -377,12 +391,12 @@ class RouterService(pb_grpc.InferenceServicer):
         )
 
     async def _try_fallback(
-        self, inputs: dict[str, str], reason: str
+        self, inputs: dict[str, str], reason: str, emit: Emit | None = None
     ) -> pb.PredictResponse | ApiError:
         """Send the call to the API (the decision said it may go); its error when it fails."""
         fallback = self._fallback
         assert fallback is not None
-        answer = await self._via_api(reason, lambda: fallback.predict(inputs))
+        answer = await self._via_api(reason, lambda: fallback.predict(inputs, emit))
         if isinstance(answer, ApiError):
             return answer
         api, _ = answer

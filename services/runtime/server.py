@@ -15,18 +15,18 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2
 
-from services.core import security, serving
+from services.core import predict_stream, security, serving
 from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.model_info import describe_program
 from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
+from services.core.predict_stream import Deltas, Emit
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.rpc_status import call_status
 from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
 from services.core.usage import usage_of
 from services.core.validation import Limits, RpcFailure
-from services.runtime import predict_stream
 from services.runtime.backends import (
     Backend,
     BackendError,
@@ -41,7 +41,6 @@ from services.runtime.loading import LoadedModel, load_model
 from services.runtime.logprobs import ShownLogprobs
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.predict import interpret, lm_call, prepare_answer
-from services.runtime.predict_stream import Deltas, Emit
 from services.runtime.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, make_scheduler
 from services.runtime.tokenizing import detokenized, logit_bias, tokenized
 
@@ -125,9 +124,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     def PredictStream(
         self, request: pb.PredictRequest, context: Any
     ) -> AsyncIterator[pb.PredictChunk]:
-        deltas: asyncio.Queue[pb.OutputDelta] = asyncio.Queue()
-        answer = self._predict(request, context, emit=deltas.put_nowait)
-        return self._streamed("PredictStream", predict_stream.chunks(answer, deltas), context)
+        sent: asyncio.Queue[pb.PredictChunk] = asyncio.Queue()
+        answer = self._predict(
+            request, context, emit=lambda delta: sent.put_nowait(pb.PredictChunk(delta=delta))
+        )
+        return self._streamed("PredictStream", predict_stream.chunks(answer, sent), context)
 
     # -- implementations ----------------------------------------------------------------------
 

@@ -38,15 +38,22 @@ def predict_request(raw: bytes) -> tuple[pb.PredictRequest, bool]:
 
 
 def predict_events(chunks: Iterator[pb.PredictChunk]) -> Iterator[dict[str, Any]]:
-    """PredictStream's chunks as JSON events: `{"delta": {"predictor", "field", "text"}}`
-    each, then `{"response": ...}`, the answer as the whole call gives it."""
+    """PredictStream's chunks as JSON events: `{"delta": {"predictor", "field", "text",
+    "served_by"}}` each, a router's `{"restart": {"served_by", "reason"}}` (the deltas before
+    it are withdrawn), then `{"response": ...}`, the answer as the whole call gives it."""
     for chunk in chunks:
         if chunk.HasField("response"):
             yield {"response": predict_answer(chunk.response)}
+        elif chunk.HasField("restart"):
+            yield {"restart": json_format.MessageToDict(
+                chunk.restart, preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            )}  # fmt: skip
         else:
             delta = chunk.delta
             yield {"delta": {"predictor": delta.predictor, "field": delta.field,
-                             "text": delta.text}}  # fmt: skip
+                             "text": delta.text,
+                             "served_by": pb.ServedBy.Name(delta.served_by)}}  # fmt: skip
 
 
 def predict_answer(reply: pb.PredictResponse) -> dict[str, Any]:
