@@ -4,6 +4,7 @@ calibration/test split, the retention bands, and cost per 1K calls."""
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -291,6 +292,12 @@ def test_label_fields_and_imbalance_warnings() -> None:
     skewed = rows + [dspy.Example(q="x", label="a", text="t")] * 30
     assert imbalance(label_counts(skewed, "label"), 3) == "'a' is 81% of the rows"
     assert imbalance(label_counts(rows[:1], "label"), 3) == "'a' is 100% of the rows"
+    # typed labels are counted as an answer writes them: an Enum by its value, a list as JSON
+    priority = enum.Enum("Priority", {"LOW": "low", "HIGH": "high"})
+    typed = [dspy.Example(p=priority.LOW, tags=["a", "b"]),
+             dspy.Example(p="low", tags='["a", "b"]')]  # fmt: skip
+    assert label_counts(typed, "p") == {"low": 2}
+    assert label_counts(typed, "tags") == {'["a", "b"]': 2}
 
 
 def test_a_held_out_label_no_train_row_has_is_named() -> None:

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.builder.spec import SpecError
-from services.core.program import FieldSpec, blank_as_none, choice_values, input_text
+from services.core.program import (
+    FieldSpec,
+    blank_as_none,
+    choice_values,
+    input_text,
+    value_text,
+)
 
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
@@ -283,8 +289,10 @@ def untaught_labels(kept: Counter[str], asked: Counter[str]) -> str | None:
     )
 
 
-def normalize(text: Any) -> str:
-    return " ".join(str(text).strip().lower().split())
+def normalize(value: Any) -> str:
+    """A value as labels are counted and shown: its text as an answer writes it (an Enum's
+    value, a list as JSON: program.value_text), lowercase, spaces collapsed."""
+    return " ".join(value_text(value).strip().lower().split())
 
 
 def json_line(record: dict[str, Any]) -> str:
