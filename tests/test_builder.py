@@ -478,6 +478,22 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
     assert rerun.ran == ["dataset", "count"] and rerun.skipped == ["traces"]
     assert build(spec, Console(file=io.StringIO()), stages=stages).ran == []
 
+    # A failed run publishes nothing; what it wrote stays only for a stage whose error names
+    # its files (the traces stage's failed.jsonl), until the stage runs again.
+    def fail_after_writing(ctx: Any, out: Path) -> None:
+        (out / "failed.jsonl").write_text("{}\n")
+        raise ValueError(f"see {out / 'failed.jsonl'}")
+
+    partial = tmp_path / "build" / ".count.partial"
+    for kept in (False, True):
+        failing = dataclasses.replace(toy, run=fail_after_writing, version=3,
+                                      kept_when_failed=kept)  # fmt: skip
+        with pytest.raises(ValueError, match=r"failed\.jsonl"):
+            build(spec, Console(file=io.StringIO()), stages=(*STAGES[:2], failing))
+        assert (partial / "failed.jsonl").is_file() == kept
+        assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
+    assert build(spec, Console(file=io.StringIO()), stages=stages).ran == []
+
 
 def test_a_label_no_kept_trace_gives_is_named_after_the_traces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -538,6 +538,43 @@ def test_one_predictor_in_a_module_of_its_own_is_served_through_its_forward(
     assert ctx.pipeline is not None and ctx.pipeline.output_names == ["affected"]
 
 
+def test_best_of_n_inside_a_module_is_traced_as_the_predictor_it_copies(tmp_path: Path) -> None:
+    """dspy.BestOfN calls a copy of its predictor for each attempt: the calls are that
+    predictor's (named by it in the traces) for a gold and an API teacher, and the runner the
+    runtime serves with answers them."""
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces, gold_answers
+    from services.core.pipeline import ProgramRunner
+    from testkit.openai_standin import OpenAIStandIn
+
+    rows = subject_rows()[:4]
+    ctx = wrapped_context(tmp_path, "build_best_of", rows)
+    assert ctx.pipeline is not None and [p.name for p in ctx.pipeline.predictors] == ["best.module"]
+
+    def category_only(example: Any, prediction: Any, trace: Any = None) -> bool:
+        return bool(example.category == prediction.category)
+
+    def traced(teacher: TeacherSpec, out: Path) -> list[list[str]]:
+        out.mkdir()
+        runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+        counts = collect_traces(
+            program=ctx.program, teacher=teacher, trainset=ctx.trainset, metric=category_only,
+            threshold=1.0, output_names=["category"], out_dir=out, runner=runner,
+        )  # fmt: skip
+        assert (counts.kept, counts.failed) == (len(ctx.trainset), 0)
+        kept = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+        return [[call["predictor"] for call in row["calls"]] for row in kept]
+
+    assert traced(TeacherSpec(model="gold"), tmp_path / "gold") == [["best.module"]] * len(rows)
+    gold = {f"Help\n{r['body']}": r["category"] for r in rows}
+    with OpenAIStandIn(gold) as api:
+        teacher = TeacherSpec(model="openai/teacher", api_base=api.base_url, num_threads=1)
+        assert traced(teacher, tmp_path / "api") == [["best.module"]] * len(rows)
+    runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+    served = runner.run({"subject": "Help", "body": rows[0]["body"]}, gold_answers(runner, rows[0]))
+    assert served.outputs == {"category": rows[0]["category"]}
+
+
 def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path) -> None:
     """A forward returning `queue` and `escalate` beside the predictor's `category`: the run
     (as the runtime and the router's fallback make it) carries them after the outputs, as text

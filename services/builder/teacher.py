@@ -129,7 +129,7 @@ def gold_record(example: Any) -> dict[str, Any]:
 
 
 def traced_run(
-    answer: Callable[[Any], Any], names: dict[int, str], single: Any, metric: Metric,
+    answer: Callable[[Any], Any], names: dict[str, Any], single: Any, metric: Metric,
     threshold: float, output_names: list[str], runner: ProgramRunner | None,
 ) -> Callable[[Any], Verdict]:  # fmt: skip
     """The teacher's run on one row, traced and scored; a failure is the row's, never the
@@ -227,15 +227,27 @@ def own_call(trace: list[Any], predictor: Any) -> Any:
     return own[0] if len(own) == 1 else f"{len(own)} calls of the program's predictor, want 1"
 
 
-def named_calls(trace: list[Any], names: dict[int, str]) -> list[dict[str, Any]] | str:
+def named_calls(trace: list[Any], named: dict[str, Any]) -> list[dict[str, Any]] | str:
     """A multi-step program's calls, each by its predictor's name; or what is wrong: a call of
     a predictor made as forward ran, which no student learns and nothing serves."""
-    unbound = [predictor for predictor, _, _ in trace if id(predictor) not in names]
-    if unbound:
-        return unbound_predictor_message(list(unbound[0].signature.output_fields))
-    return [{"predictor": names[id(predictor)], "inputs": dict(inputs),
-             "outputs": dict(outputs.items())}
-            for predictor, inputs, outputs in trace]  # fmt: skip
+    names = [predictor_name(predictor, named) for predictor, _, _ in trace]
+    if None in names:
+        unbound = trace[names.index(None)][0]
+        return unbound_predictor_message(list(unbound.signature.output_fields))
+    return [{"predictor": name, "inputs": dict(inputs), "outputs": dict(outputs.items())}
+            for name, (_, inputs, outputs) in zip(names, trace, strict=True)]  # fmt: skip
+
+
+def predictor_name(called: Any, named: dict[str, Any]) -> str | None:
+    """The name of the program's predictor a traced call was made by: the predictor itself, or
+    a copy of it made as the program ran, as BestOfN and Refine copy their module for each
+    attempt (the copy keeps the predictor's signature and has its LM set, which a predictor
+    made in forward lacks); None for a predictor of neither kind, or a copy that could be
+    of two predictors sharing one signature."""
+    same = [name for name, p in named.items() if p is called]
+    if not same and getattr(called, "lm", None) is not None:
+        same = [name for name, p in named.items() if p.signature is called.signature]
+    return same[0] if len(same) == 1 else None
 
 
 def same_fields(called: Any, predictor: Any) -> bool:
@@ -262,17 +274,15 @@ def every_call(err: Exception) -> bool:
 def teacher_answers(
     program: Any, teacher: TeacherSpec, trainset: list[Any], metric: Metric, threshold: float,
     runner: ProgramRunner | None,
-) -> tuple[Callable[[Any], Any], dict[int, str]]:  # fmt: skip
-    """How the teacher answers a train row (its predictions traced), and each traced
-    predictor's name. Gold runs a multi-step program with every predictor answering the
+) -> tuple[Callable[[Any], Any], dict[str, Any]]:  # fmt: skip
+    """How the teacher answers a train row (its predictions traced), and the predictors it
+    traces by name. Gold runs a multi-step program with every predictor answering the
     row's labelled values for its output fields."""
     if teacher.is_gold:
         assert runner is not None
-        names = {id(p): name for name, p in runner.predictors.items()}
-        return lambda example: gold_run(runner, example), names
+        return lambda example: gold_run(runner, example), dict(runner.predictors)
     teacher_program = make_teacher(program, teacher, trainset, metric, threshold)
-    names = {id(p): name for name, p in teacher_program.named_predictors()}
-    return answering(teacher_program, runner), names
+    return answering(teacher_program, runner), dict(teacher_program.named_predictors())
 
 
 def answering(teacher_program: Any, runner: ProgramRunner | None) -> Callable[[Any], Any]:

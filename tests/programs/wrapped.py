@@ -70,3 +70,20 @@ def a_known_team(args: dict[str, str], prediction: dspy.Prediction) -> float:
 def build_refined() -> dspy.Module:
     """DSPy's Refine around the predictor: up to three attempts, kept by a reward."""
     return dspy.Refine(module=dspy.Predict(Classify), N=3, reward_fn=a_known_team, threshold=1.0)
+
+
+class BestOfJoined(Joined):
+    """DSPy's BestOfN inside a module of the author's own: each attempt calls a copy of the
+    predictor that BestOfN makes as it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = dspy.BestOfN(self.classify, N=3, reward_fn=a_known_team, threshold=1.0)
+        del self.classify
+
+    def forward(self, subject: str, body: str) -> dspy.Prediction:
+        return self.best(ticket=f"{subject}\n{body}")
+
+
+def build_best_of() -> dspy.Module:
+    return BestOfJoined()

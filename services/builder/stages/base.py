@@ -12,6 +12,7 @@ run's results.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +57,8 @@ class Stage:
     from the host cache (services/builder/host_cache.py) instead of running it again.
     `version`: raised when a change to `run` changes what it writes, so that folders an older
     edgedistill wrote are made again (and every stage after them), not reused.
+    `kept_when_failed`: a failed run's folder stays (as BUILD/.<folder>.partial, until the
+    stage runs again) because its error names files there, such as each row that failed.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Stage:
     folder: str = ""
     host_shared: bool = False
     version: int = 1
+    kept_when_failed: bool = False
 
     @property
     def folder_name(self) -> str:
@@ -142,8 +146,9 @@ class StageRunner:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             fill(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs back
+        except BaseException as err:
+            if not (stage.kept_when_failed and isinstance(err, Exception)) or disk_full(err):
+                shutil.rmtree(staging, ignore_errors=True)  # frees what a full disk needs back
             raise
         _publish(staging, final)
 
@@ -157,6 +162,10 @@ def share_stages(first: Path, build_dir: Path, names: tuple[str, ...]) -> None:
         if source.is_dir() and first != build_dir and not target.exists():
             build_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, target, copy_function=os.link)
+
+
+def disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
 
 
 def _publish(staging: Path, final: Path) -> None:

@@ -308,7 +308,7 @@ def quantize(ctx: BuildContext, out: Path) -> None:
 
 
 TRACES = Stage(
-    "traces", collect_traces, report=report_traces,
+    "traces", collect_traces, report=report_traces, kept_when_failed=True,  # failed.jsonl
     inputs=lambda ctx: {**ctx.task_inputs(), "teacher": ctx.teacher_settings(),
                         **({"round": ctx.round.key()} if ctx.round else {}),
                         # held-out inputs decide which harvested records may be used
