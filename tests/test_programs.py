@@ -575,6 +575,44 @@ def test_best_of_n_inside_a_module_is_traced_as_the_predictor_it_copies(tmp_path
     assert served.outputs == {"category": rows[0]["category"]}
 
 
+@pytest.mark.parametrize("factory", ["build", "build_best_of"])
+def test_a_call_is_sampled_as_the_program_asks(tmp_path: Path, factory: str) -> None:
+    """BestOfN asks each attempt at temperature 1.0 so that they differ: the runtime's
+    Complete samples such a call at 1.0, each on a seed of its own (the request's would make
+    them the same); a call the program sets nothing for keeps the request's sampling."""
+    import asyncio
+
+    from services.builder.teacher import gold_answers
+    from services.core.pipeline import ProgramRunner
+    from services.core.sampling import GenerationParams
+    from services.runtime.server import ProgramCalls
+
+    rows = subject_rows()
+    ctx = wrapped_context(tmp_path, factory, rows)
+    assert ctx.pipeline is not None
+    runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+    billing = next(r for r in rows if r["category"] == "billing")  # the reward refuses it
+    answer = gold_answers(runner, billing)
+    sampled: list[tuple[float, int]] = []
+
+    async def call(name: str, messages: Any, params: GenerationParams) -> tuple[Any, float]:
+        sampled.append((params.temperature, params.seed))
+        return answer(name, messages), 0.0
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        request = GenerationParams(max_tokens=16, temperature=0.0, top_p=1.0, seed=7)
+        inputs = {"subject": "Help", "body": billing["body"]}
+        return await loop.run_in_executor(None, runner.run, inputs,
+                                          ProgramCalls(loop, request, call))  # fmt: skip
+
+    assert asyncio.run(run()).outputs == {"category": "billing"}
+    if factory == "build":
+        assert sampled == [(0.0, 7)]
+    else:  # three attempts, none rewarded
+        assert sampled == [(1.0, 8), (1.0, 9), (1.0, 10)]
+
+
 def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path) -> None:
     """A forward returning `queue` and `escalate` beside the predictor's `category`: the run
     (as the runtime and the router's fallback make it) carries them after the outputs, as text

@@ -385,6 +385,16 @@ class _Run:
 
 
 _CURRENT: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
+_CALL_TEMPERATURE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "call_temperature", default=None
+)
+
+
+def call_temperature() -> float | None:
+    """The temperature the program set for the predictor call being made, read by a Complete
+    on the program's thread: BestOfN and Refine ask for each attempt at 1.0 (their LM's
+    copy), so that attempts differ. None when the program set none (the request's applies)."""
+    return _CALL_TEMPERATURE.get()
 
 
 def request_messages(request: Any) -> list[dict[str, str]]:
@@ -427,11 +437,14 @@ class _PredictorEngine:
         run = _CURRENT.get()
         if run is None:
             raise RuntimeError("a served program's LM was called outside ProgramRunner.run")
+        token = _CALL_TEMPERATURE.set(request.config.temperature)
         try:
             call = run.complete(self.predictor, request_messages(request))
         except BaseException as err:  # kept: DSPy would wrap it in its own error types
             run.failure = err
             raise
+        finally:
+            _CALL_TEMPERATURE.reset(token)
         run.calls.append(call)
         if call.outcome != "parsed":  # ends the run, whatever DSPy could still read of the text
             run.failure = StepNotAnswered(f"{self.predictor}: {call.outcome}")

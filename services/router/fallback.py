@@ -17,7 +17,13 @@ from pydantic import SecretStr
 
 from services.core.api import pb
 from services.core.lm_connection import connection, litellm_connection
-from services.core.pipeline import LmCall, PipelineSpec, ProgramRunner, exception_chain
+from services.core.pipeline import (
+    LmCall,
+    PipelineSpec,
+    ProgramRunner,
+    call_temperature,
+    exception_chain,
+)
 from services.core.predict_stream import Deltas, Emit
 from services.core.program import ProgramSpec, PromptCodec, typed_json, value_text
 from services.core.sampling import GenerationParams
@@ -179,8 +185,10 @@ class FallbackModel:
 
         deltas = Deltas(predictor, outputs, emit, served_by=pb.SERVED_BY_FALLBACK)
         limit = self._lm.kwargs.get("max_tokens") or self._lm.kwargs.get("max_completion_tokens")
+        temperature = call_temperature()  # BestOfN's attempts: 1.0
         reply = litellm.completion(
-            model=self.model, messages=messages, stream=True, temperature=0.0,
+            model=self.model, messages=messages, stream=True,
+            temperature=0.0 if temperature is None else temperature,
             **({"max_tokens": limit} if limit else {}), **self._stream_kwargs,
         )  # fmt: skip
         text, usage = [], None
@@ -198,8 +206,10 @@ class FallbackModel:
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
         from dspy.utils.usage_tracker import track_usage
 
+        temperature = call_temperature()  # the program's for this call (BestOfN's attempts)
+        asked = {} if temperature is None else {"temperature": temperature}
         with track_usage() as used:
-            text = str(self._lm(messages=messages)[0])
+            text = str(self._lm(messages=messages, **asked)[0])
         return LmCall(predictor=predictor, text=text, confidence=1.0, outcome="parsed",
                       **counted_tokens(used))  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -20,11 +21,15 @@ from services.core import validation as check
 from services.core.api import SERVICE_NAME, pb, pb_grpc
 from services.core.config import RuntimeSettings
 from services.core.model_info import describe_program
-from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner
+from services.core.pipeline import LmCall, ProgramFailed, ProgramRunner, call_temperature
 from services.core.predict_stream import Deltas, Emit
 from services.core.program import COMPLETED_MARKER, PromptCodec
 from services.core.rpc_status import call_status
-from services.core.sampling import GENERATE_DEFAULT_TEMPERATURE, PREDICT_DEFAULT_TEMPERATURE
+from services.core.sampling import (
+    GENERATE_DEFAULT_TEMPERATURE,
+    PREDICT_DEFAULT_TEMPERATURE,
+    GenerationParams,
+)
 from services.core.usage import usage_of
 from services.core.validation import Limits, RpcFailure
 from services.runtime.backends import (
@@ -199,8 +204,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         assert self._program_pool is not None  # attach() made it with the scheduler
         loop = asyncio.get_running_loop()
         longest = check.longest_input(inputs)  # named when a call's prompt is too long
-        calls = ProgramCalls(loop, lambda name, messages: self._program_call(
-            runner, name, messages, params, context, emit, longest))  # fmt: skip
+        calls = ProgramCalls(loop, params, lambda name, messages, call_params: self._program_call(
+            runner, name, messages, call_params, context, emit, longest))  # fmt: skip
         try:
             result = await loop.run_in_executor(self._program_pool, runner.run, inputs, calls)
         except ProgramFailed as failed:
@@ -548,7 +553,7 @@ def _check_constraint(backend: Backend, json_schema: str | None, grammar: str | 
             raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED, f"{field}: {err}") from None
 
 
-def _predict_params(request: pb.PredictRequest, limits: Limits) -> Any:
+def _predict_params(request: pb.PredictRequest, limits: Limits) -> GenerationParams:
     """Predict's sampling: greedy by default, stopping at the completed marker, log-probs
     kept for the confidence."""
     return check.sampling_params(
@@ -563,25 +568,42 @@ class ProgramCalls:
     further calls (the client went away or the RPC ended)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop,
-        call: Callable[[str, list[dict[str, str]]], Coroutine[Any, Any, tuple[LmCall, float]]],
+        self, loop: asyncio.AbstractEventLoop, params: GenerationParams,
+        call: Callable[[str, list[dict[str, str]], GenerationParams],
+                       Coroutine[Any, Any, tuple[LmCall, float]]],
     ) -> None:  # fmt: skip
         self._loop = loop
+        self._params = params
         self._call = call
+        self._made = 0  # calls made so far
         self._lock = threading.Lock()
         self._cancelled = False
         self._in_flight: Future[tuple[LmCall, float]] | None = None
         self.queue_ms = 0.0
 
     def __call__(self, name: str, messages: list[dict[str, str]]) -> LmCall:
+        params = self._call_params()
         with self._lock:
             if self._cancelled:
                 raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
-            future = asyncio.run_coroutine_threadsafe(self._call(name, messages), self._loop)
+            future = asyncio.run_coroutine_threadsafe(
+                self._call(name, messages, params), self._loop
+            )
             self._in_flight = future
         call, queue_ms = future.result()
         self.queue_ms += queue_ms
         return call
+
+    def _call_params(self) -> GenerationParams:
+        """The request's sampling, at the temperature the program set for this call if it
+        set one (BestOfN's attempts), each such call on its own seed: the request's seed
+        would make every attempt the same."""
+        self._made += 1
+        temperature = call_temperature()
+        if temperature is None:
+            return self._params
+        seed = (self._params.seed + self._made) % 2**31
+        return dataclasses.replace(self._params, temperature=temperature, seed=seed)
 
     def cancel(self) -> None:
         with self._lock:
