@@ -613,6 +613,45 @@ def test_a_call_is_sampled_as_the_program_asks(tmp_path: Path, factory: str) -> 
         assert sampled == [(1.0, 8), (1.0, 9), (1.0, 10)]
 
 
+def test_calls_a_program_runs_on_threads_belong_to_its_run() -> None:
+    """Module.batch (dspy.Parallel) inside forward runs the predictor's calls on threads of
+    its own: each call reaches the run's Complete (the runtime's, which runs them
+    concurrently) and is listed in the run, and the answers come back in order."""
+    import asyncio
+    import re
+
+    from services.core.sampling import GenerationParams
+    from services.runtime.server import ProgramCalls
+    from tests.programs.wrapped import build_each_ticket
+
+    module = build_each_ticket()
+    spec = PipelineSpec(
+        name="each", inputs=[FieldSpec(name="tickets", type="list[str]")],
+        outputs=[FieldSpec(name="categories", type="list[str]")],
+        predictors=predictor_specs(module),
+        source=SourceSpec(module="tests.programs.wrapped", attr="build_each_ticket"),
+    )  # fmt: skip
+    runner = ProgramRunner(module, spec)
+    labels = {"VPN down": "network", "Refund please": "billing", "Screen cracked": "hardware"}
+
+    async def call(name: str, messages: Any, params: GenerationParams) -> tuple[LmCall, float]:
+        ticket = re.findall(r"\[\[ ## ticket ## \]\]\n(.*)", messages[-1]["content"])[-1]
+        text = runner.codecs[name].format_assistant({"category": labels[ticket.strip()]})
+        await asyncio.sleep(0.05)  # the calls overlap
+        return LmCall(name, text, 0.9, "parsed", prompt_tokens=5, completion_tokens=2), 0.0
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        request = GenerationParams(max_tokens=16, temperature=0.0, top_p=1.0, seed=7)
+        inputs = {"tickets": list(labels)}
+        return await loop.run_in_executor(None, runner.run, inputs,
+                                          ProgramCalls(loop, request, call))  # fmt: skip
+
+    result = asyncio.run(run())
+    assert json.loads(result.outputs_json) == {"categories": list(labels.values())}
+    assert [c.predictor for c in result.calls] == ["classify"] * 3
+
+
 def test_fields_the_programs_python_computes_are_in_the_response(tmp_path: Path) -> None:
     """A forward returning `queue` and `escalate` beside the predictor's `category`: the run
     (as the runtime and the router's fallback make it) carries them after the outputs, as text

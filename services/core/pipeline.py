@@ -384,7 +384,18 @@ class _Run:
     failure: BaseException | None = None  # what a Complete raised (cancelled, deadline, ...)
 
 
-_CURRENT: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
+# The run a predictor's call belongs to, in DSPy's settings: DSPy hands them on to the threads
+# dspy.Parallel and Module.batch run calls on (a context variable would not reach them).
+_RUN_SETTING = "edgedistill_run"
+
+
+def _current_run() -> _Run | None:
+    import dspy
+
+    run: _Run | None = getattr(dspy.settings, _RUN_SETTING, None)
+    return run
+
+
 _CALL_TEMPERATURE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "call_temperature", default=None
 )
@@ -434,7 +445,7 @@ class _PredictorEngine:
     def complete(self, request: Any) -> Any:
         from dspy.lm15 import Message, Response, TextPart, Usage
 
-        run = _CURRENT.get()
+        run = _current_run()
         if run is None:
             raise RuntimeError("a served program's LM was called outside ProgramRunner.run")
         token = _CALL_TEMPERATURE.set(request.config.temperature)
@@ -492,7 +503,7 @@ class _UnboundEngine(_PredictorEngine):
         asked = system.partition("Your output fields are:")[2]
         outputs = re.findall(r"^\d+\. `(\w+)`", asked, re.M)
         error = UnboundPredictor(unbound_predictor_message(outputs))
-        run = _CURRENT.get()
+        run = _current_run()
         if run is not None:
             run.failure = error
         raise error
@@ -617,10 +628,10 @@ class ProgramRunner:
         import dspy
 
         run = _Run(complete)
-        token = _CURRENT.set(run)
         try:
             adapter = served_adapter(self.spec.prompt_format)
-            with dspy.context(adapter=adapter, disable_history=True, lm=self.unbound):
+            with dspy.context(adapter=adapter, disable_history=True, lm=self.unbound,
+                              **{_RUN_SETTING: run}):  # fmt: skip
                 return self.module(**self.forward_arguments(inputs)), run
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
@@ -633,5 +644,3 @@ class ProgramRunner:
             if failure is not None:
                 raise failure from None
             raise ProgramFailed(err, run.calls) from err
-        finally:
-            _CURRENT.reset(token)

@@ -563,9 +563,10 @@ def _predict_params(request: pb.PredictRequest, limits: Limits) -> GenerationPar
 
 
 class ProgramCalls:
-    """A running program's Complete: called on its worker thread, it runs each predictor
-    call on the event loop and waits for it; `cancel` stops the one in flight and refuses
-    further calls (the client went away or the RPC ended)."""
+    """A running program's Complete: called on its worker thread (or the threads dspy.Parallel
+    runs calls on), it runs each predictor call on the event loop and waits for it; `cancel`
+    stops the calls in flight and refuses further calls (the client went away or the RPC
+    ended)."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, params: GenerationParams,
@@ -578,38 +579,43 @@ class ProgramCalls:
         self._made = 0  # calls made so far
         self._lock = threading.Lock()
         self._cancelled = False
-        self._in_flight: Future[tuple[LmCall, float]] | None = None
+        self._in_flight: set[Future[tuple[LmCall, float]]] = set()
         self.queue_ms = 0.0
 
     def __call__(self, name: str, messages: list[dict[str, str]]) -> LmCall:
-        params = self._call_params()
+        temperature = call_temperature()  # read on the calling thread
         with self._lock:
             if self._cancelled:
                 raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
+            self._made += 1
+            params = self._call_params(temperature, self._made)
             future = asyncio.run_coroutine_threadsafe(
                 self._call(name, messages, params), self._loop
             )
-            self._in_flight = future
-        call, queue_ms = future.result()
-        self.queue_ms += queue_ms
+            self._in_flight.add(future)
+        try:
+            call, queue_ms = future.result()
+        finally:
+            with self._lock:
+                self._in_flight.discard(future)
+        with self._lock:
+            self.queue_ms += queue_ms
         return call
 
-    def _call_params(self) -> GenerationParams:
+    def _call_params(self, temperature: float | None, number: int) -> GenerationParams:
         """The request's sampling, at the temperature the program set for this call if it
         set one (BestOfN's attempts), each such call on its own seed: the request's seed
         would make every attempt the same."""
-        self._made += 1
-        temperature = call_temperature()
         if temperature is None:
             return self._params
-        seed = (self._params.seed + self._made) % 2**31
+        seed = (self._params.seed + number) % 2**31
         return dataclasses.replace(self._params, temperature=temperature, seed=seed)
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-            if self._in_flight is not None:
-                self._in_flight.cancel()
+            for future in self._in_flight:
+                future.cancel()
 
 
 def _queue_ms(job: Job) -> float:

@@ -87,3 +87,21 @@ class BestOfJoined(Joined):
 
 def build_best_of() -> dspy.Module:
     return BestOfJoined()
+
+
+class EachTicket(dspy.Module):
+    """Classifies every ticket of a list, the calls run on threads as Module.batch runs them
+    (dspy.Parallel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+
+    def forward(self, tickets: list[str]) -> dspy.Prediction:
+        asked = [dspy.Example(ticket=ticket).with_inputs("ticket") for ticket in tickets]
+        found = self.classify.batch(asked, num_threads=3, disable_progress_bar=True)
+        return dspy.Prediction(categories=[prediction.category for prediction in found])
+
+
+def build_each_ticket() -> dspy.Module:
+    return EachTicket()
