@@ -371,8 +371,13 @@ class RunResult:
 class ProgramFailed(Exception):
     """The program's own code raised (not an LM call): the type and message, for the caller."""
 
-    def __init__(self, error: BaseException, calls: list[LmCall]) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
+    def __init__(
+        self, error: BaseException, calls: list[LmCall], after: StepNotAnswered | None = None
+    ) -> None:
+        # `after`: a call that was not answered earlier in the run, which the program (or
+        # DSPy, as Module.batch does) caught; what the program then did may stem from it.
+        caught = f" (after a call it caught: {after})" if after is not None else ""
+        super().__init__(f"{type(error).__name__}: {error}{caught}")
         self.error = error
         self.calls = calls
 
@@ -640,7 +645,8 @@ class ProgramRunner:
             if isinstance(failure, StepNotAnswered):
                 if any(e is failure for e in exception_chain(err)):  # as a parse error: no answer
                     return None, run
-                failure = None  # the program caught it, then failed on its own
+                # the program caught it, then failed on its own
+                raise ProgramFailed(err, run.calls, after=failure) from err
             if failure is not None:
                 raise failure from None
             raise ProgramFailed(err, run.calls) from err
