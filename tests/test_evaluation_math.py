@@ -310,6 +310,10 @@ def test_a_held_out_label_no_train_row_has_is_named() -> None:
     assert said is not None and said.startswith("'mixed', 'neu' (3 of 4 rows) in no train row")
     assert unseen_in_train(Counter({"neg": 3}), train) is None
     assert unseen_in_train(Counter({"neu": 1}), Counter()) is None  # train unlabelled: API teacher
+    # a `str` field with few values may be read from the input (extraction): said both ways
+    free = unseen_in_train(Counter({"lyon": 2}), Counter({"oslo": 2}), choice=False)
+    assert free is not None and "as labels the student never sees them" in free
+    assert "values read from the input need none" in free
 
 
 def test_split_by_group_keeps_each_labels_share_when_stratified() -> None:

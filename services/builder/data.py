@@ -261,16 +261,21 @@ def imbalance(counts: Counter[str], values: int) -> str | None:
     return None
 
 
-def unseen_in_train(counts: Counter[str], train: Counter[str]) -> str | None:
+def unseen_in_train(counts: Counter[str], train: Counter[str], choice: bool = True) -> str | None:
     """A warning when held-out rows carry a label no train row has: the student is never
-    shown it, so those rows are scored against an answer it cannot have learned."""
+    shown it, so those rows are scored against an answer it cannot have learned. For a field
+    not typed as a choice (`str` with few values), the value may instead be read from the
+    input (extraction), which needs no train row: the warning says both."""
     unseen = [value for value in counts if value not in train]
     if not train or not unseen:
         return None
     rows = sum(counts[value] for value in unseen)
     shown = ", ".join(repr(value) for value in sorted(unseen))
-    return (f"{shown} ({rows} of {sum(counts.values())} rows) in no train row: the student never "
-            f"sees it; add train rows with it")  # fmt: skip
+    said = f"{shown} ({rows} of {sum(counts.values())} rows) in no train row"
+    if choice:
+        return f"{said}: the student never sees it; add train rows with it"
+    return (f"{said}: as labels the student never sees them (add train rows with them); "
+            "values read from the input need none")  # fmt: skip
 
 
 def untaught_labels(kept: Counter[str], asked: Counter[str]) -> str | None:

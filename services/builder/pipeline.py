@@ -69,11 +69,13 @@ def describe_labels(ctx: BuildContext) -> None:
     parts = {"train": ctx.trainset, "calibration": ctx.calibset, "test": ctx.testset}
     for name in ctx.label_names:
         train = label_counts(ctx.trainset, name)
+        choice = name in ctx.choices
         for part, rows in parts.items():
             counts = label_counts(rows, name)
             shown = ", ".join(f"{value} {n}" for value, n in counts.most_common())
             ctx.console.print(f"  {name} in {part}: {escape(shown)}", highlight=False)
-            for problem in (imbalance(counts, len(train)), unseen_in_train(counts, train)):
+            unseen = unseen_in_train(counts, train, choice)
+            for problem in (imbalance(counts, len(train)), unseen):
                 if problem:
                     ctx.console.print(f"  [yellow]warning:[/] {name} in {part}: "
                                       f"{escape(problem)}", highlight=False)  # fmt: skip
