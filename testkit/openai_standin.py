@@ -99,7 +99,10 @@ class OpenAIStandIn:
         label = self.gold.get(asked, "unknown")
         if asked in self.wavering and temperature >= 1:
             label = next(v for v in sorted(set(self.gold.values())) if v != label)
-        answer = f"[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
+        # Other fields asked beside the label (MultiChainComparison's `rationale`): a sentence.
+        extra = [name for name in wanted if name not in (self.output_field, "reasoning")]
+        others = "".join(f"[[ ## {name} ## ]]\nAnswer precisely and briefly.\n\n" for name in extra)
+        answer = f"{others}[[ ## {self.output_field} ## ]]\n{label}\n\n[[ ## completed ## ]]"
         if self.reasoning:
             subject = " ".join(asked.rstrip("?").split()[-3:])
             answer = f"[[ ## reasoning ## ]]\nThis asks about {subject}.\n\n" + answer
