@@ -198,10 +198,8 @@ class FallbackModel:
                 text.append(piece)
                 deltas.text(piece)
         deltas.close()
-        counted = {kind: int(getattr(usage, kind, 0) or 0)
-                   for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
         return LmCall(predictor=predictor, text="".join(text), confidence=1.0, outcome="parsed",
-                      **counted)  # fmt: skip
+                      **streamed_tokens(usage))  # fmt: skip
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
         from dspy.utils.usage_tracker import track_usage
@@ -265,11 +263,8 @@ class FallbackModel:
                     if "logprobs" in options and not listed:
                         raise NoLogprobs(f"{self.model} answered without log-probabilities")
                     yield Piece(text=text, logprobs=listed)
-        yield Piece(text="", final=Generated(
-            finished_by_length=finish == "length",
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        ))  # fmt: skip
+        yield Piece(text="", final=Generated(finished_by_length=finish == "length",
+                                             **streamed_tokens(usage)))  # fmt: skip
 
     async def predict(
         self, inputs: dict[str, str], emit: Emit | None = None
@@ -371,6 +366,13 @@ class Outbox:
         with self._lock:
             self._current += 1
             return self._sent
+
+
+def streamed_tokens(usage: Any) -> dict[str, int]:
+    """The prompt and completion tokens of a streamed answer's last `usage` (0 when the API
+    sent none)."""
+    return {kind: int(getattr(usage, kind, 0) or 0)
+            for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
 
 
 def counted_tokens(tracker: Any) -> dict[str, int]:
