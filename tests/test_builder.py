@@ -5,6 +5,7 @@ API teacher on a real OpenAI-compatible server on loopback."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -492,6 +493,16 @@ def test_a_stage_added_to_the_list_is_keyed_skipped_and_rerun(tmp_path: Path) ->
             build(spec, Console(file=io.StringIO()), stages=(*STAGES[:2], failing))
         assert (partial / "failed.jsonl").is_file() == kept
         assert (tmp_path / "build" / "count" / "count.txt").read_text() == "6 second"
+
+    # Out of space or over a quota, even a kept stage's folder goes: the disk needs it back.
+    def fill_the_disk(ctx: Any, out: Path) -> None:
+        (out / "failed.jsonl").write_text("{}\n")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(out / "failed.jsonl"))
+
+    over_quota = dataclasses.replace(toy, run=fill_the_disk, version=4, kept_when_failed=True)
+    with pytest.raises(OSError, match="quota"):
+        build(spec, Console(file=io.StringIO()), stages=(*STAGES[:2], over_quota))
+    assert not partial.exists()
     assert build(spec, Console(file=io.StringIO()), stages=stages).ran == []
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from typing import Annotated, Optional
 
 import typer
@@ -61,6 +60,7 @@ def build(
     from services.builder.pipeline import build as run_build
     from services.builder.pipeline import check as check_build
     from services.builder.spec import SpecError, load_spec
+    from services.builder.stages.base import disk_full
     from services.builder.student import ConversionError
     from services.builder.teacher import TeacherError
     from services.core.harvest import HarvestError
@@ -103,7 +103,7 @@ def build(
     except ConversionError as err:
         raise fail(f"student.source: {err}", code=1) from None
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(err):
             raise
         where = Path(err.filename).parent if err.filename else "the build folder"
         raise fail(

@@ -165,7 +165,8 @@ def share_stages(first: Path, build_dir: Path, names: tuple[str, ...]) -> None:
 
 
 def disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+    """Out of space or over a quota: either way the fix is the same (free space, run again)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _publish(staging: Path, final: Path) -> None:
