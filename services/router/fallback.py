@@ -191,15 +191,14 @@ class FallbackModel:
             temperature=0.0 if temperature is None else temperature,
             **({"max_tokens": limit} if limit else {}), **self._stream_kwargs,
         )  # fmt: skip
-        text, usage = [], None
+        text, read = [], StreamedChunks()
         for chunk in reply:
-            usage = getattr(chunk, "usage", None) or usage
-            if chunk.choices and (piece := chunk.choices[0].delta.content):
+            if piece := read.text(chunk):
                 text.append(piece)
                 deltas.text(piece)
         deltas.close()
         return LmCall(predictor=predictor, text="".join(text), confidence=1.0, outcome="parsed",
-                      **streamed_tokens(usage))  # fmt: skip
+                      **read.tokens())  # fmt: skip
 
     def _api_call(self, predictor: str, messages: list[dict[str, str]]) -> LmCall:
         from dspy.utils.usage_tracker import track_usage
@@ -248,23 +247,19 @@ class FallbackModel:
             model=self.model, messages=messages, stream=True, **self._stream_kwargs, **options,
         ), self._timeout_s)  # fmt: skip
         async with reply:  # closed however it ends: a client that left stops the API's answer
-            pieces, finish, usage = reply.__aiter__(), None, None
+            pieces, read = reply.__aiter__(), StreamedChunks()
             while True:
                 try:  # the wait for each piece is bounded, not the whole generation
                     chunk = await asyncio.wait_for(anext(pieces), self._timeout_s)
                 except StopAsyncIteration:
                     break
-                usage = getattr(chunk, "usage", None) or usage
-                if not chunk.choices:
-                    continue
-                finish = chunk.choices[0].finish_reason or finish
-                if text := chunk.choices[0].delta.content:
+                if text := read.text(chunk):
                     listed = api_logprobs(chunk.choices[0]) if "logprobs" in options else ()
                     if "logprobs" in options and not listed:
                         raise NoLogprobs(f"{self.model} answered without log-probabilities")
                     yield Piece(text=text, logprobs=listed)
-        yield Piece(text="", final=Generated(finished_by_length=finish == "length",
-                                             **streamed_tokens(usage)))  # fmt: skip
+        yield Piece(text="", final=Generated(finished_by_length=read.finish == "length",
+                                             **read.tokens()))  # fmt: skip
 
     async def predict(
         self, inputs: dict[str, str], emit: Emit | None = None
@@ -368,11 +363,24 @@ class Outbox:
             return self._sent
 
 
-def streamed_tokens(usage: Any) -> dict[str, int]:
-    """The prompt and completion tokens of a streamed answer's last `usage` (0 when the API
-    sent none)."""
-    return {kind: int(getattr(usage, kind, 0) or 0)
-            for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
+class StreamedChunks:
+    """A LiteLLM stream read chunk by chunk: each one's text; by the end, why the answer
+    stopped and the tokens its last `usage` counted (0 when the API sent none)."""
+
+    def __init__(self) -> None:
+        self.finish: str | None = None
+        self._usage: Any = None
+
+    def text(self, chunk: Any) -> str:
+        self._usage = getattr(chunk, "usage", None) or self._usage
+        if not chunk.choices:  # the usage-only chunk at the end
+            return ""
+        self.finish = chunk.choices[0].finish_reason or self.finish
+        return chunk.choices[0].delta.content or ""
+
+    def tokens(self) -> dict[str, int]:
+        return {kind: int(getattr(self._usage, kind, 0) or 0)
+                for kind in ("prompt_tokens", "completion_tokens")}  # fmt: skip
 
 
 def counted_tokens(tracker: Any) -> dict[str, int]:
