@@ -576,6 +576,44 @@ def test_best_of_n_inside_a_module_is_traced_as_the_predictor_it_copies(tmp_path
     assert served.outputs == {"category": rows[0]["category"]}
 
 
+def test_a_program_written_async_only_is_traced_and_served_through_its_aforward(
+    tmp_path: Path,
+) -> None:
+    """A module with an `aforward` and no `forward` (DSPy runs it with `acall`): its inputs
+    are aforward's, its code ships, a gold and an API teacher trace it, and the runner the
+    runtime serves with runs it, its calls reaching the run's Complete from the event loop."""
+    from services.builder.spec import TeacherSpec
+    from services.builder.teacher import collect_traces, gold_answers
+    from services.core.pipeline import ProgramRunner
+    from testkit.openai_standin import OpenAIStandIn
+
+    rows = subject_rows()[:4]
+    ctx = wrapped_context(tmp_path, "build_async", rows)
+    assert ctx.pipeline is not None and ctx.pipeline.input_names == ["subject", "body"]
+    assert "tests/programs/wrapped.py" in ctx.sources
+
+    def traced(teacher: TeacherSpec, out: Path) -> int:
+        out.mkdir()
+        runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+        counts = collect_traces(
+            program=ctx.program, teacher=teacher, trainset=ctx.trainset, metric=ctx.metric,
+            threshold=1.0, output_names=["category"], out_dir=out, runner=runner,
+        )  # fmt: skip
+        assert counts.failed == 0, (out / "failed.jsonl").read_text()
+        return counts.kept
+
+    assert traced(TeacherSpec(model="gold"), tmp_path / "gold") == len(rows)
+    gold = {f"Help\n{r['body']}": r["category"] for r in rows}
+    with OpenAIStandIn(gold) as api:
+        teacher = TeacherSpec(model="openai/teacher", api_base=api.base_url, num_threads=2)
+        assert traced(teacher, tmp_path / "api") == len(rows)
+    runner = ProgramRunner(ctx.program.deepcopy(), ctx.pipeline)
+    for row in rows:
+        served = runner.run({"subject": "Help", "body": row["body"]}, gold_answers(runner, row))
+        assert served.outputs == {"category": row["category"]}
+        assert [c.predictor for c in served.calls] == ["classify"]
+
+
 @pytest.mark.parametrize("factory", ["build", "build_best_of"])
 def test_a_call_is_sampled_as_the_program_asks(tmp_path: Path, factory: str) -> None:
     """BestOfN asks each attempt at temperature 1.0 so that they differ: the runtime's

@@ -20,7 +20,7 @@ from typing import Any
 
 from services.builder.metrics import Metric, canonical, field_f1, field_matches, score
 from services.builder.spec import TeacherSpec
-from services.core.pipeline import ProgramFailed
+from services.core.pipeline import ProgramFailed, call_program
 from services.core.program import input_text
 from services.core.stats import percentile, score_interval
 
@@ -268,7 +268,7 @@ def evaluate_teacher(
         started = time.perf_counter()
         try:
             with dspy.context(lm=lm):  # the context's LM too, as where the traces were made
-                prediction = teacher_program(**arguments(dict(example.inputs())))
+                prediction = call_program(teacher_program, arguments(dict(example.inputs())))
         except Exception as err:
             return {"outputs": None, "error": f"{type(err).__name__}: {err}"[:300],
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip

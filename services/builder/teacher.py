@@ -19,7 +19,13 @@ from services.builder.data import json_line
 from services.builder.metrics import Metric, score
 from services.builder.spec import SpecError, TeacherSpec
 from services.core.lm_connection import connection
-from services.core.pipeline import Complete, LmCall, ProgramRunner, unbound_predictor_message
+from services.core.pipeline import (
+    Complete,
+    LmCall,
+    ProgramRunner,
+    call_program,
+    unbound_predictor_message,
+)
 from services.core.program import blank_as_none
 
 
@@ -295,7 +301,7 @@ def answering(teacher_program: Any, runner: ProgramRunner | None) -> Callable[[A
         # The teacher LM is also the context's, as `dspy.configure(lm=...)` makes it where the
         # program was written: a predictor made as it runs (Refine's advice) calls it too.
         with dspy.context(lm=teacher_program.get_lm()):
-            return teacher_program(**typed(dict(example.inputs())))
+            return call_program(teacher_program, typed(dict(example.inputs())))
 
     return answer
 

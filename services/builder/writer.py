@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from services.builder.data import input_key
+from services.core.pipeline import call_program
 from services.core.program import FieldSpec
 
 # The second answer is sampled: an answer that changes under sampling is not one to teach.
@@ -129,7 +130,7 @@ def second_answers(
 
     def one(row: dict[str, str]) -> dict[str, Any] | None:
         try:
-            prediction = teacher_program(**row)
+            prediction = call_program(teacher_program, row)
         except Exception:
             return None
         return {name: prediction.get(name) for name in output_names}

@@ -12,6 +12,8 @@ trained on.
 from __future__ import annotations
 
 import ast
+import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import importlib
@@ -161,7 +163,7 @@ def forward_annotations(module: Any) -> dict[str, Any]:
     import typing
 
     try:
-        return typing.get_type_hints(type(module).forward)
+        return typing.get_type_hints(_entry(module))
     except Exception:  # a name only the author's type checker knows: typed as text
         return {}
 
@@ -172,10 +174,37 @@ def forward_defaults(module: Any) -> set[str]:
 
 
 def _forward_parameters(module: Any) -> list[inspect.Parameter]:
-    try:  # through the class: DSPy warns when an instance's forward is looked up directly
-        return list(inspect.signature(type(module).forward).parameters.values())[1:]
+    try:
+        return list(inspect.signature(_entry(module)).parameters.values())[1:]
     except (TypeError, ValueError, AttributeError):
         return []
+
+
+def _entry(module: Any) -> Any:
+    """The code a call of the program runs: its `forward`, or its `aforward` when it is
+    written async only (DSPy's `acall`). Read through the class: DSPy warns when an
+    instance's forward is looked up directly."""
+    cls = type(module)
+    return getattr(cls, "forward", None) or cls.aforward
+
+
+def runs_async_only(module: Any) -> bool:
+    return not hasattr(type(module), "forward") and hasattr(type(module), "aforward")
+
+
+def call_program(module: Any, arguments: dict[str, Any]) -> Any:
+    """`module(**arguments)`; a module written async only run to its end as `acall`, on an
+    event loop of its own (on a thread of its own where this one already runs a loop). DSPy's
+    settings (the LM, the adapter, the run) go with it."""
+    if not runs_async_only(module):
+        return module(**arguments)
+    answer = contextvars.copy_context().run  # the settings as they are here
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return answer(asyncio.run, module.acall(**arguments))
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(answer, asyncio.run, module.acall(**arguments)).result()
 
 
 def predictor_specs(module: Any) -> list[ProgramSpec]:
@@ -514,6 +543,26 @@ class _UnboundEngine(_PredictorEngine):
         raise error
 
 
+class _AsyncEngine:
+    """An engine's async counterpart, for a program written async (`aforward`, `acall`):
+    each call on a thread of its own, so calls the program gathers run side by side."""
+
+    def __init__(self, engine: _PredictorEngine) -> None:
+        self._engine = engine
+
+    async def complete(self, request: Any) -> Any:
+        return await asyncio.to_thread(self._engine.complete, request)
+
+    async def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        for event in response_to_events(await self.complete(request)):
+            yield event
+
+    async def aclose(self) -> None:
+        pass
+
+
 def served_adapter(prompt_format: PromptFormat = "chat") -> Any:
     """The adapter every predictor is trained and served with."""
     return chat_adapter(prompt_format)
@@ -582,11 +631,14 @@ class ProgramRunner:
         # A truncated call is this run's TRUNCATED outcome; DSPy's own warning per call is noise.
         logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
         for name, predictor in self.predictors.items():
-            predictor.lm = dspy.LM(
-                f"edgedistill/{name}", engine=_PredictorEngine(name), cache=False, num_retries=0
-            )
+            engine = _PredictorEngine(name)
+            predictor.lm = dspy.LM(f"edgedistill/{name}", engine=engine,
+                                   async_engine=_AsyncEngine(engine), cache=False,
+                                   num_retries=0)  # fmt: skip
         # The context's LM in a run: only a predictor made inside forward calls it.
-        self.unbound = dspy.LM("edgedistill/unbound", engine=_UnboundEngine(), cache=False,
+        unbound = _UnboundEngine()
+        self.unbound = dspy.LM("edgedistill/unbound", engine=unbound,
+                               async_engine=_AsyncEngine(unbound), cache=False,
                                num_retries=0)  # fmt: skip
         self.codecs = {
             name: PromptCodec.for_signature(p.signature, p.demos, spec.prompt_format)
@@ -637,7 +689,7 @@ class ProgramRunner:
             adapter = served_adapter(self.spec.prompt_format)
             with dspy.context(adapter=adapter, disable_history=True, lm=self.unbound,
                               **{_RUN_SETTING: run}):  # fmt: skip
-                return self.module(**self.forward_arguments(inputs)), run
+                return call_program(self.module, self.forward_arguments(inputs)), run
         except dspy.utils.exceptions.AdapterParseError:
             return None, run
         except BaseException as err:

@@ -1,5 +1,7 @@
 """One predictor inside a module of the author's own: Python around the call."""
 
+import asyncio
+
 import dspy
 
 from tests.programs.two_step import Classify, Estimate
@@ -105,3 +107,19 @@ class EachTicket(dspy.Module):
 
 def build_each_ticket() -> dspy.Module:
     return EachTicket()
+
+
+class AsyncJoined(dspy.Module):
+    """Written async only, as DSPy allows (an `aforward`, called with `acall`): no forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict(Classify)
+
+    async def aforward(self, subject: str, body: str) -> dspy.Prediction:
+        await asyncio.sleep(0)  # where an author's program awaits its own I/O
+        return await self.classify.acall(ticket=f"{subject}\n{body}")
+
+
+def build_async() -> dspy.Module:
+    return AsyncJoined()
