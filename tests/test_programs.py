@@ -582,6 +582,8 @@ def test_a_program_written_async_only_is_traced_and_served_through_its_aforward(
     """A module with an `aforward` and no `forward` (DSPy runs it with `acall`): its inputs
     are aforward's, its code ships, a gold and an API teacher trace it, and the runner the
     runtime serves with runs it, its calls reaching the run's Complete from the event loop."""
+    import asyncio
+
     from services.builder.spec import TeacherSpec
     from services.builder.teacher import collect_traces, gold_answers
     from services.core.pipeline import ProgramRunner
@@ -612,6 +614,12 @@ def test_a_program_written_async_only_is_traced_and_served_through_its_aforward(
         served = runner.run({"subject": "Help", "body": row["body"]}, gold_answers(runner, row))
         assert served.outputs == {"category": row["category"]}
         assert [c.predictor for c in served.calls] == ["classify"]
+
+    async def from_a_running_loop() -> Any:  # as a caller on an event loop would run it
+        return runner.run({"subject": "Help", "body": rows[0]["body"]},
+                          gold_answers(runner, rows[0]))  # fmt: skip
+
+    assert asyncio.run(from_a_running_loop()).outputs == {"category": rows[0]["category"]}
 
 
 @pytest.mark.parametrize("factory", ["build", "build_best_of"])

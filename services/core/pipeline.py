@@ -189,6 +189,7 @@ def _entry(module: Any) -> Any:
 
 
 def runs_async_only(module: Any) -> bool:
+    """An `aforward` and no `forward`: DSPy's `module(...)` would fail, `acall` runs it."""
     return not hasattr(type(module), "forward") and hasattr(type(module), "aforward")
 
 
@@ -198,13 +199,13 @@ def call_program(module: Any, arguments: dict[str, Any]) -> Any:
     settings (the LM, the adapter, the run) go with it."""
     if not runs_async_only(module):
         return module(**arguments)
-    answer = contextvars.copy_context().run  # the settings as they are here
+    in_this_context = contextvars.copy_context().run  # the settings as they are here
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return answer(asyncio.run, module.acall(**arguments))
+        return in_this_context(asyncio.run, module.acall(**arguments))
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
-        return thread.submit(answer, asyncio.run, module.acall(**arguments)).result()
+        return thread.submit(in_this_context, asyncio.run, module.acall(**arguments)).result()
 
 
 def predictor_specs(module: Any) -> list[ProgramSpec]:
