@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.core.config import RuntimeSettings, SettingsError, load_settings
-from testkit.processes import REPO, start_runtime
+from testkit.processes import REPO, ServerProcess, start_runtime
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -120,6 +120,83 @@ def test_serve_takes_the_model_or_bundle_as_its_argument(tmp_path: Path, gguf_pa
     assert "nope.gguf: no such file or directory" in " ".join(missing.stderr.split())
     twice = run_cli("route", str(tmp_path), "--bundle", str(tmp_path), "--port", "0")
     assert twice.returncode == 2 and "as PATH or as --bundle" in twice.stderr
+
+
+def test_rows_answers_are_tallied_against_the_rows_labels() -> None:
+    """--rows' pure parts: only the program's inputs are sent; an answer agrees with a row's
+    label as the build counts labels (a CSV's text `3` is the int 3, case and spaces aside);
+    the summary counts rows, failures, outcomes and who answered."""
+    from services.cli.rows import Tally, agrees, load_rows, request_inputs
+    from services.core.rows import RowsError
+
+    with pytest.raises(RowsError, match=r"--rows: nope\.csv: no such file"):
+        load_rows("nope.csv")
+
+    assert request_inputs({"country": "Norway", "capital": "Oslo", "id": 7}, ["country"]) == {
+        "country": "Norway"
+    }
+    assert request_inputs({"id": 7}, ["country"]) == {}  # the server names what is missing
+    assert agrees(3, "3") and agrees("Oslo ", "oslo") and agrees(["a", "b"], '["a", "b"]')
+    assert not agrees("Bergen", "Oslo") and not agrees(True, "no")
+
+    tally = Tally()
+    parsed = {"outcome": "PREDICT_OUTCOME_PARSED", "served_by": "SERVED_BY_LOCAL"}
+    tally.add({"capital": "Oslo"}, {**parsed, "outputs": {"capital": "Oslo"}}, ["capital"])
+    tally.add({"capital": "Oslo"}, {**parsed, "outputs": {"capital": "Bergen"}}, ["capital"])
+    tally.add({"capital": "Oslo"}, {"outcome": "PREDICT_OUTCOME_UNPARSED",
+                                    "served_by": "SERVED_BY_LOCAL"}, ["capital"])  # fmt: skip
+    tally.add({}, {**parsed, "outputs": {"capital": "Rome"}}, ["capital"])  # no label: not compared
+    tally.add({"capital": "Oslo"}, {"error": {"code": "INVALID_ARGUMENT"}}, ["capital"])
+    said = tally.summary()
+    assert said[0] == "answered 4 of 5 rows; 1 failed (their lines say why)"
+    assert said[1] == "outcome: parsed 3, unparsed 1; by: local 4"
+    assert said[2].startswith("capital: 1 of 3 answers agree with the rows' capital (33.3%, 95%")
+
+
+def test_cli_predict_answers_every_row_of_a_file(runtime: ServerProcess, tmp_path: Path) -> None:
+    """`predict --rows`: a JSON line per row in the file's order (JSONL, CSV, stdin); a row
+    the server refuses is a line naming the field, the rows after it are answered, and the
+    command exits 1; the summary compares answers with the rows' labels."""
+    one = run_cli("predict", "--target", runtime.target, "--json", "--input", "country=Norway")
+    answer = json.loads(one.stdout)["outputs"]["capital"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"country": "Norway", "capital": answer, "id": 1}) + "\n"
+        + json.dumps({"nation": "Peru"}) + "\n\n"
+        + json.dumps({"country": "Norway", "capital": "Atlantis"}) + "\n"
+    )  # fmt: skip
+    done = run_cli("predict", "--target", runtime.target, "--rows", str(rows),
+                   "--concurrency", "2")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["row"] for line in lines] == ["line 1", "line 2", "line 4"]
+    assert lines[0]["outputs"] == lines[2]["outputs"] == {"capital": answer}
+    assert lines[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "country" in lines[1]["error"]["message"]
+    said = " ".join(done.stderr.split())
+    assert "answered 2 of 3 rows; 1 failed" in said
+    assert "capital: 1 of 2 answers agree with the rows' capital" in said
+
+    table = tmp_path / "rows.csv"
+    table.write_text("country,capital\nNorway,Oslo\nNorway,Oslo\n")
+    from_csv = run_cli("predict", "--target", runtime.target, "--rows", str(table))
+    assert from_csv.returncode == 0, from_csv.stderr
+    assert [json.loads(line)["row"] for line in from_csv.stdout.splitlines()] == ["row 2", "row 3"]
+
+    piped = subprocess.run(
+        [sys.executable, "-m", "services.cli", "predict", "--target", runtime.target,
+         "--rows", "-"], cwd=REPO, capture_output=True, text=True, timeout=120,
+        input='{"country": "Norway"}\n',
+    )  # fmt: skip
+    assert piped.returncode == 0 and json.loads(piped.stdout)["outputs"] == {"capital": answer}
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"country": "Norway"}\n{"country": \n')
+    refused = run_cli("predict", "--target", runtime.target, "--rows", str(broken))
+    assert refused.returncode == 2 and "line 2: not JSON" in " ".join(refused.stderr.split())
+    assert refused.stdout == ""  # nothing is asked before the whole file reads
+    both = run_cli("predict", "--target", runtime.target, "--rows", str(rows), "-i", "country=x")
+    assert both.returncode == 2 and "pick one" in both.stderr
 
 
 def test_cli_predict_generate_and_info(gguf_path: Path, program_path: Path, tmp_path: Path) -> None:

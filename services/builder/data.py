@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import random
 from collections import Counter
@@ -20,6 +18,7 @@ from services.core.program import (
     input_text,
     value_text,
 )
+from services.core.rows import RowsError, read_row_file
 
 # dspy.ChainOfThought's added output: the teacher writes it; datasets need not label it.
 REASONING = "reasoning"
@@ -128,80 +127,11 @@ def _type_text(annotation: Any) -> str:
 
 
 def read_rows(path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
-    """A dataset's rows, each with where it is in the file: JSONL (one object per line), a
-    JSON array of objects (`.json`), or CSV with a header row (`.csv` or `.tsv`, every value
-    text)."""
-    text = _utf8_text(path, key)
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return _csv_rows(text, path, key)
-    is_array = path.suffix.lower() == ".json" or text.lstrip().startswith("[")
-    rows = _json_rows(text, path, key) if is_array else _jsonl_rows(text, path, key)
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise SpecError(f"{key}: {path} {where}: a row is a JSON object")
-    return rows
-
-
-def _utf8_text(path: Path, key: str) -> str:
-    """The file's text; a byte-order mark (as spreadsheets write) is not part of it."""
-    data = path.read_bytes()
+    """A dataset's rows (services/core/rows.py), a file it cannot read a SpecError."""
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise SpecError(
-            f"{key}: {path} line {line}: not UTF-8 (byte {data[err.start]:#04x}); save the file "
-            "as UTF-8 (a spreadsheet's 'CSV UTF-8')"
-        ) from None
-
-
-def _csv_rows(text: str, path: Path, key: str) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
-    rows = [(f"row {n}", dict(row)) for n, row in enumerate(reader, 2)]
-    for where, row in rows:  # DictReader pads a short row with None, keys a long one None
-        if None in row or None in row.values():
-            raise SpecError(
-                f"{key}: {path} {where}: its values do not match the header's "
-                f"{len(reader.fieldnames or [])} columns"
-            )
-    return rows
-
-
-def csv_delimiter(text: str) -> str:
-    """`,`; or `;` or a tab where the header row has that and no comma (a spreadsheet saved in
-    a locale whose decimal mark is the comma writes `;`). The header holds field names, so
-    unlike the values it has no comma of its own."""
-    header = text.split("\n", 1)[0]
-    if "," not in header:
-        for other in (";", "\t"):
-            if other in header:
-                return other
-    return ","
-
-
-def _json_rows(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{key}: {path}: not JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(items, list):
-        raise SpecError(f"{key}: {path}: a .json dataset is an array of row objects")
-    return [(f"item {n}", item) for n, item in enumerate(items, 1)]
-
-
-def _jsonl_rows(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise SpecError(
-                f"{key}: {path} line {n}: not JSON ({err.msg}); a .jsonl dataset is one JSON "
-                "object per line (or give a .json array or a .csv)"
-            ) from None
-    return rows
+        return read_row_file(path, key)
+    except RowsError as err:
+        raise SpecError(str(err)) from None
 
 
 def split_by_group(

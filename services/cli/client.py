@@ -61,19 +61,29 @@ def predict(
     stream: Annotated[
         bool, typer.Option("--stream", help="print the values as the model writes them")
     ] = False,
+    rows: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="each row of a JSONL, JSON or CSV file (-: stdin): a JSON line each"),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="with --rows: calls in flight at once")] = 4,
     timeout: TimeoutOption = 60.0,
 ) -> None:
-    """Run the served DSPy program once: --input field=value ... -> output fields."""
+    """Run the served DSPy program once: --input field=value ... -> output fields; or on every
+    row of a file (--rows)."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
+    options = {"max_tokens": max_tokens, "temperature": temperature, "include_raw_text": raw}
+    if rows is not None:
+        if inputs or input_files or stream:
+            raise fail("--rows answers each row of a file; --input, --input-file and --stream "
+                       "are for one call: pick one")  # fmt: skip
+        _predict_rows(target, timeout, rows, concurrency, options)
+        return
     values = {**named_values(inputs, "--input"), **file_values(input_files)}
     if stream and as_json:
         raise fail("--stream prints text as it comes; --json prints the whole response: pick one")
     try:
         with connect(target, timeout) as client:
-            options = {"max_tokens": max_tokens, "temperature": temperature,
-                       "include_raw_text": raw}  # fmt: skip
             reply = (
                 _streamed(client.predict_stream(values, **options))
                 if stream
@@ -86,16 +96,66 @@ def predict(
         _summary(reply)
         return
     if as_json:
-        data = MessageToDict(reply, preserving_proto_field_name=True)
-        if typed is not None:  # typed values in the signature's order, not the text map
-            data.pop("outputs_json")
-            data["outputs"] = typed
-        print_json(data)
+        print_json(_response_data(reply))
         return
     for name, value in (typed or dict(reply.outputs)).items():
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         print(f"{name}: {text}")
     _summary(reply)
+
+
+def _response_data(reply: Any) -> dict[str, Any]:
+    """A PredictResponse as JSON, its outputs typed in the signature's order (not the map)."""
+    from google.protobuf.json_format import MessageToDict
+
+    data: dict[str, Any] = MessageToDict(reply, preserving_proto_field_name=True)
+    if reply.outputs_json:
+        data.pop("outputs_json")
+        data["outputs"] = json.loads(reply.outputs_json)
+    return data
+
+
+def _predict_rows(
+    target: str, timeout: float, source: str, concurrency: int, options: dict[str, Any]
+) -> None:
+    """Each row answered (services/cli/rows.py), its line printed as the file's order allows;
+    exit 1 when any row failed."""
+    import grpc
+
+    from services.cli import rows as batch
+    from services.core.rows import RowsError
+
+    if concurrency < 1:
+        raise fail(f"--concurrency {concurrency}: at least 1 call must be in flight")
+    try:
+        found = batch.load_rows(source)
+    except RowsError as err:
+        raise fail(str(err)) from None
+    with connect(target, timeout) as client:
+        try:
+            signature = client.info().signature
+        except grpc.RpcError as err:
+            raise rpc_failure(err) from None
+        if not signature.input_fields:
+            raise fail(f"{target} serves no program: --rows answers a program's inputs", code=1)
+        input_names = [f.name for f in signature.input_fields]
+        output_names = [f.name for f in signature.output_fields]
+
+        def answer(row: dict[str, Any]) -> dict[str, Any]:
+            try:
+                reply = client.predict(batch.request_inputs(row, input_names), **options)
+            except grpc.RpcError as err:
+                return {"error": {"code": err.code().name, "message": err.details()}}
+            return _response_data(reply)
+
+        tally = batch.Tally()
+        for (where, row), line in batch.answered_in_order(found, answer, concurrency):
+            print(batch.json_line(where, line), flush=True)
+            tally.add(row, line, output_names)
+    for said in tally.summary():
+        err_console.print(said, highlight=False, soft_wrap=True)
+    if tally.failed:
+        raise typer.Exit(1)
 
 
 def _streamed(chunks: Any) -> Any:
