@@ -42,6 +42,8 @@ from services.core.program import (
     value_text,
 )
 
+log = logging.getLogger(__name__)
+
 PIPELINE_FORMAT_VERSION: Literal[2] = 2
 PIPELINE_KIND: Literal["pipeline"] = "pipeline"
 
@@ -401,13 +403,8 @@ class RunResult:
 class ProgramFailed(Exception):
     """The program's own code raised (not an LM call): the type and message, for the caller."""
 
-    def __init__(
-        self, error: BaseException, calls: list[LmCall], after: StepNotAnswered | None = None
-    ) -> None:
-        # `after`: a call that was not answered earlier in the run, which the program (or
-        # DSPy, as Module.batch does) caught; what the program then did may stem from it.
-        caught = f" (after a call it caught: {after})" if after is not None else ""
-        super().__init__(f"{type(error).__name__}: {error}{caught}")
+    def __init__(self, error: BaseException, calls: list[LmCall]) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
         self.calls = calls
 
@@ -459,6 +456,10 @@ class StepNotAnswered(RuntimeError):
     run ends there, though DSPy might read a value from its text. A program that catches it
     (Refine's next attempt) goes on."""
 
+    def __init__(self, predictor: str, outcome: str) -> None:
+        super().__init__(f"{predictor}: {outcome}")
+        self.outcome = outcome
+
 
 def exception_chain(error: BaseException) -> Iterator[BaseException]:
     """The error, then the one it was raised from or while handling, and so on (a library
@@ -493,7 +494,7 @@ class _PredictorEngine:
             _CALL_TEMPERATURE.reset(token)
         run.calls.append(call)
         if call.outcome != "parsed":  # ends the run, whatever DSPy could still read of the text
-            run.failure = StepNotAnswered(f"{self.predictor}: {call.outcome}")
+            run.failure = StepNotAnswered(self.predictor, call.outcome)
             raise run.failure
         return Response(
             id=None, model=request.model, message=Message.assistant([TextPart(call.text)]),
@@ -658,7 +659,9 @@ class ProgramRunner:
         ProgramFailed."""
         prediction, run = self.forward(inputs, complete)
         if prediction is None:
+            failed = run.failure
             last = run.calls[-1].outcome if run.calls else "unparsed"
+            last = failed.outcome if isinstance(failed, StepNotAnswered) else last
             outcome = "truncated" if last == "truncated" else "unparsed"
             return RunResult(None, outcome, run.calls)
         missing = [n for n in self.spec.output_names if n not in prediction]
@@ -695,11 +698,14 @@ class ProgramRunner:
             return None, run
         except BaseException as err:
             failure = run.failure
-            if isinstance(failure, StepNotAnswered):
-                if any(e is failure for e in exception_chain(err)):  # as a parse error: no answer
-                    return None, run
-                # the program caught it, then failed on its own
-                raise ProgramFailed(err, run.calls, after=failure) from err
+            if isinstance(failure, StepNotAnswered):  # no answer, as for a parse error
+                if not any(e is failure for e in exception_chain(err)):
+                    # The program caught it, then failed: on what the call did not answer
+                    # (Module.batch hands back None for it). The model's failure, not the
+                    # program's: a router sends it to the API model as any unparsed answer.
+                    log.warning("the program raised %s: %s after a call it caught (%s)",
+                                type(err).__name__, err, failure)  # fmt: skip
+                return None, run
             if failure is not None:
                 raise failure from None
             raise ProgramFailed(err, run.calls) from err
