@@ -16,7 +16,7 @@ from services.core.program import (
     blank_as_none,
     choice_values,
     input_text,
-    value_text,
+    label_text,
 )
 from services.core.rows import RowsError, read_row_file
 
@@ -225,9 +225,8 @@ def untaught_labels(kept: Counter[str], asked: Counter[str]) -> str | None:
 
 
 def normalize(value: Any) -> str:
-    """A value as labels are counted and shown: its text as an answer writes it (an Enum's
-    value, a list as JSON: program.value_text), lowercase, spaces collapsed."""
-    return " ".join(value_text(value).strip().lower().split())
+    """A value as labels are counted and shown (program.label_text)."""
+    return label_text(value)
 
 
 def json_line(record: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.core.program import value_text
+from services.core.program import label_text
 from services.core.rows import RowsError, read_row_file, rows_of, utf8_text
 from services.core.stats import wilson_interval
 
@@ -42,13 +42,9 @@ def request_inputs(row: dict[str, Any], input_names: list[str]) -> dict[str, Any
 
 
 def agrees(answer: Any, label: Any) -> bool:
-    """An answer as a row's label writes it: a CSV's text `3` is the int 3, case and spacing
-    aside (as the build counts labels)."""
-
-    def text(value: Any) -> str:
-        return " ".join(value_text(value).strip().lower().split())
-
-    return text(answer) == text(label)
+    """An answer as a row's label writes it, as the build counts labels: a CSV's text `3` is
+    the int 3, case and spacing aside."""
+    return label_text(answer) == label_text(label)
 
 
 @dataclass

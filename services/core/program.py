@@ -244,6 +244,12 @@ def value_text(value: Any) -> str:
     return json.dumps(data, ensure_ascii=False) if isinstance(data, dict | list) else str(data)
 
 
+def label_text(value: Any) -> str:
+    """A value as labels are counted and compared: its text as an answer writes it (an Enum's
+    value, a list as JSON), lowercase, spaces collapsed (a CSV's `3` is the int 3)."""
+    return " ".join(value_text(value).strip().lower().split())
+
+
 def typed_json(values: dict[str, Any], names: list[str]) -> str:
     """Output values as one JSON object in the signature's order, each typed (bool as
     true/false, numbers, lists and models as JSON), as the wire's `outputs_json` carries them."""
