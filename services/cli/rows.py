@@ -101,8 +101,8 @@ def _counts(counts: dict[str, int]) -> str:
 def answered_in_order(
     rows: list[Row], answer: Callable[[dict[str, Any]], dict[str, Any]], concurrency: int
 ) -> Iterator[tuple[Row, dict[str, Any]]]:
-    """Each row with its line, in the file's order, `concurrency` calls in flight."""
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+    """Each row with its line, in the file's order, `concurrency` (at least 1) calls in flight."""
+    with ThreadPoolExecutor(concurrency) as pool:
         yield from zip(rows, pool.map(lambda row: answer(row[1]), rows), strict=True)
 
 
